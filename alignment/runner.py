@@ -1,0 +1,216 @@
+"""Runs one stage the same way for every stage: config -> lock -> inputs -> skip/resume -> run -> publish.
+
+A stage module (`stages/<name>.py`) provides:
+- `Config`: its pydantic schema (a `StageConfig` subclass);
+- `UPSTREAM`: a tuple of stage names it reads, or `upstream(cfg) -> tuple` when that depends on the config;
+- `run(cfg, ctx)`: sets up, trains and saves into `ctx.out_dir`, filling `ctx.metrics`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from alignment.artifacts import Artifact, ArtifactStore, remove_tree, write_json
+from alignment.config import StageConfig, config_dict, config_hash, load_config, load_yaml
+from alignment.errors import AlignError, ArtifactError, ConfigError
+from alignment.manifest import BaseModelId, Manifest, git_commit, library_versions, list_outputs
+
+STAGES = ("base", "sft", "reward", "dpo", "ppo", "label", "eval")
+log = logging.getLogger("align")
+
+
+@dataclass
+class StageContext:
+    """What a stage's `run` gets besides its config."""
+
+    stage: str
+    run: str
+    out_dir: Path
+    inputs: dict[str, Artifact]
+    resume_from: Path | None = None
+    metrics: dict = field(default_factory=dict)
+    base_model: BaseModelId | None = None
+    lineage: dict = field(default_factory=dict)
+    status: str = "complete"
+    force: bool = False
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+
+def stage_module(name: str):
+    if name not in STAGES:
+        raise AlignError(f"unknown stage '{name}'; stages: {', '.join(STAGES)}")
+    try:
+        return importlib.import_module(f"stages.{name}")
+    except ModuleNotFoundError as e:
+        if e.name == f"stages.{name}":
+            raise AlignError(f"stage '{name}' is not implemented yet") from None
+        raise
+
+
+def stage_of_file(path: str | Path) -> str:
+    stage = load_yaml(path).get("stage")
+    if not isinstance(stage, str):
+        raise ConfigError([f"{path}: stage: required key is missing (which stage this file configures)"])
+    return stage
+
+
+def load_stage_config(stage: str, path: str | Path, overrides: list[str] = ()) -> StageConfig:
+    cfg = load_config(stage_module(stage).Config, path, overrides)
+    if cfg.stage != stage:
+        raise ConfigError([f"{path}: stage: this file configures '{cfg.stage}', not '{stage}'"])
+    return cfg
+
+
+def upstream_of(module, cfg) -> tuple[str, ...]:
+    fn = getattr(module, "upstream", None)
+    return tuple(fn(cfg)) if callable(fn) else tuple(getattr(module, "UPSTREAM", ()))
+
+
+def resolve_inputs(store: ArtifactStore, run: str, stage: str, cfg: StageConfig, names) -> dict[str, Artifact]:
+    inputs = {}
+    for up in names:
+        if up in cfg.inputs:
+            inputs[up] = store.read(Path(cfg.inputs[up]), needed_by=stage)
+            if inputs[up].stage != up:
+                raise ArtifactError(f"inputs.{up}: {cfg.inputs[up]} is a '{inputs[up].stage}' artifact, not '{up}'")
+        else:
+            inputs[up] = store.read_stage(run, up, needed_by=stage)
+    return inputs
+
+
+def common_base(inputs: dict[str, Artifact]) -> BaseModelId | None:
+    """All inputs must descend from the same base weights + tokenizer."""
+    found: tuple[str, Artifact] | None = None
+    for name, art in inputs.items():
+        bm = art.manifest.base_model
+        if bm is None:
+            continue
+        if found and found[1].manifest.base_model.fingerprint != bm.fingerprint:
+            other = found[1].manifest.base_model
+            raise ArtifactError(
+                f"{art.path} was built on base '{bm.name}' (fingerprint {bm.fingerprint[:12]}) but "
+                f"{found[1].path} on base '{other.name}' ({other.fingerprint[:12]}); an adapter only fits its own "
+                f"base: re-run '{name}' on this run's base (--force) or point inputs.{name} at a matching artifact")
+        found = found or (name, art)
+    return found[1].manifest.base_model if found else None
+
+
+def run_stage(stage: str, config_path: str, overrides: list[str] = (), *, root=None, run: str | None = None,
+              force: bool = False) -> Path:
+    module = stage_module(stage)
+    cfg = load_stage_config(stage, config_path, overrides)
+    run = run or os.environ.get("ALIGN_RUN") or cfg.run
+    store = ArtifactStore(root)
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    with store.lock(run, stage):
+        inputs = resolve_inputs(store, run, stage, cfg, upstream_of(module, cfg))
+        base = common_base(inputs)
+        chash = config_hash(cfg)
+        input_hashes = {k: a.manifest_sha256 for k, a in inputs.items()}
+        final = store.stage_dir(run, stage)
+        if final.exists() and not force and _up_to_date(store, final, chash, input_hashes):
+            return final
+        ctx = _prepare_partial(store, run, stage, chash, input_hashes, inputs, base, force)
+        log.info("[%s] run '%s', config %s (%s)\n%s", stage, run, chash[:12], config_path,
+                 json.dumps(config_dict(cfg), indent=2))
+        started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        module.run(cfg, ctx)
+        return _publish(store, cfg, ctx, chash, inputs, started)
+
+
+def _up_to_date(store, final: Path, chash: str, input_hashes: dict) -> bool:
+    try:
+        old = store.read(final, verify=False).manifest
+    except ArtifactError:
+        return False
+    current = old.config_hash == chash and {k: v.manifest_sha256 for k, v in old.inputs.items()} == input_hashes
+    if current:
+        mhash = store.read(final, verify=False).manifest_sha256
+        note = "" if old.status == "complete" else f" [status: {old.status}]"
+        log.info("%s: up to date (manifest %s), skipping%s", old.stage, mhash[:12], note)
+    else:
+        log.info("%s: config or inputs changed since %s; re-running", old.stage, old.finished_at)
+    return current
+
+
+def _prepare_partial(store, run, stage, chash, input_hashes, inputs, base, force) -> StageContext:
+    """Resume the partial folder when it was started with the same config and inputs, else set it aside."""
+    partial = store.partial_dir(run, stage)
+    state = {"config_hash": chash, "inputs": input_hashes}
+    resume = None
+    if partial.exists():
+        old = _read_state(partial)
+        if old == state:
+            resume = latest_checkpoint(partial / "checkpoints")
+            log.info("[%s] resuming interrupted run from %s", stage, resume or "the start (no checkpoint yet)")
+        else:
+            aside = store.set_aside(partial, "stale")
+            log.info("[%s] partial work from another config moved aside to %s", stage, aside)
+    partial.mkdir(parents=True, exist_ok=True)
+    write_json(partial / "run_state.json", state)
+    return StageContext(stage=stage, run=run, out_dir=partial, inputs=inputs, resume_from=resume,
+                        base_model=base, force=force)
+
+
+def _read_state(partial: Path) -> dict | None:
+    try:
+        return json.loads((partial / "run_state.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest complete HF Trainer checkpoint (trainer_state.json is written last)."""
+    if not folder.is_dir():
+        return None
+    done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def _publish(store, cfg, ctx: StageContext, chash, inputs, started) -> Path:
+    remove_tree(ctx.checkpoints_dir)
+    write_json(ctx.out_dir / "metrics.json", ctx.metrics)
+    manifest = Manifest(
+        stage=ctx.stage, run=ctx.run, status=ctx.status, config=config_dict(cfg), config_hash=chash,
+        inputs={k: {"stage": a.stage, "path": str(a.path), "manifest_sha256": a.manifest_sha256}
+                for k, a in inputs.items()},
+        outputs=list_outputs(ctx.out_dir), metrics=ctx.metrics, base_model=ctx.base_model,
+        lineage=ctx.lineage, versions=library_versions(), git_commit=git_commit(), host=socket.gethostname(),
+        started_at=started, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
+    final = store.publish(ctx.run, ctx.stage, manifest)
+    log.info("[%s] published %s (status %s)", ctx.stage, final, ctx.status)
+    return final
+
+
+def run_pipeline(path: str, *, root=None, run: str | None = None, force: bool = False) -> list[Path]:
+    """Run the stages a pipeline file lists, in order, each skipped when up to date."""
+    spec = load_yaml(path)
+    steps, problems = spec.get("stages"), []
+    if not isinstance(steps, list) or not steps:
+        raise ConfigError([f"{path}: stages: expected a non-empty list of {{stage, config}}"])
+    for i, step in enumerate(steps):
+        if not isinstance(step, dict) or set(step) - {"stage", "config", "overrides"} or "stage" not in step:
+            problems.append(f"{path}: stages.{i}: expected {{stage: NAME, config: FILE, overrides: [...]}}")
+    if problems:
+        raise ConfigError(problems)
+    run = run or spec.get("run")
+    out = []
+    for step in steps:
+        cfg_file = Path(path).parent / step.get("config", f"{step['stage']}.yaml")
+        out.append(run_stage(step["stage"], str(cfg_file), step.get("overrides", []), root=root, run=run,
+                             force=force))
+    return out

@@ -1,0 +1,51 @@
+"""Glue between our config sections and the HF/TRL trainers (arguments, PEFT, measurements)."""
+
+from __future__ import annotations
+
+import math
+
+from alignment.hardware import has_cuda, resolve_precision
+from alignment.schema import PeftSpec, TrainSpec
+
+
+def trainer_args(train: TrainSpec, *, out_dir, seed: int, precision: str, report_to: str) -> dict:
+    """Keyword arguments common to SFTConfig / RewardConfig / DPOConfig (all TrainingArguments)."""
+    bf16 = resolve_precision(precision) == "bf16"
+    return dict(
+        output_dir=str(out_dir), learning_rate=train.lr, num_train_epochs=train.epochs, max_steps=train.max_steps,
+        per_device_train_batch_size=train.batch_size, per_device_eval_batch_size=train.eval_batch_size,
+        gradient_accumulation_steps=train.grad_accum, warmup_steps=train.warmup_ratio,
+        weight_decay=train.weight_decay, lr_scheduler_type=train.lr_scheduler, max_grad_norm=train.max_grad_norm,
+        logging_steps=train.logging_steps, save_strategy="steps", save_steps=train.save_steps,
+        save_total_limit=train.save_total_limit, eval_strategy="no", seed=seed, data_seed=seed,
+        bf16=bf16, use_cpu=not has_cuda(), report_to=[] if report_to == "none" else [report_to],
+        gradient_checkpointing=train.gradient_checkpointing, dataloader_num_workers=0,
+        include_num_input_tokens_seen="non_padding", disable_tqdm=False,
+        # Fused AdamW has no CPU bf16 kernel everywhere; plain AdamW is as fast at these sizes.
+        optim="adamw_torch",
+    )
+
+
+def lora_config(spec: PeftSpec, task_type: str = "CAUSAL_LM"):
+    """peft LoraConfig from our section, or None for full fine-tuning."""
+    if spec.method == "full":
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                      target_modules=spec.target_modules, task_type=task_type)
+
+
+def param_counts(model) -> dict:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable_params": trainable, "total_params": total}
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 50 else float("inf")
+
+
+def throughput(trainer, runtime_s: float) -> dict:
+    tokens = int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)
+    return {"train_tokens": tokens, "tokens_per_s": round(tokens / runtime_s, 1) if runtime_s > 0 else 0.0}
