@@ -65,10 +65,10 @@ def stage_of_file(path: str | Path) -> str:
 
 
 def load_stage_config(stage: str, path: str | Path, overrides: list[str] = ()) -> StageConfig:
-    cfg = load_config(stage_module(stage).Config, path, overrides)
-    if cfg.stage != stage:
-        raise ConfigError([f"{path}: stage: this file configures '{cfg.stage}', not '{stage}'"])
-    return cfg
+    declared = stage_of_file(path)
+    if declared != stage:
+        raise ConfigError([f"{path}: stage: this file configures '{declared}', not '{stage}'"])
+    return load_config(stage_module(stage).Config, path, overrides)
 
 
 def upstream_of(module, cfg) -> tuple[str, ...]:

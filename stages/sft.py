@@ -12,6 +12,7 @@ import time
 from alignment.config import StageConfig
 from alignment.hardware import peak_rss_mb, resolve_precision
 from alignment.models import load_causal_lm, load_tokenizer
+from alignment.policy import lineage_for
 from alignment.schema import PeftSpec, SFTData, TrainSpec
 from alignment.sft_data import train_eval_examples
 from alignment.training import lora_config, param_counts, perplexity, throughput, trainer_args
@@ -73,7 +74,7 @@ def run(cfg: Config, ctx) -> None:
         merged = trainer.model.merge_and_unload()
         merged.save_pretrained(ctx.out_dir / "merged", safe_serialization=True)
         tok.save_pretrained(ctx.out_dir / "merged")
-    ctx.lineage = {"base": str(ctx.inputs["base"].path), "adapter": cfg.peft.method != "full"}
+    ctx.lineage = lineage_for(ctx.inputs["base"], adapter=cfg.peft.method != "full")
     ctx.metrics.update({
         "eval_loss_before": before, "eval_loss": after, "perplexity_before": perplexity(before),
         "perplexity": perplexity(after), "train_loss": result.training_loss, "steps": result.global_step,

@@ -1,0 +1,37 @@
+"""Shared fixtures: one tiny base + SFT run per test session, built through the real runner."""
+
+from __future__ import annotations
+
+import os
+
+# Before torch is imported: OpenMP busy-waiting next to another busy process slows steps 5-30x.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _repo_cwd(monkeypatch):
+    """Configs name data by paths relative to the repository root."""
+    monkeypatch.chdir(REPO)
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory) -> tuple[Path, str]:
+    """(artifact root, run) holding published `base` and `sft` artifacts of the tiny model.
+
+    Read-only for tests: a test that writes a new stage should use its own `--run` or copy.
+    """
+    from alignment.runner import run_stage
+
+    os.chdir(REPO)
+    root = tmp_path_factory.mktemp("store")
+    run_stage("base", "configs/tiny/base.yaml", root=root, run="tiny")
+    run_stage("sft", "configs/tiny/sft.yaml", root=root, run="tiny")
+    return root, "tiny"
