@@ -14,7 +14,7 @@ ALIGN := OMP_WAIT_POLICY=PASSIVE $(BIN)/align
 RUN_FLAG := $(if $(RUN),--run $(RUN),)
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup pipeline test base sft reward dpo status clean-artifacts
+.PHONY: help setup pipeline test base sft reward dpo slurm status clean-artifacts
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -47,6 +47,9 @@ reward: setup ## stage reward: reward model on preference pairs
 
 dpo: setup ## stage dpo: direct preference optimisation against the SFT model
 	$(ALIGN) run dpo -c configs/$(PROFILE)/dpo.yaml --artifacts $(ARTIFACTS) $(RUN_FLAG) $(OVERRIDES)
+
+slurm: setup ## submit the pipeline as a chain of Slurm jobs (afterok)
+	$(ALIGN) slurm -c configs/$(PROFILE)/pipeline.yaml --artifacts $(ARTIFACTS) $(RUN_FLAG)
 
 status: setup ## table of a run's stages
 	$(ALIGN) status --artifacts $(ARTIFACTS) $(RUN)

@@ -2,6 +2,7 @@
 
     align run STAGE -c FILE [key.path=value ...] [--artifacts DIR] [--run NAME] [--force]
     align pipeline -c FILE [--artifacts DIR] [--run NAME] [--force]
+    align slurm -c FILE [--run NAME] [--artifacts DIR] [--out DIR] [--dry-run]
     align status [RUN] [--artifacts DIR]
     align config show -c FILE [key.path=value ...]
 """
@@ -42,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("-c", "--config", required=True, metavar="FILE")
     pl.add_argument("--force", action="store_true")
     store_args(pl)
+
+    sl = sub.add_parser("slurm", help="submit a pipeline as a chain of Slurm jobs (afterok dependencies)")
+    sl.add_argument("-c", "--config", required=True, metavar="FILE")
+    sl.add_argument("--out", default="slurm", metavar="DIR", help="where the sbatch scripts and logs go")
+    sl.add_argument("--dry-run", action="store_true", help="write the scripts, submit nothing")
+    store_args(sl)
 
     st = sub.add_parser("status", help="table of a run's stages")
     st.add_argument("run_name", nargs="?", metavar="RUN")
@@ -87,6 +94,12 @@ def _dispatch(args) -> int:
         runner.run_stage(args.stage, args.config, args.overrides, root=args.artifacts, run=args.run, force=args.force)
     elif args.cmd == "pipeline":
         runner.run_pipeline(args.config, root=args.artifacts, run=args.run, force=args.force)
+    elif args.cmd == "slurm":
+        from alignment.cluster import submit_chain
+
+        for item in submit_chain(args.config, run=args.run, artifacts=args.artifacts, out_dir=args.out,
+                                 dry_run=args.dry_run):
+            print(item)
     elif args.cmd == "status":
         from alignment.status import print_status
 

@@ -203,7 +203,7 @@ def run_pipeline(path: str, *, root=None, run: str | None = None, force: bool = 
     if not isinstance(steps, list) or not steps:
         raise ConfigError([f"{path}: stages: expected a non-empty list of {{stage, config}}"])
     for i, step in enumerate(steps):
-        if not isinstance(step, dict) or set(step) - {"stage", "config", "overrides"} or "stage" not in step:
+        if not isinstance(step, dict) or set(step) - {"stage", "config", "overrides", "slurm"} or "stage" not in step:
             problems.append(f"{path}: stages.{i}: expected {{stage: NAME, config: FILE, overrides: [...]}}")
     if problems:
         raise ConfigError(problems)
