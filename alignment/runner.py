@@ -13,6 +13,8 @@ import json
 import logging
 import os
 import socket
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,7 +130,12 @@ def run_stage(stage: str, config_path: str, overrides: list[str] = (), *, root=N
                  json.dumps(config_dict(cfg), indent=2))
         started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         module.run(cfg, ctx)
-        return _publish(store, cfg, ctx, chash, inputs, started)
+        final = _publish(store, cfg, ctx, chash, inputs, started)
+        if ctx.status == "failed_gate":
+            # Published for inspection, but the command (and a pipeline) must not look successful.
+            raise AlignError(f"{stage}: quality gate failed: {'; '.join(ctx.metrics.get('gate_failures', []))} "
+                             f"(artifact kept at {final}, status failed_gate)")
+        return final
 
 
 def _up_to_date(store, final: Path, chash: str, input_hashes: dict) -> bool:
@@ -211,6 +218,24 @@ def run_pipeline(path: str, *, root=None, run: str | None = None, force: bool = 
     out = []
     for step in steps:
         cfg_file = Path(path).parent / step.get("config", f"{step['stage']}.yaml")
-        out.append(run_stage(step["stage"], str(cfg_file), step.get("overrides", []), root=root, run=run,
-                             force=force))
+        out.append(_run_in_subprocess(step["stage"], cfg_file, step.get("overrides", []), root, run, force))
     return out
+
+
+def _run_in_subprocess(stage: str, cfg_file: Path, overrides: list[str], root, run, force) -> Path:
+    """One process per stage: memory is returned between stages and peak RSS is per stage."""
+    cmd = [sys.executable, "-m", "alignment.cli", "run", stage, "-c", str(cfg_file), *overrides]
+    cmd += ["--artifacts", str(root)] if root else []
+    cmd += ["--run", run] if run else []
+    cmd += ["--force"] if force else []
+    log.info("== %s: %s", stage, " ".join(cmd[2:]))
+    code = subprocess.call(cmd)
+    if code != 0:
+        err = AlignError(f"pipeline stopped at stage '{stage}' (exit {code}); fix it and re-run: finished stages skip")
+        err.exit_code = code if code > 0 else 1
+        raise err
+    return ArtifactStore(root).stage_dir(run or os.environ.get("ALIGN_RUN") or _run_of(cfg_file), stage)
+
+
+def _run_of(cfg_file: Path) -> str:
+    return str(load_yaml(cfg_file).get("run", "default"))
