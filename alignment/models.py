@@ -92,8 +92,10 @@ def ensure_pad_token(model, tok) -> str:
     if tok.pad_token is not None and tok.pad_token_id != tok.eos_token_id:
         return tok.pad_token
     for candidate in ("<|endoftext|>", "<|pad|>", "<pad>"):
+        # An existing token keeps the vocabulary (and so the base weights) unchanged; unknown
+        # tokens map to the unk id, so check the round trip rather than the id.
         tid = tok.convert_tokens_to_ids(candidate)
-        if isinstance(tid, int) and tid != tok.unk_token_id and tid != tok.eos_token_id and tid is not None:
+        if isinstance(tid, int) and tid != tok.eos_token_id and tok.convert_ids_to_tokens(tid) == candidate:
             tok.pad_token = candidate
             break
     else:
