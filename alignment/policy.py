@@ -4,10 +4,16 @@ Each artifact's manifest says `lineage: {parent: <artifact path>, adapter: bool}
 artifact's `model/` is a peft adapter on top of its parent's weights; a non-adapter artifact's
 `model/` holds full weights. Loading merges the adapters in order onto one copy of the base,
 so e.g. a DPO adapter trained on the merged SFT model loads back exactly as it was trained.
+
+Soft-prompt adapters (prefix / prompt / P-tuning) cannot be merged into weights: they prepend virtual tokens or
+key/value prefixes at run time. `load_policy` returns such an artifact as an unmerged PeftModel, which generates
+and scores like a causal LM; it may only be the last link of a lineage. Stages that train a new adapter on top of
+a policy (reward, DPO, PPO) call `require_mergeable` on their input first and refuse it with a clear message.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from alignment.artifacts import Artifact, ArtifactStore
@@ -29,14 +35,56 @@ def lineage_chain(art: Artifact, store: ArtifactStore | None = None) -> list[Art
     return list(reversed(chain))
 
 
+# peft types that prepend virtual tokens / prefixes at run time instead of changing weights.
+SOFT_PROMPT_PEFT_TYPES = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")
+
+
+def adapter_type(art: Artifact) -> str | None:
+    """The peft type of an adapter artifact (LORA, IA3, PROMPT_TUNING, ...); None for full weights."""
+    if not art.manifest.lineage.get("adapter"):
+        return None
+    try:
+        return json.loads((art.model_dir / "adapter_config.json").read_text()).get("peft_type")
+    except (OSError, ValueError):
+        raise ArtifactError(f"{art.model_dir}: adapter artifact without a readable adapter_config.json") from None
+
+
+def is_mergeable(art: Artifact) -> bool:
+    """True when the whole lineage folds into one plain set of weights."""
+    return all(adapter_type(a) not in SOFT_PROMPT_PEFT_TYPES for a in lineage_chain(art))
+
+
+def require_mergeable(art: Artifact, needed_by: str) -> None:
+    """Refuse, before any work, a policy a stage cannot train on top of (a soft-prompt SFT)."""
+    for a in lineage_chain(art):
+        kind = adapter_type(a)
+        if kind in SOFT_PROMPT_PEFT_TYPES:
+            method = a.manifest.lineage.get("method", kind.lower())
+            raise ArtifactError(
+                f"{needed_by} needs a policy whose weights it can train, but {a.path} is a {method} adapter "
+                f"({kind}: virtual tokens, not weights, so it cannot be merged); re-run '{a.stage}' with "
+                "peft.method lora, dora/rslora (use_dora/use_rslora), qlora, ia3, bitfit, freeze or full")
+
+
 def load_policy(art: Artifact, precision: str, *, trust_remote_code: bool = False):
-    """The artifact's policy as a plain causal LM: root weights with every adapter merged in."""
+    """The artifact's policy: root weights with every adapter merged in.
+
+    A plain causal LM, except when the last adapter is a soft prompt: then an unmerged (frozen) PeftModel
+    around the merged rest, which `generate`s and returns logits the same way.
+    """
     from peft import PeftModel
 
     chain = lineage_chain(art)
+    for a in chain[1:-1]:
+        if adapter_type(a) in SOFT_PROMPT_PEFT_TYPES:
+            raise ArtifactError(f"{art.path}: its lineage holds the soft-prompt adapter {a.path} below another "
+                                "adapter; a soft prompt cannot be merged, so it can only be the last link")
     model = load_causal_lm(chain[0].model_dir, precision, trust_remote_code)
     for adapter in chain[1:]:
-        model = PeftModel.from_pretrained(model, adapter.model_dir).merge_and_unload()
+        model = PeftModel.from_pretrained(model, adapter.model_dir)
+        if adapter_type(adapter) in SOFT_PROMPT_PEFT_TYPES:
+            return model.eval()
+        model = model.merge_and_unload()
     return model
 
 

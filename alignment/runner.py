@@ -124,6 +124,7 @@ def run_stage(stage: str, config_path: str, overrides: list[str] = (), *, root=N
         input_hashes = {k: a.manifest_sha256 for k, a in inputs.items()}
         final = store.stage_dir(run, stage)
         if final.exists() and not force and _up_to_date(store, final, chash, input_hashes):
+            _raise_if_failed_gate(store.read(final, verify=False).manifest, final)
             return final
         ctx = _prepare_partial(store, run, stage, chash, input_hashes, inputs, base, force)
         log.info("[%s] run '%s', config %s (%s)\n%s", stage, run, chash[:12], config_path,
@@ -131,11 +132,16 @@ def run_stage(stage: str, config_path: str, overrides: list[str] = (), *, root=N
         started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         module.run(cfg, ctx)
         final = _publish(store, cfg, ctx, chash, inputs, started)
-        if ctx.status == "failed_gate":
-            # Published for inspection, but the command (and a pipeline) must not look successful.
-            raise AlignError(f"{stage}: quality gate failed: {'; '.join(ctx.metrics.get('gate_failures', []))} "
-                             f"(artifact kept at {final}, status failed_gate)")
+        _raise_if_failed_gate(store.read(final, verify=False).manifest, final)
         return final
+
+
+def _raise_if_failed_gate(manifest: Manifest, final: Path) -> None:
+    """A gated artifact is kept for inspection, but the command (and a pipeline) must not look successful,
+    neither when it is made nor when a re-run finds it up to date."""
+    if manifest.status == "failed_gate":
+        raise AlignError(f"{manifest.stage}: quality gate failed: {'; '.join(manifest.metrics.get('gate_failures', []))} "
+                         f"(artifact kept at {final}, status failed_gate); change the config or re-run with --force")
 
 
 def _up_to_date(store, final: Path, chash: str, input_hashes: dict) -> bool:

@@ -31,25 +31,141 @@ class TrainSpec(Section):
     max_grad_norm: float = 1.0
 
 
-class PeftSpec(Section):
-    """Which parameters train. LoRA (Hu et al., 2021) on all linear layers by default."""
+PeftMethod = Literal["lora", "qlora", "prefix", "prompt", "ptuning", "ia3", "bitfit", "freeze", "full"]
 
-    method: Literal["lora", "full"] = "lora"
+
+class PeftSpec(Section):
+    """Which parameters train; `alignment.peft_methods` documents each method and its paper.
+
+    reparameterised: lora (Hu et al., 2021; options use_dora, use_rslora), qlora (4-bit base, CUDA only);
+    additive: ia3 (Liu et al., 2022), prefix (Li & Liang, 2021), prompt (Lester et al., 2021), ptuning (Liu et al.,
+    2021, prompt encoder); selective: bitfit (Ben Zaken et al., 2021), freeze (last N layers / named modules);
+    full fine-tuning.
+    """
+
+    method: PeftMethod = "lora"
+    # -- lora / qlora (and the `r` of nothing else) ------------------------------------------------------------
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
-    target_modules: str | list[str] = "all-linear"
+    target_modules: str | list[str] | None = None
+    """lora/qlora: modules to adapt (None: all linear layers); ia3: modules to rescale (None: peft's defaults for
+    the architecture: keys, values and the FFN down projection, as in the paper)."""
+    use_dora: bool = False
+    """lora/qlora: DoRA (Liu et al., 2024), weight-decomposed LoRA: a trained magnitude per output column."""
+    use_rslora: bool = False
+    """lora/qlora: rank-stabilised LoRA (Kalajdzievski, 2023): scale alpha/sqrt(r) instead of alpha/r."""
+    # -- ia3 --------------------------------------------------------------------------------------------------------
+    feedforward_modules: list[str] | None = None
+    """ia3: which of target_modules are feed-forward (scaled on their input, not output); None: peft's defaults."""
+    # -- prefix / prompt / ptuning (soft prompts) ---------------------------------------------------------------
+    num_virtual_tokens: int = 20
+    prompt_init_text: str | None = None
+    """prompt: start the soft prompt from this text's token embeddings (Lester et al.) instead of random vectors."""
+    encoder_hidden_size: int | None = None
+    """ptuning: hidden size of the prompt encoder MLP; prefix with prefix_projection: of the projection (None:
+    the model's hidden size)."""
+    prefix_projection: bool = False
+    """prefix: reparameterise the prefix through an MLP (Li & Liang train more stably with it)."""
+    # -- bitfit -----------------------------------------------------------------------------------------------------
+    add_bias: bool = False
+    """bitfit on a model without biases (Llama, SmolLM2): switch on the config's attention_bias/mlp_bias and start
+    those biases at zero, so training starts from exactly the base model. Without it such a model is refused."""
+    # -- freeze -----------------------------------------------------------------------------------------------------
+    last_layers: int = 0
+    """freeze: train the last N transformer blocks."""
+    trainable_modules: list[str] = []
+    """freeze: also train parameters whose name matches one of these regular expressions (e.g. 'lm_head', 'norm')."""
+    # -- qlora ------------------------------------------------------------------------------------------------------
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+
+    def problems(self, prefix: str = "peft") -> list[tuple[str, str]]:
+        """Cross-field checks, for the `problems()` of any stage config holding a PeftSpec."""
+        from alignment.peft_methods import spec_problems
+
+        return spec_problems(self, prefix)
+
+
+class SourceSpec(Section):
+    """One dataset of an instruction mixture (FLAN / OPT-IML style)."""
+
+    name: str
+    """Names this source in the manifest's realised mixture and in the per-source eval losses."""
+    train: str | None = None
+    """Training rows (JSONL/Parquet/`datasets` name, as data.train). None: an eval-only source (needs `eval`)."""
+    eval: str | None = None
+    """This source's evaluation rows. None: split data.eval_fraction off its training rows."""
+    train_split: str = "train"
+    eval_split: str = "test"
+    weight: float | None = None
+    """Mixing rate: the source's share of the training examples is weight / sum(weights). Leave every weight
+    unset for examples-proportional mixing (each source in proportion to its size after the cap)."""
+    cap: int | None = None
+    """At most this many training examples from this source (the K of examples-proportional mixing, T5/FLAN)."""
+    category: str | None = None
+    """Task/category label of every row of this source; None: each row's own `category` field."""
+    categories: list[str] | None = None
+    """Keep only rows of these categories (a task subset of a larger file)."""
+    held_out: bool = False
+    """Evaluation only: never trained on; its loss is reported per source."""
+    sample: Literal["random", "first"] = "random"
+    """Which rows a cap or weight keeps: a seeded random sample, or the first rows in file order."""
 
 
 class SFTData(Section):
     train: str = "data/instruct/train.jsonl"
-    """JSONL/Parquet file or a `datasets` name/path; rows hold `messages` or `prompt` + `completion`."""
+    """JSONL/Parquet file or a `datasets` name/path; rows hold `messages` or `prompt` + `completion`.
+    The one-source form; ignored when `sources` is given."""
     eval: str | None = "data/instruct/eval.jsonl"
     """Held-out rows; None: split `eval_fraction` off the train rows."""
     train_split: str = "train"
     eval_split: str = "test"
+    sources: list[SourceSpec] = []
+    """An instruction mixture: several datasets with weights, caps and labels (replaces train/eval)."""
+    held_out_categories: list[str] = []
+    """Categories never trained on: their rows are dropped from every source's training rows and their eval
+    rows (from every source, whatever its `categories` filter) are reported as a loss per category."""
     eval_fraction: float = 0.1
     max_bad_fraction: float = 0.0
     """Refuse to start when more than this fraction of rows is malformed (0: any bad row is fatal)."""
     max_train_examples: int | None = None
+    """Training examples in all (the one-source form: the first N rows). None: as many as weights and caps allow."""
     max_eval_examples: int | None = None
+    """Evaluation examples per eval group (the eval set, each source, each held-out category)."""
+
+    def problems(self, prefix: str = "data") -> list[tuple[str, str]]:
+        out = []
+        if not 0 <= self.max_bad_fraction < 1:
+            out.append((f"{prefix}.max_bad_fraction", "expected a fraction in [0, 1)"))
+        if not 0 < self.eval_fraction < 1:
+            out.append((f"{prefix}.eval_fraction", "expected a fraction in (0, 1)"))
+        if self.sources:
+            for key in ("train", "eval", "train_split", "eval_split"):
+                if key in self.model_fields_set:
+                    out.append((f"{prefix}.{key}", "use either data.train/data.eval (one source) or data.sources, "
+                                                   f"not both; give each source its own {key}"))
+            names = [s.name for s in self.sources]
+            weighted = [s.weight is not None for s in self.sources if not s.held_out]
+            if any(weighted) and not all(weighted):
+                out.append((f"{prefix}.sources", "give every training source a weight (mixing rates), or none "
+                                                 "(examples-proportional mixing)"))
+            for i, s in enumerate(self.sources):
+                key = f"{prefix}.sources.{i}"
+                if names.count(s.name) > 1:
+                    out.append((f"{key}.name", f"'{s.name}' names more than one source"))
+                if s.train is None and s.eval is None:
+                    out.append((f"{key}.train", "a source needs train rows, eval rows or both"))
+                if s.train is None and s.eval is not None and not s.held_out:
+                    out.append((f"{key}.held_out", "a source without train rows is eval-only: set held_out: true"))
+                if s.weight is not None and s.weight <= 0:
+                    out.append((f"{key}.weight", "expected a positive mixing rate"))
+                if s.cap is not None and s.cap < 1:
+                    out.append((f"{key}.cap", "expected at least 1 example"))
+            if not any(not s.held_out for s in self.sources):
+                out.append((f"{prefix}.sources", "every source is held out: nothing to train on"))
+        for key in ("max_train_examples", "max_eval_examples"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                out.append((f"{prefix}.{key}", "expected at least 1 (or leave unset)"))
+        return out

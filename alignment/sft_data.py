@@ -1,5 +1,7 @@
 """SFT rows -> TRL's conversational prompt/completion format, with every bad row named.
 
+Mixing several sources is `alignment.mixture`; this module reads one.
+
 Accepted rows: `messages` (the last turn must be the assistant's: it is the completion), or
 `prompt` + `completion` (strings or message lists). Loss is on the completion only.
 """
@@ -7,7 +9,6 @@ Accepted rows: `messages` (the last turn must be the assistant's: it is the comp
 from __future__ import annotations
 
 import logging
-import random
 
 from alignment.chat import as_messages, message_problems
 from alignment.data import read_rows
@@ -44,6 +45,9 @@ def load_examples(source: str, split: str | None, max_bad_fraction: float) -> li
             bad.append(f"{source}: row {rowno}: {problem}")
         else:
             example["source"] = source
+            # Instruction mixtures hold out and report by category (the bundled rows: the constraint type).
+            category = row.get("category")
+            example["category"] = None if category is None else str(category)
             good.append(example)
     total = len(good) + len(bad)
     if total == 0:
@@ -57,12 +61,8 @@ def load_examples(source: str, split: str | None, max_bad_fraction: float) -> li
 
 
 def train_eval_examples(data, seed: int) -> tuple[list[dict], list[dict]]:
-    """Train and eval examples per the data section (an explicit eval file, or a seeded split)."""
-    train = load_examples(data.train, data.train_split, data.max_bad_fraction)
-    if data.eval:
-        evals = load_examples(data.eval, data.eval_split, data.max_bad_fraction)
-    else:
-        random.Random(seed).shuffle(train)
-        n_eval = max(1, int(len(train) * data.eval_fraction))
-        train, evals = train[n_eval:], train[:n_eval]
-    return train[: data.max_train_examples], evals[: data.max_eval_examples]
+    """Train and eval examples per the data section (the realised mixture's train rows and main eval set)."""
+    from alignment.mixture import MAIN_EVAL, realise_mixture
+
+    mix = realise_mixture(data, seed)
+    return mix.train, mix.eval_groups[MAIN_EVAL]

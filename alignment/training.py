@@ -27,18 +27,26 @@ def trainer_args(train: TrainSpec, *, out_dir, seed: int, precision: str, report
 
 
 def lora_config(spec: PeftSpec, task_type: str = "CAUSAL_LM"):
-    """peft LoraConfig from our section, or None for full fine-tuning."""
+    """peft config from our section (LoRA with its DoRA/rsLoRA options, or any other peft adapter method),
+    or None for full fine-tuning. bitfit/freeze are not peft adapters: use `peft_methods.select_trainable`."""
+    from alignment.errors import ConfigError
+    from alignment.peft_methods import METHODS, peft_config
+
     if spec.method == "full":
         return None
-    from peft import LoraConfig
-
-    return LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
-                      target_modules=spec.target_modules, task_type=task_type)
+    if not METHODS[spec.method].adapter:
+        raise ConfigError([f"peft.method: '{spec.method}' is not a peft adapter; this stage supports lora "
+                           "(with use_dora/use_rslora), qlora, ia3, prefix, prompt, ptuning or full"])
+    return peft_config(spec, task_type)
 
 
 def param_counts(model) -> dict:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    if hasattr(model, "get_nb_trainable_parameters"):
+        # peft counts 4-bit weights at their real size (bitsandbytes packs two per byte-sized element).
+        trainable, total = model.get_nb_trainable_parameters()
+    else:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
     return {"trainable_params": trainable, "total_params": total}
 
 

@@ -1,7 +1,9 @@
-"""Stage `sft`: supervised fine-tuning of the base model (TRL SFTTrainer + peft LoRA).
+"""Stage `sft`: supervised fine-tuning of the base model (TRL SFTTrainer; LoRA by default).
 
-Reads `<run>/base/`, trains on chat data with the loss on completions only, and writes the
-adapter + tokenizer to `model/` (and a merged full model to `merged/` with `merge: true`).
+Reads `<run>/base/`, trains on chat data (one file, or an instruction mixture of several) with the loss on
+completions only, and writes to `model/` either a peft adapter + tokenizer (lora, qlora, ia3, prefix, prompt,
+ptuning) or full weights (bitfit, freeze, full); `merge: true` also writes the merged model to `merged/`.
+The methods, their families and what later stages can do with them: `alignment/peft_methods.py`.
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ import time
 
 from alignment.config import StageConfig
 from alignment.hardware import peak_rss_mb, resolve_precision
-from alignment.models import load_causal_lm, load_tokenizer
+from alignment.mixture import MAIN_EVAL, realise_mixture
+from alignment.models import load_tokenizer
+from alignment.packing import PackedCollator, isolate_documents, pack_examples, packing_report
+from alignment.peft_methods import METHODS, SOFT_PROMPTS, describe, load_model, peft_config, select_trainable
 from alignment.policy import lineage_for
 from alignment.schema import PeftSpec, SFTData, TrainSpec
-from alignment.sft_data import train_eval_examples
-from alignment.training import lora_config, param_counts, perplexity, throughput, trainer_args
+from alignment.training import param_counts, perplexity, throughput, trainer_args
 
 log = logging.getLogger("align")
 UPSTREAM = ("base",)
@@ -25,15 +29,25 @@ class Config(StageConfig):
     data: SFTData = SFTData()
     peft: PeftSpec = PeftSpec()
     train: TrainSpec = TrainSpec()
+    packing: bool = False
+    """Pack several examples per row (Best-Fit-Decreasing), each attending only to itself (block-diagonal mask)."""
     merge: bool = False
     """Also write the adapter merged into the base weights to `merged/` (loads with AutoModelForCausalLM)."""
 
     def problems(self):
-        out = []
-        if not 0 <= self.data.max_bad_fraction < 1:
-            out.append(("data.max_bad_fraction", "expected a fraction in [0, 1)"))
-        if self.merge and self.peft.method == "full":
-            out.append(("merge", "full fine-tuning has no adapter to merge; set merge: false"))
+        out = self.data.problems("data") + self.peft.problems("peft")
+        m = self.peft.method
+        if self.merge and not METHODS[m].adapter:
+            out.append(("merge", f"{m} ({METHODS[m].family}) saves full weights, there is no adapter to merge; "
+                                 "set merge: false"))
+        if self.merge and m in SOFT_PROMPTS:
+            out.append(("merge", f"{m} trains virtual tokens, not weights, so it cannot be merged; set merge: false"))
+        if self.packing and m in SOFT_PROMPTS:
+            out.append(("packing", f"{m} prepends virtual tokens to every row, so packed documents would share "
+                                   "them and the per-document positions are lost; set packing: false"))
+        if self.train.gradient_checkpointing and m == "prefix":
+            out.append(("train.gradient_checkpointing", "prefix tuning feeds its prefix through the key/value "
+                                                        "cache, which gradient checkpointing drops; set it false"))
         return out
 
 
@@ -44,41 +58,79 @@ def run(cfg: Config, ctx) -> None:
 
     # -- set up --------------------------------------------------------------------------------
     set_seed(cfg.seed)
-    base_dir = ctx.inputs["base"].model_dir
-    train_rows, eval_rows = train_eval_examples(cfg.data, cfg.seed)
-    log.info("[sft] %d train / %d eval examples; precision %s", len(train_rows), len(eval_rows),
-             resolve_precision(cfg.precision))
-    tok = load_tokenizer(base_dir)
-    model = load_causal_lm(base_dir, cfg.precision)
+    base = ctx.inputs["base"]
+    mix = realise_mixture(cfg.data, cfg.seed)
+    log.info("[sft] %d train examples from %d source(s); eval groups %s; method %s (%s); precision %s",
+             len(mix.train), len(mix.report["sources"]), {g: len(r) for g, r in mix.eval_groups.items()},
+             cfg.peft.method, METHODS[cfg.peft.method].family, resolve_precision(cfg.precision))
+    tok = load_tokenizer(base.model_dir)
+    model = load_model(cfg.peft, base.model_dir, cfg.precision)
+    select_trainable(model, cfg.peft)
+    if cfg.train.gradient_checkpointing and not METHODS[cfg.peft.method].adapter:
+        model.enable_input_require_grads()  # frozen embeddings would otherwise cut the checkpointed graph
+    mask_hook = isolate_documents(model) if cfg.packing else None
     args = SFTConfig(**trainer_args(cfg.train, out_dir=ctx.checkpoints_dir, seed=cfg.seed, precision=cfg.precision,
                                     report_to=cfg.report_to),
                      max_length=cfg.train.max_length, completion_only_loss=True, packing=False)
-    trainer = SFTTrainer(model=model, args=args, processing_class=tok, peft_config=lora_config(cfg.peft),
-                         train_dataset=datasets.Dataset.from_list(train_rows),
-                         eval_dataset=datasets.Dataset.from_list(eval_rows))
+    trainer = SFTTrainer(model=model, args=args, processing_class=tok,
+                         peft_config=peft_config(cfg.peft, "CAUSAL_LM", tokenizer_path=base.model_dir),
+                         train_dataset=datasets.Dataset.from_list(mix.train),
+                         eval_dataset={g: datasets.Dataset.from_list(rows) for g, rows in mix.eval_groups.items()},
+                         data_collator=PackedCollator(tok.pad_token_id) if cfg.packing else None)
+    if cfg.packing:
+        # TRL has tokenised and truncated each example exactly as it does unpacked; now pack those.
+        trainer.train_dataset = pack_examples(trainer.train_dataset, cfg.train.max_length)
+        ctx.metrics.update(packing_report(trainer.train_dataset, cfg.train.max_length))
     ctx.metrics.update(param_counts(trainer.model))
+    log.info("[sft] %d of %d parameters train (%.3f%%)", ctx.metrics["trainable_params"],
+             ctx.metrics["total_params"], 100 * ctx.metrics["trainable_params"] / ctx.metrics["total_params"])
+    groups = [g for g in mix.eval_groups if g != MAIN_EVAL]
 
     # -- train ---------------------------------------------------------------------------------
-    before = trainer.evaluate()["eval_loss"]
-    t0 = time.perf_counter()
+    before = trainer.evaluate(MAIN_EVAL)["eval_loss"]
+    held_before = {g: trainer.evaluate(g)["eval_loss"] for g in groups if g.startswith("category:")}
+    t0, cpu0 = time.perf_counter(), time.process_time()
     result = trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
-    runtime = time.perf_counter() - t0
-    after = trainer.evaluate()["eval_loss"]
-    log.info("[sft] eval loss %.4f -> %.4f (perplexity %.2f -> %.2f)", before, after, perplexity(before),
-             perplexity(after))
+    runtime, cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
+    after = trainer.evaluate(MAIN_EVAL)["eval_loss"]
+    by_group = {g: trainer.evaluate(g)["eval_loss"] for g in groups}
+    log.info("[sft] eval loss %.4f -> %.4f (perplexity %.2f -> %.2f)%s", before, after, perplexity(before),
+             perplexity(after), "".join(f"; {g} {v:.4f}" for g, v in by_group.items()))
 
     # -- save ----------------------------------------------------------------------------------
+    if mask_hook is not None:
+        mask_hook.remove()
     trainer.model.save_pretrained(ctx.out_dir / "model", safe_serialization=True)
     tok.save_pretrained(ctx.out_dir / "model")
     if cfg.merge:
-        merged = trainer.model.merge_and_unload()
+        merged = _merged(trainer.model, cfg, base, ctx.out_dir / "model")
         merged.save_pretrained(ctx.out_dir / "merged", safe_serialization=True)
         tok.save_pretrained(ctx.out_dir / "merged")
-    ctx.lineage = lineage_for(ctx.inputs["base"], adapter=cfg.peft.method != "full")
+    ctx.lineage = lineage_for(base, adapter=METHODS[cfg.peft.method].adapter, **describe(cfg.peft))
     ctx.metrics.update({
         "eval_loss_before": before, "eval_loss": after, "perplexity_before": perplexity(before),
         "perplexity": perplexity(after), "train_loss": result.training_loss, "steps": result.global_step,
         "resumed_from_step": int(ctx.resume_from.name.split("-")[-1]) if ctx.resume_from else 0,
-        "train_seconds": round(runtime, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
-        "train_examples": len(train_rows), "eval_examples": len(eval_rows), **throughput(trainer, runtime),
+        "train_seconds": round(runtime, 2), "train_cpu_seconds": round(cpu_s, 2),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "train_examples": len(mix.train), "eval_examples": len(mix.eval_groups[MAIN_EVAL]),
+        **throughput(trainer, runtime), "method": cfg.peft.method, "mixture": mix.report,
     })
+    if groups:
+        ctx.metrics["eval_loss_by_source"] = {g.split(":", 1)[1]: v for g, v in by_group.items()
+                                              if g.startswith("source:")}
+        ctx.metrics["eval_loss_by_heldout_category"] = {g.split(":", 1)[1]: v for g, v in by_group.items()
+                                                        if g.startswith("category:")}
+        ctx.metrics["eval_loss_before_by_heldout_category"] = {g.split(":", 1)[1]: v
+                                                               for g, v in held_before.items()}
+
+
+def _merged(model, cfg: Config, base, adapter_dir):
+    """The adapter folded into full weights. QLoRA's base is 4-bit: merge onto the full-precision base instead."""
+    if cfg.peft.method != "qlora":
+        return model.merge_and_unload()
+    from peft import PeftModel
+
+    from alignment.models import load_causal_lm
+
+    return PeftModel.from_pretrained(load_causal_lm(base.model_dir, cfg.precision), adapter_dir).merge_and_unload()

@@ -1,0 +1,191 @@
+"""Instruction mixtures (FLAN / OPT-IML style): several sources, mixing rates, caps, held-out categories.
+
+- Mixing rate: a source's share of the training examples is weight / sum(weights). With no weights the mixture
+  is examples-proportional (T5, FLAN): each source in proportion to its size after its cap K.
+- Cap: at most K training examples from a source, so one large dataset cannot swamp the others.
+- Total: data.max_train_examples, or else the largest mixture that keeps the rates exact without repeating an
+  example. A source with fewer examples than its share gives all it has and the rest is shared out among the
+  others in proportion to their weights (examples-proportional mixing with a cap, as in T5 section 3.5.2).
+- Held-out categories (FLAN's held-out task clusters): their rows never train; their eval rows are reported per
+  category. Held-out sources are evaluation-only.
+
+The one-source form `data.train` / `data.eval` is the mixture of one source that keeps the first N rows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+
+from alignment.errors import DataError
+from alignment.schema import SFTData, SourceSpec
+from alignment.sft_data import load_examples
+
+log = logging.getLogger("align")
+MAIN_EVAL = "eval"
+
+
+@dataclass
+class Mixture:
+    train: list[dict]
+    eval_groups: dict[str, list[dict]]
+    """'eval' (the in-distribution eval set: every training source's eval rows), 'source:<name>' per source when
+    there are several or a held-out one, 'category:<name>' per held-out category."""
+    report: dict = field(default_factory=dict)
+    """The realised mixture, for the manifest."""
+
+
+def sources_of(data: SFTData) -> list[SourceSpec]:
+    if data.sources:
+        return list(data.sources)
+    return [SourceSpec(name=data.train, train=data.train, eval=data.eval, train_split=data.train_split,
+                       eval_split=data.eval_split, sample="first")]
+
+
+def mixing_counts(available: dict[str, int], weights: dict[str, float] | None, total: int | None) -> dict[str, int]:
+    """Examples per source: proportional to the weights (or to `available` when None), never above `available`.
+
+    >>> mixing_counts({"a": 400, "b": 80}, {"a": 3, "b": 1}, None)
+    {'a': 240, 'b': 80}
+    >>> mixing_counts({"a": 400, "b": 80}, {"a": 1, "b": 1}, 300)
+    {'a': 220, 'b': 80}
+    """
+    w = {n: float(a) for n, a in available.items()} if weights is None else dict(weights)
+    live = [n for n in available if available[n] > 0 and w[n] > 0]
+    counts = {n: 0 for n in available}
+    if not live:
+        return counts
+    if total is None:
+        wsum = sum(w[n] for n in live)
+        # The largest total whose exact shares fit in every source (1e-9: float noise, e.g. 80 * 4 / 1).
+        total = min(math.floor(available[n] * wsum / w[n] + 1e-9) for n in live)
+    budget = min(total, sum(available[n] for n in live))
+    free = list(live)
+    while free:
+        wsum = sum(w[n] for n in free)
+        full = [n for n in free if budget * w[n] / wsum >= available[n]]
+        if not full:
+            break
+        for n in full:
+            counts[n] = available[n]
+            budget -= available[n]
+            free.remove(n)
+    if free:
+        wsum = sum(w[n] for n in free)
+        shares = {n: budget * w[n] / wsum for n in free}
+        for n in free:
+            counts[n] = math.floor(shares[n] + 1e-9)
+        # Largest remainder: hand out what flooring left over, biggest fractional part first.
+        left = budget - sum(counts[n] for n in free)
+        for n in sorted(free, key=lambda n: (-(shares[n] - counts[n]), free.index(n)))[:left]:
+            counts[n] += 1
+    return counts
+
+
+def realise_mixture(data: SFTData, seed: int) -> Mixture:
+    """Load every source, apply filters, hold-outs, caps and rates; return train rows and eval groups."""
+    sources = sources_of(data)
+    held_cats = set(data.held_out_categories)
+    pools: dict[str, list[dict]] = {}
+    evals: dict[str, list[dict]] = {}
+    held_sources: dict[str, list[dict]] = {}
+    cat_evals: dict[str, list[dict]] = {c: [] for c in data.held_out_categories}
+    dropped = Counter()
+
+    for s in sources:
+        train = _load(s, s.train, s.train_split, data) if s.train else []
+        evals_ = _load(s, s.eval, s.eval_split, data) if s.eval else None
+        if s.held_out:
+            rows = evals_ if evals_ is not None else train
+            held_sources[s.name] = _keep_categories(rows, s.categories)
+            for ex in rows:
+                if ex["category"] in held_cats:
+                    cat_evals[ex["category"]].append(ex)
+            continue
+        if evals_ is None:
+            # No eval file: a seeded split of the train rows (before any filter, so it does not depend on them).
+            random.Random(seed).shuffle(train)
+            n_eval = max(1, int(len(train) * data.eval_fraction))
+            train, evals_ = train[n_eval:], train[:n_eval]
+        for ex in evals_:
+            if ex["category"] in held_cats:
+                cat_evals[ex["category"]].append(ex)
+        train, evals_ = _keep_categories(train, s.categories), _keep_categories(evals_, s.categories)
+        dropped.update(ex["category"] for ex in train if ex["category"] in held_cats)
+        pools[s.name] = [ex for ex in train if ex["category"] not in held_cats]
+        evals[s.name] = [ex for ex in evals_ if ex["category"] not in held_cats]
+
+    trainers = [s for s in sources if not s.held_out]
+    available = {s.name: min(len(pools[s.name]), s.cap or len(pools[s.name])) for s in trainers}
+    weights = None if all(s.weight is None for s in trainers) else {s.name: s.weight for s in trainers}
+    counts = mixing_counts(available, weights, data.max_train_examples)
+    train_rows = []
+    for i, s in enumerate(trainers):
+        pool, k = pools[s.name], counts[s.name]
+        if s.sample == "first" or k >= len(pool):
+            chosen = pool[:k]
+        else:
+            # Sorted indices keep file order, so the same seed and files give the same rows in the same order.
+            chosen = [pool[j] for j in sorted(random.Random(f"{seed}:{s.name}").sample(range(len(pool)), k))]
+        train_rows.extend(chosen)
+    if not train_rows:
+        raise DataError("data: the mixture has no training examples left (check sources, categories and "
+                        "held_out_categories)")
+
+    cap = data.max_eval_examples
+    per_source = {name: rows[:cap] for name, rows in evals.items()}
+    groups = {MAIN_EVAL: [ex for rows in per_source.values() for ex in rows]}
+    if len(trainers) > 1 or held_sources:
+        groups.update({f"source:{n}": rows for n, rows in per_source.items()})
+        groups.update({f"source:{n}": rows[:cap] for n, rows in held_sources.items()})
+    for c, rows in cat_evals.items():
+        # Sources cut from the same file would otherwise count its held-out rows once each.
+        rows = cat_evals[c] = _unique(rows)
+        if rows:
+            groups[f"category:{c}"] = rows[:cap]
+        else:
+            log.warning("[sft] held-out category %r has no eval rows in any source", c)
+    empty = [g for g, rows in groups.items() if not rows]
+    if empty:
+        raise DataError(f"data: no eval rows for {', '.join(empty)} (give the source an eval file, or check its "
+                        "categories filter)")
+
+    total = len(train_rows)
+    report = {
+        "sources": {s.name: {"available": len(pools[s.name]), "cap": s.cap, "weight": s.weight,
+                             "used": counts[s.name], "rate": round(counts[s.name] / total, 4),
+                             "eval_examples": len(per_source[s.name])} for s in trainers},
+        "held_out_sources": {n: {"eval_examples": len(rows[:cap])} for n, rows in held_sources.items()},
+        "held_out_categories": {c: {"train_rows_dropped": dropped[c], "eval_examples": len(rows[:cap])}
+                                for c, rows in cat_evals.items()},
+        "train_examples": total,
+        "train_categories": dict(sorted(Counter(str(ex["category"]) for ex in train_rows).items())),
+    }
+    return Mixture(train=train_rows, eval_groups=groups, report=report)
+
+
+def _load(s: SourceSpec, path: str, split: str, data: SFTData) -> list[dict]:
+    rows = load_examples(path, split, data.max_bad_fraction)
+    for ex in rows:
+        ex["source"] = s.name
+        if s.category is not None:
+            ex["category"] = s.category
+    return rows
+
+
+def _unique(rows: list[dict]) -> list[dict]:
+    seen, out = set(), []
+    for ex in rows:
+        key = json.dumps([ex["prompt"], ex["completion"]], sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            out.append(ex)
+    return out
+
+
+def _keep_categories(rows: list[dict], categories: list[str] | None) -> list[dict]:
+    return rows if categories is None else [ex for ex in rows if ex["category"] in categories]

@@ -1,0 +1,246 @@
+"""Fine-tuning methods: which parameters train, how the base loads, and what the artifact holds.
+
+The families follow the PEFT survey taxonomy (Lialin et al., 2023, "Scaling Down to Scale Up"):
+
+| method  | family                 | paper                                 | artifact model/ | merges into weights  |
+|---------|------------------------|---------------------------------------|-----------------|----------------------|
+| lora    | reparameterised        | Hu et al., 2021 (+ DoRA, rsLoRA)      | peft adapter    | yes                  |
+| qlora   | reparameterised        | Dettmers et al., 2023 (4-bit NF4 base)| peft adapter    | yes (onto fp base)   |
+| ia3     | additive (rescaling)   | Liu et al., 2022, (IA)^3              | peft adapter    | yes                  |
+| prefix  | additive (soft prompt) | Li & Liang, 2021, prefix tuning       | peft adapter    | no                   |
+| prompt  | additive (soft prompt) | Lester et al., 2021, prompt tuning    | peft adapter    | no                   |
+| ptuning | additive (soft prompt) | Liu et al., 2021, P-tuning (encoder)  | peft adapter    | no                   |
+| bitfit  | selective              | Ben Zaken et al., 2021, BitFit        | full weights    | -                    |
+| freeze  | selective              | last N blocks / named modules         | full weights    | -                    |
+| full    | full fine-tuning       |                                       | full weights    | -                    |
+
+Selective methods save full weights (not a diff): every later stage loads them as a root model, the same
+way as full fine-tuning. Soft prompts cannot fold into the weights; `alignment.policy.load_policy` returns them
+as an unmerged PeftModel (fine for generation and evaluation) and `require_mergeable` refuses them for stages
+that train on top of the policy.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from dataclasses import dataclass
+
+from alignment.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Method:
+    family: str
+    paper: str
+    adapter: bool
+    """The artifact's model/ is a peft adapter on top of its parent (else full weights)."""
+    mergeable: bool
+    """The adapter folds into the weights, so the policy loads as a plain causal LM."""
+
+
+METHODS: dict[str, Method] = {
+    "lora": Method("reparameterised", "Hu et al., 2021 (LoRA)", adapter=True, mergeable=True),
+    "qlora": Method("reparameterised", "Dettmers et al., 2023 (QLoRA)", adapter=True, mergeable=True),
+    "ia3": Method("additive (rescaling vectors)", "Liu et al., 2022 ((IA)^3)", adapter=True, mergeable=True),
+    "prefix": Method("additive (soft prompt)", "Li & Liang, 2021 (prefix tuning)", adapter=True, mergeable=False),
+    "prompt": Method("additive (soft prompt)", "Lester et al., 2021 (prompt tuning)", adapter=True, mergeable=False),
+    "ptuning": Method("additive (soft prompt)", "Liu et al., 2021 (P-tuning)", adapter=True, mergeable=False),
+    "bitfit": Method("selective", "Ben Zaken et al., 2021 (BitFit)", adapter=False, mergeable=True),
+    "freeze": Method("selective", "train the last N blocks", adapter=False, mergeable=True),
+    "full": Method("full fine-tuning", "", adapter=False, mergeable=True),
+}
+SOFT_PROMPTS = ("prefix", "prompt", "ptuning")
+LORA_FAMILY = ("lora", "qlora")
+
+
+def spec_problems(spec, prefix: str = "peft") -> list[tuple[str, str]]:
+    """Config-load checks of a PeftSpec: impossible combinations and methods this machine cannot run."""
+    m, out = spec.method, []
+    only = {"use_dora": LORA_FAMILY, "use_rslora": LORA_FAMILY, "add_bias": ("bitfit",),
+            "last_layers": ("freeze",), "trainable_modules": ("freeze",), "prompt_init_text": ("prompt",),
+            "prefix_projection": ("prefix",), "feedforward_modules": ("ia3",)}
+    for key, methods in only.items():
+        if getattr(spec, key) and m not in methods:
+            out.append((f"{prefix}.{key}", f"applies to method {'/'.join(methods)} only, not '{m}'"))
+    if m in LORA_FAMILY and spec.r < 1:
+        out.append((f"{prefix}.r", "expected a rank of at least 1"))
+    if m in SOFT_PROMPTS and spec.num_virtual_tokens < 1:
+        out.append((f"{prefix}.num_virtual_tokens", "expected at least 1 virtual token"))
+    if m == "freeze":
+        if spec.last_layers < 0:
+            out.append((f"{prefix}.last_layers", "expected 0 or more blocks"))
+        if spec.last_layers == 0 and not spec.trainable_modules:
+            out.append((f"{prefix}.last_layers", "freeze trains nothing: set last_layers (the last N blocks train) "
+                                                 "and/or trainable_modules (name patterns)"))
+        for pattern in spec.trainable_modules:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                out.append((f"{prefix}.trainable_modules", f"{pattern!r} is not a regular expression ({e})"))
+    if m == "qlora":
+        out.extend(_qlora_problems(prefix))
+    return out
+
+
+def _qlora_problems(prefix: str) -> list[tuple[str, str]]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return [(f"{prefix}.method", "qlora quantises the base to 4 bits with bitsandbytes, which needs a CUDA GPU, "
+                                     "and this machine has none; use method: lora (the same adapter on a "
+                                     "full-precision base) or run on a GPU machine")]
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return [(f"{prefix}.method", "qlora needs bitsandbytes: pip install bitsandbytes")]
+    return []
+
+
+# -- loading the base ---------------------------------------------------------------------------------------------
+def load_model(spec, model_dir, precision: str):
+    """The model to train: 4-bit for qlora, zero-initialised biases for bitfit with add_bias, else as stored.
+
+    Methods that train the model's own weights (bitfit, freeze, full) keep them in fp32 even when training in
+    bf16: the trainer then computes in bf16 under autocast (mixed precision). A bf16 weight cannot take an update
+    smaller than ~1/256 of itself, which is most Adam steps at fine-tuning learning rates. peft keeps its
+    adapter weights in fp32 by itself, so adapter methods load the frozen base directly in bf16.
+    """
+    from alignment.models import load_causal_lm
+
+    if spec.method == "qlora":
+        return _load_4bit(spec, model_dir, precision)
+    weights = precision if METHODS[spec.method].adapter else "fp32"
+    if spec.method == "bitfit" and spec.add_bias:
+        return _load_with_zero_biases(model_dir, weights)
+    return load_causal_lm(model_dir, weights)
+
+
+def _load_4bit(spec, model_dir, precision: str):
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from alignment.hardware import torch_dtype
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=spec.quant_type,
+                               bnb_4bit_use_double_quant=spec.double_quant,
+                               bnb_4bit_compute_dtype=torch_dtype(precision))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, dtype=torch_dtype(precision),
+                                                 device_map={"": 0}, use_safetensors=True)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def _load_with_zero_biases(model_dir, precision: str):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from alignment.hardware import torch_dtype
+
+    config = AutoConfig.from_pretrained(model_dir)
+    switches = [k for k in ("attention_bias", "mlp_bias") if hasattr(config, k)]
+    if not switches:
+        raise ConfigError([f"peft.add_bias: {config.model_type} has no attention_bias/mlp_bias switch in its config, "
+                           "so biases cannot be added in a form later stages reload; use another method"])
+    for k in switches:
+        setattr(config, k, True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=torch_dtype(precision),
+                                                 use_safetensors=True)
+    # The checkpoint has no biases; zero makes the new model compute exactly what the base did.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.zero_()
+    return model
+
+
+# -- which parameters train ---------------------------------------------------------------------------------------
+def peft_config(spec, task_type: str = "CAUSAL_LM", *, tokenizer_path=None):
+    """The peft config of an adapter method; None for bitfit / freeze / full (see `select_trainable`)."""
+    import peft
+
+    m = spec.method
+    if m in LORA_FAMILY:
+        return peft.LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                               target_modules=spec.target_modules or "all-linear", use_dora=spec.use_dora,
+                               use_rslora=spec.use_rslora, task_type=task_type)
+    if m == "ia3":
+        return peft.IA3Config(target_modules=spec.target_modules, feedforward_modules=spec.feedforward_modules,
+                              task_type=task_type)
+    if m == "prefix":
+        return peft.PrefixTuningConfig(num_virtual_tokens=spec.num_virtual_tokens, task_type=task_type,
+                                       prefix_projection=spec.prefix_projection,
+                                       **({"encoder_hidden_size": spec.encoder_hidden_size}
+                                          if spec.encoder_hidden_size else {}))
+    if m == "prompt":
+        if spec.prompt_init_text:
+            return peft.PromptTuningConfig(num_virtual_tokens=spec.num_virtual_tokens, task_type=task_type,
+                                           prompt_tuning_init=peft.PromptTuningInit.TEXT,
+                                           prompt_tuning_init_text=spec.prompt_init_text,
+                                           tokenizer_name_or_path=str(tokenizer_path))
+        return peft.PromptTuningConfig(num_virtual_tokens=spec.num_virtual_tokens, task_type=task_type)
+    if m == "ptuning":
+        return peft.PromptEncoderConfig(num_virtual_tokens=spec.num_virtual_tokens, task_type=task_type,
+                                        encoder_reparameterization_type="MLP",
+                                        **({"encoder_hidden_size": spec.encoder_hidden_size}
+                                           if spec.encoder_hidden_size else {}))
+    return None
+
+
+def select_trainable(model, spec) -> list[str]:
+    """Set requires_grad for the non-adapter methods; return the names of the parameters that train.
+
+    Adapter methods are left alone (peft freezes the base when it wraps the model).
+    """
+    m = spec.method
+    if METHODS[m].adapter:
+        return []
+    names = [n for n, _ in model.named_parameters()]
+    if m == "full":
+        keep = set(names)
+    elif m == "bitfit":
+        keep = {n for n in names if n.endswith(".bias") or n == "bias"}
+        if not keep:
+            raise ConfigError([f"peft.method: bitfit trains bias terms, but this {model.config.model_type} model has "
+                               "none; set peft.add_bias: true to add zero-initialised biases (attention_bias, "
+                               "mlp_bias) and train those, or pick another method"])
+    else:  # freeze
+        keep = set()
+        if spec.last_layers:
+            prefix, n_blocks = transformer_blocks(model)
+            if spec.last_layers > n_blocks:
+                raise ConfigError([f"peft.last_layers: the model has {n_blocks} blocks ({prefix}), "
+                                   f"cannot train the last {spec.last_layers}"])
+            wanted = tuple(f"{prefix}.{i}." for i in range(n_blocks - spec.last_layers, n_blocks))
+            keep |= {n for n in names if n.startswith(wanted)}
+        for pattern in spec.trainable_modules:
+            hits = {n for n in names if re.search(pattern, n)}
+            if not hits:
+                raise ConfigError([f"peft.trainable_modules: {pattern!r} matches no parameter "
+                                   f"(names look like {names[0]!r})"])
+            keep |= hits
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in keep)
+    return sorted(keep)
+
+
+def transformer_blocks(model) -> tuple[str, int]:
+    """(dotted name, length) of the model's stack of transformer blocks (`model.layers` in Llama)."""
+    import torch
+
+    found = [(name, len(mod)) for name, mod in model.named_modules()
+             if isinstance(mod, torch.nn.ModuleList) and len(mod) and name.split(".")[-1] in ("layers", "h", "blocks")]
+    if not found:
+        raise ConfigError(["peft.last_layers: cannot find this model's transformer blocks (no `layers`/`h`/`blocks` "
+                           "list); name the modules with peft.trainable_modules instead"])
+    return max(found, key=lambda x: x[1])
+
+
+def describe(spec) -> dict:
+    """What the manifest's lineage says about the method (read by `alignment.policy`)."""
+    info = METHODS[spec.method]
+    out = {"method": spec.method, "family": info.family, "mergeable": info.mergeable}
+    if spec.method in LORA_FAMILY:
+        out.update(use_dora=spec.use_dora, use_rslora=spec.use_rslora)
+    if spec.method == "qlora":
+        out["trained_on"] = f"4-bit {spec.quant_type} base; merged onto the full-precision base when loaded"
+    if spec.method == "bitfit" and spec.add_bias:
+        out["added_biases"] = True
+    return out

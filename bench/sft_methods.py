@@ -1,0 +1,333 @@
+"""Compare the SFT methods on cost and quality for the same token budget, on the tiny model and on SmolLM2.
+
+    OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 .venv/bin/python bench/sft_methods.py --profile tiny
+    OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 .venv/bin/python bench/sft_methods.py --profile smollm2 \
+        --lock /tmp/heavy.lock
+
+Every method runs the real `align run sft` in a fresh subprocess (so peak RSS is that method's own) on the same
+rows with the same number of optimiser steps and batch size, each at a learning rate typical of the method (a
+soft prompt at a LoRA learning rate barely moves). In the same invocation:
+- overhead: the stage against plain `trl.SFTTrainer` with the same settings (LoRA, same rows, same SFTConfig
+  values), alternating the two `--repeats` times; tokens/s of `trainer.train()` in both, medians;
+- precision: the stage's LoRA run in bf16 and in fp32 (CPU).
+Writes bench/out/sft_methods_<profile>.json, the plot docs/sft_methods_<profile>.png and the table into
+docs/sft_methods.md (between the `bench:<profile>` markers). `--lock FILE` wraps every subprocess in
+`flock FILE` so heavy jobs on a shared machine run one at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+# label -> (overrides, learning rate). Learning rates: LoRA-family as the SmolLM2 config; (IA)^3 and the soft
+# prompts an order of magnitude or more higher, as their papers and peft's examples use; full fine-tuning low.
+METHODS = {
+    "lora": ([], 5e-4),
+    "dora": (["peft.use_dora=true"], 5e-4),
+    "rslora": (["peft.use_rslora=true"], 5e-4),
+    "ia3": (["peft.method=ia3"], 5e-3),
+    "prefix": (["peft.method=prefix"], 1e-2),
+    "prompt": (["peft.method=prompt", "peft.prompt_init_text=Answer the question and follow every rule it sets."],
+               3e-2),
+    "ptuning": (["peft.method=ptuning"], 1e-2),
+    "bitfit": (["peft.method=bitfit", "peft.add_bias=true"], 1e-3),
+    "freeze": (["peft.method=freeze", "peft.last_layers={last_layers}"], 1e-4),
+    "full": (["peft.method=full"], 5e-5),
+}
+PROFILES = {
+    # steps x batch examples, the same rows for every method; eval on the first eval rows.
+    # overhead_steps: a longer timed loop for the stage-vs-TRL ratio (the tiny model's 8 steps take ~1 s).
+    "tiny": {"config": "configs/tiny/sft.yaml", "steps": 8, "batch": 8, "eval": 16, "last_layers": 1,
+             "overhead_steps": 48, "repeats": 5},
+    "smollm2": {"config": "configs/smollm2/sft.yaml", "steps": 6, "batch": 4, "eval": 16, "last_layers": 3,
+                "overhead_steps": 8, "repeats": 3},
+}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", choices=list(PROFILES), default="tiny")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    p.add_argument("--sections", default="methods,overhead,precision")
+    p.add_argument("--repeats", type=int, help="alternating stage/plain-TRL pairs for the overhead (default: "
+                                                "5 tiny, 3 smollm2)")
+    p.add_argument("--artifacts", default=str(REPO / "bench" / "out" / "artifacts"))
+    p.add_argument("--lock", help="flock this file around every subprocess (shared machines)")
+    p.add_argument("--no-doc", action="store_true", help="do not rewrite docs/sft_methods.md")
+    p.add_argument("--plain-trl", help=argparse.SUPPRESS)  # internal: JSON settings of one plain TRL run
+    a = p.parse_args()
+    if a.plain_trl:
+        print(json.dumps(plain_trl(json.loads(a.plain_trl))))
+        return 0
+
+    prof = PROFILES[a.profile]
+    root = Path(a.artifacts)
+    out_json = REPO / "bench" / "out" / f"sft_methods_{a.profile}.json"
+    results = json.loads(out_json.read_text()) if out_json.exists() else {}
+    results["profile"], results["machine"] = a.profile, machine()
+    base = build_base(a, root)
+    budget = [f"train.max_steps={prof['steps']}", f"train.batch_size={prof['batch']}",
+              f"data.max_train_examples={prof['steps'] * prof['batch']}", f"data.max_eval_examples={prof['eval']}",
+              "train.save_steps=1000000", f"inputs.base={base}"]
+    sections = a.sections.split(",")
+
+    if "methods" in sections:
+        rows = results.setdefault("methods", {})
+        for label in a.methods.split(","):
+            overrides, lr = METHODS[label]
+            overrides = [o.format(**prof) for o in overrides] + [f"train.lr={lr}"]
+            rows[label] = run_stage(a, root, f"{a.profile}-{label}", budget + overrides)
+            rows[label].update(lr=lr, overrides=overrides)
+            show(label, rows[label])
+            save(out_json, results)
+
+    if "overhead" in sections:
+        ours, plain = [], []
+        n = prof["overhead_steps"]
+        # Same rows and settings for both; eval (outside the timed loop anyway) cut to 4 rows.
+        cut = [f"train.max_steps={n}", f"train.batch_size={prof['batch']}",
+               f"data.max_train_examples={n * prof['batch']}", "data.max_eval_examples=4", "train.save_steps=1000000",
+               f"inputs.base={base}", "train.lr=5e-4"]
+        for i in range(a.repeats or prof["repeats"]):
+            ours.append(run_stage(a, root, f"{a.profile}-overhead", cut))
+            plain.append(run_plain(a, base, cut))
+            print(f"overhead pair {i + 1}: stage {ours[-1]['tokens_per_s']} tok/s "
+                  f"({ours[-1]['tokens_per_cpu_s']} per CPU-s), plain TRL {plain[-1]['tokens_per_s']} tok/s "
+                  f"({plain[-1]['tokens_per_cpu_s']} per CPU-s)", flush=True)
+        s_tps, p_tps = [r["tokens_per_s"] for r in ours], [r["tokens_per_s"] for r in plain]
+        s_cpu, p_cpu = [r["tokens_per_cpu_s"] for r in ours], [r["tokens_per_cpu_s"] for r in plain]
+        med = statistics.median
+        results["overhead"] = {"steps": n, "stage_tokens_per_s": s_tps, "plain_trl_tokens_per_s": p_tps,
+                               "stage_tokens_per_cpu_s": s_cpu, "plain_trl_tokens_per_cpu_s": p_cpu,
+                               "ratio_wall": round(med(s_tps) / med(p_tps), 3),
+                               "ratio_cpu": round(med(s_cpu) / med(p_cpu), 3),
+                               "stage_wall_s": [r["wall_s"] for r in ours], "plain_wall_s": [r["wall_s"] for r in plain],
+                               "tokens": sorted({r["train_tokens"] for r in ours + plain})}
+        save(out_json, results)
+
+    if "precision" in sections:
+        results["precision"] = {p_: run_stage(a, root, f"{a.profile}-{p_}", budget + ["train.lr=5e-4",
+                                                                                       f"precision={p_}"])
+                                for p_ in ("fp32", "bf16")}
+        save(out_json, results)
+
+    plot(results, REPO / "docs" / f"sft_methods_{a.profile}.png")
+    table = markdown(results, a)
+    print(table)
+    if not a.no_doc:
+        write_doc(a.profile, table)
+    return 0
+
+
+# -- running --------------------------------------------------------------------------------------------------
+def command(a, argv: list[str]) -> list[str]:
+    return (["flock", a.lock] if a.lock else []) + argv
+
+
+def build_base(a, root: Path) -> Path:
+    run = f"{a.profile}-base"
+    res = subprocess.run(command(a, [PYTHON, "-m", "alignment.cli", "run", "base", "-c",
+                                     f"configs/{a.profile}/base.yaml", "--artifacts", str(root), "--run", run]),
+                         cwd=REPO, env=ENV, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"base failed:\n{res.stderr[-3000:]}")
+    return root / run / "base"
+
+
+def run_stage(a, root: Path, run: str, overrides: list[str]) -> dict:
+    prof = PROFILES[a.profile]
+    argv = [PYTHON, "-m", "alignment.cli", "run", "sft", "-c", prof["config"], "--artifacts", str(root),
+            "--run", run, "--force", *overrides]
+    t0 = time.perf_counter()
+    res = subprocess.run(command(a, argv), cwd=REPO, env=ENV, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise SystemExit(f"{shlex.join(argv)} failed:\n{res.stderr[-3000:]}")
+    m = json.loads((root / run / "sft" / "metrics.json").read_text())
+    shutil.rmtree(root / run, ignore_errors=True)  # full-weight artifacts of SmolLM2 are 0.5 GB each
+    keys = ("trainable_params", "total_params", "tokens_per_s", "train_tokens", "train_seconds", "train_cpu_seconds",
+            "peak_rss_mb", "eval_loss_before", "eval_loss", "steps", "method")
+    return {**{k: m[k] for k in keys}, "wall_s": round(wall, 1),
+            "tokens_per_cpu_s": round(m["train_tokens"] / m["train_cpu_seconds"], 1)}
+
+
+def run_plain(a, base: Path, overrides: list[str]) -> dict:
+    settings = {"config": PROFILES[a.profile]["config"], "overrides": overrides, "base": str(base)}
+    t0 = time.perf_counter()
+    res = subprocess.run(command(a, [PYTHON, __file__, "--plain-trl", json.dumps(settings)]), cwd=REPO, env=ENV,
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"plain TRL run failed:\n{res.stderr[-3000:]}")
+    return {**json.loads(res.stdout.strip().splitlines()[-1]), "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def plain_trl(settings: dict) -> dict:
+    """The baseline: `trl.SFTTrainer` + peft LoRA built by hand from the same resolved config values."""
+    sys.path.insert(0, str(REPO))
+    import datasets
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    from alignment.config import load_config  # only to read the same YAML + overrides as the stage
+    from alignment.hardware import peak_rss_mb, resolve_precision
+    from stages.sft import Config
+
+    cfg = load_config(Config, settings["config"], [o for o in settings["overrides"] if not o.startswith("inputs.")])
+    t, pe = cfg.train, cfg.peft
+    set_seed(cfg.seed)
+    bf16 = resolve_precision(cfg.precision) == "bf16"
+    rows = []
+    with open(cfg.data.train, encoding="utf-8") as f:
+        for line in f:
+            msgs = json.loads(line)["messages"]
+            rows.append({"prompt": msgs[:-1], "completion": msgs[-1:]})
+    rows = rows[: cfg.data.max_train_examples]
+    tok = AutoTokenizer.from_pretrained(settings["base"] + "/model")
+    model = AutoModelForCausalLM.from_pretrained(settings["base"] + "/model",
+                                                 dtype=torch.bfloat16 if bf16 else torch.float32)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as out:
+        args = SFTConfig(output_dir=out, learning_rate=t.lr, num_train_epochs=t.epochs, max_steps=t.max_steps,
+                         per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
+                         warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay, lr_scheduler_type=t.lr_scheduler,
+                         max_grad_norm=t.max_grad_norm, logging_steps=t.logging_steps, save_strategy="no",
+                         eval_strategy="no", seed=cfg.seed, data_seed=cfg.seed, bf16=bf16, use_cpu=True,
+                         report_to=[], gradient_checkpointing=t.gradient_checkpointing, dataloader_num_workers=0,
+                         include_num_input_tokens_seen="non_padding", optim="adamw_torch",
+                         max_length=t.max_length, completion_only_loss=True, packing=False)
+        trainer = SFTTrainer(model=model, args=args, processing_class=tok, train_dataset=datasets.Dataset.from_list(rows),
+                             peft_config=LoraConfig(r=pe.r, lora_alpha=pe.alpha, lora_dropout=pe.dropout,
+                                                    target_modules=pe.target_modules or "all-linear",
+                                                    task_type="CAUSAL_LM"))
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        trainer.train()
+        seconds, cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
+    tokens = int(trainer.state.num_input_tokens_seen)
+    return {"train_tokens": tokens, "train_seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1),
+            "train_cpu_seconds": round(cpu_s, 2), "tokens_per_cpu_s": round(tokens / cpu_s, 1),
+            "peak_rss_mb": round(peak_rss_mb(), 1)}
+
+
+# -- reporting ------------------------------------------------------------------------------------------------
+def machine() -> dict:
+    import torch
+
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "torch": torch.__version__, "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags,
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def show(label: str, r: dict) -> None:
+    print(f"{label:8s} trainable {r['trainable_params']:>11,}  {r['tokens_per_s']:>8.1f} tok/s  "
+          f"peak RSS {r['peak_rss_mb']:>7.0f} MB  eval loss {r['eval_loss_before']:.4f} -> {r['eval_loss']:.4f}",
+          flush=True)
+
+
+def save(path: Path, results: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2))
+
+
+def markdown(results: dict, a) -> str:
+    from alignment.peft_methods import METHODS as INFO
+
+    prof = PROFILES[a.profile]
+    cmd = "OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 .venv/bin/python bench/sft_methods.py --profile " + a.profile
+    if a.lock:
+        cmd += f" --lock {a.lock}"
+    mach = results["machine"]
+    lines = [f"Command: `{cmd}`  ",
+             f"Measured {mach['date']}: {mach['cpu_count']} CPU cores shared with other jobs, torch {mach['torch']} "
+             f"({mach['torch_threads']} threads), avx512_bf16={mach['avx512_bf16']}. Budget per method: "
+             f"{prof['steps']} steps x {prof['batch']} examples (the same rows), eval on {prof['eval']} held-out rows. "
+             "tokens/s: non-padding input tokens over `trainer.train()` wall time.", "",
+             "| method | family | lr | trainable params | % of total | train tokens | tokens/s | peak RSS MB "
+             "| eval loss before | eval loss after |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for label, r in results.get("methods", {}).items():
+        fam = INFO[r["method"]].family
+        lines.append(f"| {label} | {fam} | {r['lr']:g} | {r['trainable_params']:,} | "
+                     f"{100 * r['trainable_params'] / r['total_params']:.3f} | {r['train_tokens']:,} | "
+                     f"{r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} | {r['eval_loss_before']:.4f} | "
+                     f"{r['eval_loss']:.4f} |")
+    if "overhead" in results:
+        o = results["overhead"]
+        lines += ["", f"**Stage vs plain `trl.SFTTrainer`** (LoRA, same rows and settings, {o['steps']} steps, "
+                      f"{len(o['stage_tokens_per_s'])} alternating pairs, tokens per run {o['tokens']}). "
+                      f"Tokens per CPU-second of `trainer.train()` (robust to other jobs taking the cores): stage "
+                      f"{o['stage_tokens_per_cpu_s']}, plain {o['plain_trl_tokens_per_cpu_s']}: ratio of medians "
+                      f"**{o['ratio_cpu']:.3f}** (overhead {100 * (1 - o['ratio_cpu']):.1f}%). Wall-clock tokens/s: "
+                      f"stage {o['stage_tokens_per_s']}, plain {o['plain_trl_tokens_per_s']}: ratio of medians "
+                      f"{o['ratio_wall']:.3f}. Whole-process wall time: stage {o['stage_wall_s']} s (adds eval "
+                      f"before/after, hashing, publishing), plain {o['plain_wall_s']} s."]
+    if "precision" in results:
+        p32, p16 = results["precision"]["fp32"], results["precision"]["bf16"]
+        lines += ["", f"bf16 vs fp32 (LoRA, this CPU): fp32 {p32['tokens_per_s']:.0f} tokens/s, peak RSS "
+                      f"{p32['peak_rss_mb']:.0f} MB, eval loss {p32['eval_loss']:.4f}; bf16 "
+                      f"{p16['tokens_per_s']:.0f} tokens/s, peak RSS {p16['peak_rss_mb']:.0f} MB, eval loss "
+                      f"{p16['eval_loss']:.4f}: bf16/fp32 throughput **{p16['tokens_per_s'] / p32['tokens_per_s']:.2f}x**."]
+    lines += ["", f"![SFT methods on {a.profile}](sft_methods_{a.profile}.png)"]
+    return "\n".join(lines)
+
+
+def write_doc(profile: str, table: str) -> None:
+    doc = REPO / "docs" / "sft_methods.md"
+    text = doc.read_text()
+    begin, end = f"<!-- bench:{profile}:begin -->", f"<!-- bench:{profile}:end -->"
+    if begin not in text or end not in text:
+        print(f"{doc}: no {begin} ... {end} block; table not written", file=sys.stderr)
+        return
+    head, rest = text.split(begin, 1)
+    doc.write_text(head + begin + "\n" + table + "\n" + end + rest.split(end, 1)[1])
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results.get("methods", {})
+    if not rows:
+        return
+    labels = list(rows)
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    panels = [("trainable_params", "trainable parameters (log)", True), ("tokens_per_s", "train tokens / s", False),
+              ("peak_rss_mb", "peak RSS (MB)", False), ("eval_loss", "eval loss (bar: after, dot: before)", False)]
+    for ax, (key, title, log) in zip(axes.flat, panels):
+        ax.bar(labels, [rows[m][key] for m in labels], color="tab:blue")
+        if key == "eval_loss":
+            ax.scatter(labels, [rows[m]["eval_loss_before"] for m in labels], color="black", zorder=3, s=12)
+            lo = min(min(rows[m]["eval_loss"], rows[m]["eval_loss_before"]) for m in labels)
+            hi = max(max(rows[m]["eval_loss"], rows[m]["eval_loss_before"]) for m in labels)
+            ax.set_ylim(lo - 0.1 * (hi - lo + 1e-3), hi + 0.1 * (hi - lo + 1e-3))
+        ax.set_title(title)
+        ax.set_yscale("log" if log else "linear")
+        ax.tick_params(axis="x", rotation=45)
+    fig.suptitle(f"SFT methods, {results['profile']}: same rows, same steps ({results['machine']['date']})")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

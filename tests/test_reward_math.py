@@ -1,0 +1,125 @@
+"""Reward-model losses and quality-gate metrics against hand-worked numbers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from alignment.reward import (bradley_terry_loss, centering_penalty, expected_calibration_error, gate_failures,
+                              gate_metrics, mean_margin, mean_std, pairwise_accuracy, pearson, reward_loss,
+                              soft_label_loss)
+
+# -log σ(1) = log(1 + e^-1) = 0.3132617; -log σ(-1) = log(1 + e) = 1.3132617; -log σ(0.5) = 0.4740770
+NLS_1, NLS_M1, NLS_HALF = 0.3132616875, 1.3132616875, 0.4740769842
+
+
+def t(*xs):
+    return torch.tensor(xs, dtype=torch.float64)
+
+
+def test_bradley_terry_hand_numbers():
+    # d = r_c - r_r = [1, -1] -> mean(0.3132617, 1.3132617)
+    assert bradley_terry_loss(t(2.0, 0.0), t(1.0, 1.0)).item() == pytest.approx((NLS_1 + NLS_M1) / 2, abs=1e-9)
+
+
+def test_bradley_terry_with_margin_hand_numbers():
+    # d - m = [1 - 0.5, -1 - 0] = [0.5, -1] -> mean(0.4740770, 1.3132617) = 0.8936693
+    loss = bradley_terry_loss(t(2.0, 0.0), t(1.0, 1.0), margin=t(0.5, 0.0))
+    assert loss.item() == pytest.approx(0.8936693358, abs=1e-9)
+    # A margin asks for a larger gap, so the same rewards cost more.
+    assert loss.item() > bradley_terry_loss(t(2.0, 0.0), t(1.0, 1.0)).item()
+
+
+def test_soft_label_loss_hand_numbers():
+    # p = 0.8, d = 1: 0.8 * 0.3132617 + 0.2 * 1.3132617 = 0.5132617
+    assert soft_label_loss(t(1.0), t(0.0), t(0.8)).item() == pytest.approx(0.5132616875, abs=1e-9)
+    # p = 0.5, d = 0: -[0.5 log 0.5 + 0.5 log 0.5] = log 2
+    assert soft_label_loss(t(3.0), t(3.0), t(0.5)).item() == pytest.approx(math.log(2), abs=1e-12)
+    # p = 0.2 on d = -1 mirrors p = 0.8 on d = 1.
+    assert soft_label_loss(t(0.0), t(1.0), t(0.2)).item() == pytest.approx(0.5132616875, abs=1e-9)
+
+
+def test_soft_label_with_p_one_is_bradley_terry():
+    rc, rr = t(0.3, -1.2, 2.0), t(0.1, 0.4, -0.5)
+    assert soft_label_loss(rc, rr, t(1.0, 1.0, 1.0)).item() == pytest.approx(bradley_terry_loss(rc, rr).item())
+
+
+def test_soft_label_loss_is_stable_for_large_gaps():
+    loss = soft_label_loss(t(200.0), t(-200.0), t(0.9))
+    # -(0.9 * log σ(400) + 0.1 * log σ(-400)) = 0.1 * 400 (plus ~e^-400)
+    assert loss.item() == pytest.approx(40.0)
+
+
+def test_soft_label_gradient_pushes_towards_p():
+    # With p = 0.8, the loss is minimised at σ(d) = 0.8, i.e. d = log 4.
+    d = torch.tensor([0.0], requires_grad=True)
+    soft_label_loss(d, torch.zeros(1), t(0.8).float()).backward()
+    assert d.grad.item() == pytest.approx(-(0.8 - 0.5))  # dL/dd = σ(d) - p
+    d_opt = torch.tensor([math.log(4.0)], requires_grad=True)
+    soft_label_loss(d_opt, torch.zeros(1), t(0.8).float()).backward()
+    assert d_opt.grad.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_centering_and_dispatch():
+    # (2 + 1)^2 = 9, (0 + 1)^2 = 1 -> mean 5 -> 0.01 * 5
+    assert centering_penalty(t(2.0, 0.0), t(1.0, 1.0), 0.01).item() == pytest.approx(0.05)
+    rc, rr = t(2.0, 0.0), t(1.0, 1.0)
+    assert reward_loss(rc, rr).item() == pytest.approx((NLS_1 + NLS_M1) / 2)
+    assert reward_loss(rc, rr, center_coef=0.01).item() == pytest.approx((NLS_1 + NLS_M1) / 2 + 0.05)
+    assert reward_loss(rc, rr, margin=t(0.5, 0.0)).item() == pytest.approx(0.8936693358)
+    # Soft labels win over a margin: the margin is ignored.
+    soft = reward_loss(t(1.0), t(0.0), p_chosen=t(0.8), margin=t(5.0))
+    assert soft.item() == pytest.approx(0.5132616875)
+
+
+def test_accuracy_and_margin():
+    rc, rr = [2.0, 0.0, 1.0, 3.0], [1.0, 1.0, 1.0, -1.0]
+    assert pairwise_accuracy(rc, rr) == 0.5  # the tie (1.0 vs 1.0) counts as wrong
+    assert mean_margin(rc, rr) == pytest.approx((1 - 1 + 0 + 4) / 4)
+
+
+def test_ece_hand_numbers():
+    # d = ln 3 -> σ = 0.75 (right); d = -ln 3 -> σ = 0.25, confidence 0.75 for "rejected" (wrong);
+    # d = ln 19 -> σ = 0.95 (right, twice). 5 bins of width 0.1 over [0.5, 1]:
+    #   bin [0.7, 0.8): conf 0.75, acc 0.5 -> |0.5 - 0.75| = 0.25, weight 2/4
+    #   bin [0.9, 1.0]: conf 0.95, acc 1.0 -> 0.05, weight 2/4
+    # ECE = 0.5 * 0.25 + 0.5 * 0.05 = 0.15
+    rc = [math.log(3), -math.log(3), math.log(19), math.log(19)]
+    rr = [0.0, 0.0, 0.0, 0.0]
+    assert expected_calibration_error(rc, rr, n_bins=5) == pytest.approx(0.15)
+    # One bin: |mean acc 0.75 - mean conf 0.85| = 0.10
+    assert expected_calibration_error(rc, rr, n_bins=1) == pytest.approx(0.10)
+
+
+def test_ece_of_a_perfectly_confident_correct_rm_is_zero():
+    assert expected_calibration_error([100.0, 80.0], [0.0, 0.0]) == pytest.approx(0.0, abs=1e-12)
+    # ... and of an equally confident wrong one is 1
+    assert expected_calibration_error([0.0, 0.0], [100.0, 80.0]) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_pearson_hand_numbers():
+    # x - 2.5 = [-1.5, -.5, .5, 1.5]; y - 5 = [-3, -1, 0, 4]; Sxy = 11, Sxx = 5, Syy = 26
+    assert pearson([1, 2, 3, 4], [2, 4, 5, 9]) == pytest.approx(11 / math.sqrt(130))
+    assert pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert pearson([1, 1, 1], [1, 2, 3]) == 0.0
+
+
+def test_gate_metrics_pool_chosen_and_rejected_for_length_corr():
+    m = gate_metrics([3.0, 4.0], [1.0, 2.0], [30, 40], [10, 20])
+    # rewards [3, 4, 1, 2] against lengths [30, 40, 10, 20]: exactly linear
+    assert m["length_corr"] == pytest.approx(1.0)
+    assert m["accuracy"] == 1.0 and m["mean_margin"] == pytest.approx(2.0)
+
+
+def test_gate_failures_name_each_threshold():
+    metrics = {"accuracy": 0.55, "length_corr": -0.7, "ece": 0.2, "mean_margin": 0.1}
+    fails = gate_failures(metrics, min_accuracy=0.6, max_length_corr=0.5, max_ece=None)
+    assert fails == ["accuracy 0.550 < min_accuracy 0.6", "|length_corr| 0.700 > max_length_corr 0.5"]
+    assert gate_failures(metrics, min_accuracy=0.5, max_length_corr=0.8, max_ece=0.1) == ["ece 0.200 > max_ece 0.1"]
+    assert gate_failures(metrics) == []
+
+
+def test_mean_std():
+    assert mean_std([1.0, 3.0]) == (2.0, 1.0)

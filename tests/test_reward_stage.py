@@ -1,0 +1,221 @@
+"""The reward stage through its real entry point on the tiny model: the published RM loads with
+AutoModelForSequenceClassification and ranks its training pairs, the manifest records base, lineage
+and gate metrics, soft labels reach the loss, and bad data / a failed quality gate fail loudly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from alignment.artifacts import ArtifactStore
+from alignment.cli import main
+from alignment.manifest import MANIFEST, Manifest, list_outputs
+
+CONFIG = "configs/tiny/reward.yaml"
+
+
+def _align(*args) -> int:
+    return main([str(a) for a in args])
+
+
+def _copy_store(tiny_store, dest: Path) -> Path:
+    """A private artifact root holding the session's tiny base + sft (tests must not write into it)."""
+    root, run = tiny_store
+    shutil.copytree(root / run, dest / run)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def reward_store(tiny_store, tmp_path_factory) -> Path:
+    root = _copy_store(tiny_store, tmp_path_factory.mktemp("reward"))
+    assert _align("run", "reward", "-c", CONFIG, "--artifacts", root) == 0
+    return root
+
+
+def _train_pairs(n: int) -> list[dict]:
+    from alignment.preferences import load_pairs
+
+    return load_pairs("data/prefs/train.jsonl")[:n]
+
+
+def test_published_rm_loads_and_ranks_its_training_pairs(reward_store):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from alignment.reward import pairwise_accuracy, score_pairs
+
+    art = ArtifactStore(reward_store).read_stage("tiny", "reward")  # verifies every output's sha256
+    model = AutoModelForSequenceClassification.from_pretrained(art.model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(art.model_dir)
+    assert model.config.num_labels == 1
+    assert model.config.pad_token_id == tok.pad_token_id != tok.eos_token_id
+
+    pairs = _train_pairs(32)  # the pairs configs/tiny/reward.yaml trains on
+    scores = score_pairs(model, tok, pairs, batch_size=8)
+    accuracy = pairwise_accuracy(scores["chosen"], scores["rejected"])
+    assert accuracy >= 0.9, scores
+    assert accuracy == pytest.approx(art.manifest.metrics["train_accuracy"])
+
+    # Batched, padded scoring reads the same reward as one unpadded conversation at a time.
+    conv = pairs[0]["prompt"] + pairs[0]["chosen"]
+    ids = tok.apply_chat_template(conv, tokenize=True, return_dict=True, return_tensors="pt")
+    with torch.no_grad():
+        alone = model(**ids).logits.squeeze().item()
+    assert alone == pytest.approx(scores["chosen"][0], abs=1e-4)
+
+
+def test_manifest_records_base_lineage_inputs_and_gate_metrics(reward_store, tiny_store):
+    import torch
+
+    from alignment.policy import load_policy
+
+    store = ArtifactStore(reward_store)
+    rm, base, sft = (store.read_stage("tiny", s) for s in ("reward", "base", "sft"))
+    m = rm.manifest
+    assert m.status == "complete" and m.base_model == base.manifest.base_model
+    assert set(m.inputs) == {"base", "sft"}
+    assert m.lineage["parent"] == str(sft.path) and m.lineage["adapter"] is False and m.lineage["init"] == "sft"
+    for key in ("eval_accuracy", "eval_mean_margin", "eval_ece", "eval_length_corr", "eval_accuracy_before",
+                "reward_mean", "reward_std", "train_accuracy"):
+        assert isinstance(m.metrics[key], float), key
+    assert set(m.metrics["eval_accuracy_by_category"]) == {"max_words", "min_words", "keyword", "bullets",
+                                                           "lowercase", "end_with"}
+    assert m.metrics["gate_passed"] is True and m.metrics["gate_failures"] == []
+    assert m.metrics["loss_labels"] == "hard" and m.metrics["steps"] == 40
+    assert 0 < m.metrics["trainable_params"] < m.metrics["total_params"]
+    assert m.metrics["reward_std"] > 0
+
+    # The merged LoRA changed the transformer the RM was initialised from (base + SFT merged).
+    from transformers import AutoModelForSequenceClassification
+
+    trained = AutoModelForSequenceClassification.from_pretrained(rm.model_dir).model.state_dict()
+    init = load_policy(sft, "fp32").model.state_dict()
+    assert trained.keys() == init.keys()
+    assert any(not torch.equal(trained[k], init[k]) for k in init)
+
+
+def test_gate_failure_publishes_failed_gate_and_exits_nonzero(tiny_store, tmp_path, capsys):
+    root = _copy_store(tiny_store, tmp_path)
+    code = _align("run", "reward", "-c", CONFIG, "--artifacts", root, "train.lr=0", "train.max_steps=2",
+                  "gate.min_accuracy=1.01", "gate.max_length_corr=0.99")
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("align: error")]
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("align: error: reward: quality gate failed: accuracy ")
+    assert "< min_accuracy 1.01" in err[0] and "max_length_corr" not in err[0] and "failed_gate" in err[0]
+
+    art = ArtifactStore(root).read_stage("tiny", "reward")  # still published and intact
+    assert art.manifest.status == "failed_gate"
+    assert art.manifest.metrics["gate_passed"] is False
+    assert art.manifest.metrics["gate_failures"][0].endswith("< min_accuracy 1.01")
+    assert (art.model_dir / "model.safetensors").is_file()
+    # lr = 0: the RM is its random initial head, no better than before training.
+    assert art.manifest.metrics["eval_accuracy"] == art.manifest.metrics["eval_accuracy_before"]
+    # The same command again finds the artifact up to date, and still must not look successful.
+    code = _align("run", "reward", "-c", CONFIG, "--artifacts", root, "train.lr=0", "train.max_steps=2",
+                  "gate.min_accuracy=1.01", "gate.max_length_corr=0.99")
+    err = capsys.readouterr().err
+    assert code == 2 and "quality gate failed" in err
+
+
+def test_bad_pair_file_exits_2_naming_file_and_row(tiny_store, tmp_path, capsys):
+    root = _copy_store(tiny_store, tmp_path)
+    bad = tmp_path / "bad.jsonl"
+    good = {"prompt": "Say hi.", "chosen": "Hi!", "rejected": "No."}
+    bad.write_text(json.dumps(good) + "\n" + json.dumps({**good, "rejected": "Hi!"}) + "\n")
+    code = _align("run", "reward", "-c", CONFIG, "--artifacts", root, f"data.train={bad}")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1] == f"align: error: {bad}: row 2: chosen == rejected"
+    assert not (root / "tiny" / "reward").exists()
+
+
+def test_soft_labels_requested_but_missing_exit_2(tiny_store, tmp_path, capsys):
+    root = _copy_store(tiny_store, tmp_path)
+    code = _align("run", "reward", "-c", CONFIG, "--artifacts", root, "loss.labels=soft")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err == ["align: error: data/prefs/train.jsonl: row 1: loss.labels is 'soft' but the pair has no 'p_chosen'"]
+
+
+def test_only_the_label_artifact_can_be_named(capsys):
+    code = _align("run", "reward", "-c", CONFIG, "data.train=artifact:sft")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err == [f"align: error: {CONFIG} (command line): data.train: only 'artifact:label' names an artifact, "
+                   "got 'artifact:sft'"]
+
+
+def _fake_label_artifact(folder: Path, pairs: list[dict]) -> Path:
+    """What the RLAIF label stage publishes: `data/train.jsonl` of AI-labelled pairs, with a manifest."""
+    (folder / "data").mkdir(parents=True)
+    with (folder / "data" / "train.jsonl").open("w") as f:
+        for i, p in enumerate(pairs):
+            row = {k: p[k] for k in ("prompt", "chosen", "rejected")}
+            f.write(json.dumps({**row, "label_source": "ai", "p_chosen": 0.9 if i % 2 else 0.7}) + "\n")
+    manifest = Manifest(stage="label", run="fake", config={}, config_hash="0" * 64, outputs=list_outputs(folder))
+    (folder / MANIFEST).write_text(manifest.model_dump_json())
+    return folder
+
+
+def test_soft_labels_from_the_label_artifact_on_the_base(tiny_store, tmp_path):
+    root = _copy_store(tiny_store, tmp_path)
+    label = _fake_label_artifact(tmp_path / "label", _train_pairs(16))
+    code = _align("run", "reward", "-c", CONFIG, "--artifacts", root, "init=base", "data.train=artifact:label",
+                  f"inputs.label={label}", "train.max_steps=4")
+    assert code == 0
+    store = ArtifactStore(root)
+    m = store.read_stage("tiny", "reward").manifest
+    assert m.metrics["loss_labels"] == "soft" and m.metrics["train_pairs"] == 16
+    assert set(m.inputs) == {"base", "label"} and m.inputs["label"].path == str(label)
+    assert m.lineage["parent_stage"] == "base" and m.lineage["init"] == "base"
+    assert m.base_model == store.read_stage("tiny", "base").manifest.base_model
+
+
+def test_trainer_loss_is_the_soft_label_and_margin_loss(tiny_store, tmp_path):
+    """The trainer's loss on a real batch equals the pure functions on the rewards it computed."""
+    import torch
+    from trl import RewardConfig
+
+    from alignment.models import load_tokenizer
+    from alignment.policy import load_policy
+    from alignment.preferences import to_trl_dataset
+    from alignment.reward import (bradley_terry_loss, reward_model_from_policy, soft_label_loss,
+                                  soft_label_reward_trainer)
+
+    root, run = tiny_store
+    base = ArtifactStore(root).read_stage(run, "base")
+    tok = load_tokenizer(base.model_dir)
+    pairs = [{**p, "p_chosen": 0.75, "margin": 2.0} for p in _train_pairs(4)]
+    for columns, expected in ((["margin"], "soft"), (["p_chosen"], "margin")):
+        model = reward_model_from_policy(load_policy(base, "fp32"), tok.pad_token_id)
+        args = RewardConfig(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], max_length=256,
+                            center_rewards_coefficient=0.01)
+        ds = to_trl_dataset(pairs).remove_columns(columns)
+        trainer = soft_label_reward_trainer()(model=model, args=args, processing_class=tok, train_dataset=ds)
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+        loss, outputs = trainer.compute_loss(trainer.model, dict(batch), return_outputs=True)
+        rc, rr = torch.chunk(outputs.logits.squeeze(-1).detach(), 2)
+        center = 0.01 * ((rc + rr) ** 2).mean()
+        if expected == "soft":
+            want = soft_label_loss(rc, rr, torch.full((4,), 0.75)) + center
+        else:
+            want = bradley_terry_loss(rc, rr, torch.full((4,), 2.0)) + center
+        assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_ia3_rm_is_merged_and_soft_prompts_are_refused(tiny_store, tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification
+
+    root = _copy_store(tiny_store, tmp_path)
+    code = _align("run", "reward", "-c", CONFIG, "--artifacts", root, "peft.method=prefix")
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("align: error")]
+    assert code == 2 and len(err) == 1 and "peft.method: the reward stage trains lora, ia3, full" in err[0]
+
+    assert _align("run", "reward", "-c", CONFIG, "--artifacts", root, "peft.method=ia3", "train.max_steps=2") == 0
+    art = ArtifactStore(root).read_stage("tiny", "reward")
+    assert art.manifest.lineage["method"] == "ia3" and art.manifest.lineage["merged"] is True
+    assert not (art.model_dir / "adapter_config.json").exists()
+    assert AutoModelForSequenceClassification.from_pretrained(art.model_dir).config.num_labels == 1
