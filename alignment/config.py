@@ -18,8 +18,16 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from alignment.errors import ConfigError
 
-# Keys never written to logs, manifests or trackers; values are replaced wholesale.
-SECRET_MARKERS = ("api_key", "token", "secret", "password")
+# Keys never written to logs, manifests or trackers; values are replaced wholesale. Matched as
+# whole names or `_`-suffixes, so `openai_api_key` is secret but `max_new_tokens`, `pad_token` are not.
+SECRET_NAMES = ("token", "api_key", "apikey", "secret", "password")
+SECRET_SUFFIXES = ("_api_key", "_apikey", "_secret", "_password", "hf_token", "access_token", "auth_token",
+                   "api_token")
+
+
+def is_secret_key(key: str) -> bool:
+    k = str(key).lower()
+    return k in SECRET_NAMES or k.endswith(SECRET_SUFFIXES)
 
 
 class Section(BaseModel):
@@ -150,7 +158,7 @@ def _suggest(loc: tuple, schema: type[BaseModel]) -> str:
 def redact(obj: Any) -> Any:
     """Replace secret-looking values so they never reach logs, manifests or trackers."""
     if isinstance(obj, dict):
-        return {k: ("***" if any(m in str(k).lower() for m in SECRET_MARKERS) and v else redact(v)) for k, v in obj.items()}
+        return {k: ("***" if is_secret_key(k) and v else redact(v)) for k, v in obj.items()}
     if isinstance(obj, list):
         return [redact(v) for v in obj]
     return obj

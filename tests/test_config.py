@@ -97,5 +97,7 @@ def test_hash_ignores_run_and_threads_but_not_hyperparameters():
 
 
 def test_secrets_are_redacted():
-    out = redact({"judge": {"api_key": "sk-123", "model": "m"}, "hf_token": "hf_x", "items": [{"password": "p"}]})
-    assert out == {"judge": {"api_key": "***", "model": "m"}, "hf_token": "***", "items": [{"password": "***"}]}
+    out = redact({"judge": {"api_key": "sk-123", "model": "m", "max_new_tokens": 64}, "hf_token": "hf_x",
+                  "items": [{"password": "p"}], "openai_api_key": "sk-9", "pad_token": "<pad>"})
+    assert out == {"judge": {"api_key": "***", "model": "m", "max_new_tokens": 64}, "hf_token": "***",
+                   "items": [{"password": "***"}], "openai_api_key": "***", "pad_token": "<pad>"}
