@@ -333,7 +333,7 @@ def _mean(t) -> float:
 def token_kl(policy_logits: "torch.Tensor", ref_logits: "torch.Tensor", mask: "torch.Tensor") -> "torch.Tensor":
     """Exact KL(pi(.|prefix) || pi_ref(.|prefix)) over the vocabulary at each masked position.
 
-    Returns (batch, seq) with zeros where mask is 0. Summing over a sequence sampled from pi
+    Logits are (..., seq, vocab), mask (..., seq); returns (..., seq) with zeros where mask is 0. Summing over a sequence sampled from pi
     gives an unbiased, low-variance estimate of the sequence-level KL (the Rao-Blackwellised
     form of the sampled log-ratio estimator: each step's KL is exact, only the prefix is sampled).
     """

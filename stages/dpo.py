@@ -217,7 +217,8 @@ def run(cfg: Config, ctx) -> None:
 
 def _last_train_log(trainer) -> dict:
     """TRL's last logged training metrics (rewards/margins, rewards/accuracies, loss, ...)."""
-    logs = [h for h in trainer.state.log_history if "rewards/margins" in h]
+    # The closing summary entry repeats some keys without `loss`; take the last real logging step.
+    logs = [h for h in trainer.state.log_history if "rewards/margins" in h and "loss" in h]
     return {k: v for k, v in logs[-1].items() if isinstance(v, (int, float))} if logs else {}
 
 
