@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 from typing import TYPE_CHECKING, Any
 
 from alignment import gold
+from alignment.config import Section
 from alignment.data import read_rows
 from alignment.errors import DataError
 
@@ -225,3 +227,39 @@ def to_trl_dataset(pairs: list[dict]) -> datasets.Dataset:
         if all(key in p for p in pairs):
             columns[key] = [float(p[key]) for p in pairs]
     return datasets.Dataset.from_dict(columns)
+
+
+class PrefData(Section):
+    """Where a stage's preference pairs come from (the config section `data:` of reward, DPO, PPO)."""
+
+    train: str = "data/prefs/train.jsonl"
+    """Preference pairs: JSONL/Parquet file or a `datasets` name/path."""
+    eval: str | None = "data/prefs/eval.jsonl"
+    """Held-out pairs for the metrics; None: split `eval_fraction` off the train pairs."""
+    train_split: str = "train"
+    eval_split: str = "test"
+    eval_fraction: float = 0.1
+    max_bad_fraction: float = 0.0
+    """Refuse to start when more than this fraction of pairs is malformed (0: any bad row is fatal)."""
+    max_train_pairs: int | None = None
+    max_eval_pairs: int | None = None
+
+    def problems(self, prefix: str = "data") -> list[tuple[str, str]]:
+        out = []
+        if not 0 <= self.max_bad_fraction < 1:
+            out.append((f"{prefix}.max_bad_fraction", "expected a fraction in [0, 1)"))
+        if self.eval is None and not 0 < self.eval_fraction < 1:
+            out.append((f"{prefix}.eval_fraction", "expected a fraction in (0, 1) when data.eval is null"))
+        return out
+
+
+def train_eval_pairs(data: PrefData, seed: int, train_source: str | None = None) -> tuple[list[dict], list[dict]]:
+    """Validated train and held-out pairs: the eval file, or a seeded split of the train pairs."""
+    train = load_pairs(train_source or data.train, data.train_split, data.max_bad_fraction)
+    if data.eval is not None:
+        held_out = load_pairs(data.eval, data.eval_split, data.max_bad_fraction)
+    else:
+        random.Random(seed).shuffle(train)
+        cut = max(1, int(len(train) * data.eval_fraction))
+        train, held_out = train[cut:], train[:cut]
+    return train[: data.max_train_pairs], held_out[: data.max_eval_pairs]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 
 from alignment.config import Section, StageConfig
@@ -32,7 +31,7 @@ from alignment.hardware import peak_rss_mb, resolve_precision
 from alignment.models import load_tokenizer
 from alignment.peft_methods import METHODS, SOFT_PROMPTS, describe, peft_config, select_trainable
 from alignment.policy import lineage_for, load_policy, require_mergeable
-from alignment.preferences import load_pairs, to_trl_dataset
+from alignment.preferences import PrefData, to_trl_dataset, train_eval_pairs
 from alignment.schema import PeftSpec, TrainSpec
 from alignment.training import param_counts, throughput, trainer_args
 
@@ -40,18 +39,7 @@ log = logging.getLogger("align")
 UPSTREAM = ("sft",)
 
 
-class PrefData(Section):
-    train: str = "data/prefs/train.jsonl"
-    """Preference pairs: JSONL/Parquet file or a `datasets` name/path (see alignment/preferences.py)."""
-    eval: str | None = "data/prefs/eval.jsonl"
-    """Held-out pairs for the metrics; None: split `eval_fraction` off the train pairs."""
-    train_split: str = "train"
-    eval_split: str = "test"
-    eval_fraction: float = 0.1
-    max_bad_fraction: float = 0.0
-    """Refuse to start when more than this fraction of pairs is malformed (0: any bad row is fatal)."""
-    max_train_examples: int | None = None
-    max_eval_examples: int | None = None
+class DPOData(PrefData):
     soft_labels: bool = False
     """Use each pair's `p_chosen` as the probability that chosen wins (cDPO); every pair needs one."""
 
@@ -77,7 +65,7 @@ class EvalSpec(Section):
 
 
 class Config(StageConfig):
-    data: PrefData = PrefData()
+    data: DPOData = DPOData()
     dpo: DPOSpec = DPOSpec()
     peft: PeftSpec = PeftSpec()
     train: TrainSpec = TrainSpec()
@@ -92,11 +80,7 @@ class Config(StageConfig):
     def problems(self):
         out = loss_problems(self.loss_types, self.dpo.loss_weights, self.dpo.label_smoothing,
                             self.data.soft_labels, self.dpo.beta)
-        if not 0 <= self.data.max_bad_fraction < 1:
-            out.append(("data.max_bad_fraction", "expected a fraction in [0, 1)"))
-        if self.data.eval is None and not 0 < self.data.eval_fraction < 1:
-            out.append(("data.eval_fraction", "with data.eval unset, expected a fraction in (0, 1)"))
-        out += self.peft.problems("peft")
+        out += self.data.problems("data") + self.peft.problems("peft")
         m = self.peft.method
         if m in SOFT_PROMPTS or m == "qlora":
             out.append(("peft.method", f"the dpo stage trains lora (use_dora/use_rslora), ia3, bitfit, freeze or "
@@ -113,20 +97,14 @@ class Config(StageConfig):
         return out
 
 
-def preference_pairs(data: PrefData, seed: int) -> tuple[list[dict], list[dict]]:
+def preference_pairs(data: DPOData, seed: int) -> tuple[list[dict], list[dict]]:
     """Train and held-out pairs, each validated (a bad row stops the stage naming file and row)."""
-    train = load_pairs(data.train, data.train_split, data.max_bad_fraction)
-    if data.eval:
-        evals = load_pairs(data.eval, data.eval_split, data.max_bad_fraction)
-    else:
-        random.Random(seed).shuffle(train)
-        n_eval = max(1, int(len(train) * data.eval_fraction))
-        train, evals = train[n_eval:], train[:n_eval]
+    train, evals = train_eval_pairs(data, seed)
     missing = next((p for p in train if "p_chosen" not in p), None)
     if data.soft_labels and missing is not None:  # held-out pairs are scored without labels: only train needs it
         raise DataError(f"{data.train}: row {missing['row']}: data.soft_labels is on but the pair has no "
                         "'p_chosen'; label every pair or set data.soft_labels: false")
-    return train[: data.max_train_examples], evals[: data.max_eval_examples]
+    return train, evals
 
 
 def build_trainer(cfg: Config, sft, train_pairs: list[dict], checkpoints_dir):

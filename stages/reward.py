@@ -26,7 +26,7 @@ from alignment.errors import DataError
 from alignment.hardware import peak_rss_mb, resolve_precision
 from alignment.models import load_tokenizer
 from alignment.policy import lineage_for, load_policy, require_mergeable
-from alignment.preferences import load_pairs, to_trl_dataset
+from alignment.preferences import PrefData, to_trl_dataset, train_eval_pairs
 from alignment.reward import (gate_failures, gate_metrics, mean_std, pairwise_accuracy, reward_model_from_policy,
                               score_pairs, soft_label_reward_trainer)
 from alignment.schema import PeftSpec, TrainSpec
@@ -39,18 +39,10 @@ LABEL_ARTIFACT = "artifact:label"
 """`data.train` value that reads the RLAIF `label` stage's output, `<label artifact>/data/train.jsonl`."""
 
 
-class PrefData(Section):
+class RewardData(PrefData):
     train: str = "data/prefs/train.jsonl"
     """JSONL/Parquet file, a `datasets` name/path, or `artifact:label` (the label stage's pairs)."""
-    eval: str | None = "data/prefs/eval.jsonl"
-    """Held-out pairs for the quality gate; None: split `eval_fraction` off the train pairs."""
-    train_split: str = "train"
-    eval_split: str = "test"
     eval_fraction: float = 0.2
-    max_bad_fraction: float = 0.0
-    """Refuse to start when more than this fraction of pairs is malformed (0: any bad row is fatal)."""
-    max_train_pairs: int | None = None
-    max_eval_pairs: int | None = None
 
 
 class LossSpec(Section):
@@ -76,7 +68,7 @@ class GateSpec(Section):
 class Config(StageConfig):
     init: Literal["sft", "base"] = "sft"
     """Start the RM from the SFT policy (base + SFT merged) or from the base model."""
-    data: PrefData = PrefData()
+    data: RewardData = RewardData()
     loss: LossSpec = LossSpec()
     peft: PeftSpec = PeftSpec()
     train: TrainSpec = TrainSpec()
@@ -90,11 +82,7 @@ class Config(StageConfig):
                 out.append((f"data.{key}", f"only '{LABEL_ARTIFACT}' names an artifact, got {value!r}"))
         if self.data.eval == LABEL_ARTIFACT:
             out.append(("data.eval", "held-out pairs must not come from the label artifact's train file"))
-        if not 0 <= self.data.max_bad_fraction < 1:
-            out.append(("data.max_bad_fraction", "expected a fraction in [0, 1)"))
-        if self.data.eval is None and not 0 < self.data.eval_fraction < 1:
-            out.append(("data.eval_fraction", "expected a fraction in (0, 1) when data.eval is null"))
-        out += self.peft.problems("peft")
+        out += self.data.problems("data") + self.peft.problems("peft")
         if self.peft.method not in PEFT_METHODS:
             out.append(("peft.method", f"the reward stage trains {', '.join(PEFT_METHODS)} (merged into one "
                                        f"sequence-classification model), not '{self.peft.method}'"))
@@ -111,16 +99,8 @@ def upstream(cfg: Config) -> tuple[str, ...]:
 def _load_data(cfg: Config, ctx) -> tuple[list[dict], list[dict], str]:
     d = cfg.data
     source = str(ctx.inputs["label"].path / "data" / "train.jsonl") if d.train == LABEL_ARTIFACT else d.train
-    train = load_pairs(source, d.train_split, d.max_bad_fraction)
-    if d.eval is not None:
-        held_out = load_pairs(d.eval, d.eval_split, d.max_bad_fraction)
-    else:
-        import random
-
-        random.Random(cfg.seed).shuffle(train)
-        cut = max(1, int(len(train) * d.eval_fraction))
-        train, held_out = train[cut:], train[:cut]
-    return train[:d.max_train_pairs], held_out[:d.max_eval_pairs], source
+    train, held_out = train_eval_pairs(d, cfg.seed, train_source=source)
+    return train, held_out, source
 
 
 def _labels(cfg: Config, pairs: list[dict], source: str) -> str:

@@ -127,7 +127,7 @@ def test_resume_after_sigkill(tiny, tmp_path):
     _, sft = tiny
     cmd = [sys.executable, "-m", "alignment.cli", "run", "dpo", "-c", TINY, f"inputs.sft={sft.path}",
            "--artifacts", str(tmp_path), "--run", "kill", "train.max_steps=40", "train.save_steps=3",
-           "train.logging_steps=1", "eval.kl_prompts=2", "data.max_eval_examples=4"]
+           "train.logging_steps=1", "eval.kl_prompts=2", "data.max_eval_pairs=4"]
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
     ckpts = tmp_path / "kill" / "dpo.partial" / "checkpoints"
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

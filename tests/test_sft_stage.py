@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from alignment.artifacts import ArtifactStore
 from alignment.cli import main
