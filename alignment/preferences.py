@@ -24,6 +24,7 @@ import random
 from typing import TYPE_CHECKING, Any
 
 from alignment import gold
+from alignment.chat import message_problems
 from alignment.config import Section
 from alignment.data import read_rows
 from alignment.errors import DataError
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ROLES = ("system", "user", "assistant")
 LABEL_SOURCES = ("human", "ai")
 OPTIONAL_FIELDS = ("id", "label_source", "p_chosen", "margin", "constraints", "category")
 MAX_LISTED_ROWS = 50
@@ -69,24 +69,9 @@ def _field_problems(key: str, value: Any) -> list[str]:
         return [] if value.strip() else [f"'{key}' is empty"]
     if not isinstance(value, list):
         return [f"'{key}' must be a string or a list of chat messages, got {type(value).__name__}"]
-    if not value:
-        return [f"'{key}' is an empty list"]
-    problems = [p for i, msg in enumerate(value) for p in _message_problems(f"{key}[{i}]", msg)]
-    if key != "prompt" and isinstance(value[-1], dict) and value[-1].get("role") != "assistant":
-        problems.append(f"'{key}' must end with an assistant turn, got role {value[-1].get('role')!r}")
-    return problems
-
-
-def _message_problems(where: str, msg: Any) -> list[str]:
-    """Problems with one chat message; `where` is e.g. ``chosen[1]``."""
-    if not isinstance(msg, dict):
-        return [f"'{where}' must be a message object, got {type(msg).__name__}"]
-    problems = []
-    if msg.get("role") not in ROLES:
-        problems.append(f"'{where}' role {msg.get('role')!r} is not one of {'/'.join(ROLES)}")
-    content = msg.get("content")
-    if not isinstance(content, str) or not content.strip():
-        problems.append(f"'{where}' content must be a non-empty string")
+    problems = message_problems(value, key)
+    if not problems and key != "prompt" and value[-1]["role"] != "assistant":
+        problems.append(f"'{key}' must end with an assistant turn, got role {value[-1]['role']!r}")
     return problems
 
 
