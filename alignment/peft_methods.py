@@ -141,12 +141,14 @@ def _load_with_zero_biases(model_dir, precision: str):
                            "so biases cannot be added in a form later stages reload; use another method"])
     for k in switches:
         setattr(config, k, True)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=torch_dtype(precision),
-                                                 use_safetensors=True)
-    # The checkpoint has no biases; zero makes the new model compute exactly what the base did.
+    model, info = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=torch_dtype(precision),
+                                                       use_safetensors=True, output_loading_info=True)
+    # Zero for the biases the checkpoint lacks, so the new model computes exactly what the base did; biases the
+    # checkpoint has (e.g. Qwen2's q/k/v) keep their trained values.
+    missing = set(info["missing_keys"])
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(".bias"):
+            if name in missing and name.endswith(".bias"):
                 p.zero_()
     return model
 

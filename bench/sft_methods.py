@@ -43,7 +43,7 @@ METHODS = {
     "prefix": (["peft.method=prefix"], 1e-2),
     "prompt": (["peft.method=prompt", "peft.prompt_init_text=Answer the question and follow every rule it sets."],
                3e-2),
-    "ptuning": (["peft.method=ptuning"], 1e-2),
+    "ptuning": (["peft.method=ptuning"], 1e-3),  # at 1e-2 its MLP encoder diverged within 6 steps on SmolLM2
     "bitfit": (["peft.method=bitfit", "peft.add_bias=true"], 1e-3),
     "freeze": (["peft.method=freeze", "peft.last_layers={last_layers}"], 1e-4),
     "full": (["peft.method=full"], 5e-5),
@@ -52,9 +52,9 @@ PROFILES = {
     # steps x batch examples, the same rows for every method; eval on the first eval rows.
     # overhead_steps: a longer timed loop for the stage-vs-TRL ratio (the tiny model's 8 steps take ~1 s).
     "tiny": {"config": "configs/tiny/sft.yaml", "steps": 8, "batch": 8, "eval": 16, "last_layers": 1,
-             "overhead_steps": 48, "repeats": 5},
+             "overhead_steps": 96, "repeats": 8, "precision_repeats": 3},
     "smollm2": {"config": "configs/smollm2/sft.yaml", "steps": 6, "batch": 4, "eval": 16, "last_layers": 3,
-                "overhead_steps": 8, "repeats": 3},
+                "overhead_steps": 8, "repeats": 4, "precision_repeats": 2},
 }
 
 
@@ -115,14 +115,17 @@ def main() -> int:
                                "stage_tokens_per_cpu_s": s_cpu, "plain_trl_tokens_per_cpu_s": p_cpu,
                                "ratio_wall": round(med(s_tps) / med(p_tps), 3),
                                "ratio_cpu": round(med(s_cpu) / med(p_cpu), 3),
-                               "stage_wall_s": [r["wall_s"] for r in ours], "plain_wall_s": [r["wall_s"] for r in plain],
                                "tokens": sorted({r["train_tokens"] for r in ours + plain})}
         save(out_json, results)
 
     if "precision" in sections:
-        results["precision"] = {p_: run_stage(a, root, f"{a.profile}-{p_}", budget + ["train.lr=5e-4",
-                                                                                       f"precision={p_}"])
-                                for p_ in ("fp32", "bf16")}
+        runs = {"fp32": [], "bf16": []}
+        for _ in range(prof["precision_repeats"]):  # alternating, medians
+            for p_ in runs:
+                runs[p_].append(run_stage(a, root, f"{a.profile}-{p_}", budget + ["train.lr=5e-4", f"precision={p_}"]))
+        results["precision"] = {p_: {**rs[0], **{k: statistics.median(r[k] for r in rs)
+                                                 for k in ("tokens_per_s", "tokens_per_cpu_s", "peak_rss_mb")},
+                                     "runs": len(rs)} for p_, rs in runs.items()}
         save(out_json, results)
 
     plot(results, REPO / "docs" / f"sft_methods_{a.profile}.png")
@@ -161,6 +164,7 @@ def run_stage(a, root: Path, run: str, overrides: list[str]) -> dict:
     shutil.rmtree(root / run, ignore_errors=True)  # full-weight artifacts of SmolLM2 are 0.5 GB each
     keys = ("trainable_params", "total_params", "tokens_per_s", "train_tokens", "train_seconds", "train_cpu_seconds",
             "peak_rss_mb", "eval_loss_before", "eval_loss", "steps", "method")
+    # wall_s includes any wait for --lock.
     return {**{k: m[k] for k in keys}, "wall_s": round(wall, 1),
             "tokens_per_cpu_s": round(m["train_tokens"] / m["train_cpu_seconds"], 1)}
 
@@ -212,10 +216,10 @@ def plain_trl(settings: dict) -> dict:
                          report_to=[], gradient_checkpointing=t.gradient_checkpointing, dataloader_num_workers=0,
                          include_num_input_tokens_seen="non_padding", optim="adamw_torch",
                          max_length=t.max_length, completion_only_loss=True, packing=False)
-        trainer = SFTTrainer(model=model, args=args, processing_class=tok, train_dataset=datasets.Dataset.from_list(rows),
-                             peft_config=LoraConfig(r=pe.r, lora_alpha=pe.alpha, lora_dropout=pe.dropout,
-                                                    target_modules=pe.target_modules or "all-linear",
-                                                    task_type="CAUSAL_LM"))
+        lora = LoraConfig(r=pe.r, lora_alpha=pe.alpha, lora_dropout=pe.dropout,
+                          target_modules=pe.target_modules or "all-linear", task_type="CAUSAL_LM")
+        trainer = SFTTrainer(model=model, args=args, processing_class=tok,
+                             train_dataset=datasets.Dataset.from_list(rows), peft_config=lora)
         t0, cpu0 = time.perf_counter(), time.process_time()
         trainer.train()
         seconds, cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
@@ -258,15 +262,17 @@ def markdown(results: dict, a) -> str:
              f"Measured {mach['date']}: {mach['cpu_count']} CPU cores shared with other jobs, torch {mach['torch']} "
              f"({mach['torch_threads']} threads), avx512_bf16={mach['avx512_bf16']}. Budget per method: "
              f"{prof['steps']} steps x {prof['batch']} examples (the same rows), eval on {prof['eval']} held-out rows. "
-             "tokens/s: non-padding input tokens over `trainer.train()` wall time.", "",
-             "| method | family | lr | trainable params | % of total | train tokens | tokens/s | peak RSS MB "
-             "| eval loss before | eval loss after |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "tokens/s: non-padding input tokens over `trainer.train()` wall time; per CPU-s: over its process CPU "
+             "time (steadier when other jobs share the cores).", "",
+             "| method | family | lr | trainable params | % of total | train tokens | tokens/s | tokens/CPU-s "
+             "| peak RSS MB | eval loss before | eval loss after |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label, r in results.get("methods", {}).items():
         fam = INFO[r["method"]].family
         lines.append(f"| {label} | {fam} | {r['lr']:g} | {r['trainable_params']:,} | "
                      f"{100 * r['trainable_params'] / r['total_params']:.3f} | {r['train_tokens']:,} | "
-                     f"{r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} | {r['eval_loss_before']:.4f} | "
+                     f"{r['tokens_per_s']:.0f} | {r['tokens_per_cpu_s']:.0f} | {r['peak_rss_mb']:.0f} | "
+                     f"{r['eval_loss_before']:.4f} | "
                      f"{r['eval_loss']:.4f} |")
     if "overhead" in results:
         o = results["overhead"]
@@ -276,14 +282,16 @@ def markdown(results: dict, a) -> str:
                       f"{o['stage_tokens_per_cpu_s']}, plain {o['plain_trl_tokens_per_cpu_s']}: ratio of medians "
                       f"**{o['ratio_cpu']:.3f}** (overhead {100 * (1 - o['ratio_cpu']):.1f}%). Wall-clock tokens/s: "
                       f"stage {o['stage_tokens_per_s']}, plain {o['plain_trl_tokens_per_s']}: ratio of medians "
-                      f"{o['ratio_wall']:.3f}. Whole-process wall time: stage {o['stage_wall_s']} s (adds eval "
-                      f"before/after, hashing, publishing), plain {o['plain_wall_s']} s."]
+                      f"{o['ratio_wall']:.3f}."]
     if "precision" in results:
         p32, p16 = results["precision"]["fp32"], results["precision"]["bf16"]
-        lines += ["", f"bf16 vs fp32 (LoRA, this CPU): fp32 {p32['tokens_per_s']:.0f} tokens/s, peak RSS "
-                      f"{p32['peak_rss_mb']:.0f} MB, eval loss {p32['eval_loss']:.4f}; bf16 "
-                      f"{p16['tokens_per_s']:.0f} tokens/s, peak RSS {p16['peak_rss_mb']:.0f} MB, eval loss "
-                      f"{p16['eval_loss']:.4f}: bf16/fp32 throughput **{p16['tokens_per_s'] / p32['tokens_per_s']:.2f}x**."]
+        lines += ["", f"**bf16 vs fp32** (LoRA, this CPU, same budget, medians of {p32.get('runs', 1)} alternating "
+                      f"runs each): fp32 {p32['tokens_per_s']:.0f} tokens/s "
+                      f"({p32['tokens_per_cpu_s']:.0f} per CPU-s), peak RSS {p32['peak_rss_mb']:.0f} MB, eval loss "
+                      f"{p32['eval_loss']:.4f}; bf16 {p16['tokens_per_s']:.0f} tokens/s ({p16['tokens_per_cpu_s']:.0f} "
+                      f"per CPU-s), peak RSS {p16['peak_rss_mb']:.0f} MB, eval loss {p16['eval_loss']:.4f}: bf16/fp32 "
+                      f"throughput **{p16['tokens_per_cpu_s'] / p32['tokens_per_cpu_s']:.2f}x** per CPU-second "
+                      f"({p16['tokens_per_s'] / p32['tokens_per_s']:.2f}x wall)."]
     lines += ["", f"![SFT methods on {a.profile}](sft_methods_{a.profile}.png)"]
     return "\n".join(lines)
 
@@ -310,10 +318,13 @@ def plot(results: dict, path: Path) -> None:
         return
     labels = list(rows)
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
-    panels = [("trainable_params", "trainable parameters (log)", True), ("tokens_per_s", "train tokens / s", False),
+    panels = [("trainable_params", "trainable parameters (log)", True),
+              ("tokens_per_s", "train tokens / s (dark: wall, light: per CPU-second)", False),
               ("peak_rss_mb", "peak RSS (MB)", False), ("eval_loss", "eval loss (bar: after, dot: before)", False)]
     for ax, (key, title, log) in zip(axes.flat, panels):
         ax.bar(labels, [rows[m][key] for m in labels], color="tab:blue")
+        if key == "tokens_per_s":
+            ax.bar(labels, [rows[m]["tokens_per_cpu_s"] for m in labels], color="tab:cyan", width=0.4)
         if key == "eval_loss":
             ax.scatter(labels, [rows[m]["eval_loss_before"] for m in labels], color="black", zorder=3, s=12)
             lo = min(min(rows[m]["eval_loss"], rows[m]["eval_loss_before"]) for m in labels)
