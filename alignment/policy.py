@@ -85,7 +85,9 @@ def load_policy(art: Artifact, precision: str, *, trust_remote_code: bool = Fals
         if adapter_type(adapter) in SOFT_PROMPT_PEFT_TYPES:
             return model.eval()
         model = model.merge_and_unload()
-    return model
+    # peft loads adapters for inference and freezes every weight; once merged, the policy should
+    # behave like any freshly loaded model, so a full/freeze stage on top trains what it selects.
+    return model.requires_grad_(True)
 
 
 def lineage_for(parent: Artifact, *, adapter: bool, **extra) -> dict:

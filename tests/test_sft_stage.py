@@ -58,6 +58,7 @@ def test_published_adapter_loads_back_for_generation(tiny_store):
     merged_differs = any(not torch.equal(a, b) for a, b in zip(
         model.state_dict().values(), load_policy(ArtifactStore(root).read_stage(run, "base"), "fp32").state_dict().values()))
     assert merged_differs
+    assert all(p.requires_grad for p in model.parameters())  # merged policy is trainable like a fresh load
 
 
 def test_up_to_date_stage_is_skipped_and_force_keeps_the_old(tiny_store, tmp_path, caplog):
