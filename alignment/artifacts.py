@@ -101,7 +101,7 @@ class ArtifactStore:
     def exists(self, run: str, stage: str) -> bool:
         return (self.stage_dir(run, stage) / MANIFEST).is_file()
 
-    def read(self, path: Path, *, verify: bool = True, needed_by: str = "") -> Artifact:
+    def read(self, path: Path, *, verify: bool = True) -> Artifact:
         """Load a published artifact; with verify, check every output's size and sha256."""
         mpath = Path(path) / MANIFEST
         if not mpath.is_file():

@@ -41,7 +41,6 @@ class StageContext:
     base_model: BaseModelId | None = None
     lineage: dict = field(default_factory=dict)
     status: str = "complete"
-    force: bool = False
 
     @property
     def checkpoints_dir(self) -> Path:
@@ -82,7 +81,7 @@ def resolve_inputs(store: ArtifactStore, run: str, stage: str, cfg: StageConfig,
     inputs = {}
     for up in names:
         if up in cfg.inputs:
-            inputs[up] = store.read(Path(cfg.inputs[up]), needed_by=stage)
+            inputs[up] = store.read(Path(cfg.inputs[up]))
             if inputs[up].stage != up:
                 raise ArtifactError(f"inputs.{up}: {cfg.inputs[up]} is a '{inputs[up].stage}' artifact, not '{up}'")
         else:
@@ -123,10 +122,11 @@ def run_stage(stage: str, config_path: str, overrides: list[str] = (), *, root=N
         chash = config_hash(cfg)
         input_hashes = {k: a.manifest_sha256 for k, a in inputs.items()}
         final = store.stage_dir(run, stage)
-        if final.exists() and not force and _up_to_date(store, final, chash, input_hashes):
-            _raise_if_failed_gate(store.read(final, verify=False).manifest, final)
+        current = None if force or not final.exists() else _up_to_date(store, final, chash, input_hashes)
+        if current is not None:
+            _raise_if_failed_gate(current.manifest, final)
             return final
-        ctx = _prepare_partial(store, run, stage, chash, input_hashes, inputs, base, force)
+        ctx = _prepare_partial(store, run, stage, chash, input_hashes, inputs, base)
         log.info("[%s] run '%s', config %s (%s)\n%s", stage, run, chash[:12], config_path,
                  json.dumps(config_dict(cfg), indent=2))
         started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -144,22 +144,22 @@ def _raise_if_failed_gate(manifest: Manifest, final: Path) -> None:
                          f"(artifact kept at {final}, status failed_gate); change the config or re-run with --force")
 
 
-def _up_to_date(store, final: Path, chash: str, input_hashes: dict) -> bool:
+def _up_to_date(store, final: Path, chash: str, input_hashes: dict) -> Artifact | None:
+    """The published artifact when its config and inputs match this run's, else None (re-run)."""
     try:
-        old = store.read(final, verify=False).manifest
+        old = store.read(final, verify=False)
     except ArtifactError:
-        return False
-    current = old.config_hash == chash and {k: v.manifest_sha256 for k, v in old.inputs.items()} == input_hashes
-    if current:
-        mhash = store.read(final, verify=False).manifest_sha256
-        note = "" if old.status == "complete" else f" [status: {old.status}]"
-        log.info("%s: up to date (manifest %s), skipping%s", old.stage, mhash[:12], note)
-    else:
-        log.info("%s: config or inputs changed since %s; re-running", old.stage, old.finished_at)
-    return current
+        return None
+    m = old.manifest
+    if m.config_hash != chash or {k: v.manifest_sha256 for k, v in m.inputs.items()} != input_hashes:
+        log.info("%s: config or inputs changed since %s; re-running", m.stage, m.finished_at)
+        return None
+    note = "" if m.status == "complete" else f" [status: {m.status}]"
+    log.info("%s: up to date (manifest %s), skipping%s", m.stage, old.manifest_sha256[:12], note)
+    return old
 
 
-def _prepare_partial(store, run, stage, chash, input_hashes, inputs, base, force) -> StageContext:
+def _prepare_partial(store, run, stage, chash, input_hashes, inputs, base) -> StageContext:
     """Resume the partial folder when it was started with the same config and inputs, else set it aside."""
     partial = store.partial_dir(run, stage)
     state = {"config_hash": chash, "inputs": input_hashes}
@@ -175,7 +175,7 @@ def _prepare_partial(store, run, stage, chash, input_hashes, inputs, base, force
     partial.mkdir(parents=True, exist_ok=True)
     write_json(partial / "run_state.json", state)
     return StageContext(stage=stage, run=run, out_dir=partial, inputs=inputs, resume_from=resume,
-                        base_model=base, force=force)
+                        base_model=base)
 
 
 def _read_state(partial: Path) -> dict | None:
