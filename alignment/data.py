@@ -7,6 +7,7 @@ record indices for Parquet and `datasets`; every error names the source and the 
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 from typing import Iterator
 
@@ -60,3 +61,10 @@ def _read_datasets(source: str, split: str) -> Iterator[tuple[int, dict]]:
         raise DataError(f"{source}: cannot load dataset split '{split}': {e}") from None
     for i, row in enumerate(ds, start=1):
         yield i, dict(row)
+
+
+def seeded_split(rows: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, held_out): a seeded shuffle, then at least one row held out. Shuffles `rows` in place."""
+    random.Random(seed).shuffle(rows)
+    cut = max(1, int(len(rows) * fraction))
+    return rows[cut:], rows[:cut]

@@ -21,6 +21,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 
+from alignment.data import seeded_split
 from alignment.errors import DataError
 from alignment.schema import SFTData, SourceSpec
 from alignment.sft_data import load_examples
@@ -108,9 +109,7 @@ def realise_mixture(data: SFTData, seed: int) -> Mixture:
             continue
         if evals_ is None:
             # No eval file: a seeded split of the train rows (before any filter, so it does not depend on them).
-            random.Random(seed).shuffle(train)
-            n_eval = max(1, int(len(train) * data.eval_fraction))
-            train, evals_ = train[n_eval:], train[:n_eval]
+            train, evals_ = seeded_split(train, data.eval_fraction, seed)
         for ex in evals_:
             if ex["category"] in held_cats:
                 cat_evals[ex["category"]].append(ex)

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 from typing import TYPE_CHECKING, Any
 
 from alignment import gold
 from alignment.chat import message_problems
 from alignment.config import Section
-from alignment.data import read_rows
+from alignment.data import read_rows, seeded_split
 from alignment.errors import DataError
 
 if TYPE_CHECKING:
@@ -244,7 +243,5 @@ def train_eval_pairs(data: PrefData, seed: int, train_source: str | None = None)
     if data.eval is not None:
         held_out = load_pairs(data.eval, data.eval_split, data.max_bad_fraction)
     else:
-        random.Random(seed).shuffle(train)
-        cut = max(1, int(len(train) * data.eval_fraction))
-        train, held_out = train[cut:], train[:cut]
+        train, held_out = seeded_split(train, data.eval_fraction, seed)
     return train[: data.max_train_pairs], held_out[: data.max_eval_pairs]

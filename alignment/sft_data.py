@@ -59,10 +59,3 @@ def load_examples(source: str, split: str | None, max_bad_fraction: float) -> li
         log.warning("skipping %s", line)
     return good
 
-
-def train_eval_examples(data, seed: int) -> tuple[list[dict], list[dict]]:
-    """Train and eval examples per the data section (the realised mixture's train rows and main eval set)."""
-    from alignment.mixture import MAIN_EVAL, realise_mixture
-
-    mix = realise_mixture(data, seed)
-    return mix.train, mix.eval_groups[MAIN_EVAL]
