@@ -131,8 +131,8 @@ def run_stage(stage: str, config_path: str, overrides: list[str] = (), *, root=N
                  json.dumps(config_dict(cfg), indent=2))
         started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         module.run(cfg, ctx)
-        final = _publish(store, cfg, ctx, chash, inputs, started)
-        _raise_if_failed_gate(store.read(final, verify=False).manifest, final)
+        final, manifest = _publish(store, cfg, ctx, chash, inputs, started)
+        _raise_if_failed_gate(manifest, final)
         return final
 
 
@@ -193,7 +193,7 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
-def _publish(store, cfg, ctx: StageContext, chash, inputs, started) -> Path:
+def _publish(store, cfg, ctx: StageContext, chash, inputs, started) -> tuple[Path, Manifest]:
     remove_tree(ctx.checkpoints_dir)
     write_json(ctx.out_dir / "metrics.json", ctx.metrics)
     manifest = Manifest(
@@ -206,7 +206,7 @@ def _publish(store, cfg, ctx: StageContext, chash, inputs, started) -> Path:
     )
     final = store.publish(ctx.run, ctx.stage, manifest)
     log.info("[%s] published %s (status %s)", ctx.stage, final, ctx.status)
-    return final
+    return final, manifest
 
 
 def run_pipeline(path: str, *, root=None, run: str | None = None, force: bool = False) -> list[Path]:
