@@ -1,11 +1,11 @@
-"""Glue between our config sections and the HF/TRL trainers (arguments, PEFT, measurements)."""
+"""Glue between our config sections and the HF/TRL trainers (arguments and measurements)."""
 
 from __future__ import annotations
 
 import math
 
 from alignment.hardware import has_cuda, resolve_precision
-from alignment.schema import PeftSpec, TrainSpec
+from alignment.schema import TrainSpec
 
 
 def trainer_args(train: TrainSpec, *, out_dir, seed: int, precision: str, report_to: str) -> dict:
@@ -24,20 +24,6 @@ def trainer_args(train: TrainSpec, *, out_dir, seed: int, precision: str, report
         # Fused AdamW has no CPU bf16 kernel everywhere; plain AdamW is as fast at these sizes.
         optim="adamw_torch",
     )
-
-
-def lora_config(spec: PeftSpec, task_type: str = "CAUSAL_LM"):
-    """peft config from our section (LoRA with its DoRA/rsLoRA options, or any other peft adapter method),
-    or None for full fine-tuning. bitfit/freeze are not peft adapters: use `peft_methods.select_trainable`."""
-    from alignment.errors import ConfigError
-    from alignment.peft_methods import METHODS, peft_config
-
-    if spec.method == "full":
-        return None
-    if not METHODS[spec.method].adapter:
-        raise ConfigError([f"peft.method: '{spec.method}' is not a peft adapter; this stage supports lora "
-                           "(with use_dora/use_rslora), qlora, ia3, prefix, prompt, ptuning or full"])
-    return peft_config(spec, task_type)
 
 
 def param_counts(model) -> dict:

@@ -25,12 +25,13 @@ from alignment.config import Section, StageConfig
 from alignment.errors import DataError
 from alignment.hardware import peak_rss_mb, resolve_precision
 from alignment.models import load_tokenizer
+from alignment.peft_methods import peft_config
 from alignment.policy import lineage_for, load_policy, require_mergeable
 from alignment.preferences import PrefData, to_trl_dataset, train_eval_pairs
 from alignment.reward import (gate_failures, gate_metrics, mean_std, pairwise_accuracy, reward_model_from_policy,
                               score_pairs, soft_label_reward_trainer)
 from alignment.schema import PeftSpec, TrainSpec
-from alignment.training import lora_config, param_counts, throughput, trainer_args
+from alignment.training import param_counts, throughput, trainer_args
 
 log = logging.getLogger("align")
 PEFT_METHODS = ("lora", "ia3", "full")
@@ -156,7 +157,7 @@ def run(cfg: Config, ctx) -> None:
                                        precision=cfg.precision, report_to=cfg.report_to),
                         max_length=max_len, center_rewards_coefficient=cfg.loss.center_rewards_coefficient)
     trainer = soft_label_reward_trainer()(model=model, args=args, processing_class=tok, train_dataset=train_ds,
-                                          peft_config=lora_config(cfg.peft, task_type="SEQ_CLS"))
+                                          peft_config=peft_config(cfg.peft, "SEQ_CLS"))
     # RewardTrainer drops (does not truncate) pairs longer than max_length.
     kept = len(trainer.train_dataset)
     if kept == 0:
