@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 from alignment.hardware import has_cuda, resolve_precision
 from alignment.schema import TrainSpec
@@ -43,3 +45,20 @@ def perplexity(loss: float) -> float:
 def throughput(trainer, runtime_s: float) -> dict:
     tokens = int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)
     return {"train_tokens": tokens, "tokens_per_s": round(tokens / runtime_s, 1) if runtime_s > 0 else 0.0}
+
+
+def callbacks() -> list:
+    """Callbacks every stage's HF trainer gets: stop at a checkpoint when preemption is requested."""
+    from alignment import preemption
+
+    return [preemption.callback()]
+
+
+def save_log_history(trainer, out_dir) -> Path:
+    """The trainer's logged steps as `log_history.jsonl` (one JSON object per log line), for reports and
+    dashboards: the checkpoints that held `trainer_state.json` are deleted when the artifact is published."""
+    path = Path(out_dir) / "log_history.jsonl"
+    with path.open("w") as f:
+        for row in trainer.state.log_history:
+            f.write(json.dumps(row) + "\n")
+    return path

@@ -33,7 +33,7 @@ from alignment.peft_methods import METHODS, SOFT_PROMPTS, describe, peft_config,
 from alignment.policy import lineage_for, load_policy, require_mergeable
 from alignment.preferences import PrefData, to_trl_dataset, train_eval_pairs
 from alignment.schema import PeftSpec, TrainSpec
-from alignment.training import param_counts, throughput, trainer_args
+from alignment.training import callbacks, param_counts, save_log_history, throughput, trainer_args
 
 log = logging.getLogger("align")
 UPSTREAM = ("sft",)
@@ -127,7 +127,7 @@ def build_trainer(cfg: Config, sft, train_pairs: list[dict], checkpoints_dir):
                      precompute_ref_log_probs=cfg.dpo.precompute_ref_log_probs)
     trainer = dpo_trainer_class(cfg.data.soft_labels)(
         model=policy, ref_model=reference, args=args, processing_class=tok, peft_config=peft_config(cfg.peft),
-        train_dataset=to_trl_dataset(train_pairs))
+        train_dataset=to_trl_dataset(train_pairs), callbacks=callbacks())
     return trainer, tok
 
 
@@ -149,6 +149,7 @@ def run(cfg: Config, ctx) -> None:
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
     runtime = time.perf_counter() - t0
+    save_log_history(trainer, ctx.out_dir)
 
     # -- evaluate on held-out pairs: the SFT model (= the reference) against the DPO policy --------
     model = trainer.model

@@ -31,7 +31,7 @@ from alignment.preferences import PrefData, to_trl_dataset, train_eval_pairs
 from alignment.reward import (gate_failures, gate_metrics, mean_std, pairwise_accuracy, reward_model_from_policy,
                               score_pairs, soft_label_reward_trainer)
 from alignment.schema import PeftSpec, TrainSpec
-from alignment.training import param_counts, throughput, trainer_args
+from alignment.training import callbacks, param_counts, save_log_history, throughput, trainer_args
 
 log = logging.getLogger("align")
 PEFT_METHODS = ("lora", "ia3", "full")
@@ -157,7 +157,8 @@ def run(cfg: Config, ctx) -> None:
                                        precision=cfg.precision, report_to=cfg.report_to),
                         max_length=max_len, center_rewards_coefficient=cfg.loss.center_rewards_coefficient)
     trainer = soft_label_reward_trainer()(model=model, args=args, processing_class=tok, train_dataset=train_ds,
-                                          peft_config=peft_config(cfg.peft, "SEQ_CLS"))
+                                          peft_config=peft_config(cfg.peft, "SEQ_CLS"),
+                                          callbacks=callbacks())
     # RewardTrainer drops (does not truncate) pairs longer than max_length.
     kept = len(trainer.train_dataset)
     if kept == 0:
@@ -168,6 +169,7 @@ def run(cfg: Config, ctx) -> None:
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
     runtime = time.perf_counter() - t0
+    save_log_history(trainer, ctx.out_dir)
 
     # -- save ----------------------------------------------------------------------------------
     # Merged, so the artifact is one plain AutoModelForSequenceClassification folder.

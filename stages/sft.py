@@ -19,7 +19,7 @@ from alignment.packing import PackedCollator, isolate_documents, pack_examples, 
 from alignment.peft_methods import METHODS, SOFT_PROMPTS, describe, load_model, peft_config, select_trainable
 from alignment.policy import lineage_for
 from alignment.schema import PeftSpec, SFTData, TrainSpec
-from alignment.training import param_counts, perplexity, throughput, trainer_args
+from alignment.training import callbacks, param_counts, perplexity, save_log_history, throughput, trainer_args
 
 log = logging.getLogger("align")
 UPSTREAM = ("base",)
@@ -76,7 +76,8 @@ def run(cfg: Config, ctx) -> None:
                          peft_config=peft_config(cfg.peft, "CAUSAL_LM", tokenizer_path=base.model_dir),
                          train_dataset=datasets.Dataset.from_list(mix.train),
                          eval_dataset={g: datasets.Dataset.from_list(rows) for g, rows in mix.eval_groups.items()},
-                         data_collator=PackedCollator(tok.pad_token_id) if cfg.packing else None)
+                         data_collator=PackedCollator(tok.pad_token_id) if cfg.packing else None,
+                         callbacks=callbacks())
     if cfg.packing:
         # TRL has tokenised and truncated each example exactly as it does unpacked; now pack those.
         trainer.train_dataset = pack_examples(trainer.train_dataset, cfg.train.max_length)
@@ -92,6 +93,7 @@ def run(cfg: Config, ctx) -> None:
     t0, cpu0 = time.perf_counter(), time.process_time()
     result = trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
     runtime, cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
+    save_log_history(trainer, ctx.out_dir)
     after = trainer.evaluate(MAIN_EVAL)["eval_loss"]
     by_group = {g: trainer.evaluate(g)["eval_loss"] for g in groups}
     log.info("[sft] eval loss %.4f -> %.4f (perplexity %.2f -> %.2f)%s", before, after, perplexity(before),
