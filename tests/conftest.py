@@ -8,6 +8,8 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Dashboards cost ~0.7 s per stage; the tracking tests turn wandb on themselves.
+os.environ.setdefault("ALIGN_TRACKING", "none")
 
 from pathlib import Path  # noqa: E402
 

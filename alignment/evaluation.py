@@ -1,0 +1,113 @@
+"""Evaluation metrics as pure functions of plain lists (tested on hand-worked numbers).
+
+- Win rate from pairwise judge verdicts (AlpacaEval / MT-bench pairwise style). Each verdict is
+  P(policy better) in [0, 1], averaged over both presentation orders by the judge. A verdict above
+  0.5 + tie_band is a win, below 0.5 - tie_band a loss, otherwise a tie; the win rate counts a tie as half
+  a win, so 0.5 means "no better than the baseline". The soft win rate is the mean probability.
+- Position bias: the fraction of verdicts whose two orders picked different winners.
+- KL(policy || baseline) per prompt in nats, estimated on responses sampled from the policy
+  (`alignment.dpo.sampled_kl`): aggregated as the mean sequence KL and the KL per generated token.
+- Length statistics, gold pass rate, and percentile-bootstrap confidence intervals (Efron & Tibshirani,
+  1993) for any of these means; resampling prompts, so 1000 resamples of ~100 values cost milliseconds.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Callable, Sequence
+
+
+def win_counts(p_policy: Sequence[float], tie_band: float = 0.0) -> tuple[int, int, int]:
+    """(wins, ties, losses) of the policy from P(policy better) per prompt."""
+    wins = sum(p > 0.5 + tie_band for p in p_policy)
+    losses = sum(p < 0.5 - tie_band for p in p_policy)
+    return wins, len(p_policy) - wins - losses, losses
+
+
+def win_rate(p_policy: Sequence[float], tie_band: float = 0.0) -> float:
+    """(wins + ties / 2) / n: 0.5 means as good as the baseline."""
+    if not p_policy:
+        raise ValueError("win_rate needs at least one verdict")
+    wins, ties, _ = win_counts(p_policy, tie_band)
+    return (wins + 0.5 * ties) / len(p_policy)
+
+
+def p_policy_both_orders(p_ab: float, p_ba: float) -> float:
+    """P(policy better) from P(first-shown better) with the policy shown first (p_ab) and second (p_ba)."""
+    return 0.5 * (p_ab + (1.0 - p_ba))
+
+
+def win_summary(p_policy: Sequence[float], *, disagree: Sequence[bool] = (), parsed: Sequence[bool] = (),
+                tie_band: float = 0.0, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Everything the report shows about one policy-vs-baseline comparison."""
+    wins, ties, losses = win_counts(p_policy, tie_band)
+    n = len(p_policy)
+    lo, hi = bootstrap_ci([1.0 if p > 0.5 + tie_band else 0.0 if p < 0.5 - tie_band else 0.5 for p in p_policy],
+                          n_boot=n_boot, seed=seed)
+    return {
+        "win_rate": (wins + 0.5 * ties) / n, "win_rate_ci": [lo, hi], "soft_win_rate": sum(p_policy) / n,
+        "wins": wins, "ties": ties, "losses": losses, "n": n,
+        "position_disagreement": (sum(disagree) / len(disagree)) if disagree else None,
+        "unparsed": (len(parsed) - sum(parsed)) if parsed else 0,
+    }
+
+
+def bootstrap_ci(values: Sequence[float], *, stat: Callable[[Sequence[float]], float] | None = None,
+                 n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of `stat` (default: the mean) at level 1 - alpha."""
+    if not values:
+        raise ValueError("bootstrap_ci needs at least one value")
+    stat = stat or (lambda xs: sum(xs) / len(xs))
+    rng = random.Random(seed)
+    n = len(values)
+    stats = sorted(stat([values[rng.randrange(n)] for _ in range(n)]) for _ in range(n_boot))
+    lo = stats[max(0, int(math.floor(alpha / 2 * n_boot)))]
+    hi = stats[min(n_boot - 1, int(math.ceil((1 - alpha / 2) * n_boot)) - 1)]
+    return lo, hi
+
+
+def kl_summary(seq_kl: Sequence[float], n_tokens: int) -> dict:
+    """Mean KL per response (nats) and per generated token from per-response sequence KLs."""
+    if not seq_kl:
+        raise ValueError("kl_summary needs at least one response")
+    total = sum(seq_kl)
+    return {"kl_seq": total / len(seq_kl), "kl_per_token": total / max(n_tokens, 1), "kl_responses": len(seq_kl),
+            "kl_tokens": n_tokens}
+
+
+def mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolation quantile (numpy's default), q in [0, 1]."""
+    xs = sorted(values)
+    if not xs:
+        raise ValueError("quantile of nothing")
+    pos = q * (len(xs) - 1)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def length_stats(lengths: Sequence[int]) -> dict:
+    return {"mean": mean(lengths), "median": quantile(lengths, 0.5), "p90": quantile(lengths, 0.9),
+            "max": max(lengths), "min": min(lengths)}
+
+
+def distribution(values: Sequence[float]) -> dict:
+    """Mean, standard deviation (population) and bootstrap CI of the mean."""
+    m = mean(values)
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / len(values))
+    lo, hi = bootstrap_ci(values)
+    return {"mean": m, "std": sd, "mean_ci": [lo, hi], "n": len(values)}
+
+
+def constraint_gold(rows: list[dict], responses: list[str]) -> list[float | None]:
+    """The bundled gold metric: 1.0 when a response meets every constraint of its prompt, 0.0 when it misses
+    one, None for prompts without constraints (not counted). No stage trains on it (`alignment.gold`)."""
+    from alignment import gold
+
+    return [None if not row.get("constraints") else float(gold.passes(resp, row["constraints"]))
+            for row, resp in zip(rows, responses, strict=True)]

@@ -1,0 +1,153 @@
+"""Tracking: key namespacing, the replay of log_history, and real offline wandb runs read back from disk."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from alignment import tracking
+from alignment.cli import main
+
+FAKE_TOKEN = "sk-FAKE-token-0123456789"
+FAKE_ENV_VALUE = "sk-FAKE-judge-key-9876543210"
+
+
+def test_namespacing_and_flattening():
+    assert tracking.namespaced({"loss": 0.5, "eval_loss": 0.7, "rewards/margins": 0.1, "step": 3, "note": "x"}) == \
+        {"train/loss": 0.5, "eval/loss": 0.7, "rewards/margins": 0.1}
+    assert tracking.flatten({"eval": {"kl": 1.0, "bad": float("nan")}, "steps": 4, "list": [1]}, "dpo") == \
+        {"dpo/eval/kl": 1.0, "dpo/steps": 4}
+
+
+def test_mode_is_offline_without_a_key(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert tracking.wandb_mode() == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert tracking.wandb_mode() == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert tracking.wandb_mode() == "disabled"
+
+
+def test_tracking_key_defaults_and_stays_out_of_the_hash(monkeypatch):
+    from alignment.config import config_hash
+    from stages.dpo import Config
+
+    monkeypatch.setenv("ALIGN_TRACKING", "wandb")
+    a = Config(stage="dpo")
+    # Outside the runner a trainer reports nowhere; the runner's stage_run points it at the stage's run.
+    assert a.tracking == "wandb" and a.report_to == "none" and a._report_to_follows_tracking
+    b = Config(stage="dpo", tracking="none")
+    c = Config(stage="dpo", tracking="wandb", report_to="tensorboard")
+    assert c.report_to == "tensorboard" and not c._report_to_follows_tracking
+    assert config_hash(a) == config_hash(b) == config_hash(c)
+    monkeypatch.setenv("ALIGN_TRACKING", "none")
+    assert Config(stage="dpo").tracking == "none"
+
+
+class Recorder(tracking.Tracker):
+    def __init__(self, ctx):
+        super().__init__(None, ctx, Path("."))
+        self.calls = []
+
+    def _log(self, metrics, step):
+        self.calls.append(("log", metrics, step))
+
+    def _samples(self, rows):
+        self.calls.append(("samples", rows))
+
+    def _summary(self, values):
+        self.calls.append(("summary", values))
+
+
+def test_published_replays_log_history_only_when_nothing_was_logged_live(tmp_path):
+    (tmp_path / "log_history.jsonl").write_text(json.dumps({"loss": 1.0, "step": 2}) + "\n"
+                                                + json.dumps({"ppo/kl": 0.1, "objective/scores": 0.3, "step": 4}) + "\n")
+    (tmp_path / tracking.SAMPLES).write_text(json.dumps({"prompt": "p", "response": "r", "reward": 0.5}) + "\n")
+    ctx = SimpleNamespace(stage="ppo", run="r", metrics={"eval": {"reward": 0.4}})
+    rec = Recorder(ctx)
+    rec.published(tmp_path)
+    assert rec.calls == [("log", {"train/loss": 1.0}, 2), ("log", {"ppo/kl": 0.1, "objective/scores": 0.3}, 4),
+                         ("samples", [{"prompt": "p", "response": "r", "reward": 0.5}]),
+                         ("summary", {"ppo/eval/reward": 0.4})]
+    live = Recorder(ctx)
+    live.log({"ppo/kl": 0.2}, step=1)
+    live.published(tmp_path)
+    assert [c[0] for c in live.calls] == ["log", "samples", "summary"]
+
+
+@pytest.mark.slow
+def test_offline_wandb_runs_group_lineage_metrics_and_no_secrets(tiny_store, tmp_path, monkeypatch):
+    from alignment.judges import Judge, register_judge
+
+    class FirstIsBetter(Judge):  # pure position bias
+        name = "rule:first"
+
+        def first_better(self, prompts, first, second):
+            return [0.6] * len(first)
+
+    register_judge("first_test", lambda spec, inputs, precision: FirstIsBetter(spec))
+    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_DIR", "WANDB_PROJECT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("FAKE_JUDGE_KEY", FAKE_ENV_VALUE)
+    src, run = tiny_store
+    root = tmp_path / "store"
+    shutil.copytree(src, root)
+    shutil.rmtree(root / run / ".tracking", ignore_errors=True)  # only this test's runs
+    args = ["--artifacts", str(root), "--run", run, "tracking=wandb", f"inputs.hf_token={FAKE_TOKEN}"]
+    assert main(["run", "dpo", "-c", "configs/tiny/dpo.yaml", "train.max_steps=4", "train.logging_steps=1",
+                 "eval.kl_prompts=0", *args]) == 0
+    assert main(["run", "eval", "-c", "configs/tiny/eval.yaml", "reward=false", "judge.kind=first_test",
+                 "judge.api_key_env=FAKE_JUDGE_KEY", "max_prompts=4", "kl.prompts=2", *args]) == 0
+
+    files = sorted((root / run / ".tracking" / "wandb").glob("offline-run-*/run-*.wandb"))
+    runs = {r["job_type"]: r for r in map(tracking.read_offline_run, files)}
+    assert len(files) == 2 and set(runs) == {"dpo", "eval"}  # one run per stage: the HF trainer made none of its own
+    dpo, ev = runs["dpo"], runs["eval"]
+    assert dpo["group"] == ev["group"] == run and dpo["name"] == f"{run}/dpo"
+
+    # Resolved config, secrets redacted; HF's trainer logged live into the same run (one run per stage).
+    assert dpo["config"]["dpo"]["beta"] == 0.1 and dpo["config"]["inputs"] == {"hf_token": "***"}
+    assert ev["config"]["judge"]["api_key_env"] == "FAKE_JUDGE_KEY"
+    keys = {k for row in dpo["history"] for k in row}
+    assert {"train/loss", "train/rewards/margins", "train/global_step"} <= keys
+    assert dpo["summary"]["dpo/steps"] == 4 and "dpo/eval/rewards/margins" in dpo["summary"]
+    # The rule judge always prefers the first-shown response: both orders cancel to ties, all disagreeing.
+    assert ev["summary"]["eval/win_rate"] == 0.5 and ev["summary"]["eval/models/dpo/judge/position_disagreement"] == 1
+    assert "eval/models/dpo/kl/kl_seq" in ev["summary"]
+    table = next(row for row in ev["history"] if row.get("samples/_type") == "table-file")
+    assert table["samples/nrows"] == 4 * 2  # 4 prompts x (baseline + policy), from the artifact's samples.jsonl
+
+    # Lineage: each run logs its own artifact as a file:// reference and uses its inputs' artifacts, the
+    # same versions (digests) their producers logged: sft -> dpo -> eval.
+    produced = {a["name"]: a for r in runs.values() for a in r["artifacts"] if not a["used"] and a["type"] != "run_table"}
+    used = {(r["job_type"], a["name"]): a for r in runs.values() for a in r["artifacts"] if a["used"]}
+    assert set(produced) == {f"{run}-dpo", f"{run}-eval"}
+    assert f"file://{(root / run / 'dpo').resolve()}/manifest.json" in produced[f"{run}-dpo"]["refs"]
+    assert ("dpo", f"{run}-sft") in used and ("eval", f"{run}-sft") in used
+    assert used["eval", f"{run}-dpo"]["digest"] == produced[f"{run}-dpo"]["digest"]
+
+    # No secret anywhere in what wandb wrote.
+    for f in (root / run / ".tracking").rglob("*"):
+        if f.is_file():
+            data = f.read_bytes()
+            assert FAKE_TOKEN.encode() not in data and FAKE_ENV_VALUE.encode() not in data, f
+
+
+def _has_tensorboard() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+@pytest.mark.skipif(_has_tensorboard(), reason="tensorboard is installed: the stage would run")
+def test_tensorboard_without_the_package_is_a_clear_error(tmp_path, capsys):
+    code = main(["run", "base", "-c", "configs/tiny/base.yaml", "tracking=tensorboard", "--artifacts", str(tmp_path)])
+    assert code == 2
+    assert "tracking: tensorboard needs the tensorboard package (pip install tensorboard)" in capsys.readouterr().err
