@@ -154,7 +154,8 @@ class ArtifactStore:
     def runs(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        # Dot folders hold caches (judge verdicts) and bookkeeping, not runs.
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def _fsync_dir(path: Path) -> None:

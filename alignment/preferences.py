@@ -227,14 +227,36 @@ class PrefData(Section):
     """Refuse to start when more than this fraction of pairs is malformed (0: any bad row is fatal)."""
     max_train_pairs: int | None = None
     max_eval_pairs: int | None = None
+    from_stage: str | None = None
+    """Read the pairs from this upstream artifact instead (`label`: its pairs.jsonl and eval.jsonl); train/eval ignored."""
 
     def problems(self, prefix: str = "data") -> list[tuple[str, str]]:
         out = []
+        if self.from_stage not in (None, *PAIR_STAGES):
+            out.append((f"{prefix}.from_stage", f"expected one of {', '.join(PAIR_STAGES)} or null, got {self.from_stage!r}"))
         if not 0 <= self.max_bad_fraction < 1:
             out.append((f"{prefix}.max_bad_fraction", "expected a fraction in [0, 1)"))
         if self.eval is None and not 0 < self.eval_fraction < 1:
             out.append((f"{prefix}.eval_fraction", "expected a fraction in (0, 1) when data.eval is null"))
         return out
+
+
+PAIR_STAGES = ("label",)
+"""Stages whose artifact holds preference pairs: `pairs.jsonl` (train) and `eval.jsonl` (held-out)."""
+
+
+def stage_sources(data: PrefData, inputs: dict) -> PrefData:
+    """`data` with train/eval pointing into the `from_stage` artifact (unchanged when from_stage is unset).
+
+    An empty or missing eval.jsonl (the labeller had no held-out prompts) means: split eval_fraction off train.
+    """
+    if not data.from_stage:
+        return data
+    folder = inputs[data.from_stage].path
+    held_out = folder / "eval.jsonl"
+    has_eval = held_out.is_file() and held_out.stat().st_size > 0
+    return data.model_copy(update={"train": str(folder / "pairs.jsonl"), "eval": str(held_out) if has_eval else None,
+                                   "eval_fraction": data.eval_fraction if 0 < data.eval_fraction < 1 else 0.1})
 
 
 def train_eval_pairs(data: PrefData, seed: int, train_source: str | None = None) -> tuple[list[dict], list[dict]]:

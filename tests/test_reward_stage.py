@@ -149,9 +149,9 @@ def test_only_the_label_artifact_can_be_named(capsys):
 
 
 def _fake_label_artifact(folder: Path, pairs: list[dict]) -> Path:
-    """What the RLAIF label stage publishes: `data/train.jsonl` of AI-labelled pairs, with a manifest."""
-    (folder / "data").mkdir(parents=True)
-    with (folder / "data" / "train.jsonl").open("w") as f:
+    """What the RLAIF label stage publishes: `pairs.jsonl` of AI-labelled pairs, with a manifest."""
+    folder.mkdir(parents=True)
+    with (folder / "pairs.jsonl").open("w") as f:
         for i, p in enumerate(pairs):
             row = {k: p[k] for k in ("prompt", "chosen", "rejected")}
             f.write(json.dumps({**row, "label_source": "ai", "p_chosen": 0.9 if i % 2 else 0.7}) + "\n")

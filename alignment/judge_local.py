@@ -1,0 +1,165 @@
+"""In-process judges: a transformers causal LM (`local`) and a reward-model artifact (`reward_model`)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+from alignment.errors import ConfigError
+from alignment.judges import Judge, JudgeSpec, Template, Verdict, combine, spec_digest, two_way
+
+log = logging.getLogger("align")
+RUN_ARTIFACTS = ("sft", "base", "dpo", "ppo")
+"""`judge.model` values naming an artifact of the run being labelled (which must be an upstream of the stage)."""
+
+
+def judge_upstream(spec: JudgeSpec) -> tuple[str, ...]:
+    """The run's artifacts a judge reads: its `local` model named by stage, or the run's `reward` model."""
+    if spec.kind == "local" and (spec.model or "sft") in RUN_ARTIFACTS:
+        return (spec.model or "sft",)
+    if spec.kind == "reward_model" and not spec.reward_artifact:
+        return ("reward",)
+    return ()
+
+
+def _artifact(name_or_path: str, inputs: dict, what: str):
+    """An upstream artifact by stage name, or a published artifact folder by path."""
+    from alignment.artifacts import ArtifactStore
+
+    if name_or_path in inputs:
+        return inputs[name_or_path]
+    path = Path(name_or_path)
+    if (path / "manifest.json").is_file():
+        return ArtifactStore(path.parent.parent).read(path)
+    raise ConfigError([f"{what}: '{name_or_path}' is neither an input artifact of this stage ({', '.join(inputs) or 'none'}) "
+                       "nor a published artifact folder"])
+
+
+class LocalJudge(Judge):
+    """A chat LM loaded in-process; the soft label is its next-token distribution over the two label tokens."""
+
+    def __init__(self, spec: JudgeSpec, inputs: dict, precision: str):
+        super().__init__(spec)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from alignment.hardware import torch_dtype
+        from alignment.models import load_tokenizer
+        from alignment.policy import load_policy
+
+        model = spec.model or "sft"
+        if model in RUN_ARTIFACTS or model in inputs or (Path(model) / "manifest.json").is_file():
+            art = _artifact(model, inputs, "judge.model")
+            self.model = load_policy(art, precision)
+            self.tok = load_tokenizer(art.model_dir)
+            ident = f"{art.stage}@{art.manifest_sha256[:12]}"
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype(precision))
+            self.tok = AutoTokenizer.from_pretrained(model)
+            ident = model
+        self.model.eval().requires_grad_(False)
+        self.tok.padding_side = "left"
+        if self.tok.pad_token is None:
+            self.tok.pad_token = self.tok.eos_token
+        self.template = Template(spec)
+        self.label_ids = [self._label_ids(lab) for lab in spec.labels]
+        if set(self.label_ids[0]) & set(self.label_ids[1]):
+            raise ConfigError([f"judge.labels: {list(spec.labels)} share a token in this judge's tokenizer; "
+                               "use labels that tokenize apart (A/B or 1/2)"])
+        self.name = f"local:{ident}:{self.template.digest()}:{spec_digest(spec)}"
+
+    def _label_ids(self, label: str) -> list[int]:
+        """Token ids meaning `label` as the next token: the bare label and the label after a space."""
+        ids = []
+        for text in (label, " " + label):
+            enc = self.tok.encode(text, add_special_tokens=False)
+            if len(enc) == 1:
+                ids.append(enc[0])
+        if not ids:  # no single-token spelling: its first token is the best available signal
+            ids = self.tok.encode(label, add_special_tokens=False)[:1]
+        return sorted(set(ids))
+
+    def _chat(self, messages: list[dict]) -> str:
+        return self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def _encode(self, texts: list[str]):
+        import torch
+
+        enc = [self.tok.encode(t, add_special_tokens=False)[-self.spec.max_length:] for t in texts]
+        width = max(len(e) for e in enc)
+        ids = torch.full((len(enc), width), self.tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(enc), width), dtype=torch.long)
+        for i, e in enumerate(enc):  # left padding: the next-token position is the last column for every row
+            ids[i, width - len(e):] = torch.tensor(e)
+            mask[i, width - len(e):] = 1
+        device = next(self.model.parameters()).device
+        return ids.to(device), mask.to(device)
+
+    def _rationales(self, prompts, first, second) -> list[str]:
+        import torch
+
+        out = []
+        for s in range(0, len(prompts), self.spec.batch_size):
+            texts = [self._chat(self.template.messages(p, f, g)) for p, f, g in
+                     zip(prompts[s:s + self.spec.batch_size], first[s:], second[s:])]
+            ids, mask = self._encode(texts)
+            with torch.no_grad():
+                gen = self.model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                                          max_new_tokens=self.spec.cot_max_tokens, pad_token_id=self.tok.pad_token_id)
+            out += self.tok.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)
+        return out
+
+    def first_better(self, prompts, first, second) -> list[float | None]:
+        import torch
+
+        if self.spec.chain_of_thought:
+            why = self._rationales(prompts, first, second)
+            texts = [self._chat(self.template.verdict_messages(p, f, g, r))
+                     for p, f, g, r in zip(prompts, first, second, why)]
+        else:
+            texts = [self._chat(self.template.messages(p, f, g)) for p, f, g in zip(prompts, first, second)]
+        # Similar lengths batch together (little padding); results go back in input order.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out: list[float | None] = [None] * len(texts)
+        bs = self.spec.batch_size
+        for s in range(0, len(order), bs):
+            idx = order[s:s + bs]
+            ids, mask = self._encode([texts[i] for i in idx])
+            with torch.no_grad():
+                logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, -1, :].float()
+            logp = torch.log_softmax(logits, dim=-1)
+            lp = [torch.logsumexp(logp[:, ids_], dim=-1).tolist() for ids_ in self.label_ids]
+            for j, i in enumerate(idx):
+                out[i] = two_way(lp[0][j], lp[1][j])
+        return out
+
+    def close(self) -> None:
+        self.model = None
+
+
+class RewardModelJudge(Judge):
+    """P(a better) = sigmoid(r(a) - r(b)) from a reward-model artifact: order-free, so one scoring per pair."""
+
+    def __init__(self, spec: JudgeSpec, inputs: dict, precision: str):
+        super().__init__(spec)
+        from alignment.reward import load_reward_model
+
+        art = _artifact(spec.reward_artifact or "reward", inputs, "judge.reward_artifact")
+        self.model, self.tok = load_reward_model(art.model_dir, precision)
+        self.name = f"reward_model:{art.manifest_sha256[:12]}:{spec_digest(spec)}"
+
+    def _scores(self, prompts, responses) -> list[float]:
+        from alignment.reward import score_conversations
+
+        convs = [p + [{"role": "assistant", "content": r}] for p, r in zip(prompts, responses)]
+        return score_conversations(self.model, self.tok, convs, batch_size=self.spec.batch_size,
+                                   max_length=self.spec.max_length)[0]
+
+    def first_better(self, prompts, first, second) -> list[float | None]:
+        s1, s2 = self._scores(prompts, first), self._scores(prompts, second)
+        return [1.0 / (1.0 + math.exp(y - x)) for x, y in zip(s1, s2)]
+
+    def compare(self, prompts, a, b) -> list[Verdict]:
+        p = self.first_better(prompts, a, b)
+        return [combine(x, 1.0 - x if self.spec.both_orders else None, both_orders=self.spec.both_orders,
+                        clamp=self.spec.clamp) for x in p]

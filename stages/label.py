@@ -1,0 +1,185 @@
+"""Stage `label`: RLAIF, an AI judge builds the preference pairs (Lee et al. 2023; Bai et al. 2022).
+
+Reads `<run>/sft/`, samples K responses per prompt from the SFT policy, pairs them (every pair of distinct
+responses, or adjacent ones), asks a judge (`alignment/judges.py`: local LM, OpenAI-compatible endpoint or a
+reward model) which of each pair is better, in both orders, and writes `pairs.jsonl` (train prompts) and
+`eval.jsonl` (held-out prompts) in the preference contract with `label_source: ai` and the soft label
+`p_chosen`. `reward` and `dpo` read them with `data.from_stage: label`.
+
+Robustness: shards of `shard_size` prompts are written as they finish (`samples/`, `labels/`), so a killed
+run resumes without re-sampling or re-judging them; verdicts are cached in `<artifact root>/.cache/judge/`
+(or `cache_dir`), keyed by judge name + prompt + responses, so a `--force` re-run costs no judge calls.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from pathlib import Path
+from typing import Literal
+
+from alignment.config import Section, StageConfig
+from alignment.errors import DataError
+from alignment.hardware import peak_rss_mb, resolve_precision
+from alignment.judge_local import judge_upstream
+from alignment.judges import JudgeSpec, build_judge
+from alignment import preemption
+from alignment.labeling import (JudgeCache, Judging, collect, judge_shard, label_stats, read_jsonl, sample_responses,
+                                shard_path, shards, write_jsonl)
+from alignment.models import load_tokenizer
+from alignment.policy import lineage_for, load_policy
+from alignment.prompts import PromptData, load_prompts
+
+log = logging.getLogger("align")
+
+
+class SamplingSpec(Section):
+    """How the SFT policy samples the candidate responses."""
+
+    k: int = 2
+    """Responses per prompt (>= 2)."""
+    max_new_tokens: int = 128
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 0
+    batch_size: int = 8
+    """Prompts per generate call (each expands to k sequences)."""
+    max_prompt_length: int = 512
+
+
+class Config(StageConfig):
+    prompts: PromptData = PromptData()
+    max_eval_prompts: int | None = None
+    """Held-out prompts to label into eval.jsonl (default: prompts.max_prompts; 0: none, reward/dpo then split train)."""
+    sampling: SamplingSpec = SamplingSpec()
+    pairing: Literal["all", "adjacent"] = "all"
+    """all: every pair of distinct responses (K choose 2); adjacent: K-1 pairs."""
+    judge: JudgeSpec = JudgeSpec()
+    judge_batch: int = 16
+    """Pairs per judge.compare call; the cache is written after each."""
+    min_confidence: float = 0.0
+    """Drop pairs whose |p_chosen - 0.5| is at most this (exact ties are always dropped)."""
+    shard_size: int = 16
+    """Prompts per shard: the unit of resumption after a kill."""
+    cache_dir: str | None = None
+    """Where verdicts are cached; None: `<artifact root>/.cache/judge`. 'none' disables the cache."""
+
+    def problems(self):
+        out = self.prompts.problems("prompts") + self.judge.problems("judge")
+        if self.sampling.k < 2:
+            out.append(("sampling.k", "expected at least 2 responses per prompt, to have something to compare"))
+        if self.sampling.temperature <= 0:
+            out.append(("sampling.temperature", "expected > 0: greedy decoding gives k identical responses"))
+        if not 0 <= self.min_confidence < 0.5:
+            out.append(("min_confidence", "expected a number in [0, 0.5)"))
+        if self.max_eval_prompts is not None and self.max_eval_prompts < 0:
+            out.append(("max_eval_prompts", "expected 0 or more (or leave unset)"))
+        if self.shard_size < 1 or self.judge_batch < 1:
+            out.append(("shard_size", "shard_size and judge_batch must be at least 1"))
+        return out
+
+
+def upstream(cfg: Config) -> tuple[str, ...]:
+    return ("sft",) + tuple(name for name in judge_upstream(cfg.judge) if name != "sft")
+
+
+def _progress(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="pair" if "judg" in desc else "prompt", mininterval=2.0, leave=False,
+                disable=None)  # None: no bar when stderr is not a terminal (logs, CI)
+
+
+def run(cfg: Config, ctx) -> None:
+    from transformers import set_seed
+
+    # -- set up --------------------------------------------------------------------------------
+    set_seed(cfg.seed)
+    sft = ctx.inputs["sft"]
+    splits = {"train": load_prompts(cfg.prompts.train, cfg.prompts.max_prompts, cfg.prompts.train_split)}
+    n_eval = cfg.prompts.max_prompts if cfg.max_eval_prompts is None else cfg.max_eval_prompts
+    if cfg.prompts.eval and n_eval != 0:
+        splits["eval"] = load_prompts(cfg.prompts.eval, n_eval, cfg.prompts.eval_split)
+    for split, items in splits.items():
+        for i, item in enumerate(items):
+            item["index"] = i
+    log.info("[label] %s prompts, k=%d, pairing %s; judge %s (%s); precision %s",
+             {s: len(v) for s, v in splits.items()}, cfg.sampling.k, cfg.pairing, cfg.judge.kind,
+             cfg.judge.model or "", resolve_precision(cfg.precision))
+    # The judge first: a wrong model name or a dead endpoint fails in seconds, not after the sampling.
+    judge = build_judge(cfg.judge, ctx.inputs, cfg.precision)
+    judge.check()
+
+    # -- sample K responses per prompt, shard by shard (finished shards are kept across a kill) ----------
+    samples_dir, labels_dir = ctx.out_dir / "samples", ctx.out_dir / "labels"
+    t0, sampled = time.perf_counter(), 0
+    todo = [(split, i, a, b) for split, items in splits.items() for i, a, b in shards(len(items), cfg.shard_size)
+            if not shard_path(samples_dir, split, i).is_file()]
+    if todo:
+        policy, tok = load_policy(sft, cfg.precision).eval(), load_tokenizer(sft.model_dir)
+        bar = _progress(sum(b - a for _, _, a, b in todo), "[label] sampling")
+        for split, index, start, stop in todo:
+            if preemption.requested():
+                return  # the runner requeues; finished shards are kept
+            items, s = splits[split][start:stop], cfg.sampling
+            # Seeded per shard: a resumed run samples exactly what an uninterrupted one would have.
+            responses = sample_responses(policy, tok, [it["prompt"] for it in items], k=s.k,
+                                         max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                                         top_k=s.top_k, batch_size=s.batch_size,
+                                         max_prompt_length=s.max_prompt_length,
+                                         seed=cfg.seed * 100_003 + index * 2 + (split == "eval"))
+            write_jsonl(shard_path(samples_dir, split, index),
+                        [{**it, "responses": r} for it, r in zip(items, responses)])
+            sampled += len(items)
+            bar.update(len(items))
+        bar.close()
+        del policy
+        gc.collect()
+    sample_seconds = time.perf_counter() - t0
+
+    # -- judge every pair of distinct responses, shard by shard (verdicts cached as they come) ----------
+    cache_dir = None if cfg.cache_dir == "none" else Path(cfg.cache_dir or ctx.out_dir.parent.parent / ".cache" / "judge")
+    cache = JudgeCache(cache_dir, judge.name)
+    judging = Judging(judge, cache, cfg.judge_batch)
+    metrics: dict = {}
+    for split, items in splits.items():
+        judging.progress = _progress(0, f"[label] judging {split}")
+        hits, judged = cache.hits, judging.judged
+        records = []
+        for index, _, _ in shards(len(items), cfg.shard_size):
+            out = shard_path(labels_dir, split, index)
+            if not out.is_file():
+                if preemption.requested():
+                    return
+                write_jsonl(out, judge_shard(read_jsonl(shard_path(samples_dir, split, index)), judging, cfg.pairing))
+            records += read_jsonl(out)
+        judging.progress.close()
+        rows, verdicts, dropped = collect(records, cfg.min_confidence)
+        if split == "train" and not rows:
+            raise DataError(f"{cfg.prompts.train}: the judge produced no usable pair (dropped: {dropped}); "
+                            "check the judge (unparseable rate) or raise sampling.temperature / k")
+
+        # -- save -------------------------------------------------------------------------------------
+        write_jsonl(ctx.out_dir / ("pairs.jsonl" if split == "train" else "eval.jsonl"), rows)
+        stats = label_stats(rows, verdicts)
+        metrics[split] = {**stats, "dropped": dropped, "prompts": len(items), "judged": judging.judged - judged,
+                          "cache_hits": cache.hits - hits}
+        log.info("[label] %s: %d pairs from %d prompts; position bias %s, unparseable %s, mean |p-0.5| %s, "
+                 "gold agreement %s; %d judged, %d from cache", split, stats["pairs"], len(items),
+                 stats["position_bias_rate"], stats["unparseable_rate"], stats["mean_abs_margin"],
+                 stats["gold_agreement"], metrics[split]["judged"], metrics[split]["cache_hits"])
+    judge.close()
+
+    train = metrics["train"]
+    ctx.lineage = lineage_for(sft, adapter=False, kind="preferences", judge=judge.name, label_source="ai")
+    ctx.metrics.update({
+        "pairs": train["pairs"], "eval_pairs": metrics.get("eval", {}).get("pairs", 0),
+        "position_bias_rate": train["position_bias_rate"], "unparseable_rate": train["unparseable_rate"],
+        "mean_abs_margin": train["mean_abs_margin"], "gold_agreement": train["gold_agreement"],
+        # Pairs (both orders) per second of judge time, cache hits excluded; None when everything was cached.
+        "judge_pairs_per_s": round(judging.judged / judging.seconds, 3) if judging.seconds else None,
+        "judged": judging.judged, "cache_hits": cache.hits, "judge_seconds": round(judging.seconds, 2),
+        "sampled_prompts": sampled, "sample_seconds": round(sample_seconds, 2), "splits": metrics,
+        "judge": judge.name, "peak_rss_mb": round(peak_rss_mb(), 1),
+    })
