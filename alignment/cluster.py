@@ -1,82 +1,352 @@
-"""Slurm chains: one sbatch job per pipeline stage, each starting after the previous one succeeds.
+"""The cluster: Slurm job chains for a pipeline, and the ranks of a multi-process stage.
 
-Jobs are `--requeue`-able: a preempted or timed-out stage re-runs the same `align run` command,
-which resumes from its newest checkpoint in `<stage>.partial/`, and an up-to-date stage skips.
+Slurm. `align submit -c pipeline.yaml` renders one sbatch script per stage and submits them chained
+with `--dependency=afterok:<previous>` and `--kill-on-invalid-dep=yes`, so a failed stage cancels
+everything after it. Resources come from a cluster profile (`configs/cluster/<name>.yaml`), then the
+pipeline's `slurm:` section, then the stage's own `slurm:` entry, then command-line flags. Every job is
+`--requeue`-able and asks for `--signal=B:USR1@<signal_seconds>`: the job script's trap passes the
+signal to the stage, which saves a checkpoint and exits with `preemption.REQUEUE_EXIT`; the script
+then runs `scontrol requeue`, and the requeued job re-runs the same `align run`, which resumes from
+that checkpoint (an up-to-date stage just skips). Submissions are recorded in
+`<artifacts>/<run>/.slurm.json` so `align status` can show job ids and states.
+
+Ranks. Under `torchrun`, `accelerate launch` or `srun` (one task per GPU) every process runs the
+same `align run`. Only rank 0 locks, decides skip/resume and publishes; the others get its decision
+through `torch.distributed` and train alongside it (`Ranks`).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Literal
 
 from alignment.config import Section, load_yaml
 from alignment.errors import AlignError, ConfigError
 
+PROFILE_DIR = Path("configs/cluster")
+DEFAULT_PROFILE = "local"
+SUBMISSIONS = ".slurm.json"
+
 
 class SlurmSpec(Section):
+    """One stage's job: resources, how to launch its processes, and when to warn it before the limit."""
+
     partition: str | None = None
     account: str | None = None
+    qos: str | None = None
     time: str = "04:00:00"
-    cpus: int = 8
+    nodes: int = 1
+    gpus_per_node: int = 0
+    cpus_per_task: int = 8
     mem: str = "32G"
-    gpus: int = 0
+    """Memory per node (`--mem`)."""
+    signal_seconds: int = 300
+    """USR1 this long before the time limit: enough to finish a step and write a checkpoint."""
+    launcher: Literal["python", "srun", "accelerate"] = "python"
+    """python: one process. srun: one task per GPU on every node (RANK/WORLD_SIZE from Slurm), each
+    forwarded the preemption signal. accelerate: one `accelerate launch --config_file accelerate_config`
+    per node (FSDP, DeepSpeed)."""
+    accelerate_config: str | None = None
+    begin: str | None = None
+    """Slurm `--begin` (e.g. `now+1hour`, `2026-01-01T02:00`, `tomorrow`)."""
+    env: dict[str, str] = {}
+    """Exported in the job before the stage starts (e.g. HF_HOME, NCCL settings)."""
+    setup: list[str] = []
+    """Shell lines run before the stage (e.g. `module load cuda/12.4`, `source .venv/bin/activate`)."""
     extra: list[str] = []
-    """Further `#SBATCH` lines, e.g. ["--qos=high"]."""
+    """Further `#SBATCH` lines, e.g. ["--constraint=a100", "--exclusive"]."""
+    python: str | None = None
+    """Interpreter on the compute nodes; default: the one running `align submit`."""
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = []
+        if self.launcher == "accelerate" and not self.accelerate_config:
+            out.append(("accelerate_config", "launcher accelerate needs an accelerate config file "
+                                             "(configs/accelerate/*.yaml)"))
+        if self.launcher == "python" and (self.nodes > 1 or self.gpus_per_node > 1):
+            out.append(("launcher", f"{self.nodes} node(s) x {self.gpus_per_node} GPU(s) need several processes: "
+                                    "set launcher: srun (or accelerate)"))
+        return out
+
+    @property
+    def procs_per_node(self) -> int:
+        return max(1, self.gpus_per_node) if self.launcher == "srun" else 1
 
 
-def _spec(raw: dict | None, where: str) -> SlurmSpec:
+def _spec(layers: list[tuple[str, dict]]) -> SlurmSpec:
+    """Merge the layers (later wins) and validate, naming the layer a bad key came from."""
     from pydantic import ValidationError
 
+    merged, problems = {}, []
+    for where, raw in layers:
+        if raw is None:
+            continue
+        if not isinstance(raw, dict):
+            problems.append(f"{where}: expected a mapping, got {type(raw).__name__}")
+            continue
+        for k in raw:
+            if k not in SlurmSpec.model_fields:
+                problems.append(f"{where}.{k}: unknown key")
+        merged.update(raw)
+    if problems:
+        raise ConfigError(problems)
     try:
-        return SlurmSpec.model_validate(raw or {})
+        spec = SlurmSpec.model_validate(merged)
     except ValidationError as e:
-        raise ConfigError([f"{where}.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]) from None
+        raise ConfigError([f"{layers[-1][0]}: {'.'.join(map(str, err['loc']))}: {err['msg']}"
+                           for err in e.errors()]) from None
+    bad = spec.problems()
+    if bad:
+        raise ConfigError([f"slurm settings ({', '.join(w for w, r in layers if r)}): {k}: {m}" for k, m in bad])
+    return spec
 
+
+def profile_path(profile: str | None) -> Path:
+    name = profile or os.environ.get("ALIGN_CLUSTER_PROFILE") or DEFAULT_PROFILE
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        return p
+    return PROFILE_DIR / f"{name}.yaml"
+
+
+# -- the job script -----------------------------------------------------------------------------------
 
 def sbatch_script(stage: str, config: Path, overrides: list[str], *, run: str, artifacts: Path,
                   spec: SlurmSpec, workdir: Path, log_dir: Path) -> str:
-    lines = ["#!/bin/bash", f"#SBATCH --job-name=align-{run}-{stage}", f"#SBATCH --time={spec.time}",
-             f"#SBATCH --cpus-per-task={spec.cpus}", f"#SBATCH --mem={spec.mem}", "#SBATCH --requeue",
-             f"#SBATCH --output={log_dir}/{run}-{stage}-%j.log"]
-    lines += [f"#SBATCH --partition={spec.partition}"] * bool(spec.partition)
-    lines += [f"#SBATCH --account={spec.account}"] * bool(spec.account)
-    lines += [f"#SBATCH --gpus={spec.gpus}"] * bool(spec.gpus)
-    lines += [f"#SBATCH {x}" for x in spec.extra]
-    cmd = [sys.executable, "-m", "alignment.cli", "run", stage, "-c", str(config), *overrides,
-           "--artifacts", str(artifacts), "--run", run]
-    lines += ["set -euo pipefail", f"cd {shlex.quote(str(workdir))}", "export OMP_WAIT_POLICY=PASSIVE",
-              "export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}", shlex.join(cmd), ""]
+    """A bash job script that runs `align run <stage>` and requeues itself when the stage checkpoints."""
+    from alignment.preemption import REQUEUE_EXIT
+
+    sb = [f"--job-name=align-{run}-{stage}", f"--time={spec.time}", f"--nodes={spec.nodes}",
+          f"--ntasks-per-node={spec.procs_per_node}", f"--cpus-per-task={spec.cpus_per_task}", f"--mem={spec.mem}",
+          "--requeue", f"--signal=B:USR1@{spec.signal_seconds}", "--kill-on-invalid-dep=yes",
+          # A requeued job appends to the same log, so the first attempt's lines stay readable.
+          "--open-mode=append", f"--output={log_dir}/{run}-{stage}-%j.log"]
+    sb += [f"--partition={spec.partition}"] * bool(spec.partition)
+    sb += [f"--account={spec.account}"] * bool(spec.account)
+    sb += [f"--qos={spec.qos}"] * bool(spec.qos)
+    sb += [f"--gpus-per-node={spec.gpus_per_node}"] * bool(spec.gpus_per_node)
+    sb += [f"--begin={spec.begin}"] * bool(spec.begin)
+    sb += list(spec.extra)
+    python = spec.python or sys.executable
+    align = [python, "-m", "alignment.cli", "run", stage, "-c", str(config), *overrides,
+             "--artifacts", str(artifacts), "--run", run]
+    q = shlex.join
+    if spec.launcher == "python":
+        launch, forward = q(align), 'kill -USR1 "$child"'
+    elif spec.launcher == "srun":
+        # One task per GPU; each task maps Slurm's ids to the torch.distributed ones.
+        per_task = "export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS; exec " + q(align)
+        launch = q(["srun", "--kill-on-bad-exit=1", "bash", "-c", per_task])
+        forward = 'scancel --signal=USR1 "$SLURM_JOB_ID"'  # every process of the job step, every node
+    else:
+        acc = [python, "-m", "accelerate.commands.launch", "--config_file", str(Path(spec.accelerate_config).resolve()),
+               "--num_machines", str(spec.nodes), "--num_processes", str(spec.nodes * max(1, spec.gpus_per_node)),
+               "--main_process_ip", "$MASTER_ADDR", "--main_process_port", "$MASTER_PORT",
+               "--machine_rank", "$SLURM_NODEID", "-m", "alignment.cli", *align[3:]]
+        # The launcher ignores USR1 (it would die of it); its workers install their own handler.
+        per_node = "trap '' USR1; exec " + " ".join(a if a.startswith("$") else shlex.quote(a) for a in acc)
+        launch = q(["srun", "--kill-on-bad-exit=1", "--ntasks-per-node=1", "bash", "-c", per_node])
+        forward = 'scancel --signal=USR1 "$SLURM_JOB_ID"'
+    lines = ["#!/bin/bash", *(f"#SBATCH {x}" for x in sb), "",
+             f"# Stage '{stage}' of run '{run}'. Written by `align submit`; re-submitting rewrites it.",
+             "set -uo pipefail", f"cd {shlex.quote(str(workdir))}",
+             "export OMP_WAIT_POLICY=PASSIVE", "export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}",
+             *(f"export {k}={shlex.quote(v)}" for k, v in spec.env.items()), *spec.setup]
+    if spec.launcher != "python":
+        lines += ['export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)',
+                  "export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))"]
+    lines += [
+        'echo "[align] job $SLURM_JOB_ID: stage ' + stage + ' on $(hostname), restart ${SLURM_RESTART_COUNT:-0}"',
+        "",
+        "# Slurm signals only this shell (--signal=B:...), and bash runs a trap only when the foreground",
+        "# command returns: so the stage runs in the background, and `wait` is interrupted by the trap.",
+        "child=''",
+        "forwarded=0",
+        'on_usr1() { echo "[align] USR1: asking the stage to checkpoint and stop"; forwarded=1; '
+        f'[ -n "$child" ] && {forward}; }}',
+        "trap on_usr1 USR1",
+        f"{launch} &",
+        "child=$!",
+        "while :; do",
+        '    code=0; wait "$child" || code=$?',
+        "    # >128 after our trap means wait was interrupted, not that the stage ended: wait again.",
+        '    if [ "$forwarded" = 1 ] && [ "$code" -gt 128 ]; then forwarded=0; continue; fi',
+        "    break",
+        "done",
+        f'if [ "$code" -eq {REQUEUE_EXIT} ]; then',
+        '    echo "[align] stage saved a checkpoint: requeueing job $SLURM_JOB_ID (it resumes from there)"',
+        '    scontrol requeue "$SLURM_JOB_ID" && exit 0',
+        '    echo "[align] scontrol requeue failed: re-submit to resume"',
+        "fi",
+        'echo "[align] stage exited with $code"',
+        'exit "$code"',
+        "",
+    ]
     return "\n".join(lines)
 
 
-def submit_chain(pipeline: str, *, run: str | None, artifacts: str | None, out_dir: str, dry_run: bool) -> list[str]:
-    """Write one script per stage into out_dir and submit them chained with afterok dependencies."""
+# -- submitting ---------------------------------------------------------------------------------------
+
+def submit_chain(pipeline: str, *, run: str | None, artifacts: str | None, out_dir: str | None = None,
+                 dry_run: bool = False, profile: str | None = None, flags: dict | None = None,
+                 overrides: list[str] = ()) -> list[str]:
+    """Write one script per stage and submit them chained with afterok; return the job ids (dry run: the
+    script paths). `flags` are command-line settings (SlurmSpec keys) that win over every file;
+    `overrides` (`stage:key=value` or `key=value` for every stage) are passed on to `align run`."""
+    from alignment.runner import STAGES
+
     spec = load_yaml(pipeline)
+    steps = spec.get("stages")
+    if not isinstance(steps, list) or not steps:
+        raise ConfigError([f"{pipeline}: stages: expected a non-empty list of {{stage, config}}"])
     run = run or spec.get("run") or "default"
-    artifacts = Path(artifacts or "artifacts").resolve()
-    out = Path(out_dir).resolve()
+    artifacts = Path(artifacts or os.environ.get("ALIGN_ARTIFACTS") or "artifacts").resolve()
+    out = Path(out_dir or artifacts / run / "slurm").resolve()
     out.mkdir(parents=True, exist_ok=True)
-    default = spec.get("slurm") or {}
-    ids, prev = [], None
-    for i, step in enumerate(spec.get("stages") or []):
+    prof = profile_path(profile)
+    prof_data = load_yaml(prof)
+    cli = {k: v for k, v in (flags or {}).items() if v is not None}
+    jobs, prev = [], None
+    for i, step in enumerate(steps):
         stage = step["stage"]
-        res = _spec({**default, **(step.get("slurm") or {})}, f"{pipeline}: stages.{i}.slurm")
+        if stage not in STAGES:
+            raise ConfigError([f"{pipeline}: stages.{i}.stage: unknown stage '{stage}'"])
+        res = _spec([(str(prof), prof_data), (f"{pipeline}: slurm", spec.get("slurm")),
+                     (f"{pipeline}: stages.{i}.slurm", step.get("slurm")), ("command line", cli)])
         config = (Path(pipeline).parent / step.get("config", f"{stage}.yaml")).resolve()
+        extra = [o.split(":", 1)[1] if ":" in o.split("=", 1)[0] else o for o in overrides
+                 if ":" not in o.split("=", 1)[0] or o.split(":", 1)[0] == stage]
         script = out / f"{run}-{i:02d}-{stage}.sbatch"
-        script.write_text(sbatch_script(stage, config, step.get("overrides", []), run=run, artifacts=artifacts,
-                                        spec=res, workdir=Path.cwd(), log_dir=out))
+        script.write_text(sbatch_script(stage, config, [*step.get("overrides", []), *extra], run=run,
+                                        artifacts=artifacts, spec=res, workdir=Path.cwd(), log_dir=out))
         if dry_run:
-            ids.append(str(script))
+            jobs.append({"stage": stage, "script": str(script)})
             continue
         cmd = ["sbatch", "--parsable", *([f"--dependency=afterok:{prev}"] if prev else []), str(script)]
         try:
-            res_ = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
         except FileNotFoundError:
             raise AlignError("sbatch not found: run on a Slurm login node, or use --dry-run to write the scripts") from None
         except subprocess.CalledProcessError as e:
-            raise AlignError(f"sbatch refused {script}: {e.stderr.strip() or e.returncode}") from None
-        prev = res_.stdout.strip().split(";")[0]
-        ids.append(prev)
-    return ids
+            if prev:
+                _cancel([j["job_id"] for j in jobs])
+            raise AlignError(f"sbatch refused {script}: {e.stderr.strip() or e.returncode}"
+                             + ("; the jobs already submitted were cancelled" if prev else "")) from None
+        prev = done.stdout.strip().split(";")[0]
+        jobs.append({"stage": stage, "job_id": prev, "script": str(script),
+                     "log": str(out / f"{run}-{stage}-{prev}.log")})
+    if dry_run:
+        return [j["script"] for j in jobs]
+    record_submission(artifacts, run, {"submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                       "pipeline": str(Path(pipeline).resolve()), "profile": str(prof),
+                                       "jobs": jobs})
+    return [j["job_id"] for j in jobs]
+
+
+def _cancel(job_ids: list[str]) -> None:
+    subprocess.run(["scancel", *job_ids], capture_output=True)
+
+
+def record_submission(artifacts: Path, run: str, entry: dict) -> None:
+    """Append to `<artifacts>/<run>/.slurm.json` (newest last)."""
+    from alignment.artifacts import write_json
+
+    path = Path(artifacts) / run / SUBMISSIONS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = read_submissions(path.parent)
+    data["submissions"].append(entry)
+    write_json(path, data)
+
+
+def read_submissions(run_dir: Path) -> dict:
+    try:
+        data = json.loads((Path(run_dir) / SUBMISSIONS).read_text())
+        if isinstance(data.get("submissions"), list):
+            return data
+    except (OSError, ValueError, AttributeError):
+        pass
+    return {"submissions": []}
+
+
+def job_states(job_ids: list[str]) -> dict[str, str]:
+    """{job id: state (+ reason / restarts)} from squeue, then `scontrol show job` for finished jobs.
+
+    Empty when Slurm is not reachable here: status then shows the artifacts only."""
+    states: dict[str, str] = {}
+    if not job_ids:
+        return states
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i|%T|%r"], capture_output=True,
+                             text=True, timeout=10)
+        for line in out.stdout.splitlines() if out.returncode == 0 else []:
+            jid, state, reason = (line.split("|") + ["", ""])[:3]
+            states[jid] = state + (f" ({reason})" if reason and reason != "None" else "")
+        for jid in job_ids:
+            if jid in states:
+                continue
+            show = subprocess.run(["scontrol", "show", "job", "-o", jid], capture_output=True, text=True, timeout=10)
+            fields = dict(t.partition("=")[::2] for t in show.stdout.split() if "=" in t)
+            if show.returncode == 0 and "JobState" in fields:
+                restarts = fields.get("Restarts", "0")
+                states[jid] = fields["JobState"] + (f" (restarts {restarts})" if restarts not in ("", "0") else "")
+    except (OSError, subprocess.SubprocessError):
+        return states
+    return states
+
+
+# -- ranks ----------------------------------------------------------------------------------------------
+
+class Ranks:
+    """This process's place in a multi-process launch (torchrun / accelerate launch / srun per GPU).
+
+    With one process everything is local and free. With several, `torch.distributed` is initialised
+    here (nccl on GPUs, gloo on CPU; the HF trainer then finds it ready) so rank 0 can hand its
+    decisions to the others."""
+
+    def __init__(self):
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        if self.world > 1:
+            import torch
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                if torch.cuda.is_available():
+                    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+                dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def from_main(self, fn):
+        """Rank 0 computes fn(); every rank gets its result, or raises when rank 0 failed."""
+        if self.world == 1:
+            return fn()
+        import torch.distributed as dist
+
+        box, error = [None], None
+        if self.main:
+            try:
+                box = [("ok", fn())]
+            except BaseException as e:
+                error, box = e, [("error", f"{type(e).__name__}: {e}")]
+        dist.broadcast_object_list(box, src=0)
+        if error is not None:
+            raise error
+        kind, value = box[0]
+        if kind == "error":
+            raise AlignError(f"rank {self.rank}: rank 0 stopped: {value}")
+        return value
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()

@@ -10,11 +10,12 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from alignment.errors import ConfigError
 
@@ -50,7 +51,19 @@ class StageConfig(Section):
     """torch CPU threads; None keeps torch's default."""
     inputs: dict[str, str] = {}
     """Override where an upstream artifact is read from: {stage: path to an artifact folder}."""
-    report_to: Literal["none", "wandb", "tensorboard"] = "none"
+    tracking: Literal["wandb", "tensorboard", "none"] = Field(
+        default_factory=lambda: os.environ.get("ALIGN_TRACKING", "wandb"), validate_default=True)
+    """The stage's dashboard (alignment/tracking.py): one wandb run per stage, grouped by run (offline when
+    WANDB_API_KEY is unset; `wandb sync` later), tensorboard event files, or none. $ALIGN_TRACKING sets the default."""
+    report_to: Literal["none", "wandb", "tensorboard"] | None = None
+    """Where HF trainers send their logs. Unset: into the stage's own dashboard run when the runner opened one
+    (`tracking`), else nowhere, so a trainer built outside the runner never starts a dashboard run of its own."""
+    _report_to_follows_tracking: bool = PrivateAttr(default=False)
+
+    def model_post_init(self, context: Any) -> None:
+        self._report_to_follows_tracking = self.report_to is None
+        if self.report_to is None:
+            self.report_to = "none"  # alignment.tracking.stage_run sets it to `tracking` when it opens the run
 
     def problems(self) -> list[tuple[str, str]]:
         """Cross-field checks (impossible combinations) as (key path, message)."""
@@ -171,5 +184,5 @@ def config_dict(cfg: StageConfig) -> dict:
 
 def config_hash(cfg: StageConfig) -> str:
     """Hash of what changes the result: run name, threads, tracking and secrets are left out."""
-    data = {k: v for k, v in config_dict(cfg).items() if k not in ("run", "threads", "report_to")}
+    data = {k: v for k, v in config_dict(cfg).items() if k not in ("run", "threads", "tracking", "report_to")}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()

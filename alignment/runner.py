@@ -16,10 +16,13 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from alignment import preemption, tracking
 from alignment.artifacts import Artifact, ArtifactStore, remove_tree, write_json
+from alignment.cluster import Ranks
 from alignment.config import StageConfig, config_dict, config_hash, load_config, load_yaml
 from alignment.errors import AlignError, ArtifactError, ConfigError
 from alignment.manifest import BaseModelId, Manifest, git_commit, library_versions, list_outputs
@@ -116,24 +119,46 @@ def run_stage(stage: str, config_path: str, overrides: list[str] = (), *, root=N
         import torch
 
         torch.set_num_threads(cfg.threads)
-    with store.lock(run, stage):
-        inputs = resolve_inputs(store, run, stage, cfg, upstream_of(module, cfg))
-        base = common_base(inputs)
-        chash = config_hash(cfg)
-        input_hashes = {k: a.manifest_sha256 for k, a in inputs.items()}
-        final = store.stage_dir(run, stage)
-        current = None if force or not final.exists() else _up_to_date(store, final, chash, input_hashes)
+    # A SIGUSR1 (Slurm's warning before the time limit) makes the trainer checkpoint and stop.
+    preemption.reset()
+    preemption.install()
+    # Several processes (torchrun / accelerate / srun): all train, only rank 0 locks, decides and publishes.
+    ranks = Ranks()
+    with store.lock(run, stage) if ranks.main else nullcontext():
+        plan = ranks.from_main(lambda: _plan(store, run, stage, cfg, module, force))
+        final, current, ctx, inputs, chash = plan
         if current is not None:
             _raise_if_failed_gate(current.manifest, final)
             return final
-        ctx = _prepare_partial(store, run, stage, chash, input_hashes, inputs, base)
         log.info("[%s] run '%s', config %s (%s)\n%s", stage, run, chash[:12], config_path,
                  json.dumps(config_dict(cfg), indent=2))
         started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        module.run(cfg, ctx)
-        final, manifest = _publish(store, cfg, ctx, chash, inputs, started)
+        with tracking.stage_run(cfg, ctx, store.root):
+            module.run(cfg, ctx)
+        ranks.barrier()  # every rank has finished writing before rank 0 hashes the outputs
+        if preemption.requested_anywhere():
+            log.warning("[%s] checkpoint saved, requeue: not publishing; the same command resumes from %s",
+                        stage, latest_checkpoint(ctx.checkpoints_dir) or ctx.out_dir)
+            raise preemption.Requeue(f"{stage}: stopped at a checkpoint on request (exit {preemption.REQUEUE_EXIT}); "
+                                     "checkpoint saved, requeue: the same command resumes")
+        final, manifest = ranks.from_main(lambda: _publish(store, cfg, ctx, chash, inputs, started))
+        tracking.published(final)
         _raise_if_failed_gate(manifest, final)
         return final
+
+
+def _plan(store, run, stage, cfg, module, force):
+    """Rank 0's decision: (final dir, the up-to-date artifact or None, the context to run, inputs, config hash)."""
+    inputs = resolve_inputs(store, run, stage, cfg, upstream_of(module, cfg))
+    base = common_base(inputs)
+    chash = config_hash(cfg)
+    input_hashes = {k: a.manifest_sha256 for k, a in inputs.items()}
+    final = store.stage_dir(run, stage)
+    current = None if force or not final.exists() else _up_to_date(store, final, chash, input_hashes)
+    if current is not None:
+        return final, current, None, inputs, chash
+    ctx = _prepare_partial(store, run, stage, chash, input_hashes, inputs, base)
+    return final, None, ctx, inputs, chash
 
 
 def _raise_if_failed_gate(manifest: Manifest, final: Path) -> None:

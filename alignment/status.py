@@ -1,4 +1,7 @@
-"""`align status [RUN]`: one row per stage with status, age, config hash and key metrics."""
+"""`align status [RUN]`: one row per stage with status, age, config hash and key metrics.
+
+When the run was submitted to Slurm (`align submit` records `<run>/.slurm.json`), a `slurm` column shows
+each stage's newest job id and state (from squeue / `scontrol show job`); without Slurm it stays empty."""
 
 from __future__ import annotations
 
@@ -19,7 +22,11 @@ KEY_METRICS = ("eval_loss", "eval_loss_before", "accuracy", "win_rate", "mean_re
 
 def stage_rows(store: ArtifactStore, run: str) -> list[dict]:
     rows = []
+    jobs = slurm_jobs(store.root / run)
     for stage in STAGES:
+        if stage in jobs and not (store.stage_dir(run, stage) / MANIFEST).is_file() \
+                and not store.partial_dir(run, stage).exists():
+            rows.append({"stage": stage, "status": "submitted", "age_s": None, "config_hash": "", "metrics": ""})
         final, partial = store.stage_dir(run, stage), store.partial_dir(run, stage)
         if (final / MANIFEST).is_file():
             m = json.loads((final / MANIFEST).read_text())
@@ -29,14 +36,31 @@ def stage_rows(store: ArtifactStore, run: str) -> list[dict]:
             running = store.lock(run, stage).held_elsewhere()
             rows.append({"stage": stage, "status": "running" if running else "interrupted (partial)",
                          "age_s": time.time() - partial.stat().st_mtime, "config_hash": "", "metrics": ""})
+    for r in rows:
+        r["slurm"] = jobs.get(r["stage"], "")
     return rows
+
+
+def slurm_jobs(run_dir: Path) -> dict[str, str]:
+    """{stage: "job <id> <STATE>"} for the run's newest Slurm submission; {} when it was never submitted.
+    States need squeue/scontrol; without them (not a Slurm node) only the job ids show."""
+    from alignment.cluster import job_states, read_submissions
+
+    subs = read_submissions(run_dir)["submissions"]
+    if not subs:
+        return {}
+    jobs = {j["stage"]: j["job_id"] for j in subs[-1].get("jobs", []) if "job_id" in j}
+    states = job_states(list(jobs.values()))
+    return {stage: f"job {jid} {states.get(jid, '')}".strip() for stage, jid in jobs.items()}
 
 
 def _key_metrics(metrics: dict) -> str:
     return "  ".join(f"{k}={metrics[k]:.4g}" for k in KEY_METRICS if isinstance(metrics.get(k), (int, float)))
 
 
-def _age(seconds: float) -> str:
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
             return f"{seconds / size:.0f}{unit}"
@@ -53,8 +77,11 @@ def print_status(root: str | None, run: str | None) -> None:
         if not (store.root / name).is_dir():
             raise AlignError(f"run '{name}' not found under {store.root}")
         table = Table(title=f"run {name} ({Path(store.root) / name})")
-        for col in ("stage", "status", "age", "config", "metrics"):
+        rows = stage_rows(store, name)
+        slurm = any(r["slurm"] for r in rows)
+        for col in ("stage", "status", "age", "config", "metrics") + ("slurm",) * slurm:
             table.add_column(col)
-        for r in stage_rows(store, name):
-            table.add_row(r["stage"], r["status"], _age(r["age_s"]), r["config_hash"], r["metrics"])
+        for r in rows:
+            table.add_row(r["stage"], r["status"], _age(r["age_s"]), r["config_hash"], r["metrics"],
+                          *[r["slurm"]] * slurm)
         console.print(table)

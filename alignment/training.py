@@ -58,6 +58,8 @@ def save_log_history(trainer, out_dir) -> Path:
     """The trainer's logged steps as `log_history.jsonl` (one JSON object per log line), for reports and
     dashboards: the checkpoints that held `trainer_state.json` are deleted when the artifact is published."""
     path = Path(out_dir) / "log_history.jsonl"
+    if not trainer.is_world_process_zero():  # every rank holds the same history; one writer
+        return path
     with path.open("w") as f:
         for row in trainer.state.log_history:
             f.write(json.dumps(row) + "\n")

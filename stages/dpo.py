@@ -1,9 +1,8 @@
 """Stage `dpo`: direct preference optimisation of the SFT policy (TRL DPOTrainer; LoRA by default).
 
-Reads `<run>/sft/` and preference pairs (a JSONL/Parquet file or a `datasets` name/path; the
-RLAIF `label` stage's output will plug in here once that stage exists, until then point
-`data.train` at its file). Writes the DPO adapter + tokenizer to `model/` (and base + SFT + DPO
-merged to `merged/` with `merge: true`).
+Reads `<run>/sft/` and preference pairs (a JSONL/Parquet file or a `datasets` name/path, or with
+`data.from_stage: label` the RLAIF `label` artifact's pairs.jsonl / eval.jsonl). Writes the DPO
+adapter + tokenizer to `model/` (and base + SFT + DPO merged to `merged/` with `merge: true`).
 
 The reference policy is the SFT model, not the pre-SFT base. Design (merge, then adapt):
 `load_policy(sft)` merges the SFT adapter into one copy of the base weights; the trainer wraps
@@ -31,12 +30,15 @@ from alignment.hardware import peak_rss_mb, resolve_precision
 from alignment.models import load_tokenizer
 from alignment.peft_methods import METHODS, SOFT_PROMPTS, describe, peft_config, select_trainable
 from alignment.policy import lineage_for, load_policy, require_mergeable
-from alignment.preferences import PrefData, to_trl_dataset, train_eval_pairs
+from alignment.preferences import PrefData, stage_sources, to_trl_dataset, train_eval_pairs
 from alignment.schema import PeftSpec, TrainSpec
 from alignment.training import callbacks, param_counts, save_log_history, throughput, trainer_args
 
 log = logging.getLogger("align")
-UPSTREAM = ("sft",)
+
+
+def upstream(cfg) -> tuple[str, ...]:
+    return ("sft",) + ((cfg.data.from_stage,) if cfg.data.from_stage else ())  # `label`: RLAIF pairs
 
 
 class DPOData(PrefData):
@@ -138,7 +140,8 @@ def run(cfg: Config, ctx) -> None:
     set_seed(cfg.seed)
     sft = ctx.inputs["sft"]
     require_mergeable(sft, needed_by="dpo")  # a soft-prompt SFT has no weights to merge and adapt
-    train_pairs, eval_pairs = preference_pairs(cfg.data, cfg.seed)  # before the model: bad data fails in seconds
+    data = stage_sources(cfg.data, ctx.inputs)  # data.from_stage: the label artifact's pairs.jsonl / eval.jsonl
+    train_pairs, eval_pairs = preference_pairs(data, cfg.seed)  # before the model: bad data fails in seconds
     log.info("[dpo] %d train / %d eval pairs; loss %s, beta %s; precision %s", len(train_pairs), len(eval_pairs),
              cfg.loss_types, cfg.dpo.beta, resolve_precision(cfg.precision))
     trainer, tok = build_trainer(cfg, sft, train_pairs, ctx.checkpoints_dir)
@@ -170,20 +173,21 @@ def run(cfg: Config, ctx) -> None:
              "margin %.3f; KL %s", held_out["sft/prefers_chosen_sum"], held_out["dpo/prefers_chosen_sum"],
              held_out["rewards/accuracies"], held_out["rewards/margins"], kl.get("kl_seq", "skipped"))
 
-    # -- save ----------------------------------------------------------------------------------
-    model.save_pretrained(ctx.out_dir / "model", safe_serialization=True)
-    tok.save_pretrained(ctx.out_dir / "model")
-    if adapter:
-        _point_adapter_at_parent(ctx.out_dir / "model", sft)
-    if cfg.merge:
-        merged = model.merge_and_unload()
-        merged.save_pretrained(ctx.out_dir / "merged", safe_serialization=True)
-        tok.save_pretrained(ctx.out_dir / "merged")
+    # -- save (one writer: with several processes every rank holds the same weights) ---------------
+    if trainer.is_world_process_zero():
+        model.save_pretrained(ctx.out_dir / "model", safe_serialization=True)
+        tok.save_pretrained(ctx.out_dir / "model")
+        if adapter:
+            _point_adapter_at_parent(ctx.out_dir / "model", sft)
+        if cfg.merge:
+            merged = model.merge_and_unload()
+            merged.save_pretrained(ctx.out_dir / "merged", safe_serialization=True)
+            tok.save_pretrained(ctx.out_dir / "merged")
     ctx.lineage = lineage_for(sft, adapter=adapter, reference="parent", **describe(cfg.peft),
-                              preferences={"train": data_record(cfg.data.train, cfg.data.train_split,
+                              preferences={"train": data_record(data.train, data.train_split,
                                                                 len(train_pairs)),
-                                           "eval": data_record(cfg.data.eval or cfg.data.train,
-                                                               cfg.data.eval_split if cfg.data.eval else None,
+                                           "eval": data_record(data.eval or data.train,
+                                                               data.eval_split if data.eval else None,
                                                                len(eval_pairs))})
     ctx.metrics.update({
         "train": _last_train_log(trainer), "eval": held_out, "train_loss": result.training_loss,

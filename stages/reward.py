@@ -27,7 +27,7 @@ from alignment.hardware import peak_rss_mb, resolve_precision
 from alignment.models import load_tokenizer
 from alignment.peft_methods import peft_config
 from alignment.policy import lineage_for, load_policy, require_mergeable
-from alignment.preferences import PrefData, to_trl_dataset, train_eval_pairs
+from alignment.preferences import PrefData, stage_sources, to_trl_dataset, train_eval_pairs
 from alignment.reward import (gate_failures, gate_metrics, mean_std, pairwise_accuracy, reward_model_from_policy,
                               score_pairs, soft_label_reward_trainer)
 from alignment.schema import PeftSpec, TrainSpec
@@ -37,7 +37,7 @@ log = logging.getLogger("align")
 PEFT_METHODS = ("lora", "ia3", "full")
 """Methods whose result folds into one plain sequence-classification model (lora with use_dora/use_rslora)."""
 LABEL_ARTIFACT = "artifact:label"
-"""`data.train` value that reads the RLAIF `label` stage's output, `<label artifact>/data/train.jsonl`."""
+"""`data.train` value that reads the RLAIF `label` stage's pairs, `<label artifact>/pairs.jsonl` (or data.from_stage: label)."""
 
 
 class RewardData(PrefData):
@@ -94,12 +94,12 @@ class Config(StageConfig):
 
 def upstream(cfg: Config) -> tuple[str, ...]:
     names = ("base", "sft") if cfg.init == "sft" else ("base",)
-    return names + (("label",) if cfg.data.train == LABEL_ARTIFACT else ())
+    return names + (("label",) if cfg.data.train == LABEL_ARTIFACT or cfg.data.from_stage == "label" else ())
 
 
 def _load_data(cfg: Config, ctx) -> tuple[list[dict], list[dict], str]:
-    d = cfg.data
-    source = str(ctx.inputs["label"].path / "data" / "train.jsonl") if d.train == LABEL_ARTIFACT else d.train
+    d = stage_sources(cfg.data, ctx.inputs)
+    source = str(ctx.inputs["label"].path / "pairs.jsonl") if d.train == LABEL_ARTIFACT else d.train
     train, held_out = train_eval_pairs(d, cfg.seed, train_source=source)
     return train, held_out, source
 
@@ -175,8 +175,9 @@ def run(cfg: Config, ctx) -> None:
     # Merged, so the artifact is one plain AutoModelForSequenceClassification folder.
     rm = trainer.model.merge_and_unload() if cfg.peft.method != "full" else trainer.model
     rm.config.pad_token_id = tok.pad_token_id
-    rm.save_pretrained(ctx.out_dir / "model", safe_serialization=True)
-    tok.save_pretrained(ctx.out_dir / "model")
+    if trainer.is_world_process_zero():  # one writer: with several processes every rank holds the same weights
+        rm.save_pretrained(ctx.out_dir / "model", safe_serialization=True)
+        tok.save_pretrained(ctx.out_dir / "model")
     ctx.lineage = lineage_for(parent, adapter=False, init=cfg.init, head="sequence_classification",
                               method=cfg.peft.method, merged=cfg.peft.method != "full")
 

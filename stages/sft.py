@@ -90,6 +90,9 @@ def run(cfg: Config, ctx) -> None:
     # -- train ---------------------------------------------------------------------------------
     before = trainer.evaluate(MAIN_EVAL)["eval_loss"]
     held_before = {g: trainer.evaluate(g)["eval_loss"] for g in groups if g.startswith("category:")}
+    # That evaluation marked the model "prepared" for accelerate, so train() would skip the DDP wrap and, with
+    # several processes, every rank would train its own copy (tests/test_multiprocess.py catches it).
+    trainer.model._is_accelerate_prepared = False
     t0, cpu0 = time.perf_counter(), time.process_time()
     result = trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
     runtime, cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
@@ -102,12 +105,13 @@ def run(cfg: Config, ctx) -> None:
     # -- save ----------------------------------------------------------------------------------
     if mask_hook is not None:
         mask_hook.remove()
-    trainer.model.save_pretrained(ctx.out_dir / "model", safe_serialization=True)
-    tok.save_pretrained(ctx.out_dir / "model")
-    if cfg.merge:
-        merged = _merged(trainer.model, cfg, base, ctx.out_dir / "model")
-        merged.save_pretrained(ctx.out_dir / "merged", safe_serialization=True)
-        tok.save_pretrained(ctx.out_dir / "merged")
+    if trainer.is_world_process_zero():  # one writer: with several processes every rank holds the same weights
+        trainer.model.save_pretrained(ctx.out_dir / "model", safe_serialization=True)
+        tok.save_pretrained(ctx.out_dir / "model")
+        if cfg.merge:
+            merged = _merged(trainer.model, cfg, base, ctx.out_dir / "model")
+            merged.save_pretrained(ctx.out_dir / "merged", safe_serialization=True)
+            tok.save_pretrained(ctx.out_dir / "merged")
     ctx.lineage = lineage_for(base, adapter=METHODS[cfg.peft.method].adapter, **describe(cfg.peft))
     ctx.metrics.update({
         "eval_loss_before": before, "eval_loss": after, "perplexity_before": perplexity(before),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
+from pathlib import Path
 
 from alignment.cli import main
 
@@ -44,3 +46,129 @@ def test_dry_run_writes_scripts_only(tmp_path, capsys):
     assert main(["slurm", "-c", "configs/smollm2/pipeline.yaml", "--out", str(tmp_path), "--dry-run"]) == 0
     paths = capsys.readouterr().out.split()
     assert paths and all(p.endswith(".sbatch") and os.path.exists(p) for p in paths)
+
+
+def _script(tmp_path, *args) -> str:
+    assert main(["submit", "-c", "configs/tiny/pipeline.yaml", "--out", str(tmp_path / "jobs"), "--run", "r",
+                 "--artifacts", str(tmp_path / "art"), "--dry-run", *args]) == 0
+    return (tmp_path / "jobs" / "r-01-sft.sbatch").read_text()
+
+
+def test_job_script_requeues_on_usr1_and_kills_invalid_dependents(tmp_path, capsys):
+    text = _script(tmp_path)
+    assert "#!/bin/bash" in capsys.readouterr().err  # --dry-run prints the scripts
+    for line in ("#SBATCH --requeue", "#SBATCH --signal=B:USR1@60", "#SBATCH --kill-on-invalid-dep=yes",
+                 "trap on_usr1 USR1", 'scontrol requeue "$SLURM_JOB_ID"', "#SBATCH --time=00:30:00"):
+        assert line in text  # the `local` profile's values
+
+
+def test_settings_precedence_profile_pipeline_stage_flags(tmp_path, capsys):
+    pipe = tmp_path / "p.yaml"
+    pipe.write_text(f"""run: r
+slurm: {{time: "01:00:00", mem: 3G, partition: fromfile}}
+stages:
+  - {{stage: base, config: {os.getcwd()}/configs/tiny/base.yaml}}
+  - {{stage: sft, config: {os.getcwd()}/configs/tiny/sft.yaml, slurm: {{mem: 5G, signal_seconds: 120}}}}
+""")
+    assert main(["submit", "-c", str(pipe), "--out", str(tmp_path), "--dry-run", "--partition", "cli",
+                 "--begin", "now+1hour", "--account", "acct"]) == 0
+    base, sft = (tmp_path / "r-00-base.sbatch").read_text(), (tmp_path / "r-01-sft.sbatch").read_text()
+    assert "--time=01:00:00" in base and "--mem=3G" in base and "--signal=B:USR1@60" in base
+    assert "--mem=5G" in sft and "--signal=B:USR1@120" in sft
+    for text in (base, sft):
+        assert "--partition=cli" in text and "--begin=now+1hour" in text and "--account=acct" in text
+        assert "fromfile" not in text
+
+
+def test_gpu_profile_launches_one_task_per_gpu(tmp_path, capsys):
+    text = _script(tmp_path, "--profile", "gpu-example", "--nodes", "2")
+    assert "--gpus-per-node=4" in text and "--ntasks-per-node=4" in text and "--nodes=2" in text
+    assert "srun --kill-on-bad-exit=1 bash -c" in text and "RANK=$SLURM_PROCID" in text
+    assert 'scancel --signal=USR1 "$SLURM_JOB_ID"' in text  # the signal reaches every rank on every node
+
+
+def test_bad_profile_key_is_a_config_error(tmp_path, capsys):
+    prof = tmp_path / "p.yaml"
+    prof.write_text("gpus: 2\n")
+    assert main(["submit", "-c", "configs/tiny/pipeline.yaml", "--out", str(tmp_path), "--dry-run",
+                 "--profile", str(prof)]) == 2
+    assert f"{prof}.gpus: unknown key" in capsys.readouterr().err
+
+
+def test_trap_forwards_usr1_and_requeues_on_exit_3(tmp_path):
+    """The job script's own logic, run by bash without Slurm: a fake stage that exits 3 on USR1
+    (as the runner does after checkpointing) and a fake scontrol that records the requeue."""
+    import signal
+    import subprocess
+    import time
+
+    from alignment.cluster import SlurmSpec, sbatch_script
+
+    stage = tmp_path / "stage.py"
+    stage.write_text("import signal, sys, time, pathlib\n"
+                     "signal.signal(signal.SIGUSR1, lambda *a: sys.exit(3))\n"
+                     f"pathlib.Path('{tmp_path}/started').touch()\n"
+                     "time.sleep(60)\n")
+    py = tmp_path / "fakepython"
+    py.write_text(f"#!/bin/bash\nexec {sys.executable} {stage}\n")
+    scontrol = tmp_path / "scontrol"
+    scontrol.write_text(f"#!/bin/bash\necho \"$@\" > {tmp_path}/scontrol.txt\n")
+    for f in (py, scontrol):
+        f.chmod(0o755)
+    script = tmp_path / "job.sh"
+    script.write_text(sbatch_script("sft", Path("x.yaml"), [], run="r", artifacts=tmp_path, spec=SlurmSpec(python=str(py)),
+                                    workdir=tmp_path, log_dir=tmp_path))
+    env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "77"}
+    job = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 20
+    while not (tmp_path / "started").exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    job.send_signal(signal.SIGUSR1)
+    out, _ = job.communicate(timeout=20)
+    assert job.returncode == 0, out
+    assert (tmp_path / "scontrol.txt").read_text().split() == ["requeue", "77"]
+    assert "requeueing job 77" in out
+
+
+def test_status_shows_job_ids_without_slurm(tmp_path, monkeypatch, capsys):
+    from alignment.cluster import record_submission
+
+    record_submission(tmp_path, "r", {"jobs": [{"stage": "base", "job_id": "41"}, {"stage": "sft", "job_id": "42"}]})
+    monkeypatch.setenv("PATH", str(tmp_path))  # no squeue/scontrol: ids only, no error
+    assert main(["status", "r", "--artifacts", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "job 41" in out and "job 42" in out and "submitted" in out
+
+
+def test_usr1_checkpoints_exits_requeue_and_the_same_command_resumes(tiny_store, tmp_path):
+    """The runner's side of preemption, without Slurm: USR1 mid-training -> checkpoint, no publish, exit 3;
+    the same command resumes from that checkpoint and publishes."""
+    import shutil
+    import signal
+    import subprocess
+    import time
+
+    from alignment.artifacts import ArtifactStore
+    from alignment.preemption import REQUEUE_EXIT
+
+    root, run = tiny_store
+    shutil.copytree(root / run / "base", tmp_path / "pre" / "base")
+    cmd = [sys.executable, "-m", "alignment.cli", "run", "sft", "-c", "configs/tiny/sft.yaml", "--artifacts",
+           str(tmp_path), "--run", "pre", "train.max_steps=60", "train.save_steps=1", "train.logging_steps=50"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    ckpts = tmp_path / "pre" / "sft.partial" / "checkpoints"
+    deadline = time.monotonic() + 60
+    while not list(ckpts.glob("checkpoint-*/trainer_state.json")):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGUSR1)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == REQUEUE_EXIT, err[-3000:]
+    assert "checkpoint saved, requeue" in err and "align: error" not in err
+    assert not (tmp_path / "pre" / "sft").exists()
+    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming interrupted run from" in resumed.stderr
+    metrics = ArtifactStore(tmp_path).read_stage("pre", "sft").manifest.metrics
+    assert 1 <= metrics["resumed_from_step"] < 60 and metrics["steps"] == 60

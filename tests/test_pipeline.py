@@ -1,7 +1,9 @@
-"""The whole tiny pipeline through `align pipeline`: every stage publishes, a second run skips all."""
+"""The whole tiny pipeline through `align pipeline`: every stage publishes, a second run skips all, and
+changing one stage's config re-runs that stage and everything downstream of it, nothing upstream."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -10,16 +12,37 @@ import yaml
 from alignment.artifacts import ArtifactStore
 
 
-def test_tiny_pipeline_end_to_end_then_skips(tmp_path):
-    stages = [s["stage"] for s in yaml.safe_load(open("configs/tiny/pipeline.yaml"))["stages"]]
-    cmd = [sys.executable, "-m", "alignment.cli", "pipeline", "-c", "configs/tiny/pipeline.yaml",
-           "--artifacts", str(tmp_path), "--run", "e2e"]
+def test_tiny_pipeline_end_to_end_then_skips_then_reruns_downstream_of_a_change(tmp_path):
+    # A copy of the tiny configs (the pipeline names its configs relative to itself), so one can be edited.
+    cfg = tmp_path / "cfg"
+    shutil.copytree("configs/tiny", cfg)
+    stages = [s["stage"] for s in yaml.safe_load((cfg / "pipeline.yaml").read_text())["stages"]]
+    art = tmp_path / "art"
+    cmd = [sys.executable, "-m", "alignment.cli", "pipeline", "-c", str(cfg / "pipeline.yaml"),
+           "--artifacts", str(art), "--run", "e2e"]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
-    store = ArtifactStore(tmp_path)
-    for stage in stages:
-        store.read_stage("e2e", stage)  # published and verified
+    store = ArtifactStore(art)
+    before = {stage: store.read_stage("e2e", stage).manifest_sha256 for stage in stages}  # published, verified
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
     for stage in stages:
         assert f"{stage}: up to date (manifest" in second.stderr
+
+    # Change SFT's learning rate: base is upstream (kept), every other stage reads SFT's artifact directly or
+    # through another stage (re-run, in order).
+    sft_cfg = yaml.safe_load((cfg / "sft.yaml").read_text())
+    sft_cfg["train"]["lr"] = 2 * float(sft_cfg["train"]["lr"])
+    (cfg / "sft.yaml").write_text(yaml.safe_dump(sft_cfg))
+    third = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert third.returncode == 0, third.stderr[-3000:]
+    after = {stage: store.read_stage("e2e", stage).manifest_sha256 for stage in stages}
+    upstream = stages[:stages.index("sft")]
+    assert upstream == ["base"]
+    assert "base: up to date (manifest" in third.stderr and after["base"] == before["base"]
+    for stage in stages[stages.index("sft"):]:
+        assert f"{stage}: up to date" not in third.stderr
+        assert f"[{stage}] published" in third.stderr
+        assert after[stage] != before[stage]
+    assert "sft: config or inputs changed" in third.stderr
+    assert store.read_stage("e2e", "dpo").manifest.inputs["sft"].manifest_sha256 == after["sft"]
