@@ -1,0 +1,283 @@
+"""The mathematics of RLHF with PPO, as pure functions of tensors (no models, no configs).
+
+Notation, per rollout row and response token t (T tokens, `mask` 1 on the real response, 0 on padding):
+
+- log pi(a_t | s_t) = `logprobs`, the policy; log pi_ref = `ref_logprobs`, the reference (the SFT model);
+- per-token KL estimators (Schulman, 2020, "Approximating KL divergence"), with log r = log pi_ref - log pi
+  on tokens sampled from pi:  k1 = -log r  (unbiased, can be negative),  k3 = (r - 1) - log r  (unbiased, >= 0);
+- reward shaping (Ziegler et al., 2019; Stiennon et al., 2020; Ouyang et al., 2022):
+  r_t = -kl_coef * kl_t, plus the reward model's score on the last real token (the EOS);
+- GAE (Schulman et al., 2016): delta_t = r_t + gamma V_{t+1} - V_t, A_t = sum_l (gamma lam)^l delta_{t+l},
+  returns R_t = A_t + V_t; nothing flows in from beyond the last real token;
+- PPO-clip (Schulman et al., 2017): L = E[max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps))], ratio = pi / pi_old;
+- the clipped value loss of the OpenAI baselines: 0.5 E[max((V - R)^2, (clip(V, V_old +- eps_v) - R)^2)];
+- the adaptive KL controller (Ziegler et al., 2019): kl_coef *= 1 + clip(KL / target - 1, -0.2, 0.2) n / horizon.
+
+Masked statistics follow the "N implementation details of RLHF with PPO" write-up (Huang et al., 2024):
+means and variances over the real response tokens only; advantages are whitened, rewards are not shifted.
+Every function is tested against numbers worked by hand in tests/test_rl_math.py.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+# -- masked statistics ---------------------------------------------------------------------------------------------
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of `x` over the positions where `mask` is 1 (over all of them, or along `dim`)."""
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of `x` over the masked positions; `unbiased` applies Bessel's correction n / (n - 1)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    if unbiased:
+        n = mask.sum()
+        if n < 2:
+            return var  # one value: no spread to correct
+        var = var * n / (n - 1)
+    return var
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the masked positions; shift_mean=False keeps the mean (only rescales).
+
+    Positions outside the mask come out as 0, so padding never carries a value into a loss.
+    """
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * (var + eps).rsqrt()
+    if not shift_mean:
+        out = out + mean
+    return out * mask.to(out.dtype)
+
+
+# -- log-probabilities and entropy ---------------------------------------------------------------------------------
+
+
+def logprobs_of_taken_tokens(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / temperature)[token] at each position: (batch, T, vocab), (batch, T) -> (batch, T).
+
+    `logits[:, t]` must already be the logits that predicted `tokens[:, t]` (the caller does the causal shift).
+    The temperature is the one the responses were sampled with, so these are the probabilities of the
+    distribution that produced them (the "N details" write-up, detail 6).
+    """
+    import torch
+
+    logits = logits.float() / temperature
+    taken = torch.gather(logits, -1, tokens.unsqueeze(-1)).squeeze(-1)
+    # logsumexp instead of a full log_softmax: one (batch, T) result instead of a second (batch, T, vocab) tensor.
+    return taken - torch.logsumexp(logits, dim=-1)
+
+
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of softmax(logits / temperature) at each position, in nats: (..., vocab) -> (...)."""
+    import torch
+
+    logits = logits.float() / temperature
+    p = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (p * logits).sum(-1)
+
+
+# -- KL estimators and reward shaping ------------------------------------------------------------------------------
+
+
+def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k1 = log pi - log pi_ref per sampled token: unbiased for KL(pi || pi_ref), negative on some tokens."""
+    return logprobs - ref_logprobs
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k3 = (r - 1) - log r with r = pi_ref / pi: unbiased, never negative, lower variance when pi ~ pi_ref."""
+    import torch
+
+    log_r = ref_logprobs - logprobs
+    return torch.expm1(log_r) - log_r
+
+
+KL_ESTIMATORS = {"k1": kl_k1, "k3": kl_k3}
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last 1 in each row of a right-padded response mask (0 for an empty row)."""
+    return (mask.long().sum(-1) - 1).clamp(min=0)
+
+
+def shape_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """Per-token rewards: -kl_coef * kl on every real token, plus each row's score on its last real token.
+
+    scores (batch,), kl and mask (batch, T) -> (batch, T), zero on padding. The last real token is the EOS
+    when the response has one (the position whose hidden state the reward model read), else the token at
+    the length limit.
+    """
+    import torch
+
+    rewards = -kl_coef * kl * mask.to(kl.dtype)
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    has_token = mask.sum(-1) > 0
+    rewards[rows, last_token_index(mask)] += scores.to(rewards.dtype) * has_token.to(rewards.dtype)
+    return rewards
+
+
+def apply_missing_eos_penalty(scores: torch.Tensor, has_eos: torch.Tensor, penalty: float | None) -> torch.Tensor:
+    """Subtract `penalty` from the score of each response that hit the length limit without an EOS."""
+    if not penalty:
+        return scores
+    return scores - penalty * (~has_eos.bool()).to(scores.dtype)
+
+
+def normalise_scores(scores: torch.Tensor, mean: float, std: float, eps: float = 1e-8) -> torch.Tensor:
+    """(score - mean) / std with the reward model's statistics over its training responses (fixed, not per batch,
+    so the same response gets the same reward throughout the run)."""
+    return (scores - mean) / max(std, eps)
+
+
+# -- generalised advantage estimation ------------------------------------------------------------------------------
+
+
+def gae_loop(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+             lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, returns) by the backward recursion A_t = delta_t + gamma lam A_{t+1}; the reference version.
+
+    Values and rewards past the last real token are treated as 0: the episode ends at the EOS.
+    """
+    import torch
+
+    m = mask.to(values.dtype)
+    values, rewards = values * m, rewards * m
+    T = rewards.shape[-1]
+    last = torch.zeros_like(rewards[:, 0])
+    out = []
+    for t in reversed(range(T)):
+        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last
+        out.append(last)
+    advantages = torch.stack(out[::-1], dim=1) * m
+    return advantages, (advantages + values) * m
+
+
+def gae_vectorised(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+                   lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same as `gae_loop` as one matrix product: A = delta @ W with W[j, t] = (gamma lam)^(j - t) for j >= t.
+
+    O(T^2) memory for the (T, T) weights, which is nothing at RLHF response lengths, and no Python loop.
+    """
+    import torch
+
+    m = mask.to(values.dtype)
+    values, rewards = values * m, rewards * m
+    next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], dim=1)
+    deltas = rewards + gamma * next_values - values
+    T = rewards.shape[-1]
+    idx = torch.arange(T, device=rewards.device)
+    power = (idx[:, None] - idx[None, :]).to(values.dtype)  # [j, t] = j - t
+    weights = torch.where(power >= 0, (gamma * lam) ** power.clamp(min=0), torch.zeros_like(power))
+    advantages = (deltas @ weights) * m
+    return advantages, (advantages + values) * m
+
+
+# -- losses --------------------------------------------------------------------------------------------------------
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                cliprange: float) -> tuple[torch.Tensor, dict]:
+    """PPO-clip surrogate: masked mean of max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)); and its statistics.
+
+    stats: clipfrac (share of tokens where the clipped term is the larger), approxkl (k3 estimate of
+    KL(pi_old || pi) on the minibatch, Schulman's recommendation), ratio (mean ratio).
+    """
+    import torch
+
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {"clipfrac": masked_mean((clipped > unclipped).float(), mask),
+                 "approxkl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
+                 "ratio": masked_mean(ratio, mask)}
+    return loss, stats
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               cliprange_value: float) -> tuple[torch.Tensor, dict]:
+    """0.5 * masked mean of max((V - R)^2, (V_old + clip(V - V_old, -eps_v, eps_v) - R)^2); and clipfrac."""
+    import torch
+
+    clipped_values = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    losses = (values - returns) ** 2
+    losses_clipped = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(losses, losses_clipped), mask)
+    with torch.no_grad():
+        stats = {"vf_clipfrac": masked_mean((losses_clipped > losses).float(), mask)}
+    return loss, stats
+
+
+# -- KL coefficient controllers ------------------------------------------------------------------------------------
+
+
+class FixedKLController:
+    """A constant kl_coef."""
+
+    def __init__(self, kl_coef: float):
+        self.value = kl_coef
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        return self.value
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state["value"]
+
+
+class AdaptiveKLController:
+    """Ziegler et al. (2019), section 2.2: steer the observed KL towards `target`.
+
+    After a batch of `n_steps` episodes with observed KL (nats per response), the error e = clip(KL / target - 1,
+    -0.2, 0.2) scales the coefficient by (1 + e * n_steps / horizon): too much KL raises the penalty, too little
+    lowers it, at most 20% per `horizon` episodes.
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int):
+        if target <= 0 or horizon <= 0:
+            raise ValueError(f"target and horizon must be > 0, got {target}, {horizon}")
+        self.value, self.target, self.horizon = init_kl_coef, target, horizon
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+        return self.value
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state["value"]
+
+
+# -- responses: where they end -------------------------------------------------------------------------------------
+
+
+def response_mask_after_eos(response_ids: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask, has_eos) of generated responses: 1 up to and including the first EOS, 0 after it.
+
+    `generate` keeps sampling rows that finished until the longest is done (filling them with pad); those
+    tokens are not part of the response. A row without EOS hit the length limit: all of it counts.
+    """
+    import torch
+
+    is_eos = response_ids == eos_token_id
+    before_or_at_first = (torch.cumsum(is_eos.long(), dim=1) - is_eos.long()) == 0
+    return before_or_at_first.long(), is_eos.any(dim=1)

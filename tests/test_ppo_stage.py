@@ -1,0 +1,309 @@
+"""The PPO stage and trainer on the tiny model: step-0 KL, EOS placement, learning, resume after SIGKILL, config."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from alignment.artifacts import ArtifactStore
+from alignment.cli import main as align
+from alignment.errors import ConfigError
+from alignment.models import load_tokenizer
+from alignment.policy import load_policy
+from alignment.ppo import HealthMonitor, HealthSpec, HealthStop, PPOSpec, PPOTrainer, lora_config
+from alignment.rl import logprobs_of_taken_tokens
+from alignment.schema import PeftSpec
+
+REPO = Path(__file__).resolve().parent.parent
+CFG = "configs/tiny/ppo.yaml"
+ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1",
+       "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+# Prompts of very different lengths, so the batch is heavily left-padded.
+PROMPTS = [[{"role": "user", "content": "Hi"}],
+           [{"role": "system", "content": "You are a careful assistant who answers questions about nature."},
+            {"role": "user", "content": "Tell me about rivers, glaciers and the water cycle in a few words."}],
+           [{"role": "user", "content": "Describe clocks."}]]
+
+
+def e_share(prompts, completions):
+    """Rule-based reward for the learning test: 5 x the share of the letter 'e' in the response (dense: every
+    sampled token moves it, so a few dozen updates show a clear trend on a random-init model)."""
+    return [5 * c.count("e") / max(len(c), 1) for c in completions]
+
+
+def _trainer(tiny_store, reward=e_share, **spec):
+    root, run = tiny_store
+    sft = ArtifactStore(root).read_stage(run, "sft")
+    tok = load_tokenizer(sft.model_dir)
+    model = load_policy(sft, "fp32")
+    peft = PeftSpec(r=8, alpha=16, dropout=0.0)
+    return PPOTrainer(model, tok, reward, PPOSpec(**{"max_new_tokens": 12, **spec}), lora_config(peft)), sft, tok
+
+
+def _stage(tmp_path, tiny_store, run, *overrides):
+    root, tiny = tiny_store
+    code = align(["run", "ppo", "-c", CFG, "--artifacts", str(tmp_path), "--run", run,
+                  f"inputs.sft={root / tiny / 'sft'}", "reward.kind=function", "reward.function=test_ppo_stage:e_share",
+                  *overrides])
+    assert code == 0
+    return ArtifactStore(tmp_path).read_stage(run, "ppo")
+
+
+def _rows(art):
+    return [json.loads(line) for line in (art.path / "log_history.jsonl").read_text().splitlines()]
+
+
+def test_step0_kl_is_zero_against_a_separately_loaded_sft_model_with_left_padding(tiny_store):
+    trainer, sft, tok = _trainer(tiny_store)
+    ro = trainer.generate(PROMPTS, seed=0)
+    assert ro.query_mask[0].sum() < ro.query_mask[1].sum()  # row 0 is left-padded
+    args = (ro.query_ids, ro.query_mask, ro.response_ids, ro.response_mask)
+    with torch.no_grad():
+        policy_lp = trainer.logprobs(*args)
+        ref_lp = trainer.logprobs(*args, reference=True)
+        values = trainer.values(*args)
+    assert torch.equal(policy_lp, ref_lp)  # a fresh LoRA adds exactly 0: the policy is the reference
+    # The reference (adapters off) is the SFT model: compare with an independent copy scoring each row alone,
+    # unpadded, positions from 0 (how the SFT model sees a single conversation).
+    sft_model = load_policy(sft, "fp32").eval()
+    for i in range(len(PROMPTS)):
+        q = ro.query_ids[i][ro.query_mask[i].bool()]
+        r = ro.response_ids[i][ro.response_mask[i].bool()]
+        ids = torch.cat([q, r])[None]
+        with torch.no_grad():
+            logits = sft_model(input_ids=ids).logits[0, len(q) - 1: ids.shape[1] - 1]
+        alone = logprobs_of_taken_tokens(logits[None], r[None])[0]
+        n = len(r)
+        assert torch.allclose(ref_lp[i, :n], alone, atol=1e-5), i
+        assert (ro.response_mask[i, n:] == 0).all()
+    assert values.shape == ro.response_ids.shape
+    stats = trainer.step(PROMPTS[:2] * 4)  # 8 episodes: the first update's KL is exactly 0
+    assert stats["ppo/kl"] == 0.0 and abs(stats["ppo/ratio"] - 1.0) < 0.05
+
+
+def test_bf16_base_runs_every_role_under_autocast_so_step0_is_exact(tiny_store):
+    root, run = tiny_store
+    sft = ArtifactStore(root).read_stage(run, "sft")
+    tok = load_tokenizer(sft.model_dir)
+    trainer = PPOTrainer(load_policy(sft, "bf16"), tok, e_share, PPOSpec(max_new_tokens=8, ppo_epochs=1, mini_batch_size=8),
+                         lora_config(PeftSpec(r=8, alpha=16, dropout=0.0)))
+    assert trainer.autocast_dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in trainer._trainable)  # fp32 master weights of the adapters
+    stats = trainer.step(PROMPTS[:2] * 4)
+    assert stats["ppo/kl"] == 0.0 and stats["ppo/ratio"] == 1.0 and stats["ppo/clipfrac"] == 0.0
+
+
+def test_full_fine_tuning_mode_keeps_a_frozen_reference(tiny_store):
+    root, run = tiny_store
+    sft = ArtifactStore(root).read_stage(run, "sft")
+    tok = load_tokenizer(sft.model_dir)
+    trainer = PPOTrainer(load_policy(sft, "fp32"), tok, e_share, PPOSpec(max_new_tokens=8, mini_batch_size=8), None)
+    ref_before = {n: p.clone() for n, p in trainer.ref_model.named_parameters()}
+    pol_before = {n: p.clone() for n, p in trainer.model.named_parameters()}
+    assert trainer.step(PROMPTS[:2] * 4)["ppo/kl"] == 0.0
+    assert all(torch.equal(p, ref_before[n]) for n, p in trainer.ref_model.named_parameters())
+    assert any(not torch.equal(p, pol_before[n]) for n, p in trainer.model.named_parameters())
+    assert trainer.step(PROMPTS[:2] * 4)["ppo/kl"] != 0.0
+
+
+def test_eos_reward_placement_and_token_scoring_match_the_reward_model(tiny_store):
+    from alignment.reward import reward_model_from_policy, score_conversations
+    from alignment.reward_sources import ModelReward
+
+    root, run = tiny_store
+    sft = ArtifactStore(root).read_stage(run, "sft")
+    tok = load_tokenizer(sft.model_dir)
+    torch.manual_seed(0)
+    rm = reward_model_from_policy(load_policy(sft, "fp32"), tok.pad_token_id)
+    scorer = ModelReward(rm, tok)
+    assert scorer.suffix_ids == tok("\n", add_special_tokens=False)["input_ids"]  # ChatML: newline after <|im_end|>
+    trainer, _, _ = _trainer(tiny_store, reward=scorer, missing_eos_penalty=2.0)
+    texts = ["the river flows", "ice"]
+    q, qm = trainer.encode_prompts(PROMPTS[:2])
+    rows = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    rows = [rows[0] + [tok.eos_token_id], rows[1]]  # row 1 hit the length limit: no EOS
+    width = max(len(r) for r in rows) + 2
+    r = torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x in rows])
+    from alignment.ppo import Rollout
+    from alignment.rl import response_mask_after_eos
+
+    mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in rows])
+    _, has_eos = response_mask_after_eos(r, tok.eos_token_id)
+    ro = trainer.score(Rollout(PROMPTS[:2], q, qm, r, mask, has_eos, texts))
+    # Row 0 ended with EOS: scored exactly as the chat template renders the conversation.
+    want, _ = score_conversations(rm, tok, [PROMPTS[0] + [{"role": "assistant", "content": texts[0]}]])
+    assert ro.raw_scores[0].item() == pytest.approx(want[0], abs=1e-4)
+    # Row 1 has no EOS: scored at its last token (no suffix) and penalised.
+    ids = torch.cat([q[1][qm[1].bool()], torch.tensor(rows[1])])[None]
+    with torch.no_grad():
+        last = rm(input_ids=ids).logits[0, 0].item()
+    assert ro.raw_scores[1].item() == pytest.approx(last, abs=1e-4)
+    assert ro.scores.tolist() == pytest.approx([ro.raw_scores[0].item(), ro.raw_scores[1].item() - 2.0])
+
+
+def test_rule_based_reward_rises_and_the_artifact_loads(tiny_store, tmp_path):
+    # If the policy gradient's sign were flipped, the e-share would fall instead (checked once by hand).
+    art = _stage(tmp_path, tiny_store, "learn", "ppo.updates=30", "eval.every=10", "eval.greedy=false",
+                 "checkpoint_every=100")
+    rows = _rows(art)
+    train = [r for r in rows if "objective/scores" in r]
+    assert [r["step"] for r in rows] == list(range(31)) and len(train) == 30
+    first, last = sum(r["objective/scores"] for r in train[:5]) / 5, sum(r["objective/scores"] for r in train[-5:]) / 5
+    assert last > first + 0.25, (first, last)
+    m = art.manifest.metrics
+    assert m["eval_reward"]["last"] > m["eval_reward"]["first"] + 0.15, m["eval_reward"]
+    assert set(m["kl"]) == {"first", "last", "max", "min"} and m["kl"]["first"] == 0.0 and m["kl"]["max"] > 0
+    keys = {"ppo/kl", "objective/scores", "objective/rlhf_reward", "ppo/policy_loss", "ppo/value_loss",
+            "ppo/entropy", "ppo/clipfrac", "ppo/kl_coef", "ppo/missing_eos_rate", "ppo/response_length"}
+    assert keys <= set(train[0]) and "eval/reward" in rows[0] and "eval/reward" in rows[-1]
+    assert art.manifest.lineage["parent_stage"] == "sft" and art.manifest.lineage["adapter"] is True
+    # load_policy rebuilds base + SFT + PPO, which differs from SFT alone
+    root, run = tiny_store
+    ppo_model = load_policy(art, "fp32")
+    sft_model = load_policy(ArtifactStore(root).read_stage(run, "sft"), "fp32")
+    ids = torch.tensor([[1, 5, 9, 12, 40]])
+    assert not torch.allclose(ppo_model(input_ids=ids).logits, sft_model(input_ids=ids).logits)
+
+
+def _wait_for(path: Path, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.is_file():
+            return
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    raise AssertionError(f"{path} did not appear")
+
+
+def test_sigkill_resumes_from_the_last_checkpoint_and_matches_an_uninterrupted_run(tiny_store, tmp_path):
+    root, tiny = tiny_store
+    common = ["ppo.updates=16", "checkpoint_every=4", "eval.every=0", "threads=1"]
+    whole = _rows(_stage(tmp_path / "whole", tiny_store, "r", *common))
+    args = [sys.executable, "-m", "alignment.cli", "run", "ppo", "-c", CFG, "--artifacts", str(tmp_path / "killed"),
+            "--run", "r", f"inputs.sft={root / tiny / 'sft'}", "reward.kind=function",
+            "reward.function=test_ppo_stage:e_share", *common]
+    proc = subprocess.Popen(args, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    partial = tmp_path / "killed" / "r" / "ppo.partial"
+    try:
+        _wait_for(partial / "checkpoints" / "checkpoint-4" / "trainer_state.json", proc)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (tmp_path / "killed" / "r" / "ppo").exists()
+    res = subprocess.run(args, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming interrupted run from" in res.stderr
+    art = ArtifactStore(tmp_path / "killed").read_stage("r", "ppo")
+    m = art.manifest.metrics
+    assert 4 <= m["resumed_from_update"] < 16 and m["updates"] == 16
+    rows = _rows(art)
+    assert [r["step"] for r in rows] == list(range(17))  # no update lost or logged twice
+    # Sampling is seeded per update and the optimiser/controller state is restored: the same run as without the kill
+    for a, b in zip(rows[1:], whole[1:]):
+        assert a["objective/scores"] == pytest.approx(b["objective/scores"], abs=1e-5), a["step"]
+        assert a["ppo/kl"] == pytest.approx(b["ppo/kl"], abs=1e-4), a["step"]
+
+
+_CALLS = []
+
+
+def e_share_then_preempt(prompts, completions):
+    """e_share, and on its 3rd call (held-out eval at step 0, update 1, update 2) a SIGUSR1 as Slurm sends it."""
+    _CALLS.append(1)
+    if len(_CALLS) == 3:
+        os.kill(os.getpid(), signal.SIGUSR1)
+    return e_share(prompts, completions)
+
+
+def test_preemption_saves_a_checkpoint_between_updates_and_the_rerun_resumes(tiny_store, tmp_path):
+    from alignment import preemption
+
+    root, tiny = tiny_store
+    args = ["run", "ppo", "-c", CFG, "--artifacts", str(tmp_path), "--run", "p", f"inputs.sft={root / tiny / 'sft'}",
+            "reward.kind=function", "reward.function=test_ppo_stage:e_share_then_preempt", "ppo.updates=5",
+            "eval.every=0", "ppo.batch_size=8"]
+    _CALLS.clear()
+    try:
+        assert align(args) == preemption.REQUEUE_EXIT
+    finally:
+        preemption.reset()
+    checkpoints = tmp_path / "p" / "ppo.partial" / "checkpoints"
+    assert [p.name for p in checkpoints.iterdir()] == ["checkpoint-2"]  # saved right after the update in flight
+    assert (checkpoints / "checkpoint-2" / "trainer_state.json").is_file()
+    assert not (tmp_path / "p" / "ppo").exists()  # nothing published
+    assert align(args) == 0  # _CALLS is past 3: no second signal
+    art = ArtifactStore(tmp_path).read_stage("p", "ppo")
+    assert art.manifest.metrics["resumed_from_update"] == 2 and art.manifest.metrics["updates"] == 5
+    assert [r["step"] for r in _rows(art)] == list(range(6))
+
+
+def test_a_tripped_guardrail_saves_a_checkpoint_and_stops_with_one_line(tiny_store, tmp_path, capsys):
+    root, tiny = tiny_store
+    # A stop limit every update passes (KL < 100): stops after the first update.
+    code = align(["run", "ppo", "-c", CFG, "--artifacts", str(tmp_path), "--run", "h",
+                  f"inputs.sft={root / tiny / 'sft'}", "reward.kind=function", "reward.function=test_ppo_stage:e_share",
+                  "health.negative_kl_warn=null", "health.negative_kl_stop=100", "health.patience=1",
+                  "ppo.batch_size=8", "eval.every=0"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "align: error: ppo: stopped at update 1: KL per response is 0.000 nats" in err
+    assert "health.negative_kl_stop=100.0" in err
+    assert (tmp_path / "h" / "ppo.partial" / "checkpoints" / "checkpoint-1" / "trainer_state.json").is_file()
+    assert not (tmp_path / "h" / "ppo").exists()
+
+
+def test_health_monitor_warns_then_stops():
+    mon = HealthMonitor(HealthSpec(patience=2))
+    assert mon.check({"step": 1, "ppo/kl": 0.1, "ppo/entropy": 2.0, "ppo/response_length": 10.0,
+                      "ppo/missing_eos_rate": 0.0}) == []
+    warnings = mon.check({"step": 2, "ppo/kl": -0.6, "ppo/entropy": 0.5, "ppo/response_length": 25.0,
+                          "ppo/missing_eos_rate": 0.6})
+    assert len(warnings) == 4 and "negative" in warnings[0] and "2.50x" in warnings[2] and "25%" in warnings[3]
+    # entropy at 4% of the first update's: past the stop limit once (patience 2), then again -> stop
+    mon.check({"step": 3, "ppo/entropy": 0.08})
+    with pytest.raises(HealthStop, match=r"update 4: token entropy fell to 4%.*health.entropy_collapse_stop=0.05"):
+        mon.check({"step": 4, "ppo/entropy": 0.08})
+    # reward up while the gold check falls: stops at the first evaluation past the limit
+    mon = HealthMonitor(HealthSpec())
+    mon.check({"step": 0, "eval/reward": 0.0, "eval/gold": 0.8})
+    assert "reward hacking" in mon.check({"step": 5, "eval/reward": 0.5, "eval/gold": 0.7})[0]
+    assert mon.check({"step": 6, "eval/reward": -0.1, "eval/gold": 0.3}) == []  # reward fell too: not hacking
+    with pytest.raises(HealthStop, match="gold check fell 0.800 -> 0.500"):
+        mon.check({"step": 10, "eval/reward": 0.9, "eval/gold": 0.5})
+
+
+@pytest.mark.parametrize("overrides, problem", [
+    (["group.num_generations=4"], "group: applies to algorithm grpo/rloo only"),
+    (["peft.method=ia3"], "peft.method: ppo trains LoRA adapters"),
+    (["reward.kind=function", "reward.function=alignment.reward_sources:gold_reward", "ppo.value_init=reward"],
+     "ppo.value_init: 'reward' copies the reward model's score head"),
+    (["ppo.mini_batch_size=3"], "ppo.mini_batch_size: batch_size (16) must be a multiple"),
+    (["reward.kind=function"], "reward.function: kind 'function' needs"),
+    (["algorithm=grpo", "ppo.lr=0.1"], "ppo: applies to algorithm ppo only"),
+])
+def test_config_problems(overrides, problem):
+    from alignment.runner import load_stage_config
+
+    with pytest.raises(ConfigError) as e:
+        load_stage_config("ppo", CFG, overrides)
+    assert problem in str(e.value)
+
+
+def test_upstream_depends_on_the_reward_kind():
+    from alignment.runner import load_stage_config
+    from stages.ppo import PromptSchedule, upstream
+
+    assert upstream(load_stage_config("ppo", CFG)) == ("sft", "reward")
+    cfg = load_stage_config("ppo", CFG, ["reward.kind=function", "reward.function=alignment.reward_sources:gold_reward"])
+    assert upstream(cfg) == ("sft",)
+    sched = PromptSchedule(5, 4, seed=0)
+    first_pass = sched.indices(0) + sched.indices(1)[:1]
+    assert sorted(first_pass) == [0, 1, 2, 3, 4] and sched.indices(3) == PromptSchedule(5, 4, 0).indices(3)
