@@ -10,7 +10,9 @@ from alignment.config import apply_overrides, config_hash, load_config, redact
 from alignment.errors import ConfigError
 from alignment.runner import load_stage_config, stage_of_file
 
-CONFIGS = sorted(p for p in Path("configs").rglob("*.yaml") if not p.name.startswith("pipeline"))
+# Stage configs; cluster profiles and accelerate files have their own checks (test_cluster.py and below).
+CONFIGS = sorted(p for p in Path("configs").rglob("*.yaml")
+                 if not p.name.startswith("pipeline") and p.parent.name not in ("cluster", "accelerate"))
 PIPELINES = sorted(Path("configs").rglob("pipeline*.yaml"))
 
 
@@ -18,6 +20,23 @@ PIPELINES = sorted(Path("configs").rglob("pipeline*.yaml"))
 def test_every_shipped_config_validates(path):
     cfg = load_stage_config(stage_of_file(path), path)
     assert cfg.stage == stage_of_file(path)
+
+
+@pytest.mark.parametrize("path", sorted(Path("configs/cluster").glob("*.yaml")), ids=str)
+def test_every_cluster_profile_validates(path):
+    from alignment.cluster import SlurmSpec
+    import yaml
+
+    SlurmSpec.model_validate(yaml.safe_load(path.read_text()))
+
+
+@pytest.mark.parametrize("path", sorted(Path("configs/accelerate").glob("*.yaml")), ids=str)
+def test_every_accelerate_config_is_a_launch_config(path):
+    import yaml
+
+    spec = yaml.safe_load(path.read_text())
+    assert spec["distributed_type"] in ("MULTI_GPU", "MULTI_CPU", "FSDP", "DEEPSPEED"), path
+    assert spec["num_processes"] >= 1
 
 
 @pytest.mark.parametrize("path", PIPELINES, ids=str)
