@@ -1,0 +1,294 @@
+"""GRPO and RLOO through TRL's maintained trainers (`algorithm: grpo | rloo` of the `ppo` stage).
+
+Both are critic-free policy-gradient methods that sample a *group* of `num_generations` completions per prompt
+and use the group itself as the baseline:
+
+- GRPO (Shao et al., 2024, DeepSeekMath): advantage = (r - mean(group)) / std(group), PPO-style clipped ratio
+  (epsilon) and a k3 KL penalty to the reference weighted by `beta` inside the loss (not in the reward).
+- RLOO (Ahmadian et al., 2024, "Back to Basics"; Kool et al., 2019): advantage = r - mean(other completions of
+  the same prompt), the leave-one-out baseline; TRL folds `beta` x KL into the reward.
+
+They read the same prompts (`alignment.prompts`) and the same reward sources (`alignment.reward_sources`) as our
+PPO, and publish the same artifact layout: a LoRA adapter trained on base + SFT merged, lineage parent = sft,
+so `alignment.policy.load_policy(artifact)` rebuilds base + SFT + GRPO. As in DPO, the reference is the SFT model
+with the adapter switched off (TRL does that by itself for a peft model): one copy of the weights in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from typing import Literal
+
+from alignment.config import Section
+from alignment.errors import ConfigError
+
+log = logging.getLogger("align")
+
+
+class GroupSpec(Section):
+    """Group-baseline settings, passed to TRL 1.16's GRPOConfig / RLOOConfig (same names as there)."""
+
+    num_generations: int = 4
+    """Completions sampled per prompt (the group, G). The per-step batch (train.batch_size x train.grad_accum)
+    counts completions and must be a multiple of it; at least 2 (a group of one has no baseline)."""
+    beta: float = 0.04
+    """KL coefficient against the reference (the SFT model). 0 skips the reference forward entirely (TRL's GRPO
+    default; then no KL is measured). 0.04 is the DeepSeekMath GRPO value; TRL's RLOO default is 0.05."""
+    epsilon: float = 0.2
+    """Clip range of the importance ratio (PPO's epsilon), lower side."""
+    epsilon_high: float | None = None
+    """Upper clip range (DAPO's clip-higher recommends 0.28); None: the same as epsilon."""
+    num_iterations: int = 1
+    """Optimisation passes over each generated batch (GRPO's mu); with 1 the ratio is always 1 and clipping is
+    inactive, as in the DeepSeekMath runs."""
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"] = "dapo"
+    """GRPO only: how token losses are aggregated. grpo: per-sequence mean (length-biased); dapo (TRL's default):
+    over all active tokens of the accumulated batch (Yu et al., 2025); dr_grpo: over a constant (Liu et al., 2025);
+    see TRL's GRPOConfig for the rest. RLOO has one loss and refuses a change here."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """GRPO only: divide advantages by the group std (group, the paper), the batch std (batch), or not at all
+    (none: Dr. GRPO argues the std adds a question-difficulty bias)."""
+    normalize_advantages: bool = False
+    """RLOO only: whiten the leave-one-out advantages over the batch."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts (the log-probs are computed at the same temperature)."""
+    top_p: float = 1.0
+    top_k: int = 0
+    """0: no top-k filtering."""
+    max_completion_length: int = 64
+    """Tokens generated per completion; a completion cut at this length has no EOS."""
+    mask_truncated_completions: bool = False
+    """Leave completions cut at max_completion_length out of the loss (DAPO's overlong filtering)."""
+    log_completions: bool = False
+    """Print a sample of prompts, completions and rewards at each logging step."""
+
+    def problems(self, algorithm: str, train, prefix: str = "group") -> list[tuple[str, str]]:
+        """Config-load checks; `train` is the stage's TrainSpec (its batch counts completions)."""
+        out = []
+        if self.num_generations < 2:
+            out.append((f"{prefix}.num_generations", "a group needs at least 2 completions per prompt (the others "
+                                                     "are each one's baseline)"))
+        elif (train.batch_size * train.grad_accum) % self.num_generations:
+            out.append(("train.batch_size", f"train.batch_size x train.grad_accum = "
+                                            f"{train.batch_size * train.grad_accum} completions per step must be a "
+                                            f"multiple of {prefix}.num_generations ({self.num_generations}): "
+                                            "every prompt's group is generated in the same batch"))
+        if self.beta < 0:
+            out.append((f"{prefix}.beta", "expected a KL coefficient >= 0"))
+        if self.epsilon <= 0 or (self.epsilon_high is not None and self.epsilon_high <= 0):
+            out.append((f"{prefix}.epsilon", "expected a clip range > 0"))
+        if self.num_iterations < 1:
+            out.append((f"{prefix}.num_iterations", "expected at least 1 pass per generated batch"))
+        if self.temperature <= 0:
+            out.append((f"{prefix}.temperature", "expected a sampling temperature > 0"))
+        if not 0 < self.top_p <= 1:
+            out.append((f"{prefix}.top_p", "expected a probability in (0, 1]"))
+        if self.max_completion_length < 1:
+            out.append((f"{prefix}.max_completion_length", "expected at least 1 token"))
+        if algorithm == "rloo":
+            for key in ("loss_type", "scale_rewards"):
+                if key in self.model_fields_set:
+                    out.append((f"{prefix}.{key}", "applies to algorithm grpo only; RLOO has one loss "
+                                                   "(use normalize_advantages to whiten its advantages)"))
+        if algorithm == "grpo" and "normalize_advantages" in self.model_fields_set:
+            out.append((f"{prefix}.normalize_advantages", "applies to algorithm rloo only; GRPO scales by the "
+                                                          "group std (see scale_rewards)"))
+        if self.loss_type == "luspo" and algorithm == "grpo":
+            out.append((f"{prefix}.loss_type", "luspo is a sequence-level loss TRL only runs with "
+                                               "importance_sampling_level 'sequence', which is not exposed here"))
+        return out
+
+    def peft_problems(self, peft, prefix: str = "peft") -> list[tuple[str, str]]:
+        """What TRL's group trainers cannot train (checked against the stage's PeftSpec)."""
+        targets = [peft.target_modules] if isinstance(peft.target_modules, str) else (peft.target_modules or [])
+        if peft.method in ("lora", "qlora", "ia3") and "lm_head" in targets:
+            return [(f"{prefix}.target_modules", "GRPO/RLOO compute log-probs from lm_head.weight directly (TRL), "
+                                                 "so an adapter on lm_head would never train; remove 'lm_head'")]
+        if peft.method in ("prefix", "prompt", "ptuning", "qlora"):
+            return [(f"{prefix}.method", f"GRPO/RLOO train lora (use_dora/use_rslora), ia3, bitfit, freeze or full "
+                                         f"on the merged SFT policy, not '{peft.method}'")]
+        return []
+
+    def trl_kwargs(self, algorithm: str) -> dict:
+        """The GRPOConfig / RLOOConfig keywords these settings map to."""
+        kw = dict(num_generations=self.num_generations, beta=self.beta, epsilon=self.epsilon,
+                  epsilon_high=self.epsilon_high, num_iterations=self.num_iterations, temperature=self.temperature,
+                  top_p=self.top_p, top_k=self.top_k, max_completion_length=self.max_completion_length,
+                  mask_truncated_completions=self.mask_truncated_completions, log_completions=self.log_completions)
+        if algorithm == "grpo":
+            kw.update(loss_type=self.loss_type, scale_rewards=self.scale_rewards)
+        else:
+            kw.update(normalize_advantages=self.normalize_advantages)
+        return kw
+
+
+# -- the reward: our text-level scorer in TRL's reward-function signature ----------------------------------------
+def trl_reward_func(score, records: list[dict], name: str = "reward"):
+    """Wrap `score(prompts, completions, **fields) -> list[float]` (alignment.reward_sources) for TRL.
+
+    TRL calls reward functions with keywords: `prompts` (chat message lists, conversational data),
+    `completions` (for conversational data a one-message list [{"role": "assistant", "content": text}]),
+    `completion_ids`, every other dataset column as a list (here `prompt_index`), and `trainer_state` etc.
+    Our scorers take the prompt messages, the completion *text* and the per-prompt fields (`constraints`,
+    `reference`), which are looked up in `records` by `prompt_index` rather than stored as dataset columns:
+    constraint dicts of different types would come back from Arrow with every other type's keys set to None.
+    TRL logs the function under its `__name__` (`rewards/<name>/mean`).
+    """
+    from alignment.reward_sources import FIELDS
+
+    def reward(prompts, completions, prompt_index, **_):
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        rows = [records[i] for i in prompt_index]
+        fields = {f: [r.get(f) for r in rows] for f in FIELDS if any(f in r for r in rows)}
+        return [float(x) for x in score(prompts, texts, **fields)]
+
+    reward.__name__ = name
+    return reward
+
+
+def prompt_dataset(records: list[dict]):
+    """TRL's conversational prompt-only format: `prompt` (message lists) + `prompt_index` into `records`."""
+    from datasets import Dataset
+
+    return Dataset.from_list([{"prompt": r["prompt"], "prompt_index": i} for i, r in enumerate(records)])
+
+
+def trainer_class(algorithm: str):
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+    return (GRPOConfig, GRPOTrainer) if algorithm == "grpo" else (RLOOConfig, RLOOTrainer)
+
+
+# -- the run -------------------------------------------------------------------------------------------------------
+def build_trainer(cfg, sft, prompts: list[dict], score, checkpoints_dir):
+    """TRL's GRPOTrainer / RLOOTrainer on base + SFT merged, whose reference is that same SFT model."""
+    from alignment.models import load_tokenizer
+    from alignment.peft_methods import METHODS, peft_config, select_trainable
+    from alignment.policy import load_policy
+    from alignment.training import callbacks, trainer_args
+
+    group, adapter = cfg.group, METHODS[cfg.peft.method].adapter
+    tok = load_tokenizer(sft.model_dir)
+    policy = load_policy(sft, cfg.precision)  # one copy; with an adapter, adapter-off is the reference
+    if not adapter:
+        select_trainable(policy, cfg.peft)
+    config_cls, trainer_cls = trainer_class(cfg.algorithm)
+    args = config_cls(**trainer_args(cfg.train, out_dir=checkpoints_dir, seed=cfg.seed, precision=cfg.precision,
+                                     report_to=cfg.report_to),
+                      **group.trl_kwargs(cfg.algorithm))
+    # Without an adapter to switch off, TRL builds the reference by reloading `config._name_or_path`: the raw
+    # base folder, i.e. base *without* SFT. Point it at a temporary copy of base + SFT merged instead (TRL reads
+    # it while the trainer is constructed; the copy is then deleted).
+    with tempfile.TemporaryDirectory(prefix="grpo-ref-") as ref_dir:
+        name_or_path = policy.config._name_or_path
+        if not adapter and group.beta:
+            policy.save_pretrained(ref_dir, safe_serialization=True)
+            policy.config._name_or_path = ref_dir
+        reward = trl_reward_func(score, prompts, f"{cfg.reward.kind}_reward")
+        try:
+            trainer = trainer_cls(model=policy, reward_funcs=reward, args=args, train_dataset=prompt_dataset(prompts),
+                                  processing_class=tok, peft_config=peft_config(cfg.peft), callbacks=callbacks())
+        finally:
+            policy.config._name_or_path = name_or_path
+    if trainer.ref_model is not None:
+        trainer.ref_model.requires_grad_(False)  # TRL only runs it under no_grad; frozen says so
+    return trainer, tok
+
+
+def problems(cfg) -> list[tuple[str, str]]:
+    """Config-load checks of a ppo-stage config with algorithm grpo/rloo (the group settings and the peft
+    methods TRL's group trainers can train)."""
+    return cfg.group.problems(cfg.algorithm, cfg.train, "group") + cfg.group.peft_problems(cfg.peft, "peft")
+
+
+def run_trl(cfg, ctx) -> None:
+    """Train the SFT policy with TRL's GRPOTrainer / RLOOTrainer and publish it like the PPO stage does.
+
+    Reads (from the `ppo` stage config): cfg.algorithm, cfg.group (GroupSpec), cfg.data (PromptData),
+    cfg.reward (RewardSource), cfg.peft (PeftSpec), cfg.train (TrainSpec), cfg.seed, cfg.precision, cfg.report_to.
+    """
+    from transformers import set_seed
+
+    from alignment.hardware import peak_rss_mb, resolve_precision
+    from alignment.peft_methods import METHODS, describe
+    from alignment.policy import lineage_for, require_mergeable
+    from alignment.prompts import load_prompts
+    from alignment.reward_sources import text_reward_fn
+    from alignment.training import param_counts, save_log_history, throughput
+
+    # -- 1. set up: prompts and reward before the model, so bad data or a bad reward fails in seconds ----------
+    algorithm = cfg.algorithm
+    bad = problems(cfg)  # normally refused at config load already (stages/ppo.py Config.problems)
+    if bad:
+        raise ConfigError([f"{key}: {msg}" for key, msg in bad])
+    set_seed(cfg.seed)
+    sft = ctx.inputs["sft"]
+    require_mergeable(sft, needed_by=algorithm)
+    prompts = load_prompts(cfg.data.train, cfg.data.max_prompts, cfg.data.train_split)
+    score = text_reward_fn(cfg.reward, ctx.inputs, cfg.precision)
+    adapter = METHODS[cfg.peft.method].adapter
+    log.info("[%s] %d prompts x %d completions, reward %s, beta %s; precision %s", algorithm, len(prompts),
+             cfg.group.num_generations, cfg.reward.kind, cfg.group.beta, resolve_precision(cfg.precision))
+
+    # -- 2. the policy: base + SFT merged, with a fresh adapter; its adapter-off state is the reference ----------
+    trainer, tok = build_trainer(cfg, sft, prompts, score, ctx.checkpoints_dir)
+    ctx.metrics.update(param_counts(trainer.model))
+
+    # -- 3. train (TRL: generate groups -> reward -> group-baseline advantages -> clipped loss + beta KL) ------
+    t0 = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
+    runtime = time.perf_counter() - t0
+    save_log_history(trainer, ctx.out_dir)
+
+    # -- 4. save: the adapter on base + SFT, lineage parent = sft (like dpo and ppo) ------------------------------
+    model = trainer.model
+    model.save_pretrained(ctx.out_dir / "model", safe_serialization=True)
+    tok.save_pretrained(ctx.out_dir / "model")
+    if adapter:
+        point_adapter_at_parent(ctx.out_dir / "model", sft)
+    ctx.lineage = lineage_for(sft, adapter=adapter, reference="parent", algorithm=algorithm, **describe(cfg.peft),
+                              reward={"kind": cfg.reward.kind,
+                                      **({"artifact": str(ctx.inputs["reward"].path)} if "reward" in ctx.inputs
+                                         else {}),
+                                      **({"function": cfg.reward.function} if cfg.reward.function else {})})
+    ctx.metrics.update({
+        "algorithm": algorithm, **curve_summary(trainer.state.log_history), "train_loss": result.training_loss,
+        "steps": result.global_step, "train_prompts": len(prompts),
+        "resumed_from_step": int(ctx.resume_from.name.split("-")[-1]) if ctx.resume_from else 0,
+        "train_seconds": round(runtime, 2), "peak_rss_mb": round(peak_rss_mb(), 1), **throughput(trainer, runtime),
+    })
+    log.info("[%s] reward %s -> %s, KL %s over %d steps in %.1fs", algorithm, ctx.metrics.get("reward_first"),
+             ctx.metrics.get("reward_last"), ctx.metrics.get("kl_last"), result.global_step, runtime)
+
+
+def curve_summary(log_history: list[dict]) -> dict:
+    """First/last/max mean reward and last/max KL of TRL's logged steps (keys `reward`, `kl`)."""
+    rows = [r for r in log_history if "reward" in r]
+    out: dict = {}
+    if rows:
+        rewards = [r["reward"] for r in rows]
+        out.update(reward_first=rewards[0], reward_last=rewards[-1], reward_max=max(rewards))
+    kls = [r["kl"] for r in rows if "kl" in r]
+    if kls:
+        out.update(kl_last=kls[-1], kl_max=max(kls))
+    lengths = [r["completions/mean_length"] for r in rows if "completions/mean_length" in r]
+    if lengths:
+        out.update(completion_length_first=lengths[0], completion_length_last=lengths[-1])
+    return out
+
+
+def point_adapter_at_parent(adapter_dir, sft) -> None:
+    """The same fix as stages/dpo.py's `_point_adapter_at_parent` (see there): peft records the raw base folder
+    as the adapter's base, which would silently drop SFT; point it at SFT's `merged/` when there is one, else at
+    a name no loader resolves. `alignment.policy.load_policy` follows the manifest's lineage and needs neither."""
+    merged = sft.path / "merged"
+    target = (str(merged.resolve()) if (merged / "config.json").is_file()
+              else f"{sft.path.resolve()} (base + SFT adapter; load with alignment.policy.load_policy)")
+    path = adapter_dir / "adapter_config.json"
+    conf = json.loads(path.read_text())
+    conf["base_model_name_or_path"] = target
+    path.write_text(json.dumps(conf, indent=2, sort_keys=True))
+

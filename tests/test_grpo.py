@@ -1,0 +1,156 @@
+"""`algorithm: grpo | rloo` of the ppo stage (TRL's GRPOTrainer / RLOOTrainer, alignment/grpo.py) on the tiny model:
+a few steps train and publish an artifact that loads back through its lineage; the reference is the SFT model;
+the reward wrapper passes per-prompt fields; impossible group settings fail at config load."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from alignment.artifacts import ArtifactStore
+from alignment.cli import main
+from alignment.config import load_config
+from alignment.grpo import GroupSpec, build_trainer, trl_reward_func
+from alignment.policy import load_policy
+from alignment.prompts import load_prompts
+
+CONFIG = {
+    "stage": "ppo", "run": "tiny", "seed": 0, "precision": "fp32", "algorithm": "grpo",
+    "data": {"train": "data/instruct/train.jsonl", "eval": None, "max_prompts": 16},
+    "reward": {"kind": "function", "function": "test_grpo:vowel_reward"},
+    "peft": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
+    "train": {"lr": 1.0e-2, "max_steps": 3, "batch_size": 8, "logging_steps": 1, "save_steps": 100},
+    "group": {"num_generations": 4, "max_completion_length": 12, "beta": 0.04},
+}
+
+
+def vowel_reward(prompts, completions):
+    """Rule-based reward: the share of vowels among the letters (varies between random completions, so every
+    group has a baseline to beat)."""
+    out = []
+    for text in completions:
+        letters = [c for c in text.lower() if c.isalpha()]
+        out.append(sum(c in "aeiou" for c in letters) / len(letters) if letters else 0.0)
+    return out
+
+
+def write_config(tmp_path: Path, **changes) -> Path:
+    cfg = json.loads(json.dumps(CONFIG))
+    for key, value in changes.items():
+        node = cfg
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    path = tmp_path / "grpo.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture
+def store(tiny_store, tmp_path):
+    root, run = tiny_store
+    copy = tmp_path / "store"
+    shutil.copytree(root, copy)
+    return copy, run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_trains_a_few_steps_and_loads_back(store, tmp_path, algorithm):
+    root, run = store
+    cfg = write_config(tmp_path, algorithm=algorithm)
+    assert main(["run", "ppo", "-c", str(cfg), "--artifacts", str(root)]) == 0
+
+    s = ArtifactStore(root)
+    art, sft = s.read_stage(run, "ppo"), s.read_stage(run, "sft")
+    m = art.manifest
+    assert m.lineage["parent"] == str(sft.path) and m.lineage["adapter"] is True
+    assert m.lineage["algorithm"] == algorithm and m.lineage["reward"]["function"] == "test_grpo:vowel_reward"
+    assert m.metrics["algorithm"] == algorithm and m.metrics["steps"] == 3
+    assert 0.0 <= m.metrics["reward_first"] <= 1.0 and 0.0 <= m.metrics["reward_last"] <= 1.0
+    assert m.metrics["kl_last"] != 0.0  # beta > 0: KL measured, and the policy moved away from the reference
+    rows = [json.loads(line) for line in (art.path / "log_history.jsonl").read_text().splitlines()]
+    assert [r["reward"] for r in rows if "reward" in r][0] == m.metrics["reward_first"]
+    # The adapter does not claim the raw base as its base model (that would silently drop SFT).
+    adapter_conf = json.loads((art.model_dir / "adapter_config.json").read_text())
+    assert str(s.read_stage(run, "base").model_dir.resolve()) != adapter_conf["base_model_name_or_path"]
+
+    # base + SFT + GRPO/RLOO loads back through the lineage, and differs from base + SFT.
+    trained, before = load_policy(art, "fp32"), load_policy(sft, "fp32")
+    changed = [n for n, p in trained.state_dict().items() if not torch.equal(p, before.state_dict()[n])]
+    assert any("layers" in n for n in changed), "training changed no parameter"
+
+
+def test_reference_of_full_fine_tuning_is_the_sft_model(store, tmp_path):
+    """Without an adapter to switch off, TRL reloads the reference from config._name_or_path (the raw base):
+    build_trainer must hand it base + SFT merged instead."""
+    root, run = store
+    from stages.ppo import Config
+
+    cfg = load_config(Config, write_config(tmp_path, **{"peft": {"method": "full"}}))
+    s = ArtifactStore(root)
+    sft, base = s.read_stage(run, "sft"), s.read_stage(run, "base")
+    trainer, _ = build_trainer(cfg, sft, load_prompts(cfg.data.train, 8), vowel_reward, tmp_path / "ckpt")
+    ref = trainer.ref_model.state_dict()
+    sft_w, base_w = load_policy(sft, "fp32").state_dict(), load_policy(base, "fp32").state_dict()
+    assert all(torch.equal(ref[n], sft_w[n]) for n in sft_w)
+    assert not all(torch.equal(ref[n], base_w[n]) for n in base_w), "SFT must differ from base for this to mean much"
+    assert any(p.requires_grad for p in trainer.model.parameters())
+    assert not any(p.requires_grad for p in trainer.ref_model.parameters())
+
+
+def test_reward_wrapper_passes_text_and_the_prompts_fields():
+    records = [{"prompt": [{"role": "user", "content": "a"}], "constraints": [{"type": "lowercase"}]},
+               {"prompt": [{"role": "user", "content": "b"}], "reference": "B!"}]
+    seen = {}
+
+    def score(prompts, completions, **fields):
+        seen.update(prompts=prompts, completions=completions, **fields)
+        return [1, 2]
+
+    reward = trl_reward_func(score, records, "function_reward")
+    out = reward(prompts=[r["prompt"] for r in records[::-1]],
+                 completions=[[{"role": "assistant", "content": "x"}], [{"role": "assistant", "content": "y"}]],
+                 prompt_index=[1, 0], completion_ids=[[1], [2]], trainer_state=None)
+    assert out == [1.0, 2.0] and reward.__name__ == "function_reward"
+    assert seen["completions"] == ["x", "y"]
+    assert seen["constraints"] == [None, [{"type": "lowercase"}]] and seen["reference"] == ["B!", None]
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({"train.batch_size": 6}, "train.batch_size: train.batch_size x train.grad_accum = 6 completions per step "
+                              "must be a multiple of group.num_generations (4)"),
+    ({"group.num_generations": 1}, "group.num_generations: a group needs at least 2"),
+    ({"algorithm": "rloo", "group.loss_type": "grpo"}, "group.loss_type: applies to algorithm grpo only"),
+    ({"group.normalize_advantages": True}, "group.normalize_advantages: applies to algorithm rloo only"),
+    ({"group.beta": -0.1}, "group.beta: expected a KL coefficient >= 0"),
+])
+def test_impossible_group_settings_fail_at_config_load(tmp_path, capsys, changes, expected):
+    cfg = write_config(tmp_path, **changes)
+    assert main(["run", "ppo", "-c", str(cfg), "--artifacts", str(tmp_path / "store")]) == 2
+    assert f"align: error: {cfg}: {expected}" in capsys.readouterr().err
+
+
+def test_adapter_on_lm_head_is_refused_before_training(store, tmp_path, capsys):
+    root, _ = store
+    cfg = write_config(tmp_path, **{"peft.target_modules": ["q_proj", "lm_head"]})
+    assert main(["run", "ppo", "-c", str(cfg), "--artifacts", str(root)]) == 2
+    assert ("peft.target_modules: GRPO/RLOO compute log-probs from lm_head.weight directly"
+            in capsys.readouterr().err)
+
+
+def test_group_spec_maps_onto_trl_configs():
+    from trl import GRPOConfig, RLOOConfig
+
+    spec = GroupSpec(num_generations=2, beta=0.1, loss_type="dr_grpo", max_completion_length=7)
+    common = dict(output_dir="/tmp/unused", per_device_train_batch_size=2, use_cpu=True, bf16=False)
+    grpo = GRPOConfig(**common, **spec.trl_kwargs("grpo"))
+    assert (grpo.num_generations, grpo.beta, grpo.loss_type, grpo.max_completion_length) == (2, 0.1, "dr_grpo", 7)
+    rloo = RLOOConfig(**common, **spec.trl_kwargs("rloo"))
+    assert (rloo.num_generations, rloo.beta, rloo.normalize_advantages) == (2, 0.1, False)
