@@ -15,7 +15,7 @@ ALIGN := OMP_WAIT_POLICY=PASSIVE $(BIN)/align
 RUN_FLAG := $(if $(RUN),--run $(RUN),)
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup setup-services pipeline pipeline-tiny test base sft label reward dpo ppo eval report submit slurm status clean-artifacts
+.PHONY: help setup setup-services pipeline pipeline-tiny test base sft label reward dpo ppo eval report submit slurm bench-ppo status clean-artifacts
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -78,6 +78,10 @@ submit: setup ## submit the pipeline as a chain of Slurm jobs (afterok); SUBMIT_
 	$(ALIGN) submit -c configs/$(PROFILE)/pipeline.yaml --artifacts $(ARTIFACTS) $(RUN_FLAG) $(SUBMIT_ARGS)
 
 slurm: submit
+
+bench-ppo: setup ## our PPO vs TRL 1.12's PPOTrainer (own venv in bench/out), episodes/s and peak RSS
+	bash bench/setup_trl112.sh
+	OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 TRL_EXPERIMENTAL_SILENCE=1 $(BIN)/python bench/ppo_vs_trl.py
 
 status: setup ## table of a run's stages
 	$(ALIGN) status --artifacts $(ARTIFACTS) $(RUN)

@@ -16,7 +16,6 @@ with the adapter switched off (TRL does that by itself for a peft model): one co
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 import time
@@ -214,7 +213,7 @@ def run_trl(cfg, ctx) -> None:
 
     from alignment.hardware import peak_rss_mb, resolve_precision
     from alignment.peft_methods import METHODS, describe
-    from alignment.policy import lineage_for, require_mergeable
+    from alignment.policy import lineage_for, point_adapter_at_parent, require_mergeable
     from alignment.prompts import load_prompts
     from alignment.reward_sources import text_reward_fn
     from alignment.training import param_counts, save_log_history, throughput
@@ -278,17 +277,3 @@ def curve_summary(log_history: list[dict]) -> dict:
     if lengths:
         out.update(completion_length_first=lengths[0], completion_length_last=lengths[-1])
     return out
-
-
-def point_adapter_at_parent(adapter_dir, sft) -> None:
-    """The same fix as stages/dpo.py's `_point_adapter_at_parent` (see there): peft records the raw base folder
-    as the adapter's base, which would silently drop SFT; point it at SFT's `merged/` when there is one, else at
-    a name no loader resolves. `alignment.policy.load_policy` follows the manifest's lineage and needs neither."""
-    merged = sft.path / "merged"
-    target = (str(merged.resolve()) if (merged / "config.json").is_file()
-              else f"{sft.path.resolve()} (base + SFT adapter; load with alignment.policy.load_policy)")
-    path = adapter_dir / "adapter_config.json"
-    conf = json.loads(path.read_text())
-    conf["base_model_name_or_path"] = target
-    path.write_text(json.dumps(conf, indent=2, sort_keys=True))
-

@@ -93,3 +93,21 @@ def load_policy(art: Artifact, precision: str, *, trust_remote_code: bool = Fals
 def lineage_for(parent: Artifact, *, adapter: bool, **extra) -> dict:
     """What a stage writes into its manifest's lineage."""
     return {"parent": str(parent.path), "adapter": adapter, "parent_stage": parent.stage, **extra}
+
+
+def point_adapter_at_parent(adapter_dir, sft) -> None:
+    """peft records the folder the weights were loaded from (the raw base) as the adapter's base.
+
+    That is the wrong model: the adapter was trained on base + SFT, and a peft loader that follows
+    `base_model_name_or_path` would silently drop SFT. Point it at the SFT artifact's `merged/`
+    full weights when the SFT stage wrote them (then `AutoPeftModelForCausalLM` loads exactly the
+    trained policy); otherwise at a name no loader resolves, so it fails loudly instead.
+    `alignment.policy.load_policy` follows the manifest's lineage and needs neither.
+    """
+    merged = sft.path / "merged"
+    target = (str(merged.resolve()) if (merged / "config.json").is_file()
+              else f"{sft.path.resolve()} (base + SFT adapter; load with alignment.policy.load_policy)")
+    path = adapter_dir / "adapter_config.json"
+    conf = json.loads(path.read_text())
+    conf["base_model_name_or_path"] = target
+    path.write_text(json.dumps(conf, indent=2, sort_keys=True))

@@ -18,7 +18,6 @@ base + SFT + DPO in the order they were trained.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 
@@ -29,7 +28,7 @@ from alignment.errors import DataError
 from alignment.hardware import peak_rss_mb, resolve_precision
 from alignment.models import load_tokenizer
 from alignment.peft_methods import METHODS, SOFT_PROMPTS, describe, peft_config, select_trainable
-from alignment.policy import lineage_for, load_policy, require_mergeable
+from alignment.policy import lineage_for, load_policy, point_adapter_at_parent, require_mergeable
 from alignment.preferences import PrefData, stage_sources, to_trl_dataset, train_eval_pairs
 from alignment.schema import PeftSpec, TrainSpec
 from alignment.training import callbacks, param_counts, save_log_history, throughput, trainer_args
@@ -178,7 +177,7 @@ def run(cfg: Config, ctx) -> None:
         model.save_pretrained(ctx.out_dir / "model", safe_serialization=True)
         tok.save_pretrained(ctx.out_dir / "model")
         if adapter:
-            _point_adapter_at_parent(ctx.out_dir / "model", sft)
+            point_adapter_at_parent(ctx.out_dir / "model", sft)
         if cfg.merge:
             merged = model.merge_and_unload()
             merged.save_pretrained(ctx.out_dir / "merged", safe_serialization=True)
@@ -203,21 +202,3 @@ def _last_train_log(trainer) -> dict:
     # The closing summary entry repeats some keys without `loss`; take the last real logging step.
     logs = [h for h in trainer.state.log_history if "rewards/margins" in h and "loss" in h]
     return {k: v for k, v in logs[-1].items() if isinstance(v, (int, float))} if logs else {}
-
-
-def _point_adapter_at_parent(adapter_dir, sft) -> None:
-    """peft records the folder the weights were loaded from (the raw base) as the adapter's base.
-
-    That is the wrong model: the adapter was trained on base + SFT, and a peft loader that follows
-    `base_model_name_or_path` would silently drop SFT. Point it at the SFT artifact's `merged/`
-    full weights when the SFT stage wrote them (then `AutoPeftModelForCausalLM` loads exactly the
-    trained policy); otherwise at a name no loader resolves, so it fails loudly instead.
-    `alignment.policy.load_policy` follows the manifest's lineage and needs neither.
-    """
-    merged = sft.path / "merged"
-    target = (str(merged.resolve()) if (merged / "config.json").is_file()
-              else f"{sft.path.resolve()} (base + SFT adapter; load with alignment.policy.load_policy)")
-    path = adapter_dir / "adapter_config.json"
-    conf = json.loads(path.read_text())
-    conf["base_model_name_or_path"] = target
-    path.write_text(json.dumps(conf, indent=2, sort_keys=True))

@@ -81,7 +81,9 @@ class Config(StageConfig):
             if self.eval.every < 0 or self.eval.prompts < 0 or self.eval.batch_size < 1:
                 out.append(("eval", "every >= 0, prompts >= 0 and batch_size >= 1 expected"))
         else:
-            out += self.group.problems(self.algorithm, self.train, "group")
+            from alignment import grpo
+
+            out += grpo.problems(self)
             for key in ("ppo", "health", "eval", "checkpoint_every", "keep_checkpoints"):
                 if key in self.model_fields_set:
                     out.append((key, f"applies to algorithm ppo only, not '{self.algorithm}' (use train: / group:)"))
@@ -144,11 +146,10 @@ def run(cfg: Config, ctx) -> None:
 
     from alignment import preemption
     from alignment.artifacts import remove_tree, write_json
-    from alignment.grpo import point_adapter_at_parent
     from alignment.hardware import peak_rss_mb, resolve_precision
     from alignment.models import load_tokenizer
     from alignment.peft_methods import describe
-    from alignment.policy import lineage_for, load_policy, require_mergeable
+    from alignment.policy import lineage_for, load_policy, point_adapter_at_parent, require_mergeable
     from alignment.ppo import HealthMonitor, HealthStop, PPOTrainer, lora_config, value_head_from_reward_model
     from alignment.prompts import train_eval_prompts
     from alignment.reward_sources import ModelReward, text_reward_fn
