@@ -18,7 +18,10 @@ peak RSS is the child's ru_maxrss (os.wait4), episodes/s is 64 episodes / wall t
 (model loading excluded, reported separately). Run it alone: it is serialised with other heavy jobs by flock.
 
     bash bench/setup_trl112.sh      # once: trl 1.12.0 + torch 2.13.0 (CPU) in bench/out/venv-trl112
-    flock /tmp/heavy.lock env OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 .venv/bin/python bench/ppo_vs_trl.py
+    flock /tmp/heavy.lock env OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 .venv/bin/python bench/ppo_vs_trl.py \
+        --modes lora full --sides trl ours ours:value_model=separate --repeat 2
+
+A side `ours:KEY=VALUE+KEY=VALUE` runs our trainer with those PPOSpec overrides (ablations in one invocation).
 
 Writes bench/out/ppo_vs_trl.json and prints the markdown table of docs/ppo_bench.md.
 """
@@ -137,11 +140,12 @@ def run_trl(work: Path, mode: str, threads: int) -> dict:
                          train_dataset=data, eval_dataset=data, value_model=value, peft_config=peft_config)
     load_s = time.perf_counter() - t0
     rss_loaded = _rss_mb()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     trainer.train()
-    train_s = time.perf_counter() - t0
+    train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     logs = [r for r in trainer.state.log_history if "objective/scores" in r]
     return {"side": "trl", "version": trl.__version__, "mode": mode, "load_s": load_s, "train_s": train_s,
+            "train_cpu_s": train_cpu_s,
             "updates": len(logs), "episodes": trainer.state.episode, "rss_after_load_mb": rss_loaded,
             "score_first": logs[0]["objective/scores"], "score_last": logs[-1]["objective/scores"],
             "kl_last": logs[-1]["objective/kl"],
@@ -149,7 +153,8 @@ def run_trl(work: Path, mode: str, threads: int) -> dict:
 
 
 # -- our side (main venv) ------------------------------------------------------------------------------------------
-def run_ours(work: Path, mode: str, threads: int) -> dict:
+def run_ours(work: Path, mode: str, threads: int, options: dict | None = None) -> dict:
+    """`options`: PPOSpec overrides (e.g. value_model=shared), from a side named `ours:key=value+key=value`."""
     _threads(threads)
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -158,9 +163,6 @@ def run_ours(work: Path, mode: str, threads: int) -> dict:
     from alignment.reward_sources import ModelReward
     from alignment.schema import PeftSpec
 
-    if mode != "lora":
-        return {"side": "ours", "mode": mode, "unsupported": "alignment/ppo.py trains LoRA adapters only "
-                                                             "(policy and value adapters on one base)"}
     t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(work / "policy")
     prompts = json.loads((work / "prompts.json").read_text())["messages"]
@@ -169,22 +171,26 @@ def run_ours(work: Path, mode: str, threads: int) -> dict:
     reward = ModelReward(rm, tok, normalize=False, batch_size=BATCH)
     spec = PPOSpec(updates=UPDATES, batch_size=BATCH, mini_batch_size=BATCH, ppo_epochs=EPOCHS, lr=LR[mode],
                    lr_schedule="linear", max_new_tokens=RESPONSE, temperature=TEMPERATURE, missing_eos_penalty=None,
-                   kl_coef=KL_COEF, value_init="reward")
+                   kl_coef=KL_COEF, value_init="reward", **(options or {}))
     lora = PeftSpec(method="lora", r=LORA["r"], alpha=LORA["alpha"], dropout=0.0)
     # Like TRL's value model, the critic starts from the reward model (here: its score head on the value adapter).
-    trainer = PPOTrainer(policy, tok, reward, spec, lora_config(lora), value_head_init=value_head_from_reward_model(rm),
-                         seed=SEED)
+    # Full: lora_config None trains every weight, with a frozen reference copy and the value head on the policy's
+    # own trunk (TRL: policy + frozen reference + full value model).
+    trainer = PPOTrainer(policy, tok, reward, spec, lora_config(lora) if mode == "lora" else None,
+                         value_head_init=value_head_from_reward_model(rm), seed=SEED)
     load_s = time.perf_counter() - t0
     rss_loaded = _rss_mb()
     rows = []
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for u in range(UPDATES):
         trainer.set_lr(LR[mode] * (1.0 - u / UPDATES))  # TRL's linear decay, stepped per update
         batch = [prompts[i % len(prompts)] for i in range(u * BATCH, (u + 1) * BATCH)]
         rows.append(trainer.step(batch))
-    train_s = time.perf_counter() - t0
+    train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     timing = {k: sum(r[f"time/{k}_s"] for r in rows) for k in ("generate", "forward", "update")}
-    return {"side": "ours", "mode": mode, "load_s": load_s, "train_s": train_s, "updates": len(rows),
+    return {"side": "ours", "mode": mode, "options": spec.model_dump(include=set(options or {})),
+            "value_model": spec.value_model, "load_s": load_s, "train_s": train_s, "train_cpu_s": train_cpu_s,
+            "updates": len(rows),
             "episodes": len(rows) * BATCH, "rss_after_load_mb": rss_loaded,
             "score_first": rows[0]["objective/scores"], "score_last": rows[-1]["objective/scores"],
             "kl_last": rows[-1]["ppo/kl"], "time_generate_s": timing["generate"],
@@ -197,11 +203,12 @@ def run_ours(work: Path, mode: str, threads: int) -> dict:
 def child(side: str, mode: str, threads: int) -> dict:
     """Run one side in a fresh process; return its result plus the child's peak RSS (ru_maxrss)."""
     python = TRL_PYTHON if side == "trl" else Path(sys.executable)
+    tag = "".join(c if c.isalnum() or c in "-_" else "_" for c in side)
     if not python.is_file():
         raise SystemExit(f"{python} is missing: run `bash bench/setup_trl112.sh` first")
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
-    out = WORK / f"result-{side}-{mode}.json"
+    out = WORK / f"result-{tag}-{mode}.json"
     out.unlink(missing_ok=True)
     t0 = time.perf_counter()
     proc = subprocess.Popen([str(python), __file__, "--side", side, "--mode", mode, "--threads", str(threads),
@@ -211,53 +218,67 @@ def child(side: str, mode: str, threads: int) -> dict:
     wall = time.perf_counter() - t0
     if proc.returncode != 0 or not out.is_file():
         raise SystemExit(f"{side}/{mode} failed with exit code {proc.returncode}")
-    res = json.loads(out.read_text())
+    res = {**json.loads(out.read_text()), "side": side}
     if "unsupported" not in res:
         # CPU seconds of the whole child (loading included): on a shared machine the wall time also counts
         # other jobs' load, the CPU time much less so.
         res.update(peak_rss_mb=usage.ru_maxrss / 1024, process_wall_s=wall,
                    process_cpu_s=usage.ru_utime + usage.ru_stime, episodes_per_s=res["episodes"] / res["train_s"],
+                   train_cpu_s_per_episode=res["train_cpu_s"] / res["episodes"],
                    loadavg_after=os.getloadavg()[0])
     return res
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| mode | side | run | episodes/s | train s | load s | child CPU s | peak RSS (MB) | trainable params | "
-             "score first -> last |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(results, key=lambda r: (r["mode"], r.get("repeat", 0), r["side"])):
+    lines = ["| mode | side | run | episodes/s | train s | train CPU s / episode | load s | child CPU s | "
+             "peak RSS (MB) | trainable params | score first -> last |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(results, key=lambda r: (r["mode"], r.get("repeat", 0), r["side"] != "trl", r["side"])):
         head = f"| {r['mode']} | {r['side']} | {r.get('repeat', 0) + 1} |"
         if "unsupported" in r:
-            lines.append(f"{head} n/a: {r['unsupported']} | | | | | | |")
+            lines.append(f"{head} n/a: {r['unsupported']} | | | | | | | |")
             continue
-        lines.append(f"{head} {r['episodes_per_s']:.2f} | {r['train_s']:.1f} | {r['load_s']:.1f} | "
-                     f"{r.get('process_cpu_s', float('nan')):.0f} | {r['peak_rss_mb']:.0f} | "
+        lines.append(f"{head} {r['episodes_per_s']:.2f} | {r['train_s']:.1f} | {r['train_cpu_s_per_episode']:.2f} | "
+                     f"{r['load_s']:.1f} | {r.get('process_cpu_s', float('nan')):.0f} | {r['peak_rss_mb']:.0f} | "
                      f"{r['trainable_params'] / 1e6:.2f}M | {r['score_first']:.3f} -> {r['score_last']:.3f} |")
-    lines += ["", "| mode | run | episodes/s ours / TRL (goal >= 2) | child CPU s TRL / ours | peak RSS ours / TRL "
-                  "(goal <= 0.35) |", "|---|---|---|---|---|"]
-    by = {(r["side"], r["mode"], r.get("repeat", 0)): r for r in results}
-    for (side, mode, rep), t in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][2])):
-        o = by.get(("ours", mode, rep))
-        if side != "trl" or o is None or "unsupported" in o:
+    lines += ["", "| mode | run | side | episodes/s ours / TRL (goal >= 2) | train CPU s / episode TRL / ours | "
+                  "peak RSS ours / TRL (goal <= 0.35) |", "|---|---|---|---|---|---|"]
+    trl = {(r["mode"], r.get("repeat", 0)): r for r in results if r["side"] == "trl" and "unsupported" not in r}
+    for o in sorted(results, key=lambda r: (r["mode"], r.get("repeat", 0), r["side"])):
+        t = trl.get((o["mode"], o.get("repeat", 0)))
+        if o["side"] == "trl" or t is None or "unsupported" in o:
             continue
-        both = "process_cpu_s" in o and "process_cpu_s" in t
-        cpu = f"{t['process_cpu_s'] / o['process_cpu_s']:.2f}x" if both else "n/a"
-        lines.append(f"| {mode} | {rep + 1} | {o['episodes_per_s'] / t['episodes_per_s']:.2f}x | {cpu} | "
+        lines.append(f"| {o['mode']} | {o.get('repeat', 0) + 1} | {o['side']} | "
+                     f"{o['episodes_per_s'] / t['episodes_per_s']:.2f}x | "
+                     f"{t['train_cpu_s_per_episode'] / o['train_cpu_s_per_episode']:.2f}x | "
                      f"{o['peak_rss_mb'] / t['peak_rss_mb']:.2f}x |")
     return "\n".join(lines)
 
 
+def _options(side: str) -> dict:
+    """`ours:value_model=shared+micro_batch_size=4` -> {"value_model": "shared", "micro_batch_size": "4"}."""
+    _, _, opts = side.partition(":")
+    return dict(kv.split("=", 1) for kv in opts.split("+") if kv)
+
+
+def _words(values: list[str]) -> list[str]:
+    return [w for v in values for w in v.split(",") if w]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--side", choices=["ours", "trl"])
-    ap.add_argument("--sides", default="trl,ours", help="which sides the driver runs (comma-separated)")
+    ap.add_argument("--side", help="(internal) the side a child runs")
+    ap.add_argument("--sides", nargs="+", default=["trl", "ours"],
+                    help="sides to run, in this order: trl, ours, or ours:KEY=VALUE+KEY=VALUE with PPOSpec overrides "
+                         "(e.g. ours:value_model=separate)")
     ap.add_argument("--mode", choices=["lora", "full"])
-    ap.add_argument("--modes", default="lora,full")
+    ap.add_argument("--modes", nargs="+", default=["lora", "full"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--result")
     ap.add_argument("--repeat", type=int, default=1, help="run every (mode, side) pair this many times, interleaved")
     a = ap.parse_args()
     if a.side:  # a child
-        res = (run_trl if a.side == "trl" else run_ours)(WORK, a.mode, a.threads)
+        res = (run_trl(WORK, a.mode, a.threads) if a.side == "trl" else
+               run_ours(WORK, a.mode, a.threads, _options(a.side)))
         Path(a.result).write_text(json.dumps(res))
         return
     WORK.mkdir(parents=True, exist_ok=True)
@@ -266,14 +287,14 @@ def main() -> None:
           f"({info['bpe_tokens']} BPE tokens); prompts {info['prompt_tokens_mean']:.1f} tokens on average", flush=True)
     results = []
     for rep in range(a.repeat):
-        for mode in a.modes.split(","):
-            for side in a.sides.split(","):
+        for mode in _words(a.modes):
+            for side in _words(a.sides):
                 res = {**child(side, mode, a.threads), "repeat": rep}
                 print(json.dumps(res), flush=True)
                 results.append(res)
-    report = {"setup": info, "workload": dict(batch=BATCH, response_tokens=RESPONSE, ppo_epochs=EPOCHS,
-                                              updates=UPDATES, threads=a.threads, lora=LORA, lr=LR,
-                                              kl_coef=KL_COEF), "results": results}
+    report = {"setup": info, "argv": sys.argv[1:],
+              "workload": dict(batch=BATCH, response_tokens=RESPONSE, ppo_epochs=EPOCHS, updates=UPDATES,
+                               threads=a.threads, lora=LORA, lr=LR, kl_coef=KL_COEF), "results": results}
     (OUT / "ppo_vs_trl.json").write_text(json.dumps(report, indent=1))
     print(table(results))
 

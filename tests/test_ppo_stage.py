@@ -89,6 +89,45 @@ def test_step0_kl_is_zero_against_a_separately_loaded_sft_model_with_left_paddin
     assert stats["ppo/kl"] == 0.0 and abs(stats["ppo/ratio"] - 1.0) < 0.05
 
 
+def test_shared_value_model_has_no_value_adapter_and_step0_kl_is_zero(tiny_store):
+    trainer, _, _ = _trainer(tiny_store, value_model="shared", mini_batch_size=8, ppo_epochs=1)
+    assert trainer.adapters == ("default",) and "value" not in trainer.model.peft_config
+    ro = trainer.generate(PROMPTS, seed=0)
+    args = (ro.query_ids, ro.query_mask, ro.response_ids, ro.response_mask)
+    with torch.no_grad():
+        lp, values = trainer.policy_and_values(*args)
+        assert torch.equal(lp, trainer.logprobs(*args, reference=True))  # fresh LoRA: the policy is the reference
+        assert torch.equal(values, trainer.values(*args)) and torch.equal(lp, trainer.logprobs(*args))
+    head = trainer.value_head.weight.clone()
+    stats = trainer.step(PROMPTS[:2] * 4)
+    assert stats["ppo/kl"] == 0.0 and stats["ppo/ratio"] == 1.0
+    assert not torch.equal(head, trainer.value_head.weight)  # the critic trained
+    # the policy adapter's B matrices moved: the policy and the value losses both reach the shared trunk
+    assert any(p.abs().sum() > 0 for n, p in trainer.model.named_parameters() if "lora_B" in n)
+    state = trainer.state_dict()
+    assert "default" in state and "value" not in state
+    trainer.load_state_dict(state)
+
+
+@pytest.mark.parametrize("value_model", ["separate", "shared"])
+def test_micro_batches_accumulate_the_same_gradient_as_one_minibatch(tiny_store, value_model):
+    grads, stats = {}, {}
+    for micro in (None, 2):
+        trainer, _, _ = _trainer(tiny_store, value_model=value_model, batch_size=8, mini_batch_size=8,
+                                 micro_batch_size=micro, ppo_epochs=1, max_grad_norm=1e6)
+        # Not the first update: with fresh LoRAs (B = 0) half the adapter gradients are exactly 0.
+        trainer.step(PROMPTS[:2] * 4)
+        step = trainer.optimizer.step
+        trainer.optimizer.step = lambda: (grads.__setitem__(micro, [p.grad.clone() for p in trainer._trainable]),
+                                          step())
+        stats[micro] = trainer.step(PROMPTS[1:] * 4)
+    assert len(grads[None]) == len(grads[2]) and any(g.abs().sum() > 0 for g in grads[None])
+    for a, b in zip(grads[None], grads[2]):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), (a - b).abs().max()
+    for key in ("ppo/policy_loss", "ppo/value_loss", "ppo/entropy", "ppo/clipfrac", "ppo/grad_norm"):
+        assert stats[2][key] == pytest.approx(stats[None][key], rel=1e-4, abs=1e-6), key
+
+
 def test_bf16_base_runs_every_role_under_autocast_so_step0_is_exact(tiny_store):
     root, run = tiny_store
     sft = ArtifactStore(root).read_stage(run, "sft")
@@ -149,10 +188,11 @@ def test_eos_reward_placement_and_token_scoring_match_the_reward_model(tiny_stor
     assert ro.scores.tolist() == pytest.approx([ro.raw_scores[0].item(), ro.raw_scores[1].item() - 2.0])
 
 
-def test_rule_based_reward_rises_and_the_artifact_loads(tiny_store, tmp_path):
+@pytest.mark.parametrize("value_model", ["separate", "shared"])
+def test_rule_based_reward_rises_and_the_artifact_loads(tiny_store, tmp_path, value_model):
     # If the policy gradient's sign were flipped, the e-share would fall instead (checked once by hand).
     art = _stage(tmp_path, tiny_store, "learn", "ppo.updates=30", "eval.every=10", "eval.greedy=false",
-                 "checkpoint_every=100")
+                 "checkpoint_every=100", f"ppo.value_model={value_model}")
     rows = _rows(art)
     train = [r for r in rows if "objective/scores" in r]
     assert [r["step"] for r in rows] == list(range(31)) and len(train) == 30
@@ -286,6 +326,7 @@ def test_health_monitor_warns_then_stops():
     (["reward.kind=function", "reward.function=alignment.reward_sources:gold_reward", "ppo.value_init=reward"],
      "ppo.value_init: 'reward' copies the reward model's score head"),
     (["ppo.mini_batch_size=3"], "ppo.mini_batch_size: batch_size (16) must be a multiple"),
+    (["ppo.micro_batch_size=3"], "ppo.micro_batch_size: expected a divisor of mini_batch_size"),
     (["reward.kind=function"], "reward.function: kind 'function' needs"),
     (["algorithm=grpo", "ppo.lr=0.1"], "ppo: applies to algorithm ppo only"),
 ])
