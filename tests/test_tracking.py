@@ -81,6 +81,23 @@ def test_published_replays_log_history_only_when_nothing_was_logged_live(tmp_pat
     assert [c[0] for c in live.calls] == ["log", "samples", "summary"]
 
 
+def _wait_until_flushed(files, timeout_s: float = 30.0) -> None:
+    """wandb's writer process may still be flushing a finished run's file under load: wait for its exit record."""
+    import time
+
+    def flushed(f) -> bool:
+        try:
+            return any(r.WhichOneof("record_type") == "exit" for r in tracking.wandb_records(f))
+        except Exception:  # a record cut short mid-write
+            return False
+
+    deadline = time.monotonic() + timeout_s
+    for f in files:
+        while not flushed(f):
+            assert time.monotonic() < deadline, f"{f}: no exit record after {timeout_s} s"
+            time.sleep(0.5)
+
+
 @pytest.mark.slow
 def test_offline_wandb_runs_group_lineage_metrics_and_no_secrets(tiny_store, tmp_path, monkeypatch):
     from alignment.judges import Judge, register_judge
@@ -107,6 +124,7 @@ def test_offline_wandb_runs_group_lineage_metrics_and_no_secrets(tiny_store, tmp
                  "judge.api_key_env=FAKE_JUDGE_KEY", "max_prompts=4", "kl.prompts=2", *args]) == 0
 
     files = sorted((root / run / ".tracking" / "wandb").glob("offline-run-*/run-*.wandb"))
+    _wait_until_flushed(files)
     runs = {r["job_type"]: r for r in map(tracking.read_offline_run, files)}
     assert len(files) == 2 and set(runs) == {"dpo", "eval"}  # one run per stage: the HF trainer made none of its own
     dpo, ev = runs["dpo"], runs["eval"]
