@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import time
 from typing import Literal
 
 from alignment.config import Section
@@ -213,10 +212,10 @@ def run_trl(cfg, ctx) -> None:
 
     from alignment.hardware import peak_rss_mb, resolve_precision
     from alignment.peft_methods import METHODS, describe
-    from alignment.policy import lineage_for, point_adapter_at_parent, require_mergeable
+    from alignment.policy import lineage_for, require_mergeable, save_on_parent
     from alignment.prompts import load_prompts
     from alignment.reward_sources import text_reward_fn
-    from alignment.training import param_counts, save_log_history, throughput
+    from alignment.training import param_counts, throughput, train
 
     # -- 1. set up: prompts and reward before the model, so bad data or a bad reward fails in seconds ----------
     algorithm = cfg.algorithm
@@ -237,17 +236,13 @@ def run_trl(cfg, ctx) -> None:
     ctx.metrics.update(param_counts(trainer.model))
 
     # -- 3. train (TRL: generate groups -> reward -> group-baseline advantages -> clipped loss + beta KL) ------
-    t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
-    runtime = time.perf_counter() - t0
-    save_log_history(trainer, ctx.out_dir)
+    trained = train(trainer, ctx)
+    result, runtime = trained.result, trained.seconds
 
     # -- 4. save: the adapter on base + SFT, lineage parent = sft (like dpo and ppo) ------------------------------
     model = trainer.model
-    model.save_pretrained(ctx.out_dir / "model", safe_serialization=True)
-    tok.save_pretrained(ctx.out_dir / "model")
-    if adapter:
-        point_adapter_at_parent(ctx.out_dir / "model", sft)
+    if trainer.is_world_process_zero():  # one writer, as in dpo: every rank holds the same weights
+        save_on_parent(model, tok, ctx.out_dir / "model", sft, adapter=adapter)
     ctx.lineage = lineage_for(sft, adapter=adapter, reference="parent", algorithm=algorithm, **describe(cfg.peft),
                               reward={"kind": cfg.reward.kind,
                                       **({"artifact": str(ctx.inputs["reward"].path)} if "reward" in ctx.inputs

@@ -111,3 +111,11 @@ def point_adapter_at_parent(adapter_dir, sft) -> None:
     conf = json.loads(path.read_text())
     conf["base_model_name_or_path"] = target
     path.write_text(json.dumps(conf, indent=2, sort_keys=True))
+
+
+def save_on_parent(model, tok, folder, parent: Artifact, *, adapter: bool) -> None:
+    """Save a policy trained on `parent`'s merged weights (+ tokenizer); an adapter is pointed at that parent."""
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    if adapter:
+        point_adapter_at_parent(folder, parent)

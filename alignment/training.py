@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from alignment.hardware import has_cuda, resolve_precision
@@ -64,3 +66,20 @@ def save_log_history(trainer, out_dir) -> Path:
         for row in trainer.state.log_history:
             f.write(json.dumps(row) + "\n")
     return path
+
+
+@dataclass
+class Trained:
+    result: object
+    """What `trainer.train` returned (TrainOutput: training_loss, metrics)."""
+    seconds: float
+    cpu_seconds: float
+
+
+def train(trainer, ctx) -> Trained:
+    """Train (resuming from the runner's newest checkpoint when there is one), timed, then write the log history."""
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    result = trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
+    done = Trained(result, time.perf_counter() - t0, time.process_time() - cpu0)
+    save_log_history(trainer, ctx.out_dir)
+    return done

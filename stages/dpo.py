@@ -19,7 +19,6 @@ base + SFT + DPO in the order they were trained.
 from __future__ import annotations
 
 import logging
-import time
 
 from alignment.config import Section, StageConfig
 from alignment.dpo import (adapter_disabled, data_record, dpo_trainer_class, implicit_preference, loss_problems,
@@ -28,10 +27,10 @@ from alignment.errors import DataError
 from alignment.hardware import peak_rss_mb, resolve_precision
 from alignment.models import load_tokenizer
 from alignment.peft_methods import METHODS, SOFT_PROMPTS, describe, peft_config, select_trainable
-from alignment.policy import lineage_for, load_policy, point_adapter_at_parent, require_mergeable
+from alignment.policy import lineage_for, load_policy, require_mergeable, save_on_parent
 from alignment.preferences import PrefData, stage_sources, to_trl_dataset, train_eval_pairs
 from alignment.schema import PeftSpec, TrainSpec
-from alignment.training import callbacks, param_counts, save_log_history, throughput, trainer_args
+from alignment.training import callbacks, param_counts, throughput, train, trainer_args
 
 log = logging.getLogger("align")
 
@@ -148,10 +147,8 @@ def run(cfg: Config, ctx) -> None:
     ctx.metrics.update(param_counts(trainer.model))
 
     # -- train ---------------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
-    runtime = time.perf_counter() - t0
-    save_log_history(trainer, ctx.out_dir)
+    trained = train(trainer, ctx)
+    result, runtime = trained.result, trained.seconds
 
     # -- evaluate on held-out pairs: the SFT model (= the reference) against the DPO policy --------
     model = trainer.model
@@ -174,10 +171,7 @@ def run(cfg: Config, ctx) -> None:
 
     # -- save (one writer: with several processes every rank holds the same weights) ---------------
     if trainer.is_world_process_zero():
-        model.save_pretrained(ctx.out_dir / "model", safe_serialization=True)
-        tok.save_pretrained(ctx.out_dir / "model")
-        if adapter:
-            point_adapter_at_parent(ctx.out_dir / "model", sft)
+        save_on_parent(model, tok, ctx.out_dir / "model", sft, adapter=adapter)
         if cfg.merge:
             merged = model.merge_and_unload()
             merged.save_pretrained(ctx.out_dir / "merged", safe_serialization=True)

@@ -31,7 +31,7 @@ from alignment.preferences import PrefData, stage_sources, to_trl_dataset, train
 from alignment.reward import (gate_failures, gate_metrics, mean_std, pairwise_accuracy, reward_model_from_policy,
                               score_pairs, soft_label_reward_trainer)
 from alignment.schema import PeftSpec, TrainSpec
-from alignment.training import callbacks, param_counts, save_log_history, throughput, trainer_args
+from alignment.training import callbacks, param_counts, throughput, train, trainer_args
 
 log = logging.getLogger("align")
 PEFT_METHODS = ("lora", "ia3", "full")
@@ -166,10 +166,8 @@ def run(cfg: Config, ctx) -> None:
     ctx.metrics.update(param_counts(trainer.model))
 
     # -- train ---------------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
-    runtime = time.perf_counter() - t0
-    save_log_history(trainer, ctx.out_dir)
+    trained = train(trainer, ctx)
+    result, runtime = trained.result, trained.seconds
 
     # -- save ----------------------------------------------------------------------------------
     # Merged, so the artifact is one plain AutoModelForSequenceClassification folder.

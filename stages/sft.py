@@ -9,7 +9,6 @@ The methods, their families and what later stages can do with them: `alignment/p
 from __future__ import annotations
 
 import logging
-import time
 
 from alignment.config import StageConfig
 from alignment.hardware import peak_rss_mb, resolve_precision
@@ -19,7 +18,7 @@ from alignment.packing import PackedCollator, isolate_documents, pack_examples, 
 from alignment.peft_methods import METHODS, SOFT_PROMPTS, describe, load_model, peft_config, select_trainable
 from alignment.policy import lineage_for
 from alignment.schema import PeftSpec, SFTData, TrainSpec
-from alignment.training import callbacks, param_counts, perplexity, save_log_history, throughput, trainer_args
+from alignment.training import callbacks, param_counts, perplexity, throughput, train, trainer_args
 
 log = logging.getLogger("align")
 UPSTREAM = ("base",)
@@ -93,10 +92,8 @@ def run(cfg: Config, ctx) -> None:
     # That evaluation marked the model "prepared" for accelerate, so train() would skip the DDP wrap and, with
     # several processes, every rank would train its own copy (tests/test_multiprocess.py catches it).
     trainer.model._is_accelerate_prepared = False
-    t0, cpu0 = time.perf_counter(), time.process_time()
-    result = trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
-    runtime, cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
-    save_log_history(trainer, ctx.out_dir)
+    trained = train(trainer, ctx)
+    result, runtime, cpu_s = trained.result, trained.seconds, trained.cpu_seconds
     after = trainer.evaluate(MAIN_EVAL)["eval_loss"]
     by_group = {g: trainer.evaluate(g)["eval_loss"] for g in groups}
     log.info("[sft] eval loss %.4f -> %.4f (perplexity %.2f -> %.2f)%s", before, after, perplexity(before),
