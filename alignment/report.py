@@ -111,20 +111,11 @@ def plot_reward_distributions(rewards: dict[str, list[float]], baseline: str, pa
     """Histogram of reward-model scores of each model's responses: the baseline (before) vs each policy (after)."""
     if not rewards:
         return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
     lo = min(min(v) for v in rewards.values())
     hi = max(max(v) for v in rewards.values())
     bins = [lo + (hi - lo) * i / 20 for i in range(21)] if hi > lo else 10
-    for ci, (name, vals) in enumerate(rewards.items()):
-        label = f"{name} (baseline)" if name == baseline else name
-        ax.hist(vals, bins=bins, alpha=0.5, color=COLORS[ci % len(COLORS)],
-                label=f"{label}: mean {sum(vals) / len(vals):.3f}")
-    ax.set_title("reward-model score of responses")
-    ax.set_xlabel("reward")
-    ax.set_ylabel("responses")
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+    labelled = {(f"{name} (baseline)" if name == baseline else name): vals for name, vals in rewards.items()}
+    return _histograms(labelled, bins, "{:.3f}", "reward-model score of responses", "reward", path)
 
 
 def plot_win_rates(models: dict, policies: list[str], baseline: str, path: Path) -> Path | None:
@@ -158,15 +149,20 @@ def plot_win_rates(models: dict, policies: list[str], baseline: str, path: Path)
 def plot_lengths(lengths: dict[str, list[int]], path: Path) -> Path | None:
     if not lengths:
         return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
     hi = max(max(v) for v in lengths.values() if v) or 1
     bins = list(range(0, hi + max(1, hi // 20) + 1, max(1, hi // 20)))
-    for ci, (name, vals) in enumerate(lengths.items()):
+    return _histograms(lengths, bins, "{:.1f}", "response length", "generated tokens", path)
+
+
+def _histograms(series: dict[str, list], bins, mean_fmt: str, title: str, xlabel: str, path: Path) -> Path:
+    """Overlaid histograms, one per model, each labelled with its mean."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for ci, (name, vals) in enumerate(series.items()):
         ax.hist(vals, bins=bins, alpha=0.5, color=COLORS[ci % len(COLORS)],
-                label=f"{name}: mean {sum(vals) / len(vals):.1f}")
-    ax.set_title("response length")
-    ax.set_xlabel("generated tokens")
+                label=f"{name}: mean {mean_fmt.format(sum(vals) / len(vals))}")
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("responses")
     ax.legend(fontsize=8)
     return _save(fig, path)
