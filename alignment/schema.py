@@ -94,6 +94,9 @@ class SourceSpec(Section):
     """Names this source in the manifest's realised mixture and in the per-source eval losses."""
     train: str | None = None
     """Training rows (JSONL/Parquet/`datasets` name, as data.train). None: an eval-only source (needs `eval`)."""
+    from_stage: Literal["generate"] | None = None
+    """Train on a stage's published data instead of a file: `generate` reads the run's Self-Instruct artifact
+    (its train.jsonl), verified through the artifact store like every input (leave `train` unset)."""
     eval: str | None = None
     """This source's evaluation rows. None: split data.eval_fraction off its training rows."""
     train_split: str = "train"
@@ -154,9 +157,11 @@ class SFTData(Section):
                 key = f"{prefix}.sources.{i}"
                 if names.count(s.name) > 1:
                     out.append((f"{key}.name", f"'{s.name}' names more than one source"))
-                if s.train is None and s.eval is None:
+                if s.from_stage and s.train is not None:
+                    out.append((f"{key}.from_stage", "reads the stage's train.jsonl: leave `train` unset"))
+                if s.train is None and s.eval is None and not s.from_stage:
                     out.append((f"{key}.train", "a source needs train rows, eval rows or both"))
-                if s.train is None and s.eval is not None and not s.held_out:
+                if s.train is None and not s.from_stage and s.eval is not None and not s.held_out:
                     out.append((f"{key}.held_out", "a source without train rows is eval-only: set held_out: true"))
                 if s.weight is not None and s.weight <= 0:
                     out.append((f"{key}.weight", "expected a positive mixing rate"))

@@ -12,7 +12,7 @@ import logging
 
 from alignment.config import StageConfig
 from alignment.hardware import peak_rss_mb, resolve_precision
-from alignment.mixture import MAIN_EVAL, realise_mixture
+from alignment.mixture import MAIN_EVAL, realise_mixture, stages_of
 from alignment.models import load_tokenizer
 from alignment.packing import PackedCollator, isolate_documents, pack_examples, packing_report
 from alignment.peft_methods import METHODS, SOFT_PROMPTS, describe, load_model, peft_config, select_trainable
@@ -21,7 +21,10 @@ from alignment.schema import PeftSpec, SFTData, TrainSpec
 from alignment.training import callbacks, param_counts, perplexity, throughput, train, trainer_args
 
 log = logging.getLogger("align")
-UPSTREAM = ("base",)
+
+
+def upstream(cfg) -> tuple[str, ...]:
+    return ("base",) + stages_of(cfg.data)  # + `generate` when a mixture source reads its data
 
 
 class Config(StageConfig):
@@ -58,7 +61,7 @@ def run(cfg: Config, ctx) -> None:
     # -- set up --------------------------------------------------------------------------------
     set_seed(cfg.seed)
     base = ctx.inputs["base"]
-    mix = realise_mixture(cfg.data, cfg.seed)
+    mix = realise_mixture(cfg.data, cfg.seed, ctx.inputs)
     log.info("[sft] %d train examples from %d source(s); eval groups %s; method %s (%s); precision %s",
              len(mix.train), len(mix.report["sources"]), {g: len(r) for g, r in mix.eval_groups.items()},
              cfg.peft.method, METHODS[cfg.peft.method].family, resolve_precision(cfg.precision))
