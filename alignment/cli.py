@@ -9,6 +9,8 @@
     align report RUN [--artifacts DIR] [--out FILE]
     align config show -c FILE [key.path=value ...]
     align judge audit -c LABEL_FILE [key.path=value ...] [--data FILE] [--limit N] [--out PNG] [--json FILE]
+    align data inspect FILE... [--tokenizer PATH] [--threshold J] [--out PNG] [--json FILE]
+    align data clean FILE --out FILE [--against EVAL...] [--threshold J] [--min-words N] [--max-words N]
 """
 
 from __future__ import annotations
@@ -91,6 +93,10 @@ def _parser() -> argparse.ArgumentParser:
     au.add_argument("--out", default="judge_audit.png", metavar="PNG", help="where the plot goes")
     au.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     store_args(au)
+
+    from alignment.data_quality import add_parser as add_data_parser  # `align data inspect|clean`
+
+    add_data_parser(sub)
     return p
 
 
@@ -149,6 +155,8 @@ def _dispatch(args) -> int:
 
         audit_command(args.config, args.overrides, data=args.data, limit=args.limit, root=args.artifacts,
                       run=args.run, out=args.out, json_out=args.json)
+    elif args.cmd == "data":
+        args.func(args)
     elif args.cmd == "report":
         from alignment.artifacts import ArtifactStore
         from alignment.report import build_run_report
