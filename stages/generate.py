@@ -113,25 +113,14 @@ def replay(records: list[dict], pool: Pool, accepted: list) -> None:
             accepted.append((f"gen:{rec['request']}", rec["instruction"]))
 
 
-def run(cfg: Config, ctx) -> None:
+def generate_shards(cfg: Config, generator, seeds: list, template: str, folder: Path) -> tuple[list, int] | None:
+    """Every candidate record, shard by shard (finished shards are read back, not asked again), and how many
+    requests a previous run had done; None when preemption was requested (the runner then requeues)."""
     from tqdm.auto import tqdm
-    from transformers import set_seed
 
-    # -- set up --------------------------------------------------------------------------------
-    set_seed(cfg.seed)
-    seeds = load_seeds(cfg)
-    template = Path(cfg.template).read_text(encoding="utf-8") if cfg.template else DEFAULT_TEMPLATE
-    generator = build_generator(cfg, ctx)
-    generator.check()  # a dead endpoint fails in seconds, before any work
-    log.info("[generate] %d seed tasks (%d with constraints), %d requests in shards of %d; generator %s",
-             len(seeds), sum(bool(s.constraints) for s in seeds), cfg.requests, cfg.shard_size, generator.name)
-    pool, accepted = Pool(), []
+    pool, accepted, records, done_before = Pool(), [], [], 0
     for s in seeds:
         pool.add(s.task)
-
-    # -- propose, answer, filter: shard by shard (finished shards are kept across a kill) ------------
-    t0, records, done_before = time.perf_counter(), [], 0
-    folder = ctx.out_dir / "shards"
     plan = shards(cfg.requests, cfg.shard_size)
     for index, start, stop in tqdm(plan, desc="[generate] shards", unit="shard", leave=False, disable=None):
         path = shard_path(folder, "gen", index)
@@ -141,7 +130,7 @@ def run(cfg: Config, ctx) -> None:
             done_before += len(shard)
         else:
             if preemption.requested():
-                return  # the runner requeues; finished shards are kept
+                return None
             rng = random.Random(f"{cfg.seed}:{index}")  # per shard: a resumed run asks exactly the same
             requests = prepare_requests(rng, seeds, accepted, start, stop, template=template,
                                         n_seed=cfg.examples_per_prompt, n_machine=cfg.machine_examples,
@@ -152,6 +141,27 @@ def run(cfg: Config, ctx) -> None:
             write_jsonl(path, shard)
             accepted += [(f"gen:{r['request']}", r["instruction"]) for r in shard if r["dropped"] is None]
         records += shard
+    return records, done_before
+
+
+def run(cfg: Config, ctx) -> None:
+    from transformers import set_seed
+
+    # -- set up --------------------------------------------------------------------------------
+    set_seed(cfg.seed)
+    seeds = load_seeds(cfg)
+    template = Path(cfg.template).read_text(encoding="utf-8") if cfg.template else DEFAULT_TEMPLATE
+    generator = build_generator(cfg, ctx)
+    generator.check()  # a dead endpoint fails in seconds, before any work
+    log.info("[generate] %d seed tasks (%d with constraints), %d requests in shards of %d; generator %s",
+             len(seeds), sum(bool(s.constraints) for s in seeds), cfg.requests, cfg.shard_size, generator.name)
+
+    # -- propose, answer, filter: shard by shard (finished shards are kept across a kill) ------------
+    t0 = time.perf_counter()
+    done = generate_shards(cfg, generator, seeds, template, ctx.out_dir / "shards")
+    if done is None:
+        return  # preempted: the runner requeues; finished shards are kept
+    records, done_before = done
     generator.close()
     seconds = time.perf_counter() - t0
 
@@ -162,7 +172,7 @@ def run(cfg: Config, ctx) -> None:
     rows = [sft_row(i, r, provenance) for i, r in enumerate(kept, start=1)]
     if not rows:
         raise DataError(f"generate: no row passed the filters out of {len(records)} proposals "
-                        f"({_summary(acceptance(records))}); see {folder} for every candidate")
+                        f"({_summary(acceptance(records))}); see {ctx.out_dir / 'shards'} for every candidate")
     write_jsonl(ctx.out_dir / "train.jsonl", rows)
     filters, div = acceptance(records), diversity([r["instruction"] for r in kept])
     plot_filters(filters, div, ctx.out_dir / "plots" / "filters.png")
