@@ -289,7 +289,7 @@ class ArtifactStore:
                 out.append((folder.name, "broken", [str(e)]))
                 continue
             problems = self.problems(folder, manifest, full=True)
-            out.append((folder.name, "broken" if problems else manifest.status, problems))
+            out.append((folder.name, manifest.status, problems))
         return out
 
     def stale_folders(self, run: str) -> list[Path]:
