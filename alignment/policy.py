@@ -29,13 +29,13 @@ def lineage_chain(art: Artifact, store: ArtifactStore | None = None) -> list[Art
         parent = chain[-1].manifest.lineage.get("parent")
         if not parent:
             raise ArtifactError(f"{chain[-1].path}: adapter artifact without a parent in its lineage")
-        chain.append(store.read(_parent_path(Path(parent), store)))
+        chain.append(store.read(parent_path(Path(parent), store)))
         if len(chain) > 16:
             raise ArtifactError(f"{art.path}: lineage longer than 16 artifacts (a cycle?)")
     return list(reversed(chain))
 
 
-def _parent_path(recorded: Path, store: ArtifactStore) -> Path:
+def parent_path(recorded: Path, store: ArtifactStore) -> Path:
     """Where a lineage's parent is now: as recorded, else the same `<run>/<stage>` under this store's root.
 
     Older manifests recorded the parent relative to the working directory of the writing process, and a store may
