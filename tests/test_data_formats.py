@@ -171,3 +171,23 @@ def test_stage_configs_accept_a_source_mapping_and_name_bad_keys(tmp_path):
         "configs/tiny/dpo.yaml (command line): data.train.colums: unknown key",
         "configs/tiny/dpo.yaml (command line): data.eval.format: expected one of "
         "'auto', 'chat', 'alpaca' or 'sharegpt', got 'xml'"]
+
+
+def test_dpo_stage_trains_on_a_csv_file(tiny_store, tmp_path):
+    """The real entry point on CSV pairs (messages and constraints as JSON cells): it used to fail with
+    "Couldn't find any data file"."""
+    from alignment.artifacts import ArtifactStore
+    from alignment.cli import main
+
+    keys = ["prompt", "chosen", "rejected", "constraints", "category"]
+    rows = [json.loads(line) for line in Path("data/prefs/train.jsonl").read_text().splitlines()[:24]]
+    src = write_csv(tmp_path / "pairs.csv", keys, [[r[k] if isinstance(r[k], str) else json.dumps(r[k]) for k in keys]
+                                                   for r in rows])
+    root, run = tiny_store
+    assert main(["run", "dpo", "-c", "configs/tiny/dpo.yaml", "--artifacts", str(tmp_path / "store"), "--run", "csv",
+                 f"inputs.sft={root / run / 'sft'}", f"data.train={src}", "data.eval=null", "train.max_steps=2",
+                 "eval.kl_prompts=0"]) == 0
+    art = ArtifactStore(tmp_path / "store").read_stage("csv", "dpo")
+    pref = art.manifest.lineage["preferences"]["train"]
+    assert pref["source"] == str(src) and pref["rows"] == 22 and pref["sha256"]  # 24 rows, 2 held out
+    assert art.manifest.metrics["steps"] == 2
