@@ -14,6 +14,7 @@ a policy (reward, DPO, PPO) call `require_mergeable` on their input first and re
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 from alignment.artifacts import Artifact, ArtifactStore
@@ -93,7 +94,10 @@ def load_policy(art: Artifact, precision: str, *, trust_remote_code: bool = Fals
                                 "adapter; a soft prompt cannot be merged, so it can only be the last link")
     model = load_causal_lm(chain[0].model_dir, precision, trust_remote_code)
     for adapter in chain[1:]:
-        model = PeftModel.from_pretrained(model, adapter.model_dir)
+        with warnings.catch_warnings():
+            # peft warns that merging a LoRA on a tied lm_head is unsafe; untie_adapted_lm_head makes it exact.
+            warnings.filterwarnings("ignore", message="Model has `tie_word_embeddings=True` and a tied layer")
+            model = PeftModel.from_pretrained(model, adapter.model_dir)
         if adapter_type(adapter) in SOFT_PROMPT_PEFT_TYPES:
             return model.eval()
         untie_adapted_lm_head(model)
