@@ -9,6 +9,7 @@
     align verify [RUN] [--artifacts DIR]                       re-hash every published artifact (exit 2 if broken)
     align report RUN [--artifacts DIR] [--out FILE]
     align config show -c FILE [key.path=value ...]
+    align export RUN STAGE [--format hf|gguf] [--out PATH] [--artifacts DIR]
     align judge audit -c LABEL_FILE [key.path=value ...] [--data FILE] [--limit N] [--out PNG] [--json FILE]
 
 Errors are one line each (`align: error: ...`), exit 2; `--debug` anywhere (or ALIGN_DEBUG=1) adds the traceback.
@@ -91,6 +92,13 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("run_name", metavar="RUN")
     rp.add_argument("--out", metavar="FILE", help="where to write it (default <artifacts>/<RUN>/report.html)")
     store_args(rp, run_arg=False)
+
+    ex = sub.add_parser("export", help="a policy as a standalone merged model folder (hf) or GGUF file, with a model card")
+    ex.add_argument("run_name", metavar="RUN")
+    ex.add_argument("stage", metavar="STAGE", help="sft, dpo, ppo (or base)")
+    ex.add_argument("--format", choices=["hf", "gguf"], default="hf")
+    ex.add_argument("--out", metavar="PATH", help="default <artifacts>/<RUN>/exports/<STAGE>[.gguf]")
+    store_args(ex, run_arg=False)
 
     c = sub.add_parser("config", help="config tools")
     csub = c.add_subparsers(dest="config_cmd", required=True)
@@ -197,6 +205,10 @@ def _dispatch(args) -> int:
                       run=args.run, out=args.out, json_out=args.json)
     elif args.cmd == "verify":
         return _verify(args.artifacts, args.run_name)
+    elif args.cmd == "export":
+        from alignment.export import export_command
+
+        return export_command(args)
     elif args.cmd == "report":
         from alignment.artifacts import ArtifactStore
         from alignment.report import build_run_report
