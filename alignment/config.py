@@ -34,7 +34,8 @@ def is_secret_key(key: str) -> bool:
 class Section(BaseModel):
     """Base for every config section: unknown keys are errors, not silently ignored."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # use_attribute_docstrings: the string under each field is its description (`align config schema STAGE`).
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), use_attribute_docstrings=True)
 
 
 class StageConfig(Section):
@@ -143,6 +144,8 @@ _EXPECTED = {
 
 def _message(err: dict, schema: type[BaseModel]) -> str:
     kind, value = err["type"], err.get("input")
+    if kind.startswith("align_"):  # a section's own check already wrote the whole message
+        return err["msg"]
     if kind == "extra_forbidden":
         return "unknown key" + _suggest(err["loc"], schema)
     if kind == "missing":
