@@ -29,9 +29,9 @@ FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 # (message regex, category, why it is noise). Each names one known message: new warnings still show.
 KNOWN_NOISE = (
-    # transformers 5 renamed gradient checkpointing; peft/trl still call the old names on every model.
+    # transformers 5 renamed gradient checkpointing; peft/trl still call the old method on every model (our
+    # trainer arguments set the new field name, so its twin warning is fixed at the source instead).
     (r".*`is_gradient_checkpointing` is deprecated", FutureWarning, "peft/trl call the old name"),
-    (r".*`gradient_checkpointing` is deprecated", FutureWarning, "TRL configs still read the old field"),
     # peft on tied-embedding models (the tiny profile, SmolLM2) targeting lm_head: the policy code handles the
     # tie when it merges (alignment/policy.py); the 20-line gemma recipe in the message does not apply.
     (r"Model has `tie_word_embeddings=True` and a tied layer is part of the adapter", UserWarning, "peft tie"),

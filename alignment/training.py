@@ -103,6 +103,14 @@ def training_args_problems(args: dict, own: dict[str, str]) -> list[str]:
     return problems
 
 
+def progress(iterable, desc: str, *, total: int | None = None, unit: str = "batch"):
+    """A progress bar for a loop that may run long (scoring, held-out evals). It appears only after 2 s, so the
+    tiny profile's console stays short, and it disappears when done (`align -q` turns all bars off)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, unit=unit, leave=False, delay=2.0, dynamic_ncols=True)
+
+
 def param_counts(model) -> dict:
     if hasattr(model, "get_nb_trainable_parameters"):
         # peft counts 4-bit weights at their real size (bitsandbytes packs two per byte-sized element).
