@@ -85,19 +85,27 @@ def stage_log(out_dir: Path, stage: str, enabled: bool = True):
     targets = [logging.getLogger(n) for n in ("align", "py.warnings", "transformers", "peft", "trl", "datasets")]
     for lg in targets:
         lg.addHandler(handler)
-    logging.getLogger("align").debug("[%s] attempt started on %s (pid %d, rank %s, Slurm job %s)", stage,
-                                     socket.gethostname(), os.getpid(), os.environ.get("RANK", "0"),
-                                     os.environ.get("SLURM_JOB_ID", "-"))
+    # `align` sets its logger to DEBUG; a program that embeds the runner may not: the file gets INFO at least.
+    ours, old_level = logging.getLogger("align"), logging.getLogger("align").level
+    if ours.getEffectiveLevel() > logging.INFO:
+        ours.setLevel(logging.INFO)
+    _to_file(handler, logging.INFO, "[%s] attempt started on %s (pid %d, rank %s, Slurm job %s)", stage,
+             socket.gethostname(), os.getpid(), os.environ.get("RANK", "0"), os.environ.get("SLURM_JOB_ID", "-"))
     t0 = time.time()
     try:
         yield handler
     except BaseException as e:
         # The console gets the one-line error from the CLI; the file keeps it next to the lines before it.
-        record = logging.LogRecord("align", logging.ERROR, __file__, 0, "[%s] attempt ended after %.0fs: %s: %s",
-                                   (stage, time.time() - t0, type(e).__name__, e), None)
-        handler.handle(record)
+        _to_file(handler, logging.ERROR, "[%s] attempt ended after %.0fs: %s: %s", stage, time.time() - t0,
+                 type(e).__name__, e)
         raise
     finally:
+        ours.setLevel(old_level)
         for lg in targets:
             lg.removeHandler(handler)
         handler.close()
+
+
+def _to_file(handler: logging.Handler, level: int, msg: str, *args) -> None:
+    """A line for the stage log only (the console has its own, shorter one)."""
+    handler.handle(logging.LogRecord("align", level, __file__, 0, msg, args, None))
