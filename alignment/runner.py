@@ -206,7 +206,7 @@ def _failure_recorded(out_dir: Path, enabled: bool):
         if enabled and out_dir.is_dir():  # a failed quality gate is published already: no partial to mark
             kind = ("preempted" if isinstance(e, preemption.Requeue) else
                     "interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
-            write_json(path, {"kind": kind, "error": type(e).__name__, "message": str(e).splitlines()[0][:300]
+            write_json(path, {"kind": kind, "error": type(e).__name__, "message": scrub(str(e).splitlines()[0][:300])
                               if str(e) else "", "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         raise
 

@@ -5,6 +5,8 @@ each stage's newest job id and state (from squeue / `scontrol show job`); withou
 
 from __future__ import annotations
 
+import json
+
 import time
 from pathlib import Path
 
