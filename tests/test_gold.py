@@ -24,9 +24,7 @@ def test_count_words(text, words):
     assert count_words(text) == words
 
 
-@pytest.mark.parametrize(
-    ("response", "constraint", "ok"),
-    [
+CASES = [
         ("One two three.", {"type": "max_words", "n": 3}, True),
         ("One two three four.", {"type": "max_words", "n": 3}, False),
         ("", {"type": "max_words", "n": 0}, True),
@@ -50,14 +48,62 @@ def test_count_words(text, words):
         ("Some text. Hope this helps", {"type": "end_with", "phrase": "Hope this helps."}, False),
         ("Hope this helps. More text.", {"type": "end_with", "phrase": "Hope this helps."}, False),
         ("Some text. hope this helps.", {"type": "end_with", "phrase": "Hope this helps."}, False),  # exact case
-    ],
-)
+        # sentences: '.', '!' or '?' then whitespace / line break / end; '3.5' does not end one
+        ("One. Two! Three?", {"type": "max_sentences", "n": 3}, True),
+        ("One. Two! Three? Four.", {"type": "max_sentences", "n": 3}, False),
+        ("Pi is about 3.14 today. Next.", {"type": "max_sentences", "n": 2}, True),
+        ("- a line\n- another line", {"type": "min_sentences", "n": 2}, True),  # each line is a sentence
+        ("Only one sentence here.", {"type": "min_sentences", "n": 2}, False),
+        ("... !", {"type": "min_sentences", "n": 1}, False),  # punctuation without a word is no sentence
+        ("First part.\n\nSecond part.", {"type": "paragraphs", "n": 2}, True),
+        ("First part.\n  \nSecond.\n\n\nThird.", {"type": "paragraphs", "n": 3}, True),
+        ("First part.\nSame paragraph.", {"type": "paragraphs", "n": 2}, False),
+        ("Cats and dogs.", {"type": "forbidden_words", "words": ["dog", "bird"]}, True),  # whole words only
+        ("Cats and Dogs.", {"type": "forbidden_words", "words": ["dogs", "bird"]}, False),
+        ("Tea, tea and more TEA.", {"type": "keyword_frequency", "word": "tea", "n": 3}, True),
+        ("Tea and teapots.", {"type": "keyword_frequency", "word": "tea", "n": 2}, False),
+        ("Seven eels.", {"type": "letter_frequency", "letter": "e", "n": 4, "relation": "at least"}, True),  # 4 e's
+        ("Seven eels.", {"type": "letter_frequency", "letter": "E", "n": 5}, False),  # default: at least
+        ("Seven eels.", {"type": "letter_frequency", "letter": "s", "n": 3, "relation": "less than"}, True),  # 2 s's
+        ("Sassy.", {"type": "letter_frequency", "letter": "s", "n": 3, "relation": "less than"}, False),  # 3 s's
+        ("LOUD AND CLEAR, 42!", {"type": "uppercase"}, True),
+        ("LOUD AND CLEAr", {"type": "uppercase"}, False),
+        ("42 !", {"type": "uppercase"}, False),  # no letters at all is not 'in capitals'
+        ("No commas here.", {"type": "no_commas"}, True),
+        ("One, two.", {"type": "no_commas"}, False),
+        ("  Sure. The moon is grey.", {"type": "start_with", "phrase": "Sure."}, True),
+        ("The moon is grey. Sure.", {"type": "start_with", "phrase": "Sure."}, False),
+        ("sure. the moon.", {"type": "start_with", "phrase": "Sure."}, False),  # exact case
+        ('"The moon is grey."\n', {"type": "quotation"}, True),
+        ('"The moon is grey.', {"type": "quotation"}, False),
+        ('""', {"type": "quotation"}, False),
+        ("<<The Moon>>\nIt is grey.", {"type": "title"}, True),
+        ("<The Moon>\nIt is grey.", {"type": "title"}, False),
+        ("<<>> and << >>", {"type": "title"}, False),
+        ("It is *grey* and *dusty*.", {"type": "highlights", "n": 2}, True),
+        ("It is *grey* and dusty.", {"type": "highlights", "n": 2}, False),
+        ("5 * 3 is 15 and ** is empty", {"type": "highlights", "n": 1}, False),
+        ('{"topic": "moon", "facts": ["It is grey."]}', {"type": "json_format"}, True),
+        ('```json\n{"a": 1}\n```', {"type": "json_format"}, True),
+        ('{"topic": "moon",}', {"type": "json_format"}, False),
+        ("The moon is grey.", {"type": "json_format"}, False),
+        ("The moon.\nP.S. Look up tonight.", {"type": "postscript", "marker": "P.S."}, True),
+        ("the moon.\np.s. look up tonight.", {"type": "postscript", "marker": "P.S."}, True),  # any case
+        ("The moon. P.S. look up.", {"type": "postscript", "marker": "P.S."}, False),  # must start a line
+        ("The moon.\nP.P.S. Look up.", {"type": "postscript", "marker": "P.S."}, False),
+        ("Write to [name] at [address].", {"type": "placeholders", "n": 2}, True),
+        ("Write to [name] at [ ].", {"type": "placeholders", "n": 2}, False),  # an empty bracket is no placeholder
+]
+
+
+@pytest.mark.parametrize(("response", "constraint", "ok"), CASES)
 def test_check(response, constraint, ok):
     assert check(response, constraint) is ok
 
 
 def test_check_covers_every_known_type():
-    assert set(CHECKS) == {"max_words", "min_words", "keyword", "bullets", "lowercase", "end_with"}
+    covered = {c["type"] for _, c, _ in CASES}
+    assert covered == set(CHECKS) and len(CHECKS) >= 14
 
 
 def test_unknown_type_names_the_type():
@@ -74,6 +120,13 @@ def test_unknown_type_names_the_type():
         ({"type": "bullets", "n": True}, "'bullets' needs 'n'"),
         ({"type": "keyword", "word": " "}, "'keyword' needs 'word'"),
         ({"type": "end_with"}, "'end_with' needs 'phrase'"),
+        ({"type": "max_sentences", "n": 0}, "'max_sentences' needs 'n' as an integer >= 1"),
+        ({"type": "forbidden_words", "words": "dog"}, "'forbidden_words' needs 'words'"),
+        ({"type": "forbidden_words", "words": []}, "'forbidden_words' needs 'words'"),
+        ({"type": "letter_frequency", "letter": "ab", "n": 2}, "needs 'letter' as one letter"),
+        ({"type": "letter_frequency", "letter": "a", "n": 2, "relation": "exactly"}, "needs 'relation'"),
+        ({"type": "postscript"}, "'postscript' needs 'marker'"),
+        ({"type": "highlights", "n": 0}, "'highlights' needs 'n'"),
     ],
 )
 def test_bad_parameters_raise(constraint, message):
