@@ -154,23 +154,72 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-@pytest.mark.parametrize(("split", "size"), [("train", 400), ("eval", 80)])
-def test_bundled_instruct_responses_pass_their_constraints(split, size):
-    rows = _rows(DATA / "instruct" / f"{split}.jsonl")
-    assert len(rows) == size
+FILES = {  # file -> (split, at least this many rows)
+    "instruct/train.jsonl": ("train", 2000), "instruct/eval.jsonl": ("eval", 150),
+    "instruct/eval_heldout_phrasings.jsonl": ("eval_heldout_phrasings", 150),
+    "instruct/eval_heldout_kinds.jsonl": ("eval_heldout_kinds", 150),
+    "prefs/train.jsonl": ("train", 1000), "prefs/eval.jsonl": ("eval", 150),
+    "prefs/eval_heldout_phrasings.jsonl": ("eval_heldout_phrasings", 150),
+}
+
+
+def _prompt(row: dict) -> str:
+    return (row.get("messages") or row["prompt"])[0]["content"]
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_bundled_rows_meet_their_constraints(name):
+    """SFT responses and chosen responses pass every constraint; a rejected one fails exactly its category."""
+    split, size = FILES[name]
+    rows = _rows(DATA / name)
+    assert len(rows) >= size
     for row in rows:
-        user, assistant = row["messages"]
-        assert (user["role"], assistant["role"]) == ("user", "assistant")
-        assert 1 <= len(row["constraints"]) <= 2
-        assert row["category"] == row["constraints"][0]["type"]
-        assert passes(assistant["content"], row["constraints"]), row["id"]
-        assert count_words(assistant["content"]) <= 75, row["id"]
+        assert row["split"] == split and 1 <= len(row["constraints"]) <= 3, row["id"]
+        assert row["category"] == row["constraints"][0]["type"] and row["template"].startswith("task/"), row["id"]
+        if "messages" in row:
+            user, assistant = row["messages"]
+            assert (user["role"], assistant["role"]) == ("user", "assistant")
+            assert passes(assistant["content"], row["constraints"]), row["id"]
+            assert count_words(assistant["content"]) <= 75, row["id"]
+        else:
+            assert passes(row["chosen"][0]["content"], row["constraints"]), row["id"]
+            rejected = row["rejected"][0]["content"]
+            assert [c["type"] for c in row["constraints"] if not check(rejected, c)] == [row["category"]], row["id"]
     categories = [row["category"] for row in rows]
-    counts = [categories.count(t) for t in CHECKS]
-    assert max(counts) - min(counts) <= 1  # balanced across constraint types
+    counts = [categories.count(t) for t in set(categories)]
+    assert max(counts) - min(counts) <= 1  # balanced across constraint kinds
+    first = categories[: len(set(categories))]
+    assert len(set(first)) == len(first)  # any prefix (a config's cap) cycles through the kinds
 
 
-def test_bundled_instruct_eval_prompts_not_in_train():
-    prompts = {split: {r["messages"][0]["content"] for r in _rows(DATA / "instruct" / f"{split}.jsonl")}
-               for split in ("train", "eval")}
-    assert not prompts["train"] & prompts["eval"]
+def test_bundled_splits_hold_out_kinds_phrasings_and_prompts():
+    rows = {name: _rows(DATA / name) for name in FILES}
+    kinds = {name: {c["type"] for r in rs for c in r["constraints"]} for name, rs in rows.items()}
+    held_kinds = {r["category"] for r in rows["instruct/eval_heldout_kinds.jsonl"]}
+    assert len(held_kinds) >= 4 and len(kinds["instruct/train.jsonl"]) >= 14
+    for name, used in kinds.items():
+        if name != "instruct/eval_heldout_kinds.jsonl":
+            assert not used & held_kinds, name  # no training, preference or other eval row uses a held-out kind
+    # Template ids: kind/tN (training phrasing) or kind/hN (held-out); held-out ones never train.
+    train_ids = {t for name in ("instruct/train.jsonl", "prefs/train.jsonl")
+                 for r in rows[name] for t in r["template"].split("+")}
+    for name in ("instruct/eval_heldout_phrasings.jsonl", "prefs/eval_heldout_phrasings.jsonl"):
+        for r in rows[name]:
+            ids = r["template"].split("+")
+            assert not set(ids) & train_ids and all("/h" in t for t in ids), r["id"]
+    assert not any("/h" in t for t in train_ids)
+    prompts = [_prompt(r) for rs in rows.values() for r in rs]
+    assert len(prompts) == len(set(prompts))  # no prompt shared within or across files
+
+
+def test_build_is_deterministic_and_reports_length_balance(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(DATA / "build.py"), "--out", str(tmp_path)], capture_output=True,
+                         text=True, check=True).stdout
+    for name in FILES:  # the committed files are exactly its output
+        assert (tmp_path / name).read_bytes() == (DATA / name).read_bytes(), name
+    corr = [float(line.split("length/preference corr ")[1].split(",")[0])
+            for line in out.splitlines() if "length/preference corr" in line]
+    assert len(corr) == 3 and all(abs(c) < 0.1 for c in corr)
