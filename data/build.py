@@ -17,7 +17,8 @@ phrasings (never used in a training row). Files:
 - instruct/eval.jsonl, prefs/eval.jsonl: the same distribution (in-distribution eval);
 - instruct/eval_heldout_phrasings.jsonl, prefs/eval_heldout_phrasings.jsonl: training kinds asked
   with held-out phrasings;
-- instruct/eval_heldout_kinds.jsonl: a held-out kind first (its category), training phrasings.
+- instruct/eval_heldout_kinds.jsonl: a held-out kind first (its category), training phrasings;
+- general/heldout.jsonl: general paragraphs (data/general_text.py), the eval stage's forgetting text.
 
 Every prompt is unique across all files. Rows are ordered so that any prefix cycles through the
 kinds: a config's cap (``max_train_examples``, ``max_train_pairs``) takes a balanced subset.
@@ -38,6 +39,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere; gold is pure pyt
 sys.path.insert(0, str(ROOT / "data"))
 
 from alignment.gold import check, count_sentences, count_word, count_words, passes  # noqa: E402
+from general_text import PARAGRAPHS  # noqa: E402
 from topics import MORE_TOPICS, TOPICS  # noqa: E402
 
 # file -> (split name, kinds of the first constraint, phrasings, preference pairs?, rows)
@@ -691,6 +693,10 @@ def main(argv: list[str] | None = None) -> None:
             s = length_preference_stats(rows)
             line += f"; length/preference corr {s['corr']:+.3f}, chosen longer in {s['chosen_longer']:.1%}"
         print(line)
+    general = [{"id": f"general-{i + 1:03d}", "text": t} for i, t in enumerate(PARAGRAPHS)]
+    write_jsonl(out / "general/heldout.jsonl", general)
+    print(f"data/general/heldout.jsonl: {len(general)} paragraphs, "
+          f"{sum(count_words(t) for t in PARAGRAPHS)} words (the forgetting perplexity text)")
     print(f"{len(topics)} topics; training kinds ({len(TRAIN_KINDS)}): {', '.join(TRAIN_KINDS)}; "
           f"held-out kinds ({len(HELDOUT_KINDS)}): {', '.join(HELDOUT_KINDS)}")
 
