@@ -477,22 +477,27 @@ def _off_by(rng: random.Random, n: int, low: int, high: int, extra: tuple = ()) 
 
 def _plan(rng: random.Random, by: dict, violate: str | None, n_facts: int) -> dict:
     """The response's layout and decorations, with the violated kind's part broken."""
-    def get(kind, good, bad):
-        return None if kind not in by else (bad() if violate == kind else good)
-    bullets = get("bullets", by.get("bullets", {}).get("n"), lambda: _off_by(rng, by["bullets"]["n"], 0, n_facts, (0,)))
-    paras = get("paragraphs", by.get("paragraphs", {}).get("n"), lambda: _off_by(rng, by["paragraphs"]["n"], 1, 4, (1,)))
-    hl = get("highlights", by.get("highlights", {}).get("n"), lambda: rng.randrange(by["highlights"]["n"]))
-    ph = get("placeholders", by.get("placeholders", {}).get("n"), lambda: rng.randrange(by["placeholders"]["n"]))
+    def param(kind: str, key: str | None, broken):
+        """The constraint's parameter (True for one without), `broken(it)` for the violated kind, None if absent."""
+        if kind not in by:
+            return None
+        value = by[kind][key] if key else True
+        return broken(value) if violate == kind else value
+
+    def other(pool: list[str], phrase: str) -> str | None:
+        return rng.choice([None] + [p for p in pool if p.lower() != phrase.lower()])
+
     plan = {
-        "bullets": bullets or 0, "paragraphs": paras or 0, "highlights": hl or 0, "placeholders": ph or 0,
+        "bullets": param("bullets", "n", lambda n: _off_by(rng, n, 0, n_facts, (0,))) or 0,
+        "paragraphs": param("paragraphs", "n", lambda n: _off_by(rng, n, 1, 4, (1,))) or 0,
+        "highlights": param("highlights", "n", rng.randrange) or 0,
+        "placeholders": param("placeholders", "n", rng.randrange) or 0,
+        "title": param("title", None, lambda _: rng.choice([False, "plain"])),
+        "start": param("start_with", "phrase", lambda p: other(START_PHRASES, p)),
+        "end": param("end_with", "phrase", lambda p: other(END_PHRASES, p)),
+        "postscript": param("postscript", "marker", lambda _: None),
+        "quote": param("quotation", None, lambda _: rng.choice([False, "single"])),
         "json": "json_format" in by and violate != "json_format",
-        "title": get("title", True, lambda: rng.choice([False, "plain"])),
-        "start": get("start_with", by.get("start_with", {}).get("phrase"),
-                     lambda: rng.choice([None] + [p for p in START_PHRASES if p.lower() != by["start_with"]["phrase"].lower()])),
-        "end": get("end_with", by.get("end_with", {}).get("phrase"),
-                   lambda: rng.choice([None] + [p for p in END_PHRASES if p.lower() != by["end_with"]["phrase"].lower()])),
-        "postscript": get("postscript", by.get("postscript", {}).get("marker"), lambda: None),
-        "quote": get("quotation", True, lambda: rng.choice([False, "single"])),
         "case": ("lower" if "lowercase" in by and violate != "lowercase" else
                  "upper" if "uppercase" in by and violate != "uppercase" else None),
     }
@@ -693,6 +698,9 @@ def main(argv: list[str] | None = None) -> None:
             s = length_preference_stats(rows)
             line += f"; length/preference corr {s['corr']:+.3f}, chosen longer in {s['chosen_longer']:.1%}"
         print(line)
+        if spec[0] == "train":
+            uses = Counter(c["type"] for r in rows for c in r["constraints"])
+            print("  constraints per kind (any position): " + ", ".join(f"{k} {v}" for k, v in uses.most_common()))
     general = [{"id": f"general-{i + 1:03d}", "text": t} for i, t in enumerate(PARAGRAPHS)]
     write_jsonl(out / "general/heldout.jsonl", general)
     print(f"data/general/heldout.jsonl: {len(general)} paragraphs, "

@@ -57,7 +57,7 @@ def test_published_rm_loads_and_ranks_its_training_pairs(reward_store):
     scores = score_pairs(model, tok, pairs, batch_size=8)
     accuracy = pairwise_accuracy(scores["chosen"], scores["rejected"])
     assert accuracy >= 0.9, scores
-    assert accuracy == pytest.approx(art.manifest.metrics["train_accuracy"])
+    assert accuracy == pytest.approx(art.manifest.metrics["train_accuracy"], abs=1e-4)  # the manifest rounds
 
     # Batched, padded scoring reads the same reward as one unpadded conversation at a time.
     conv = pairs[0]["prompt"] + pairs[0]["chosen"]
