@@ -376,7 +376,6 @@ def forgetting_metrics(cfg: Config, ppl: dict, splits: dict) -> dict:
 def run(cfg: Config, ctx) -> None:
     from transformers import set_seed
 
-    from alignment import evaluation as ev
     from alignment.models import load_tokenizer
     from alignment.report import write_eval_report
 
@@ -431,45 +430,8 @@ def run(cfg: Config, ctx) -> None:
     forgetting = forgetting_metrics(cfg, ppl, splits) if cfg.forgetting is not None else None
 
     # -- metrics ---------------------------------------------------------------------------------
-    per_model = {}
-    for name in names:
-        r = responses[name]
-        m = {"length_tokens": ev.length_stats(r["tokens"]), "missing_eos_rate": 1 - sum(r["eos"]) / len(r["eos"])}
-        if name in rewards:
-            m["reward"] = ev.distribution(rewards[name])
-        scored = [g for g in gold.get(name, []) if g is not None]
-        if scored:
-            lo, hi = ev.bootstrap_ci(scored, seed=cfg.seed)
-            m["gold"] = {"pass_rate": ev.mean(scored), "pass_rate_ci": [lo, hi], "n": len(scored)}
-        if name in verdicts:
-            v = verdicts[name]
-            m["judge"] = ev.win_summary([x.p_a for x in v], disagree=[x.disagree for x in v],
-                                        parsed=[x.parsed for x in v], tie_band=cfg.tie_band, seed=cfg.seed)
-        if name in kl:
-            m["kl"] = kl[name]
-        if name in ppl:
-            m["perplexity"] = ppl[name]
-        if name in rewards and name != cfg.baseline:
-            diffs = [a - b for a, b in zip(rewards[name], rewards[cfg.baseline])]
-            m["reward_gain"] = ev.distribution(diffs)
-        if scored and name != cfg.baseline:
-            # Paired by prompt: tighter than comparing the two pass rates' own intervals.
-            diffs = [a - b for a, b in zip(gold[name], gold[cfg.baseline]) if a is not None and b is not None]
-            m["gold_gain"] = ev.distribution(diffs)
-        per_model[name] = m
-    first = cfg.policies[0]
-    headline = {"policy": first, "baseline": cfg.baseline}
-    if "judge" in per_model[first]:
-        headline["win_rate"] = per_model[first]["judge"]["win_rate"]
-    if "reward" in per_model[first]:
-        headline["mean_reward"] = per_model[first]["reward"]["mean"]
-    if "kl" in per_model[first]:
-        headline["kl"] = per_model[first]["kl"]["kl_seq"]
-    if "gold" in per_model[first]:
-        headline["gold_pass_rate"] = per_model[first]["gold"]["pass_rate"]
-    for s, split in splits.items():
-        if first in split["models"]:
-            headline[f"gold_pass_rate_{s}"] = split["models"][first]["pass_rate"]
+    per_model = {name: model_metrics(cfg, name, responses, rewards, gold, verdicts, kl, ppl) for name in names}
+    headline = headline_metrics(cfg, per_model, splits)
     ctx.metrics.update({**headline, "models": per_model, "prompts": len(rows), "prompts_source": cfg.prompts,
                         "judge": judge_name, "splits": splits,
                         **({"forgetting": forgetting} if forgetting is not None else {}),
@@ -479,8 +441,9 @@ def run(cfg: Config, ctx) -> None:
     # samples.jsonl: the main prompts' baseline and policy answers (the tracker's table); the further sets and
     # the base model's answers go to samples_sets.jsonl.
     everything = collect_samples(cfg, sets, all_responses, all_gold, rewards, verdicts)
-    samples = [s for s in everything if s["split"] == cfg.prompts_name and s["policy"] in names]
-    for file, rows_out in ((SAMPLES, samples), (SET_SAMPLES, [s for s in everything if s not in samples])):
+    main = [s["split"] == cfg.prompts_name and s["policy"] in names for s in everything]
+    samples = [s for s, m in zip(everything, main) if m]
+    for file, rows_out in ((SAMPLES, samples), (SET_SAMPLES, [s for s, m in zip(everything, main) if not m])):
         with (ctx.out_dir / file).open("w", encoding="utf-8") as f:
             for s in rows_out:
                 f.write(json.dumps(s, ensure_ascii=False) + "\n")
@@ -490,9 +453,56 @@ def run(cfg: Config, ctx) -> None:
                       inputs={k: str(a.path) for k, a in ctx.inputs.items()}, baseline=cfg.baseline,
                       policies=cfg.policies, run=ctx.run, shown=cfg.report_samples)
     ctx.lineage = {"adapter": False, "evaluated": {n: str(ctx.inputs[n].path) for n in cfg.policies},
-                   "baseline": str(baseline_art.path), "parent_stage": first}
+                   "baseline": str(baseline_art.path), "parent_stage": cfg.policies[0]}
     log.info("[eval] %s; report.html and plots/ are in the artifact",
              summary_line(names, per_model, splits, forgetting))
+
+
+def model_metrics(cfg: Config, name: str, responses: dict, rewards: dict, gold: dict, verdicts: dict, kl: dict,
+                  ppl: dict) -> dict:
+    """One model's figures on the main prompts (and its perplexity): length, reward, gold, judge, KL, gains."""
+    from alignment import evaluation as ev
+
+    r = responses[name]
+    m = {"length_tokens": ev.length_stats(r["tokens"]), "missing_eos_rate": 1 - sum(r["eos"]) / len(r["eos"])}
+    if name in rewards:
+        m["reward"] = ev.distribution(rewards[name])
+    scored = [g for g in gold.get(name, []) if g is not None]
+    if scored:
+        lo, hi = ev.bootstrap_ci(scored, seed=cfg.seed)
+        m["gold"] = {"pass_rate": ev.mean(scored), "pass_rate_ci": [lo, hi], "n": len(scored)}
+    if name in verdicts:
+        v = verdicts[name]
+        m["judge"] = ev.win_summary([x.p_a for x in v], disagree=[x.disagree for x in v],
+                                    parsed=[x.parsed for x in v], tie_band=cfg.tie_band, seed=cfg.seed)
+    if name in kl:
+        m["kl"] = kl[name]
+    if name in ppl:
+        m["perplexity"] = ppl[name]
+    if name in rewards and name != cfg.baseline:
+        diffs = [a - b for a, b in zip(rewards[name], rewards[cfg.baseline])]
+        m["reward_gain"] = ev.distribution(diffs)
+    if scored and name != cfg.baseline:
+        # Paired by prompt: tighter than comparing the two pass rates' own intervals.
+        diffs = [a - b for a, b in zip(gold[name], gold[cfg.baseline]) if a is not None and b is not None]
+        m["gold_gain"] = ev.distribution(diffs)
+    return m
+
+
+def headline_metrics(cfg: Config, per_model: dict, splits: dict) -> dict:
+    """The first policy's headline figures, including its gold pass rate on every prompt set."""
+    first = cfg.policies[0]
+    m = per_model[first]
+    headline = {"policy": first, "baseline": cfg.baseline}
+    for key, value in (("win_rate", m.get("judge", {}).get("win_rate")),
+                       ("mean_reward", m.get("reward", {}).get("mean")), ("kl", m.get("kl", {}).get("kl_seq")),
+                       ("gold_pass_rate", m.get("gold", {}).get("pass_rate"))):
+        if value is not None:
+            headline[key] = value
+    for s, split in splits.items():
+        if first in split["models"]:
+            headline[f"gold_pass_rate_{s}"] = split["models"][first]["pass_rate"]
+    return headline
 
 
 def collect_samples(cfg: Config, sets: dict, responses: dict, gold: dict, rewards: dict, verdicts: dict) -> list[dict]:
