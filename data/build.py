@@ -630,7 +630,10 @@ def build_file(rng: random.Random, spec: tuple, topics: list[dict], used: set[st
     rows, balance = [], [0]
     for i in range(size):
         main = kinds[i % len(kinds)]
-        item = make_item(rng, main, order[i % len(order)], phrasing, used, pairs, balance)
+        # Every topic once per round; each round shifts by one so that a kind meets every topic (with 16 kinds
+        # and 96 topics, a plain i % 96 would pair each kind with the same 6 topics forever).
+        topic = order[(i + i // len(order)) % len(order)]
+        item = make_item(rng, main, topic, phrasing, used, pairs, balance)
         rows.append(_row(pairs, f"{prefix}-{i + 1:05d}", split, main, item))
     return rows
 
