@@ -366,11 +366,11 @@ def sample_constraints(rng: random.Random, main: str, topic: dict) -> list[dict]
         if not free:
             break
         kinds.append(rng.choice(free))
-    cons = [_params(rng, k, topic, kinds) for k in kinds]
-    return cons
+    return [_params(rng, k, topic, kinds) for k in kinds]
 
 
 def _params(rng: random.Random, kind: str, topic: dict, kinds: list[str]) -> dict:
+    """One constraint of `kind` with parameters this topic's facts can meet (and break)."""
     c: dict = {"type": kind}
     case = (str.lower if "lowercase" in kinds else str.upper if "uppercase" in kinds else None)
     if kind == "keyword_frequency":
@@ -399,6 +399,7 @@ def _params(rng: random.Random, kind: str, topic: dict, kinds: list[str]) -> dic
 
 
 def _fill(template: str, c: dict) -> str:
+    """A phrasing with the constraint's parameters in words."""
     words = " or ".join(f"'{w}'" for w in c.get("words", []))
     freq = (f"at least {c['n']} times" if c.get("relation") == "at least" else f"fewer than {c.get('n')} times")
     return template.format(words=words, freq=freq, **{k: v for k, v in c.items() if k not in ("type", "words")})
