@@ -311,18 +311,23 @@ def prepare_trainer(trainer, spec, train, scratch) -> None:
         trainer.model.save_pretrained(Path(scratch) / "initial_adapter", safe_serialization=True)
 
 
-def save_trained(model, spec, folder, scratch) -> None:
-    """The sft stage's `model/`: peft adapter, bottleneck adapters, or full weights.
+def save_trained(model, tok, spec, folder, parent, *, scratch) -> None:
+    """The sft stage's `model/` (+ tokenizer): peft adapter pointed at `parent`, bottleneck adapters, or full weights.
 
     PiSSA/OLoRA adapters are saved converted to a plain LoRA on the original base (peft's
     `path_initial_model_for_weight_conversion`), so every loader applies them to the unchanged base.
     """
+    from alignment.policy import point_adapter_at_parent, save_on_parent
+
     if spec.method in BOTTLENECK:
         from alignment import bottleneck
 
         bottleneck.save(model, folder)
+        tok.save_pretrained(folder)
     elif spec.method in LORA_FAMILY and spec.init_lora_weights in MUTATES_BASE:
         model.save_pretrained(folder, safe_serialization=True,
                               path_initial_model_for_weight_conversion=str(Path(scratch) / "initial_adapter"))
+        tok.save_pretrained(folder)
+        point_adapter_at_parent(folder, parent)
     else:
-        model.save_pretrained(folder, safe_serialization=True)
+        save_on_parent(model, tok, folder, parent, adapter=METHODS[spec.method].adapter)

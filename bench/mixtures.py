@@ -114,9 +114,13 @@ def main() -> int:
     p.add_argument("--heldout", default="end_with,lowercase", help="held-out categories when there is no "
                                                                    f"{HELDOUT_FILE}")
     p.add_argument("--sweeps", default="kinds,rates")
+    p.add_argument("--ks", help="comma-separated k of the kinds sweep (default: 1 .. all trained kinds)")
+    p.add_argument("--steps", type=int, help="override the profile's optimiser steps (the same for every run)")
     p.add_argument("--artifacts", default=str(REPO / "bench" / "out" / "mixtures"))
     a = p.parse_args()
-    prof, root = PROFILES[a.profile], Path(a.artifacts)
+    prof, root = dict(PROFILES[a.profile]), Path(a.artifacts)
+    if a.steps:
+        prof["steps"] = a.steps
     from alignment.prompts import load_prompts
 
     if (REPO / HELDOUT_FILE).is_file():
@@ -141,7 +145,7 @@ def main() -> int:
     print("base", results["runs"][-1], flush=True)
     plan = []
     if "kinds" in a.sweeps:
-        for k in range(1, len(trained) + 1):
+        for k in ([int(x) for x in a.ks.split(",")] if a.ks else range(1, len(trained) + 1)):
             plan.append(("kinds", k, f"k{k}", [{"name": c, "train": TRAIN, "eval": EVAL, "categories": [c],
                                                 "weight": 1} for c in trained[:k]]))
     if "rates" in a.sweeps:

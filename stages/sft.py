@@ -109,8 +109,7 @@ def run(cfg: Config, ctx) -> None:
     if mask_hook is not None:
         mask_hook.remove()
     if trainer.is_world_process_zero():  # one writer: with several processes every rank holds the same weights
-        save_trained(trainer.model, cfg.peft, ctx.out_dir / "model", ctx.checkpoints_dir)
-        tok.save_pretrained(ctx.out_dir / "model")
+        save_trained(trainer.model, tok, cfg.peft, ctx.out_dir / "model", base, scratch=ctx.checkpoints_dir)
         if cfg.merge:
             merged = _merged(trainer.model, cfg, base, ctx.out_dir / "model")
             merged.save_pretrained(ctx.out_dir / "merged", safe_serialization=True)
