@@ -79,7 +79,7 @@ def spec_problems(spec, prefix: str = "peft") -> list[tuple[str, str]]:
         if getattr(spec, key) and m not in methods:
             out.append((f"{prefix}.{key}", f"applies to method {'/'.join(methods)} only, not '{m}'"))
     for key, methods in _EXPLICIT_ONLY.items():
-        if key in spec.model_fields_set and m not in methods and getattr(spec, key) is not None:
+        if key in spec.model_fields_set and m not in methods and getattr(spec, key) not in (None, "true"):
             out.append((f"{prefix}.{key}", f"applies to method {'/'.join(methods)} only, not '{m}'"))
     if spec.loraplus_lr_ratio is not None and spec.loraplus_lr_ratio <= 0:
         out.append((f"{prefix}.loraplus_lr_ratio", "expected a positive ratio (the paper uses ~16)"))
@@ -195,7 +195,8 @@ def peft_config(spec, task_type: str = "CAUSAL_LM", *, tokenizer_path=None):
     if m in LORA_FAMILY:
         return peft.LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
                                target_modules=spec.target_modules or "all-linear", use_dora=spec.use_dora,
-                               use_rslora=spec.use_rslora, init_lora_weights=spec.init_lora_weights,
+                               use_rslora=spec.use_rslora,
+                               init_lora_weights=True if spec.init_lora_weights == "true" else spec.init_lora_weights,
                                task_type=task_type)
     if m == "ia3":
         return peft.IA3Config(target_modules=spec.target_modules, feedforward_modules=spec.feedforward_modules,
@@ -277,7 +278,7 @@ def describe(spec) -> dict:
         out.update(use_dora=spec.use_dora, use_rslora=spec.use_rslora)
         if spec.loraplus_lr_ratio is not None:
             out["loraplus_lr_ratio"] = spec.loraplus_lr_ratio
-        if spec.init_lora_weights is not True:
+        if spec.init_lora_weights != "true":
             out["init_lora_weights"] = spec.init_lora_weights
     if spec.method in BOTTLENECK:
         out.update(placement=spec.adapter_placement, reduction_factor=spec.reduction_factor,

@@ -121,7 +121,7 @@ class PeftSpec(Section):
     loraplus_lr_ratio: float | None = None
     """lora: LoRA+ (Hayou et al., 2024): the B matrices learn this many times faster than A (the paper: ~16);
     peft's `create_loraplus_optimizer`. None: one learning rate for both."""
-    init_lora_weights: bool | Literal["gaussian", "pissa", "olora"] = True
+    init_lora_weights: Literal["true", "gaussian", "pissa", "olora"] = "true"
     """lora: how A and B start. true: A random, B zero (the adapted model is the base); gaussian: A Gaussian;
     pissa (Meng et al., 2024): A, B from the top singular vectors of W, the base keeps the residual; olora
     (Büyükakyüz, 2024): from a QR decomposition of W. pissa/olora change the base during training; the saved
@@ -138,6 +138,12 @@ class PeftSpec(Section):
     the model's hidden size)."""
     prefix_projection: bool = False
     """prefix: reparameterise the prefix through an MLP (Li & Liang train more stably with it)."""
+    @field_validator("init_lora_weights", mode="before")
+    @classmethod
+    def _init_true(cls, value):
+        # YAML reads `true` as a boolean; peft's default initialisation is spelled "true" here.
+        return "true" if value is True else value
+
     # -- adapter (bottleneck) -------------------------------------------------------------------------------------
     adapter_placement: Literal["pfeiffer", "houlsby"] = "pfeiffer"
     """adapter: pfeiffer, one adapter after each block's feed-forward sublayer; houlsby, one after attention and
