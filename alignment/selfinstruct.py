@@ -47,12 +47,26 @@ DEFAULT_TEMPLATE = (
 PHRASES = {
     "max_words": "Answer in at most {n} words.",
     "min_words": "Use at least {n} words.",
+    "max_sentences": "Use at most {n} sentences.",
+    "min_sentences": "Use at least {n} sentences.",
+    "paragraphs": "Write exactly {n} paragraphs, separated by a blank line.",
     "keyword": "Include the word '{word}' in your answer.",
+    "forbidden_words": "Do not use the words {words}.",
+    "keyword_frequency": "Use the word '{word}' at least {n} times.",
+    "letter_frequency": "The letter '{letter}' must appear {relation} {n} times.",
     "bullets": "Answer with exactly {n} bullet points, each line starting with '- '.",
     "lowercase": "Write only in lowercase letters.",
+    "uppercase": "Write your whole answer in capital letters.",
+    "no_commas": "Do not use any commas.",
+    "start_with": 'Start your response with the exact phrase "{phrase}"',
+    "quotation": "Wrap your whole response in double quotation marks.",
+    "title": "Give your answer a title in double angle brackets, like <<title>>.",
+    "highlights": "Highlight at least {n} sections with asterisks, like *this*.",
+    "json_format": "Answer in JSON format.",
+    "postscript": "End with a postscript starting with {marker}",
+    "placeholders": "Include at least {n} placeholders in square brackets, like [name].",
     "end_with": 'End your response with the exact phrase "{phrase}"',
 }
-
 REFUSALS = re.compile(r"\b(i'?m sorry|i am sorry|i apologi[sz]e|i cannot|i can'?t (help|assist|do)|i am unable|"
                       r"i'?m unable|as an ai|as a language model|i'?m not able to|i am not able to)\b", re.IGNORECASE)
 _TOKEN = re.compile(r"[a-z0-9]+")
@@ -182,8 +196,10 @@ def seed_from_row(row: dict, rowno: int) -> Seed | None:
     users = [m.get("content", "") for m in msgs if isinstance(m, dict) and m.get("role") == "user"]
     if not users or not str(users[-1]).strip():
         return None
-    cons = [c for c in row.get("constraints") or [] if isinstance(c, dict) and c.get("type") in PHRASES]
-    return Seed(id=str(row.get("id", rowno)), task=str(users[-1]).strip(), constraints=cons)
+    cons = row.get("constraints") or []
+    # A seed whose constraints cannot all be phrased gives none: half a family would be a different task.
+    ok = all(isinstance(c, dict) and c.get("type") in PHRASES for c in cons)
+    return Seed(id=str(row.get("id", rowno)), task=str(users[-1]).strip(), constraints=list(cons) if ok else [])
 
 
 def template_digest(template: str) -> str:
@@ -204,10 +220,15 @@ def clean_instruction(text: str) -> str:
     return ""
 
 
+def _param(value) -> str:
+    return ", ".join(f"'{v}'" for v in value) if isinstance(value, list) else str(value)
+
+
 def render_constraints(constraints: list[dict]) -> str:
     # end_with last: its phrase must be the final words, so no other instruction follows it.
     ordered = sorted(constraints, key=lambda c: c["type"] == "end_with")
-    return " ".join(PHRASES[c["type"]].format(**{k: v for k, v in c.items() if k != "type"}) for c in ordered)
+    return " ".join(PHRASES[c["type"]].format(**{k: _param(v) for k, v in c.items() if k != "type"})
+                    for c in ordered)
 
 
 def with_constraints(instruction: str, constraints: list[dict]) -> str:
