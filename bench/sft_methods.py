@@ -200,7 +200,8 @@ def perplexity_of(art_path: Path, texts: list[str]) -> float:
         for i in range(0, len(texts), 8):
             enc = tok(texts[i:i + 8], return_tensors="pt", padding=True, add_special_tokens=False)
             labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-            logits = model(**enc).logits[:, :-1].float()
+            # A prompt-tuned policy returns logits for its virtual tokens too: keep those of the text.
+            logits = model(**enc).logits[:, -enc["input_ids"].shape[1]:][:, :-1].float()
             target = labels[:, 1:]
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                                                      ignore_index=-100, reduction="sum")
