@@ -20,6 +20,7 @@ spreadsheet) and 1-based record indices otherwise.
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 from typing import Annotated, Iterator, Literal, Union
@@ -119,9 +120,23 @@ def _read_json(path: Path) -> Iterator[tuple[int, dict]]:
     yield from _read_jsonl(path)
 
 
+MAX_ROW_BYTES = int(os.environ.get("ALIGN_MAX_ROW_BYTES", 1 << 20))
+"""A JSONL row over this size is refused by name (an 8 MB row would triple the stage's memory); raise it with
+$ALIGN_MAX_ROW_BYTES for genuinely long documents."""
+
+
 def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        # readline with a cap: a huge row is refused without reading all of it into memory.
+        for lineno, raw in enumerate(iter(lambda: f.readline(MAX_ROW_BYTES + 1), b""), start=1):
+            if len(raw) > MAX_ROW_BYTES:
+                raise DataError(f"{path}: row {lineno}: longer than the {MAX_ROW_BYTES} byte limit per row "
+                                "(ALIGN_MAX_ROW_BYTES raises it)")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: row {lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                                f"{e.start + 1})") from None
             if not line.strip():
                 continue
             try:
