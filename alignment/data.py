@@ -102,22 +102,25 @@ def _raw_rows(spec: DataSource, split: str) -> Iterator[tuple[int, dict]]:
 
 
 def _read_json(path: Path) -> Iterator[tuple[int, dict]]:
-    """JSON Lines (row = line number), or one JSON array of objects (Alpaca's layout; row = index + 1)."""
-    with path.open(encoding="utf-8") as f:
-        first = f.read(1)
-        while first and first.isspace():
+    """JSON Lines (row = line number), or for `.json` one JSON array of objects (Alpaca's layout; row = index + 1)."""
+    rows = None
+    if path.suffix == ".json":
+        with path.open(encoding="utf-8") as f:
             first = f.read(1)
-    if first == "[":
-        try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
-        for i, row in enumerate(rows, start=1):
-            if not isinstance(row, dict):
-                raise DataError(f"{path}: row {i}: expected a JSON object, got {type(row).__name__}")
-            yield i, row
+            while first and first.isspace():
+                first = f.read(1)
+        if first == "[":
+            try:
+                rows = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError:
+                rows = None  # not one array: JSON Lines whose first row is a list; the line reader names it
+    if rows is None:
+        yield from _read_jsonl(path)
         return
-    yield from _read_jsonl(path)
+    for i, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: row {i}: expected a JSON object, got {type(row).__name__}")
+        yield i, row
 
 
 MAX_ROW_BYTES = int(os.environ.get("ALIGN_MAX_ROW_BYTES", 1 << 20))
