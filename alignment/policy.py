@@ -142,9 +142,9 @@ def parent_weights(parent: Artifact, run_dir: Path) -> Path:
     """A folder of full weights that is exactly `parent`'s policy, for an adapter trained on it to name as its base.
 
     A full-weight artifact is its own `model/`; SFT with `merge: true` has `merged/`. An adapter parent without
-    one gets its merged weights written once per run to `<run_dir>/.merged/<stage>-<manifest hash>/` (the
-    run being written; atomic rename; dpo, ppo and grpo on the same SFT share it). Keyed by the parent's manifest hash, a re-run parent gets a new
-    folder, so an older adapter never silently names the newer parent.
+    one gets its merged weights written once per run to `<run_dir>/.merged/<stage>-<manifest hash>/` (the run
+    being written; atomic rename; dpo, ppo and grpo on the same SFT share it). Keyed by the parent's manifest hash,
+    a re-run parent gets a new folder, so an older adapter never silently names the newer parent.
     """
     if not parent.manifest.lineage.get("adapter"):
         return parent.model_dir.resolve()
@@ -176,6 +176,20 @@ def parent_weights(parent: Artifact, run_dir: Path) -> Path:
     return folder
 
 
+def _published_location(adapter_dir: Path, parent: Artifact) -> tuple[Path, str, Path]:
+    """(run folder, stage, where adapter_dir will be once published) for an adapter written inside a stage.
+
+    Stages write into `<run>/<stage>.partial/...` (e.g. `model/`, or online DPO's `rounds/<i>/model/`), which the
+    runner renames to `<run>/<stage>/...`. Outside a partial folder (a script, a test), the adapter stays where
+    it is and its run is taken to be the parent's.
+    """
+    for folder in adapter_dir.parents:
+        if folder.name.endswith(".partial"):
+            stage = folder.name[: -len(".partial")]
+            return folder.parent, stage, folder.parent / stage / adapter_dir.relative_to(folder)
+    return parent.path.resolve().parent, adapter_dir.parent.name, adapter_dir
+
+
 def point_adapter_at_parent(adapter_dir, parent: Artifact) -> None:
     """Make an adapter load the ecosystem way: `AutoPeftModelForCausalLM.from_pretrained(adapter_dir)`.
 
@@ -185,30 +199,30 @@ def point_adapter_at_parent(adapter_dir, parent: Artifact) -> None:
     empty README template with a model card saying what the adapter is and how to load it.
     """
     adapter_dir = Path(adapter_dir).resolve()
-    target = parent_weights(parent, adapter_dir.parent.parent)  # adapter_dir: <run>/<stage>.partial/model
+    run_dir, stage, final = _published_location(adapter_dir, parent)
+    target = parent_weights(parent, run_dir)
     path = adapter_dir / "adapter_config.json"
     conf = json.loads(path.read_text())
     conf["base_model_name_or_path"] = str(target)
     path.write_text(json.dumps(conf, indent=2, sort_keys=True))
-    write_adapter_card(adapter_dir, parent, target, conf.get("peft_type", "adapter"))
+    write_adapter_card(adapter_dir, final, run_dir.name, stage, parent, target, conf.get("peft_type", "adapter"))
 
 
-def write_adapter_card(adapter_dir: Path, parent: Artifact, base_folder: Path, peft_type: str) -> None:
+def write_adapter_card(adapter_dir: Path, final: Path, run: str, stage: str, parent: Artifact, base_folder: Path,
+                       peft_type: str) -> None:
     """A huggingface_hub model card for an adapter artifact (metrics come later: `align export` adds them)."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    stage = adapter_dir.parent.name.split(".")[0]
-    run = parent.manifest.run
     data = ModelCardData(library_name="peft", pipeline_tag="text-generation", base_model=str(base_folder),
                          tags=["align", stage, peft_type.lower()])
     content = (f"---\n{data.to_yaml()}\n---\n\n# {run}/{stage}: {peft_type} adapter\n\n"
                f"Trained by the `{stage}` stage of the `align` pipeline (run `{run}`) on top of the `{parent.stage}` "
-               f"artifact `{parent.path}` (manifest sha256 `{parent.manifest_sha256}`).\n\n"
+               f"artifact `{parent.path.resolve()}` (manifest sha256 `{parent.manifest_sha256}`).\n\n"
                f"Its base, `{base_folder}`, holds exactly the `{parent.stage}` policy as full weights, so\n\n"
                "```python\nfrom peft import AutoPeftModelForCausalLM\n"
-               f"model = AutoPeftModelForCausalLM.from_pretrained(\"{adapter_dir.parent.parent / stage / 'model'}\")\n"
+               f"model = AutoPeftModelForCausalLM.from_pretrained(\"{final}\")\n"
                "```\n\ngives the trained policy. `align export " f"{run} {stage}" "` writes a standalone merged "
-               "folder (or GGUF) with lineage and metrics; `manifest.json` beside this folder records the config, "
+               "folder (or GGUF) with lineage and metrics; the stage's `manifest.json` records the config, "
                "inputs and hashes.\n")
     ModelCard(content).save(adapter_dir / "README.md")
 

@@ -127,3 +127,23 @@ def test_merged_parent_is_written_once_per_run_and_cards_are_real(chain):
         assert card.data.base_model == json.loads(
             (chain[stage].model_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
         assert "AutoPeftModelForCausalLM" in card.text and "More Information Needed" not in card.text
+
+
+def test_an_adapter_deeper_in_a_partial_folder_names_the_run_and_its_published_path(chain, tmp_path):
+    """online_dpo writes `<run>/online_dpo.partial/rounds/<i>/model/`: the merged parent goes to `<run>/.merged`
+    (not into the artifact, whose path changes when published) and the card names the published path."""
+    import shutil
+
+    from huggingface_hub import ModelCard
+
+    from alignment.policy import point_adapter_at_parent
+
+    adapter = tmp_path / "r" / "online_dpo.partial" / "rounds" / "2" / "model"
+    shutil.copytree(chain["dpo"].model_dir, adapter)
+    point_adapter_at_parent(adapter, chain["sft"])
+    base = Path(json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"])
+    assert base == (tmp_path / "r" / MERGED_DIR / f"sft-{chain['sft'].manifest_sha256[:16]}").resolve()
+    assert (base / "config.json").is_file() and not (tmp_path / "r" / "online_dpo.partial" / MERGED_DIR).exists()
+    card = ModelCard.load(adapter / "README.md")
+    assert str((tmp_path / "r" / "online_dpo" / "rounds" / "2" / "model").resolve()) in card.text
+    assert "\n# r/online_dpo: LORA adapter" in card.text
