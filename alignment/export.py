@@ -121,7 +121,7 @@ def lineage_records(art: Artifact, store: ArtifactStore) -> list[dict]:
             return
         for inp in a.manifest.inputs.values():  # inputs first: the list reads in the order things were made
             try:
-                add(store.read(parent_path(Path(inp.path), store), verify=False))
+                add(store.read(parent_path(Path(inp.path), store, inp.manifest_sha256), verify=False))
             except AlignError:
                 out.append({"stage": inp.stage, "path": inp.path, "manifest_sha256": inp.manifest_sha256,
                             "note": "no longer in the store"})

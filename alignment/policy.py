@@ -30,22 +30,32 @@ def lineage_chain(art: Artifact, store: ArtifactStore | None = None) -> list[Art
         parent = chain[-1].manifest.lineage.get("parent")
         if not parent:
             raise ArtifactError(f"{chain[-1].path}: adapter artifact without a parent in its lineage")
-        chain.append(store.read(parent_path(Path(parent), store)))
+        chain.append(store.read(parent_path(Path(parent), store, _recorded_sha(chain[-1], parent))))
         if len(chain) > 16:
             raise ArtifactError(f"{art.path}: lineage longer than 16 artifacts (a cycle?)")
     return list(reversed(chain))
 
 
-def parent_path(recorded: Path, store: ArtifactStore) -> Path:
-    """Where a lineage's parent is now: as recorded, else the same `<run>/<stage>` under this store's root.
+def parent_path(recorded: Path, store: ArtifactStore, manifest_sha256: str | None = None) -> Path:
+    """Where a recorded upstream artifact is now: `<run>/<stage>` under the store being read, else as recorded.
 
-    Older manifests recorded the parent relative to the working directory of the writing process, and a store may
-    have been moved or copied since; the parent is always in the store, so its last two path parts find it.
+    A store may have been moved or copied, and older manifests recorded the parent relative to the writer's working
+    directory. The same `<run>/<stage>` in this store is taken only if its manifest is the one recorded (the
+    child's `inputs` hash), so another run's artifact of the same name is never picked up by accident.
     """
-    if (recorded / "manifest.json").is_file():
-        return recorded
-    moved = store.root / recorded.parent.name / recorded.name
-    return moved if (moved / "manifest.json").is_file() else recorded
+    from alignment.manifest import sha256_file
+
+    here = store.root / recorded.parent.name / recorded.name
+    if (here / "manifest.json").is_file() and (manifest_sha256 is None or
+                                               sha256_file(here / "manifest.json") == manifest_sha256):
+        return here
+    return recorded
+
+
+def _recorded_sha(child: Artifact, recorded: str) -> str | None:
+    """The manifest hash the child recorded for the input at `recorded` (None if it did not list it)."""
+    tail = Path(recorded).parts[-2:]  # <run>/<stage>: inputs and lineage may spell the root differently
+    return next((i.manifest_sha256 for i in child.manifest.inputs.values() if Path(i.path).parts[-2:] == tail), None)
 
 
 # peft types that prepend virtual tokens / prefixes at run time instead of changing weights.

@@ -147,3 +147,31 @@ def test_an_adapter_deeper_in_a_partial_folder_names_the_run_and_its_published_p
     card = ModelCard.load(adapter / "README.md")
     assert str((tmp_path / "r" / "online_dpo" / "rounds" / "2" / "model").resolve()) in card.text
     assert "\n# r/online_dpo: LORA adapter" in card.text
+
+
+def test_lineage_recorded_relative_to_another_cwd_still_resolves_in_a_moved_store(chain, tmp_path, monkeypatch):
+    """Older manifests recorded `parent` relative to the writer's working directory; a store may also be moved.
+    The parent is found as `<run>/<stage>` under the store the artifact is read from."""
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(chain["dpo"].path.parent, moved / "tiny", ignore=shutil.ignore_patterns(MERGED_DIR))
+    manifest = moved / "tiny" / "dpo" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    m["lineage"]["parent"] = "../nowhere/tiny/sft"  # as an old relative record, resolving nowhere from here
+    manifest.write_text(json.dumps(m))
+    monkeypatch.chdir(tmp_path)
+    art = ArtifactStore(moved).read_stage("tiny", "dpo")
+    assert [a.path for a in lineage_chain(art)] == [moved / "tiny" / s for s in ("base", "sft", "dpo")]
+    ids = _ids(art.model_dir)
+    assert (_logits(load_policy(art, "fp32"), ids) - _logits(load_policy(chain["dpo"], "fp32"), ids)).abs().max() < 1e-6
+
+    # An artifact at the same <run>/<stage> whose manifest is not the one the child recorded is not taken.
+    sft_manifest = moved / "tiny" / "sft" / "manifest.json"
+    m = json.loads(sft_manifest.read_text())
+    m["finished_at"] = "another run of sft"
+    sft_manifest.write_text(json.dumps(m))
+    from alignment.errors import ArtifactError
+
+    with pytest.raises(ArtifactError, match="nowhere/tiny/sft"):
+        lineage_chain(ArtifactStore(moved).read_stage("tiny", "dpo"))
