@@ -110,11 +110,16 @@ def load_policy(art: Artifact, precision: str, *, trust_remote_code: bool = Fals
             model = PeftModel.from_pretrained(model, adapter.model_dir)
         if adapter_type(adapter) in SOFT_PROMPT_PEFT_TYPES:
             return model.eval()
-        untie_adapted_lm_head(model)
-        model = model.merge_and_unload()
+        model = merge_adapter(model)
     # peft loads adapters for inference and freezes every weight; once merged, the policy should
     # behave like any freshly loaded model, so a full/freeze stage on top trains what it selects.
     return model.requires_grad_(True)
+
+
+def merge_adapter(peft_model):
+    """`merge_and_unload`, exact also when the adapter changes a tied `lm_head` (see `untie_adapted_lm_head`)."""
+    untie_adapted_lm_head(peft_model)
+    return peft_model.merge_and_unload()
 
 
 def untie_adapted_lm_head(peft_model) -> bool:

@@ -175,3 +175,42 @@ def test_lineage_recorded_relative_to_another_cwd_still_resolves_in_a_moved_stor
 
     with pytest.raises(ArtifactError, match="nowhere/tiny/sft"):
         lineage_chain(ArtifactStore(moved).read_stage("tiny", "dpo"))
+
+
+@pytest.fixture(scope="module")
+def merged_chain(chain):
+    """SFT with `merge: true` and DPO on it, in the chain's store (run `merged`)."""
+    root = chain["sft"].path.parent.parent
+    base = chain["sft"].path.parent / "base"
+    run_stage("sft", "configs/tiny/sft.yaml", ["train.max_steps=6", "train.lr=5e-3", "merge=true",
+                                              f"inputs.base={base}"], root=root, run="merged")
+    run_stage("dpo", "configs/tiny/dpo.yaml", ["train.max_steps=3", "train.lr=5e-3", "eval.kl_prompts=0"],
+              root=root, run="merged")
+    store = ArtifactStore(root)
+    return store.read_stage("merged", "sft"), store.read_stage("merged", "dpo")
+
+
+def test_dpo_on_an_sft_with_merged_weights_names_that_folder(merged_chain, tmp_path, monkeypatch):
+    from peft import AutoPeftModelForCausalLM
+
+    sft, dpo = merged_chain
+    ids = _ids(sft.model_dir)
+    want = _logits(load_policy(dpo, "fp32"), ids)
+    base = json.loads((dpo.model_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base == str((sft.path / "merged").resolve())
+    assert not (dpo.path.parent / MERGED_DIR).exists()  # no second copy of base + SFT
+    monkeypatch.chdir(tmp_path)
+    assert (_logits(AutoPeftModelForCausalLM.from_pretrained(str(dpo.model_dir)), ids) - want).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_trl_stages_refuse_an_lm_head_adapter_at_config_load(stage):
+    from alignment.errors import ConfigError
+    from alignment.runner import load_stage_config
+
+    with pytest.raises(ConfigError) as e:
+        load_stage_config(stage, f"configs/tiny/{stage}.yaml", ["peft.target_modules=[q_proj,lm_head]"])
+    assert e.value.problems == [
+        f"configs/tiny/{stage}.yaml (command line): peft.target_modules: the {stage} stage trains with TRL, which "
+        "computes log-probs from lm_head.weight directly, so an adapter on lm_head would never train; remove "
+        "'lm_head' (the ppo stage's algorithm: ppo can adapt it)"]
