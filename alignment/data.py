@@ -102,25 +102,24 @@ def _raw_rows(spec: DataSource, split: str) -> Iterator[tuple[int, dict]]:
 
 
 def _read_json(path: Path) -> Iterator[tuple[int, dict]]:
-    """JSON Lines (row = line number), or for `.json` one JSON array of objects (Alpaca's layout; row = index + 1)."""
-    rows = None
-    if path.suffix == ".json":
-        with path.open(encoding="utf-8") as f:
+    """JSON Lines (row = line number), or one JSON array of objects (Alpaca's layout; row = index + 1)."""
+    with path.open("rb") as f:  # sniffed as bytes: a bad byte is reported by the row reader, with its row
+        first = f.read(1)
+        while first and first.isspace():
             first = f.read(1)
-            while first and first.isspace():
-                first = f.read(1)
-        if first == "[":
-            try:
-                rows = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError:
-                rows = None  # not one array: JSON Lines whose first row is a list; the line reader names it
-    if rows is None:
-        yield from _read_jsonl(path)
+    if first == b"[" and path.suffix != ".jsonl":  # a .jsonl file is rows, even when its first row is a list
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+        for i, row in enumerate(rows, start=1):
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: row {i}: expected a JSON object, got {type(row).__name__}")
+            yield i, row
         return
-    for i, row in enumerate(rows, start=1):
-        if not isinstance(row, dict):
-            raise DataError(f"{path}: row {i}: expected a JSON object, got {type(row).__name__}")
-        yield i, row
+    yield from _read_jsonl(path)
 
 
 MAX_ROW_BYTES = int(os.environ.get("ALIGN_MAX_ROW_BYTES", 1 << 20))
