@@ -214,3 +214,30 @@ def test_trl_stages_refuse_an_lm_head_adapter_at_config_load(stage):
         f"configs/tiny/{stage}.yaml (command line): peft.target_modules: the {stage} stage trains with TRL, which "
         "computes log-probs from lm_head.weight directly, so an adapter on lm_head would never train; remove "
         "'lm_head' (the ppo stage's algorithm: ppo can adapt it)"]
+
+
+def test_export_of_the_tied_head_ppo_policy_keeps_both_matrices(chain, tmp_path):
+    """`align export` of the PPO policy (LoRA on the tied lm_head): the hf folder and the GGUF are the trained policy."""
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM
+
+    from alignment.export import export
+
+    art = chain["ppo"]
+    root, run = art.path.parent.parent, art.path.parent.name
+    hf = export(root, run, "ppo", "hf", str(tmp_path / "ppo-hf"))
+    model = AutoModelForCausalLM.from_pretrained(str(hf))
+    assert not model.config.tie_word_embeddings
+    ids = _ids(art.model_dir)
+    want = _logits(load_policy(art, "fp32"), ids)
+    assert (_logits(model, ids) - want).abs().max().item() < 1e-5
+    if importlib.util.find_spec("llama_cpp") is None:
+        return  # the GGUF side is checked in tests/test_export.py, skipped there without llama.cpp
+    import llama_cpp
+    import numpy as np
+
+    gguf = export(root, run, "ppo", "gguf", str(tmp_path / "ppo.gguf"))
+    llm = llama_cpp.Llama(model_path=str(gguf), logits_all=True, n_ctx=256, n_threads=1, verbose=False)
+    llm.eval(ids[0].tolist())
+    assert np.abs(np.array(llm.scores[: ids.shape[1]]) - want[0].numpy()).max() < 2e-3
