@@ -47,6 +47,10 @@ def export(root, run: str, stage: str, fmt: str = "hf", out: str | None = None) 
     """Write the export and return its path."""
     if fmt not in ("hf", "gguf"):
         raise ExportError(f"export: --format must be hf or gguf, not '{fmt}'")
+    from alignment.runner import STAGES
+
+    if stage not in STAGES:
+        raise ExportError(f"export: unknown stage '{stage}'; stages: {', '.join(STAGES)}")
     store = ArtifactStore(root)
     art = store.read_stage(run, stage, needed_by="export")
     _require_policy(art)
