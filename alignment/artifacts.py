@@ -33,9 +33,9 @@ from alignment.errors import ArtifactError, LockError, io_error
 from alignment.manifest import MANIFEST, Manifest, sha256_file
 
 log = logging.getLogger("align")
-LEFTOVERS = {"checkpoints", "run_state.json"}
+LEFTOVERS = {"checkpoints", "run_state.json", "stage.log", "failure.json", "tracking.json"}
 """What may sit unlisted in a published artifact: the runner's bookkeeping (checkpoints only after a kill in the
-publish window; the next run of the stage removes them)."""
+publish window; the next run of the stage removes them), the stage's log and dashboard id, which no stage loads."""
 
 
 def pause_point(name: str) -> None:

@@ -1,7 +1,7 @@
 """`align`: run stages, pipelines, show configs and the state of a run.
 
     align run STAGE -c FILE [key.path=value ...] [--artifacts DIR] [--run NAME] [--force]
-    align pipeline -c FILE [--artifacts DIR] [--run NAME] [--force]
+    align pipeline -c FILE [STAGE.key.path=value | key.path=value ...] [--artifacts DIR] [--run NAME] [--force]
     align submit -c FILE [--profile NAME|FILE] [--partition P] [--account A] [--time T] [--nodes N]
                  [--gpus-per-node G] [--begin TIME] [--run NAME] [--artifacts DIR] [--out DIR] [--dry-run]
                  [STAGE:key.path=value | key.path=value ...]          (`align slurm` is the same command)
@@ -9,6 +9,9 @@
     align verify [RUN] [--artifacts DIR]                       re-hash every published artifact (exit 2 if broken)
     align report RUN [--artifacts DIR] [--out FILE]
     align config show -c FILE [key.path=value ...]
+    align export RUN STAGE [--format hf|gguf] [--out PATH] [--artifacts DIR]
+    align config schema STAGE|manifest
+    (every command takes -q/--quiet and -v/--verbose)
     align judge audit -c LABEL_FILE [key.path=value ...] [--data FILE] [--limit N] [--out PNG] [--json FILE]
 
 Errors are one line each (`align: error: ...`), exit 2; `--debug` anywhere (or ALIGN_DEBUG=1) adds the traceback.
@@ -24,7 +27,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import logging  # noqa: E402
 import sys  # noqa: E402
 import traceback  # noqa: E402
 
@@ -39,11 +41,29 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def _verbosity_flags() -> argparse.ArgumentParser:
+    """-q/-v, accepted before or after the command (`align -q pipeline ...`, `align pipeline ... -q`)."""
+    v = argparse.ArgumentParser(add_help=False)
+    v.add_argument("-q", "--quiet", action="count", default=argparse.SUPPRESS,
+                   help="warnings and errors only, no progress bars (the stage log in the artifact keeps everything)")
+    v.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                   help="debug lines and the resolved config on the console")
+    return v
+
+
+def _with_flags(subparsers, flags):
+    """Every sub-command parser made from `subparsers` also takes -q/-v."""
+    add_parser = subparsers.add_parser
+    subparsers.add_parser = lambda *a, **kw: add_parser(*a, parents=[flags, *kw.pop("parents", [])], **kw)
+    return subparsers
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="align", description="RLHF/RLAIF alignment pipeline")
+    flags = _verbosity_flags()
+    p = _Parser(prog="align", description="RLHF/RLAIF alignment pipeline", parents=[flags])
     p.add_argument("--debug", action="store_true", help="print the traceback of an error (anywhere on the line; "
                                                         "or ALIGN_DEBUG=1)")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    sub = _with_flags(p.add_subparsers(dest="cmd", required=True), flags)
 
     def store_args(sp, run_arg=True):
         sp.add_argument("--artifacts", metavar="DIR", help="artifact root (default $ALIGN_ARTIFACTS or ./artifacts)")
@@ -59,6 +79,8 @@ def _parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("pipeline", help="run the stages a pipeline file lists")
     pl.add_argument("-c", "--config", required=True, metavar="FILE")
+    pl.add_argument("overrides", nargs="*", metavar="[STAGE.]key.path=value",
+                    help="STAGE.key=value (or STAGE:key=value) goes to that stage, key=value to every stage")
     pl.add_argument("--force", action="store_true")
     store_args(pl)
 
@@ -92,15 +114,24 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", metavar="FILE", help="where to write it (default <artifacts>/<RUN>/report.html)")
     store_args(rp, run_arg=False)
 
+    ex = sub.add_parser("export", help="a policy as a standalone merged model folder (hf) or GGUF file, with a model card")
+    ex.add_argument("run_name", metavar="RUN")
+    ex.add_argument("stage", metavar="STAGE", help="sft, dpo, ppo (or base)")
+    ex.add_argument("--format", choices=["hf", "gguf"], default="hf")
+    ex.add_argument("--out", metavar="PATH", help="default <artifacts>/<RUN>/exports/<STAGE>[.gguf]")
+    store_args(ex, run_arg=False)
+
     c = sub.add_parser("config", help="config tools")
-    csub = c.add_subparsers(dest="config_cmd", required=True)
+    csub = _with_flags(c.add_subparsers(dest="config_cmd", required=True), flags)
     show = csub.add_parser("show", help="print the resolved config")
     show.add_argument("-c", "--config", required=True, metavar="FILE")
     show.add_argument("overrides", nargs="*", metavar="key.path=value")
-    csub.add_parser("schema", help="print the JSON Schema of manifest.json")
+    sc = csub.add_parser("schema", help="every key of a stage's config with its type, default and docstring "
+                                         "(`manifest`: the JSON Schema of manifest.json)")
+    sc.add_argument("what", metavar="STAGE|manifest")
 
     j = sub.add_parser("judge", help="RLAIF judge tools")
-    jsub = j.add_subparsers(dest="judge_cmd", required=True)
+    jsub = _with_flags(j.add_subparsers(dest="judge_cmd", required=True), flags)
     au = jsub.add_parser("audit", help="agreement of a label config's judge with human preference labels")
     au.add_argument("-c", "--config", required=True, metavar="FILE", help="a label stage config (its judge: section)")
     au.add_argument("overrides", nargs="*", metavar="key.path=value")
@@ -128,8 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
     if extra:
         args.overrides = list(args.overrides) + extra
-    logging.basicConfig(format="%(message)s", stream=sys.stderr)
-    logging.getLogger("align").setLevel(logging.INFO)
+    from alignment.logs import setup_console
+
+    given = "quiet" in args or "verbose" in args
+    setup_console(getattr(args, "verbose", 0) - getattr(args, "quiet", 0) if given else None)
     from alignment.config import install_log_redaction
 
     install_log_redaction()
@@ -169,7 +202,7 @@ def _dispatch(args) -> int:
     if args.cmd == "run":
         runner.run_stage(args.stage, args.config, args.overrides, root=args.artifacts, run=args.run, force=args.force)
     elif args.cmd == "pipeline":
-        runner.run_pipeline(args.config, root=args.artifacts, run=args.run, force=args.force)
+        runner.run_pipeline(args.config, root=args.artifacts, run=args.run, force=args.force, overrides=args.overrides)
     elif args.cmd in ("submit", "slurm"):
         from pathlib import Path
 
@@ -197,6 +230,10 @@ def _dispatch(args) -> int:
                       run=args.run, out=args.out, json_out=args.json)
     elif args.cmd == "verify":
         return _verify(args.artifacts, args.run_name)
+    elif args.cmd == "export":
+        from alignment.export import export_command
+
+        return export_command(args)
     elif args.cmd == "report":
         from alignment.artifacts import ArtifactStore
         from alignment.report import build_run_report
@@ -211,10 +248,14 @@ def _dispatch(args) -> int:
         stage = runner.stage_of_file(args.config)
         cfg = runner.load_stage_config(stage, args.config, args.overrides)
         print(yaml.safe_dump(config_dict(cfg), sort_keys=False), end="")
-    else:
+    elif args.what == "manifest":
         from alignment.manifest import json_schema
 
         print(json.dumps(json_schema(), indent=2))
+    else:
+        from alignment.config_schema import stage_schema
+
+        print(stage_schema(args.what), end="")
     return 0
 
 

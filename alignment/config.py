@@ -116,7 +116,7 @@ class _RedactFilter(logging.Filter):
         return True
 
 
-_REDACT = _RedactFilter()
+_REDACT = REDACT_FILTER = _RedactFilter()
 
 
 def install_log_redaction() -> None:
@@ -139,7 +139,9 @@ class Section(BaseModel):
     """Base for every config section: unknown keys are errors, not silently ignored; no NaN or infinity; no
     true/false where a number belongs or a number where true/false belongs (pydantic would coerce both)."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
+    # use_attribute_docstrings: the string under each field is its description (`align config schema STAGE`).
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False,
+                              use_attribute_docstrings=True)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -387,6 +389,8 @@ _EXPECTED = {
 
 def _message(err: dict, schema: type[BaseModel]) -> str:
     kind, value = err["type"], err.get("input")
+    if kind.startswith("align_"):  # a section's own check already wrote the whole message
+        return err["msg"]
     if kind in ("strict_number", "strict_bool", "env_name", "unsafe_name"):
         return err["msg"] + ("" if kind in ("env_name", "strict_number", "strict_bool") else f" (got {value!r})")
     if kind == "finite_number":

@@ -17,12 +17,12 @@ import socket
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from alignment import preemption, tracking
-from alignment.artifacts import Artifact, ArtifactStore, pause_point, write_json
+from alignment import logs, preemption, tracking
+from alignment.artifacts import Artifact, ArtifactStore, pause_point, remove_tree, write_json
 from alignment.cluster import Ranks
 from alignment.config import (StageConfig, config_dict, config_hash, install_log_redaction, load_config, load_yaml,
                               name_problem, scrub)
@@ -152,23 +152,63 @@ def run_stage(stage: str, config_path: str, overrides: list[str] = (), *, root=N
         if current is not None:
             _raise_if_failed_gate(current.manifest, final)
             return final
-        pause_point("run:before")
-        log.info("[%s] run '%s', config %s (%s)\n%s", stage, run, chash[:12], config_path,
-                 json.dumps(config_dict(cfg), indent=2))
         started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        with tracking.stage_run(cfg, ctx, store.root):
-            module.run(cfg, ctx)
-        ranks.barrier()  # every rank has finished writing before rank 0 hashes the outputs
-        pause_point("run:after")
-        if preemption.requested_anywhere():
-            log.warning("[%s] checkpoint saved, requeue: not publishing; the same command resumes from %s",
-                        stage, latest_checkpoint(ctx.checkpoints_dir) or ctx.out_dir)
-            raise preemption.Requeue(f"{stage}: stopped at a checkpoint on request (exit {preemption.REQUEUE_EXIT}); "
-                                     "checkpoint saved, requeue: the same command resumes")
-        final, manifest = ranks.from_main(lambda: _publish(store, cfg, ctx, chash, _unchanged(store, inputs), started))
-        tracking.published(final)
-        _raise_if_failed_gate(manifest, final)
-        return final
+        pause_point("run:before")
+        with logs.stage_log(ctx.out_dir, stage, enabled=ranks.main):
+            _announce(cfg, ctx, chash, config_path, write=ranks.main)
+            with _failure_recorded(ctx.out_dir, enabled=ranks.main):
+                with tracking.stage_run(cfg, ctx, store.root):
+                    module.run(cfg, ctx)
+                ranks.barrier()  # every rank has finished writing before rank 0 hashes the outputs
+                pause_point("run:after")
+                return _finish(store, cfg, ctx, chash, inputs, started, ranks)
+
+
+def _finish(store, cfg, ctx, chash, inputs, started, ranks) -> Path:
+    """After `module.run`: requeue when a checkpoint was requested, else publish (rank 0) and check the gate."""
+    stage = ctx.stage
+    if preemption.requested_anywhere():
+        log.warning("[%s] checkpoint saved, requeue: not publishing; the same command resumes from %s",
+                    stage, latest_checkpoint(ctx.checkpoints_dir) or ctx.out_dir)
+        raise preemption.Requeue(f"{stage}: stopped at a checkpoint on request (exit {preemption.REQUEUE_EXIT}); "
+                                 "checkpoint saved, requeue: the same command resumes")
+    final, manifest = ranks.from_main(lambda: _publish(store, cfg, ctx, chash, _unchanged(store, inputs), started))
+    tracking.published(final)
+    _raise_if_failed_gate(manifest, final)
+    return final
+
+
+CONFIG_FILE = "config.yaml"
+"""The resolved config of a stage (secrets redacted), an output of its artifact; the console gets one line."""
+FAILURE_FILE = "failure.json"
+"""Why the last attempt in a partial folder stopped (`align status` shows it); removed when an attempt starts."""
+
+
+def _announce(cfg, ctx, chash, config_path, write: bool) -> None:
+    import yaml
+
+    if write:
+        (ctx.out_dir / CONFIG_FILE).write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False), encoding="utf-8")
+    log.info("[%s] run '%s', config %s (%s; resolved: %s in the artifact, log: %s)", ctx.stage, ctx.run, chash[:12],
+             config_path, CONFIG_FILE, logs.STAGE_LOG)
+    log.debug("[%s] resolved config:\n%s", ctx.stage, json.dumps(config_dict(cfg), indent=2))
+
+
+@contextmanager
+def _failure_recorded(out_dir: Path, enabled: bool):
+    """Leave `failure.json` in the partial folder when the stage raises, so status can name the cause."""
+    path = out_dir / FAILURE_FILE
+    if enabled:
+        path.unlink(missing_ok=True)
+    try:
+        yield
+    except BaseException as e:
+        if enabled and out_dir.is_dir():  # a failed quality gate is published already: no partial to mark
+            kind = ("preempted" if isinstance(e, preemption.Requeue) else
+                    "interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
+            write_json(path, {"kind": kind, "error": type(e).__name__, "message": scrub(str(e).splitlines()[0][:300])
+                              if str(e) else "", "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        raise
 
 
 def _run_name(given: str | None, configured: str) -> str:
@@ -315,8 +355,35 @@ def _publish(store, cfg, ctx: StageContext, chash, inputs, started) -> tuple[Pat
     return final, manifest
 
 
-def run_pipeline(path: str, *, root=None, run: str | None = None, force: bool = False) -> list[Path]:
-    """Run the stages a pipeline file lists, in order, each skipped when up to date."""
+def route_overrides(overrides, stages, where: str = "command line") -> dict[str, list[str]]:
+    """`sft.train.lr=1e-4` or `sft:train.lr=1e-4` -> {"sft": ["train.lr=1e-4"]}; `seed=1` -> every stage.
+    The first dotted part is a stage only when the pipeline runs that stage (ppo's own `eval.batch_size` is
+    written `ppo.eval.batch_size`)."""
+    routed: dict[str, list[str]] = {s: [] for s in stages}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        head, colon, rest = key.partition(":")
+        if not colon:
+            head, dot, rest = key.partition(".")
+            if not (dot and head in routed):
+                head, rest = None, key
+        if head is None:
+            for s in routed:
+                routed[s].append(item)
+        elif head not in routed:
+            raise ConfigError([f"{where}: override '{item}': the pipeline has no stage '{head}' "
+                               f"(stages: {', '.join(routed)})"])
+        elif not rest:
+            raise ConfigError([f"{where}: override '{item}': expected {head}.key.path=value"])
+        else:
+            routed[head].append(f"{rest}{sep}{value}")
+    return routed
+
+
+def run_pipeline(path: str, *, root=None, run: str | None = None, force: bool = False,
+                 overrides: list[str] = ()) -> list[Path]:
+    """Run the stages a pipeline file lists, in order, each skipped when up to date. `overrides` as
+    `route_overrides` reads them, applied after the pipeline file's own per-stage overrides."""
     spec = load_yaml(path)
     steps, problems = spec.get("stages"), []
     if not isinstance(steps, list) or not steps:
@@ -336,11 +403,12 @@ def run_pipeline(path: str, *, root=None, run: str | None = None, force: bool = 
     if run is not None:
         _run_name(run, run)
     ArtifactStore(root)  # --artifacts pointing at a file: say so before the first stage starts
+    routed = route_overrides(overrides, [step["stage"] for step in steps])
     out = []
     for step in steps:
         cfg_file = Path(path).parent / step.get("config", f"{step['stage']}.yaml")
-        out.append(_run_in_subprocess(step["stage"], cfg_file, [str(o) for o in step.get("overrides", [])], root,
-                                      run, force))
+        extra = [*step.get("overrides", []), *routed[step["stage"]]]
+        out.append(_run_in_subprocess(step["stage"], cfg_file, [str(o) for o in extra], root, run, force))
     return out
 
 
