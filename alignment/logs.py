@@ -73,6 +73,9 @@ def setup_console(level: int | None = None) -> int:
     return level
 
 
+from alignment.config import REDACT_FILTER  # noqa: E402
+
+
 @contextlib.contextmanager
 def stage_log(out_dir: Path, stage: str, enabled: bool = True):
     """Append this attempt's log to `<out_dir>/stage.log` while the block runs; yields the handler (or None)."""
@@ -82,6 +85,7 @@ def stage_log(out_dir: Path, stage: str, enabled: bool = True):
     handler = logging.FileHandler(Path(out_dir) / STAGE_LOG, mode="a", encoding="utf-8")
     handler.setLevel(logging.DEBUG)
     handler.setFormatter(logging.Formatter(FORMAT, datefmt="%Y-%m-%dT%H:%M:%S"))
+    handler.addFilter(REDACT_FILTER)  # secrets by value never reach the file either
     targets = [logging.getLogger(n) for n in ("align", "py.warnings", "transformers", "peft", "trl", "datasets")]
     for lg in targets:
         lg.addHandler(handler)

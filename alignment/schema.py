@@ -8,6 +8,7 @@ from pydantic import AliasChoices, ConfigDict, Field, field_validator, model_val
 from pydantic_core import PydanticCustomError
 
 from alignment.config import Section
+from alignment.data import Source
 
 
 class TrainSpec(Section):
@@ -154,9 +155,9 @@ class SourceSpec(Section):
 
     name: str
     """Names this source in the manifest's realised mixture and in the per-source eval losses."""
-    train: str | None = None
-    """Training rows (JSONL/Parquet/`datasets` name, as data.train). None: an eval-only source (needs `eval`)."""
-    eval: str | None = None
+    train: Source | None = None
+    """Training rows (a path or a DataSource mapping, as data.train). None: an eval-only source (needs `eval`)."""
+    eval: Source | None = None
     """This source's evaluation rows. None: split data.eval_fraction off its training rows."""
     train_split: str = "train"
     eval_split: str = "test"
@@ -176,10 +177,11 @@ class SourceSpec(Section):
 
 
 class SFTData(Section):
-    train: str = "data/instruct/train.jsonl"
-    """JSONL/Parquet file or a `datasets` name/path; rows hold `messages` or `prompt` + `completion`.
+    train: Source = "data/instruct/train.jsonl"
+    """A file (JSONL/JSON/CSV/Parquet), folder or hub id, or a mapping (alignment.data.DataSource: data_files, name,
+    revision, split, columns, format); rows hold `messages`, `prompt` + `completion`, Alpaca or ShareGPT.
     The one-source form; ignored when `sources` is given."""
-    eval: str | None = "data/instruct/eval.jsonl"
+    eval: Source | None = "data/instruct/eval.jsonl"
     """Held-out rows; None: split `eval_fraction` off the train rows."""
     train_split: str = "train"
     eval_split: str = "test"

@@ -6,6 +6,7 @@ each stage's newest job id and state (from squeue / `scontrol show job`); withou
 from __future__ import annotations
 
 import json
+
 import time
 from pathlib import Path
 
@@ -30,9 +31,7 @@ def stage_rows(store: ArtifactStore, run: str) -> list[dict]:
             rows.append({"stage": stage, "status": "submitted", "age_s": None, "config_hash": "", "metrics": ""})
         final, partial = store.stage_dir(run, stage), store.partial_dir(run, stage)
         if (final / MANIFEST).is_file():
-            m = json.loads((final / MANIFEST).read_text())
-            rows.append({"stage": stage, "status": m["status"], "age_s": time.time() - (final / MANIFEST).stat().st_mtime,
-                         "config_hash": m["config_hash"][:12], "metrics": _key_metrics(m.get("metrics", {}), stage)})
+            rows.append(_published_row(store, stage, final))
         if partial.exists():
             running = store.lock(run, stage).held_elsewhere()
             rows.append({"stage": stage, "status": "running" if running else _partial_state(partial),
@@ -40,6 +39,21 @@ def stage_rows(store: ArtifactStore, run: str) -> list[dict]:
     for r in rows:
         r["slurm"] = jobs.get(r["stage"], "")
     return rows
+
+
+def _published_row(store: ArtifactStore, stage: str, final: Path) -> dict:
+    """A published artifact's row; one that does not verify (cached hashes) shows as broken with the first reason."""
+    age = time.time() - (final / MANIFEST).stat().st_mtime
+    try:
+        manifest, _ = store.load_manifest(final)
+    except AlignError as e:
+        return {"stage": stage, "status": "broken", "age_s": age, "config_hash": "", "metrics": str(e)}
+    problems = store.problems(final, manifest)
+    if problems:
+        return {"stage": stage, "status": "broken", "age_s": age, "config_hash": manifest.config_hash[:12],
+                "metrics": problems[0] + (f" (+{len(problems) - 1} more: align verify)" if len(problems) > 1 else "")}
+    return {"stage": stage, "status": manifest.status, "age_s": age, "config_hash": manifest.config_hash[:12],
+            "metrics": _key_metrics(manifest.metrics, stage)}
 
 
 def _partial_state(partial: Path) -> str:
@@ -168,7 +182,7 @@ def print_status(root: str | None, run: str | None) -> None:
         raise AlignError(f"no runs under {store.root}")
     console = Console()
     for name in runs:
-        if not (store.root / name).is_dir():
+        if not store.run_dir(name).is_dir():
             raise AlignError(f"run '{name}' not found under {store.root}")
         table = Table(title=f"run {name} ({Path(store.root) / name})")
         rows = stage_rows(store, name)
@@ -179,3 +193,7 @@ def print_status(root: str | None, run: str | None) -> None:
             table.add_row(r["stage"], r["status"], _age(r["age_s"]), r["config_hash"], r["metrics"],
                           *[r["slurm"]] * slurm)
         console.print(table)
+        stale = store.stale_folders(name)
+        if stale:  # partial work of an older config: never resumed, only disk used
+            console.print(f"{len(stale)} stale partial folder(s), never resumed; remove with: "
+                          f"rm -rf {' '.join(str(p) for p in stale)}", soft_wrap=True)

@@ -44,7 +44,7 @@ import secrets
 import struct
 from pathlib import Path
 
-from alignment.config import config_dict
+from alignment.config import config_dict, scrub
 from alignment.errors import ConfigError
 
 logger = logging.getLogger("align")
@@ -156,7 +156,7 @@ def log_samples(rows: list[dict], key: str = "samples", step: int | None = None)
     """Show generations as a table now (label's judged pairs, PPO's held-out responses at an eval step): one row per
     dict, columns in first-seen order, non-scalars as JSON. At most MAX_TABLE_ROWS rows."""
     if rows and _active is not None:
-        _active.samples_table(list(rows)[:MAX_TABLE_ROWS], key, step)
+        _active.samples_table(scrub(list(rows)[:MAX_TABLE_ROWS]), key, step)
 
 
 class Tracker:
@@ -180,9 +180,10 @@ class Tracker:
                 values = namespaced(row)
                 if values:
                     self._log(values, int(row.get("step", i)))
-        self._samples(read_jsonl(final / SAMPLES)[:MAX_TABLE_ROWS])
+        # Secrets by value (what *_env variables hold, URL credentials) never reach a dashboard.
+        self._samples(scrub(read_jsonl(final / SAMPLES)[:MAX_TABLE_ROWS]))
         self._images(sorted(Path(final).glob("plots/*.png")))
-        self._summary(flatten(self.ctx.metrics, self.ctx.stage))
+        self._summary(scrub(flatten(self.ctx.metrics, self.ctx.stage)))
         self._artifact(final)
 
     def _samples(self, rows: list[dict]) -> None:
@@ -405,10 +406,10 @@ def _cell(v):
 
 
 def _artifact_metadata(manifest) -> dict:
-    return {"stage": manifest.stage, "run": manifest.run, "status": manifest.status,
+    return scrub({"stage": manifest.stage, "run": manifest.run, "status": manifest.status,
             "config_hash": manifest.config_hash, "lineage": manifest.lineage,
             "base_model": manifest.base_model.model_dump() if manifest.base_model else None,
-            "metrics": flatten(manifest.metrics), "finished_at": manifest.finished_at}
+            "metrics": flatten(manifest.metrics), "finished_at": manifest.finished_at})
 
 
 # -- the runner's two calls ------------------------------------------------------------------------
