@@ -15,6 +15,7 @@ What a run holds (`tracking: wandb`):
   `<artifact>/log_history.jsonl` replayed at publish time, un-namespaced keys under `train/`;
 - tables while the stage runs: `tracking.log_samples(rows, key, step)` (label's judged pairs, PPO's held-out
   responses at an eval step);
+- a table `pairs` from `<artifact>/pairs.jsonl` (label's judged pairs with their soft labels);
 - images: the artifact's report plots (`plots/*.png`, eval) under `plots/<name>`;
 - one run per stage attempt chain: its id is kept in `<stage>.partial/tracking.json` and `wandb.init(id=...,
   resume="allow")` continues it after a requeue or restart; tags name the stage, the Slurm job (`slurm:<id>`,
@@ -50,6 +51,8 @@ from alignment.errors import ConfigError
 logger = logging.getLogger("align")
 SAMPLES = "samples.jsonl"
 """Per-artifact file of sampled generations the tracker shows as a table (see the module docstring)."""
+PAIRS = "pairs.jsonl"
+"""label's training pairs, shown as a table `pairs` when the artifact is published."""
 MAX_TABLE_ROWS = 200
 PROJECT = "alignment"
 
@@ -106,17 +109,21 @@ def namespaced(row: dict) -> dict:
     return out
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
+    """The rows of a JSONL file (the first `limit`), skipping lines that do not parse; [] when absent."""
     if not Path(path).is_file():
         return []
     rows = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if line:
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue
+    with Path(path).open(encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if limit is not None and len(rows) >= limit:
+                break
+            line = line.strip()
+            if line:
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    continue
     return rows
 
 
@@ -181,7 +188,9 @@ class Tracker:
                 if values:
                     self._log(values, int(row.get("step", i)))
         # Secrets by value (what *_env variables hold, URL credentials) never reach a dashboard.
-        self._samples(scrub(read_jsonl(final / SAMPLES)[:MAX_TABLE_ROWS]))
+        self._samples(scrub(read_jsonl(final / SAMPLES, MAX_TABLE_ROWS)))
+        # label's judged pairs (prompt, chosen, rejected, soft label), beside what the stage logged itself
+        self.samples_table(scrub(read_jsonl(final / PAIRS, MAX_TABLE_ROWS)), "pairs", None)
         self._images(sorted(Path(final).glob("plots/*.png")))
         self._summary(scrub(flatten(self.ctx.metrics, self.ctx.stage)))
         self._artifact(final)
