@@ -99,7 +99,7 @@ def test_manifest_records_base_lineage_inputs_and_gate_metrics(reward_store, tin
 
 def test_gate_failure_publishes_failed_gate_and_exits_nonzero(tiny_store, tmp_path, capsys):
     root = _copy_store(tiny_store, tmp_path)
-    code = _align("run", "reward", "-c", CONFIG, "--artifacts", root, "train.lr=0", "train.max_steps=2",
+    code = _align("run", "reward", "-c", CONFIG, "--artifacts", root, "train.lr=1e-12", "train.max_steps=2",
                   "gate.min_accuracy=1.01", "gate.max_length_corr=0.99")
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("align: error")]
     assert code == 2
@@ -111,10 +111,10 @@ def test_gate_failure_publishes_failed_gate_and_exits_nonzero(tiny_store, tmp_pa
     assert art.manifest.metrics["gate_passed"] is False
     assert art.manifest.metrics["gate_failures"][0].endswith("< min_accuracy 1.01")
     assert (art.model_dir / "model.safetensors").is_file()
-    # lr = 0: the RM is its random initial head, no better than before training.
+    # lr ~ 0: the RM is its random initial head, no better than before training.
     assert art.manifest.metrics["eval_accuracy"] == art.manifest.metrics["eval_accuracy_before"]
     # The same command again finds the artifact up to date, and still must not look successful.
-    code = _align("run", "reward", "-c", CONFIG, "--artifacts", root, "train.lr=0", "train.max_steps=2",
+    code = _align("run", "reward", "-c", CONFIG, "--artifacts", root, "train.lr=1e-12", "train.max_steps=2",
                   "gate.min_accuracy=1.01", "gate.max_length_corr=0.99")
     err = capsys.readouterr().err
     assert code == 2 and "quality gate failed" in err
