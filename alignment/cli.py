@@ -13,6 +13,8 @@
     align config schema STAGE|manifest
     (every command takes -q/--quiet and -v/--verbose)
     align judge audit -c LABEL_FILE [key.path=value ...] [--data FILE] [--limit N] [--out PNG] [--json FILE]
+    align data inspect FILE... [--tokenizer PATH] [--threshold J] [--out PNG] [--json FILE]
+    align data clean FILE --out FILE [--against EVAL...] [--threshold J] [--min-words N] [--max-words N]
 
 Errors are one line each (`align: error: ...`), exit 2; `--debug` anywhere (or ALIGN_DEBUG=1) adds the traceback.
 """
@@ -141,6 +143,10 @@ def _parser() -> argparse.ArgumentParser:
     au.add_argument("--out", default="judge_audit.png", metavar="PNG", help="where the plot goes")
     au.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     store_args(au)
+
+    from alignment.data_quality import add_parser as add_data_parser  # `align data inspect|clean`
+
+    add_data_parser(sub)
     return p
 
 
@@ -238,6 +244,8 @@ def _dispatch(args) -> int:
         from alignment.export import export_command
 
         return export_command(args)
+    elif args.cmd == "data":
+        args.func(args)
     elif args.cmd == "report":
         from alignment.artifacts import ArtifactStore
         from alignment.report import build_run_report
