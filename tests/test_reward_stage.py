@@ -83,6 +83,11 @@ def test_manifest_records_base_lineage_inputs_and_gate_metrics(reward_store, tin
         assert isinstance(m.metrics[key], float), key
     assert set(m.metrics["eval_accuracy_by_category"]) == {"max_words", "min_words", "keyword", "bullets",
                                                            "lowercase", "end_with"}
+    by_cat = m.metrics["eval_by_category"]
+    assert set(by_cat) == set(m.metrics["eval_accuracy_by_category"])
+    assert sum(v["pairs"] for v in by_cat.values()) == m.metrics["eval_pairs"]
+    for cat, v in by_cat.items():
+        assert v["accuracy"] == m.metrics["eval_accuracy_by_category"][cat] and -1 <= v["length_corr"] <= 1
     assert m.metrics["gate_passed"] is True and m.metrics["gate_failures"] == []
     assert m.metrics["loss_labels"] == "hard" and m.metrics["steps"] == 40
     assert 0 < m.metrics["trainable_params"] < m.metrics["total_params"]
@@ -219,3 +224,51 @@ def test_ia3_rm_is_merged_and_soft_prompts_are_refused(tiny_store, tmp_path, cap
     assert art.manifest.lineage["method"] == "ia3" and art.manifest.lineage["merged"] is True
     assert not (art.model_dir / "adapter_config.json").exists()
     assert AutoModelForSequenceClassification.from_pretrained(art.model_dir).config.num_labels == 1
+
+
+PROMPTS = [[{"role": "user", "content": "Hi"}],
+           [{"role": "user", "content": "Tell me about rivers, glaciers and the water cycle in a few words."}]]
+
+
+def test_unmerged_adapter_is_a_reward_role_on_the_ppo_base_scoring_like_the_merged_rm(reward_store, tiny_store):
+    import torch
+
+    from alignment.errors import ConfigError
+    from alignment.models import load_tokenizer
+    from alignment.policy import load_policy
+    from alignment.ppo import PPOSpec, PPOTrainer, lora_config
+    from alignment.reward_sources import AdapterReward, ModelReward, RewardSource, rl_reward
+    from alignment.schema import PeftSpec
+
+    store = ArtifactStore(reward_store)
+    art, sft = store.read_stage("tiny", "reward"), store.read_stage("tiny", "sft")
+    assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json"} <= {o.path for o in art.manifest.outputs}
+    reward = rl_reward(RewardSource(normalize=True), {"reward": art, "sft": sft}, "fp32")
+    assert isinstance(reward, AdapterReward) and reward.adapter_mb < 1.0
+    tok = load_tokenizer(sft.model_dir)
+    trainer = PPOTrainer(load_policy(sft, "fp32"), tok, reward, PPOSpec(max_new_tokens=8, batch_size=4,
+                         mini_batch_size=4, ppo_epochs=1), lora_config(PeftSpec(r=8, alpha=16, dropout=0.0)))
+    merged = ModelReward.from_artifact(art, "fp32", normalize=True)
+    ro = trainer.rollout(PROMPTS, seed=0)
+    args = (ro.query_ids, ro.query_mask, ro.response_ids, ro.response_mask, ro.has_eos)
+    assert torch.allclose(reward.score_ids(*args), merged.score_ids(*args), atol=1e-4)
+    # the fourth role is frozen and outside the optimiser: an update moves the policy, not the reward
+    before = reward.score_ids(*args)
+    stats = trainer.step(PROMPTS * 2)
+    assert stats["ppo/kl"] == 0.0 and torch.allclose(reward.score_ids(*args), before, atol=1e-6)
+    reward_params = [p for n, p in trainer.model.named_parameters() if ".reward." in n]
+    assert reward_params and not any(p.requires_grad for p in reward_params)
+    assert not {id(p) for p in reward_params} & {id(p) for p in trainer._trainable}
+    # an RM trained on another policy is not an adapter on this one: merged (auto) or a clear error (adapter)
+    other = store.read_stage("tiny", "base")
+    assert isinstance(rl_reward(RewardSource(), {"reward": art, "sft": other}, "fp32"), ModelReward)
+    with pytest.raises(ConfigError, match="reward.model_as: 'adapter' needs"):
+        rl_reward(RewardSource(model_as="adapter"), {"reward": art, "sft": other}, "fp32")
+
+
+def test_ppo_stage_loads_the_reward_model_as_an_adapter_role(reward_store):
+    assert _align("run", "ppo", "-c", "configs/tiny/ppo.yaml", "--artifacts", reward_store, "ppo.updates=2",
+                  "ppo.batch_size=8", "eval.every=0", "eval.prompts=4") == 0
+    m = ArtifactStore(reward_store).read_stage("tiny", "ppo").manifest.metrics
+    assert m["reward_role"] == "adapter" and m["reward_model_mb"] < 1.0 and m["value_init"] == "reward"
+    assert m["updates"] == 2 and "first" in m["eval_reward"]
