@@ -551,7 +551,8 @@ class PPOTrainer:
                                                          "approxkl", "vf_clipfrac", "ratio", "grad_norm")}
         for _ in range(s.ppo_epochs):
             # the kept first graph is in rollout order (a minibatch's loss does not depend on the order)
-            order = torch.arange(B, device=self.device) if exp.first is not None else torch.randperm(B, device=self.device)
+            order = (torch.arange(B, device=self.device) if exp.first is not None
+                     else torch.randperm(B, device=self.device))
             for i in range(0, B, s.mini_batch_size):
                 for k, v in self._minibatch(ro, exp, order[i: i + s.mini_batch_size]).items():
                     stats[k].append(v)

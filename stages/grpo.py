@@ -62,6 +62,7 @@ def run(cfg: Config, ctx) -> None:
     from alignment.prompts import load_prompts
     from alignment.reward_sources import text_reward_fn
     from alignment.training import param_counts, throughput, train
+    from stages.ppo import reward_lineage
 
     # -- set up: prompts and reward before the model, so bad data or a bad reward fails in seconds -------------
     name = cfg.algorithm.name
@@ -82,10 +83,8 @@ def run(cfg: Config, ctx) -> None:
     adapter = METHODS[cfg.peft.method].adapter
     if trainer.is_world_process_zero():  # one writer, as in dpo: every rank holds the same weights
         save_on_parent(trainer.model, tok, ctx.out_dir / "model", sft, adapter=adapter)
-    reward = {"kind": cfg.reward.kind, **({"artifact": str(ctx.inputs["reward"].path)} if "reward" in ctx.inputs
-                                          else {}), **({"function": cfg.reward.function} if cfg.reward.function else {})}
     ctx.lineage = lineage_for(sft, adapter=adapter, reference="parent", algorithm=name, **describe(cfg.peft),
-                              reward=reward)
+                              reward=reward_lineage(cfg.reward, ctx.inputs))
     ctx.metrics.update({
         "algorithm": name, **curve_summary(trainer.state.log_history), "train_loss": trained.result.training_loss,
         "steps": trained.result.global_step, "train_prompts": len(prompts),

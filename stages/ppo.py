@@ -54,8 +54,9 @@ class Config(StageConfig):
 
     def problems(self):
         if self.algorithm != "ppo":
-            return [("algorithm", f"{self.algorithm} is the `grpo` stage now: align run grpo -c "
-                                  f"configs/<profile>/{self.algorithm}.yaml (stage: grpo, algorithm: {self.algorithm})")]
+            a = self.algorithm
+            return [("algorithm", f"{a} is the `grpo` stage now: align run grpo -c configs/<profile>/{a}.yaml "
+                                  f"(stage: grpo, algorithm: {a})")]
         out = (self.data.problems("data") + self.reward.problems("reward") + self.peft.problems("peft")
                + self.ppo.problems("ppo") + self.eval.problems("eval"))
         if self.peft.method != "lora":
@@ -159,10 +160,18 @@ def save_policy(cfg: Config, ctx, trainer) -> None:
     trainer.save_policy(ctx.out_dir / "model")
     trainer.tok.save_pretrained(ctx.out_dir / "model")
     point_adapter_at_parent(ctx.out_dir / "model", sft)
-    reward = {"kind": cfg.reward.kind, **({"artifact": str(ctx.inputs["reward"].path)} if "reward" in ctx.inputs
-                                          else {}), **({"function": cfg.reward.function} if cfg.reward.function else {})}
     ctx.lineage = lineage_for(sft, adapter=True, reference="parent", algorithm="ppo", **describe(cfg.peft),
-                              reward=reward)
+                              reward=reward_lineage(cfg.reward, ctx.inputs))
+
+
+def reward_lineage(spec, inputs: dict) -> dict:
+    """What the manifest's lineage says of the reward: its kind, the RM artifact or the function."""
+    out = {"kind": spec.kind}
+    if "reward" in inputs:
+        out["artifact"] = str(inputs["reward"].path)
+    if spec.function:
+        out["function"] = spec.function
+    return out
 
 
 def run_metrics(cfg: Config, ctx, trainer, result, health, value_init, *, n_train: int, n_eval: int) -> dict:

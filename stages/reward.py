@@ -9,10 +9,10 @@ cross-entropy on that soft label.
 
 `model/` holds the MERGED sequence-classification model + tokenizer, so
 `AutoModelForSequenceClassification.from_pretrained(<artifact>/model)` is all a consumer needs
-(evaluation, GRPO/RLOO, a user). A LoRA RM is also published unmerged in `adapter/` (peft layout: the LoRA
-weights + the score head, safetensors), which PPO loads as a fourth role on its one base. The manifest records the base, the lineage (the policy it was
-initialised from), the reward mean/std over the training responses (for PPO to whiten rewards)
-and the quality gate on held-out pairs. An RM that misses a `gate:` threshold is still
+(evaluation, GRPO/RLOO, a user). A LoRA RM is also published unmerged in `adapter/` (peft layout:
+the LoRA weights + the score head, safetensors), which PPO loads as a fourth role on its one base.
+The manifest records the base, the lineage (the policy it was initialised from), the reward
+mean/std over the training responses (for PPO to whiten rewards) and the quality gate on held-out pairs. An RM that misses a `gate:` threshold is still
 published, with status `failed_gate`, and the command fails naming the thresholds.
 """
 

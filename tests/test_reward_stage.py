@@ -242,7 +242,8 @@ def test_unmerged_adapter_is_a_reward_role_on_the_ppo_base_scoring_like_the_merg
 
     store = ArtifactStore(reward_store)
     art, sft = store.read_stage("tiny", "reward"), store.read_stage("tiny", "sft")
-    assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json"} <= {o.path for o in art.manifest.outputs}
+    outputs = {o.path for o in art.manifest.outputs}
+    assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json"} <= outputs
     reward = rl_reward(RewardSource(normalize=True), {"reward": art, "sft": sft}, "fp32")
     assert isinstance(reward, AdapterReward) and reward.adapter_mb < 1.0
     tok = load_tokenizer(sft.model_dir)
