@@ -87,6 +87,14 @@ class PPOSpec(Section):
     temperature: float = 1.0
     """Sampling temperature of the rollouts; log-probs are computed at the same temperature (no top-k/top-p: the
     log-probs must be those of the distribution that sampled the tokens)."""
+    score_norm: Literal["none", "sft_rollouts"] = "none"
+    """sft_rollouts (the N+ details' reward normalisation): before the first update, sample responses of the
+    starting (SFT) policy to `score_norm_prompts` training prompts, and from then on use (score - mean) / std of
+    their scores, so 0 is the SFT policy's average response and one unit its spread (on top of the RM's own
+    `reward.normalize`, which uses the RM's training responses). Saved in checkpoints; the statistics are logged
+    on the step-0 row (`calibration/*`)."""
+    score_norm_prompts: int = 64
+    """sft_rollouts: training prompts sampled for the statistics (the first of the seeded prompt order)."""
     missing_eos_penalty: float | None = 1.0
     """Subtracted from the score of a response that hit max_new_tokens without an EOS (None: no penalty)."""
     kl_coef: float = 0.05
@@ -148,7 +156,7 @@ class PPOSpec(Section):
     def problems(self, prefix: str = "ppo") -> list[tuple[str, str]]:
         out = []
         for key in ("updates", "batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens",
-                    "generation_batch_size", "forward_batch_size"):
+                    "generation_batch_size", "forward_batch_size", "score_norm_prompts"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 out.append((f"{prefix}.{key}", "expected at least 1"))
         if self.mini_batch_size >= 1 and self.batch_size % self.mini_batch_size:
@@ -286,6 +294,7 @@ class PPOTrainer:
             release_freed_memory()  # the loading's temporaries
         self._build_roles(model, lora_config)
         self.value_head = self._value_head(value_head_init)
+        self._value_predicts_scores = value_head_init is not None  # a copied score head: in the scores' units
         if self.full:
             self.params = {POLICY: list(self.model.parameters())}
         else:
@@ -297,6 +306,7 @@ class PPOTrainer:
         self.kl_ctl = (rl.AdaptiveKLController(spec.kl_coef, spec.kl_target, spec.kl_horizon) if spec.adaptive_kl
                        else rl.FixedKLController(spec.kl_coef))
         self.update = 0
+        self.score_shift, self.score_scale = 0.0, 1.0  # ppo.score_norm: set by calibrate_scores
         # A bf16 base trains its fp32 adapters under autocast (mixed precision): peft would otherwise keep an fp32
         # copy of every adapted layer's input for the backward pass (~0.6 GB for SmolLM2 at 8 x 100 tokens).
         # Every forward of every role runs under it, so the sampler, the old and the new log-probs agree.
@@ -487,10 +497,28 @@ class PPOTrainer:
         if hasattr(self.reward, "score_ids"):
             raw = self.reward.score_ids(ro.query_ids, ro.query_mask, ro.response_ids, ro.response_mask, ro.has_eos)
         else:
-            raw = torch.tensor(self.reward(ro.prompts, ro.completions, **(fields or {})), dtype=torch.float32)
-        ro.raw_scores = raw.float().cpu()
+            given = {k: v for k, v in (fields or {}).items() if v is not None}  # fields no prompt row has
+            raw = torch.tensor(self.reward(ro.prompts, ro.completions, **given), dtype=torch.float32)
+        ro.raw_scores = (raw.float().cpu() - self.score_shift) / self.score_scale
         ro.scores = rl.apply_missing_eos_penalty(ro.raw_scores, ro.has_eos.cpu(), self.spec.missing_eos_penalty)
         return ro
+
+    def calibrate_scores(self, rows: list[dict]) -> dict:
+        """`ppo.score_norm: sft_rollouts`: the mean and std of the current policy's scores on sampled responses to
+        `rows` become the normalisation of every later score. Returns the statistics (for the log)."""
+        self.score_shift, self.score_scale = 0.0, 1.0
+        ro = self.score(self.rollout([r["prompt"] for r in rows], seed=self.seed * 1_000_003 - 1), fields_of(rows))
+        mean, std = float(ro.raw_scores.mean()), float(ro.raw_scores.std(unbiased=False))
+        self.score_shift, self.score_scale = mean, max(std, 1e-6)
+        if self._value_predicts_scores:  # keep predicting the same scores, now in the new units
+            import torch
+
+            with torch.no_grad():
+                self.value_head.weight.div_(self.score_scale)
+                self.value_head.bias.sub_(mean).div_(self.score_scale)
+        log.info("[ppo] score normalisation from %d SFT rollouts: mean %.4f, std %.4f", len(rows), mean, std)
+        return {"calibration/score_mean": mean, "calibration/score_std": std,
+                "calibration/missing_eos_rate": float((~ro.has_eos).float().mean())}
 
     # -- 3. the old policy, the reference and the critic on the rollout --------------------------------------------
     def _chunks(self, n: int, size: int):
@@ -660,6 +688,10 @@ class PPOTrainer:
         try:
             if self.update == 0 and not history:
                 row = {"step": 0}
+                if self.spec.score_norm == "sft_rollouts":
+                    n = min(self.spec.score_norm_prompts, len(rows))
+                    order = PromptSchedule(len(rows), n, self.seed).indices(0)
+                    row.update(self.calibrate_scores([rows[i] for i in order]))
                 self._evaluate_into(row, eval_rows, ev, callbacks)  # the SFT policy's held-out reward
                 self._end_update(row, history, callbacks, checkpoints)
             while self.update < self.spec.updates:
@@ -746,6 +778,7 @@ class PPOTrainer:
         ppo_state.save(folder, {**tensors, **opt_tensors}, {
             "update": self.update, "adapters": list(self.adapters), "full": self.full,
             "kl_ctl": self.kl_ctl.state_dict(), "optimizer": opt_state, "rng": ppo_state.rng_state(),
+            "score_norm": [self.score_shift, self.score_scale],
             "history": history, "callbacks": states})
         ppo_state.rotate(where.folder, where.keep)
         return folder
@@ -761,6 +794,7 @@ class PPOTrainer:
             self.value_head.load_state_dict(ppo_state.take(tensors, "value_head"))
             ppo_state.optimizer_restore(self.optimizer, tensors, state["optimizer"])
             self.kl_ctl.load_state_dict(state["kl_ctl"])
+            self.score_shift, self.score_scale = (float(x) for x in state["score_norm"])
             ppo_state.rng_restore(state["rng"])
             for cb in callbacks:
                 if cb.name in state["callbacks"]:

@@ -465,3 +465,29 @@ def test_verifiable_reward_recipe_is_the_gold_check(tiny_store, tmp_path):
     rows = [r for r in _rows(art) if "eval/reward" in r]
     assert len(rows) == 3 and all(r["eval/reward"] == pytest.approx(r["eval/gold"]) for r in rows)
     assert art.manifest.metrics["reward_role"] == "function" and art.manifest.lineage["reward"]["kind"] == "function"
+
+
+def test_score_normalisation_on_sft_rollouts_centres_the_sft_policy(tiny_store, tmp_path):
+    from alignment.ppo import Checkpoints
+
+    trainer, _, _ = _trainer(tiny_store, score_norm="sft_rollouts", score_norm_prompts=4, batch_size=4,
+                             mini_batch_size=4, ppo_epochs=1, updates=1)
+    rows = [{"prompt": p} for p in PROMPTS + PROMPTS[:1]]
+    stats = trainer.calibrate_scores(rows)
+    # the same seeded SFT rollout scored again: its raw rewards, mapped to mean 0 and std 1
+    ro = trainer.rollout([r["prompt"] for r in rows], seed=trainer.seed * 1_000_003 - 1)
+    raw = torch.tensor(e_share(ro.prompts, ro.completions))
+    assert stats["calibration/score_mean"] == pytest.approx(float(raw.mean()), abs=1e-6)
+    assert stats["calibration/score_std"] == pytest.approx(float(raw.std(unbiased=False)), abs=1e-6)
+    assert stats["calibration/score_std"] > 0
+    scored = trainer.score(ro).raw_scores
+    assert torch.allclose(scored, (raw - raw.mean()) / raw.std(unbiased=False), atol=1e-5)
+    assert abs(float(scored.mean())) < 1e-5
+    # the loop calibrates before the first update, logs it on row 0, and the checkpoint keeps it
+    fresh, _, _ = _trainer(tiny_store, score_norm="sft_rollouts", score_norm_prompts=4, batch_size=4,
+                           mini_batch_size=4, ppo_epochs=1, updates=1)
+    result = fresh.train(rows, checkpoints=Checkpoints(tmp_path, every=1))
+    assert result.history[0]["step"] == 0 and "calibration/score_std" in result.history[0]
+    other, _, _ = _trainer(tiny_store, batch_size=4, mini_batch_size=4, ppo_epochs=1, updates=1)
+    other.load_checkpoint(tmp_path / "checkpoint-1")
+    assert (other.score_shift, other.score_scale) == (fresh.score_shift, fresh.score_scale) != (0.0, 1.0)
