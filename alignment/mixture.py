@@ -43,7 +43,7 @@ class Mixture:
 def sources_of(data: SFTData) -> list[SourceSpec]:
     if data.sources:
         return list(data.sources)
-    return [SourceSpec(name=data.train, train=data.train, eval=data.eval, train_split=data.train_split,
+    return [SourceSpec(name=str(data.train), train=data.train, eval=data.eval, train_split=data.train_split,
                        eval_split=data.eval_split, sample="first")]
 
 

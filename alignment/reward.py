@@ -231,6 +231,8 @@ def score_conversations(model, tok, conversations: list[list[dict]], *, batch_si
     """The reward of each conversation (prompt + response messages) and how many were truncated."""
     import torch
 
+    from alignment.training import progress
+
     encoded = [conversation_ids(tok, conv, max_length) for conv in conversations]
     pad_id = model.config.get_text_config().pad_token_id
     device = next(model.parameters()).device
@@ -240,7 +242,7 @@ def score_conversations(model, tok, conversations: list[list[dict]], *, batch_si
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for start in range(0, len(order), batch_size):
+        for start in progress(range(0, len(order), batch_size), "reward scoring"):
             index = order[start:start + batch_size]
             batch = [encoded[i][0] for i in index]
             width = max(len(ids) for ids in batch)

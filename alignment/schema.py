@@ -2,33 +2,96 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
+
+from pydantic import AliasChoices, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from alignment.config import Section
+from alignment.data import Source
 
 
 class TrainSpec(Section):
-    """Optimisation settings, mapped onto transformers' TrainingArguments."""
+    """Optimisation settings, mapped onto transformers' TrainingArguments.
 
-    lr: float = 2e-4
-    epochs: float = 1.0
+    The TrainingArguments names work too (`learning_rate`, `num_train_epochs`, `per_device_train_batch_size`,
+    `per_device_eval_batch_size`, `gradient_accumulation_steps`, `lr_scheduler_type`, `activation_checkpointing`),
+    and `args:` passes any other TrainingArguments field through as it is (checked at load)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    lr: float = Field(2e-4, validation_alias=AliasChoices("lr", "learning_rate"))
+    """Peak learning rate (TrainingArguments `learning_rate`)."""
+    epochs: float = Field(1.0, validation_alias=AliasChoices("epochs", "num_train_epochs"))
+    """Passes over the training data (`num_train_epochs`)."""
     max_steps: int = -1
     """Stop after this many optimiser steps (-1: run `epochs`)."""
-    batch_size: int = 8
-    eval_batch_size: int = 16
-    grad_accum: int = 1
+    batch_size: int = Field(8, validation_alias=AliasChoices("batch_size", "per_device_train_batch_size"))
+    """Examples per process per forward pass (`per_device_train_batch_size`)."""
+    eval_batch_size: int = Field(16, validation_alias=AliasChoices("eval_batch_size", "per_device_eval_batch_size"))
+    """Examples per process per evaluation forward pass (`per_device_eval_batch_size`)."""
+    grad_accum: int = Field(1, validation_alias=AliasChoices("grad_accum", "gradient_accumulation_steps"))
+    """Forward passes per optimiser step (`gradient_accumulation_steps`)."""
     max_length: int = 512
     """Tokens per example; longer examples are truncated."""
     warmup_ratio: float = 0.0
     """Fraction of the steps spent warming the learning rate up from 0."""
     weight_decay: float = 0.0
-    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    """AdamW weight decay."""
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "linear", validation_alias=AliasChoices("lr_scheduler", "lr_scheduler_type"))
+    """Learning-rate schedule after warm-up (`lr_scheduler_type`)."""
     logging_steps: int = 10
+    """Log the training metrics every N steps."""
     save_steps: int = 50
     """Checkpoint every N steps; an interrupted run resumes from the newest one."""
     save_total_limit: int = 2
-    gradient_checkpointing: bool = False
+    """Checkpoints kept in the partial folder."""
+    gradient_checkpointing: bool = Field(
+        False, validation_alias=AliasChoices("gradient_checkpointing", "activation_checkpointing"))
+    """Recompute activations in the backward pass: less memory, about 30% more compute."""
     max_grad_norm: float = 1.0
+    """Clip the gradient norm to this (0: no clipping)."""
+    args: dict[str, Any] = {}
+    """Further transformers.TrainingArguments fields, passed to the trainer as they are (e.g. `optim: adafactor`,
+    `deepspeed: ds.json`, `eval_strategy: steps`, `torch_compile: true`); names and types are checked at load
+    against TrainingArguments. The pipeline's own keys (output_dir, seed, precision, report_to) stay its own."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_name_each(cls, data):
+        """`lr` and `learning_rate` are one setting: keep the later one, which is the command line's when an
+        override names it differently from the file (an override of a new key goes to the end)."""
+        if not isinstance(data, dict):
+            return data
+        out = {}
+        for key, value in data.items():
+            name = cls._own_names().get(key, key) if key != "args" else key
+            out.pop(name, None)
+            out[name] = value
+        return out
+
+    @field_validator("args")
+    @classmethod
+    def _check_args(cls, value: dict) -> dict:
+        from alignment.training import training_args_problems
+
+        problems = training_args_problems(value, own=cls._own_names())
+        if problems:
+            raise PydanticCustomError("align_problems", "; ".join(problems))
+        return value
+
+    @classmethod
+    def _own_names(cls) -> dict[str, str]:
+        """{TrainingArguments name: our key} for the settings this section already holds."""
+        out = {}
+        for name, field in cls.model_fields.items():
+            if name == "args":
+                continue
+            out[name] = name
+            for alias in getattr(field.validation_alias, "choices", ()):
+                out[alias] = name
+        return out
 
 
 PeftMethod = Literal["lora", "qlora", "prefix", "prompt", "ptuning", "ia3", "bitfit", "freeze", "full"]
@@ -92,9 +155,9 @@ class SourceSpec(Section):
 
     name: str
     """Names this source in the manifest's realised mixture and in the per-source eval losses."""
-    train: str | None = None
-    """Training rows (JSONL/Parquet/`datasets` name, as data.train). None: an eval-only source (needs `eval`)."""
-    eval: str | None = None
+    train: Source | None = None
+    """Training rows (a path or a DataSource mapping, as data.train). None: an eval-only source (needs `eval`)."""
+    eval: Source | None = None
     """This source's evaluation rows. None: split data.eval_fraction off its training rows."""
     train_split: str = "train"
     eval_split: str = "test"
@@ -114,10 +177,11 @@ class SourceSpec(Section):
 
 
 class SFTData(Section):
-    train: str = "data/instruct/train.jsonl"
-    """JSONL/Parquet file or a `datasets` name/path; rows hold `messages` or `prompt` + `completion`.
+    train: Source = "data/instruct/train.jsonl"
+    """A file (JSONL/JSON/CSV/Parquet), folder or hub id, or a mapping (alignment.data.DataSource: data_files, name,
+    revision, split, columns, format); rows hold `messages`, `prompt` + `completion`, Alpaca or ShareGPT.
     The one-source form; ignored when `sources` is given."""
-    eval: str | None = "data/instruct/eval.jsonl"
+    eval: Source | None = "data/instruct/eval.jsonl"
     """Held-out rows; None: split `eval_fraction` off the train rows."""
     train_split: str = "train"
     eval_split: str = "test"

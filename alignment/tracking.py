@@ -36,7 +36,7 @@ import os
 import struct
 from pathlib import Path
 
-from alignment.config import config_dict
+from alignment.config import config_dict, scrub
 from alignment.errors import ConfigError
 
 logger = logging.getLogger("align")
@@ -148,8 +148,9 @@ class Tracker:
                 values = namespaced(row)
                 if values:
                     self._log(values, int(row.get("step", i)))
-        self._samples(read_jsonl(final / SAMPLES)[:MAX_TABLE_ROWS])
-        self._summary(flatten(self.ctx.metrics, self.ctx.stage))
+        # Secrets by value (what *_env variables hold, URL credentials) never reach a dashboard.
+        self._samples(scrub(read_jsonl(final / SAMPLES)[:MAX_TABLE_ROWS]))
+        self._summary(scrub(flatten(self.ctx.metrics, self.ctx.stage)))
         self._artifact(final)
 
     def _samples(self, rows: list[dict]) -> None:
@@ -296,10 +297,10 @@ def _cell(v):
 
 
 def _artifact_metadata(manifest) -> dict:
-    return {"stage": manifest.stage, "run": manifest.run, "status": manifest.status,
+    return scrub({"stage": manifest.stage, "run": manifest.run, "status": manifest.status,
             "config_hash": manifest.config_hash, "lineage": manifest.lineage,
             "base_model": manifest.base_model.model_dump() if manifest.base_model else None,
-            "metrics": flatten(manifest.metrics), "finished_at": manifest.finished_at}
+            "metrics": flatten(manifest.metrics), "finished_at": manifest.finished_at})
 
 
 # -- the runner's two calls ------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from alignment.mixture import MAIN_EVAL, realise_mixture
 from alignment.models import load_tokenizer
 from alignment.packing import PackedCollator, isolate_documents, pack_examples, packing_report
 from alignment.peft_methods import METHODS, SOFT_PROMPTS, describe, load_model, peft_config, select_trainable
-from alignment.policy import lineage_for
+from alignment.policy import lineage_for, save_on_parent
 from alignment.schema import PeftSpec, SFTData, TrainSpec
 from alignment.training import callbacks, param_counts, perplexity, throughput, train, trainer_args
 
@@ -103,8 +103,7 @@ def run(cfg: Config, ctx) -> None:
     if mask_hook is not None:
         mask_hook.remove()
     if trainer.is_world_process_zero():  # one writer: with several processes every rank holds the same weights
-        trainer.model.save_pretrained(ctx.out_dir / "model", safe_serialization=True)
-        tok.save_pretrained(ctx.out_dir / "model")
+        save_on_parent(trainer.model, tok, ctx.out_dir / "model", base, adapter=METHODS[cfg.peft.method].adapter)
         if cfg.merge:
             merged = _merged(trainer.model, cfg, base, ctx.out_dir / "model")
             merged.save_pretrained(ctx.out_dir / "merged", safe_serialization=True)
