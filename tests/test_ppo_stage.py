@@ -330,8 +330,9 @@ def test_health_monitor_warns_then_stops():
     (["reward.kind=function"], "reward.function: kind 'function' needs"),
     (["algorithm=grpo", "ppo.lr=0.1"], "algorithm: grpo is the `grpo` stage now: align run grpo -c "
                                        "configs/<profile>/grpo.yaml"),
-    (["eval.batch_size=0"], "eval: every >= 0, prompts >= 0 and batch_size >= 1 expected"),
-    (["ppo.generation_batch_size=0"], "ppo.generation_batch_size: expected at least 1"),
+    (["eval.batch_size=0"], "eval.batch_size: must be >= 1, got 0"),
+    (["ppo.generation_batch_size=0"], "ppo.generation_batch_size: must be >= 1, got 0"),
+    (["ppo.score_norm_prompts=0"], "ppo.score_norm_prompts: expected at least 1"),
 ])
 def test_config_problems(overrides, problem):
     from alignment.runner import load_stage_config
@@ -491,3 +492,15 @@ def test_score_normalisation_on_sft_rollouts_centres_the_sft_policy(tiny_store, 
     other, _, _ = _trainer(tiny_store, batch_size=4, mini_batch_size=4, ppo_epochs=1, updates=1)
     other.load_checkpoint(tmp_path / "checkpoint-1")
     assert (other.score_shift, other.score_scale) == (fresh.score_shift, fresh.score_scale) != (0.0, 1.0)
+    # a value head copied from a score head keeps predicting the same scores, in the new units
+    root, run = tiny_store
+    sft = ArtifactStore(root).read_stage(run, "sft")
+    hidden = load_policy(sft, "fp32").config.hidden_size
+    w, b = torch.linspace(-1, 1, hidden), 0.3
+    copied = PPOTrainer(load_policy(sft, "fp32"), load_tokenizer(sft.model_dir), e_share,
+                        PPOSpec(max_new_tokens=12, score_norm="sft_rollouts"),
+                        lora_config(PeftSpec(r=8, alpha=16, dropout=0.0)), value_head_init=(w, b))
+    stats = copied.calibrate_scores(rows)
+    mean, std = stats["calibration/score_mean"], stats["calibration/score_std"]
+    assert torch.allclose(copied.value_head.weight[0], w / std)
+    assert copied.value_head.bias.item() == pytest.approx((b - mean) / std)
