@@ -283,6 +283,10 @@ class PPOTrainer:
         so there are two copies of the weights, not four as in TRL's former PPOTrainer."""
         import torch
 
+        if not hasattr(reward, "score_ids"):
+            from alignment.reward_sources import with_fields
+
+            reward = with_fields(reward)  # a plain fn(prompts, completions[, constraints=, reference=])
         self.spec, self.tok, self.reward, self.seed = spec, tok, reward, seed
         if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
             raise ValueError("PPO needs a pad token distinct from eos: with pad == eos the response end and the "

@@ -504,3 +504,16 @@ def test_score_normalisation_on_sft_rollouts_centres_the_sft_policy(tiny_store, 
     mean, std = stats["calibration/score_mean"], stats["calibration/score_std"]
     assert torch.allclose(copied.value_head.weight[0], w / std)
     assert copied.value_head.bias.item() == pytest.approx((b - mean) / std)
+
+
+def test_a_plain_reward_function_gets_only_the_fields_it_declares(tiny_store):
+    seen = {}
+
+    def needs_constraints(prompts, completions, constraints):
+        seen["constraints"] = constraints
+        return [float(len(c)) for c in constraints]
+
+    trainer, _, _ = _trainer(tiny_store, reward=needs_constraints, max_new_tokens=4)
+    ro = trainer.score(trainer.rollout(PROMPTS[:2], seed=0),
+                       {"constraints": [[{"type": "lowercase"}], []], "reference": ["a", "b"]})
+    assert seen["constraints"] == [[{"type": "lowercase"}], []] and ro.raw_scores.tolist() == [1.0, 0.0]
