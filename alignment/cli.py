@@ -207,7 +207,16 @@ def _dispatch(args) -> int:
     from alignment import runner
 
     if args.cmd == "run":
-        runner.run_stage(args.stage, args.config, args.overrides, root=args.artifacts, run=args.run, force=args.force)
+        import contextlib
+
+        from alignment.logs import verbosity
+
+        # -q: the HF trainers print their logged rows on stdout (tqdm.write) whatever the bars do; the stage log
+        # in the artifact keeps them, so a quiet run sends stdout nowhere.
+        with open(os.devnull, "w") if verbosity() < 0 else contextlib.nullcontext(None) as sink, \
+                contextlib.redirect_stdout(sink) if sink else contextlib.nullcontext():
+            runner.run_stage(args.stage, args.config, args.overrides, root=args.artifacts, run=args.run,
+                             force=args.force)
     elif args.cmd == "pipeline":
         runner.run_pipeline(args.config, root=args.artifacts, run=args.run, force=args.force, overrides=args.overrides)
     elif args.cmd in ("submit", "slurm"):
