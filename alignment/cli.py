@@ -100,7 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     sl.add_argument("--gpus-per-node", type=int, metavar="G")
     sl.add_argument("--begin", metavar="TIME", help="Slurm --begin for the chain (e.g. now+1hour, 23:00, tomorrow)")
     sl.add_argument("--out", metavar="DIR", help="where the sbatch scripts and job logs go (default <artifacts>/<run>/slurm)")
-    sl.add_argument("--dry-run", action="store_true", help="write and print the scripts, submit nothing")
+    sl.add_argument("--dry-run", action="store_true",
+                    help="write the scripts, print the sbatch chain (with -v the scripts too), submit nothing")
     store_args(sl)
 
     st = sub.add_parser("status", help="table of a run's stages")
@@ -118,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="a policy as a standalone merged model folder (hf) or GGUF file, with a model card")
     ex.add_argument("run_name", metavar="RUN")
-    ex.add_argument("stage", metavar="STAGE", help="sft, dpo, ppo (or base)")
+    ex.add_argument("stage", metavar="STAGE", help="a policy stage: sft, dpo, ppo, online_dpo (or base)")
     ex.add_argument("--format", choices=["hf", "gguf"], default="hf")
     ex.add_argument("--out", metavar="PATH", help="default <artifacts>/<RUN>/exports/<STAGE>[.gguf]")
     store_args(ex, run_arg=False)
@@ -206,7 +207,16 @@ def _dispatch(args) -> int:
     from alignment import runner
 
     if args.cmd == "run":
-        runner.run_stage(args.stage, args.config, args.overrides, root=args.artifacts, run=args.run, force=args.force)
+        import contextlib
+
+        from alignment.logs import verbosity
+
+        # -q: the HF trainers print their logged rows on stdout (tqdm.write) whatever the bars do; the stage log
+        # in the artifact keeps them, so a quiet run sends stdout nowhere.
+        with open(os.devnull, "w") if verbosity() < 0 else contextlib.nullcontext(None) as sink, \
+                contextlib.redirect_stdout(sink) if sink else contextlib.nullcontext():
+            runner.run_stage(args.stage, args.config, args.overrides, root=args.artifacts, run=args.run,
+                             force=args.force)
     elif args.cmd == "pipeline":
         runner.run_pipeline(args.config, root=args.artifacts, run=args.run, force=args.force, overrides=args.overrides)
     elif args.cmd in ("submit", "slurm"):
@@ -221,10 +231,13 @@ def _dispatch(args) -> int:
                  "gpus_per_node": args.gpus_per_node, "begin": args.begin}
         items = submit_chain(args.config, run=args.run, artifacts=args.artifacts, out_dir=args.out,
                              dry_run=args.dry_run, profile=args.profile, flags=flags, overrides=args.overrides)
+        if args.dry_run:
+            print(f"# the sbatch chain (nothing submitted); scripts in {Path(items[0]['script']).parent}:")
         for item in items:
-            if args.dry_run:
-                print(f"# ---- {item}\n{Path(item).read_text()}", file=sys.stderr)
-            print(item)
+            print(item["command"] if args.dry_run else item["job_id"])
+        if args.dry_run and getattr(args, "verbose", 0):
+            for item in items:
+                print(f"# ---- {item['script']}\n{Path(item['script']).read_text()}", file=sys.stderr)
     elif args.cmd == "status":
         from alignment.status import print_status
 

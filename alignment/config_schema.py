@@ -51,19 +51,21 @@ def _default(field) -> str:
     return "= " + json.dumps(value, default=str)
 
 
-def _nested(ann) -> tuple[str, type[BaseModel]] | None:
-    """(how keys below it are written, the section model) when a field holds a section (maybe in a list/dict)."""
+def _nested(ann) -> list[tuple[str, type[BaseModel]]]:
+    """[(how keys below it are written, a section model)] when a field holds sections (maybe in a list/dict, or
+    one of several: a discriminated union lists each)."""
     origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is typing.Annotated:
+        return _nested(args[0])
     if _is_model(ann):
-        return ".", ann
+        return [(".", ann)]
     if origin in (typing.Union, types.UnionType):
-        models = [a for a in args if _is_model(a)]
-        return (".", models[0]) if len(models) == 1 else None
+        return [(".", a) for a in args if _is_model(a)]
     if origin is list and args and _is_model(args[0]):
-        return ".<i>.", args[0]
+        return [(".<i>.", args[0])]
     if origin is dict and len(args) == 2 and _is_model(args[1]):
-        return ".<name>.", args[1]
-    return None
+        return [(".<name>.", args[1])]
+    return []
 
 
 def schema_lines(model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -78,8 +80,9 @@ def schema_lines(model: type[BaseModel], prefix: str = "") -> list[str]:
         for line in (field.description or "").strip().splitlines():
             lines.append("    " + line.strip())
         nested = _nested(field.annotation)
-        if nested:
-            sep, sub = nested
+        for sep, sub in nested:
+            if len(nested) > 1:
+                lines.append(f"{key} as {sub.__name__}:")
             lines += schema_lines(sub, key + sep)
     return lines
 

@@ -27,7 +27,6 @@ from alignment.artifacts import Artifact, ArtifactStore
 from alignment.errors import AlignError
 
 log = logging.getLogger("align")
-POLICY_STAGES = ("base", "sft", "dpo", "ppo")
 # Per stage, the metrics a reader wants first (dotted: nested keys). Others stay in the manifests.
 KEY_METRICS = {
     "sft": ("eval_loss", "perplexity", "train_loss", "steps", "method"),
@@ -48,6 +47,10 @@ def export(root, run: str, stage: str, fmt: str = "hf", out: str | None = None) 
     """Write the export and return its path."""
     if fmt not in ("hf", "gguf"):
         raise ExportError(f"export: --format must be hf or gguf, not '{fmt}'")
+    from alignment.runner import STAGES
+
+    if stage not in STAGES:
+        raise ExportError(f"export: unknown stage '{stage}'; stages: {', '.join(STAGES)}")
     store = ArtifactStore(root)
     art = store.read_stage(run, stage, needed_by="export")
     _require_policy(art)
@@ -70,12 +73,20 @@ def export(root, run: str, stage: str, fmt: str = "hf", out: str | None = None) 
 
 
 def _require_policy(art: Artifact) -> None:
-    from alignment.policy import is_mergeable
+    """A causal-LM policy (base, sft, dpo, ppo/grpo/rloo, online_dpo, ...), not a reward model or a data stage."""
+    from alignment.policy import is_mergeable, lineage_chain
 
-    if art.stage not in POLICY_STAGES or not (art.model_dir / "config.json").is_file() and \
-            not (art.model_dir / "adapter_config.json").is_file():
-        raise ExportError(f"export: {art.path} is a '{art.stage}' artifact, not a policy; export one of "
-                          f"{', '.join(POLICY_STAGES)}")
+    def causal(a: Artifact) -> bool:
+        if a.manifest.lineage.get("adapter"):
+            conf = json.loads((a.model_dir / "adapter_config.json").read_text())
+            return conf.get("task_type") in (None, "CAUSAL_LM")
+        cfg = a.model_dir / "config.json"
+        return cfg.is_file() and any(str(x).endswith("ForCausalLM")
+                                     for x in json.loads(cfg.read_text()).get("architectures") or [])
+
+    if not (art.model_dir.is_dir() and all(causal(a) for a in lineage_chain(art))):
+        raise ExportError(f"export: {art.path} is a '{art.stage}' artifact without a causal-LM policy in model/ "
+                          "(a reward model or a data stage); export a policy stage such as sft, dpo or ppo")
     if not is_mergeable(art):
         raise ExportError(f"export: {art.path} ends in a soft-prompt adapter (virtual tokens, not weights), which "
                           "cannot be merged into a standalone model; load it with alignment.policy.load_policy, "
@@ -114,7 +125,7 @@ def lineage_records(art: Artifact, store: ArtifactStore) -> list[dict]:
             return
         for inp in a.manifest.inputs.values():  # inputs first: the list reads in the order things were made
             try:
-                add(store.read(parent_path(Path(inp.path), store), verify=False))
+                add(store.read(parent_path(Path(inp.path), store, inp.manifest_sha256), verify=False))
             except AlignError:
                 out.append({"stage": inp.stage, "path": inp.path, "manifest_sha256": inp.manifest_sha256,
                             "note": "no longer in the store"})

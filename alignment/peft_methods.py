@@ -290,6 +290,22 @@ def describe(spec) -> dict:
     return out
 
 
+# -- a LoRA on lm_head (issue 16) ------------------------------------------------------------------------------------
+def trl_lm_head_problems(spec, prefix: str, stage: str) -> list[tuple[str, str]]:
+    """Config-load refusal of an adapter on `lm_head` for stages trained by TRL (sft, dpo, online_dpo).
+
+    TRL's SFT/DPO trainers compute log-probs from `lm_head.weight` directly, so they refuse such an adapter, but
+    only once the model is loaded and the data tokenised. Our PPO (algorithm: ppo) can train one; merging it into
+    a tied head is made exact by `alignment.policy.untie_adapted_lm_head`.
+    """
+    targets = [spec.target_modules] if isinstance(spec.target_modules, str) else (spec.target_modules or [])
+    if METHODS[spec.method].adapter and "lm_head" in targets:
+        return [(f"{prefix}.target_modules", f"the {stage} stage trains with TRL, which computes log-probs from "
+                                             "lm_head.weight directly, so an adapter on lm_head would never train; "
+                                             "remove 'lm_head' (the ppo stage's algorithm: ppo can adapt it)")]
+    return []
+
+
 # -- around the trainer (sft) -------------------------------------------------------------------------------------
 MUTATES_BASE = ("pissa", "olora")
 """LoRA initialisations that rewrite the base weights (to the residual of W after the adapter's part)."""

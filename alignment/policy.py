@@ -30,22 +30,32 @@ def lineage_chain(art: Artifact, store: ArtifactStore | None = None) -> list[Art
         parent = chain[-1].manifest.lineage.get("parent")
         if not parent:
             raise ArtifactError(f"{chain[-1].path}: adapter artifact without a parent in its lineage")
-        chain.append(store.read(parent_path(Path(parent), store)))
+        chain.append(store.read(parent_path(Path(parent), store, _recorded_sha(chain[-1], parent))))
         if len(chain) > 16:
             raise ArtifactError(f"{art.path}: lineage longer than 16 artifacts (a cycle?)")
     return list(reversed(chain))
 
 
-def parent_path(recorded: Path, store: ArtifactStore) -> Path:
-    """Where a lineage's parent is now: as recorded, else the same `<run>/<stage>` under this store's root.
+def parent_path(recorded: Path, store: ArtifactStore, manifest_sha256: str | None = None) -> Path:
+    """Where a recorded upstream artifact is now: `<run>/<stage>` under the store being read, else as recorded.
 
-    Older manifests recorded the parent relative to the working directory of the writing process, and a store may
-    have been moved or copied since; the parent is always in the store, so its last two path parts find it.
+    A store may have been moved or copied, and older manifests recorded the parent relative to the writer's working
+    directory. The same `<run>/<stage>` in this store is taken only if its manifest is the one recorded (the
+    child's `inputs` hash), so another run's artifact of the same name is never picked up by accident.
     """
-    if (recorded / "manifest.json").is_file():
-        return recorded
-    moved = store.root / recorded.parent.name / recorded.name
-    return moved if (moved / "manifest.json").is_file() else recorded
+    from alignment.manifest import sha256_file
+
+    here = store.root / recorded.parent.name / recorded.name
+    if (here / "manifest.json").is_file() and (manifest_sha256 is None or
+                                               sha256_file(here / "manifest.json") == manifest_sha256):
+        return here
+    return recorded
+
+
+def _recorded_sha(child: Artifact, recorded: str) -> str | None:
+    """The manifest hash the child recorded for the input at `recorded` (None if it did not list it)."""
+    tail = Path(recorded).parts[-2:]  # <run>/<stage>: inputs and lineage may spell the root differently
+    return next((i.manifest_sha256 for i in child.manifest.inputs.values() if Path(i.path).parts[-2:] == tail), None)
 
 
 # peft types that prepend virtual tokens / prefixes at run time instead of changing weights.
@@ -113,11 +123,16 @@ def load_policy(art: Artifact, precision: str, *, trust_remote_code: bool = Fals
             model = PeftModel.from_pretrained(model, adapter.model_dir)
         if adapter_type(adapter) in SOFT_PROMPT_PEFT_TYPES:
             return model.eval()
-        untie_adapted_lm_head(model)
-        model = model.merge_and_unload()
+        model = merge_adapter(model)
     # peft loads adapters for inference and freezes every weight; once merged, the policy should
     # behave like any freshly loaded model, so a full/freeze stage on top trains what it selects.
     return model.requires_grad_(True)
+
+
+def merge_adapter(peft_model):
+    """`merge_and_unload`, exact also when the adapter changes a tied `lm_head` (see `untie_adapted_lm_head`)."""
+    untie_adapted_lm_head(peft_model)
+    return peft_model.merge_and_unload()
 
 
 def untie_adapted_lm_head(peft_model) -> bool:
@@ -155,9 +170,9 @@ def parent_weights(parent: Artifact, run_dir: Path) -> Path:
     """A folder of full weights that is exactly `parent`'s policy, for an adapter trained on it to name as its base.
 
     A full-weight artifact is its own `model/`; SFT with `merge: true` has `merged/`. An adapter parent without
-    one gets its merged weights written once per run to `<run_dir>/.merged/<stage>-<manifest hash>/` (the
-    run being written; atomic rename; dpo, ppo and grpo on the same SFT share it). Keyed by the parent's manifest hash, a re-run parent gets a new
-    folder, so an older adapter never silently names the newer parent.
+    one gets its merged weights written once per run to `<run_dir>/.merged/<stage>-<manifest hash>/` (the run
+    being written; atomic rename; dpo, ppo and grpo on the same SFT share it). Keyed by the parent's manifest hash,
+    a re-run parent gets a new folder, so an older adapter never silently names the newer parent.
     """
     if not parent.manifest.lineage.get("adapter"):
         return parent.model_dir.resolve()
@@ -189,6 +204,20 @@ def parent_weights(parent: Artifact, run_dir: Path) -> Path:
     return folder
 
 
+def _published_location(adapter_dir: Path, parent: Artifact) -> tuple[Path, str, Path]:
+    """(run folder, stage, where adapter_dir will be once published) for an adapter written inside a stage.
+
+    Stages write into `<run>/<stage>.partial/...` (e.g. `model/`, or online DPO's `rounds/<i>/model/`), which the
+    runner renames to `<run>/<stage>/...`. Outside a partial folder (a script, a test), the adapter stays where
+    it is and its run is taken to be the parent's.
+    """
+    for folder in adapter_dir.parents:
+        if folder.name.endswith(".partial"):
+            stage = folder.name[: -len(".partial")]
+            return folder.parent, stage, folder.parent / stage / adapter_dir.relative_to(folder)
+    return parent.path.resolve().parent, adapter_dir.parent.name, adapter_dir
+
+
 def point_adapter_at_parent(adapter_dir, parent: Artifact) -> None:
     """Make an adapter load the ecosystem way: `AutoPeftModelForCausalLM.from_pretrained(adapter_dir)`.
 
@@ -198,30 +227,30 @@ def point_adapter_at_parent(adapter_dir, parent: Artifact) -> None:
     empty README template with a model card saying what the adapter is and how to load it.
     """
     adapter_dir = Path(adapter_dir).resolve()
-    target = parent_weights(parent, adapter_dir.parent.parent)  # adapter_dir: <run>/<stage>.partial/model
+    run_dir, stage, final = _published_location(adapter_dir, parent)
+    target = parent_weights(parent, run_dir)
     path = adapter_dir / "adapter_config.json"
     conf = json.loads(path.read_text())
     conf["base_model_name_or_path"] = str(target)
     path.write_text(json.dumps(conf, indent=2, sort_keys=True))
-    write_adapter_card(adapter_dir, parent, target, conf.get("peft_type", "adapter"))
+    write_adapter_card(adapter_dir, final, run_dir.name, stage, parent, target, conf.get("peft_type", "adapter"))
 
 
-def write_adapter_card(adapter_dir: Path, parent: Artifact, base_folder: Path, peft_type: str) -> None:
+def write_adapter_card(adapter_dir: Path, final: Path, run: str, stage: str, parent: Artifact, base_folder: Path,
+                       peft_type: str) -> None:
     """A huggingface_hub model card for an adapter artifact (metrics come later: `align export` adds them)."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    stage = adapter_dir.parent.name.split(".")[0]
-    run = parent.manifest.run
     data = ModelCardData(library_name="peft", pipeline_tag="text-generation", base_model=str(base_folder),
                          tags=["align", stage, peft_type.lower()])
     content = (f"---\n{data.to_yaml()}\n---\n\n# {run}/{stage}: {peft_type} adapter\n\n"
                f"Trained by the `{stage}` stage of the `align` pipeline (run `{run}`) on top of the `{parent.stage}` "
-               f"artifact `{parent.path}` (manifest sha256 `{parent.manifest_sha256}`).\n\n"
+               f"artifact `{parent.path.resolve()}` (manifest sha256 `{parent.manifest_sha256}`).\n\n"
                f"Its base, `{base_folder}`, holds exactly the `{parent.stage}` policy as full weights, so\n\n"
                "```python\nfrom peft import AutoPeftModelForCausalLM\n"
-               f"model = AutoPeftModelForCausalLM.from_pretrained(\"{adapter_dir.parent.parent / stage / 'model'}\")\n"
+               f"model = AutoPeftModelForCausalLM.from_pretrained(\"{final}\")\n"
                "```\n\ngives the trained policy. `align export " f"{run} {stage}" "` writes a standalone merged "
-               "folder (or GGUF) with lineage and metrics; `manifest.json` beside this folder records the config, "
+               "folder (or GGUF) with lineage and metrics; the stage's `manifest.json` records the config, "
                "inputs and hashes.\n")
     ModelCard(content).save(adapter_dir / "README.md")
 

@@ -190,7 +190,10 @@ def load_pairs(source, split: str | None = None, max_bad_fraction: float = 0.0) 
 
 
 def _bad_rows_message(source: str, bad: list[str], total: int, max_bad_fraction: float) -> str:
-    """A summary line that stands on its own, then one line per bad row (capped)."""
+    """One bad row in a file that allows none: its own line. Otherwise a summary line that stands on its own, then
+    one line per bad row (capped)."""
+    if len(bad) == 1 and not max_bad_fraction:
+        return bad[0]
     lines = [f"{source}: {len(bad)} of {total} rows are bad (max_bad_fraction={max_bad_fraction}):"]
     lines += bad[:MAX_LISTED_ROWS]
     if len(bad) > MAX_LISTED_ROWS:

@@ -141,6 +141,10 @@ def callbacks() -> list:
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and state.is_world_process_zero:
                 logging.getLogger("align").debug("step %d: %s", state.global_step, json.dumps(logs, default=str))
+                if set(args.report_to or []) & {"wandb", "tensorboard"}:
+                    from alignment import tracking
+
+                    tracking.trainer_logged_live()
 
     return [preemption.callback(), LogRows()]
 

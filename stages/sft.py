@@ -16,7 +16,7 @@ from alignment.mixture import MAIN_EVAL, realise_mixture, stages_of
 from alignment.models import load_tokenizer
 from alignment.packing import PackedCollator, isolate_documents, pack_examples, packing_report
 from alignment.peft_methods import (BOTTLENECK, METHODS, SOFT_PROMPTS, UNMERGEABLE, describe, load_model, peft_config,
-                                    prepare_trainer, save_trained, select_trainable)
+                                    prepare_trainer, save_trained, select_trainable, trl_lm_head_problems)
 from alignment.policy import lineage_for
 from alignment.schema import PeftSpec, SFTData, TrainSpec
 from alignment.training import callbacks, param_counts, perplexity, throughput, train, trainer_args
@@ -38,7 +38,7 @@ class Config(StageConfig):
     """Also write the adapter merged into the base weights to `merged/` (loads with AutoModelForCausalLM)."""
 
     def problems(self):
-        out = self.data.problems("data") + self.peft.problems("peft")
+        out = self.data.problems("data") + self.peft.problems("peft") + trl_lm_head_problems(self.peft, "peft", "sft")
         m = self.peft.method
         if self.merge and not METHODS[m].adapter:
             out.append(("merge", f"{m} ({METHODS[m].family}) saves full weights, there is no adapter to merge; "

@@ -92,11 +92,19 @@ def _published(root: Path) -> dict[Path, str]:
     return {m.parent: hashlib.sha256(m.read_bytes()).hexdigest() for m in root.glob(f"*/*/{MANIFEST}")}
 
 
-@pytest.mark.slow
-def test_kill_every_stage_at_every_point_then_resume(tiny_store, tmp_path):
+@pytest.fixture
+def one_thread():
+    """Forked children inherit no busy thread pool; the session's setting comes back afterwards."""
     import torch
 
-    torch.set_num_threads(1)  # forked children: no thread pool inherited mid-use, and fair to the other tests
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+def test_kill_every_stage_at_every_point_then_resume(tiny_store, tmp_path, one_thread):
     src, _ = tiny_store
     root = tmp_path / "store"
     shutil.copytree(src, root)

@@ -127,3 +127,117 @@ def test_merged_parent_is_written_once_per_run_and_cards_are_real(chain):
         assert card.data.base_model == json.loads(
             (chain[stage].model_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
         assert "AutoPeftModelForCausalLM" in card.text and "More Information Needed" not in card.text
+
+
+def test_an_adapter_deeper_in_a_partial_folder_names_the_run_and_its_published_path(chain, tmp_path):
+    """online_dpo writes `<run>/online_dpo.partial/rounds/<i>/model/`: the merged parent goes to `<run>/.merged`
+    (not into the artifact, whose path changes when published) and the card names the published path."""
+    import shutil
+
+    from huggingface_hub import ModelCard
+
+    from alignment.policy import point_adapter_at_parent
+
+    adapter = tmp_path / "r" / "online_dpo.partial" / "rounds" / "2" / "model"
+    shutil.copytree(chain["dpo"].model_dir, adapter)
+    point_adapter_at_parent(adapter, chain["sft"])
+    base = Path(json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"])
+    assert base == (tmp_path / "r" / MERGED_DIR / f"sft-{chain['sft'].manifest_sha256[:16]}").resolve()
+    assert (base / "config.json").is_file() and not (tmp_path / "r" / "online_dpo.partial" / MERGED_DIR).exists()
+    card = ModelCard.load(adapter / "README.md")
+    assert str((tmp_path / "r" / "online_dpo" / "rounds" / "2" / "model").resolve()) in card.text
+    assert "\n# r/online_dpo: LORA adapter" in card.text
+
+
+def test_lineage_recorded_relative_to_another_cwd_still_resolves_in_a_moved_store(chain, tmp_path, monkeypatch):
+    """Older manifests recorded `parent` relative to the writer's working directory; a store may also be moved.
+    The parent is found as `<run>/<stage>` under the store the artifact is read from."""
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(chain["dpo"].path.parent, moved / "tiny", ignore=shutil.ignore_patterns(MERGED_DIR))
+    manifest = moved / "tiny" / "dpo" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    m["lineage"]["parent"] = "../nowhere/tiny/sft"  # as an old relative record, resolving nowhere from here
+    manifest.write_text(json.dumps(m))
+    monkeypatch.chdir(tmp_path)
+    art = ArtifactStore(moved).read_stage("tiny", "dpo")
+    assert [a.path for a in lineage_chain(art)] == [moved / "tiny" / s for s in ("base", "sft", "dpo")]
+    ids = _ids(art.model_dir)
+    assert (_logits(load_policy(art, "fp32"), ids) - _logits(load_policy(chain["dpo"], "fp32"), ids)).abs().max() < 1e-6
+
+    # An artifact at the same <run>/<stage> whose manifest is not the one the child recorded is not taken.
+    sft_manifest = moved / "tiny" / "sft" / "manifest.json"
+    m = json.loads(sft_manifest.read_text())
+    m["finished_at"] = "another run of sft"
+    sft_manifest.write_text(json.dumps(m))
+    from alignment.errors import ArtifactError
+
+    with pytest.raises(ArtifactError, match="nowhere/tiny/sft"):
+        lineage_chain(ArtifactStore(moved).read_stage("tiny", "dpo"))
+
+
+@pytest.fixture(scope="module")
+def merged_chain(chain):
+    """SFT with `merge: true` and DPO on it, in the chain's store (run `merged`)."""
+    root = chain["sft"].path.parent.parent
+    base = chain["sft"].path.parent / "base"
+    run_stage("sft", "configs/tiny/sft.yaml", ["train.max_steps=6", "train.lr=5e-3", "merge=true",
+                                              f"inputs.base={base}"], root=root, run="merged")
+    run_stage("dpo", "configs/tiny/dpo.yaml", ["train.max_steps=3", "train.lr=5e-3", "eval.kl_prompts=0"],
+              root=root, run="merged")
+    store = ArtifactStore(root)
+    return store.read_stage("merged", "sft"), store.read_stage("merged", "dpo")
+
+
+def test_dpo_on_an_sft_with_merged_weights_names_that_folder(merged_chain, tmp_path, monkeypatch):
+    from peft import AutoPeftModelForCausalLM
+
+    sft, dpo = merged_chain
+    ids = _ids(sft.model_dir)
+    want = _logits(load_policy(dpo, "fp32"), ids)
+    base = json.loads((dpo.model_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base == str((sft.path / "merged").resolve())
+    assert not (dpo.path.parent / MERGED_DIR).exists()  # no second copy of base + SFT
+    monkeypatch.chdir(tmp_path)
+    assert (_logits(AutoPeftModelForCausalLM.from_pretrained(str(dpo.model_dir)), ids) - want).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_trl_stages_refuse_an_lm_head_adapter_at_config_load(stage):
+    from alignment.errors import ConfigError
+    from alignment.runner import load_stage_config
+
+    with pytest.raises(ConfigError) as e:
+        load_stage_config(stage, f"configs/tiny/{stage}.yaml", ["peft.target_modules=[q_proj,lm_head]"])
+    assert e.value.problems == [
+        f"configs/tiny/{stage}.yaml (command line): peft.target_modules: the {stage} stage trains with TRL, which "
+        "computes log-probs from lm_head.weight directly, so an adapter on lm_head would never train; remove "
+        "'lm_head' (the ppo stage's algorithm: ppo can adapt it)"]
+
+
+def test_export_of_the_tied_head_ppo_policy_keeps_both_matrices(chain, tmp_path):
+    """`align export` of the PPO policy (LoRA on the tied lm_head): the hf folder and the GGUF are the trained policy."""
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM
+
+    from alignment.export import export
+
+    art = chain["ppo"]
+    root, run = art.path.parent.parent, art.path.parent.name
+    hf = export(root, run, "ppo", "hf", str(tmp_path / "ppo-hf"))
+    model = AutoModelForCausalLM.from_pretrained(str(hf))
+    assert not model.config.tie_word_embeddings
+    ids = _ids(art.model_dir)
+    want = _logits(load_policy(art, "fp32"), ids)
+    assert (_logits(model, ids) - want).abs().max().item() < 1e-5
+    if importlib.util.find_spec("llama_cpp") is None:
+        return  # the GGUF side is checked in tests/test_export.py, skipped there without llama.cpp
+    import llama_cpp
+    import numpy as np
+
+    gguf = export(root, run, "ppo", "gguf", str(tmp_path / "ppo.gguf"))
+    llm = llama_cpp.Llama(model_path=str(gguf), logits_all=True, n_ctx=256, n_threads=1, verbose=False)
+    llm.eval(ids[0].tolist())
+    assert np.abs(np.array(llm.scores[: ids.shape[1]]) - want[0].numpy()).max() < 2e-3
