@@ -15,7 +15,7 @@ ALIGN := OMP_WAIT_POLICY=PASSIVE $(BIN)/align
 RUN_FLAG := $(if $(RUN),--run $(RUN),)
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup setup-services pipeline pipeline-tiny test base sft label reward dpo ppo grpo rloo eval report submit slurm bench-ppo status clean-artifacts
+.PHONY: help setup setup-services pipeline pipeline-tiny test test-fast base sft label reward dpo ppo grpo rloo eval report submit slurm bench-ppo status clean-artifacts update-reference generate data-inspect
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -48,6 +48,11 @@ pipeline: setup ## the whole chain end to end on the embedded SmolLM2 (configs/<
 
 pipeline-tiny: setup ## the whole chain on the tiny random model (seconds)
 	$(ALIGN) pipeline -c configs/tiny/pipeline.yaml --artifacts $(ARTIFACTS) $(RUN_FLAG) $(OVERRIDES)
+
+FAST_TESTS := tests/test_rl_math.py tests/test_dpo_math.py tests/test_reward_math.py tests/test_gold.py \
+	tests/test_config.py tests/test_mixture.py tests/test_judge_cache_key.py tests/test_prompts.py tests/test_preferences.py
+test-fast: setup ## the edit loop (< 1 min): RL/DPO/reward math, gold checks, config and data contracts; no stage runs
+	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -q -x -p no:cacheprovider $(FAST_TESTS)
 
 test: setup setup-services ## run the test suite (tiny random models, offline, a real llama.cpp server and Slurm)
 	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -q tests
@@ -96,3 +101,12 @@ status: setup ## table of a run's stages
 
 clean-artifacts: ## delete the artifact directory
 	rm -rf $(ARTIFACTS)
+
+update-reference: setup ## rerun the tiny reference runs over 3 seeds, rewrite tests/reference/*.json, print what moved
+	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE ALIGN_TRACKING=none $(BIN)/python tests/reference/refcurves.py
+
+generate: setup ## stage generate (Self-Instruct): new instruction data from seed tasks, filtered
+	$(ALIGN) run generate -c configs/$(PROFILE)/generate.yaml --artifacts $(ARTIFACTS) $(RUN_FLAG) $(OVERRIDES)
+
+data-inspect: setup ## data quality of the bundled instructions: table + data_inspect.png (FILES='a.jsonl b.jsonl')
+	$(ALIGN) data inspect $(or $(FILES),data/instruct/train.jsonl data/instruct/eval.jsonl)

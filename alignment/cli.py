@@ -13,6 +13,8 @@
     align config schema STAGE|manifest
     (every command takes -q/--quiet and -v/--verbose)
     align judge audit -c LABEL_FILE [key.path=value ...] [--data FILE] [--limit N] [--out PNG] [--json FILE]
+    align data inspect FILE... [--tokenizer PATH] [--threshold J] [--out PNG] [--json FILE]
+    align data clean FILE --out FILE [--against EVAL...] [--threshold J] [--min-words N] [--max-words N]
 
 Errors are one line each (`align: error: ...`), exit 2; `--debug` anywhere (or ALIGN_DEBUG=1) adds the traceback.
 """
@@ -141,6 +143,10 @@ def _parser() -> argparse.ArgumentParser:
     au.add_argument("--out", default="judge_audit.png", metavar="PNG", help="where the plot goes")
     au.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     store_args(au)
+
+    from alignment.data_quality import add_parser as add_data_parser  # `align data inspect|clean`
+
+    add_data_parser(sub)
     return p
 
 
@@ -201,7 +207,16 @@ def _dispatch(args) -> int:
     from alignment import runner
 
     if args.cmd == "run":
-        runner.run_stage(args.stage, args.config, args.overrides, root=args.artifacts, run=args.run, force=args.force)
+        import contextlib
+
+        from alignment.logs import verbosity
+
+        # -q: the HF trainers print their logged rows on stdout (tqdm.write) whatever the bars do; the stage log
+        # in the artifact keeps them, so a quiet run sends stdout nowhere.
+        with open(os.devnull, "w") if verbosity() < 0 else contextlib.nullcontext(None) as sink, \
+                contextlib.redirect_stdout(sink) if sink else contextlib.nullcontext():
+            runner.run_stage(args.stage, args.config, args.overrides, root=args.artifacts, run=args.run,
+                             force=args.force)
     elif args.cmd == "pipeline":
         runner.run_pipeline(args.config, root=args.artifacts, run=args.run, force=args.force, overrides=args.overrides)
     elif args.cmd in ("submit", "slurm"):
@@ -238,6 +253,8 @@ def _dispatch(args) -> int:
         from alignment.export import export_command
 
         return export_command(args)
+    elif args.cmd == "data":
+        args.func(args)
     elif args.cmd == "report":
         from alignment.artifacts import ArtifactStore
         from alignment.report import build_run_report

@@ -357,6 +357,8 @@ def sampled_kl(policy, reference_ctx, tok, prompts: list[list[dict]], *, max_new
     """
     import torch
 
+    from alignment.training import progress
+
     was_training = policy.training
     policy.eval()
     device = next(policy.parameters()).device
@@ -365,7 +367,7 @@ def sampled_kl(policy, reference_ctx, tok, prompts: list[list[dict]], *, max_new
     tok.padding_side = "left"  # generation appends on the right, so pad on the left
     torch.manual_seed(seed)
     try:
-        for i in range(0, len(prompts), batch_size):
+        for i in progress(range(0, len(prompts), batch_size), "KL on held-out prompts"):
             texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
                      for p in prompts[i: i + batch_size]]
             enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)

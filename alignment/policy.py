@@ -60,12 +60,19 @@ def _recorded_sha(child: Artifact, recorded: str) -> str | None:
 
 # peft types that prepend virtual tokens / prefixes at run time instead of changing weights.
 SOFT_PROMPT_PEFT_TYPES = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING")
+# Bottleneck adapters (alignment/bottleneck.py): extra layers with a non-linearity, not foldable into weights.
+BOTTLENECK_TYPE = "BOTTLENECK"
+UNMERGEABLE_TYPES = SOFT_PROMPT_PEFT_TYPES + (BOTTLENECK_TYPE,)
 
 
 def adapter_type(art: Artifact) -> str | None:
     """The peft type of an adapter artifact (LORA, IA3, PROMPT_TUNING, ...); None for full weights."""
     if not art.manifest.lineage.get("adapter"):
         return None
+    from alignment import bottleneck
+
+    if bottleneck.is_bottleneck(art.model_dir):
+        return BOTTLENECK_TYPE
     try:
         return json.loads((art.model_dir / "adapter_config.json").read_text()).get("peft_type")
     except (OSError, ValueError):
@@ -74,18 +81,20 @@ def adapter_type(art: Artifact) -> str | None:
 
 def is_mergeable(art: Artifact) -> bool:
     """True when the whole lineage folds into one plain set of weights."""
-    return all(adapter_type(a) not in SOFT_PROMPT_PEFT_TYPES for a in lineage_chain(art))
+    return all(adapter_type(a) not in UNMERGEABLE_TYPES for a in lineage_chain(art))
 
 
 def require_mergeable(art: Artifact, needed_by: str) -> None:
     """Refuse, before any work, a policy a stage cannot train on top of (a soft-prompt SFT)."""
     for a in lineage_chain(art):
         kind = adapter_type(a)
-        if kind in SOFT_PROMPT_PEFT_TYPES:
+        if kind in UNMERGEABLE_TYPES:
             method = a.manifest.lineage.get("method", kind.lower())
+            why = ("bottleneck layers with a non-linearity, not foldable into the weights" if kind == BOTTLENECK_TYPE
+                   else "virtual tokens, not weights")
             raise ArtifactError(
                 f"{needed_by} needs a policy whose weights it can train, but {a.path} is a {method} adapter "
-                f"({kind}: virtual tokens, not weights, so it cannot be merged); re-run '{a.stage}' with "
+                f"({kind}: {why}, so it cannot be merged); re-run '{a.stage}' with "
                 "peft.method lora, dora/rslora (use_dora/use_rslora), qlora, ia3, bitfit, freeze or full")
 
 
@@ -99,11 +108,15 @@ def load_policy(art: Artifact, precision: str, *, trust_remote_code: bool = Fals
 
     chain = lineage_chain(art)
     for a in chain[1:-1]:
-        if adapter_type(a) in SOFT_PROMPT_PEFT_TYPES:
-            raise ArtifactError(f"{art.path}: its lineage holds the soft-prompt adapter {a.path} below another "
-                                "adapter; a soft prompt cannot be merged, so it can only be the last link")
+        if adapter_type(a) in UNMERGEABLE_TYPES:
+            raise ArtifactError(f"{art.path}: its lineage holds the soft-prompt or bottleneck adapter {a.path} below "
+                                "another adapter; it cannot be merged, so it can only be the last link")
     model = load_causal_lm(chain[0].model_dir, precision, trust_remote_code)
     for adapter in chain[1:]:
+        if adapter_type(adapter) == BOTTLENECK_TYPE:
+            from alignment import bottleneck
+
+            return bottleneck.load(model, adapter.model_dir)
         with warnings.catch_warnings():
             # peft warns that merging a LoRA on a tied lm_head is unsafe; untie_adapted_lm_head makes it exact.
             warnings.filterwarnings("ignore", message="Model has `tie_word_embeddings=True` and a tied layer")

@@ -94,7 +94,7 @@ class TrainSpec(Section):
         return out
 
 
-PeftMethod = Literal["lora", "qlora", "prefix", "prompt", "ptuning", "ia3", "bitfit", "freeze", "full"]
+PeftMethod = Literal["lora", "qlora", "prefix", "prompt", "ptuning", "ia3", "adapter", "bitfit", "freeze", "full"]
 
 
 class PeftSpec(Section):
@@ -102,7 +102,7 @@ class PeftSpec(Section):
 
     reparameterised: lora (Hu et al., 2021; options use_dora, use_rslora), qlora (4-bit base, CUDA only);
     additive: ia3 (Liu et al., 2022), prefix (Li & Liang, 2021), prompt (Lester et al., 2021), ptuning (Liu et al.,
-    2021, prompt encoder); selective: bitfit (Ben Zaken et al., 2021), freeze (last N layers / named modules);
+    2021, prompt encoder), adapter (bottleneck adapters: Houlsby et al., 2019; Pfeiffer et al., 2021); selective: bitfit (Ben Zaken et al., 2021), freeze (last N layers / named modules);
     full fine-tuning.
     """
 
@@ -118,6 +118,14 @@ class PeftSpec(Section):
     """lora/qlora: DoRA (Liu et al., 2024), weight-decomposed LoRA: a trained magnitude per output column."""
     use_rslora: bool = False
     """lora/qlora: rank-stabilised LoRA (Kalajdzievski, 2023): scale alpha/sqrt(r) instead of alpha/r."""
+    loraplus_lr_ratio: float | None = None
+    """lora: LoRA+ (Hayou et al., 2024): the B matrices learn this many times faster than A (the paper: ~16);
+    peft's `create_loraplus_optimizer`. None: one learning rate for both."""
+    init_lora_weights: Literal["true", "gaussian", "pissa", "olora"] = "true"
+    """lora: how A and B start. true: A random, B zero (the adapted model is the base); gaussian: A Gaussian;
+    pissa (Meng et al., 2024): A, B from the top singular vectors of W, the base keeps the residual; olora
+    (Büyükakyüz, 2024): from a QR decomposition of W. pissa/olora change the base during training; the saved
+    adapter is converted to a plain LoRA (rank 2r) on the original base, so later stages load it as any LoRA."""
     # -- ia3 --------------------------------------------------------------------------------------------------------
     feedforward_modules: list[str] | None = None
     """ia3: which of target_modules are feed-forward (scaled on their input, not output); None: peft's defaults."""
@@ -130,6 +138,20 @@ class PeftSpec(Section):
     the model's hidden size)."""
     prefix_projection: bool = False
     """prefix: reparameterise the prefix through an MLP (Li & Liang train more stably with it)."""
+    @field_validator("init_lora_weights", mode="before")
+    @classmethod
+    def _init_true(cls, value):
+        # YAML reads `true` as a boolean; peft's default initialisation is spelled "true" here.
+        return "true" if value is True else value
+
+    # -- adapter (bottleneck) -------------------------------------------------------------------------------------
+    adapter_placement: Literal["pfeiffer", "houlsby"] = "pfeiffer"
+    """adapter: pfeiffer, one adapter after each block's feed-forward sublayer; houlsby, one after attention and
+    one after the feed-forward sublayer."""
+    reduction_factor: int = 16
+    """adapter: bottleneck width = hidden size / reduction_factor."""
+    adapter_non_linearity: Literal["relu", "gelu", "silu"] = "relu"
+    """adapter: the activation between the down and up projections."""
     # -- bitfit -----------------------------------------------------------------------------------------------------
     add_bias: bool = False
     """bitfit on a model without biases (Llama, SmolLM2): switch on the config's attention_bias/mlp_bias and start
@@ -157,6 +179,9 @@ class SourceSpec(Section):
     """Names this source in the manifest's realised mixture and in the per-source eval losses."""
     train: Source | None = None
     """Training rows (a path or a DataSource mapping, as data.train). None: an eval-only source (needs `eval`)."""
+    from_stage: Literal["generate"] | None = None
+    """Train on a stage's published data instead of a file: `generate` reads the run's Self-Instruct artifact
+    (its train.jsonl), verified through the artifact store like every input (leave `train` unset)."""
     eval: Source | None = None
     """This source's evaluation rows. None: split data.eval_fraction off its training rows."""
     train_split: str = "train"
@@ -218,9 +243,11 @@ class SFTData(Section):
                 key = f"{prefix}.sources.{i}"
                 if names.count(s.name) > 1:
                     out.append((f"{key}.name", f"'{s.name}' names more than one source"))
-                if s.train is None and s.eval is None:
+                if s.from_stage and s.train is not None:
+                    out.append((f"{key}.from_stage", "reads the stage's train.jsonl: leave `train` unset"))
+                if s.train is None and s.eval is None and not s.from_stage:
                     out.append((f"{key}.train", "a source needs train rows, eval rows or both"))
-                if s.train is None and s.eval is not None and not s.held_out:
+                if s.train is None and not s.from_stage and s.eval is not None and not s.held_out:
                     out.append((f"{key}.held_out", "a source without train rows is eval-only: set held_out: true"))
                 if s.weight is not None and s.weight <= 0:
                     out.append((f"{key}.weight", "expected a positive mixing rate"))

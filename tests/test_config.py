@@ -24,10 +24,12 @@ def test_every_shipped_config_validates(path):
 
 @pytest.mark.parametrize("path", sorted(Path("configs/cluster").glob("*.yaml")), ids=str)
 def test_every_cluster_profile_validates(path):
-    from alignment.cluster import SlurmSpec
-    import yaml
+    from alignment.cluster import SlurmSpec, _profile_layers
 
-    SlurmSpec.model_validate(yaml.safe_load(path.read_text()))
+    common, per_stage = _profile_layers(path)  # the `stages:` section overrides the common settings per stage
+    SlurmSpec.model_validate(common)
+    for settings in per_stage.values():
+        SlurmSpec.model_validate({**common, **settings})
 
 
 @pytest.mark.parametrize("path", sorted(Path("configs/accelerate").glob("*.yaml")), ids=str)
