@@ -15,7 +15,7 @@ ALIGN := OMP_WAIT_POLICY=PASSIVE $(BIN)/align
 RUN_FLAG := $(if $(RUN),--run $(RUN),)
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup setup-services pipeline pipeline-tiny test base sft label reward dpo ppo eval report submit slurm bench-ppo status clean-artifacts
+.PHONY: help setup setup-services pipeline pipeline-tiny test base sft label reward dpo online-dpo ppo eval report submit slurm bench-ppo status clean-artifacts
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -64,6 +64,9 @@ reward: setup ## stage reward: reward model on preference pairs
 
 dpo: setup ## stage dpo: direct preference optimisation against the SFT model
 	$(ALIGN) run dpo -c configs/$(PROFILE)/dpo.yaml --artifacts $(ARTIFACTS) $(RUN_FLAG) $(OVERRIDES)
+
+online-dpo: setup ## stage online_dpo: rounds of sample K -> score (reward model) -> best-vs-worst pairs -> DPO
+	$(ALIGN) run online_dpo -c configs/$(PROFILE)/online_dpo.yaml --artifacts $(ARTIFACTS) $(RUN_FLAG) $(OVERRIDES)
 
 ppo: setup ## stage ppo: PPO (or algorithm=grpo|rloo) against the reward model
 	$(ALIGN) run ppo -c configs/$(PROFILE)/ppo.yaml --artifacts $(ARTIFACTS) $(RUN_FLAG) $(OVERRIDES)

@@ -27,7 +27,7 @@ from alignment.config import StageConfig, config_dict, config_hash, load_config,
 from alignment.errors import AlignError, ArtifactError, ConfigError
 from alignment.manifest import BaseModelId, Manifest, git_commit, library_versions, list_outputs
 
-STAGES = ("base", "sft", "reward", "dpo", "ppo", "label", "eval")
+STAGES = ("base", "sft", "reward", "dpo", "ppo", "label", "online_dpo", "eval")
 log = logging.getLogger("align")
 
 
