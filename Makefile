@@ -15,7 +15,7 @@ ALIGN := OMP_WAIT_POLICY=PASSIVE $(BIN)/align
 RUN_FLAG := $(if $(RUN),--run $(RUN),)
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup setup-services pipeline pipeline-tiny test base sft label reward dpo online-dpo ppo eval report submit slurm bench-ppo status clean-artifacts
+.PHONY: help setup setup-services pipeline pipeline-tiny test base sft label reward dpo online-dpo ppo eval report submit slurm bench-ppo status clean-artifacts bench-algorithms
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -91,3 +91,6 @@ status: setup ## table of a run's stages
 
 clean-artifacts: ## delete the artifact directory
 	rm -rf $(ARTIFACTS)
+
+bench-algorithms: setup ## DPO, online DPO, PPO, GRPO, RLOO from one SFT at the same generation budget (SEEDS, PROFILE) -> docs/algorithms.md
+	OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 $(BIN)/python bench/algorithms.py --profile $(PROFILE) --seeds $(or $(SEEDS),3) --artifacts $(ARTIFACTS)/bench-algorithms
