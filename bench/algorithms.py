@@ -318,7 +318,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     tiny = args.profile == "tiny"
     args.responses = args.responses or (64 if tiny else 768)
-    args.max_new_tokens = args.max_new_tokens or (16 if tiny else 64)
+    args.max_new_tokens = args.max_new_tokens or (16 if tiny else 128)  # SmolLM2 SFT finishes within 128
     args.precision = "fp32" if tiny else "auto"
     args.plot = args.plot or REPO / "docs" / "img" / f"algorithms_{args.profile}.png"
     args.argv = argv
