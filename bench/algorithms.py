@@ -6,7 +6,7 @@
 1. base, sft and reward are built once (run `<profile>-bench`), so every algorithm starts from the same SFT policy
    and is scored by the same reward model.
 2. The generation budget is `--responses` sampled responses of at most `--max-new-tokens` tokens each (the same
-   generated-token capacity for every on-policy method): online DPO gets `rounds x prompts_per_round x K` of them,
+   generated-token capacity for every on-policy method, all scored by the same reward model): online DPO gets `rounds x prompts_per_round x K` of them,
    PPO `updates x batch_size`, GRPO/RLOO `max_steps x batch_size x grad_accum` completions; every method's
    response limit is set to `--max-new-tokens`. Offline DPO generates nothing (it trains on the bundled pairs).
 3. Each (algorithm, seed) is one `align run` subprocess with the profile's config and only those keys, the seed and
@@ -98,8 +98,9 @@ def budget_overrides(algorithm: str, config: Path, responses: int, max_new_token
     if algorithm == "online_dpo":
         rounds = spec.get("online", {}).get("rounds", 3)
         k = spec.get("generation", {}).get("num_return_sequences", 4)
+        # The same reward as PPO/GRPO/RLOO: the shared reward model (the tiny profile's own scorer is the gold check).
         return [f"online.prompts_per_round={max(1, responses // (rounds * k))}",
-                f"generation.max_new_tokens={max_new_tokens}"]
+                f"generation.max_new_tokens={max_new_tokens}", "scorer.kind=model", "scorer.function=null"]
     if algorithm == "ppo":
         batch = spec.get("ppo", {}).get("batch_size", 8)
         return [f"ppo.updates={max(1, responses // batch)}", f"ppo.max_new_tokens={max_new_tokens}"]

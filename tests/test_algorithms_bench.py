@@ -20,7 +20,7 @@ def test_every_on_policy_method_gets_the_same_number_of_responses(tmp_path):
     # online DPO: 2 rounds x K=4 -> 64 / 8 = 8 prompts a round; PPO: 16 episodes an update -> 4 updates;
     # GRPO (derived from ppo.yaml: 8 completions a step) -> 8 steps. Each capped at 16 new tokens.
     assert bench.budget_overrides("online_dpo", tiny / "online_dpo.yaml", 64, 16) == [
-        "online.prompts_per_round=8", "generation.max_new_tokens=16"]
+        "online.prompts_per_round=8", "generation.max_new_tokens=16", "scorer.kind=model", "scorer.function=null"]
     assert bench.budget_overrides("ppo", tiny / "ppo.yaml", 64, 16) == ["ppo.updates=4", "ppo.max_new_tokens=16"]
     grpo = bench.rl_config("tiny", "grpo", tmp_path)
     assert bench.budget_overrides("grpo", grpo, 64, 16) == ["train.max_steps=8", "group.max_completion_length=16"]
