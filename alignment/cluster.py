@@ -2,8 +2,10 @@
 
 Slurm. `align submit -c pipeline.yaml` renders one sbatch script per stage and submits them chained
 with `--dependency=afterok:<previous>` and `--kill-on-invalid-dep=yes`, so a failed stage cancels
-everything after it. Resources come from a cluster profile (`configs/cluster/<name>.yaml`), then the
-pipeline's `slurm:` section, then the stage's own `slurm:` entry, then command-line flags. Every job is
+everything after it. Resources, later wins: what applies to every stage (a cluster profile
+`configs/cluster/<name>.yaml`, the pipeline's `slurm:` section, command-line flags), then what is written for
+one stage (the profile's `stages.<stage>` section, the pipeline step's `slurm:`), so a profile keeps the base
+import and eval small while the flags scale the training stages. `--dry-run` prints the sbatch chain. Every job is
 `--requeue`-able and asks for `--signal=B:USR1@<signal_seconds>`: the job script's trap passes the
 signal to the stage, which saves a checkpoint and exits with `preemption.REQUEUE_EXIT`; the script
 then runs `scontrol requeue`, and the requeued job re-runs the same `align run`, which resumes from
@@ -196,41 +198,46 @@ def sbatch_script(stage: str, config: Path, overrides: list[str], *, run: str, a
 def submit_chain(pipeline: str, *, run: str | None, artifacts: str | None, out_dir: str | None = None,
                  dry_run: bool = False, profile: str | None = None, flags: dict | None = None,
                  overrides: list[str] = ()) -> list[str]:
-    """Write one script per stage and submit them chained with afterok; return the job ids (dry run: the
-    script paths). `flags` are command-line settings (SlurmSpec keys) that win over every file;
-    `overrides` (`stage:key=value` or `key=value` for every stage) are passed on to `align run`."""
-    from alignment.runner import STAGES
+    """Write one script per stage and submit them chained with afterok. Returns one entry per stage: {stage,
+    script, command} plus job_id when submitted; a dry run's `command` is a shell line that would submit it, so the
+    commands together read (and run) as the chain. `flags` are command-line settings
+    (SlurmSpec keys) for every stage; `overrides` (`STAGE:key=value`, `STAGE.key=value` or `key=value` for every
+    stage, as `align pipeline` reads them) are passed on to `align run`."""
+    from alignment.runner import STAGES, route_overrides
 
     spec = load_yaml(pipeline)
     steps = spec.get("stages")
     if not isinstance(steps, list) or not steps:
         raise ConfigError([f"{pipeline}: stages: expected a non-empty list of {{stage, config}}"])
+    for i, step in enumerate(steps):
+        if not isinstance(step, dict) or step.get("stage") not in STAGES:
+            raise ConfigError([f"{pipeline}: stages.{i}.stage: unknown stage "
+                               f"'{step.get('stage') if isinstance(step, dict) else step}'"])
     run = run or spec.get("run") or "default"
     artifacts = Path(artifacts or os.environ.get("ALIGN_ARTIFACTS") or "artifacts").resolve()
     out = Path(out_dir or artifacts / run / "slurm").resolve()
     out.mkdir(parents=True, exist_ok=True)
     prof = profile_path(profile)
-    prof_data = load_yaml(prof)
+    prof_data, per_stage = _profile_layers(prof)
     cli = {k: v for k, v in (flags or {}).items() if v is not None}
-    jobs, prev = [], None
+    routed = route_overrides(overrides, [step["stage"] for step in steps])
+    jobs, prev, lines = [], None, []
     for i, step in enumerate(steps):
         stage = step["stage"]
-        if stage not in STAGES:
-            raise ConfigError([f"{pipeline}: stages.{i}.stage: unknown stage '{stage}'"])
-        res = _spec([(str(prof), prof_data), (f"{pipeline}: slurm", spec.get("slurm")),
-                     (f"{pipeline}: stages.{i}.slurm", step.get("slurm")), ("command line", cli)])
+        res = _spec(_layers(prof, prof_data, per_stage.get(stage), pipeline, spec.get("slurm"), i, step, cli, stage))
         config = (Path(pipeline).parent / step.get("config", f"{stage}.yaml")).resolve()
-        extra = [o.split(":", 1)[1] if ":" in o.split("=", 1)[0] else o for o in overrides
-                 if ":" not in o.split("=", 1)[0] or o.split(":", 1)[0] == stage]
         script = out / f"{run}-{i:02d}-{stage}.sbatch"
-        script.write_text(sbatch_script(stage, config, [*step.get("overrides", []), *extra], run=run,
+        script.write_text(sbatch_script(stage, config, [*step.get("overrides", []), *routed[stage]], run=run,
                                         artifacts=artifacts, spec=res, workdir=Path.cwd(), log_dir=out))
         if dry_run:
-            jobs.append({"stage": stage, "script": str(script)})
+            var = f"job_{i}_{stage}"
+            dep = f"${{{lines[-1][0]}}}" if lines else None
+            # A shell line that submits this stage after the previous one: the chain reads as it would run.
+            lines.append((var, f"{var}=$(" + " ".join(sbatch_command(script, dep, quote=True)) + " | cut -d';' -f1)"))
+            jobs.append({"stage": stage, "script": str(script), "command": lines[-1][1]})
             continue
-        cmd = ["sbatch", "--parsable", *([f"--dependency=afterok:{prev}"] if prev else []), str(script)]
         try:
-            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            done = subprocess.run(sbatch_command(script, prev), capture_output=True, text=True, check=True)
         except FileNotFoundError:
             raise AlignError("sbatch not found: run on a Slurm login node, or use --dry-run to write the scripts") from None
         except subprocess.CalledProcessError as e:
@@ -240,13 +247,40 @@ def submit_chain(pipeline: str, *, run: str | None, artifacts: str | None, out_d
                              + ("; the jobs already submitted were cancelled" if prev else "")) from None
         prev = done.stdout.strip().split(";")[0]
         jobs.append({"stage": stage, "job_id": prev, "script": str(script),
-                     "log": str(out / f"{run}-{stage}-{prev}.log")})
-    if dry_run:
-        return [j["script"] for j in jobs]
-    record_submission(artifacts, run, {"submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                       "pipeline": str(Path(pipeline).resolve()), "profile": str(prof),
-                                       "jobs": jobs})
-    return [j["job_id"] for j in jobs]
+                     "log": str(out / f"{run}-{stage}-{prev}.log"), "command": shlex.join(done.args)})
+    if not dry_run:
+        record_submission(artifacts, run, {"submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                           "pipeline": str(Path(pipeline).resolve()), "profile": str(prof),
+                                           "jobs": jobs})
+    return jobs
+
+
+def sbatch_command(script: Path, after: str | None, quote: bool = False) -> list[str]:
+    """The one sbatch call per stage: `after` is the previous job's id (or a shell variable in a dry run)."""
+    dep = [f"--dependency=afterok:{after}"] if after else []
+    return ["sbatch", "--parsable", *dep, shlex.quote(str(script)) if quote else str(script)]
+
+
+def _profile_layers(prof: Path) -> tuple[dict, dict]:
+    """(the profile's settings for every stage, its `stages:` section {stage: settings for that stage})."""
+    from alignment.runner import STAGES
+
+    data = dict(load_yaml(prof))
+    per_stage = data.pop("stages", None) or {}
+    if not isinstance(per_stage, dict):
+        raise ConfigError([f"{prof}: stages: expected a mapping {{stage: settings}}"])
+    bad = [f"{prof}: stages.{k}: unknown stage (stages: {', '.join(STAGES)})" for k in per_stage if k not in STAGES]
+    if bad:
+        raise ConfigError(bad)
+    return data, per_stage
+
+
+def _layers(prof, prof_data, prof_stage, pipeline, pipe_slurm, i, step, cli, stage) -> list[tuple[str, dict]]:
+    """Settings for one stage, later wins: what applies to every stage (the profile, the pipeline's `slurm:`, the
+    command line), then what is written for this stage (the profile's `stages.<stage>`, the step's `slurm:`).
+    So a profile can keep `base` and `eval` small while `--nodes 2` scales the training stages."""
+    return [(str(prof), prof_data), (f"{pipeline}: slurm", pipe_slurm), ("command line", cli),
+            (f"{prof}: stages.{stage}", prof_stage), (f"{pipeline}: stages.{i}.slurm", step.get("slurm"))]
 
 
 def _cancel(job_ids: list[str]) -> None:

@@ -276,6 +276,8 @@ def pair_logps(model, tok, pairs: list[dict], *, batch_size: int = 8, max_length
     """
     import torch
 
+    from alignment.training import progress
+
     was_training = model.training
     model.eval()
     seqs, masks = [], []
@@ -288,7 +290,7 @@ def pair_logps(model, tok, pairs: list[dict], *, batch_size: int = 8, max_length
     device = next(model.parameters()).device
     try:
         with torch.no_grad():
-            for i in range(0, len(seqs), batch_size):
+            for i in progress(range(0, len(seqs), batch_size), "log-probs of pairs"):
                 ids, attn, resp = (t.to(device) for t in _pad_batch(seqs[i: i + batch_size], masks[i: i + batch_size],
                                                                     tok.pad_token_id))
                 logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
@@ -355,6 +357,8 @@ def sampled_kl(policy, reference_ctx, tok, prompts: list[list[dict]], *, max_new
     """
     import torch
 
+    from alignment.training import progress
+
     was_training = policy.training
     policy.eval()
     device = next(policy.parameters()).device
@@ -363,7 +367,7 @@ def sampled_kl(policy, reference_ctx, tok, prompts: list[list[dict]], *, max_new
     tok.padding_side = "left"  # generation appends on the right, so pad on the left
     torch.manual_seed(seed)
     try:
-        for i in range(0, len(prompts), batch_size):
+        for i in progress(range(0, len(prompts), batch_size), "KL on held-out prompts"):
             texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
                      for p in prompts[i: i + batch_size]]
             enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)

@@ -7,6 +7,8 @@
 - Position bias: the fraction of verdicts whose two orders picked different winners.
 - KL(policy || baseline) per prompt in nats, estimated on responses sampled from the policy
   (`alignment.dpo.sampled_kl`): aggregated as the mean sequence KL and the KL per generated token.
+- Gold pass rate per prompt set and per constraint kind; perplexity and the forgetting summary (what a policy
+  keeps of the base: perplexity ratio on general text, gold change on held-out kinds).
 - Length statistics, gold pass rate, and percentile-bootstrap confidence intervals (Efron & Tibshirani,
   1993) for any of these means; resampling prompts, so 1000 resamples of ~100 values cost milliseconds.
 """
@@ -111,3 +113,46 @@ def constraint_gold(rows: list[dict], responses: list[str]) -> list[float | None
 
     return [None if not row.get("constraints") else float(gold.passes(resp, row["constraints"]))
             for row, resp in zip(rows, responses, strict=True)]
+
+
+def pass_rate_summary(scores: Sequence[float], *, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Gold pass rate of scored prompts (each 1.0 pass / 0.0 fail, or a fraction) with its bootstrap 95% CI."""
+    lo, hi = bootstrap_ci(scores, n_boot=n_boot, seed=seed)
+    return {"pass_rate": mean(scores), "pass_rate_ci": [lo, hi], "n": len(scores)}
+
+
+def gold_summary(scores: Sequence[float | None], kinds: Sequence[str | None], *, n_boot: int = 1000,
+                 seed: int = 0) -> dict | None:
+    """Pass rate over one prompt set and per kind (a row's `category`); None scores (no constraints) are left
+    out, and so is the set when nothing was scored. Kinds are reported only when rows carry one."""
+    if len(scores) != len(kinds):
+        raise ValueError(f"gold_summary: {len(scores)} scores but {len(kinds)} kinds")
+    scored = [(s, k) for s, k in zip(scores, kinds) if s is not None]
+    if not scored:
+        return None
+    out = pass_rate_summary([s for s, _ in scored], n_boot=n_boot, seed=seed)
+    groups: dict[str, list[float]] = {}
+    for s, k in scored:
+        if k is not None:
+            groups.setdefault(str(k), []).append(s)
+    out["by_kind"] = {k: pass_rate_summary(v, n_boot=n_boot, seed=seed) for k, v in sorted(groups.items())}
+    return out
+
+
+def perplexity(nll_sum: float, n_tokens: int) -> float:
+    """exp(mean negative log-likelihood per token), the token-weighted perplexity of a text set."""
+    if n_tokens < 1:
+        raise ValueError("perplexity needs at least one scored token")
+    return math.exp(nll_sum / n_tokens)
+
+
+def forgetting_summary(ppl: dict[str, float], heldout_gold: dict[str, float], reference: str) -> dict:
+    """What each model keeps of `reference` (the base model): perplexity on general text and its ratio to the
+    reference's (> 1: worse language modelling than the base), and the gold pass rate on kinds no stage trained
+    on with its change from the reference (< 0: lost). Models missing a figure are left out of that figure."""
+    out: dict = {"reference": reference, "ppl": dict(ppl), "heldout_kinds_gold": dict(heldout_gold)}
+    if reference in ppl:
+        out["ppl_ratio"] = {n: p / ppl[reference] for n, p in ppl.items()}
+    if reference in heldout_gold:
+        out["heldout_kinds_gold_change"] = {n: g - heldout_gold[reference] for n, g in heldout_gold.items()}
+    return out

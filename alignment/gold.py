@@ -4,29 +4,56 @@ No stage trains on this function. Reward models, DPO and PPO only ever see prefe
 labels (human or AI); the gold function is kept apart so that evaluation can measure how
 well each stage learned to follow instructions without the training signal leaking into it.
 
-A constraint is a dict with a ``type`` and that type's parameters:
+A constraint is a dict with a ``type`` and that type's parameters. The types follow IFEval's
+families (Zhou et al. 2023), with the checks spelled out here rather than borrowed:
 
-=============  ===========  =====================================================================
-type           parameters   satisfied when
-=============  ===========  =====================================================================
-``max_words``  ``n``        the response has at most ``n`` words
-``min_words``  ``n``        the response has at least ``n`` words
-``keyword``    ``word``     ``word`` appears as a whole word (or phrase), ignoring case
-``bullets``    ``n``        exactly ``n`` lines start with ``"- "``
-``lowercase``  (none)       the response has no uppercase letters
-``end_with``   ``phrase``   the response, less trailing whitespace, ends with ``phrase``
-=============  ===========  =====================================================================
+=====================  ======================  ==========================================================
+type                   parameters              satisfied when
+=====================  ======================  ==========================================================
+``max_words``          ``n``                   the response has at most ``n`` words
+``min_words``          ``n``                   the response has at least ``n`` words
+``max_sentences``      ``n``                   the response has at most ``n`` sentences
+``min_sentences``      ``n``                   the response has at least ``n`` sentences
+``paragraphs``         ``n``                   exactly ``n`` paragraphs, separated by blank lines
+``keyword``            ``word``                ``word`` appears as a whole word (or phrase), ignoring case
+``forbidden_words``    ``words`` (list)        none of ``words`` appears as a whole word, ignoring case
+``keyword_frequency``  ``word``, ``n``         ``word`` appears at least ``n`` times (whole word, any case)
+``letter_frequency``   ``letter``, ``n``,      the letter (any case) appears at least ``n`` times, or
+                       ``relation``            fewer than ``n`` times (``relation``: "at least" / "less than")
+``bullets``            ``n``                   exactly ``n`` lines start with ``"- "``
+``lowercase``          (none)                  the response has no uppercase letters
+``uppercase``          (none)                  the response has letters and none of them is lowercase
+``no_commas``          (none)                  the response has no comma
+``start_with``         ``phrase``              the response, less leading whitespace, starts with ``phrase``
+``end_with``           ``phrase``              the response, less trailing whitespace, ends with ``phrase``
+``quotation``          (none)                  the response, stripped, is wrapped in double quotes ``"..."``
+``title``              (none)                  a title in double angle brackets ``<<like this>>`` on one line
+``highlights``         ``n``                   at least ``n`` sections highlighted ``*like this*`` (one line each)
+``json_format``        (none)                  the whole response parses as JSON (a ```json fence is allowed)
+``postscript``         ``marker``              a line starts with ``marker`` ("P.S.", any case)
+``placeholders``       ``n``                   at least ``n`` square-bracket placeholders ``[like this]``
+=====================  ======================  ==========================================================
 
 A *word* is a run of letters/digits, optionally joined by an apostrophe, dot or hyphen
 (``don't``, ``well-known``, ``3.5``), so a bullet marker ``-`` is not counted as a word.
+A *sentence* is a piece of text holding a word, ended by ``.``, ``!`` or ``?`` followed by
+whitespace, by a line break, or by the end of the text (so each bullet line is one sentence,
+and ``3.5`` does not end one).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Callable
 
 _WORD_RE = re.compile(r"\w+(?:['’.\-]\w+)*")
+_SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+|\n+")
+_HIGHLIGHT_RE = re.compile(r"\*([^\n*]+)\*")
+_PLACEHOLDER_RE = re.compile(r"\[[^\[\]\n]*\w[^\[\]\n]*\]")
+_TITLE_RE = re.compile(r"<<[^\n<>]*\w[^\n<>]*>>")
+_FENCE_RE = re.compile(r"^```(?:json)?\s*\n?(.*?)\n?```$", re.DOTALL | re.IGNORECASE)
+RELATIONS = ("at least", "less than")
 
 
 def count_words(text: str) -> int:
@@ -34,11 +61,28 @@ def count_words(text: str) -> int:
     return len(_WORD_RE.findall(text))
 
 
-def _int_param(constraint: dict, key: str) -> int:
-    """The non-negative integer parameter `key`; a bad one is a data bug worth stopping for."""
+def count_sentences(text: str) -> int:
+    """Number of sentences in `text`, as defined in the module docstring."""
+    return sum(1 for part in _SENTENCE_SPLIT.split(text) if count_words(part))
+
+
+def count_paragraphs(text: str) -> int:
+    """Number of non-empty blocks of `text` separated by blank lines."""
+    return sum(1 for block in re.split(r"\n\s*\n", text.strip()) if block.strip())
+
+
+def count_word(text: str, word: str) -> int:
+    """Whole-word (or phrase) occurrences of `word` in `text`, ignoring case."""
+    # Lookarounds rather than \b so keywords that start or end with punctuation still work.
+    return len(re.findall(rf"(?<!\w){re.escape(word.strip())}(?!\w)", text, flags=re.IGNORECASE))
+
+
+def _int_param(constraint: dict, key: str, low: int = 0) -> int:
+    """The integer parameter `key` (at least `low`); a bad one is a data bug worth stopping for."""
     value = constraint.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"constraint '{constraint['type']}' needs '{key}' as a non-negative integer, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        what = "a non-negative integer" if low == 0 else f"an integer >= {low}"
+        raise ValueError(f"constraint '{constraint['type']}' needs '{key}' as {what}, got {value!r}")
     return value
 
 
@@ -58,10 +102,43 @@ def _min_words(response: str, constraint: dict) -> bool:
     return count_words(response) >= _int_param(constraint, "n")
 
 
+def _max_sentences(response: str, constraint: dict) -> bool:
+    return count_sentences(response) <= _int_param(constraint, "n", 1)
+
+
+def _min_sentences(response: str, constraint: dict) -> bool:
+    return count_sentences(response) >= _int_param(constraint, "n", 1)
+
+
+def _paragraphs(response: str, constraint: dict) -> bool:
+    return count_paragraphs(response) == _int_param(constraint, "n", 1)
+
+
 def _keyword(response: str, constraint: dict) -> bool:
-    # Lookarounds rather than \b so keywords that start or end with punctuation still work.
-    word = re.escape(_str_param(constraint, "word").strip())
-    return re.search(rf"(?<!\w){word}(?!\w)", response, flags=re.IGNORECASE) is not None
+    return count_word(response, _str_param(constraint, "word")) > 0
+
+
+def _forbidden_words(response: str, constraint: dict) -> bool:
+    words = constraint.get("words")
+    if not isinstance(words, list) or not words or not all(isinstance(w, str) and w.strip() for w in words):
+        raise ValueError(f"constraint 'forbidden_words' needs 'words' as a list of non-empty strings, got {words!r}")
+    return not any(count_word(response, w) for w in words)
+
+
+def _keyword_frequency(response: str, constraint: dict) -> bool:
+    return count_word(response, _str_param(constraint, "word")) >= _int_param(constraint, "n", 1)
+
+
+def _letter_frequency(response: str, constraint: dict) -> bool:
+    letter = _str_param(constraint, "letter")
+    if len(letter) != 1 or not letter.isalpha():
+        raise ValueError(f"constraint 'letter_frequency' needs 'letter' as one letter, got {letter!r}")
+    relation = constraint.get("relation", "at least")
+    if relation not in RELATIONS:
+        raise ValueError(f"constraint 'letter_frequency' needs 'relation' in {RELATIONS}, got {relation!r}")
+    count = response.lower().count(letter.lower())
+    n = _int_param(constraint, "n", 1)
+    return count >= n if relation == "at least" else count < n
 
 
 def _bullets(response: str, constraint: dict) -> bool:
@@ -72,8 +149,53 @@ def _lowercase(response: str, constraint: dict) -> bool:
     return not any(ch.isupper() for ch in response)
 
 
+def _uppercase(response: str, constraint: dict) -> bool:
+    return any(ch.isalpha() for ch in response) and not any(ch.islower() for ch in response)
+
+
+def _no_commas(response: str, constraint: dict) -> bool:
+    return "," not in response and "，" not in response
+
+
+def _start_with(response: str, constraint: dict) -> bool:
+    return response.lstrip().startswith(_str_param(constraint, "phrase").strip())
+
+
 def _end_with(response: str, constraint: dict) -> bool:
     return response.rstrip().endswith(_str_param(constraint, "phrase").rstrip())
+
+
+def _quotation(response: str, constraint: dict) -> bool:
+    text = response.strip()
+    return len(text) >= 2 and text[0] == '"' and text[-1] == '"' and count_words(text) > 0
+
+
+def _title(response: str, constraint: dict) -> bool:
+    return _TITLE_RE.search(response) is not None
+
+
+def _highlights(response: str, constraint: dict) -> bool:
+    found = [m for m in _HIGHLIGHT_RE.findall(response) if count_words(m)]
+    return len(found) >= _int_param(constraint, "n", 1)
+
+
+def _json_format(response: str, constraint: dict) -> bool:
+    text = response.strip()
+    fenced = _FENCE_RE.match(text)
+    try:
+        json.loads(fenced.group(1) if fenced else text)
+    except ValueError:
+        return False
+    return True
+
+
+def _postscript(response: str, constraint: dict) -> bool:
+    marker = re.escape(_str_param(constraint, "marker").strip())
+    return re.search(rf"^\s*{marker}", response, flags=re.IGNORECASE | re.MULTILINE) is not None
+
+
+def _placeholders(response: str, constraint: dict) -> bool:
+    return len(_PLACEHOLDER_RE.findall(response)) >= _int_param(constraint, "n", 1)
 
 
 CHECKS: dict[str, Callable[[str, dict], bool]] = {
@@ -83,6 +205,21 @@ CHECKS: dict[str, Callable[[str, dict], bool]] = {
     "bullets": _bullets,
     "lowercase": _lowercase,
     "end_with": _end_with,
+    "max_sentences": _max_sentences,
+    "min_sentences": _min_sentences,
+    "paragraphs": _paragraphs,
+    "forbidden_words": _forbidden_words,
+    "keyword_frequency": _keyword_frequency,
+    "letter_frequency": _letter_frequency,
+    "uppercase": _uppercase,
+    "no_commas": _no_commas,
+    "start_with": _start_with,
+    "quotation": _quotation,
+    "title": _title,
+    "highlights": _highlights,
+    "json_format": _json_format,
+    "postscript": _postscript,
+    "placeholders": _placeholders,
 }
 """Constraint type -> checker; the keys are the constraint types the project knows."""
 

@@ -1,4 +1,4 @@
-"""GRPO and RLOO through TRL's maintained trainers (`algorithm: grpo | rloo` of the `ppo` stage).
+"""GRPO and RLOO through TRL's maintained trainers (the `grpo` stage, stages/grpo.py; `algorithm.name: grpo | rloo`).
 
 Both are critic-free policy-gradient methods that sample a *group* of `num_generations` completions per prompt
 and use the group itself as the baseline:
@@ -18,16 +18,17 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from typing import Literal
+from typing import Annotated, Literal, Union
+
+from pydantic import Discriminator, Tag
 
 from alignment.config import Section
-from alignment.errors import ConfigError
 
 log = logging.getLogger("align")
 
 
 class GroupSpec(Section):
-    """Group-baseline settings, passed to TRL 1.16's GRPOConfig / RLOOConfig (same names as there)."""
+    """Group-baseline settings both algorithms share, passed to TRL 1.16's GRPOConfig / RLOOConfig (same names)."""
 
     num_generations: int = 4
     """Completions sampled per prompt (the group, G). The per-step batch (train.batch_size x train.grad_accum)
@@ -42,15 +43,6 @@ class GroupSpec(Section):
     num_iterations: int = 1
     """Optimisation passes over each generated batch (GRPO's mu); with 1 the ratio is always 1 and clipping is
     inactive, as in the DeepSeekMath runs."""
-    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"] = "dapo"
-    """GRPO only: how token losses are aggregated. grpo: per-sequence mean (length-biased); dapo (TRL's default):
-    over all active tokens of the accumulated batch (Yu et al., 2025); dr_grpo: over a constant (Liu et al., 2025);
-    see TRL's GRPOConfig for the rest. RLOO has one loss and refuses a change here."""
-    scale_rewards: Literal["group", "batch", "none"] = "group"
-    """GRPO only: divide advantages by the group std (group, the paper), the batch std (batch), or not at all
-    (none: Dr. GRPO argues the std adds a question-difficulty bias)."""
-    normalize_advantages: bool = False
-    """RLOO only: whiten the leave-one-out advantages over the batch."""
     temperature: float = 1.0
     """Sampling temperature of the rollouts (the log-probs are computed at the same temperature)."""
     top_p: float = 1.0
@@ -63,7 +55,7 @@ class GroupSpec(Section):
     log_completions: bool = False
     """Print a sample of prompts, completions and rewards at each logging step."""
 
-    def problems(self, algorithm: str, train, prefix: str = "group") -> list[tuple[str, str]]:
+    def problems(self, train, prefix: str = "group") -> list[tuple[str, str]]:
         """Config-load checks; `train` is the stage's TrainSpec (its batch counts completions)."""
         out = []
         if self.num_generations < 2:
@@ -86,17 +78,6 @@ class GroupSpec(Section):
             out.append((f"{prefix}.top_p", "expected a probability in (0, 1]"))
         if self.max_completion_length < 1:
             out.append((f"{prefix}.max_completion_length", "expected at least 1 token"))
-        if algorithm == "rloo":
-            for key in ("loss_type", "scale_rewards"):
-                if key in self.model_fields_set:
-                    out.append((f"{prefix}.{key}", "applies to algorithm grpo only; RLOO has one loss "
-                                                   "(use normalize_advantages to whiten its advantages)"))
-        if algorithm == "grpo" and "normalize_advantages" in self.model_fields_set:
-            out.append((f"{prefix}.normalize_advantages", "applies to algorithm rloo only; GRPO scales by the "
-                                                          "group std (see scale_rewards)"))
-        if self.loss_type == "luspo" and algorithm == "grpo":
-            out.append((f"{prefix}.loss_type", "luspo is a sequence-level loss TRL only runs with "
-                                               "importance_sampling_level 'sequence', which is not exposed here"))
         return out
 
     def peft_problems(self, peft, prefix: str = "peft") -> list[tuple[str, str]]:
@@ -110,17 +91,53 @@ class GroupSpec(Section):
                                          f"on the merged SFT policy, not '{peft.method}'")]
         return []
 
-    def trl_kwargs(self, algorithm: str) -> dict:
-        """The GRPOConfig / RLOOConfig keywords these settings map to."""
-        kw = dict(num_generations=self.num_generations, beta=self.beta, epsilon=self.epsilon,
-                  epsilon_high=self.epsilon_high, num_iterations=self.num_iterations, temperature=self.temperature,
-                  top_p=self.top_p, top_k=self.top_k, max_completion_length=self.max_completion_length,
-                  mask_truncated_completions=self.mask_truncated_completions, log_completions=self.log_completions)
-        if algorithm == "grpo":
-            kw.update(loss_type=self.loss_type, scale_rewards=self.scale_rewards)
-        else:
-            kw.update(normalize_advantages=self.normalize_advantages)
-        return kw
+    def trl_kwargs(self) -> dict:
+        return dict(num_generations=self.num_generations, beta=self.beta, epsilon=self.epsilon,
+                    epsilon_high=self.epsilon_high, num_iterations=self.num_iterations, temperature=self.temperature,
+                    top_p=self.top_p, top_k=self.top_k, max_completion_length=self.max_completion_length,
+                    mask_truncated_completions=self.mask_truncated_completions, log_completions=self.log_completions)
+
+
+class GRPO(Section):
+    """GRPO (Shao et al., 2024): the group-normalised advantage inside PPO's clipped loss, KL to the reference in
+    the loss. `algorithm: grpo` is short for `algorithm: {name: grpo}`."""
+
+    name: Literal["grpo"] = "grpo"
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "vespo"] = "dapo"
+    """How token losses are aggregated. grpo: per-sequence mean (length-biased); dapo (TRL's default): over all
+    active tokens of the accumulated batch (Yu et al., 2025); dr_grpo: over a constant (Liu et al., 2025); see
+    TRL's GRPOConfig for the rest."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """Divide advantages by the group std (group, the paper), the batch std (batch), or not at all (none: Dr. GRPO
+    argues the std adds a question-difficulty bias)."""
+
+    def trl_kwargs(self) -> dict:
+        return dict(loss_type=self.loss_type, scale_rewards=self.scale_rewards)
+
+
+class RLOO(Section):
+    """RLOO (Ahmadian et al., 2024): the leave-one-out baseline; TRL folds beta x KL into the reward.
+    `algorithm: rloo` is short for `algorithm: {name: rloo}`."""
+
+    name: Literal["rloo"] = "rloo"
+    normalize_advantages: bool = False
+    """Whiten the leave-one-out advantages over the batch."""
+
+    def trl_kwargs(self) -> dict:
+        return dict(normalize_advantages=self.normalize_advantages)
+
+
+def _algorithm_tag(value) -> str | None:
+    # Tags in brackets: alignment.config drops bracketed parts from error paths, so a misplaced key reads
+    # `algorithm.loss_type: unknown key`, not `algorithm.rloo.loss_type`.
+    name = value.get("name", "grpo") if isinstance(value, dict) else getattr(value, "name", value)
+    return f"[{name}]" if name in ("grpo", "rloo") else None
+
+
+Algorithm = Annotated[Union[Annotated[GRPO, Tag("[grpo]")], Annotated[RLOO, Tag("[rloo]")]],
+                      Discriminator(_algorithm_tag, custom_error_type="algorithm",
+                                    custom_error_message="expected name grpo or rloo")]
+"""The `algorithm:` section: GRPO or RLOO, each with only the settings it has (no "applies to" rules)."""
 
 
 # -- the reward: our text-level scorer in TRL's reward-function signature ----------------------------------------
@@ -154,10 +171,10 @@ def prompt_dataset(records: list[dict]):
     return Dataset.from_list([{"prompt": r["prompt"], "prompt_index": i} for i, r in enumerate(records)])
 
 
-def trainer_class(algorithm: str):
+def trainer_class(name: str):
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
-    return (GRPOConfig, GRPOTrainer) if algorithm == "grpo" else (RLOOConfig, RLOOTrainer)
+    return (GRPOConfig, GRPOTrainer) if name == "grpo" else (RLOOConfig, RLOOTrainer)
 
 
 # -- the run -------------------------------------------------------------------------------------------------------
@@ -173,10 +190,10 @@ def build_trainer(cfg, sft, prompts: list[dict], score, checkpoints_dir):
     policy = load_policy(sft, cfg.precision)  # one copy; with an adapter, adapter-off is the reference
     if not adapter:
         select_trainable(policy, cfg.peft)
-    config_cls, trainer_cls = trainer_class(cfg.algorithm)
+    config_cls, trainer_cls = trainer_class(cfg.algorithm.name)
     args = config_cls(**trainer_args(cfg.train, out_dir=checkpoints_dir, seed=cfg.seed, precision=cfg.precision,
                                      report_to=cfg.report_to),
-                      **group.trl_kwargs(cfg.algorithm))
+                      **group.trl_kwargs(), **cfg.algorithm.trl_kwargs())
     # Without an adapter to switch off, TRL builds the reference by reloading `config._name_or_path`: the raw
     # base folder, i.e. base *without* SFT. Point it at a temporary copy of base + SFT merged instead (TRL reads
     # it while the trainer is constructed; the copy is then deleted).
@@ -194,68 +211,6 @@ def build_trainer(cfg, sft, prompts: list[dict], score, checkpoints_dir):
     if trainer.ref_model is not None:
         trainer.ref_model.requires_grad_(False)  # TRL only runs it under no_grad; frozen says so
     return trainer, tok
-
-
-def problems(cfg) -> list[tuple[str, str]]:
-    """Config-load checks of a ppo-stage config with algorithm grpo/rloo (the group settings and the peft
-    methods TRL's group trainers can train)."""
-    return cfg.group.problems(cfg.algorithm, cfg.train, "group") + cfg.group.peft_problems(cfg.peft, "peft")
-
-
-def run_trl(cfg, ctx) -> None:
-    """Train the SFT policy with TRL's GRPOTrainer / RLOOTrainer and publish it like the PPO stage does.
-
-    Reads (from the `ppo` stage config): cfg.algorithm, cfg.group (GroupSpec), cfg.data (PromptData),
-    cfg.reward (RewardSource), cfg.peft (PeftSpec), cfg.train (TrainSpec), cfg.seed, cfg.precision, cfg.report_to.
-    """
-    from transformers import set_seed
-
-    from alignment.hardware import peak_rss_mb, resolve_precision
-    from alignment.peft_methods import METHODS, describe
-    from alignment.policy import lineage_for, require_mergeable, save_on_parent
-    from alignment.prompts import load_prompts
-    from alignment.reward_sources import text_reward_fn
-    from alignment.training import param_counts, throughput, train
-
-    # -- 1. set up: prompts and reward before the model, so bad data or a bad reward fails in seconds ----------
-    algorithm = cfg.algorithm
-    bad = problems(cfg)  # normally refused at config load already (stages/ppo.py Config.problems)
-    if bad:
-        raise ConfigError([f"{key}: {msg}" for key, msg in bad])
-    set_seed(cfg.seed)
-    sft = ctx.inputs["sft"]
-    require_mergeable(sft, needed_by=algorithm)
-    prompts = load_prompts(cfg.data.train, cfg.data.max_prompts, cfg.data.train_split)
-    score = text_reward_fn(cfg.reward, ctx.inputs, cfg.precision)
-    adapter = METHODS[cfg.peft.method].adapter
-    log.info("[%s] %d prompts x %d completions, reward %s, beta %s; precision %s", algorithm, len(prompts),
-             cfg.group.num_generations, cfg.reward.kind, cfg.group.beta, resolve_precision(cfg.precision))
-
-    # -- 2. the policy: base + SFT merged, with a fresh adapter; its adapter-off state is the reference ----------
-    trainer, tok = build_trainer(cfg, sft, prompts, score, ctx.checkpoints_dir)
-    ctx.metrics.update(param_counts(trainer.model))
-
-    # -- 3. train (TRL: generate groups -> reward -> group-baseline advantages -> clipped loss + beta KL) ------
-    trained = train(trainer, ctx)
-    result, runtime = trained.result, trained.seconds
-
-    # -- 4. save: the adapter on base + SFT, lineage parent = sft (like dpo and ppo) ------------------------------
-    model = trainer.model
-    if trainer.is_world_process_zero():  # one writer, as in dpo: every rank holds the same weights
-        save_on_parent(model, tok, ctx.out_dir / "model", sft, adapter=adapter)
-    ctx.lineage = lineage_for(sft, adapter=adapter, reference="parent", algorithm=algorithm, **describe(cfg.peft),
-                              reward={"kind": cfg.reward.kind,
-                                      **({"artifact": str(ctx.inputs["reward"].path)} if "reward" in ctx.inputs
-                                         else {}),
-                                      **({"function": cfg.reward.function} if cfg.reward.function else {})})
-    ctx.metrics.update({
-        "algorithm": algorithm, **curve_summary(trainer.state.log_history), "train_loss": result.training_loss,
-        "steps": result.global_step, "train_prompts": len(prompts),
-        "resumed_from_step": int(ctx.resume_from.name.split("-")[-1]) if ctx.resume_from else 0,
-        "train_seconds": round(runtime, 2), "peak_rss_mb": round(peak_rss_mb(), 1), **throughput(trainer, runtime),
-    })
-    log.info("[%s] reward %s -> %s, KL %s over %d steps in %.1fs", algorithm, ctx.metrics.get("reward_first"),
-             ctx.metrics.get("reward_last"), ctx.metrics.get("kl_last"), result.global_step, runtime)
 
 
 def curve_summary(log_history: list[dict]) -> dict:

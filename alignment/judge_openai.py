@@ -10,10 +10,12 @@ variable the config names, at request time, and never stored in the judge, its n
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
+import re
 import time
 import urllib.error
 import urllib.request
@@ -23,6 +25,28 @@ from alignment.judges import Judge, JudgeError, JudgeSpec, Template, parse_choic
 
 log = logging.getLogger("align")
 RETRY_STATUS = (408, 409, 425, 429, 500, 502, 503, 504)
+VOLATILE = ("created", "permission")
+"""/models fields that change per request (vLLM and llama.cpp stamp `created` with the request time, vLLM's
+permission ids are random): left out of the server's identity."""
+
+
+def server_identity(body: bytes) -> str:
+    """A digest of what GET /models says is served (ids, owners, llama.cpp's meta: size, parameters, context):
+    another model behind the same URL gets another cache key, so old verdicts are not replayed for it."""
+    try:
+        models = json.loads(body).get("data")
+    except (ValueError, AttributeError):
+        return "unknown"
+    if not isinstance(models, list):
+        return "unknown"
+    entries = sorted(json.dumps({k: v for k, v in m.items() if k not in VOLATILE}, sort_keys=True)
+                     for m in models if isinstance(m, dict))
+    return hashlib.sha256("\n".join(entries).encode()).hexdigest()[:16]
+
+
+def _without_userinfo(url: str) -> str:
+    """http://user:key@host/v1 -> http://host/v1: credentials are not an identity, and must not reach manifests."""
+    return re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@", r"\1", url)
 
 
 class OpenAIJudge(Judge):
@@ -33,7 +57,10 @@ class OpenAIJudge(Judge):
         if spec.api_key_env and not os.environ.get(spec.api_key_env):
             raise JudgeError(f"judge.api_key_env: environment variable {spec.api_key_env} is not set "
                              f"(the API key for {self.url})")
-        self.name = f"openai:{spec.base_url.rstrip('/')}:{spec.model}:{self.template.digest()}:{spec_digest(spec)}"
+        self._base_name = (f"openai:{_without_userinfo(spec.base_url.rstrip('/'))}:{spec.model}:"
+                           f"{self.template.digest()}:{spec_digest(spec)}")
+        # The cache key: `check()` adds what the server reports it serves (until then: not yet asked).
+        self.name = f"{self._base_name}:server-unchecked"
         self.requests = 0
         self.no_logprobs = False
 
@@ -86,10 +113,12 @@ class OpenAIJudge(Judge):
                 time.sleep(self.spec.backoff_s * 2 ** (attempt - 1))
             try:
                 with urllib.request.urlopen(urllib.request.Request(url, headers=self._headers()),
-                                            timeout=self.spec.timeout_s):
+                                            timeout=self.spec.timeout_s) as resp:
+                    self.name = f"{self._base_name}:server-{server_identity(resp.read(1 << 20))}"
                     return
             except urllib.error.HTTPError as e:
                 if e.code not in RETRY_STATUS:
+                    self.name = f"{self._base_name}:server-unknown"
                     return  # it answered (401/404 are the request's problem, reported on the first verdict)
                 last = f"HTTP {e.code}"
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:

@@ -17,8 +17,9 @@ from pydantic import BaseModel
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-# Written by the runner into the partial folder; not outputs.
-INTERNAL = {MANIFEST, "checkpoints", "run_state.json"}
+# Written by the runner into the partial folder; not outputs. The stage log keeps growing after the outputs are
+# hashed (alignment/logs.py); failure.json and tracking.json describe attempts, not the result.
+INTERNAL = {MANIFEST, "checkpoints", "run_state.json", "stage.log", "failure.json", "tracking.json"}
 
 
 class OutputEntry(BaseModel):

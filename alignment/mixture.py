@@ -43,7 +43,7 @@ class Mixture:
 def sources_of(data: SFTData) -> list[SourceSpec]:
     if data.sources:
         return list(data.sources)
-    return [SourceSpec(name=data.train, train=data.train, eval=data.eval, train_split=data.train_split,
+    return [SourceSpec(name=str(data.train), train=data.train, eval=data.eval, train_split=data.train_split,
                        eval_split=data.eval_split, sample="first")]
 
 
@@ -87,9 +87,30 @@ def mixing_counts(available: dict[str, int], weights: dict[str, float] | None, t
     return counts
 
 
-def realise_mixture(data: SFTData, seed: int) -> Mixture:
-    """Load every source, apply filters, hold-outs, caps and rates; return train rows and eval groups."""
-    sources = sources_of(data)
+def stages_of(data: SFTData) -> tuple[str, ...]:
+    """The stages whose published data the mixture trains on (`from_stage`), for the stage's upstream."""
+    return tuple(dict.fromkeys(s.from_stage for s in data.sources if s.from_stage))
+
+
+def _resolve_stages(sources: list[SourceSpec], inputs: dict | None) -> list[SourceSpec]:
+    """Sources with `from_stage` read that input artifact's train.jsonl (the store has verified its hashes)."""
+    out = []
+    for s in sources:
+        if s.from_stage:
+            if not inputs or s.from_stage not in inputs:
+                raise DataError(f"data.sources: '{s.name}' reads from_stage '{s.from_stage}', which is not an input "
+                                "of this stage (run it first, or set inputs.<stage>)")
+            s = s.model_copy(update={"train": str(inputs[s.from_stage].path / "train.jsonl")})
+        out.append(s)
+    return out
+
+
+def realise_mixture(data: SFTData, seed: int, inputs: dict | None = None) -> Mixture:
+    """Load every source, apply filters, hold-outs, caps and rates; return train rows and eval groups.
+
+    `inputs`: the stage's input artifacts, for sources with `from_stage`.
+    """
+    sources = _resolve_stages(sources_of(data), inputs)
     held_cats = set(data.held_out_categories)
     pools: dict[str, list[dict]] = {}
     evals: dict[str, list[dict]] = {}

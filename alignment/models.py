@@ -50,9 +50,33 @@ def load_gguf(folder: Path, file: str):
     return model, tok
 
 
+def check_model_folder(name: str, trust_remote_code: bool) -> None:
+    """A local folder must hold safetensors weights (pickled .bin/.pt can run code on load and are never read),
+    and code it ships (config.json `auto_map`) runs only with model.trust_remote_code: one line each, not a
+    traceback from deep inside transformers."""
+    folder = Path(name)
+    if not folder.is_dir():
+        return
+    if not any(folder.glob("*.safetensors")):
+        pickled = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+        what = f"only pickle weights ({', '.join(pickled[:3])})" if pickled else "no *.safetensors weights"
+        raise ConfigError([f"model.name: {folder} holds {what}; pickle files can run code when loaded and are never "
+                           "read: convert them to safetensors on a machine you trust (save_pretrained, "
+                           "safe_serialization=True)"])
+    try:
+        auto_map = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("auto_map")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ConfigError([f"model.name: {folder / 'config.json'}: missing or not valid JSON ({e})"]) from None
+    if auto_map and not trust_remote_code:
+        raise ConfigError([f"model.name: {folder} needs its own Python code to load (config.json auto_map: "
+                           f"{', '.join(sorted(auto_map))}); set model.trust_remote_code: true only if you trust it"])
+
+
 def load_pretrained(name: str, trust_remote_code: bool):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_model_folder(name, trust_remote_code)
 
     tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, trust_remote_code=trust_remote_code,

@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib.util
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from alignment.errors import ConfigError
 
@@ -46,12 +47,26 @@ METHODS: dict[str, Method] = {
     "prefix": Method("additive (soft prompt)", "Li & Liang, 2021 (prefix tuning)", adapter=True, mergeable=False),
     "prompt": Method("additive (soft prompt)", "Lester et al., 2021 (prompt tuning)", adapter=True, mergeable=False),
     "ptuning": Method("additive (soft prompt)", "Liu et al., 2021 (P-tuning)", adapter=True, mergeable=False),
+    "adapter": Method("additive (bottleneck adapter)", "Houlsby et al., 2019; Pfeiffer et al., 2021 (adapters)",
+                      adapter=True, mergeable=False),
     "bitfit": Method("selective", "Ben Zaken et al., 2021 (BitFit)", adapter=False, mergeable=True),
     "freeze": Method("selective", "train the last N blocks", adapter=False, mergeable=True),
     "full": Method("full fine-tuning", "", adapter=False, mergeable=True),
 }
 SOFT_PROMPTS = ("prefix", "prompt", "ptuning")
 LORA_FAMILY = ("lora", "qlora")
+BOTTLENECK = ("adapter",)
+"""Methods of this module's own (alignment/bottleneck.py), not peft's: `peft_config` has none for them."""
+UNMERGEABLE = {
+    **{m: "trains virtual tokens, not weights, so it cannot be merged" for m in SOFT_PROMPTS},
+    "adapter": "inserts bottleneck layers with a non-linearity between their projections, which cannot be folded "
+               "into the base weights, so it cannot be merged",
+}
+"""Why a method cannot be merged (the message `merge: true` is refused with)."""
+# Set explicitly for another method, these keys are an error (their defaults are not "off" values).
+_EXPLICIT_ONLY = {"adapter_placement": BOTTLENECK, "reduction_factor": BOTTLENECK,
+                  "adapter_non_linearity": BOTTLENECK, "init_lora_weights": ("lora",),
+                  "loraplus_lr_ratio": ("lora",)}
 
 
 def spec_problems(spec, prefix: str = "peft") -> list[tuple[str, str]]:
@@ -63,6 +78,13 @@ def spec_problems(spec, prefix: str = "peft") -> list[tuple[str, str]]:
     for key, methods in only.items():
         if getattr(spec, key) and m not in methods:
             out.append((f"{prefix}.{key}", f"applies to method {'/'.join(methods)} only, not '{m}'"))
+    for key, methods in _EXPLICIT_ONLY.items():
+        if key in spec.model_fields_set and m not in methods and getattr(spec, key) not in (None, "true"):
+            out.append((f"{prefix}.{key}", f"applies to method {'/'.join(methods)} only, not '{m}'"))
+    if spec.loraplus_lr_ratio is not None and spec.loraplus_lr_ratio <= 0:
+        out.append((f"{prefix}.loraplus_lr_ratio", "expected a positive ratio (the paper uses ~16)"))
+    if m in BOTTLENECK and spec.reduction_factor < 1:
+        out.append((f"{prefix}.reduction_factor", "expected at least 1 (bottleneck width = hidden size / factor)"))
     if m in LORA_FAMILY and spec.r < 1:
         out.append((f"{prefix}.r", "expected a rank of at least 1"))
     if m in SOFT_PROMPTS and spec.num_virtual_tokens < 1:
@@ -108,6 +130,14 @@ def load_model(spec, model_dir, precision: str):
 
     if spec.method == "qlora":
         return _load_4bit(spec, model_dir, precision)
+    if spec.method in BOTTLENECK:
+        from alignment import bottleneck
+
+        model = load_causal_lm(model_dir, precision)
+        bottleneck.add_adapters(model, bottleneck.BottleneckConfig(
+            placement=spec.adapter_placement, reduction_factor=spec.reduction_factor,
+            non_linearity=spec.adapter_non_linearity))
+        return model
     weights = precision if METHODS[spec.method].adapter else "fp32"
     if spec.method == "bitfit" and spec.add_bias:
         return _load_with_zero_biases(model_dir, weights)
@@ -159,10 +189,15 @@ def peft_config(spec, task_type: str = "CAUSAL_LM", *, tokenizer_path=None):
     import peft
 
     m = spec.method
+    if m in BOTTLENECK:
+        raise ConfigError([f"peft.method: {m} (bottleneck adapters, alignment/bottleneck.py) is trained by the sft "
+                           "stage only; this stage trains peft's methods (lora, ia3, ...) or bitfit/freeze/full"])
     if m in LORA_FAMILY:
         return peft.LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
                                target_modules=spec.target_modules or "all-linear", use_dora=spec.use_dora,
-                               use_rslora=spec.use_rslora, task_type=task_type)
+                               use_rslora=spec.use_rslora,
+                               init_lora_weights=True if spec.init_lora_weights == "true" else spec.init_lora_weights,
+                               task_type=task_type)
     if m == "ia3":
         return peft.IA3Config(target_modules=spec.target_modules, feedforward_modules=spec.feedforward_modules,
                               task_type=task_type)
@@ -241,8 +276,75 @@ def describe(spec) -> dict:
     out = {"method": spec.method, "family": info.family, "mergeable": info.mergeable}
     if spec.method in LORA_FAMILY:
         out.update(use_dora=spec.use_dora, use_rslora=spec.use_rslora)
+        if spec.loraplus_lr_ratio is not None:
+            out["loraplus_lr_ratio"] = spec.loraplus_lr_ratio
+        if spec.init_lora_weights != "true":
+            out["init_lora_weights"] = spec.init_lora_weights
+    if spec.method in BOTTLENECK:
+        out.update(placement=spec.adapter_placement, reduction_factor=spec.reduction_factor,
+                   non_linearity=spec.adapter_non_linearity)
     if spec.method == "qlora":
         out["trained_on"] = f"4-bit {spec.quant_type} base; merged onto the full-precision base when loaded"
     if spec.method == "bitfit" and spec.add_bias:
         out["added_biases"] = True
     return out
+
+
+# -- a LoRA on lm_head (issue 16) ------------------------------------------------------------------------------------
+def trl_lm_head_problems(spec, prefix: str, stage: str) -> list[tuple[str, str]]:
+    """Config-load refusal of an adapter on `lm_head` for stages trained by TRL (sft, dpo, online_dpo).
+
+    TRL's SFT/DPO trainers compute log-probs from `lm_head.weight` directly, so they refuse such an adapter, but
+    only once the model is loaded and the data tokenised. Our PPO (algorithm: ppo) can train one; merging it into
+    a tied head is made exact by `alignment.policy.untie_adapted_lm_head`.
+    """
+    targets = [spec.target_modules] if isinstance(spec.target_modules, str) else (spec.target_modules or [])
+    if METHODS[spec.method].adapter and "lm_head" in targets:
+        return [(f"{prefix}.target_modules", f"the {stage} stage trains with TRL, which computes log-probs from "
+                                             "lm_head.weight directly, so an adapter on lm_head would never train; "
+                                             "remove 'lm_head' (the ppo stage's algorithm: ppo can adapt it)")]
+    return []
+
+
+# -- around the trainer (sft) -------------------------------------------------------------------------------------
+MUTATES_BASE = ("pissa", "olora")
+"""LoRA initialisations that rewrite the base weights (to the residual of W after the adapter's part)."""
+
+
+def prepare_trainer(trainer, spec, train, scratch) -> None:
+    """After the trainer wrapped the model, before training: LoRA+'s optimizer, and the initial PiSSA/OLoRA
+    adapter (kept in `scratch`, the stage's checkpoints folder) that `save_trained` converts against."""
+    if spec.method not in LORA_FAMILY:
+        return
+    if spec.loraplus_lr_ratio is not None:
+        import torch
+        from peft.optimizers import create_loraplus_optimizer
+
+        # Trainer.create_optimizer keeps an optimizer that is already set (the scheduler is built on it).
+        trainer.optimizer = create_loraplus_optimizer(trainer.model, torch.optim.AdamW, lr=train.lr,
+                                                      loraplus_lr_ratio=spec.loraplus_lr_ratio,
+                                                      weight_decay=train.weight_decay)
+    if spec.init_lora_weights in MUTATES_BASE and trainer.is_world_process_zero():
+        trainer.model.save_pretrained(Path(scratch) / "initial_adapter", safe_serialization=True)
+
+
+def save_trained(model, tok, spec, folder, parent, *, scratch) -> None:
+    """The sft stage's `model/` (+ tokenizer): peft adapter pointed at `parent`, bottleneck adapters, or full weights.
+
+    PiSSA/OLoRA adapters are saved converted to a plain LoRA on the original base (peft's
+    `path_initial_model_for_weight_conversion`), so every loader applies them to the unchanged base.
+    """
+    from alignment.policy import point_adapter_at_parent, save_on_parent
+
+    if spec.method in BOTTLENECK:
+        from alignment import bottleneck
+
+        bottleneck.save(model, folder)
+        tok.save_pretrained(folder)
+    elif spec.method in LORA_FAMILY and spec.init_lora_weights in MUTATES_BASE:
+        model.save_pretrained(folder, safe_serialization=True,
+                              path_initial_model_for_weight_conversion=str(Path(scratch) / "initial_adapter"))
+        tok.save_pretrained(folder)
+        point_adapter_at_parent(folder, parent)
+    else:
+        save_on_parent(model, tok, folder, parent, adapter=METHODS[spec.method].adapter)

@@ -1,34 +1,39 @@
-"""PPO for RLHF on one base model: the policy, the reference and the value model are adapters on the same weights.
+"""PPO for RLHF on one base model: the policy, the reference, the value model and the reward model are roles
+of the same weights.
 
 Roles (Ouyang et al., 2022; "The N implementation details of RLHF with PPO", Huang et al., 2024):
 
-| role      | what it is here                                              | trains |
-|-----------|--------------------------------------------------------------|--------|
-| policy    | LoRA adapter `default` on the given model (base + SFT merged) | yes    |
-| reference | the same model with every adapter disabled (= the SFT model)  | no     |
-| value     | a linear value head on the policy's last hidden states        | yes    |
-|           | (`value_model: shared`, the default), or on those of its own |        |
-|           | LoRA adapter `value` (`value_model: separate`)                |        |
-| reward    | a `reward_sources` scorer (RM, function or judge)             | no     |
+| role      | what it is here                                               | trains |
+|-----------|---------------------------------------------------------------|--------|
+| policy    | LoRA adapter `default` on the given model (base + SFT merged)  | yes    |
+| reference | the same model with every adapter disabled (= the SFT model)   | no     |
+| value     | a linear value head on the policy's last hidden states         | yes    |
+|           | (`value_model: shared`, the default), or on those of its own  |        |
+|           | LoRA adapter `value` (`value_model: separate`)                 |        |
+| reward    | the reward stage's LoRA adapter `reward` + its score head on   | no     |
+|           | the same base (`reward_sources.AdapterReward`), or any other  |        |
+|           | `reward_sources` scorer (merged RM, function, judge)          |        |
 
 A fresh LoRA adapter adds exactly zero (its B matrix starts at 0), so at update 0 the policy *is* the
 reference and the KL is exactly 0: the same argument as DPO's adapter-off reference (tests check it against a
 separately loaded SFT model, on left-padded prompts of different lengths). Only one copy of the weights is in
-memory; an RM artifact is a separate model (its weights are a merged fine-tune, not an adapter), whose size is
-logged.
+memory.
 
 `PPOTrainer` takes a plain causal LM + tokenizer + a reward scorer and knows nothing of the artifact store, so
-benchmarks drive it directly; `stages/ppo.py` adds data, checkpoints, health checks and publishing.
-One `step` (the numbered steps are the ones in `PPOTrainer.step`):
+benchmarks drive it directly. `train` is the loop (learning-rate schedule, held-out evaluation, callbacks such
+as the health guardrails, checkpoints that resume exactly); `step` is one update, in named phases:
 
-1. rollout: sample responses to left-padded prompts with the policy (KV-cache generation); cut them at the EOS;
-2. score them (the RM reads its score at the EOS; a response without EOS loses `missing_eos_penalty`);
-3. log-probs of the responses under the policy (the "old" policy) and the reference, values under the critic
-   (shared trunk: one pass gives both; with one minibatch of the whole batch that pass is also the first
-   optimisation forward, kept with its graph);
-4. per-token rewards: -kl_coef * KL on every token + the score on the last one; GAE advantages and returns;
-5. `ppo_epochs` passes of shuffled minibatches: clipped policy loss and clipped value loss, one optimiser step each;
-6. statistics, and the adaptive KL controller's update.
+1. `rollout`: sample responses to left-padded prompts with the policy (`alignment.generation.generate`, the one
+   generation path); cut them after the EOS;
+2. `score`: the reward of each response (the RM reads its score at the EOS; a response without EOS loses
+   `missing_eos_penalty`);
+3. `forward`: log-probs of the responses under the policy (the "old" policy) and the reference, values under
+   the critic (shared trunk: one pass gives both; with one minibatch of the whole batch that pass is also the
+   first optimisation forward, kept with its graph);
+4. `advantages`: per-token rewards -kl_coef * KL on every token + the score on the last one; GAE;
+5. `optimise`: `ppo_epochs` passes of shuffled minibatches, clipped policy loss and clipped value loss, one
+   optimiser step each;
+6. `statistics`, and the adaptive KL controller's update.
 
 Dropout stays off throughout (the model is in eval mode even while training): with dropout the log-probs of
 the optimisation pass would differ from those of the rollout for the same weights, and the ratio would not
@@ -39,18 +44,23 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from alignment import rl
+from alignment import ppo_state, rl
 from alignment.config import Section
-from alignment.errors import AlignError
+from alignment.errors import ArtifactError
+from alignment.generation import Rollout
+from alignment.ppo_callbacks import (Control, GoldCheck, HealthCallback, HealthMonitor, HealthSpec,  # noqa: F401
+                                     HealthStop, JsonlLog, PPOCallback, ProgressBar, StopOnPreemption)
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger("align")
-POLICY, VALUE = "default", "value"
+POLICY, VALUE, REWARD = "default", "value", "reward"
 """Adapter names. The policy is peft's `default`, so `save_pretrained` writes it at the folder's root, where
 `alignment.policy.load_policy` expects an adapter."""
 
@@ -77,6 +87,14 @@ class PPOSpec(Section):
     temperature: float = 1.0
     """Sampling temperature of the rollouts; log-probs are computed at the same temperature (no top-k/top-p: the
     log-probs must be those of the distribution that sampled the tokens)."""
+    score_norm: Literal["none", "sft_rollouts"] = "none"
+    """sft_rollouts (the N+ details' reward normalisation): before the first update, sample responses of the
+    starting (SFT) policy to `score_norm_prompts` training prompts, and from then on use (score - mean) / std of
+    their scores, so 0 is the SFT policy's average response and one unit its spread (on top of the RM's own
+    `reward.normalize`, which uses the RM's training responses). Saved in checkpoints; the statistics are logged
+    on the step-0 row (`calibration/*`)."""
+    score_norm_prompts: int = 64
+    """sft_rollouts: training prompts sampled for the statistics (the first of the seeded prompt order)."""
     missing_eos_penalty: float | None = 1.0
     """Subtracted from the score of a response that hit max_new_tokens without an EOS (None: no penalty)."""
     kl_coef: float = 0.05
@@ -110,6 +128,9 @@ class PPOSpec(Section):
     auto (reward when the reward is a model, else zero)."""
     gae: Literal["vectorised", "loop"] = "vectorised"
     """GAE implementation (they agree; the loop is the readable reference)."""
+    generation_batch_size: int | None = None
+    """Prompts per `generate` call in the rollout; None: the whole rollout (batch_size) in one call, which on CPU
+    is the big lever (alignment/generation.py: 212 tok/s at batch 8, 470 at 64 on SmolLM2 bf16)."""
     forward_batch_size: int | None = None
     """Episodes per no-grad forward pass (reference, old log-probs, values, reward); None: mini_batch_size."""
     value_model: Literal["separate", "shared"] = "shared"
@@ -134,8 +155,9 @@ class PPOSpec(Section):
 
     def problems(self, prefix: str = "ppo") -> list[tuple[str, str]]:
         out = []
-        for key in ("updates", "batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens"):
-            if getattr(self, key) < 1:
+        for key in ("updates", "batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens",
+                    "generation_batch_size", "forward_batch_size", "score_norm_prompts"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
                 out.append((f"{prefix}.{key}", "expected at least 1"))
         if self.mini_batch_size >= 1 and self.batch_size % self.mini_batch_size:
             out.append((f"{prefix}.mini_batch_size", f"batch_size ({self.batch_size}) must be a multiple of "
@@ -159,73 +181,124 @@ class PPOSpec(Section):
         return out
 
 
+class EvalSpec(Section):
+    """Held-out evaluation during the run: the reward curve (and the gold curve the health check watches)."""
+
+    every: int = 5
+    """Evaluate before the first update, every N updates, and after the last (0: only before and after)."""
+    prompts: int = 32
+    """Held-out prompts evaluated (the first N of data.eval)."""
+    batch_size: int = 16
+    """Prompts per generate call and per reward forward."""
+    greedy: bool = True
+    """Greedy responses: the curve shows the policy's change, not sampling noise."""
+    max_new_tokens: int | None = None
+    """None: ppo.max_new_tokens."""
+
+    def problems(self, prefix: str = "eval") -> list[tuple[str, str]]:
+        if self.every < 0 or self.prompts < 0 or self.batch_size < 1:
+            return [(prefix, "every >= 0, prompts >= 0 and batch_size >= 1 expected")]
+        return []
+
+    def due(self, step: int, last: int) -> bool:
+        return bool(self.every and step % self.every == 0) or step == last
+
+
 @dataclass
-class Rollout:
-    """One batch of episodes. Queries are left-padded, responses right-padded; masks are 1 on real tokens."""
+class Checkpoints:
+    """Where and how often `PPOTrainer.train` saves (format: alignment/ppo_state.py)."""
 
-    prompts: list[list[dict]]
-    query_ids: "torch.Tensor"
-    query_mask: "torch.Tensor"
-    response_ids: "torch.Tensor"
-    response_mask: "torch.Tensor"
-    has_eos: "torch.Tensor"
-    completions: list[str]
-    scores: "torch.Tensor | None" = None
-    """Reward of each response after the missing-EOS penalty (what the policy is trained on)."""
-    raw_scores: "torch.Tensor | None" = None
-    """The reward source's scores before the penalty."""
+    folder: Path
+    every: int = 10
+    keep: int = 2
 
 
-class HealthStop(AlignError):
-    """Training went wrong in a way that makes going on pointless (the message says what and which limit)."""
+@dataclass
+class TrainResult:
+    history: list[dict]
+    """Every log row, step 0 (the evaluation before training) included; resumed runs include the earlier rows."""
+    start_update: int
+    """The update the loop started from (> 0 after a resume)."""
+    seconds: float
+    cpu_seconds: float
+    """user + system CPU time of the process over the loop."""
+
+
+@dataclass
+class Experience:
+    """The rollout seen by the old policy, the reference and the critic, and what GAE makes of it (no graph,
+    except `first`: the kept first optimisation forward, see `PPOTrainer.forward`)."""
+
+    old_logprobs: "torch.Tensor"
+    ref_logprobs: "torch.Tensor"
+    values: "torch.Tensor"
+    mask: "torch.Tensor"
+    kl: "torch.Tensor | None" = None
+    advantages: "torch.Tensor | None" = None
+    returns: "torch.Tensor | None" = None
+    first: tuple | None = None
+
+
+class PromptSchedule:
+    """Which training prompts update u sees: consecutive slices of a seeded permutation, reshuffled each pass.
+
+    A pure function of (seed, update), so a resumed run draws exactly the prompts the first run would have.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+
+    def indices(self, update: int) -> list[int]:
+        import random
+
+        out = []
+        for k in range(update * self.batch_size, (update + 1) * self.batch_size):
+            epoch, pos = divmod(k, self.n)
+            perm = list(range(self.n))
+            random.Random(self.seed * 7919 + epoch).shuffle(perm)
+            out.append(perm[pos])
+        return out
+
+
+def as_row(prompt) -> dict:
+    """A prompt row ({"prompt": messages, "constraints": ..., ...}) from a row or a bare message list."""
+    return prompt if isinstance(prompt, dict) and "prompt" in prompt else {"prompt": list(prompt)}
+
+
+def fields_of(rows: list[dict]) -> dict:
+    """Per-prompt fields a reward function may take (None when no row has the field)."""
+    from alignment.reward_sources import FIELDS
+
+    return {k: ([r.get(k) for r in rows] if any(k in r for r in rows) else None) for k in FIELDS}
 
 
 class PPOTrainer:
     """PPO on a plain causal LM (see the module docstring). `reward` is a `reward_sources` scorer: called as
-    reward(prompts, completions, **fields), or, when it has `score_ids`, given the token ids directly."""
+    reward(prompts, completions, **fields), or, when it has `score_ids`, given the token ids directly; one with
+    `attach` (the reward model's adapter) becomes a role on this trainer's base."""
 
     def __init__(self, model, tok, reward, spec: PPOSpec, lora_config, *, value_head_init=None, seed: int = 0):
         """`lora_config` None trains the full model instead (for comparisons): the reference is then a frozen
         copy (nothing to switch off) and the critic a value head on the policy's own trunk (shared actor-critic),
         so there are two copies of the weights, not four as in TRL's former PPOTrainer."""
-        import copy
-
         import torch
-        from peft import get_peft_model
 
+        if not hasattr(reward, "score_ids"):
+            from alignment.reward_sources import with_fields
+
+            reward = with_fields(reward)  # a plain fn(prompts, completions[, constraints=, reference=])
         self.spec, self.tok, self.reward, self.seed = spec, tok, reward, seed
         if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
             raise ValueError("PPO needs a pad token distinct from eos: with pad == eos the response end and the "
                              "padding cannot be told apart (alignment.models.ensure_pad_token)")
-        # 0. the roles: one base model, two adapters (policy = `default`, value), the reference = adapters off
         torch.manual_seed(seed)
         if spec.release_memory == "mmap":
             fix_mmap_threshold()
         if spec.release_memory != "none":
             release_freed_memory()  # the loading's temporaries
-        self.full = lora_config is None
-        # shared: the critic is the value head on the policy's own trunk (no value adapter, no extra pass)
-        self.shared = self.full or spec.value_model == "shared"
-        if self.full:
-            self.model, self.ref_model = model.requires_grad_(True), copy.deepcopy(model).requires_grad_(False).eval()
-            self.base = model
-        else:
-            self.model = get_peft_model(model, lora_config, adapter_name=POLICY)
-            if not self.shared:
-                self.model.add_adapter(VALUE, lora_config)
-            self.base = self.model.get_base_model()
-        self.model.eval()  # no dropout, ever (see the module docstring)
-        hidden = self.base.config.get_text_config().hidden_size
-        device = next(self.model.parameters()).device
-        self.value_head = torch.nn.Linear(hidden, 1).to(device=device, dtype=torch.float32)
-        with torch.no_grad():
-            if value_head_init is not None:
-                weight, bias = value_head_init
-                self.value_head.weight.copy_(weight.reshape(1, hidden).float())
-                self.value_head.bias.fill_(float(bias))
-            else:
-                self.value_head.weight.zero_()
-                self.value_head.bias.zero_()
+        self._build_roles(model, lora_config)
+        self.value_head = self._value_head(value_head_init)
+        self._value_predicts_scores = value_head_init is not None  # a copied score head: in the scores' units
         if self.full:
             self.params = {POLICY: list(self.model.parameters())}
         else:
@@ -237,16 +310,50 @@ class PPOTrainer:
         self.kl_ctl = (rl.AdaptiveKLController(spec.kl_coef, spec.kl_target, spec.kl_horizon) if spec.adaptive_kl
                        else rl.FixedKLController(spec.kl_coef))
         self.update = 0
-        self.device = device
+        self.score_shift, self.score_scale = 0.0, 1.0  # ppo.score_norm: set by calibrate_scores
         # A bf16 base trains its fp32 adapters under autocast (mixed precision): peft would otherwise keep an fp32
         # copy of every adapted layer's input for the backward pass (~0.6 GB for SmolLM2 at 8 x 100 tokens).
         # Every forward of every role runs under it, so the sampler, the old and the new log-probs agree.
         base_dtype = self.base.dtype
         self.autocast_dtype = base_dtype if base_dtype in (torch.bfloat16, torch.float16) else None
         self._use(POLICY)
+        if hasattr(reward, "attach"):
+            reward.attach(self)  # the reward model's adapter joins the roles on this base
+
+    def _build_roles(self, model, lora_config) -> None:
+        """0. the roles: one base, the policy adapter (+ the value adapter), the reference = adapters off."""
+        import copy
+
+        from peft import get_peft_model
+
+        self.full = lora_config is None
+        # shared: the critic is the value head on the policy's own trunk (no value adapter, no extra pass)
+        self.shared = self.full or self.spec.value_model == "shared"
+        if self.full:
+            self.model, self.ref_model = model.requires_grad_(True), copy.deepcopy(model).requires_grad_(False).eval()
+            self.base = model
+        else:
+            self.model = get_peft_model(model, lora_config, adapter_name=POLICY)
+            if not self.shared:
+                self.model.add_adapter(VALUE, lora_config)
+            self.base = self.model.get_base_model()
+        self.model.eval()  # no dropout, ever (see the module docstring)
+        self.device = next(self.model.parameters()).device
+
+    def _value_head(self, init):
+        import torch
+
+        hidden = self.base.config.get_text_config().hidden_size
+        head = torch.nn.Linear(hidden, 1).to(device=self.device, dtype=torch.float32)
+        with torch.no_grad():
+            weight, bias = init if init is not None else (torch.zeros(hidden), 0.0)
+            head.weight.copy_(weight.reshape(1, hidden).float())
+            head.bias.fill_(float(bias))
+        return head
 
     @property
     def adapters(self) -> tuple[str, ...]:
+        """The trained adapters (the reward adapter, when there is one, is frozen and not listed)."""
         return () if self.full else (POLICY,) if self.shared else (POLICY, VALUE)
 
     def _trim(self) -> None:
@@ -264,13 +371,43 @@ class PPOTrainer:
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
     def _use(self, adapter: str) -> None:
-        """Make `adapter` the active one. peft's set_adapter also freezes the other adapter's weights; both
-        adapters and the head always train, so their requires_grad is restored."""
+        """Make `adapter` the active one. peft's set_adapter also freezes the other adapters' weights; the
+        trained adapters and the head always train, so their requires_grad is restored."""
         if self.full:
             return
         self.model.set_adapter(adapter)
         for p in self._trainable:
             p.requires_grad_(True)
+
+    def add_frozen_adapter(self, name: str, config, weights: dict) -> None:
+        """Another role on the same base: a frozen LoRA adapter (the reward model's), from peft-format weights."""
+        from peft import set_peft_model_state_dict
+
+        if self.full:
+            raise ValueError("a frozen adapter role needs LoRA training (lora_config), not full fine-tuning")
+        self.model.add_adapter(name, config)
+        res = set_peft_model_state_dict(self.model, weights, adapter_name=name)
+        unexpected = getattr(res, "unexpected_keys", [])
+        if unexpected:
+            raise ValueError(f"adapter '{name}' does not fit this model: {unexpected[:3]}")
+        self._use(POLICY)
+        for n, p in self.model.named_parameters():
+            if f".{name}." in n:
+                p.requires_grad_(False)
+
+    def role_hidden(self, role: str, input_ids, attention_mask):
+        """Last hidden states (no LM head, no gradient) of a left-padded batch under the adapter `role`."""
+        import torch
+
+        pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        self._use(role)
+        try:
+            with torch.no_grad(), self._amp():
+                return getattr(self.base, self.base.base_model_prefix)(
+                    input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
+                    use_cache=False).last_hidden_state
+        finally:
+            self._use(POLICY)
 
     def _inputs(self, query_ids, query_mask, response_ids, response_mask):
         """Query + response as one left-padded sequence, with position ids counted from each row's first real
@@ -339,85 +476,73 @@ class PPOTrainer:
         return (*out, rl.entropy_from_logits(logits, self.spec.temperature)) if with_entropy else out
 
     # -- 1. rollout ----------------------------------------------------------------------------------------------
-    def encode_prompts(self, prompts: list[list[dict]]):
-        """Chat-templated prompts, left-padded (generation appends on the right)."""
-        import torch
+    def generation_spec(self, batch_size: int | None = None):
+        """Pure sampling at the PPO temperature (no top-k/top-p: the log-probs must describe the sampler)."""
+        from alignment.generation import GenerationSpec
 
-        rows = [list(self.tok.apply_chat_template(p, add_generation_prompt=True, tokenize=True,
-                                                  return_dict=True)["input_ids"]) for p in prompts]
-        width = max(len(r) for r in rows)
-        pad = self.tok.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
-        return ids, mask
+        return GenerationSpec(max_new_tokens=self.spec.max_new_tokens, do_sample=True,
+                              temperature=self.spec.temperature, top_p=1.0, top_k=0,
+                              batch_size=batch_size or self.spec.generation_batch_size or self.spec.batch_size)
 
-    def generate(self, prompts: list[list[dict]], *, greedy: bool = False, max_new_tokens: int | None = None,
-                 seed: int | None = None) -> Rollout:
-        import torch
-        from transformers import GenerationConfig
+    def rollout(self, prompts: list[list[dict]], *, greedy: bool = False, max_new_tokens: int | None = None,
+                seed: int | None = None, batch_size: int | None = None) -> Rollout:
+        """Responses of the policy (alignment.generation: left-padded prompts, cut after the first EOS)."""
+        from alignment.generation import generate
 
-        query_ids, query_mask = self.encode_prompts(prompts)
-        # A fresh config: the model's own generation_config may carry top_p/top_k/repetition penalties, which
-        # would sample from a different distribution than the one the log-probs describe.
-        gen = GenerationConfig(do_sample=not greedy, temperature=self.spec.temperature if not greedy else None,
-                               top_k=0 if not greedy else None, top_p=1.0 if not greedy else None,
-                               max_new_tokens=max_new_tokens or self.spec.max_new_tokens,
-                               pad_token_id=self.tok.pad_token_id, eos_token_id=self.tok.eos_token_id,
-                               use_cache=True)
-        if seed is not None:
-            torch.manual_seed(seed)
         self._use(POLICY)
-        with torch.no_grad():
-            with self._amp():
-                out = self.model.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=gen)
-        response = out[:, query_ids.shape[1]:]
-        # generate keeps stepping finished rows (filling pad) until the longest is done: cut after the first EOS.
-        mask, has_eos = rl.response_mask_after_eos(response, self.tok.eos_token_id)
-        response = response.masked_fill(mask == 0, self.tok.pad_token_id)
-        completions = self.tok.batch_decode(response.masked_fill(response == self.tok.eos_token_id,
-                                                                 self.tok.pad_token_id), skip_special_tokens=True)
-        return Rollout(prompts, query_ids, query_mask, response, mask, has_eos, completions)
+        return generate(self.model, self.tok, prompts, self.generation_spec(batch_size), seed=seed,
+                        max_new_tokens=max_new_tokens, greedy=greedy, autocast_dtype=self.autocast_dtype)
 
     # -- 2. score ------------------------------------------------------------------------------------------------
     def score(self, ro: Rollout, fields: dict | None = None) -> Rollout:
+        """The reward of each response; `scores` has the missing-EOS penalty, `raw_scores` not."""
         import torch
 
         if hasattr(self.reward, "score_ids"):
             raw = self.reward.score_ids(ro.query_ids, ro.query_mask, ro.response_ids, ro.response_mask, ro.has_eos)
         else:
-            raw = torch.tensor(self.reward(ro.prompts, ro.completions, **(fields or {})), dtype=torch.float32)
-        ro.raw_scores = raw.float().cpu()
+            given = {k: v for k, v in (fields or {}).items() if v is not None}  # fields no prompt row has
+            raw = torch.tensor(self.reward(ro.prompts, ro.completions, **given), dtype=torch.float32)
+        ro.raw_scores = (raw.float().cpu() - self.score_shift) / self.score_scale
         ro.scores = rl.apply_missing_eos_penalty(ro.raw_scores, ro.has_eos.cpu(), self.spec.missing_eos_penalty)
         return ro
 
-    # -- the update ----------------------------------------------------------------------------------------------
+    def calibrate_scores(self, rows: list[dict]) -> dict:
+        """`ppo.score_norm: sft_rollouts`: the mean and std of the current policy's scores on sampled responses to
+        `rows` become the normalisation of every later score. Returns the statistics (for the log)."""
+        self.score_shift, self.score_scale = 0.0, 1.0
+        ro = self.score(self.rollout([r["prompt"] for r in rows], seed=self.seed * 1_000_003 - 1), fields_of(rows))
+        mean, std = float(ro.raw_scores.mean()), float(ro.raw_scores.std(unbiased=False))
+        self.score_shift, self.score_scale = mean, max(std, 1e-6)
+        if self._value_predicts_scores:  # keep predicting the same scores, now in the new units
+            import torch
+
+            with torch.no_grad():
+                self.value_head.weight.div_(self.score_scale)
+                self.value_head.bias.sub_(mean).div_(self.score_scale)
+        log.info("[ppo] score normalisation from %d SFT rollouts: mean %.4f, std %.4f", len(rows), mean, std)
+        return {"calibration/score_mean": mean, "calibration/score_std": std,
+                "calibration/missing_eos_rate": float((~ro.has_eos).float().mean())}
+
+    # -- 3. the old policy, the reference and the critic on the rollout --------------------------------------------
     def _chunks(self, n: int, size: int):
         return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
-    def step(self, prompts: list[list[dict]], fields: dict | None = None) -> dict:
-        """One PPO update on a batch of prompts; returns the statistics (the keys of the log rows)."""
+    def forward(self, ro: Rollout) -> Experience:
+        """Log-probs under the sampling policy and the reference, values under the critic (no gradient).
+
+        Shared trunk with one minibatch of the whole batch: the first optimisation forward runs on the rollout's
+        weights, so it *is* the old forward; its graph is kept for the first step instead of running it twice
+        (exact: the first ratio is exactly 1)."""
         import torch
 
-        s, t0 = self.spec, time.perf_counter()
-        # 1. rollout: sample from the current policy; a seed per update makes a resumed run sample the same
-        ro = self.generate(prompts, seed=self.seed * 1_000_003 + self.update)
-        self._trim()
-        t_gen = time.perf_counter() - t0
-        # 2. score each response (at its EOS), minus the penalty for responses without one
-        self.score(ro, fields)
-        scores = ro.scores.to(self.device)
-        q, qm, r, rm = ro.query_ids, ro.query_mask, ro.response_ids, ro.response_mask
-        B = q.shape[0]
-        # 3. log-probs under the sampling policy and the reference, values under the critic (no gradient).
-        # Shared trunk with one minibatch of the whole batch: the first optimisation forward runs on the rollout's
-        # weights, so it *is* the old forward; keep its graph for the first step instead of running it twice
-        # (exact: the first ratio is exactly 1).
-        first = None
+        s, (q, qm, r, rm) = self.spec, (ro.query_ids, ro.query_mask, ro.response_ids, ro.response_mask)
+        B, first = q.shape[0], None
         if self.shared and s.mini_batch_size == B and (s.micro_batch_size or B) == B:
             self._use(POLICY)
             first = self.policy_and_values(q, qm, r, rm, with_entropy=True)
+        old_lp, ref_lp, values = [], [], []
         with torch.no_grad():
-            old_lp, ref_lp, old_values = [], [], []
             for c in self._chunks(B, s.forward_batch_size or s.mini_batch_size):
                 if first is not None:
                     lp, v = first[0][c].detach(), first[1][c].detach()
@@ -426,90 +551,200 @@ class PPOTrainer:
                 else:
                     lp, v = self.logprobs(q[c], qm[c], r[c], rm[c]), self.values(q[c], qm[c], r[c], rm[c])
                 old_lp.append(lp)
-                old_values.append(v)
+                values.append(v)
                 ref_lp.append(self.logprobs(q[c], qm[c], r[c], rm[c], reference=True))
-            old_lp, ref_lp, old_values = torch.cat(old_lp), torch.cat(ref_lp), torch.cat(old_values)
-            mask = rm.float()
-            # 4. rewards: -kl_coef * KL per token, + the score on the last real token; then GAE
-            kl = rl.KL_ESTIMATORS[s.kl_estimator](old_lp, ref_lp) * mask
-            rewards = rl.shape_rewards(scores, kl, mask, self.kl_ctl.value)
+        self._trim()
+        return Experience(torch.cat(old_lp), torch.cat(ref_lp), torch.cat(values), rm.float(), first=first)
+
+    # -- 4. advantages -----------------------------------------------------------------------------------------------
+    def advantages(self, ro: Rollout, exp: Experience) -> Experience:
+        """Per-token rewards (-kl_coef * KL on every token + the score on the last one), then GAE."""
+        import torch
+
+        s, mask = self.spec, exp.mask
+        with torch.no_grad():
+            exp.kl = rl.KL_ESTIMATORS[s.kl_estimator](exp.old_logprobs, exp.ref_logprobs) * mask
+            rewards = rl.shape_rewards(ro.scores.to(self.device), exp.kl, mask, self.kl_ctl.value)
             if s.whiten_rewards:
                 rewards = rl.masked_whiten(rewards, mask, shift_mean=False)
             gae = rl.gae_vectorised if s.gae == "vectorised" else rl.gae_loop
-            advantages, returns = gae(rewards, old_values, mask, s.gamma, s.lam)
+            exp.advantages, exp.returns = gae(rewards, exp.values, mask, s.gamma, s.lam)
             if s.whiten_advantages:
-                advantages = rl.masked_whiten(advantages, mask)
-        self._trim()
-        t_fwd = time.perf_counter() - t0 - t_gen
-        # 5. K epochs over shuffled minibatches
-        stats = {k: [] for k in ("policy_loss", "value_loss", "entropy", "clipfrac", "approxkl", "vf_clipfrac",
-                                 "ratio", "grad_norm")}
+                exp.advantages = rl.masked_whiten(exp.advantages, mask)
+        return exp
+
+    # -- 5. optimise --------------------------------------------------------------------------------------------------
+    def optimise(self, ro: Rollout, exp: Experience) -> dict[str, list[float]]:
+        """`ppo_epochs` passes over shuffled minibatches, one optimiser step each; the per-step statistics."""
+        import torch
+
+        s, B = self.spec, ro.query_ids.shape[0]
+        stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "entropy", "clipfrac",
+                                                         "approxkl", "vf_clipfrac", "ratio", "grad_norm")}
         for _ in range(s.ppo_epochs):
-            order = torch.randperm(B, device=self.device)
-            if first is not None:  # the kept graph is in rollout order (the minibatch's loss does not see order)
-                order = torch.arange(B, device=self.device)
+            # the kept first graph is in rollout order (a minibatch's loss does not depend on the order)
+            order = (torch.arange(B, device=self.device) if exp.first is not None
+                     else torch.randperm(B, device=self.device))
             for i in range(0, B, s.mini_batch_size):
-                idx = order[i: i + s.mini_batch_size]
-                self.optimizer.zero_grad(set_to_none=True)
-                # Micro-batches accumulate the minibatch's gradient: each loss is a masked mean over its own
-                # tokens, so weighting it by its share of the minibatch's tokens sums to the minibatch's loss.
-                tokens = mask[idx].sum().clamp(min=1)
-                acc: dict[str, float] = {}
-                for c in self._chunks(len(idx), s.micro_batch_size or s.mini_batch_size):
-                    j = idx[c]
-                    mb, m = (q[j], qm[j], r[j], rm[j]), mask[j]
-                    w = m.sum() / tokens
-                    self._use(POLICY)
-                    if first is not None:
-                        (new_lp, new_values, entropy), first = first, None
-                    elif self.shared:
-                        new_lp, new_values, entropy = self.policy_and_values(*mb, with_entropy=True)
-                    else:
-                        new_lp, entropy = self.logprobs(*mb, with_entropy=True)
-                    pg_loss, pg_stats = rl.policy_loss(new_lp, old_lp[j], advantages[j], m, s.cliprange)
-                    ent = rl.masked_mean(entropy, m)
-                    if self.shared:  # one graph: policy and value losses backpropagate through the same trunk
-                        vf_loss, vf_stats = rl.value_loss(new_values, old_values[j], returns[j], m, s.cliprange_value)
-                        (w * (pg_loss - s.ent_coef * ent + s.vf_coef * vf_loss)).backward()
-                    else:
-                        (w * (pg_loss - s.ent_coef * ent)).backward()
-                        del new_lp, entropy  # the policy's graph is gone; free its activations before the critic's
-                        new_values = self.values(*mb)
-                        vf_loss, vf_stats = rl.value_loss(new_values, old_values[j], returns[j], m, s.cliprange_value)
-                        (w * s.vf_coef * vf_loss).backward()
-                    for k, v in {"policy_loss": pg_loss, "value_loss": vf_loss, "entropy": ent,
-                                 **pg_stats, **vf_stats}.items():
-                        acc[k] = acc.get(k, 0.0) + float(w) * float(v.detach())
-                grad_norm = torch.nn.utils.clip_grad_norm_(self._trainable, s.max_grad_norm)
-                self.optimizer.step()
-                self._trim()
-                for k, v in {**acc, "grad_norm": float(grad_norm)}.items():
+                for k, v in self._minibatch(ro, exp, order[i: i + s.mini_batch_size]).items():
                     stats[k].append(v)
-        # 6. statistics; the KL controller sees this rollout's KL per response
-        kl_seq = kl.sum(-1)
-        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-        out = {
+        return stats
+
+    def _minibatch(self, ro: Rollout, exp: Experience, idx) -> dict[str, float]:
+        """One optimiser step. Micro-batches accumulate the minibatch's gradient: each loss is a masked mean over
+        its own tokens, so weighting it by its share of the minibatch's tokens sums to the minibatch's loss."""
+        import torch
+
+        s = self.spec
+        self.optimizer.zero_grad(set_to_none=True)
+        tokens = exp.mask[idx].sum().clamp(min=1)
+        acc: dict[str, float] = {}
+        for c in self._chunks(len(idx), s.micro_batch_size or s.mini_batch_size):
+            j = idx[c]
+            mb, m = (ro.query_ids[j], ro.query_mask[j], ro.response_ids[j], ro.response_mask[j]), exp.mask[j]
+            w = m.sum() / tokens
+            self._use(POLICY)
+            if exp.first is not None:
+                (new_lp, new_values, entropy), exp.first = exp.first, None
+            elif self.shared:
+                new_lp, new_values, entropy = self.policy_and_values(*mb, with_entropy=True)
+            else:
+                new_lp, entropy = self.logprobs(*mb, with_entropy=True)
+            pg_loss, pg_stats = rl.policy_loss(new_lp, exp.old_logprobs[j], exp.advantages[j], m, s.cliprange)
+            ent = rl.masked_mean(entropy, m)
+            if self.shared:  # one graph: policy and value losses backpropagate through the same trunk
+                vf_loss, vf_stats = rl.value_loss(new_values, exp.values[j], exp.returns[j], m, s.cliprange_value)
+                (w * (pg_loss - s.ent_coef * ent + s.vf_coef * vf_loss)).backward()
+            else:
+                (w * (pg_loss - s.ent_coef * ent)).backward()
+                del new_lp, entropy  # the policy's graph is gone; free its activations before the critic's
+                vf_loss, vf_stats = rl.value_loss(self.values(*mb), exp.values[j], exp.returns[j], m,
+                                                  s.cliprange_value)
+                (w * s.vf_coef * vf_loss).backward()
+            for k, v in {"policy_loss": pg_loss, "value_loss": vf_loss, "entropy": ent, **pg_stats,
+                         **vf_stats}.items():
+                acc[k] = acc.get(k, 0.0) + float(w) * float(v.detach())
+        acc["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self._trainable, s.max_grad_norm))
+        self.optimizer.step()
+        self._trim()
+        return acc
+
+    # -- one update -------------------------------------------------------------------------------------------------
+    def step(self, prompts: list[list[dict]], fields: dict | None = None) -> dict:
+        """One PPO update on a batch of prompts (InstructGPT's recipe); returns the statistics of the log row."""
+        clock = _Clock()
+        with clock("generate"):  # 1. sample; a seed per update makes a resumed run sample the same
+            ro = self.rollout(prompts, seed=self.seed * 1_000_003 + self.update)
+            self._trim()
+        with clock("score"):  # 2. score each response (at its EOS), minus the penalty for responses without one
+            self.score(ro, fields)
+        with clock("forward"):  # 3. old log-probs, reference log-probs, values; 4. KL-shaped rewards, GAE
+            exp = self.advantages(ro, self.forward(ro))
+        with clock("optimise"):  # 5. K epochs of clipped policy + value losses
+            stats = self.optimise(ro, exp)
+        out = self.statistics(ro, exp, stats)  # 6. statistics; the KL controller sees this rollout's KL
+        out.update({f"time/{k}_s": round(v, 3) for k, v in clock.seconds.items()})
+        out["time/update_s"] = round(sum(clock.seconds.values()), 3)
+        self.kl_ctl.update(out["ppo/kl"], len(ro.prompts))
+        self.update += 1
+        return out
+
+    def statistics(self, ro: Rollout, exp: Experience, stats: dict[str, list[float]]) -> dict:
+        mask, kl_seq = exp.mask, exp.kl.sum(-1)
+        return {
             "ppo/kl": float(kl_seq.mean()),
-            "ppo/kl_k3": float((rl.kl_k3(old_lp, ref_lp) * mask).sum(-1).mean()),
+            "ppo/kl_k3": float((rl.kl_k3(exp.old_logprobs, exp.ref_logprobs) * mask).sum(-1).mean()),
             "objective/scores": float(ro.raw_scores.mean()),
-            "objective/rlhf_reward": float((scores - self.kl_ctl.value * kl_seq).mean()),
+            "objective/rlhf_reward": float((ro.scores.to(kl_seq.device) - self.kl_ctl.value * kl_seq).mean()),
             "ppo/kl_coef": self.kl_ctl.value,
             "ppo/missing_eos_rate": float((~ro.has_eos).float().mean()),
             "ppo/response_length": float(mask.sum(-1).mean()),
-            "ppo/advantages_mean": float(rl.masked_mean(advantages, mask)),
-            "ppo/returns_mean": float(rl.masked_mean(returns, mask)),
-            "ppo/values_mean": float(rl.masked_mean(old_values, mask)),
-            **{f"ppo/{k}": mean(v) for k, v in stats.items()},
-            "time/generate_s": round(t_gen, 3), "time/forward_s": round(t_fwd, 3),
-            "time/update_s": round(time.perf_counter() - t0, 3),
+            "ppo/advantages_mean": float(rl.masked_mean(exp.advantages, mask)),
+            "ppo/returns_mean": float(rl.masked_mean(exp.returns, mask)),
+            "ppo/values_mean": float(rl.masked_mean(exp.values, mask)),
+            **{f"ppo/{k}": sum(v) / len(v) for k, v in stats.items()},
         }
-        self.kl_ctl.update(out["ppo/kl"], B)
-        self.update += 1
-        return out
 
     def set_lr(self, lr: float) -> None:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
+
+    def lr_at(self, update: int) -> float:
+        """The learning rate of update `update` (0-based): constant, or linear decay to 0 over the run."""
+        s = self.spec
+        return s.lr * (1.0 - update / s.updates) if s.lr_schedule == "linear" else s.lr
+
+    # -- the loop ---------------------------------------------------------------------------------------------------
+    def train(self, prompts: list, eval_prompts: list = (), callbacks: list = (), *,
+              eval_spec: EvalSpec | None = None, checkpoints: Checkpoints | None = None,
+              resume_from: Path | None = None) -> TrainResult:
+        """`spec.updates` updates on `prompts` (rows {"prompt", "constraints", ...} or bare message lists):
+        held-out evaluation before the first update, every `eval_spec.every` and after the last; callbacks after
+        each update (alignment/ppo_callbacks.py); checkpoints every `checkpoints.every` updates and whenever a
+        callback asks (resume with `resume_from`). Stops early when a callback says so (preemption)."""
+        rows, eval_rows = [as_row(p) for p in prompts], [as_row(p) for p in eval_prompts]
+        ev = eval_spec or EvalSpec()
+        history = self.load_checkpoint(resume_from, callbacks) if resume_from else []
+        start, schedule = self.update, PromptSchedule(len(rows), self.spec.batch_size, self.seed)
+        t0, c0 = time.perf_counter(), time.process_time()
+        for cb in callbacks:
+            cb.on_train_begin(self, history)
+        try:
+            if self.update == 0 and not history:
+                row = {"step": 0}
+                if self.spec.score_norm == "sft_rollouts":
+                    n = min(self.spec.score_norm_prompts, len(rows))
+                    order = PromptSchedule(len(rows), n, self.seed).indices(0)
+                    row.update(self.calibrate_scores([rows[i] for i in order]))
+                self._evaluate_into(row, eval_rows, ev, callbacks)  # the SFT policy's held-out reward
+                self._end_update(row, history, callbacks, checkpoints)
+            while self.update < self.spec.updates:
+                u = self.update
+                self.set_lr(self.lr_at(u))
+                batch = [rows[i] for i in schedule.indices(u)]
+                row = {"step": u + 1, "episodes": (u + 1) * self.spec.batch_size,
+                       **self.step([r["prompt"] for r in batch], fields_of(batch))}
+                if ev.due(u + 1, self.spec.updates):
+                    self._evaluate_into(row, eval_rows, ev, callbacks)
+                control = self._end_update(row, history, callbacks, checkpoints)
+                if checkpoints and (control.save or (u + 1) % checkpoints.every == 0):
+                    self.save_checkpoint(checkpoints, history, callbacks)
+                if control.stop:
+                    break
+        finally:
+            for cb in callbacks:
+                cb.on_train_end(self)
+        return TrainResult(history, start, time.perf_counter() - t0, time.process_time() - c0)
+
+    def _evaluate_into(self, row: dict, rows: list[dict], ev: EvalSpec, callbacks) -> None:
+        if not rows:
+            return
+        metrics, texts = self.evaluate([r["prompt"] for r in rows], fields_of(rows), batch_size=ev.batch_size,
+                                       greedy=ev.greedy, max_new_tokens=ev.max_new_tokens)
+        row.update(metrics)
+        for cb in callbacks:
+            cb.on_evaluate(self, row, rows, texts)
+        row["eval/sample"] = texts[0][:200]
+
+    def _end_update(self, row: dict, history: list, callbacks, checkpoints) -> "Control":
+        """The callbacks' verdict on a finished row, then the row into the history. A guardrail's HealthStop
+        keeps the row and a checkpoint (the run can go on from there with other limits) before it propagates."""
+        control = Control()
+        try:
+            for cb in callbacks:
+                cb.on_update_end(self, row, control)
+        except HealthStop:
+            self._record(row, history, callbacks)
+            if checkpoints:
+                self.save_checkpoint(checkpoints, history, callbacks)
+            raise
+        self._record(row, history, callbacks)
+        return control
+
+    def _record(self, row: dict, history: list, callbacks) -> None:
+        history.append(row)
+        for cb in callbacks:
+            cb.on_log(self, row)
 
     # -- evaluation ------------------------------------------------------------------------------------------------
     def evaluate(self, prompts: list[list[dict]], fields: dict | None = None, *, batch_size: int = 16,
@@ -521,7 +756,8 @@ class PPOTrainer:
         scores, eos, lengths, texts = [], [], [], []
         for c in self._chunks(len(prompts), batch_size):
             sub = {k: v[c] for k, v in (fields or {}).items() if v is not None}
-            ro = self.score(self.generate(prompts[c], greedy=greedy, max_new_tokens=max_new_tokens, seed=seed), sub)
+            ro = self.score(self.rollout(prompts[c], greedy=greedy, max_new_tokens=max_new_tokens, seed=seed,
+                                         batch_size=batch_size), sub)
             scores.append(ro.raw_scores)
             eos.append(ro.has_eos.cpu())
             lengths.append(ro.response_mask.sum(-1).float().cpu())
@@ -530,36 +766,61 @@ class PPOTrainer:
         return {"eval/reward": float(scores.mean()), "eval/missing_eos_rate": float((~eos).float().mean()),
                 "eval/response_length": float(lengths.mean())}, texts
 
-    # -- checkpoints -----------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
+    # -- checkpoints (alignment/ppo_state.py: safetensors + JSON, nothing that unpickles) ---------------------------
+    def save_checkpoint(self, where: Checkpoints, history: list[dict], callbacks=()) -> Path:
         from peft import get_peft_model_state_dict
 
-        # save_embedding_layers=False: a LoRA on a tied lm_head would otherwise copy the (unchanged) embeddings.
-        weights = ({"model": self.model.state_dict()} if self.full else
-                   {name: get_peft_model_state_dict(self.model, adapter_name=name, save_embedding_layers=False)
-                    for name in self.adapters})
-        return {"update": self.update, **weights,
-                "value_head": self.value_head.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "kl_ctl": self.kl_ctl.state_dict()}
+        if self.full:
+            tensors = {f"model/{k}": v for k, v in ppo_state.unique_state(self.model).items()}
+        else:  # save_embedding_layers=False: a LoRA on a tied lm_head would otherwise copy the embeddings
+            tensors = {f"adapter/{name}/{k}": v for name in self.adapters for k, v in
+                       get_peft_model_state_dict(self.model, adapter_name=name, save_embedding_layers=False).items()}
+        tensors.update({f"value_head/{k}": v for k, v in self.value_head.state_dict().items()})
+        opt_tensors, opt_state = ppo_state.optimizer_split(self.optimizer)
+        states = {cb.name: cb.state_dict() for cb in callbacks if cb.state_dict()}
+        folder = where.folder / f"checkpoint-{self.update}"
+        ppo_state.save(folder, {**tensors, **opt_tensors}, {
+            "update": self.update, "adapters": list(self.adapters), "full": self.full,
+            "kl_ctl": self.kl_ctl.state_dict(), "optimizer": opt_state, "rng": ppo_state.rng_state(),
+            "score_norm": [self.score_shift, self.score_scale],
+            "history": history, "callbacks": states})
+        ppo_state.rotate(where.folder, where.keep)
+        return folder
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_checkpoint(self, folder: Path, callbacks=()) -> list[dict]:
+        """Restore a checkpoint written by `save_checkpoint`; returns its log history."""
+        tensors, state = ppo_state.load(Path(folder))
+        if state.get("adapters") != list(self.adapters) or state.get("full") != self.full:
+            raise ArtifactError(f"{folder}: saved with adapters {state.get('adapters')}, this trainer has "
+                                f"{list(self.adapters)} (another ppo.value_model?); delete it to start over")
+        try:
+            self._load_weights(tensors)
+            self.value_head.load_state_dict(ppo_state.take(tensors, "value_head"))
+            ppo_state.optimizer_restore(self.optimizer, tensors, state["optimizer"])
+            self.kl_ctl.load_state_dict(state["kl_ctl"])
+            self.score_shift, self.score_scale = (float(x) for x in state["score_norm"])
+            ppo_state.rng_restore(state["rng"])
+            for cb in callbacks:
+                if cb.name in state["callbacks"]:
+                    cb.load_state_dict(state["callbacks"][cb.name])
+        except (KeyError, ValueError, RuntimeError, TypeError) as e:
+            raise ArtifactError(f"{folder}: the checkpoint does not fit this trainer ({str(e)[:200]}); "
+                                "delete it to start over") from None
+        self.update = int(state["update"])
+        self._use(POLICY)
+        return list(state["history"])
+
+    def _load_weights(self, tensors: dict) -> None:
         from peft import set_peft_model_state_dict
 
         if self.full:
-            self.model.load_state_dict(state["model"])
-        missing = [name for name in self.adapters if name not in state]
-        if missing:
-            raise ValueError(f"checkpoint has no '{missing[0]}' adapter: it was saved with another ppo.value_model")
+            self.model.load_state_dict(ppo_state.take(tensors, "model"), strict=False)
+            return
         for name in self.adapters:
-            res = set_peft_model_state_dict(self.model, state[name], adapter_name=name)
+            res = set_peft_model_state_dict(self.model, ppo_state.take(tensors, f"adapter/{name}"), adapter_name=name)
             unexpected = getattr(res, "unexpected_keys", [])
             if unexpected:
-                raise ValueError(f"checkpoint adapter '{name}' does not fit this model: {unexpected[:3]}")
-        self.value_head.load_state_dict(state["value_head"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.kl_ctl.load_state_dict(state["kl_ctl"])
-        self.update = state["update"]
-        self._use(POLICY)
+                raise ValueError(f"adapter '{name}' has keys this model lacks: {unexpected[:3]}")
 
     def save_policy(self, folder) -> None:
         """The policy adapter only (peft layout, at the folder's root); full weights when training the full model."""
@@ -568,6 +829,21 @@ class PPOTrainer:
             return
         self.model.save_pretrained(str(folder), selected_adapters=[POLICY], safe_serialization=True,
                                    save_embedding_layers=False)
+
+
+class _Clock:
+    """Wall seconds per named phase."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
 def _glibc(name: str):
@@ -619,103 +895,3 @@ def value_head_from_reward_model(rm, mean: float = 0.0, std: float = 1.0):
     bias = ((rm.score.bias.detach().float().item() if getattr(rm.score, "bias", None) is not None else 0.0)
             - mean) / max(std, 1e-8)
     return weight, bias
-
-
-# -- health guardrails ------------------------------------------------------------------------------------------
-
-
-class HealthSpec(Section):
-    """Guardrails: each check warns past its warn limit and stops the run (HealthStop) past its stop limit for
-    `patience` consecutive updates. None switches a limit off."""
-
-    negative_kl_warn: float | None = -0.5
-    """Mean KL per response (k1, nats) below this: the policy's log-probs and the sampler disagree (a bug:
-    padding, temperature, top-k) or the estimate is noise from tiny batches."""
-    negative_kl_stop: float | None = -5.0
-    missing_eos_warn: float | None = 0.5
-    """Share of responses without an EOS above this."""
-    missing_eos_stop: float | None = 0.95
-    length_drift_warn: float | None = 2.0
-    """Mean response length vs the first update's: above this factor, or below its inverse."""
-    length_drift_stop: float | None = 4.0
-    entropy_collapse_warn: float | None = 0.3
-    """Mean token entropy vs the first update's: below this fraction."""
-    entropy_collapse_stop: float | None = 0.05
-    reward_hacking_warn: float | None = 0.05
-    """Held-out gold score (alignment.gold on prompts with constraints) fallen by more than this since the first
-    evaluation while the held-out reward rose: the policy optimises the RM, not the task."""
-    reward_hacking_stop: float | None = 0.25
-    patience: int = 3
-    """Consecutive updates past a stop limit before stopping (single small batches are noisy)."""
-
-
-class HealthMonitor:
-    """Applies a HealthSpec to the stream of update statistics (pure: numbers in, warnings/stop out)."""
-
-    def __init__(self, spec: HealthSpec):
-        self.spec = spec
-        self.first: dict = {}
-        self.strikes: dict[str, int] = {}
-        self.warnings: dict[str, int] = {}
-
-    def state_dict(self) -> dict:
-        return {"first": self.first, "strikes": self.strikes, "warnings": self.warnings}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.first, self.strikes, self.warnings = dict(state["first"]), dict(state["strikes"]), dict(state["warnings"])
-
-    def check(self, row: dict) -> list[str]:
-        """Warnings for this update's row; raises HealthStop when a check stays past its stop limit."""
-        s, out = self.spec, []
-        for key in ("ppo/response_length", "ppo/entropy", "eval/reward", "eval/gold"):
-            if key in row and key not in self.first:
-                self.first[key] = row[key]
-        checks = []
-        if "ppo/kl" in row:
-            kl = row["ppo/kl"]
-            checks.append(("negative_kl", _lt(kl, s.negative_kl_warn), _lt(kl, s.negative_kl_stop),
-                           f"KL per response is {kl:.3f} nats, negative: the log-probs of the update disagree with "
-                           "the sampler (padding/position ids, temperature, top-k/top-p?)", "negative_kl_stop"))
-        if "ppo/missing_eos_rate" in row:
-            r = row["ppo/missing_eos_rate"]
-            checks.append(("missing_eos", _gt(r, s.missing_eos_warn), _gt(r, s.missing_eos_stop),
-                           f"{r:.0%} of responses hit max_new_tokens without an EOS (raise ppo.max_new_tokens or "
-                           "ppo.missing_eos_penalty)", "missing_eos_stop"))
-        if "ppo/response_length" in row and self.first.get("ppo/response_length"):
-            f = row["ppo/response_length"] / self.first["ppo/response_length"]
-            drift = max(f, 1 / f) if f > 0 else float("inf")
-            checks.append(("length_drift", _gt(drift, s.length_drift_warn), _gt(drift, s.length_drift_stop),
-                           f"mean response length drifted {f:.2f}x from the first update's "
-                           f"{self.first['ppo/response_length']:.1f} tokens (length hacking?)", "length_drift_stop"))
-        if "ppo/entropy" in row and self.first.get("ppo/entropy"):
-            f = row["ppo/entropy"] / self.first["ppo/entropy"]
-            checks.append(("entropy_collapse", _lt(f, s.entropy_collapse_warn), _lt(f, s.entropy_collapse_stop),
-                           f"token entropy fell to {f:.0%} of the first update's ({row['ppo/entropy']:.3f} nats): "
-                           "the policy is collapsing (lower ppo.lr, raise ppo.kl_coef or ppo.ent_coef)",
-                           "entropy_collapse_stop"))
-        if "eval/gold" in row and "eval/reward" in row and "eval/gold" in self.first:
-            gold_drop = self.first["eval/gold"] - row["eval/gold"]
-            rose = row["eval/reward"] > self.first["eval/reward"]
-            checks.append(("reward_hacking", rose and _gt(gold_drop, s.reward_hacking_warn),
-                           rose and _gt(gold_drop, s.reward_hacking_stop),
-                           f"held-out reward rose {self.first['eval/reward']:.3f} -> {row['eval/reward']:.3f} while "
-                           f"the gold check fell {self.first['eval/gold']:.3f} -> {row['eval/gold']:.3f} "
-                           "(reward hacking: raise ppo.kl_coef, improve the RM)", "reward_hacking_stop"))
-        for name, warn, stop, message, limit in checks:
-            if warn or stop:
-                self.warnings[name] = self.warnings.get(name, 0) + 1
-                out.append(message)
-            self.strikes[name] = self.strikes.get(name, 0) + 1 if stop else 0
-            if self.strikes[name] >= max(1, s.patience if name != "reward_hacking" else 1):
-                raise HealthStop(f"ppo: stopped at update {row.get('step', '?')}: {message}; past "
-                                 f"health.{limit}={getattr(s, limit)} for {self.strikes[name]} consecutive "
-                                 f"check(s) (a checkpoint was saved; change the limit to go on)")
-        return out
-
-
-def _gt(x: float, limit: float | None) -> bool:
-    return limit is not None and x > limit
-
-
-def _lt(x: float, limit: float | None) -> bool:
-    return limit is not None and x < limit

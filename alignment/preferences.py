@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from alignment import gold
 from alignment.chat import message_problems
 from alignment.config import Section
-from alignment.data import read_rows, seeded_split
+from alignment.data import ROW_PROBLEM, Source, read_rows, seeded_split
 from alignment.errors import DataError
 
 if TYPE_CHECKING:
@@ -51,6 +51,8 @@ def validate_pair(row: dict) -> list[str]:
 
     All problems are collected rather than the first, so a user fixes a file in one pass.
     """
+    if ROW_PROBLEM in row:  # an Alpaca/ShareGPT row that did not convert (alignment.data)
+        return [row[ROW_PROBLEM]]
     problems: list[str] = []
     for key in ("prompt", "chosen", "rejected"):
         if key not in row or row[key] is None:
@@ -159,7 +161,7 @@ def normalise_pair(row: dict, row_number: int | None = None) -> dict:
     return pair
 
 
-def load_pairs(source: str, split: str | None = None, max_bad_fraction: float = 0.0) -> list[dict]:
+def load_pairs(source, split: str | None = None, max_bad_fraction: float = 0.0) -> list[dict]:
     """Read, validate and normalise the preference pairs in `source`.
 
     Every row is validated before deciding: if more than `max_bad_fraction` of the rows are
@@ -188,7 +190,10 @@ def load_pairs(source: str, split: str | None = None, max_bad_fraction: float = 
 
 
 def _bad_rows_message(source: str, bad: list[str], total: int, max_bad_fraction: float) -> str:
-    """A summary line that stands on its own, then one line per bad row (capped)."""
+    """One bad row in a file that allows none: its own line. Otherwise a summary line that stands on its own, then
+    one line per bad row (capped)."""
+    if len(bad) == 1 and not max_bad_fraction:
+        return bad[0]
     lines = [f"{source}: {len(bad)} of {total} rows are bad (max_bad_fraction={max_bad_fraction}):"]
     lines += bad[:MAX_LISTED_ROWS]
     if len(bad) > MAX_LISTED_ROWS:
@@ -216,9 +221,10 @@ def to_trl_dataset(pairs: list[dict]) -> datasets.Dataset:
 class PrefData(Section):
     """Where a stage's preference pairs come from (the config section `data:` of reward, DPO, PPO)."""
 
-    train: str = "data/prefs/train.jsonl"
-    """Preference pairs: JSONL/Parquet file or a `datasets` name/path."""
-    eval: str | None = "data/prefs/eval.jsonl"
+    train: Source = "data/prefs/train.jsonl"
+    """Preference pairs: a file (JSONL/JSON/CSV/Parquet), folder or hub id, or a mapping (alignment.data.DataSource:
+    data_files, name, revision, split, columns, format); Alpaca/ShareGPT pairs (chosen/rejected) are converted."""
+    eval: Source | None = "data/prefs/eval.jsonl"
     """Held-out pairs for the metrics; None: split `eval_fraction` off the train pairs."""
     train_split: str = "train"
     eval_split: str = "test"

@@ -1,6 +1,6 @@
 """The prompt-data contract: what PPO, GRPO/RLOO, evaluation and the RLAIF labeller sample responses for.
 
-A prompt row is one of (JSONL/Parquet file or a `datasets` name/path, read by `alignment.data.read_rows`):
+A prompt row is one of (any source `alignment.data.read_rows` reads; Alpaca and ShareGPT rows arrive converted):
 
 - ``prompt``: a string (one user turn) or a list of chat messages ending before the assistant's turn;
 - ``messages``: a chat (the SFT layout). A final assistant turn is taken off and kept as ``reference``
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from alignment.chat import as_messages, message_problems
 from alignment.config import Section
-from alignment.data import read_rows
+from alignment.data import ROW_PROBLEM, Source, read_rows
 from alignment.errors import DataError
 
 MAX_LISTED_ROWS = 20
@@ -27,9 +27,10 @@ MAX_LISTED_ROWS = 20
 class PromptData(Section):
     """Where a stage's prompts come from (the config section `prompts:` of ppo, label, eval)."""
 
-    train: str = "data/instruct/train.jsonl"
-    """JSONL/Parquet file or a `datasets` name/path; rows with `prompt` (text or messages) or `messages`."""
-    eval: str | None = "data/instruct/eval.jsonl"
+    train: Source = "data/instruct/train.jsonl"
+    """A file (JSONL/JSON/CSV/Parquet), folder or hub id, or a mapping (alignment.data.DataSource: data_files,
+    name, revision, split, columns, format); rows with `prompt` (text or messages), `messages`, Alpaca or ShareGPT."""
+    eval: Source | None = "data/instruct/eval.jsonl"
     """Held-out prompts (the held-out reward curve); None: no held-out evaluation."""
     max_prompts: int | None = None
     """Use at most the first N training prompts (and N held-out prompts)."""
@@ -44,6 +45,8 @@ class PromptData(Section):
 
 def convert_row(row: dict) -> tuple[dict | None, str | None]:
     """(prompt record, None) or (None, problem) for one row; see the module docstring for the layouts."""
+    if ROW_PROBLEM in row:  # an Alpaca/ShareGPT row that did not convert (alignment.data)
+        return None, row[ROW_PROBLEM]
     reference = None
     if row.get("prompt") is not None:
         prompt = as_messages(row["prompt"], "user")

@@ -146,6 +146,36 @@ def plot_win_rates(models: dict, policies: list[str], baseline: str, path: Path)
     return _save(fig, path)
 
 
+def plot_gold_by_split(splits: dict, path: Path) -> Path | None:
+    """Gold pass rate of each model on each prompt set (in-distribution, held-out phrasings, held-out kinds),
+    bars with their bootstrap 95% CIs."""
+    names = list(dict.fromkeys(n for s in splits.values() for n in s["models"]))
+    sets = [s for s, v in splits.items() if v["models"]]
+    if not sets:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(6.4, 2.4 * len(sets)), 3.6))
+    width = 0.8 / max(len(names), 1)
+    for ci, name in enumerate(names):
+        xs, ys, err = [], [], [[], []]
+        for i, s in enumerate(sets):
+            m = splits[s]["models"].get(name)
+            if m is None:
+                continue
+            xs.append(i - 0.4 + width * (ci + 0.5))
+            ys.append(m["pass_rate"])
+            err[0].append(max(0.0, m["pass_rate"] - m["pass_rate_ci"][0]))
+            err[1].append(max(0.0, m["pass_rate_ci"][1] - m["pass_rate"]))
+        ax.bar(xs, ys, width, yerr=err, capsize=3, color=COLORS[ci % len(COLORS)], label=name)
+    ax.set_xticks(range(len(sets)))
+    ax.set_xticklabels([f"{s}\n({splits[s]['prompts']} prompts)" for s in sets], fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("gold pass rate")
+    ax.set_title("gold pass rate per prompt set (95% bootstrap CI)")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def plot_lengths(lengths: dict[str, list[int]], path: Path) -> Path | None:
     if not lengths:
         return None
@@ -226,6 +256,63 @@ def _model_table(models: dict, names: list[str], baseline: str) -> str:
     return f"<table>{head}{''.join(rows)}</table>"
 
 
+def _rate_cell(m: dict | None, digits: int) -> str:
+    """A pass rate with its CI and the number of prompts scored, or a dash."""
+    return f"<td>{_num(m['pass_rate'], digits) + _ci(m['pass_rate_ci'])} ({m['n']})</td>" if m else "<td>–</td>"
+
+
+def _splits_table(splits: dict) -> str:
+    """Models x prompt sets: gold pass rate [95% CI] (n)."""
+    sets = [s for s, v in splits.items() if v["models"]]
+    if not sets:
+        return ""
+    names = list(dict.fromkeys(n for s in sets for n in splits[s]["models"]))
+    head = "<tr><th class='l'>model</th>" + "".join(
+        f"<th>{_e(s)}<br><small><code>{_e(splits[s]['source'])}</code></small></th>" for s in sets) + "</tr>"
+    rows = []
+    for n in names:
+        cells = []
+        for s in sets:
+            m = splits[s]["models"].get(n)
+            cells.append(_rate_cell(m, 3))
+        rows.append(f"<tr><td class='l'><b>{_e(n)}</b></td>{''.join(cells)}</tr>")
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _kinds_table(split: dict) -> str:
+    """One prompt set's pass rate per constraint kind (the row's category) and model."""
+    names = list(split["models"])
+    kinds = sorted({k for m in split["models"].values() for k in m.get("by_kind", {})})
+    if not kinds:
+        return ""
+    head = "<tr><th class='l'>kind</th>" + "".join(f"<th>{_e(n)}</th>" for n in names) + "</tr>"
+    rows = []
+    for k in kinds:
+        cells = []
+        for n in names:
+            m = split["models"][n].get("by_kind", {}).get(k)
+            cells.append(_rate_cell(m, 2))
+        rows.append(f"<tr><td class='l'>{_e(k)}</td>{''.join(cells)}</tr>")
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _forgetting_table(f: dict) -> str:
+    """Per model: perplexity on general text (and its ratio to the reference), held-out-kind gold (and change)."""
+    names = list(dict.fromkeys([*f.get("ppl", {}), *f.get("heldout_kinds_gold", {})]))
+    if not names:
+        return ""
+    head = ("<tr><th class='l'>model</th><th>perplexity</th><th>ratio to reference</th>"
+            f"<th>gold on {_e(f.get('heldout_set', 'held-out kinds'))}</th><th>change from reference</th></tr>")
+    rows = []
+    for n in names:
+        ref = " (reference)" if n == f.get("reference") else ""
+        rows.append(f"<tr><td class='l'><b>{_e(n)}</b>{ref}</td><td>{_num(f.get('ppl', {}).get(n), 2)}</td>"
+                    f"<td>{_num(f.get('ppl_ratio', {}).get(n))}</td>"
+                    f"<td>{_num(f.get('heldout_kinds_gold', {}).get(n))}</td>"
+                    f"<td>{_num(f.get('heldout_kinds_gold_change', {}).get(n))}</td></tr>")
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
 def _samples_table(samples: list[dict], names: list[str], shown: int) -> str:
     by_id: dict = {}
     for s in samples:
@@ -252,6 +339,25 @@ def _samples_table(samples: list[dict], names: list[str], shown: int) -> str:
 # -- the eval stage's report -----------------------------------------------------------------------
 
 
+def _splits_section(metrics: dict) -> str:
+    """Gold per prompt set, per kind within each set, and forgetting (empty when the run measured none)."""
+    splits, f = metrics.get("splits") or {}, metrics.get("forgetting")
+    out = ""
+    if any(v["models"] for v in splits.values()):
+        out += ("<h2>Gold pass rate by split</h2><p class='sub'>Every constraint of the prompt met; bootstrap 95% "
+                "CI over prompts; (n) prompts scored.</p>" + _splits_table(splits))
+        for s, v in splits.items():
+            table = _kinds_table(v)
+            if table:
+                out += f"<h3>{_e(s)}: by kind</h3>{table}"
+    if f:
+        out += (f"<h2>Forgetting</h2><p class='sub'>Perplexity on <code>{_e(f.get('text'))}</code> "
+                f"({f.get('tokens', 0)} tokens) and gold on kinds no stage trained on, against "
+                f"<b>{_e(f.get('reference'))}</b>.</p>" + _forgetting_table(f))
+    return out
+
+
+
 def write_eval_report(out_dir: Path, *, metrics: dict, samples: list[dict], histories: dict[str, Path],
                       rewards: dict[str, list[float]], lengths: dict[str, list[int]], inputs: dict[str, str],
                       baseline: str, policies: list[str], run: str, shown: int = 12) -> Path:
@@ -266,6 +372,8 @@ def write_eval_report(out_dir: Path, *, metrics: dict, samples: list[dict], hist
         (plot_reward_distributions(rewards, baseline, plots / "reward_distribution.png"),
          f"Reward-model scores before ({baseline}) and after ({', '.join(policies)})", False),
         (plot_lengths(lengths, plots / "length_distribution.png"), "Response length (generated tokens)", False),
+        (plot_gold_by_split(metrics.get("splits") or {}, plots / "gold_by_split.png"),
+         "Gold pass rate per prompt set: in-distribution, held-out phrasings, held-out kinds", False),
         (plot_training_curves(histories, plots / "training_curves.png", final_kl),
          "Reward and KL over training (each policy's log_history.jsonl)", True),
     ]
@@ -280,6 +388,7 @@ def write_eval_report(out_dir: Path, *, metrics: dict, samples: list[dict], hist
         f"<code>{_e(metrics['prompts_source'])}</code>; judge <code>{_e(metrics.get('judge') or 'none')}</code></p>"
         f"<p>{_e(metrics['policy'])}: {head}</p>"
         f"<h2>Summary</h2>{_model_table(models, names, baseline)}"
+        f"{_splits_section(metrics)}"
         f"<h2>Plots</h2><div class='grid'>{''.join(_figure(p, c, w) for p, c, w in figs)}</div>"
         f"<h2>Samples</h2>{_samples_table(samples, names, shown)}"
         f"<h2>Inputs</h2><table class='kv'>{lineage}</table>"

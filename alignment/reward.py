@@ -138,6 +138,24 @@ def gate_metrics(r_chosen: Sequence[float], r_rejected: Sequence[float], len_cho
     }
 
 
+def metrics_by_group(groups: Sequence[str | None], r_chosen: Sequence[float], r_rejected: Sequence[float],
+                     len_chosen: Sequence[int], len_rejected: Sequence[int]) -> dict[str, dict]:
+    """Per group (a pair's `category`: its constraint kind) of held-out pairs: pairs, accuracy, mean margin and
+    the length correlation; pairs without a group are left out. One group can pass the gate as a whole and still
+    be one the RM has not learned, or one it scores by length (Singhal et al., 2023)."""
+    index: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        if g is not None:
+            index.setdefault(g, []).append(i)
+    out = {}
+    for g, idx in sorted(index.items()):
+        c, r = [r_chosen[i] for i in idx], [r_rejected[i] for i in idx]
+        lens = [len_chosen[i] for i in idx] + [len_rejected[i] for i in idx]
+        out[g] = {"pairs": len(idx), "accuracy": round(pairwise_accuracy(c, r), 4),
+                  "mean_margin": round(mean_margin(c, r), 4), "length_corr": round(pearson(c + r, lens), 4)}
+    return out
+
+
 def gate_failures(metrics: dict, *, min_accuracy: float | None = None, max_length_corr: float | None = None,
                   max_ece: float | None = None) -> list[str]:
     """One message per threshold the metrics miss (empty when the RM passes).
@@ -213,6 +231,8 @@ def score_conversations(model, tok, conversations: list[list[dict]], *, batch_si
     """The reward of each conversation (prompt + response messages) and how many were truncated."""
     import torch
 
+    from alignment.training import progress
+
     encoded = [conversation_ids(tok, conv, max_length) for conv in conversations]
     pad_id = model.config.get_text_config().pad_token_id
     device = next(model.parameters()).device
@@ -222,7 +242,7 @@ def score_conversations(model, tok, conversations: list[list[dict]], *, batch_si
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for start in range(0, len(order), batch_size):
+        for start in progress(range(0, len(order), batch_size), "reward scoring"):
             index = order[start:start + batch_size]
             batch = [encoded[i][0] for i in index]
             width = max(len(ids) for ids in batch)

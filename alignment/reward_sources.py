@@ -10,6 +10,8 @@ wrapper passes dataset columns by name).
   normalised with the mean/std of its scores over its own training responses (stored in its manifest).
   `ModelReward.score_ids` also scores token ids directly, which the PPO loop uses: no detokenise/retokenise
   round trip, and the score is read exactly where the reward model was trained to read it (see there).
+  In PPO the same RM is usually a role on the policy's own base instead (`AdapterReward`: the reward stage's
+  unmerged LoRA adapter + score head, `reward.model_as`), scoring exactly the same way.
 - `kind: function`: `module:function`, called as fn(prompts, completions[, constraints=..., reference=...]),
   e.g. the bundled verifiable reward `alignment.reward_sources:gold_reward`.
 - `kind: judge`: reward = P(completion beats the prompt's reference answer) - 0.5, from
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import Callable, Literal
 
 from alignment.config import Section
-from alignment.errors import ConfigError
+from alignment.errors import ArtifactError, ConfigError
 from alignment.judges import JudgeSpec
 
 log = logging.getLogger("align")
@@ -53,6 +55,11 @@ class RewardSource(Section):
     """kind model: sequences per reward-model forward pass in text-level scoring."""
     max_length: int = 512
     """kind model: conversations longer than this (tokens) keep their end (the RM reads the last token)."""
+    model_as: Literal["auto", "adapter", "merged"] = "auto"
+    """kind model, in PPO: adapter loads the reward stage's unmerged LoRA + score head (`<reward>/adapter/`) as a
+    fourth role on the policy's base (no second model in memory); merged loads `<reward>/model/` as a separate
+    model; auto: the adapter when the RM was trained on this run's SFT policy with LoRA, else merged. TRL's
+    GRPO/RLOO always use the merged model (they take a text-level scorer)."""
 
     def problems(self, prefix: str = "reward") -> list[tuple[str, str]]:
         out = []
@@ -86,6 +93,20 @@ def text_reward_fn(spec: RewardSource, inputs: dict, precision: str) -> TextScor
     if spec.kind == "function":
         return with_fields(import_function(spec.function))
     return JudgeReward(spec.judge, inputs, precision)
+
+
+def rl_reward(spec: RewardSource, inputs: dict, precision: str):
+    """The scorer PPO uses: for kind model the RM's adapter on the policy's base when it fits (`model_as`),
+    else `text_reward_fn`'s."""
+    if spec.kind == "model" and spec.model_as != "merged" and "reward" in inputs:
+        why = AdapterReward.unfit(inputs["reward"], inputs.get("sft"))
+        if why is None:
+            return AdapterReward.from_artifact(inputs["reward"], normalize=spec.normalize, max_length=spec.max_length)
+        if spec.model_as == "adapter":
+            raise ConfigError([f"reward.model_as: 'adapter' needs the reward model's unmerged adapter on this run's "
+                               f"SFT policy, and {why}; use auto or merged"])
+        log.info("[reward] the reward model is loaded as a separate merged model: %s", why)
+    return text_reward_fn(spec, inputs, precision)
 
 
 def import_function(path: str) -> Callable:
@@ -183,7 +204,12 @@ class ModelReward:
         self.mean, self.std, self.normalize = mean, std, normalize
         self.batch_size, self.max_length = batch_size, max_length
         self.suffix_ids = template_suffix_ids(tok)
+        self.score = model.score
         self.__name__ = "model_reward"
+
+    @property
+    def weights_mb(self) -> float:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters()) / 2**20
 
     @classmethod
     def from_artifact(cls, art, precision: str, **kw) -> "ModelReward":
@@ -218,19 +244,27 @@ class ModelReward:
         import torch
 
         device = next(self.model.parameters()).device
-        rows = []
-        for q, qm, r, rm, eos in zip(query_ids.tolist(), query_mask.tolist(), response_ids.tolist(),
-                                     response_mask.tolist(), has_eos.tolist()):
-            ids = [t for t, m in zip(q, qm) if m] + [t for t, m in zip(r, rm) if m]
-            ids = (ids + (self.suffix_ids if eos else []))[-self.max_length:]
-            rows.append(ids)
-        width = max(len(r) for r in rows)
-        pad = self.tok.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        ids, mask = scoring_batch(query_ids, query_mask, response_ids, response_mask, has_eos, self.suffix_ids,
+                                  self.max_length, self.tok.pad_token_id, device)
         with torch.no_grad():
             scores = last_token_scores(self.model, ids, mask)
         return torch.tensor(self._finish(scores.float().cpu().tolist()))
+
+
+def scoring_batch(query_ids, query_mask, response_ids, response_mask, has_eos, suffix_ids, max_length, pad, device):
+    """(ids, mask) to score: each row's real query + response tokens (+ the template suffix after an EOS), its
+    last `max_length`, left-padded so the last column is every row's last token."""
+    import torch
+
+    rows = []
+    for q, qm, r, rm, eos in zip(query_ids.tolist(), query_mask.tolist(), response_ids.tolist(),
+                                 response_mask.tolist(), has_eos.tolist()):
+        ids = [t for t, m in zip(q, qm) if m] + [t for t, m in zip(r, rm) if m]
+        rows.append((ids + (suffix_ids if eos else []))[-max_length:])
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    return ids, mask
 
 
 def last_token_scores(rm, input_ids, attention_mask):
@@ -255,6 +289,93 @@ def template_suffix_ids(tok) -> list[int]:
         return []
     last = len(ids) - 1 - ids[::-1].index(eos)
     return ids[last + 1:]
+
+
+class AdapterReward:
+    """The reward model as a role on the PPO trainer's own base: the reward stage's unmerged LoRA adapter (frozen,
+    adapter name `reward`) + its score head, read at the last token exactly like `ModelReward.score_ids`.
+
+    The RM was trained as LoRA on base + SFT merged, which is the PPO trainer's base, so the adapter fits it; the
+    result equals the merged RM's up to rounding (tests/test_reward_stage.py), without a second copy of the
+    weights. `attach(trainer)` is called by `PPOTrainer`.
+    """
+
+    name = "reward"
+
+    def __init__(self, config, weights: dict, score_weight, *, score_bias=None, tok=None, mean: float = 0.0,
+                 std: float = 1.0, normalize: bool = False, max_length: int = 512):
+        import torch
+
+        self.config, self.weights = config, weights
+        self.score = torch.nn.Linear(score_weight.shape[-1], 1, bias=score_bias is not None).float()
+        with torch.no_grad():
+            self.score.weight.copy_(score_weight.reshape(1, -1).float())
+            if score_bias is not None:
+                self.score.bias.copy_(score_bias.reshape(1).float())
+        self.score.requires_grad_(False)
+        self.mean, self.std, self.normalize, self.max_length = mean, std, normalize, max_length
+        self.suffix_ids = template_suffix_ids(tok) if tok is not None else []
+        self.trainer = None
+        self.__name__ = "adapter_reward"
+
+    @property
+    def adapter_mb(self) -> float:
+        return (sum(t.numel() * t.element_size() for t in self.weights.values())
+                + self.score.weight.numel() * 4) / 2**20
+
+    @staticmethod
+    def unfit(art, sft) -> str | None:
+        """Why the artifact's adapter cannot be a role on `sft`'s merged weights; None when it can."""
+        lineage = art.manifest.lineage
+        if not (art.path / ADAPTER_DIR / "adapter_config.json").is_file():
+            return f"{art.path} has no unmerged adapter ({ADAPTER_DIR}/: LoRA reward models from this version on)"
+        if lineage.get("init") != "sft" or sft is None or lineage.get("parent") != str(sft.path):
+            return f"{art.path} was trained on {lineage.get('parent')}, not on this run's SFT policy"
+        return None
+
+    @classmethod
+    def from_artifact(cls, art, *, normalize: bool = True, max_length: int = 512) -> "AdapterReward":
+        from peft import LoraConfig
+        from safetensors.torch import load_file
+
+        from alignment.models import load_tokenizer
+
+        folder = art.path / ADAPTER_DIR
+        conf = LoraConfig.from_pretrained(str(folder))
+        conf.task_type, conf.modules_to_save, conf.inference_mode = "CAUSAL_LM", None, True
+        tensors = load_file(str(folder / "adapter_model.safetensors"))
+        heads = {k: v for k, v in tensors.items() if ".lora_" not in k and k.split(".")[-2] == "score"}
+        weight = next((v for k, v in heads.items() if k.endswith("score.weight")), None)
+        if weight is None:
+            raise ArtifactError(f"{folder}: no score head in adapter_model.safetensors")
+        m = art.manifest.metrics
+        if normalize and not ("reward_mean" in m and "reward_std" in m):
+            raise ConfigError([f"reward.normalize: {art.path} has no reward_mean/reward_std in its metrics; "
+                               "set reward.normalize: false"])
+        bias = next((v for k, v in heads.items() if k.endswith("score.bias")), None)
+        return cls(conf, {k: v for k, v in tensors.items() if k not in heads}, weight, score_bias=bias,
+                   tok=load_tokenizer(art.model_dir), mean=m.get("reward_mean", 0.0), std=m.get("reward_std", 1.0),
+                   normalize=normalize, max_length=max_length)
+
+    def attach(self, trainer) -> None:
+        trainer.add_frozen_adapter(self.name, self.config, self.weights)
+        self.score.to(trainer.device)
+        self.trainer = trainer
+
+    def score_ids(self, query_ids, query_mask, response_ids, response_mask, has_eos):
+        import torch
+
+        t = self.trainer
+        ids, mask = scoring_batch(query_ids, query_mask, response_ids, response_mask, has_eos, self.suffix_ids,
+                                  self.max_length, t.tok.pad_token_id, t.device)
+        hidden = t.role_hidden(self.name, ids, mask)
+        with torch.no_grad():
+            scores = self.score(hidden[:, -1].float()).squeeze(-1).cpu()
+        return (scores - self.mean) / max(self.std, 1e-8) if self.normalize else scores
+
+
+ADAPTER_DIR = "adapter"
+"""The reward artifact's folder with the unmerged LoRA adapter + score head (peft layout)."""
 
 
 # -- kind: judge ------------------------------------------------------------------------------------------------

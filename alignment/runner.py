@@ -12,22 +12,24 @@ import importlib
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from alignment import preemption, tracking
-from alignment.artifacts import Artifact, ArtifactStore, remove_tree, write_json
+from alignment import logs, preemption, tracking
+from alignment.artifacts import Artifact, ArtifactStore, pause_point, remove_tree, write_json
 from alignment.cluster import Ranks
-from alignment.config import StageConfig, config_dict, config_hash, load_config, load_yaml
+from alignment.config import (StageConfig, config_dict, config_hash, install_log_redaction, load_config, load_yaml,
+                              name_problem, scrub)
 from alignment.errors import AlignError, ArtifactError, ConfigError
-from alignment.manifest import BaseModelId, Manifest, git_commit, library_versions, list_outputs
+from alignment.manifest import MANIFEST, BaseModelId, Manifest, git_commit, library_versions, list_outputs
 
-STAGES = ("base", "sft", "reward", "dpo", "ppo", "label", "online_dpo", "eval")
+STAGES = ("base", "sft", "reward", "dpo", "ppo", "grpo", "label", "online_dpo", "eval", "generate")
 log = logging.getLogger("align")
 
 
@@ -72,7 +74,25 @@ def load_stage_config(stage: str, path: str | Path, overrides: list[str] = ()) -
     declared = stage_of_file(path)
     if declared != stage:
         raise ConfigError([f"{path}: stage: this file configures '{declared}', not '{stage}'"])
-    return load_config(stage_module(stage).Config, path, overrides)
+    module = stage_module(stage)
+    cfg = load_config(module.Config, path, overrides)
+    _check_input_keys(module, cfg, path, overrides)
+    return cfg
+
+
+def _check_input_keys(module, cfg, path, overrides) -> None:
+    """`inputs.<stage>` must name a stage this one reads: a typo (`inputs.sfft`) would be ignored, and a value
+    under a made-up key (`inputs.openai_key=sk-...`) would land in the manifest. The value is never echoed."""
+    wanted = upstream_of(module, cfg)
+    problems = []
+    for key in cfg.inputs:
+        if key not in wanted:
+            src = f"{path} (command line)" if any(o.startswith(("inputs=", f"inputs.{key}=")) for o in overrides) \
+                else str(path)
+            reads = ", ".join(wanted) or "no artifacts"
+            problems.append(f"{src}: inputs.{key}: unknown key: stage '{cfg.stage}' reads {reads}")
+    if problems:
+        raise ConfigError(problems)
 
 
 def upstream_of(module, cfg) -> tuple[str, ...]:
@@ -111,9 +131,10 @@ def common_base(inputs: dict[str, Artifact]) -> BaseModelId | None:
 
 def run_stage(stage: str, config_path: str, overrides: list[str] = (), *, root=None, run: str | None = None,
               force: bool = False) -> Path:
+    install_log_redaction()
     module = stage_module(stage)
     cfg = load_stage_config(stage, config_path, overrides)
-    run = run or os.environ.get("ALIGN_RUN") or cfg.run
+    run = _run_name(run, cfg.run)
     store = ArtifactStore(root)
     if cfg.threads:
         import torch
@@ -124,41 +145,138 @@ def run_stage(stage: str, config_path: str, overrides: list[str] = (), *, root=N
     preemption.install()
     # Several processes (torchrun / accelerate / srun): all train, only rank 0 locks, decides and publishes.
     ranks = Ranks()
-    with store.lock(run, stage) if ranks.main else nullcontext():
-        plan = ranks.from_main(lambda: _plan(store, run, stage, cfg, module, force))
+    lock = store.lock(run, stage) if ranks.main else nullcontext()
+    with lock:
+        plan = ranks.from_main(lambda: _plan(store, run, stage, cfg, module, force, lock))
         final, current, ctx, inputs, chash = plan
         if current is not None:
             _raise_if_failed_gate(current.manifest, final)
             return final
-        log.info("[%s] run '%s', config %s (%s)\n%s", stage, run, chash[:12], config_path,
-                 json.dumps(config_dict(cfg), indent=2))
         started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        with tracking.stage_run(cfg, ctx, store.root):
-            module.run(cfg, ctx)
-        ranks.barrier()  # every rank has finished writing before rank 0 hashes the outputs
-        if preemption.requested_anywhere():
-            log.warning("[%s] checkpoint saved, requeue: not publishing; the same command resumes from %s",
-                        stage, latest_checkpoint(ctx.checkpoints_dir) or ctx.out_dir)
-            raise preemption.Requeue(f"{stage}: stopped at a checkpoint on request (exit {preemption.REQUEUE_EXIT}); "
-                                     "checkpoint saved, requeue: the same command resumes")
-        final, manifest = ranks.from_main(lambda: _publish(store, cfg, ctx, chash, inputs, started))
-        tracking.published(final)
-        _raise_if_failed_gate(manifest, final)
-        return final
+        pause_point("run:before")
+        with logs.stage_log(ctx.out_dir, stage, enabled=ranks.main):
+            _announce(cfg, ctx, chash, config_path, write=ranks.main)
+            with _failure_recorded(ctx.out_dir, enabled=ranks.main):
+                with tracking.stage_run(cfg, ctx, store.root):
+                    module.run(cfg, ctx)
+                ranks.barrier()  # every rank has finished writing before rank 0 hashes the outputs
+                pause_point("run:after")
+                return _finish(store, cfg, ctx, chash, inputs, started, ranks)
 
 
-def _plan(store, run, stage, cfg, module, force):
+def _finish(store, cfg, ctx, chash, inputs, started, ranks) -> Path:
+    """After `module.run`: requeue when a checkpoint was requested, else publish (rank 0) and check the gate."""
+    stage = ctx.stage
+    if preemption.requested_anywhere():
+        log.warning("[%s] checkpoint saved, requeue: not publishing; the same command resumes from %s",
+                    stage, latest_checkpoint(ctx.checkpoints_dir) or ctx.out_dir)
+        raise preemption.Requeue(f"{stage}: stopped at a checkpoint on request (exit {preemption.REQUEUE_EXIT}); "
+                                 "checkpoint saved, requeue: the same command resumes")
+    final, manifest = ranks.from_main(lambda: _publish(store, cfg, ctx, chash, _unchanged(store, inputs), started))
+    tracking.published(final)
+    _raise_if_failed_gate(manifest, final)
+    return final
+
+
+CONFIG_FILE = "config.yaml"
+"""The resolved config of a stage (secrets redacted), an output of its artifact; the console gets one line."""
+FAILURE_FILE = "failure.json"
+"""Why the last attempt in a partial folder stopped (`align status` shows it); removed when an attempt starts."""
+
+
+def _announce(cfg, ctx, chash, config_path, write: bool) -> None:
+    import yaml
+
+    if write:
+        (ctx.out_dir / CONFIG_FILE).write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False), encoding="utf-8")
+    log.info("[%s] run '%s', config %s (%s; resolved: %s in the artifact, log: %s)", ctx.stage, ctx.run, chash[:12],
+             config_path, CONFIG_FILE, logs.STAGE_LOG)
+    log.debug("[%s] resolved config:\n%s", ctx.stage, json.dumps(config_dict(cfg), indent=2))
+
+
+@contextmanager
+def _failure_recorded(out_dir: Path, enabled: bool):
+    """Leave `failure.json` in the partial folder when the stage raises, so status can name the cause."""
+    path = out_dir / FAILURE_FILE
+    if enabled:
+        path.unlink(missing_ok=True)
+    try:
+        yield
+    except BaseException as e:
+        if enabled and out_dir.is_dir():  # a failed quality gate is published already: no partial to mark
+            kind = ("preempted" if isinstance(e, preemption.Requeue) else
+                    "interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
+            write_json(path, {"kind": kind, "error": type(e).__name__, "message": scrub(str(e).splitlines()[0][:300])
+                              if str(e) else "", "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        raise
+
+
+def _run_name(given: str | None, configured: str) -> str:
+    """--run, else $ALIGN_RUN, else the config's run: one safe folder name under the artifact root."""
+    source = "--run" if given else "ALIGN_RUN" if os.environ.get("ALIGN_RUN") else "run"
+    run = given or os.environ.get("ALIGN_RUN") or configured
+    problem = name_problem(run)
+    if problem:
+        raise ConfigError([f"{source}: {problem} (got {run!r})"])
+    return run
+
+
+def _plan(store, run, stage, cfg, module, force, lock=None):
     """Rank 0's decision: (final dir, the up-to-date artifact or None, the context to run, inputs, config hash)."""
     inputs = resolve_inputs(store, run, stage, cfg, upstream_of(module, cfg))
     base = common_base(inputs)
     chash = config_hash(cfg)
     input_hashes = {k: a.manifest_sha256 for k, a in inputs.items()}
     final = store.stage_dir(run, stage)
+    read_only = getattr(lock, "read_only", False)
+    finished = None if read_only else _finish_interrupted_publish(store, run, stage, chash, input_hashes)
+    if finished is not None:
+        return final, finished, None, inputs, chash
+    if final.exists() and not read_only:
+        store.tidy(final)
     current = None if force or not final.exists() else _up_to_date(store, final, chash, input_hashes)
     if current is not None:
         return final, current, None, inputs, chash
+    if read_only:
+        raise ArtifactError(f"{store.root}: the artifact store is not writable ({lock.why.strerror}) and stage "
+                            f"'{stage}' of run '{run}' is not up to date; run it where the store is writable")
     ctx = _prepare_partial(store, run, stage, chash, input_hashes, inputs, base)
     return final, None, ctx, inputs, chash
+
+
+def _finish_interrupted_publish(store, run, stage, chash, input_hashes) -> Artifact | None:
+    """A kill between writing the manifest and the rename left a complete, verifying partial folder: put it in
+    place instead of training again (the old artifact, if any, is moved aside as in any publish)."""
+    partial = store.partial_dir(run, stage)
+    if not (partial / MANIFEST).is_file():
+        return None
+    try:
+        art = store.read(partial)
+    except ArtifactError as e:
+        log.info("[%s] the partial folder's manifest does not verify (%s); resuming the stage instead", stage, e)
+        return None
+    m = art.manifest
+    if m.config_hash != chash or {k: v.manifest_sha256 for k, v in m.inputs.items()} != input_hashes:
+        return None
+    final = store.commit(run, stage)
+    log.info("[%s] finished the publish an interrupted run had started: %s", stage, final)
+    return store.read(final)
+
+
+def _unchanged(store, inputs: dict[str, Artifact]) -> dict[str, Artifact]:
+    """Refuse to publish when an input was republished (`--force` upstream) or changed while this stage ran:
+    the manifest would name one input and hold weights trained on another."""
+    for name, art in inputs.items():
+        try:
+            now = store.read(art.path).manifest_sha256
+        except ArtifactError as e:
+            now, why = None, str(e)
+        else:
+            why = f"manifest {art.manifest_sha256[:12]} -> {now[:12]}"
+        if now != art.manifest_sha256:
+            raise ArtifactError(f"inputs.{name}: {art.path} changed while this stage ran ({why}); nothing published, "
+                                "since this stage trained on what was there before. Re-run it to train on the new input")
+    return inputs
 
 
 def _raise_if_failed_gate(manifest: Manifest, final: Path) -> None:
@@ -172,8 +290,10 @@ def _raise_if_failed_gate(manifest: Manifest, final: Path) -> None:
 def _up_to_date(store, final: Path, chash: str, input_hashes: dict) -> Artifact | None:
     """The published artifact when its config and inputs match this run's, else None (re-run)."""
     try:
-        old = store.read(final, verify=False)
-    except ArtifactError:
+        old = store.read(final)
+    except ArtifactError as e:
+        log.warning("%s: the published artifact does not verify (%s); re-running (it is moved aside, not deleted)",
+                    final.name, e)
         return None
     m = old.manifest
     if m.config_hash != chash or {k: v.manifest_sha256 for k, v in m.inputs.items()} != input_hashes:
@@ -219,14 +339,15 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 
 def _publish(store, cfg, ctx: StageContext, chash, inputs, started) -> tuple[Path, Manifest]:
-    remove_tree(ctx.checkpoints_dir)
-    write_json(ctx.out_dir / "metrics.json", ctx.metrics)
+    # Checkpoints stay until the artifact is in place (ArtifactStore.commit): a kill before that resumes from them.
+    metrics, lineage = scrub(ctx.metrics), scrub(ctx.lineage)
+    write_json(ctx.out_dir / "metrics.json", metrics)
     manifest = Manifest(
         stage=ctx.stage, run=ctx.run, status=ctx.status, config=config_dict(cfg), config_hash=chash,
         inputs={k: {"stage": a.stage, "path": str(a.path), "manifest_sha256": a.manifest_sha256}
                 for k, a in inputs.items()},
-        outputs=list_outputs(ctx.out_dir), metrics=ctx.metrics, base_model=ctx.base_model,
-        lineage=ctx.lineage, versions=library_versions(), git_commit=git_commit(), host=socket.gethostname(),
+        outputs=list_outputs(ctx.out_dir), metrics=metrics, base_model=ctx.base_model,
+        lineage=lineage, versions=library_versions(), git_commit=git_commit(), host=socket.gethostname(),
         started_at=started, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
     final = store.publish(ctx.run, ctx.stage, manifest)
@@ -234,8 +355,35 @@ def _publish(store, cfg, ctx: StageContext, chash, inputs, started) -> tuple[Pat
     return final, manifest
 
 
-def run_pipeline(path: str, *, root=None, run: str | None = None, force: bool = False) -> list[Path]:
-    """Run the stages a pipeline file lists, in order, each skipped when up to date."""
+def route_overrides(overrides, stages, where: str = "command line") -> dict[str, list[str]]:
+    """`sft.train.lr=1e-4` or `sft:train.lr=1e-4` -> {"sft": ["train.lr=1e-4"]}; `seed=1` -> every stage.
+    The first dotted part is a stage only when the pipeline runs that stage (ppo's own `eval.batch_size` is
+    written `ppo.eval.batch_size`)."""
+    routed: dict[str, list[str]] = {s: [] for s in stages}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        head, colon, rest = key.partition(":")
+        if not colon:
+            head, dot, rest = key.partition(".")
+            if not (dot and head in routed):
+                head, rest = None, key
+        if head is None:
+            for s in routed:
+                routed[s].append(item)
+        elif head not in routed:
+            raise ConfigError([f"{where}: override '{item}': the pipeline has no stage '{head}' "
+                               f"(stages: {', '.join(routed)})"])
+        elif not rest:
+            raise ConfigError([f"{where}: override '{item}': expected {head}.key.path=value"])
+        else:
+            routed[head].append(f"{rest}{sep}{value}")
+    return routed
+
+
+def run_pipeline(path: str, *, root=None, run: str | None = None, force: bool = False,
+                 overrides: list[str] = ()) -> list[Path]:
+    """Run the stages a pipeline file lists, in order, each skipped when up to date. `overrides` as
+    `route_overrides` reads them, applied after the pipeline file's own per-stage overrides."""
     spec = load_yaml(path)
     steps, problems = spec.get("stages"), []
     if not isinstance(steps, list) or not steps:
@@ -243,14 +391,29 @@ def run_pipeline(path: str, *, root=None, run: str | None = None, force: bool = 
     for i, step in enumerate(steps):
         if not isinstance(step, dict) or set(step) - {"stage", "config", "overrides", "slurm"} or "stage" not in step:
             problems.append(f"{path}: stages.{i}: expected {{stage: NAME, config: FILE, overrides: [...]}}")
+        elif step["stage"] not in STAGES:
+            problems.append(f"{path}: stages.{i}.stage: unknown stage {step['stage']!r}; stages: {', '.join(STAGES)}")
+        elif not isinstance(step.get("overrides", []), list) or not isinstance(step.get("config", ""), str):
+            problems.append(f"{path}: stages.{i}: overrides must be a list of key.path=value, config a file name")
+    if spec.get("run") is not None and name_problem(spec.get("run")):
+        problems.append(f"{path}: run: {name_problem(spec.get('run'))} (got {spec.get('run')!r})")
     if problems:
         raise ConfigError(problems)
     run = run or spec.get("run")
+    if run is not None:
+        _run_name(run, run)
+    ArtifactStore(root)  # --artifacts pointing at a file: say so before the first stage starts
+    routed = route_overrides(overrides, [step["stage"] for step in steps])
     out = []
     for step in steps:
         cfg_file = Path(path).parent / step.get("config", f"{step['stage']}.yaml")
-        out.append(_run_in_subprocess(step["stage"], cfg_file, step.get("overrides", []), root, run, force))
+        extra = [*step.get("overrides", []), *routed[step["stage"]]]
+        out.append(_run_in_subprocess(step["stage"], cfg_file, [str(o) for o in extra], root, run, force))
     return out
+
+
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+"""Signals `align pipeline` passes on to the running stage (USR1: checkpoint and requeue, TERM/INT: stop)."""
 
 
 def _run_in_subprocess(stage: str, cfg_file: Path, overrides: list[str], root, run, force) -> Path:
@@ -259,13 +422,58 @@ def _run_in_subprocess(stage: str, cfg_file: Path, overrides: list[str], root, r
     cmd += ["--artifacts", str(root)] if root else []
     cmd += ["--run", run] if run else []
     cmd += ["--force"] if force else []
+    cmd += ["--debug"] if os.environ.get("ALIGN_DEBUG") else []
     log.info("== %s: %s", stage, " ".join(cmd[2:]))
-    code = subprocess.call(cmd)
+    code = run_child(cmd)
     if code != 0:
-        err = AlignError(f"pipeline stopped at stage '{stage}' (exit {code}); fix it and re-run: finished stages skip")
-        err.exit_code = code if code > 0 else 1
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit {code}"
+        err = AlignError(f"pipeline stopped at stage '{stage}' ({how}); fix it and re-run: finished stages skip")
+        err.exit_code = code if code > 0 else 128 - code
         raise err
     return ArtifactStore(root).stage_dir(run or os.environ.get("ALIGN_RUN") or _run_of(cfg_file), stage)
+
+
+def run_child(cmd: list[str]) -> int:
+    """Run a stage process that lives and dies with this one: signals sent to us are forwarded to it, and if we
+    are killed outright (SIGKILL) the kernel sends it SIGTERM, so it never holds the stage lock on its own."""
+    proc = subprocess.Popen(cmd, preexec_fn=_die_with_parent, start_new_session=True)
+
+    def forward(signum, _frame):
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    main_thread = threading_is_main()
+    saved = {s: signal.signal(s, forward) for s in FORWARDED} if main_thread else {}
+    try:
+        return proc.wait()
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+        if proc.poll() is None:  # we are leaving on an exception: do not leave the stage running
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def threading_is_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: PR_SET_PDEATHSIG (Linux) so the parent's death sends us SIGTERM."""
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the prctl
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _run_of(cfg_file: Path) -> str:

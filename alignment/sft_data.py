@@ -3,7 +3,8 @@
 Mixing several sources is `alignment.mixture`; this module reads one.
 
 Accepted rows: `messages` (the last turn must be the assistant's: it is the completion), or
-`prompt` + `completion` (strings or message lists). Loss is on the completion only.
+`prompt` + `completion` (strings or message lists), or any layout `alignment.data` converts to those (Alpaca,
+ShareGPT, renamed columns). Loss is on the completion only.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import logging
 
 from alignment.chat import as_messages, message_problems
-from alignment.data import read_rows
+from alignment.data import ROW_PROBLEM, read_rows
 from alignment.errors import DataError
 
 log = logging.getLogger("align")
@@ -19,6 +20,8 @@ log = logging.getLogger("align")
 
 def convert_row(row: dict) -> tuple[dict | None, str | None]:
     """(example, None) or (None, problem)."""
+    if ROW_PROBLEM in row:  # an Alpaca/ShareGPT row that did not convert (alignment.data)
+        return None, row[ROW_PROBLEM]
     if "messages" in row:
         msgs = row["messages"]
         problems = message_problems(msgs, "messages")
@@ -44,7 +47,7 @@ def load_examples(source: str, split: str | None, max_bad_fraction: float) -> li
         if problem:
             bad.append(f"{source}: row {rowno}: {problem}")
         else:
-            example["source"] = source
+            example["source"] = str(source)
             # Instruction mixtures hold out and report by category (the bundled rows: the constraint type).
             category = row.get("category")
             example["category"] = None if category is None else str(category)

@@ -6,6 +6,7 @@ each stage's newest job id and state (from squeue / `scontrol show job`); withou
 from __future__ import annotations
 
 import json
+
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from alignment.manifest import MANIFEST
 from alignment.runner import STAGES
 
 KEY_METRICS = ("eval_loss", "eval_loss_before", "accuracy", "win_rate", "mean_reward", "kl")
+"""Shown for a stage without its own figures below (a stage added later, an old artifact)."""
 
 
 def stage_rows(store: ArtifactStore, run: str) -> list[dict]:
@@ -29,16 +31,45 @@ def stage_rows(store: ArtifactStore, run: str) -> list[dict]:
             rows.append({"stage": stage, "status": "submitted", "age_s": None, "config_hash": "", "metrics": ""})
         final, partial = store.stage_dir(run, stage), store.partial_dir(run, stage)
         if (final / MANIFEST).is_file():
-            m = json.loads((final / MANIFEST).read_text())
-            rows.append({"stage": stage, "status": m["status"], "age_s": time.time() - (final / MANIFEST).stat().st_mtime,
-                         "config_hash": m["config_hash"][:12], "metrics": _key_metrics(m.get("metrics", {}))})
+            rows.append(_published_row(store, stage, final))
         if partial.exists():
             running = store.lock(run, stage).held_elsewhere()
-            rows.append({"stage": stage, "status": "running" if running else "interrupted (partial)",
+            rows.append({"stage": stage, "status": "running" if running else _partial_state(partial),
                          "age_s": time.time() - partial.stat().st_mtime, "config_hash": "", "metrics": ""})
     for r in rows:
         r["slurm"] = jobs.get(r["stage"], "")
     return rows
+
+
+def _published_row(store: ArtifactStore, stage: str, final: Path) -> dict:
+    """A published artifact's row; one that does not verify (cached hashes) shows as broken with the first reason."""
+    age = time.time() - (final / MANIFEST).stat().st_mtime
+    try:
+        manifest, _ = store.load_manifest(final)
+    except AlignError as e:
+        return {"stage": stage, "status": "broken", "age_s": age, "config_hash": "", "metrics": str(e)}
+    problems = store.problems(final, manifest)
+    if problems:
+        return {"stage": stage, "status": "broken", "age_s": age, "config_hash": manifest.config_hash[:12],
+                "metrics": problems[0] + (f" (+{len(problems) - 1} more: align verify)" if len(problems) > 1 else "")}
+    return {"stage": stage, "status": manifest.status, "age_s": age, "config_hash": manifest.config_hash[:12],
+            "metrics": _key_metrics(manifest.metrics, stage)}
+
+
+def _partial_state(partial: Path) -> str:
+    """Why a partial folder that nobody holds stopped: the runner's `failure.json`, else a hard kill."""
+    from alignment.runner import FAILURE_FILE
+
+    try:
+        f = json.loads((partial / FAILURE_FILE).read_text())
+    except (OSError, ValueError):
+        return "interrupted (partial; killed, resumes on re-run)"
+    if f.get("kind") == "preempted":
+        return "preempted (checkpoint saved, resumes on re-run)"
+    if f.get("kind") == "interrupted":
+        return "interrupted (Ctrl-C; resumes on re-run)"
+    msg = f.get("message", "")
+    return f"failed: {f.get('error', 'error')}: {msg[:100] + '...' if len(msg) > 100 else msg}"
 
 
 def slurm_jobs(run_dir: Path) -> dict[str, str]:
@@ -54,8 +85,85 @@ def slurm_jobs(run_dir: Path) -> dict[str, str]:
     return {stage: f"job {jid} {states.get(jid, '')}".strip() for stage, jid in jobs.items()}
 
 
-def _key_metrics(metrics: dict) -> str:
-    return "  ".join(f"{k}={metrics[k]:.4g}" for k in KEY_METRICS if isinstance(metrics.get(k), (int, float)))
+def _key_metrics(metrics: dict, stage: str | None = None) -> str:
+    """A stage's key figures, read under the names the stage writes (nested dicts as `a.b`)."""
+    figures = FIGURES.get(stage)
+    if figures is None:
+        return "  ".join(f"{k}={_num(metrics[k])}" for k in KEY_METRICS if _is_num(metrics.get(k)))
+    return "  ".join(part for part in figures(metrics) if part)
+
+
+def _get(metrics: dict, path: str):
+    node = metrics
+    for part in path.split("|"):  # `|` separates nesting levels: keys themselves hold '/' and '.'
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _num(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def _fig(label: str, metrics: dict, path: str, before: str | None = None) -> str:
+    """`label=value`, or `label=before->after` when the stage recorded the value before training too."""
+    v, b = _get(metrics, path), _get(metrics, before) if before else None
+    if not _is_num(v):
+        return ""
+    return f"{label}={_num(b)}->{_num(v)}" if _is_num(b) else f"{label}={_num(v)}"
+
+
+def _curve(label: str, metrics: dict, name: str) -> str:
+    """A PPO curve summary ({first, last, max, min}) as first->last."""
+    return _fig(label, metrics, f"{name}|last", f"{name}|first")
+
+
+def _eval_figures(m: dict) -> list[str]:
+    """Per policy, naming whose figure it is: its judge win rate against the baseline, gold pass rate, reward,
+    KL from the baseline; then the baseline's own gold and reward."""
+    base, models = m.get("baseline", "baseline"), m.get("models") or {}
+    out = []
+    for name, pm in [*((n, pm) for n, pm in models.items() if n != base), *((n, pm) for n, pm in models.items()
+                                                                            if n == base)]:
+        parts = [_fig("win", pm, "judge|win_rate"), _fig("gold", pm, "gold|pass_rate"),
+                 _fig("reward", pm, "reward|mean"), _fig("kl", pm, "kl|kl_seq")]
+        parts = [p for p in parts if p]
+        if parts:
+            out.append(f"{name}{' vs ' + base if name != base else ''}: {' '.join(parts)};")
+    if out:
+        return out
+    return [_fig("win_rate", m, "win_rate"), _fig("gold", m, "gold_pass_rate")]  # an eval from before `models`
+
+
+FIGURES = {
+    "base": lambda m: [_fig("params", m, "parameters")],
+    "sft": lambda m: [_fig("eval_loss", m, "eval_loss", "eval_loss_before"),
+                      _fig("ppl", m, "perplexity", "perplexity_before")],
+    "reward": lambda m: [_fig("acc", m, "eval_accuracy", "eval_accuracy_before"), _fig("ece", m, "eval_ece"),
+                         _fig("margin", m, "eval_mean_margin"), _fig("len_corr", m, "eval_length_corr"),
+                         "" if m.get("gate_passed", True) else "gate FAILED"],
+    "label": lambda m: [_fig("pairs", m, "pairs"), _fig("gold_agree", m, "gold_agreement"),
+                        _fig("pos_bias", m, "position_bias_rate"), _fig("unparsed", m, "unparseable_rate")],
+    "dpo": lambda m: [_fig("pref_acc", m, "eval|dpo/prefers_chosen_sum", "eval|sft/prefers_chosen_sum"),
+                      _fig("reward_acc", m, "eval|rewards/accuracies"), _fig("margin", m, "eval|rewards/margins"),
+                      _fig("kl", m, "eval|kl_seq")],
+    "ppo": lambda m: [_curve("reward", m, "eval_reward"), _curve("kl", m, "kl"),
+                      _curve("missing_eos", m, "missing_eos_rate"), _curve("gold", m, "eval_gold")]
+    if m.get("algorithm", "ppo") == "ppo" else _grpo_figures(m),
+    "grpo": lambda m: _grpo_figures(m),
+    "eval": _eval_figures,
+}
+"""Per stage: the figures `align status` shows, from the metrics.json the stage writes."""
+
+
+def _grpo_figures(m: dict) -> list[str]:
+    return [_fig("reward", m, "reward_last", "reward_first"), _fig("kl", m, "kl_last"),
+            _fig("steps", m, "steps")]
 
 
 def _age(seconds: float | None) -> str:
@@ -74,7 +182,7 @@ def print_status(root: str | None, run: str | None) -> None:
         raise AlignError(f"no runs under {store.root}")
     console = Console()
     for name in runs:
-        if not (store.root / name).is_dir():
+        if not store.run_dir(name).is_dir():
             raise AlignError(f"run '{name}' not found under {store.root}")
         table = Table(title=f"run {name} ({Path(store.root) / name})")
         rows = stage_rows(store, name)
@@ -85,3 +193,7 @@ def print_status(root: str | None, run: str | None) -> None:
             table.add_row(r["stage"], r["status"], _age(r["age_s"]), r["config_hash"], r["metrics"],
                           *[r["slurm"]] * slurm)
         console.print(table)
+        stale = store.stale_folders(name)
+        if stale:  # partial work of an older config: never resumed, only disk used
+            console.print(f"{len(stale)} stale partial folder(s), never resumed; remove with: "
+                          f"rm -rf {' '.join(str(p) for p in stale)}", soft_wrap=True)

@@ -10,8 +10,16 @@ The runner wraps every stage:
 What a run holds (`tracking: wandb`):
 - config: the resolved stage config with secrets redacted (`alignment.config.config_dict`);
 - history: HF trainers log live (`train/loss`, `train/rewards/margins`, ...); our own loops call
-  `tracking.log({"ppo/kl": ..., "objective/scores": ...}, step=...)`. A stage that logged nothing live has its
-  `<artifact>/log_history.jsonl` replayed, un-namespaced keys under `train/`;
+  `tracking.log({"ppo/kl": ..., "objective/scores": ...}, step=...)` or, with a `log_history` row as it is
+  appended, `tracking.log_row(row)` (the PPO loop's `on_log` callback). A stage that logged nothing live has its
+  `<artifact>/log_history.jsonl` replayed at publish time, un-namespaced keys under `train/`;
+- tables while the stage runs: `tracking.log_samples(rows, key, step)` (label's judged pairs, PPO's held-out
+  responses at an eval step);
+- a table `pairs` from `<artifact>/pairs.jsonl` (label's judged pairs with their soft labels);
+- images: the artifact's report plots (`plots/*.png`, eval) under `plots/<name>`;
+- one run per stage attempt chain: its id is kept in `<stage>.partial/tracking.json` and `wandb.init(id=...,
+  resume="allow")` continues it after a requeue or restart; tags name the stage, the Slurm job (`slurm:<id>`,
+  `slurm-restart:<n>`) and the git commit (`git:<sha>`);
 - summary: `ctx.metrics`, flattened and namespaced by stage (`dpo/eval/rewards/margins`, `eval/dpo/win_rate`);
 - a table `samples` from `<artifact>/samples.jsonl` (generative stages: label, ppo, eval) — one JSON object
   per generation with `prompt` and `response` (strings) and any scalar columns (`policy`, `reward`, `step`...);
@@ -33,15 +41,18 @@ import json
 import logging
 import math
 import os
+import secrets
 import struct
 from pathlib import Path
 
-from alignment.config import config_dict
+from alignment.config import config_dict, scrub
 from alignment.errors import ConfigError
 
 logger = logging.getLogger("align")
 SAMPLES = "samples.jsonl"
 """Per-artifact file of sampled generations the tracker shows as a table (see the module docstring)."""
+PAIRS = "pairs.jsonl"
+"""label's training pairs, shown as a table `pairs` when the artifact is published."""
 MAX_TABLE_ROWS = 200
 PROJECT = "alignment"
 
@@ -98,17 +109,21 @@ def namespaced(row: dict) -> dict:
     return out
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
+    """The rows of a JSONL file (the first `limit`), skipping lines that do not parse; [] when absent."""
     if not Path(path).is_file():
         return []
     rows = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if line:
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue
+    with Path(path).open(encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if limit is not None and len(rows) >= limit:
+                break
+            line = line.strip()
+            if line:
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    continue
     return rows
 
 
@@ -125,6 +140,30 @@ def log(metrics: dict, step: int | None = None) -> None:
     """Log namespaced metrics to the running stage's dashboard (no-op when tracking is off)."""
     if _active is not None:
         _active.log(metrics, step)
+
+
+def log_row(row: dict) -> None:
+    """Log one `log_history` row live, as it is appended (the PPO loop's `on_log` callback calls this per update):
+    keys namespaced as in the replay (`loss` -> `train/loss`, `ppo/kl` kept), at the row's `step`. Once a stage
+    logged anything live, `published` does not replay `log_history.jsonl`, so no curve is drawn twice."""
+    values = namespaced(row)
+    if values and _active is not None:
+        step = row.get("step")
+        _active.log(values, int(step) if isinstance(step, (int, float)) else None)
+
+
+def trainer_logged_live() -> None:
+    """An HF trainer reporting into this stage's dashboard logged a row (`training.callbacks`): the curves are
+    live, so `published` must not replay `log_history.jsonl` on top of them."""
+    if _active is not None:
+        _active.logged += 1
+
+
+def log_samples(rows: list[dict], key: str = "samples", step: int | None = None) -> None:
+    """Show generations as a table now (label's judged pairs, PPO's held-out responses at an eval step): one row per
+    dict, columns in first-seen order, non-scalars as JSON. At most MAX_TABLE_ROWS rows."""
+    if rows and _active is not None:
+        _active.samples_table(scrub(list(rows)[:MAX_TABLE_ROWS]), key, step)
 
 
 class Tracker:
@@ -148,12 +187,22 @@ class Tracker:
                 values = namespaced(row)
                 if values:
                     self._log(values, int(row.get("step", i)))
-        self._samples(read_jsonl(final / SAMPLES)[:MAX_TABLE_ROWS])
-        self._summary(flatten(self.ctx.metrics, self.ctx.stage))
+        # Secrets by value (what *_env variables hold, URL credentials) never reach a dashboard.
+        self._samples(scrub(read_jsonl(final / SAMPLES, MAX_TABLE_ROWS)))
+        # label's judged pairs (prompt, chosen, rejected, soft label), beside what the stage logged itself
+        self.samples_table(scrub(read_jsonl(final / PAIRS, MAX_TABLE_ROWS)), "pairs", None)
+        self._images(sorted(Path(final).glob("plots/*.png")))
+        self._summary(scrub(flatten(self.ctx.metrics, self.ctx.stage)))
         self._artifact(final)
 
     def _samples(self, rows: list[dict]) -> None:
+        self.samples_table(rows, "samples", None)
+
+    def samples_table(self, rows: list[dict], key: str, step: int | None) -> None:
         pass
+
+    def _images(self, paths: list[Path]) -> None:
+        """The artifact's report plots (eval's `plots/*.png`), as images under `plots/<name>`."""
 
     def _summary(self, values: dict) -> None:
         pass
@@ -183,10 +232,14 @@ class WandbTracker(Tracker):
         self.mode = wandb_mode()
         self.dir = Path(os.environ.get("WANDB_DIR") or tracking_dir(root, ctx.run))
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.run_id = attempt_run_id(ctx.out_dir, lambda: secrets.token_hex(6))  # wandb ids: [a-z0-9_-]
         self.run = wandb.init(
             project=os.environ.get("WANDB_PROJECT", PROJECT), group=ctx.run, job_type=ctx.stage,
             name=f"{ctx.run}/{ctx.stage}", dir=str(self.dir), mode=self.mode, reinit="finish_previous",
-            config=config_dict(cfg), tags=[ctx.stage], settings=_settings(wandb),
+            # One run per stage attempt chain: a requeued or restarted attempt resumes the same run (same id,
+            # kept in the partial folder), so its curves continue instead of starting a second run.
+            id=self.run_id, resume="allow",
+            config=config_dict(cfg), tags=run_tags(ctx.stage), settings=_settings(wandb),
         )
         # The x axis HF's WandbCallback also uses, so live trainer logs and our own loops share it.
         self.run.define_metric("train/global_step")
@@ -198,8 +251,12 @@ class WandbTracker(Tracker):
     def _artifact_of(self, path: Path, manifest):
         art = self.wandb.Artifact(name=f"{manifest.run}-{manifest.stage}", type=manifest.stage,
                                   metadata=_artifact_metadata(manifest))
-        # A reference: the files stay in the artifact store; wandb records their paths and checksums.
-        art.add_reference(Path(path).resolve().as_uri(), name=manifest.stage)
+        # A reference: the files stay in the artifact store; wandb records their paths and checksums. The manifest
+        # and its outputs only: the stage log keeps growing after publishing, and would change the digest between
+        # the producer's log_artifact and a consumer's use of the same version.
+        folder = Path(path).resolve()
+        for rel in ["manifest.json", *(o.path for o in manifest.outputs)]:
+            art.add_reference((folder / rel).as_uri(), name=f"{manifest.stage}/{rel}")
         return art
 
     def _use(self, art) -> None:
@@ -223,14 +280,18 @@ class WandbTracker(Tracker):
             values["train/global_step"] = step
         self.run.log(values)
 
-    def _samples(self, rows: list[dict]) -> None:
+    def samples_table(self, rows: list[dict], key: str, step: int | None) -> None:
         if not rows:
             return
-        columns: list[str] = []
-        for r in rows:
-            columns += [k for k in r if k not in columns]
-        data = [[_cell(r.get(c)) for c in columns] for r in rows]
-        self.run.log({"samples": self.wandb.Table(columns=columns, data=data)})
+        columns, data = table_of(rows)
+        values = {key: self.wandb.Table(columns=columns, data=data)}
+        if step is not None:
+            values["train/global_step"] = step
+        self.run.log(values)
+
+    def _images(self, paths: list[Path]) -> None:
+        if paths:
+            self.run.log({f"plots/{p.stem}": self.wandb.Image(str(p), caption=p.name) for p in paths})
 
     def _summary(self, values: dict) -> None:
         for k, v in values.items():
@@ -261,15 +322,30 @@ class TensorboardTracker(Tracker):
         self.dir = tracking_dir(root, ctx.run) / "tensorboard" / ctx.stage
         self.writer = SummaryWriter(log_dir=str(self.dir))
         self.writer.add_text("config", "```\n" + json.dumps(config_dict(cfg), indent=2) + "\n```")
+        self.writer.add_text("tags", ", ".join(run_tags(ctx.stage)))
 
     def _log(self, metrics: dict, step: int | None) -> None:
         for k, v in flatten(metrics).items():
             if not isinstance(v, str):
                 self.writer.add_scalar(k, v, step)
 
-    def _samples(self, rows: list[dict]) -> None:
-        for i, r in enumerate(rows[:20]):
-            self.writer.add_text("samples", f"**prompt** {r.get('prompt', '')}\n\n**response** {r.get('response', '')}", i)
+    def samples_table(self, rows: list[dict], key: str, step: int | None) -> None:
+        if not rows:
+            return
+        columns, data = table_of(rows)
+        # A markdown table: TensorBoard's text plugin renders it as one.
+        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in row) + " |"
+                  for row in data]
+        self.writer.add_text(key, "\n".join(lines), step or 0)
+
+    def _images(self, paths: list[Path]) -> None:
+        import numpy as np
+        from PIL import Image
+
+        for p in paths:
+            with Image.open(p) as im:
+                self.writer.add_image(f"plots/{p.stem}", np.asarray(im.convert("RGB")), 0, dataformats="HWC")
 
     def _summary(self, values: dict) -> None:
         for k, v in values.items():
@@ -291,15 +367,58 @@ def _settings(wandb):
         return wandb.Settings(console="off", save_code=False, silent=True)
 
 
+RUN_ID_FILE = "tracking.json"
+"""In a stage's partial folder: the dashboard run id of this attempt chain (runner bookkeeping, not an output)."""
+
+
+def attempt_run_id(partial: Path, new_id) -> str:
+    """The run id stored in the partial folder by an earlier attempt (requeue, restart, resume), else a new one,
+    stored. Partial work set aside (another config) takes its id with it: a fresh chain gets a fresh run."""
+    path = Path(partial) / RUN_ID_FILE
+    try:
+        found = json.loads(path.read_text()).get("wandb_run_id")
+        if isinstance(found, str) and found:
+            return found
+    except (OSError, ValueError, AttributeError):
+        pass
+    run_id = new_id()
+    if path.parent.is_dir():
+        path.write_text(json.dumps({"wandb_run_id": run_id}) + "\n")
+    return run_id
+
+
+def run_tags(stage: str) -> list[str]:
+    """The stage, the Slurm job (id, and the restart count of a requeued one) and the code's git commit."""
+    from alignment.manifest import git_commit
+
+    tags = [stage]
+    job = os.environ.get("SLURM_JOB_ID")
+    if job:
+        tags.append(f"slurm:{job}")
+        if os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0"):
+            tags.append(f"slurm-restart:{os.environ['SLURM_RESTART_COUNT']}")
+    commit = git_commit()
+    if commit:
+        tags.append(f"git:{commit[:12]}")
+    return tags
+
+
+def table_of(rows: list[dict]) -> tuple[list[str], list[list]]:
+    columns: list[str] = []
+    for r in rows:
+        columns += [k for k in r if k not in columns]
+    return columns, [[_cell(r.get(c)) for c in columns] for r in rows]
+
+
 def _cell(v):
     return v if isinstance(v, (int, float, str, bool)) or v is None else json.dumps(v)
 
 
 def _artifact_metadata(manifest) -> dict:
-    return {"stage": manifest.stage, "run": manifest.run, "status": manifest.status,
+    return scrub({"stage": manifest.stage, "run": manifest.run, "status": manifest.status,
             "config_hash": manifest.config_hash, "lineage": manifest.lineage,
             "base_model": manifest.base_model.model_dump() if manifest.base_model else None,
-            "metrics": flatten(manifest.metrics), "finished_at": manifest.finished_at}
+            "metrics": flatten(manifest.metrics), "finished_at": manifest.finished_at})
 
 
 # -- the runner's two calls ------------------------------------------------------------------------
@@ -402,13 +521,15 @@ def wandb_records(path: Path):
 
 
 def read_offline_run(path: Path) -> dict:
-    """{"group", "job_type", "name", "config", "history": [..], "summary", "artifacts": [{name, type, used}]}."""
-    out = {"group": None, "job_type": None, "name": None, "config": {}, "history": [], "summary": {},
+    """{"group", "job_type", "name", "id", "tags", "config", "history": [..], "summary", "artifacts": [..]}."""
+    out = {"group": None, "job_type": None, "name": None, "id": None, "tags": [], "config": {}, "history": [],
+           "summary": {},
            "artifacts": []}
     for rec in wandb_records(path):
         kind = rec.WhichOneof("record_type")
         if kind == "run":
-            out.update(group=rec.run.run_group, job_type=rec.run.job_type, name=rec.run.display_name)
+            out.update(group=rec.run.run_group, job_type=rec.run.job_type, name=rec.run.display_name,
+                       id=rec.run.run_id, tags=list(rec.run.tags))
             for item in rec.run.config.update:
                 out["config"][item.key] = json.loads(item.value_json)
         elif kind == "config":

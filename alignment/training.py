@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -13,9 +14,9 @@ from alignment.schema import TrainSpec
 
 
 def trainer_args(train: TrainSpec, *, out_dir, seed: int, precision: str, report_to: str) -> dict:
-    """Keyword arguments common to SFTConfig / RewardConfig / DPOConfig (all TrainingArguments)."""
+    """Keyword arguments common to SFTConfig / RewardConfig / DPOConfig (all TrainingArguments), `train.args` last."""
     bf16 = resolve_precision(precision) == "bf16"
-    return dict(
+    out = dict(
         output_dir=str(out_dir), learning_rate=train.lr, num_train_epochs=train.epochs, max_steps=train.max_steps,
         per_device_train_batch_size=train.batch_size, per_device_eval_batch_size=train.eval_batch_size,
         gradient_accumulation_steps=train.grad_accum, warmup_steps=train.warmup_ratio,
@@ -23,11 +24,91 @@ def trainer_args(train: TrainSpec, *, out_dir, seed: int, precision: str, report
         logging_steps=train.logging_steps, save_strategy="steps", save_steps=train.save_steps,
         save_total_limit=train.save_total_limit, eval_strategy="no", seed=seed, data_seed=seed,
         bf16=bf16, use_cpu=not has_cuda(), report_to=[] if report_to == "none" else [report_to],
-        gradient_checkpointing=train.gradient_checkpointing, dataloader_num_workers=0,
-        include_num_input_tokens_seen="non_padding", disable_tqdm=False,
+        dataloader_num_workers=0, include_num_input_tokens_seen="non_padding", disable_tqdm=False,
         # Fused AdamW has no CPU bf16 kernel everywhere; plain AdamW is as fast at these sizes.
         optim="adamw_torch",
     )
+    # transformers 5 renamed it; TRL's configs still default the old name, so set the new one (no FutureWarning).
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in _training_fields() else \
+        "gradient_checkpointing"
+    out[checkpointing] = train.gradient_checkpointing
+    out.update(train.args)
+    return out
+
+
+# TrainingArguments fields the runner and the stage config own: a `train.args` entry may not change them.
+RESERVED_ARGS = {
+    "output_dir": "the runner's checkpoint folder", "report_to": "set `report_to` or `tracking`",
+    "seed": "set the stage's `seed`", "bf16": "set `precision`", "fp16": "set `precision`",
+    "use_cpu": "follows the hardware", "resume_from_checkpoint": "the runner resumes on its own",
+    "overwrite_output_dir": "the runner's checkpoint folder",
+}
+
+
+def _training_fields() -> dict:
+    """{name: type hint} of transformers.TrainingArguments (imported on first use: it loads torch)."""
+    global _FIELDS
+    if _FIELDS is None:
+        import dataclasses
+        import typing
+
+        from transformers import TrainingArguments
+
+        hints = typing.get_type_hints(TrainingArguments)
+        _FIELDS = {f.name: hints.get(f.name, typing.Any) for f in dataclasses.fields(TrainingArguments) if f.init}
+    return _FIELDS
+
+
+_FIELDS: dict | None = None
+
+
+def _enum_choices(hint) -> set[str]:
+    """The allowed strings of an `SomeEnum | str` field (optim, eval_strategy, ...); empty for other types."""
+    import enum
+    import typing
+
+    return {str(m.value) for t in typing.get_args(hint) if isinstance(t, type) and issubclass(t, enum.Enum)
+            for m in t}
+
+
+def training_args_problems(args: dict, own: dict[str, str]) -> list[str]:
+    """One message per `train.args` entry that TrainingArguments would refuse (or that is not the user's to set)."""
+    import difflib
+
+    from pydantic import TypeAdapter, ValidationError
+
+    if not args:
+        return []
+    fields, problems = _training_fields(), []
+    for key, value in args.items():
+        if key in own:
+            problems.append(f"{key}: set train.{own[key]} instead (the same setting)")
+        elif key in RESERVED_ARGS:
+            problems.append(f"{key}: not settable here ({RESERVED_ARGS[key]})")
+        elif key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            problems.append(f"{key}: not a transformers.TrainingArguments field"
+                            + (f" (did you mean '{close[0]}'?)" if close else ""))
+        else:
+            choices = _enum_choices(fields[key])
+            if choices and isinstance(value, str) and value not in choices:
+                problems.append(f"{key}: expected one of {sorted(choices)}, got {value!r}")
+                continue
+            try:
+                TypeAdapter(fields[key]).validate_python(value)
+            except ValidationError as e:
+                problems.append(f"{key}: {e.errors()[0]['msg']} (got {value!r})")
+            except Exception:  # a hint pydantic cannot build a validator for: TrainingArguments checks it
+                continue
+    return problems
+
+
+def progress(iterable, desc: str, *, total: int | None = None, unit: str = "batch"):
+    """A progress bar for a loop that may run long (scoring, held-out evals). It appears only after 2 s, so the
+    tiny profile's console stays short, and it disappears when done (`align -q` turns all bars off)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, unit=unit, leave=False, delay=2.0, dynamic_ncols=True)
 
 
 def param_counts(model) -> dict:
@@ -50,10 +131,22 @@ def throughput(trainer, runtime_s: float) -> dict:
 
 
 def callbacks() -> list:
-    """Callbacks every stage's HF trainer gets: stop at a checkpoint when preemption is requested."""
+    """Callbacks every stage's HF trainer gets: stop at a checkpoint when preemption is requested, and copy every
+    logged row into the stage log (`<artifact>/stage.log`; the console shows them at -v)."""
+    from transformers import TrainerCallback
+
     from alignment import preemption
 
-    return [preemption.callback()]
+    class LogRows(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and state.is_world_process_zero:
+                logging.getLogger("align").debug("step %d: %s", state.global_step, json.dumps(logs, default=str))
+                if set(args.report_to or []) & {"wandb", "tensorboard"}:
+                    from alignment import tracking
+
+                    tracking.trainer_logged_live()
+
+    return [preemption.callback(), LogRows()]
 
 
 def save_log_history(trainer, out_dir) -> Path:

@@ -6,7 +6,11 @@ is the policy/reference start for both sides, and the same random-init reward mo
 (Qwen2ForSequenceClassification, 1 label) scores both. Workload, both sides: 64 prompts from
 data/instruct/train.jsonl (chat template applied), batch 8, exactly 24 sampled response tokens (EOS is
 never a stop: the comparison is of equal work), 2 PPO epochs of one minibatch of 8, 8 updates (64 episodes),
-fp32 on CPU. LoRA: r 16 on every linear layer of the policy. Full: every policy weight trains.
+on CPU. LoRA: r 16 on every linear layer of the policy. Full: every policy weight trains.
+
+Precision (`--precision`, default: bf16 where the CPU has AVX512-BF16/AMX, else fp32), each side at its best:
+bf16 loads every model of both sides in bfloat16; TRL runs with `PPOConfig(bf16=True)` (accelerate's autocast),
+ours trains fp32 LoRA adapters and value head under autocast on the bf16 base (alignment/ppo.py).
 
 How each side spends memory is part of what is compared: TRL's PPOTrainer takes four models (policy,
 reference, value, reward; with LoRA the reference is the adapter-off policy, the value model is still a
@@ -107,7 +111,7 @@ def _rss_mb() -> float:
 
 
 # -- TRL side (runs in bench/out/venv-trl112) ---------------------------------------------------------------------
-def run_trl(work: Path, mode: str, threads: int) -> dict:
+def run_trl(work: Path, mode: str, threads: int, precision: str = "fp32") -> dict:
     _threads(threads)
     import torch
     from datasets import Dataset
@@ -120,10 +124,11 @@ def run_trl(work: Path, mode: str, threads: int) -> dict:
     tok = AutoTokenizer.from_pretrained(work / "policy", padding_side="left")
     prompt_ids = json.loads((work / "prompts.json").read_text())["prompt_ids"]
     data = Dataset.from_dict({"input_ids": prompt_ids})
-    policy = AutoModelForCausalLM.from_pretrained(work / "policy", dtype=torch.float32)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    policy = AutoModelForCausalLM.from_pretrained(work / "policy", dtype=dtype)
     # TRL's examples: the value model starts from the reward model; both are full sequence classifiers.
-    value = AutoModelForSequenceClassification.from_pretrained(work / "reward", num_labels=1, dtype=torch.float32)
-    reward = AutoModelForSequenceClassification.from_pretrained(work / "reward", num_labels=1, dtype=torch.float32)
+    value = AutoModelForSequenceClassification.from_pretrained(work / "reward", num_labels=1, dtype=dtype)
+    reward = AutoModelForSequenceClassification.from_pretrained(work / "reward", num_labels=1, dtype=dtype)
     peft_config = None
     if mode == "lora":
         from peft import LoraConfig
@@ -135,7 +140,7 @@ def run_trl(work: Path, mode: str, threads: int) -> dict:
                      total_episodes=BATCH * UPDATES, response_length=RESPONSE, local_rollout_forward_batch_size=BATCH,
                      num_sample_generations=0, stop_token="eos", temperature=TEMPERATURE, kl_coef=KL_COEF,
                      learning_rate=LR[mode], seed=SEED, save_strategy="no", report_to=[], logging_steps=1,
-                     use_cpu=True, bf16=False, disable_tqdm=True, dataloader_num_workers=0)
+                     use_cpu=True, bf16=precision == "bf16", disable_tqdm=True, dataloader_num_workers=0)
     trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=None, reward_model=reward,
                          train_dataset=data, eval_dataset=data, value_model=value, peft_config=peft_config)
     load_s = time.perf_counter() - t0
@@ -144,7 +149,8 @@ def run_trl(work: Path, mode: str, threads: int) -> dict:
     trainer.train()
     train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     logs = [r for r in trainer.state.log_history if "objective/scores" in r]
-    return {"side": "trl", "version": trl.__version__, "mode": mode, "load_s": load_s, "train_s": train_s,
+    return {"side": "trl", "version": trl.__version__, "mode": mode, "precision": precision, "load_s": load_s,
+            "train_s": train_s,
             "train_cpu_s": train_cpu_s,
             "updates": len(logs), "episodes": trainer.state.episode, "rss_after_load_mb": rss_loaded,
             "score_first": logs[0]["objective/scores"], "score_last": logs[-1]["objective/scores"],
@@ -153,7 +159,7 @@ def run_trl(work: Path, mode: str, threads: int) -> dict:
 
 
 # -- our side (main venv) ------------------------------------------------------------------------------------------
-def run_ours(work: Path, mode: str, threads: int, options: dict | None = None) -> dict:
+def run_ours(work: Path, mode: str, threads: int, options: dict | None = None, precision: str = "fp32") -> dict:
     """`options`: PPOSpec overrides (e.g. value_model=shared), from a side named `ours:key=value+key=value`."""
     _threads(threads)
     import torch
@@ -164,10 +170,11 @@ def run_ours(work: Path, mode: str, threads: int, options: dict | None = None) -
     from alignment.schema import PeftSpec
 
     t0 = time.perf_counter()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     tok = AutoTokenizer.from_pretrained(work / "policy")
     prompts = json.loads((work / "prompts.json").read_text())["messages"]
-    policy = AutoModelForCausalLM.from_pretrained(work / "policy", dtype=torch.float32)
-    rm = AutoModelForSequenceClassification.from_pretrained(work / "reward", num_labels=1, dtype=torch.float32)
+    policy = AutoModelForCausalLM.from_pretrained(work / "policy", dtype=dtype)
+    rm = AutoModelForSequenceClassification.from_pretrained(work / "reward", num_labels=1, dtype=dtype)
     reward = ModelReward(rm, tok, normalize=False, batch_size=BATCH)
     spec = PPOSpec(updates=UPDATES, batch_size=BATCH, mini_batch_size=BATCH, ppo_epochs=EPOCHS, lr=LR[mode],
                    lr_schedule="linear", max_new_tokens=RESPONSE, temperature=TEMPERATURE, missing_eos_penalty=None,
@@ -180,27 +187,22 @@ def run_ours(work: Path, mode: str, threads: int, options: dict | None = None) -
                          value_head_init=value_head_from_reward_model(rm), seed=SEED)
     load_s = time.perf_counter() - t0
     rss_loaded = _rss_mb()
-    rows = []
-    t0, c0 = time.perf_counter(), time.process_time()
-    for u in range(UPDATES):
-        trainer.set_lr(LR[mode] * (1.0 - u / UPDATES))  # TRL's linear decay, stepped per update
-        batch = [prompts[i % len(prompts)] for i in range(u * BATCH, (u + 1) * BATCH)]
-        rows.append(trainer.step(batch))
-    train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
-    timing = {k: sum(r[f"time/{k}_s"] for r in rows) for k in ("generate", "forward", "update")}
-    return {"side": "ours", "mode": mode, "options": spec.model_dump(include=set(options or {})),
-            "value_model": spec.value_model, "load_s": load_s, "train_s": train_s, "train_cpu_s": train_cpu_s,
-            "updates": len(rows),
+    # The trainer's own loop (TRL's linear LR decay, stepped per update); no held-out evaluation or checkpoints,
+    # as on TRL's side (num_sample_generations=0, save_strategy="no").
+    result = trainer.train(prompts[: UPDATES * BATCH])
+    rows = [r for r in result.history if "objective/scores" in r]
+    timing = {k: sum(r.get(f"time/{k}_s", 0.0) for r in rows) for k in ("generate", "score", "forward", "optimise")}
+    return {"side": "ours", "mode": mode, "precision": precision, "options": spec.model_dump(include=set(options or {})),
+            "value_model": spec.value_model, "load_s": load_s, "train_s": result.seconds,
+            "train_cpu_s": result.cpu_seconds, "updates": len(rows),
             "episodes": len(rows) * BATCH, "rss_after_load_mb": rss_loaded,
             "score_first": rows[0]["objective/scores"], "score_last": rows[-1]["objective/scores"],
-            "kl_last": rows[-1]["ppo/kl"], "time_generate_s": timing["generate"],
-            "time_forward_s": timing["forward"],
-            "time_optimise_s": timing["update"] - timing["generate"] - timing["forward"],
+            "kl_last": rows[-1]["ppo/kl"], **{f"time_{k}_s": v for k, v in timing.items()},
             "trainable_params": sum(p.numel() for p in trainer._trainable)}
 
 
 # -- the driver ----------------------------------------------------------------------------------------------------
-def child(side: str, mode: str, threads: int) -> dict:
+def child(side: str, mode: str, threads: int, precision: str) -> dict:
     """Run one side in a fresh process; return its result plus the child's peak RSS (ru_maxrss)."""
     python = TRL_PYTHON if side == "trl" else Path(sys.executable)
     tag = "".join(c if c.isalnum() or c in "-_" else "_" for c in side)
@@ -212,7 +214,7 @@ def child(side: str, mode: str, threads: int) -> dict:
     out.unlink(missing_ok=True)
     t0 = time.perf_counter()
     proc = subprocess.Popen([str(python), __file__, "--side", side, "--mode", mode, "--threads", str(threads),
-                             "--result", str(out)], cwd=REPO, env=env)
+                             "--precision", precision, "--result", str(out)], cwd=REPO, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
@@ -230,10 +232,10 @@ def child(side: str, mode: str, threads: int) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| mode | side | run | episodes/s | train s | train CPU s / episode | load s | child CPU s | "
-             "peak RSS (MB) | trainable params | score first -> last |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| mode | precision | side | run | episodes/s | train s | train CPU s / episode | load s | child CPU s | "
+             "peak RSS (MB) | trainable params | score first -> last |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(results, key=lambda r: (r["mode"], r.get("repeat", 0), r["side"] != "trl", r["side"])):
-        head = f"| {r['mode']} | {r['side']} | {r.get('repeat', 0) + 1} |"
+        head = f"| {r['mode']} | {r.get('precision', 'fp32')} | {r['side']} | {r.get('repeat', 0) + 1} |"
         if "unsupported" in r:
             lines.append(f"{head} n/a: {r['unsupported']} | | | | | | | |")
             continue
@@ -273,14 +275,20 @@ def main() -> None:
     ap.add_argument("--mode", choices=["lora", "full"])
     ap.add_argument("--modes", nargs="+", default=["lora", "full"])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                    help="both sides' precision; default bf16 where the CPU runs it fast, else fp32")
     ap.add_argument("--result")
     ap.add_argument("--repeat", type=int, default=1, help="run every (mode, side) pair this many times, interleaved")
     a = ap.parse_args()
     if a.side:  # a child
-        res = (run_trl(WORK, a.mode, a.threads) if a.side == "trl" else
-               run_ours(WORK, a.mode, a.threads, _options(a.side)))
+        res = (run_trl(WORK, a.mode, a.threads, a.precision) if a.side == "trl" else
+               run_ours(WORK, a.mode, a.threads, _options(a.side), a.precision))
         Path(a.result).write_text(json.dumps(res))
         return
+    if a.precision is None:
+        from alignment.hardware import resolve_precision
+
+        a.precision = resolve_precision("auto")
     WORK.mkdir(parents=True, exist_ok=True)
     info = setup(WORK)
     print(f"model: Qwen2-shaped, {info['params'] / 1e6:.1f}M parameters, vocab {info['vocab']} "
@@ -289,12 +297,13 @@ def main() -> None:
     for rep in range(a.repeat):
         for mode in _words(a.modes):
             for side in _words(a.sides):
-                res = {**child(side, mode, a.threads), "repeat": rep}
+                res = {**child(side, mode, a.threads, a.precision), "repeat": rep}
                 print(json.dumps(res), flush=True)
                 results.append(res)
     report = {"setup": info, "argv": sys.argv[1:],
               "workload": dict(batch=BATCH, response_tokens=RESPONSE, ppo_epochs=EPOCHS, updates=UPDATES,
-                               threads=a.threads, lora=LORA, lr=LR, kl_coef=KL_COEF), "results": results}
+                               threads=a.threads, lora=LORA, lr=LR, kl_coef=KL_COEF, precision=a.precision),
+              "results": results}
     (OUT / "ppo_vs_trl.json").write_text(json.dumps(report, indent=1))
     print(table(results))
 

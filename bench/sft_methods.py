@@ -10,8 +10,10 @@ soft prompt at a LoRA learning rate barely moves). In the same invocation:
 - overhead: the stage against plain `trl.SFTTrainer` with the same settings (LoRA, same rows, same SFTConfig
   values), alternating the two `--repeats` times; tokens/s of `trainer.train()` in both, medians;
 - precision: the stage's LoRA run in bf16 and in fp32 (CPU).
-Writes bench/out/sft_methods_<profile>.json, the plot docs/sft_methods_<profile>.png and the table into
-docs/sft_methods.md (between the `bench:<profile>` markers). `--lock FILE` wraps every subprocess in
+- gain (`--sections gain`): per method, the task gain (in-distribution eval loss drop) and the forgetting
+  (perplexity on general text, data/general/heldout.jsonl, after / before - 1), table + scatter plot.
+Writes bench/out/sft_methods_<profile>.json, the plots docs/sft_methods_<profile>[_gain].png and the tables into
+docs/sft_methods.md (between the `bench:<profile>` and `bench:<profile>:gain` markers). `--lock FILE` wraps every subprocess in
 `flock FILE` so heavy jobs on a shared machine run one at a time.
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shlex
@@ -47,7 +50,17 @@ METHODS = {
     "bitfit": (["peft.method=bitfit", "peft.add_bias=true"], 1e-3),
     "freeze": (["peft.method=freeze", "peft.last_layers={last_layers}"], 1e-4),
     "full": (["peft.method=full"], 5e-5),
+    # Bottleneck adapters: zero-initialised up projections, a higher lr as in Houlsby/Pfeiffer (1e-4..1e-3 on BERT).
+    "adapter": (["peft.method=adapter"], 1e-3),
+    "adapter-houlsby": (["peft.method=adapter", "peft.adapter_placement=houlsby"], 1e-3),
+    "pissa": (["peft.init_lora_weights=pissa"], 5e-4),
+    "loraplus": (["peft.loraplus_lr_ratio=16"], 2e-4),  # B learns 16x faster: a lower base lr, as the paper
 }
+GAIN_METHODS = ("lora", "dora", "ia3", "prompt", "adapter", "adapter-houlsby", "pissa", "loraplus", "bitfit", "freeze",
+                "full")
+"""The methods of the task gain / forgetting comparison (`--sections gain`)."""
+GENERAL_TEXT = "data/general/heldout.jsonl"
+"""General text (rows with `text`) whose perplexity measures forgetting; without it, the held-out eval prompts."""
 PROFILES = {
     # steps x batch examples, the same rows for every method; eval on the first eval rows.
     # overhead_steps: a longer timed loop for the stage-vs-TRL ratio (the tiny model's 8 steps take ~1 s).
@@ -62,7 +75,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", choices=list(PROFILES), default="tiny")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
-    p.add_argument("--sections", default="methods,overhead,precision")
+    p.add_argument("--sections", default="methods,overhead,precision,gain",
+                   help="methods: cost table; overhead: stage vs plain TRL; precision: bf16 vs fp32; gain: task gain "
+                        "vs forgetting (perplexity on general text) per method")
     p.add_argument("--repeats", type=int, help="alternating stage/plain-TRL pairs for the overhead (default: "
                                                 "5 tiny, 3 smollm2)")
     p.add_argument("--artifacts", default=str(REPO / "bench" / "out" / "artifacts"))
@@ -128,12 +143,72 @@ def main() -> int:
                                      "runs": len(rs)} for p_, rs in runs.items()}
         save(out_json, results)
 
-    plot(results, REPO / "docs" / f"sft_methods_{a.profile}.png")
-    table = markdown(results, a)
-    print(table)
-    if not a.no_doc:
-        write_doc(a.profile, table)
+    if "gain" in sections:
+        texts, source = general_texts()
+        results["gain_text"] = {"source": source, "texts": len(texts)}
+        results["gain_base_ppl"] = perplexity_of(base, texts)
+        rows = results.setdefault("gain", {})
+        methods = a.methods.split(",") if a.methods != ",".join(METHODS) else list(GAIN_METHODS)
+        for label in methods:
+            overrides, lr = METHODS[label]
+            overrides = [o.format(**prof) for o in overrides] + [f"train.lr={lr}"]
+            rows[label] = run_stage(a, root, f"{a.profile}-gain-{label}", budget + overrides, texts=texts)
+            r = rows[label]
+            r.update(lr=lr, task_gain=round(r["eval_loss_before"] - r["eval_loss"], 5),
+                     forgetting=round(r["general_ppl"] / results["gain_base_ppl"] - 1, 5))
+            print(f"{label:16s} task gain {r['task_gain']:+.4f}  forgetting {100 * r['forgetting']:+.2f}% "
+                  f"(general ppl {results['gain_base_ppl']:.2f} -> {r['general_ppl']:.2f})", flush=True)
+            save(out_json, results)
+        plot_gain(results, REPO / "docs" / f"sft_methods_{a.profile}_gain.png")
+        if not a.no_doc:
+            write_doc(f"{a.profile}:gain", gain_markdown(results, a))
+
+    if set(sections) & {"methods", "overhead", "precision"}:
+        plot(results, REPO / "docs" / f"sft_methods_{a.profile}.png")
+        table = markdown(results, a)
+        print(table)
+        if not a.no_doc:
+            write_doc(a.profile, table)
     return 0
+
+
+# -- forgetting -----------------------------------------------------------------------------------------------
+def general_texts() -> tuple[list[str], str]:
+    path = REPO / GENERAL_TEXT
+    if path.is_file():
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return [r["text"] for r in rows], GENERAL_TEXT
+    rows = [json.loads(line) for line in (REPO / "data/instruct/eval.jsonl").read_text().splitlines() if line.strip()]
+    return [r["messages"][0]["content"] for r in rows], "data/instruct/eval.jsonl (user prompts; no general text yet)"
+
+
+def perplexity_of(art_path: Path, texts: list[str]) -> float:
+    """Token-level perplexity of the artifact's policy on `texts` (fp32, batches of 8, padding masked)."""
+    import math
+
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    from alignment.artifacts import ArtifactStore
+    from alignment.models import load_tokenizer
+    from alignment.policy import load_policy
+
+    art = ArtifactStore(art_path.parent.parent).read(art_path)
+    model, tok = load_policy(art, "fp32").eval(), load_tokenizer(art.model_dir)
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(texts), 8):
+            enc = tok(texts[i:i + 8], return_tensors="pt", padding=True, add_special_tokens=False)
+            labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+            # A prompt-tuned policy returns logits for its virtual tokens too: keep those of the text.
+            logits = model(**enc).logits[:, -enc["input_ids"].shape[1]:][:, :-1].float()
+            target = labels[:, 1:]
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                     ignore_index=-100, reduction="sum")
+            nll += loss.item()
+            count += int((target != -100).sum())
+    del model
+    return round(math.exp(nll / count), 4)
 
 
 # -- running --------------------------------------------------------------------------------------------------
@@ -151,7 +226,7 @@ def build_base(a, root: Path) -> Path:
     return root / run / "base"
 
 
-def run_stage(a, root: Path, run: str, overrides: list[str]) -> dict:
+def run_stage(a, root: Path, run: str, overrides: list[str], texts: list[str] | None = None) -> dict:
     prof = PROFILES[a.profile]
     argv = [PYTHON, "-m", "alignment.cli", "run", "sft", "-c", prof["config"], "--artifacts", str(root),
             "--run", run, "--force", *overrides]
@@ -161,11 +236,12 @@ def run_stage(a, root: Path, run: str, overrides: list[str]) -> dict:
     if res.returncode != 0:
         raise SystemExit(f"{shlex.join(argv)} failed:\n{res.stderr[-3000:]}")
     m = json.loads((root / run / "sft" / "metrics.json").read_text())
+    extra = {"general_ppl": perplexity_of(root / run / "sft", texts)} if texts is not None else {}
     shutil.rmtree(root / run, ignore_errors=True)  # full-weight artifacts of SmolLM2 are 0.5 GB each
     keys = ("trainable_params", "total_params", "tokens_per_s", "train_tokens", "train_seconds", "train_cpu_seconds",
             "peak_rss_mb", "eval_loss_before", "eval_loss", "steps", "method")
     # wall_s includes any wait for --lock.
-    return {**{k: m[k] for k in keys}, "wall_s": round(wall, 1),
+    return {**{k: m[k] for k in keys}, **extra, "wall_s": round(wall, 1),
             "tokens_per_cpu_s": round(m["train_tokens"] / m["train_cpu_seconds"], 1)}
 
 
@@ -294,6 +370,52 @@ def markdown(results: dict, a) -> str:
                       f"({p16['tokens_per_s'] / p32['tokens_per_s']:.2f}x wall)."]
     lines += ["", f"![SFT methods on {a.profile}](sft_methods_{a.profile}.png)"]
     return "\n".join(lines)
+
+
+def gain_markdown(results: dict, a) -> str:
+    from alignment.peft_methods import METHODS as INFO
+
+    prof, g = PROFILES[a.profile], results["gain_text"]
+    cmd = ("OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python bench/sft_methods.py --profile "
+           f"{a.profile} --sections gain")
+    lines = [f"Command: `{cmd}`  ",
+             f"Measured {results['machine']['date']}. Same budget as above ({prof['steps']} steps x {prof['batch']} "
+             f"examples, the same rows). **Task gain**: in-distribution eval loss before minus after (nats/token, "
+             f"held-out rows of the trained kinds). **Forgetting**: perplexity on general text ({g['source']}, "
+             f"{g['texts']} texts) relative to the base model's {results['gain_base_ppl']:.2f}: "
+             "after / before - 1 (positive: the policy lost some of the base's language modelling).", "",
+             "| method | family | lr | trainable params | task gain | general ppl | forgetting |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for label, r in results.get("gain", {}).items():
+        lines.append(f"| {label} | {INFO[r['method']].family} | {r['lr']:g} | {r['trainable_params']:,} | "
+                     f"{r['task_gain']:+.4f} | {r['general_ppl']:.2f} | {100 * r['forgetting']:+.2f}% |")
+    lines += ["", f"![task gain vs forgetting on {a.profile}](sft_methods_{a.profile}_gain.png)"]
+    return "\n".join(lines)
+
+
+def plot_gain(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results.get("gain", {})
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for label, r in rows.items():
+        ax.scatter(100 * r["forgetting"], r["task_gain"], s=20 + 8 * math.log10(max(10, r["trainable_params"])) ** 2)
+        ax.annotate(label, (100 * r["forgetting"], r["task_gain"]), fontsize=8, xytext=(4, 3),
+                    textcoords="offset points")
+    ax.axvline(0, color="grey", lw=0.5)
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xlabel("forgetting: general-text perplexity change vs base (%)")
+    ax.set_ylabel("task gain: eval loss drop (nats/token)")
+    ax.set_title(f"{results['profile']}: task gain vs forgetting (marker size: trainable params)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def write_doc(profile: str, table: str) -> None:

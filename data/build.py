@@ -1,297 +1,82 @@
 """Build the bundled datasets: instruction-following SFT data and preference pairs.
 
-Every prompt asks for a short text about a topic under 1-2 verifiable constraints (word
-limits, a keyword, bullet count, lowercase, a closing phrase), so `alignment.gold` can
-score any response exactly. All text is written here: hand-written fact sentences per
-topic, assembled by templates. Deterministic (``random.Random(0)``), stdlib only, offline:
+Every prompt asks for a short text about one of ~100 topics under 1-3 verifiable constraints drawn
+from 21 kinds in IFEval's families (word / sentence / paragraph counts, keywords, letter frequency,
+case, commas, start / end phrases, quotes, titles, bullets, highlights, JSON, postscripts,
+placeholders), so `alignment.gold` scores any response exactly. All text is written here and in
+data/topics.py (hand-written fact sentences per topic, assembled by templates; Apache-2.0).
+Deterministic (``random.Random(0)``), stdlib only, offline:
 
-    python data/build.py
+    python3 data/build.py [--out DIR]     # DIR defaults to data/
 
-writes data/instruct/{train,eval}.jsonl and data/prefs/{train,eval}.jsonl. Every prompt is
-unique across all four files, so neither eval split shares a prompt with any training split.
+Splits (docs/data.md): five constraint kinds are held out (no training or preference row uses
+them) and every kind, task sentence and prompt frame has training phrasings and held-out
+phrasings (never used in a training row). Files:
+
+- instruct/train.jsonl, prefs/train.jsonl: training kinds, training phrasings;
+- instruct/eval.jsonl, prefs/eval.jsonl: the same distribution (in-distribution eval);
+- instruct/eval_heldout_phrasings.jsonl, prefs/eval_heldout_phrasings.jsonl: training kinds asked
+  with held-out phrasings;
+- instruct/eval_heldout_kinds.jsonl: a held-out kind first (its category), training phrasings;
+- general/heldout.jsonl: general paragraphs (data/general_text.py), the eval stage's forgetting text.
+
+Every prompt is unique across all files. Rows are ordered so that any prefix cycles through the
+kinds: a config's cap (``max_train_examples``, ``max_train_pairs``) takes a balanced subset.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
+import re
 import sys
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere; gold is pure python
+sys.path.insert(0, str(ROOT / "data"))
 
-from alignment.gold import check, count_words, passes  # noqa: E402
+from alignment.gold import check, count_sentences, count_word, count_words, passes  # noqa: E402
+from general_text import PARAGRAPHS  # noqa: E402
+from topics import MORE_TOPICS, TOPICS  # noqa: E402
 
-SIZES = {"instruct": {"train": 400, "eval": 80}, "prefs": {"train": 300, "eval": 80}}
+# file -> (split name, kinds of the first constraint, phrasings, preference pairs?, rows)
+FILES = {
+    "instruct/train.jsonl": ("train", "train", "train", False, 4000),
+    "instruct/eval.jsonl": ("eval", "train", "train", False, 200),
+    "instruct/eval_heldout_phrasings.jsonl": ("eval_heldout_phrasings", "train", "heldout", False, 200),
+    "instruct/eval_heldout_kinds.jsonl": ("eval_heldout_kinds", "heldout", "train", False, 200),
+    "prefs/train.jsonl": ("train", "train", "train", True, 3000),
+    "prefs/eval.jsonl": ("eval", "train", "train", True, 200),
+    "prefs/eval_heldout_phrasings.jsonl": ("eval_heldout_phrasings", "train", "heldout", True, 200),
+}
 MAX_RESPONSE_WORDS = 75  # keeps prompt + response well inside 256 tokens
-# Word-limit violations fix the length direction (max_words: rejected longer, min_words:
-# rejected shorter); elsewhere the rejected answer is longer this often, so that overall the
-# chosen one is longer in ~40% of pairs and a reward model cannot win by preferring brevity.
-REJECTED_LONGER_P = 0.65
+N_CONSTRAINTS = {1: 0.4, 2: 0.4, 3: 0.2}
 
-# (topic as used in a prompt, facts, keywords); each keyword appears in at most two facts,
-# so a keyword-free response can always be built for a rejected answer.
-TOPICS: list[tuple[str, list[str], list[str]]] = [
-    ("the moon", [
-        "The moon circles the Earth about once every month.",
-        "The moon's surface is covered in dusty craters and old lava plains.",
-        "Moonlight is sunlight reflected off grey rock.",
-        "The moon's pull on the oceans creates the tides.",
-        "On clear nights the moon can look bright and silver.",
-        "Astronauts first walked on the moon in 1969.",
-    ], ["craters", "tides", "silver", "astronauts"]),
-    ("the ocean", [
-        "The ocean covers most of the surface of our planet.",
-        "Salt water holds huge amounts of heat from the sun.",
-        "Currents move warm and cold water around the globe.",
-        "Tiny plankton near the surface produce much of our oxygen.",
-        "The deepest trenches are darker than any night sky.",
-        "Whales, fish and corals all depend on healthy seas.",
-    ], ["currents", "plankton", "trenches", "whales"]),
-    ("volcanoes", [
-        "A volcano forms where melted rock escapes from deep underground.",
-        "Molten rock is called magma below ground and lava above.",
-        "Some eruptions are gentle flows, while others are violent blasts.",
-        "Volcanic ash can travel thousands of kilometres on the wind.",
-        "Over time, cooled lava can build entire islands.",
-        "Scientists watch for small earthquakes that warn of eruptions.",
-    ], ["magma", "ash", "islands", "earthquakes"]),
-    ("honeybees", [
-        "Honeybees live in large colonies led by a single queen.",
-        "Worker bees collect nectar and pollen from flowers.",
-        "Bees turn nectar into honey and store it in wax cells.",
-        "A bee dance tells other workers where food can be found.",
-        "By carrying pollen, bees help many crops produce fruit.",
-        "A strong hive can hold tens of thousands of bees.",
-    ], ["queen", "nectar", "dance", "hive"]),
-    ("rainforests", [
-        "Rainforests grow in warm regions that get heavy rain.",
-        "Rainforests are home to more than half of all land species.",
-        "Tall trees form a canopy that blocks most sunlight.",
-        "The forest floor stays dim, damp and full of fungi.",
-        "Many medicines were first found in rainforest plants.",
-        "Cutting the forests releases carbon and destroys habitats.",
-    ], ["canopy", "species", "medicines", "carbon"]),
-    ("deserts", [
-        "A desert is any place that receives very little rain.",
-        "Some deserts are hot and sandy, while others are freezing.",
-        "Cacti store water in their thick, waxy stems.",
-        "Many desert animals rest by day and hunt at night.",
-        "Temperatures can drop sharply once the sun goes down.",
-        "Strong winds shape the sand into moving dunes.",
-    ], ["cacti", "dunes", "sandy", "temperatures"]),
-    ("the human heart", [
-        "The heart is a muscle about the size of a fist.",
-        "The heart pumps blood through the body without ever resting.",
-        "Four chambers keep oxygen-rich and oxygen-poor blood apart.",
-        "An adult heart beats roughly seventy times a minute.",
-        "Regular exercise makes the heart stronger and more efficient.",
-        "Valves act like doors that stop blood flowing backwards.",
-    ], ["muscle", "chambers", "valves", "exercise"]),
-    ("bicycles", [
-        "A bicycle turns leg power into smooth forward motion.",
-        "Gears let riders climb hills without tiring too quickly.",
-        "Bicycles produce no exhaust, so they keep city air cleaner.",
-        "Good brakes and a helmet make every ride safer.",
-        "Cycling is a gentle way to build fitness.",
-        "The chain carries force from the pedals to the back wheel.",
-    ], ["gears", "helmet", "chain", "exhaust"]),
-    ("coffee", [
-        "Coffee is brewed from the roasted seeds of a tropical plant.",
-        "The seeds are usually called beans, though they are not beans.",
-        "Caffeine in coffee can make people feel more alert.",
-        "Darker roasts taste bolder, while lighter roasts taste brighter.",
-        "Coffee plants grow best on cool, rainy hillsides near the equator.",
-        "Many people enjoy a cup to start their morning.",
-    ], ["caffeine", "roasts", "beans", "morning"]),
-    ("chess", [
-        "Chess is a strategy game played on 64 squares.",
-        "Each player starts with sixteen pieces.",
-        "The goal is to trap the opposing king in checkmate.",
-        "Knights are the only pieces that can jump over others.",
-        "Good players plan several moves ahead.",
-        "Opening moves often fight for control of the centre.",
-    ], ["king", "knights", "strategy", "centre"]),
-    ("the piano", [
-        "A piano makes sound when small hammers strike tight strings.",
-        "A standard piano has eighty-eight black and white keys.",
-        "Pedals let the player sustain or soften the notes.",
-        "The instrument can play melody and harmony at the same time.",
-        "Pianos need regular tuning to stay in pitch.",
-        "Learning scales helps beginners build speed and accuracy.",
-    ], ["hammers", "pedals", "tuning", "scales"]),
-    ("photosynthesis", [
-        "Photosynthesis is how plants make food from sunlight.",
-        "Leaves take in carbon dioxide from the air.",
-        "Roots supply the water that the process needs.",
-        "The green pigment chlorophyll captures the light energy.",
-        "Sugar is produced, and oxygen is released as a by-product.",
-        "Almost every food chain on Earth starts with this process.",
-    ], ["chlorophyll", "leaves", "roots", "sugar"]),
-    ("lighthouses", [
-        "A lighthouse warns ships away from rocks and shallow water.",
-        "A lighthouse lamp is focused by large glass lenses.",
-        "Each lighthouse flashes its own pattern for sailors.",
-        "Keepers once lived on site to tend the flame.",
-        "Today most lighthouses run automatically.",
-        "Bold painted stripes help the towers stand out by day.",
-    ], ["ships", "lenses", "keepers", "stripes"]),
-    ("glaciers", [
-        "A glacier is a slow river of ice on land.",
-        "A glacier forms where snow builds up faster than it melts.",
-        "Glaciers carve deep valleys as they grind downhill.",
-        "Glaciers store a large share of the world's fresh water.",
-        "Many glaciers are shrinking as the climate warms.",
-        "Cracks called crevasses can open across a glacier.",
-    ], ["valleys", "crevasses", "snow", "climate"]),
-    ("owls", [
-        "Owls are birds of prey that mostly hunt at night.",
-        "Soft feathers let owls fly almost silently.",
-        "Owls have large eyes that gather light in near darkness.",
-        "An owl can turn its head much farther than a human.",
-        "Sharp hearing helps owls find mice hidden under snow.",
-        "Owls swallow small prey whole and cough up pellets.",
-    ], ["feathers", "hearing", "pellets", "eyes"]),
-    ("baking bread", [
-        "Bread needs only flour, water, salt and yeast.",
-        "Yeast feeds on sugars and releases gas that lifts the dough.",
-        "Kneading builds gluten, which gives bread its stretch.",
-        "The dough rests so that it can rise.",
-        "A hot oven turns the outside into a golden crust.",
-        "Sourdough uses wild yeast kept alive in a starter.",
-    ], ["kneading", "crust", "sourdough", "flour"]),
-    ("the internet", [
-        "The internet is a global network of connected computers.",
-        "Data travels in small packets that find their own routes.",
-        "Undersea cables carry most traffic between continents.",
-        "Web pages are just one of many services the internet supports.",
-        "Strong passwords help keep online accounts safe.",
-        "A router directs traffic between your devices and the wider network.",
-    ], ["packets", "cables", "passwords", "router"]),
-    ("trains", [
-        "Trains move people and goods along fixed steel rails.",
-        "Early trains were pulled by steam engines burning coal.",
-        "Many modern trains run on electricity from overhead wires.",
-        "Rail travel uses less fuel per passenger than driving.",
-        "High-speed lines link some cities in just a few hours.",
-        "Freight trains can haul more than a hundred wagons.",
-    ], ["rails", "steam", "freight", "electricity"]),
-    ("mountains", [
-        "Mountains rise where the plates of the crust push together.",
-        "The air grows thinner and colder as you climb.",
-        "Rain and ice slowly wear even the tallest peaks down.",
-        "Snowmelt from mountains feeds rivers far below.",
-        "Plants and animals change as altitude increases.",
-        "Climbers often need days to adjust to high altitude.",
-    ], ["peaks", "plates", "snowmelt", "climbers"]),
-    ("thunderstorms", [
-        "Thunderstorms form when warm, moist air rises quickly.",
-        "Lightning is a giant spark between clouds or the ground.",
-        "Thunder is the sound of air heated by lightning.",
-        "Light travels faster than sound, so we see the flash first.",
-        "Heavy storms can bring hail, floods and strong gusts.",
-        "It is safest to stay indoors until the storm passes.",
-    ], ["lightning", "hail", "indoors", "flash"]),
-    ("octopuses", [
-        "An octopus has eight flexible arms lined with suckers.",
-        "An octopus can change colour in a blink to hide.",
-        "Octopuses have three hearts and blue blood.",
-        "With no bones, octopuses squeeze through tiny gaps.",
-        "Octopuses can solve puzzles and even open jars.",
-        "When threatened, an octopus squirts a cloud of ink.",
-    ], ["suckers", "hearts", "ink", "puzzles"]),
-    ("libraries", [
-        "A library lends books for free to its members.",
-        "Librarians help people find reliable information.",
-        "Many libraries also offer computers and quiet study rooms.",
-        "Books are sorted by subject so they are easy to find.",
-        "Public libraries often run reading groups for children.",
-        "Returning books on time lets others enjoy them too.",
-    ], ["librarians", "computers", "children", "subject"]),
-    ("solar power", [
-        "Solar panels turn sunlight directly into electricity.",
-        "Panels work best when they face the sun.",
-        "Solar power produces no smoke while it runs.",
-        "Batteries can store daytime energy for use at night.",
-        "The cost of panels has fallen sharply in recent years.",
-        "Rooftop systems let households make some of their own power.",
-    ], ["batteries", "rooftop", "smoke", "cost"]),
-    ("gardening", [
-        "Most vegetables need plenty of sun and regular water.",
-        "Compost feeds the soil with broken-down kitchen scraps.",
-        "Mulch keeps moisture in and weeds out.",
-        "Seeds should be planted at the depth shown on the packet.",
-        "Bees and butterflies help many garden plants set fruit.",
-        "Pulling weeds early saves a lot of work later.",
-    ], ["compost", "mulch", "seeds", "butterflies"]),
-    ("rivers", [
-        "A river carries rainwater from high ground to the sea.",
-        "Rivers carve valleys and drop fertile mud on their banks.",
-        "Many cities grew up beside rivers for water and trade.",
-        "Dams hold back rivers to store water or make power.",
-        "Fish such as salmon swim upstream to lay their eggs.",
-        "A river's mouth may split into a wide, marshy delta.",
-    ], ["dams", "salmon", "delta", "trade"]),
-    ("elephants", [
-        "Elephants are the largest animals that live on land.",
-        "Elephant trunks can grab food, spray water and greet friends.",
-        "Herds are usually led by an experienced older female.",
-        "Elephants flap their big ears to cool down.",
-        "Elephants remember water holes across huge distances.",
-        "An elephant can eat for most of the day.",
-    ], ["trunks", "herds", "ears", "remember"]),
-    ("the sun", [
-        "The sun is the star our planet orbits.",
-        "The sun is a huge ball of hot, glowing gas.",
-        "Sunlight takes about eight minutes to reach us.",
-        "Fusion in the sun's core turns hydrogen into helium.",
-        "Dark sunspots appear where the sun's magnetic field is strong.",
-        "Without the sun, Earth would be frozen and lifeless.",
-    ], ["fusion", "sunspots", "minutes", "gas"]),
-    ("maps", [
-        "A map shows a place from above on a flat surface.",
-        "The scale links distances on paper to real distances.",
-        "A legend explains the symbols and colours used.",
-        "Contour lines show the height and steepness of the land.",
-        "Most maps put north at the top.",
-        "Phone maps use satellites to show where you are.",
-    ], ["legend", "contour", "north", "satellites"]),
-    ("recycling", [
-        "Recycling turns used materials into new products.",
-        "Glass and metal can be recycled many times over.",
-        "Sorting waste carefully keeps the recycling stream clean.",
-        "Recycled paper saves trees, water and energy.",
-        "Food scraps can be composted instead of thrown away.",
-        "Reusing items is even better than recycling them.",
-    ], ["glass", "paper", "sorting", "reusing"]),
-    ("sleep", [
-        "Most adults need seven to nine hours of sleep each night.",
-        "During sleep, the brain sorts and stores memories.",
-        "Dreams happen mostly during a stage called REM sleep.",
-        "A regular bedtime helps the body keep its rhythm.",
-        "Bright screens at night can delay falling asleep.",
-        "Poor sleep affects mood, focus and health.",
-    ], ["memories", "dreams", "bedtime", "screens"]),
-    ("tea", [
-        "Tea is made by steeping leaves in hot water.",
-        "Green, black and oolong teas come from the same plant.",
-        "The leaves are dried or rolled to change their flavour.",
-        "Black tea is steeped in boiling water for a few minutes.",
-        "Tea is one of the most popular drinks in the world.",
-        "Many herbal teas contain no tea leaves at all.",
-    ], ["oolong", "herbal", "flavour", "steeping"]),
-    ("clocks", [
-        "Clocks divide the day into hours, minutes and seconds.",
-        "A pendulum clock keeps time with a steady swing.",
-        "Quartz watches count the vibrations of a tiny crystal.",
-        "Atomic clocks lose barely a second in millions of years.",
-        "Sundials told the time long before mechanical clocks.",
-        "Many phones set their clocks automatically from the network.",
-    ], ["pendulum", "quartz", "atomic", "sundials"]),
-]
+TRAIN_KINDS = ["max_words", "min_words", "keyword", "bullets", "lowercase", "end_with", "min_sentences",
+               "paragraphs", "forbidden_words", "keyword_frequency", "letter_frequency", "no_commas", "title",
+               "highlights", "json_format", "postscript"]
+HELDOUT_KINDS = ["max_sentences", "uppercase", "start_with", "quotation", "placeholders"]
+"""Never in a training or preference row: the held-out-kinds split measures transfer to them."""
 
-TASKS = [
+# Parts of a response a kind constrains; two kinds sharing one never meet in a prompt.
+SLOTS = {
+    "max_words": {"words"}, "min_words": {"words"}, "max_sentences": {"sentences"},
+    "min_sentences": {"sentences"}, "paragraphs": {"layout"}, "bullets": {"layout"},
+    "json_format": {"layout", "start", "end", "highlight", "placeholder", "commas"},
+    "keyword": {"kw"}, "forbidden_words": {"kw"}, "keyword_frequency": {"kw"}, "letter_frequency": {"letter"},
+    "lowercase": {"case"}, "uppercase": {"case"}, "no_commas": {"commas"}, "start_with": {"start"},
+    "end_with": {"end"}, "quotation": {"start", "end"}, "title": {"start"}, "postscript": {"end"},
+    "highlights": {"highlight"}, "placeholders": {"placeholder"},
+}
+# Pairs that fight over length (at most 12 words but at least 4 sentences) test arithmetic, not following.
+CONFLICTS = {frozenset({"max_words", "min_sentences"}), frozenset({"min_words", "max_sentences"})}
+
+# -- phrasings: (training templates, held-out templates); ids are kind/tN and kind/hN ----------------------------
+
+TASKS = ([
     "Describe {topic}.",
     "Tell me about {topic}.",
     "Write a short note about {topic}.",
@@ -300,145 +85,482 @@ TASKS = [
     "Share some facts about {topic}.",
     "Explain {topic} to a curious student.",
     "I am curious about {topic}. What can you tell me?",
-]
+    "Write a brief explainer on {topic}.",
+    "Summarise the basics of {topic}.",
+    "Teach me something about {topic}.",
+    "Write a few lines about {topic} for a school newsletter.",
+], [
+    "Could you walk me through {topic}?",
+    "My friend asked me about {topic} and I had no idea. Help me out.",
+    "Put together a short fact sheet on {topic}.",
+    "Jot down what a beginner ought to know regarding {topic}.",
+])
+# {task} and {cons} (the constraint sentences joined by spaces) or {cons_lines} ('- ' lines).
+FRAMES = ([
+    "{task} {cons}",
+    "{cons} {task}",
+], [
+    "{task}\nRules: {cons}",
+    "{task}\n\nRequirements:\n{cons_lines}",
+])
 
-PHRASINGS = {
-    "max_words": [
+PHRASINGS: dict[str, tuple[list[str], list[str]]] = {
+    "max_words": ([
         "Answer in at most {n} words.",
         "Use no more than {n} words.",
         "Keep your answer to {n} words or fewer.",
         "Your reply must not exceed {n} words.",
-    ],
-    "min_words": [
+        "Stay under a limit of {n} words.",
+        "The answer should be {n} words long at most.",
+    ], [
+        "Be brief: {n} words is the ceiling.",
+        "Do not go over {n} words in total.",
+    ]),
+    "min_words": ([
         "Write at least {n} words.",
         "Use no fewer than {n} words.",
         "Your answer should be {n} words or longer.",
         "Make it at least {n} words long.",
-    ],
-    "keyword": [
+        "The reply needs a minimum of {n} words.",
+        "Give me {n} words or more.",
+    ], [
+        "Anything shorter than {n} words is too short.",
+        "Aim for a length of {n} words at the very least.",
+    ]),
+    "max_sentences": ([
+        "Answer in at most {n} sentences.",
+        "Use no more than {n} sentences.",
+        "Keep it to {n} sentences or fewer.",
+        "Do not write more than {n} sentences.",
+    ], []),
+    "min_sentences": ([
+        "Write at least {n} sentences.",
+        "Use no fewer than {n} sentences.",
+        "Your answer should have {n} or more sentences.",
+        "Include a minimum of {n} sentences.",
+        "Make the answer {n} sentences long or longer.",
+        "I want at least {n} full sentences.",
+    ], [
+        "Fewer than {n} sentences will not do.",
+        "Stretch the answer across {n} sentences or more.",
+    ]),
+    "paragraphs": ([
+        "Split the answer into exactly {n} paragraphs separated by a blank line.",
+        "Write exactly {n} paragraphs with an empty line between them.",
+        "Use {n} paragraphs, no more and no fewer, separated by blank lines.",
+        "Organise the reply as exactly {n} paragraphs divided by blank lines.",
+        "Your response must contain exactly {n} paragraphs separated by empty lines.",
+        "Give exactly {n} paragraphs and put a blank line between each.",
+    ], [
+        "Break the text into {n} blocks of prose with one empty line between blocks, exactly {n}.",
+        "There should be precisely {n} paragraphs, each divided from the next by a blank line.",
+    ]),
+    "keyword": ([
         "Use the word '{word}'.",
         "Include the word '{word}' somewhere.",
         "Make sure the word '{word}' appears in your answer.",
         "Mention '{word}' at least once.",
-    ],
-    "bullets": [
+        "The word '{word}' must appear in the reply.",
+        "Work the word '{word}' into your answer.",
+    ], [
+        "Somewhere in the text, say '{word}'.",
+        "Do not forget to bring up the term '{word}'.",
+    ]),
+    "forbidden_words": ([
+        "Do not use the words {words}.",
+        "Avoid the words {words}.",
+        "Never mention {words}.",
+        "The words {words} must not appear.",
+        "Leave out the words {words} entirely.",
+        "Write it without using {words}.",
+    ], [
+        "Steer clear of the terms {words}.",
+        "Any use of {words} is off limits.",
+    ]),
+    "keyword_frequency": ([
+        "Use the word '{word}' at least {n} times.",
+        "Mention '{word}' {n} or more times.",
+        "The word '{word}' should appear at least {n} times.",
+        "Repeat the word '{word}' at least {n} times.",
+        "Include '{word}' no fewer than {n} times.",
+        "Say '{word}' at least {n} times in the answer.",
+    ], [
+        "I want to see '{word}' a minimum of {n} times.",
+        "Make '{word}' show up {n} times or more.",
+    ]),
+    "letter_frequency": ([
+        "Use the letter '{letter}' {freq}.",
+        "The letter '{letter}' should appear {freq}.",
+        "Make sure the letter '{letter}' occurs {freq}.",
+        "Write so that the letter '{letter}' appears {freq}.",
+        "Count your letters: '{letter}' must appear {freq}.",
+        "In the whole answer, use the letter '{letter}' {freq}.",
+    ], [
+        "The character '{letter}' (any case) has to show up {freq}.",
+        "Keep an eye on the letter '{letter}': it must occur {freq}.",
+    ]),
+    "bullets": ([
         "Format the answer as exactly {n} bullet points starting with '- '.",
         "Give exactly {n} bullet points, each on its own line beginning with '- '.",
         "Use exactly {n} bullets that start with '- '.",
         "Answer with exactly {n} bullet points ('- ' at the start of each).",
-    ],
-    "lowercase": [
+        "Write exactly {n} lines, each starting with '- '.",
+        "List exactly {n} points as '- ' bullets.",
+    ], [
+        "Lay it out as a dash list of precisely {n} items, every item opening with '- '.",
+        "I need {n} bullet points, no more and no fewer, marked with '- '.",
+    ]),
+    "lowercase": ([
         "Write everything in lowercase letters.",
         "Do not use any capital letters.",
         "Use only lowercase letters.",
         "Keep the whole answer in lowercase.",
-    ],
-    "end_with": [
+        "No uppercase letters are allowed.",
+        "Your entire reply must be lowercase.",
+    ], [
+        "Not a single capital letter, please.",
+        "Type it all in small letters.",
+    ]),
+    "uppercase": ([
+        "Write your entire answer in capital letters.",
+        "Use only uppercase letters.",
+        "Your whole reply must be in all caps.",
+        "Do not use any lowercase letters.",
+    ], []),
+    "no_commas": ([
+        "Do not use any commas.",
+        "Avoid commas completely.",
+        "Your answer must not contain a comma.",
+        "Write without a single comma.",
+        "No commas are allowed in the reply.",
+        "Leave out every comma.",
+    ], [
+        "Skip the comma character entirely.",
+        "The comma is banned from your text.",
+    ]),
+    "start_with": ([
+        'Start your response with the exact phrase "{phrase}"',
+        'Begin with the words "{phrase}"',
+        'Your first words must be "{phrase}"',
+        'Open your answer with "{phrase}"',
+    ], []),
+    "end_with": ([
         # No closing period: the phrase carries its own punctuation and is always the last sentence.
         'End your response with the exact phrase "{phrase}"',
         'Finish with the words "{phrase}"',
         'Your last words must be "{phrase}"',
         'Close your answer with "{phrase}"',
-    ],
+        'Make "{phrase}" the final words of your reply',
+        'Wrap up with exactly "{phrase}"',
+    ], [
+        'Nothing may follow the closing phrase "{phrase}"',
+        'The text has to conclude with "{phrase}"',
+    ]),
+    "quotation": ([
+        "Wrap your entire response in double quotation marks.",
+        "Put the whole answer inside double quotes.",
+        "Enclose everything you write in double quotation marks.",
+        "Start and end the reply with a double quote.",
+    ], []),
+    "title": ([
+        "Give the answer a title wrapped in double angle brackets, like <<my title>>.",
+        "Include a title in double angular brackets, such as <<title>>.",
+        "Start with a title inside << and >>.",
+        "Add a title written as <<title here>>.",
+        "Put a title in double angle brackets, for example <<a title>>.",
+        "Your reply needs a title of the form <<title>>.",
+    ], [
+        "Head the text with a title enclosed by << and >>.",
+        "Name your piece: place the name between << and >>.",
+    ]),
+    "highlights": ([
+        "Highlight at least {n} sections with asterisks, like *this part*.",
+        "Mark at least {n} parts in markdown italics, such as *highlighted text*.",
+        "Emphasise at least {n} sections by wrapping them in single asterisks.",
+        "Use *asterisks* to highlight at least {n} sections.",
+        "Put at least {n} phrases between asterisks, like *this*.",
+        "Include {n} or more highlighted sections written as *text*.",
+    ], [
+        "Surround {n} or more key sentences with a single star on each side, *like so*.",
+        "Draw attention to at least {n} passages by enclosing them in asterisks.",
+    ]),
+    "json_format": ([
+        "Format your entire answer as valid JSON.",
+        "Reply with JSON only.",
+        "Your whole response must be a valid JSON object.",
+        "Wrap the entire output in JSON format.",
+        "Give the answer as a JSON object and nothing else.",
+        "Output valid JSON, with no text outside it.",
+    ], [
+        "Return machine-readable JSON rather than prose.",
+        "Everything you send back should parse as JSON.",
+    ]),
+    "postscript": ([
+        "At the end, add a postscript starting with {marker}",
+        "Finish with a postscript that begins with {marker}",
+        "Add a note at the end starting with {marker}",
+        "Include a postscript, beginning with {marker}, at the end.",
+        "End with a line starting with {marker}",
+        "After the main text, add a postscript that starts with {marker}",
+    ], [
+        "Tack on an afterthought that opens with {marker}",
+        "Close with an extra line introduced by {marker}",
+    ]),
+    "placeholders": ([
+        "Include at least {n} placeholders in square brackets, like [name].",
+        "Use at least {n} placeholders written as [placeholder].",
+        "Add {n} or more bracketed placeholders such as [address].",
+        "The answer must contain at least {n} placeholders in square brackets.",
+    ], []),
 }
-TYPES = list(PHRASINGS)
-END_PHRASES = [
-    "Hope this helps.",
-    "That is all for now.",
-    "Thanks for asking.",
-    "Let me know if you want more.",
-    "And that is the short version.",
-    "Stay curious!",
-]
+assert set(PHRASINGS) == set(TRAIN_KINDS) | set(HELDOUT_KINDS) == set(SLOTS)
+
+START_PHRASES = ["Sure.", "Here is the short answer.", "Good question.", "Happy to help.", "Let me explain."]
+END_PHRASES = ["Hope this helps.", "That is all for now.", "Thanks for asking.", "Let me know if you want more.",
+               "And that is the short version.", "Stay curious!"]
+POSTSCRIPTS = ["Ask me if you want more detail.", "There is plenty more to learn.", "I can share sources too.",
+               "Thanks for reading."]
+PLACEHOLDER_SENTENCES = ["Learn more at [website].", "Write to [name] with any questions.",
+                         "Visit [place] to see it for yourself.", "Plan your visit for [date].",
+                         "Share this note with [friend's name].", "Ask your teacher at [school name] for more."]
+TITLES = ["All About {Topic}", "{Topic} in Brief", "A Short Guide to {Topic}", "Notes on {Topic}", "{Topic} Explained"]
 BULLET_INTROS = ["Here is what to know about {topic}:", "A few facts about {topic}:"]
-PARAM_CHOICES = {"max_words": [10, 12, 15, 20, 25], "min_words": [20, 25, 30, 35, 40], "bullets": [2, 3, 4, 5]}
+JSON_KEYS = [("topic", "facts"), ("subject", "points"), ("title", "notes")]
+PARAMS = {"max_words": [10, 12, 15, 20, 25, 30], "min_words": [20, 25, 30, 35, 40, 50], "bullets": [2, 3, 4, 5],
+          "max_sentences": [1, 2, 3], "min_sentences": [3, 4, 5], "paragraphs": [2, 3], "highlights": [1, 2, 3],
+          "placeholders": [1, 2, 3], "keyword_frequency": [2, 3]}
+COMMON_LETTERS, RARE_LETTERS = "aeinorst", "bkpvwyfg"
+STOPWORDS = set("""a an the and or but of to in on at for with from by as is are was were be been it its this that
+these those they them their there then than can could will would may might must should not no only very some most
+many much more each every other into over under after before about also such so even just like one two""".split())
+
+# -- topics ---------------------------------------------------------------------------------------------------
 
 
-def sample_constraints(rng: random.Random, main: str, keywords: list[str]) -> list[dict]:
-    """The main constraint plus, half the time, a compatible second one."""
-    types = [main]
-    if rng.random() < 0.5:
-        # At most N and at least M words together would mostly test arithmetic, not following.
-        types.append(rng.choice([t for t in TYPES if t != main and {t, main} != {"max_words", "min_words"}]))
-    constraints = []
-    for ctype in types:
-        c: dict = {"type": ctype}
-        if ctype in PARAM_CHOICES:
-            c["n"] = rng.choice(PARAM_CHOICES[ctype])
-        elif ctype == "keyword":
-            c["word"] = rng.choice(keywords)
-        elif ctype == "end_with":
-            c["phrase"] = rng.choice(END_PHRASES).lower() if "lowercase" in types else rng.choice(END_PHRASES)
-        constraints.append(c)
-    return constraints
+def all_topics() -> list[dict]:
+    """Topics with their facts, keywords (in one or two facts) and frequent words (in two or more)."""
+    out = []
+    for name, facts, *given in TOPICS + MORE_TOPICS:
+        counts = Counter()
+        for f in facts:
+            counts.update({w.lower() for w in re.findall(r"[A-Za-z]+", f)})
+        content = sorted(w for w in counts if len(w) >= 4 and w not in STOPWORDS)
+        keywords = given[0] if given else [w for w in content if counts[w] <= 2][:6]
+        # Words and their counts over all facts, for "use X at least n times" (content words preferred).
+        frequent = {w: sum(count_word(f, w) for f in facts) for w in sorted(counts) if len(w) >= 3}
+        out.append({"name": name, "facts": facts, "keywords": keywords,
+                    "frequent": {w: n for w, n in frequent.items() if n >= 2}})
+    return out
 
 
-def prompt_text(rng: random.Random, topic: str, constraints: list[dict]) -> str:
-    """A task sentence followed by one instruction sentence per constraint (end_with last)."""
-    ordered = sorted(constraints, key=lambda c: c["type"] == "end_with")
-    parts = [rng.choice(PHRASINGS[c["type"]]).format(**{k: v for k, v in c.items() if k != "type"}) for c in ordered]
-    return " ".join([rng.choice(TASKS).format(topic=topic)] + parts)
+# -- constraints and prompts -------------------------------------------------------------------------------------
 
 
-def compose(rng: random.Random, topic: tuple[str, list[str], list[str]], constraints: list[dict],
-            violate: str | None = None) -> str | None:
-    """A fluent response meeting every constraint, or, when `violate` names a constraint type,
-    one that clearly breaks that constraint while meeting the others (None if none is found)."""
-    name, facts, _ = topic
-    by_type = {c["type"]: c for c in constraints}
-    facts = _fact_order(rng, facts, by_type.get("keyword"), exclude=violate == "keyword")
-    n_bullets = _bullet_count(rng, by_type.get("bullets"), violate, len(facts))
-    phrase = _end_phrase(rng, by_type.get("end_with"), violate)
-    lower = "lowercase" in by_type and violate != "lowercase"
-    sizes = [n_bullets] if n_bullets else list(range(1, len(facts) + 1))
+def sample_constraints(rng: random.Random, main: str, topic: dict) -> list[dict]:
+    """The main constraint plus 0-2 compatible training kinds (never a held-out one)."""
+    kinds = [main]
+    n = rng.choices(list(N_CONSTRAINTS), weights=list(N_CONSTRAINTS.values()))[0]
+    while len(kinds) < n:
+        free = [k for k in TRAIN_KINDS if k not in kinds and not any(
+            SLOTS[k] & SLOTS[o] or frozenset({k, o}) in CONFLICTS for o in kinds)]
+        if not free:
+            break
+        kinds.append(rng.choice(free))
+    return [_params(rng, k, topic, kinds) for k in kinds]
+
+
+def _params(rng: random.Random, kind: str, topic: dict, kinds: list[str]) -> dict:
+    """One constraint of `kind` with parameters this topic's facts can meet (and break)."""
+    c: dict = {"type": kind}
+    case = (str.lower if "lowercase" in kinds else str.upper if "uppercase" in kinds else None)
+    if kind == "keyword_frequency":
+        c["n"] = rng.choice(PARAMS[kind])
+        fits = [w for w, n in topic["frequent"].items() if n >= c["n"]] or list(topic["frequent"])
+        content = [w for w in fits if w not in STOPWORDS]
+        c["word"] = rng.choice(content or fits)
+        c["n"] = min(c["n"], topic["frequent"][c["word"]])
+    elif kind in PARAMS:
+        c["n"] = rng.choice(PARAMS[kind])
+    elif kind == "keyword":
+        c["word"] = rng.choice(topic["keywords"])
+    elif kind == "forbidden_words":
+        c["words"] = rng.sample(topic["keywords"], rng.choice([1, 2]))
+    elif kind == "letter_frequency":
+        if rng.random() < 0.5:
+            c.update(letter=rng.choice(COMMON_LETTERS), n=rng.choice([8, 10, 12, 15]), relation="at least")
+        else:
+            c.update(letter=rng.choice(RARE_LETTERS), n=rng.choice([2, 3, 4]), relation="less than")
+    elif kind in ("start_with", "end_with"):
+        phrase = rng.choice(START_PHRASES if kind == "start_with" else END_PHRASES)
+        c["phrase"] = case(phrase) if case else phrase
+    elif kind == "postscript":
+        c["marker"] = rng.choice(["P.S.", "P.S.", "P.P.S."])
+    return c
+
+
+def _fill(template: str, c: dict) -> str:
+    """A phrasing with the constraint's parameters in words."""
+    words = " or ".join(f"'{w}'" for w in c.get("words", []))
+    freq = (f"at least {c['n']} times" if c.get("relation") == "at least" else f"fewer than {c.get('n')} times")
+    return template.format(words=words, freq=freq, **{k: v for k, v in c.items() if k not in ("type", "words")})
+
+
+def prompt_text(rng: random.Random, topic: str, constraints: list[dict], phrasing: str) -> tuple[str, str]:
+    """The prompt and its template id ('task/t3+frame/t0+keyword/t1+...'); end_with's sentence comes last."""
+    pick = 0 if phrasing == "train" else 1
+    ids, parts = [], []
+    for c in sorted(constraints, key=lambda c: c["type"] == "end_with"):
+        train, held = PHRASINGS[c["type"]]
+        pool, tag = (held, "h") if pick and held else (train, "t")  # held-out kinds: all phrasings are unseen
+        j = rng.randrange(len(pool))
+        ids.append(f"{c['type']}/{tag}{j}")
+        parts.append(_fill(pool[j], c))
+    tasks, frames = TASKS[pick], FRAMES[pick]
+    t, f = rng.randrange(len(tasks)), rng.randrange(len(frames))
+    tag = "th"[pick]
+    task = tasks[t].format(topic=topic)
+    text = frames[f].format(task=task, cons=" ".join(parts), cons_lines="\n".join(f"- {p}" for p in parts))
+    return text, "+".join([f"task/{tag}{t}", f"frame/{tag}{f}"] + ids)
+
+
+# -- responses -------------------------------------------------------------------------------------------------
+
+
+def compose(rng: random.Random, topic: dict, constraints: list[dict], violate: str | None = None,
+            longer_than: int | None = None, shorter_than: int | None = None) -> str | None:
+    """A fluent response meeting every constraint, or, when `violate` names a constraint kind, one that clearly
+    breaks that constraint while meeting the others; optionally longer/shorter (words) than a given length.
+    None when no such response is found."""
+    by = {c["type"]: c for c in constraints}
+    facts = _fact_order(rng, topic["facts"], by, violate)
+    plan = _plan(rng, by, violate, len(facts))
+    sizes = list(range(1, len(facts) + 1))
     rng.shuffle(sizes)
     for k in sizes:
-        text = _render(rng, name, facts[:k], bool(n_bullets), phrase, lower)
+        if k < plan["min_facts"] or (plan["exact_facts"] and k != plan["exact_facts"]):
+            continue
+        text = _render(rng, topic, facts[:k], plan)
+        words = count_words(text)
+        if longer_than is not None and words <= longer_than or shorter_than is not None and words >= shorter_than:
+            continue
         if _acceptable(text, constraints, violate):
             return text
     return None
 
 
-def _fact_order(rng: random.Random, facts: list[str], keyword: dict | None, exclude: bool) -> list[str]:
-    """Shuffled facts; a keyword fact first when the keyword is required, none when it must be missing."""
-    facts = rng.sample(facts, len(facts))
-    if keyword is None:
-        return facts
-    has = [f for f in facts if check(f, keyword)]
-    hasnt = [f for f in facts if not check(f, keyword)]
-    return hasnt if exclude else has[:1] + rng.sample(has[1:] + hasnt, len(facts) - 1)
+def _wanted(fact: str, c: dict) -> int:
+    """How much a fact helps meet `c` (positive), or hurts it (negative); 0: neutral."""
+    kind = c["type"]
+    if kind == "keyword" or kind == "keyword_frequency":
+        return count_word(fact, c["word"])
+    if kind == "forbidden_words":
+        return -sum(count_word(fact, w) for w in c["words"])
+    if kind == "no_commas":
+        return -fact.count(",")
+    if kind == "letter_frequency":
+        n = fact.lower().count(c["letter"])
+        return n if c["relation"] == "at least" else -n
+    return 0
 
 
-def _bullet_count(rng: random.Random, bullets: dict | None, violate: str | None, n_facts: int) -> int:
-    """How many bullet lines to write; 0 means prose. A violation is off by 1-2 or plain prose."""
-    if bullets is None:
-        return 0
-    n = bullets["n"]
-    if violate != "bullets":
-        return n
-    return rng.choice([0] + [m for m in (n - 2, n - 1, n + 1, n + 2) if 1 <= m <= n_facts and m != n])
+def _fact_order(rng: random.Random, facts: list[str], by: dict, violate: str | None) -> list[str]:
+    """Facts, most helpful first (for the violated kind, most harmful first); ties in random order."""
+    def key(f: str) -> int:
+        return sum(-_wanted(f, c) if kind == violate else _wanted(f, c) for kind, c in by.items())
+    shuffled = rng.sample(facts, len(facts))
+    return sorted(shuffled, key=key, reverse=True)
 
 
-def _end_phrase(rng: random.Random, end_with: dict | None, violate: str | None) -> str | None:
-    """The closing phrase; a violation drops it or closes with a different one."""
-    if end_with is None:
-        return None
-    if violate != "end_with":
-        return end_with["phrase"]
-    others = [p for p in END_PHRASES if p.lower() != end_with["phrase"].lower()]
-    return rng.choice([None, rng.choice(others)])
+def _off_by(rng: random.Random, n: int, low: int, high: int, extra: tuple = ()) -> int:
+    """A count that misses `n` (by 1-2, or one of `extra`), within [low, high]."""
+    return rng.choice([m for m in (n - 2, n - 1, n + 1, n + 2, *extra) if low <= m <= high and m != n])
 
 
-def _render(rng: random.Random, name: str, facts: list[str], bullets: bool, phrase: str | None, lower: bool) -> str:
-    """Join facts as prose or as '- ' lines (sometimes under an intro line), then close and case."""
-    if bullets:
+def _plan(rng: random.Random, by: dict, violate: str | None, n_facts: int) -> dict:
+    """The response's layout and decorations, with the violated kind's part broken."""
+    def param(kind: str, key: str | None, broken):
+        """The constraint's parameter (True for one without), `broken(it)` for the violated kind, None if absent."""
+        if kind not in by:
+            return None
+        value = by[kind][key] if key else True
+        return broken(value) if violate == kind else value
+
+    def other(pool: list[str], phrase: str) -> str | None:
+        return rng.choice([None] + [p for p in pool if p.lower() != phrase.lower()])
+
+    plan = {
+        "bullets": param("bullets", "n", lambda n: _off_by(rng, n, 0, n_facts, (0,))) or 0,
+        "paragraphs": param("paragraphs", "n", lambda n: _off_by(rng, n, 1, 4, (1,))) or 0,
+        "highlights": param("highlights", "n", rng.randrange) or 0,
+        "placeholders": param("placeholders", "n", rng.randrange) or 0,
+        "title": param("title", None, lambda _: rng.choice([False, "plain"])),
+        "start": param("start_with", "phrase", lambda p: other(START_PHRASES, p)),
+        "end": param("end_with", "phrase", lambda p: other(END_PHRASES, p)),
+        "postscript": param("postscript", "marker", lambda _: None),
+        "quote": param("quotation", None, lambda _: rng.choice([False, "single"])),
+        "json": "json_format" in by and violate != "json_format",
+        "case": ("lower" if "lowercase" in by and violate != "lowercase" else
+                 "upper" if "uppercase" in by and violate != "uppercase" else None),
+    }
+    plan["comma"] = violate == "no_commas"
+    plan["exact_facts"] = plan["bullets"]
+    plan["min_facts"] = max(plan["paragraphs"], plan["highlights"], 1)
+    return plan
+
+
+def _render(rng: random.Random, topic: dict, facts: list[str], plan: dict) -> str:
+    """Assemble the response: start phrase / title, body, placeholders, end phrase / postscript; quote; case."""
+    name = topic["name"]
+    if plan["comma"] and len(facts) >= 2 and not any("," in f for f in facts):
+        # A comma that a fluent writer would put there: two facts joined by ', and'.
+        facts = [f"{facts[0][:-1]}, and {facts[1][0].lower()}{facts[1][1:]}"] + facts[2:]
+        if len(facts) < plan["min_facts"]:
+            return ""  # not enough facts left for the layout; the caller tries another size
+    hl = set(rng.sample(range(len(facts)), plan["highlights"])) if plan["highlights"] else set()
+    facts = [f"*{f}*" if i in hl else f for i, f in enumerate(facts)]
+    extra = rng.sample(PLACEHOLDER_SENTENCES, plan["placeholders"])
+    if plan["json"]:
+        keys = rng.choice(JSON_KEYS)
+        body = json.dumps({keys[0]: name, keys[1]: facts}, ensure_ascii=False, indent=rng.choice([None, 2]))
+    elif plan["bullets"]:
         lines = [f"- {f}" for f in facts]
         if rng.random() < 0.4:
             lines.insert(0, rng.choice(BULLET_INTROS).format(topic=name))
-        text = "\n".join(lines + ([phrase] if phrase else []))
+        body = "\n".join(lines + ([" ".join(extra)] if extra else []))
+    elif plan["paragraphs"]:
+        n = min(plan["paragraphs"], len(facts))  # fewer after a comma join: _acceptable re-checks the count
+        cuts = sorted(rng.sample(range(1, len(facts)), n - 1)) if n > 1 else []
+        blocks = [facts[a:b] for a, b in zip([0] + cuts, cuts + [len(facts)])]
+        blocks[-1] = blocks[-1] + extra
+        body = "\n\n".join(" ".join(b) for b in blocks)
     else:
-        text = " ".join(facts + ([phrase] if phrase else []))
-    return text.lower() if lower else text
+        body = " ".join(facts + extra)
+    head = []
+    if plan["start"]:
+        head.append(plan["start"])
+    if plan["title"]:
+        title = rng.choice(TITLES).format(Topic=_title_case(name))
+        head.append(f"<<{title}>>" if plan["title"] is True else title)
+    sep = "\n" if plan["bullets"] or plan["json"] or plan["title"] else " "
+    text = sep.join(head + [body]) if head else body
+    if plan["end"]:
+        text += ("\n" if plan["bullets"] else " ") + plan["end"]
+    if plan["postscript"]:
+        text += f"\n{plan['postscript']} {rng.choice(POSTSCRIPTS)}"
+    if plan["quote"]:
+        q = '"' if plan["quote"] is True else "'"
+        text = f"{q}{text}{q}"
+    if plan["case"] == "lower":
+        text = text.lower()
+    elif plan["case"] == "upper":
+        text = text.upper()
+    return text
+
+
+def _title_case(name: str) -> str:
+    small = {"the", "of", "and", "a", "in"}
+    return " ".join(w if w.isupper() or (w in small and i) else w[:1].upper() + w[1:]
+                    for i, w in enumerate(name.split()))
 
 
 def _acceptable(text: str, constraints: list[dict], violate: str | None) -> bool:
@@ -456,52 +578,76 @@ def _acceptable(text: str, constraints: list[dict], violate: str | None) -> bool
         return words >= main["n"] + max(8, main["n"] // 2)
     if violate == "min_words":
         return words <= main["n"] - max(8, main["n"] // 3)
+    if violate == "max_sentences":
+        return count_sentences(text) >= main["n"] + 2
+    if violate == "min_sentences":
+        return count_sentences(text) <= max(1, main["n"] - 2)
     return True
 
 
-def make_item(rng: random.Random, main: str, topic: tuple, used: set[str], with_rejected: bool) -> dict:
-    """One prompt (unique across all files) with its constraints, chosen and maybe rejected response."""
-    rejected_longer = rng.random() < REJECTED_LONGER_P
-    for _ in range(500):
-        constraints = sample_constraints(rng, main, topic[2])
-        prompt = prompt_text(rng, topic[0], constraints)
+# -- rows and files ---------------------------------------------------------------------------------------------
+
+FORCED_LONGER = {"max_words", "max_sentences"}  # the violation itself fixes which response is longer
+FORCED_SHORTER = {"min_words", "min_sentences"}
+
+
+def make_item(rng: random.Random, main: str, topic: dict, phrasing: str, used: set[str],
+              pairs: bool, balance: list[int]) -> dict:
+    """One prompt (unique across all files) with its constraints, chosen and maybe rejected response.
+
+    `balance` is the running sum of len(chosen) - len(rejected) in words over this file: where the violation
+    leaves the direction free, the rejected response is made longer more often while chosen ones have been
+    longer, and shorter otherwise, so that length does not predict preference over the file."""
+    for _ in range(600):
+        constraints = sample_constraints(rng, main, topic)
+        prompt, template = prompt_text(rng, topic["name"], constraints, phrasing)
+        if prompt in used:
+            continue
         chosen = compose(rng, topic, constraints)
-        rejected = compose(rng, topic, constraints, violate=main) if with_rejected else ""
-        if prompt in used or not chosen or rejected is None:
+        if not chosen:
             continue
-        if with_rejected and main not in ("max_words", "min_words") and (len(rejected) > len(chosen)) != rejected_longer:
-            continue
+        rejected = ""
+        if pairs:
+            n = count_words(chosen)
+            longer = main in FORCED_LONGER or (main not in FORCED_SHORTER
+                                               and rng.random() < (0.8 if balance[0] > 0 else 0.2))
+            rejected = compose(rng, topic, constraints, violate=main,
+                               longer_than=n if longer else None, shorter_than=None if longer else n)
+            if rejected is None:
+                continue
+            balance[0] += n - count_words(rejected)
         used.add(prompt)
-        return {"prompt": prompt, "constraints": constraints, "chosen": chosen, "rejected": rejected}
-    raise RuntimeError(f"no example found for {main} / {topic[0]}")
+        return {"prompt": prompt, "template": template, "constraints": constraints, "chosen": chosen,
+                "rejected": rejected}
+    raise RuntimeError(f"no example found for {main} / {topic['name']}")
 
 
-def build_split(rng: random.Random, kind: str, split: str, used: set[str]) -> list[dict]:
-    """Rows of one file; categories and topics are cycled so both stay balanced."""
-    rows = []
-    topics = rng.sample(TOPICS, len(TOPICS))
-    for i in range(SIZES[kind][split]):
-        main = TYPES[i % len(TYPES)]
-        item = make_item(rng, main, topics[i % len(topics)], used, with_rejected=kind == "prefs")
-        rows.append(_row(kind, f"{kind}-{split}-{i + 1:04d}", main, item))
+def build_file(rng: random.Random, spec: tuple, topics: list[dict], used: set[str], prefix: str) -> list[dict]:
+    """Rows of one file; kinds and topics are cycled so both stay balanced in any prefix."""
+    split, kind_pool, phrasing, pairs, size = spec
+    kinds = TRAIN_KINDS if kind_pool == "train" else HELDOUT_KINDS
+    kinds = rng.sample(kinds, len(kinds))
+    order = rng.sample(topics, len(topics))
+    rows, balance = [], [0]
+    for i in range(size):
+        main = kinds[i % len(kinds)]
+        # Every topic once per round; each round shifts by one so that a kind meets every topic (with 16 kinds
+        # and 96 topics, a plain i % 96 would pair each kind with the same 6 topics forever).
+        topic = order[(i + i // len(order)) % len(order)]
+        item = make_item(rng, main, topic, phrasing, used, pairs, balance)
+        rows.append(_row(pairs, f"{prefix}-{i + 1:05d}", split, main, item))
     return rows
 
 
-def _row(kind: str, row_id: str, category: str, item: dict) -> dict:
+def _row(pairs: bool, row_id: str, split: str, category: str, item: dict) -> dict:
     """An item in the file's row contract (SFT messages, or a preference pair)."""
     user = [{"role": "user", "content": item["prompt"]}]
-    if kind == "instruct":
-        messages = user + [{"role": "assistant", "content": item["chosen"]}]
-        return {"id": row_id, "category": category, "messages": messages, "constraints": item["constraints"]}
-    return {
-        "id": row_id,
-        "prompt": user,
-        "chosen": [{"role": "assistant", "content": item["chosen"]}],
-        "rejected": [{"role": "assistant", "content": item["rejected"]}],
-        "label_source": "human",
-        "constraints": item["constraints"],
-        "category": category,
-    }
+    meta = {"id": row_id, "split": split, "category": category, "constraints": item["constraints"],
+            "template": item["template"]}
+    if not pairs:
+        return {**meta, "messages": user + [{"role": "assistant", "content": item["chosen"]}]}
+    return {**meta, "prompt": user, "chosen": [{"role": "assistant", "content": item["chosen"]}],
+            "rejected": [{"role": "assistant", "content": item["rejected"]}], "label_source": "human"}
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -511,15 +657,60 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def main() -> None:
+def length_preference_stats(rows: list[dict]) -> dict:
+    """Pearson correlation of response length (words) with the label (chosen 1, rejected 0), and the fraction
+    of pairs whose chosen response is the longer one: near 0 and 0.5 when length does not predict preference."""
+    lens = [count_words(r[key][0]["content"]) for r in rows for key in ("chosen", "rejected")]
+    labels = [1.0, 0.0] * len(rows)
+    ml, my = sum(lens) / len(lens), 0.5
+    cov = sum((x - ml) * (y - my) for x, y in zip(lens, labels))
+    sx = math.sqrt(sum((x - ml) ** 2 for x in lens))
+    sy = math.sqrt(sum((y - my) ** 2 for y in labels))
+    longer = sum(count_words(r["chosen"][0]["content"]) > count_words(r["rejected"][0]["content"]) for r in rows)
+    return {"corr": cov / (sx * sy), "chosen_longer": longer / len(rows)}
+
+
+def check_rows(rows: list[dict], pairs: bool, kinds: set[str]) -> None:
+    """Build-time guarantees: chosen passes everything, rejected fails exactly the row's category."""
+    for r in rows:
+        assert {c["type"] for c in r["constraints"]} <= kinds, r["id"]
+        if not pairs:
+            assert passes(r["messages"][-1]["content"], r["constraints"]), r["id"]
+            continue
+        assert passes(r["chosen"][0]["content"], r["constraints"]), r["id"]
+        failed = [c["type"] for c in r["constraints"] if not check(r["rejected"][0]["content"], c)]
+        assert failed == [r["category"]], (r["id"], failed)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = (sys.argv[1:] if argv is None else argv)
+    out = Path(args[args.index("--out") + 1]) if "--out" in args else ROOT / "data"
     rng = random.Random(0)
+    topics = all_topics()
     used: set[str] = set()
-    for kind, splits in SIZES.items():
-        for split in splits:
-            rows = build_split(rng, kind, split, used)
-            path = ROOT / "data" / kind / f"{split}.jsonl"
-            write_jsonl(path, rows)
-            print(f"{path.relative_to(ROOT)}: {len(rows)} rows")
+    for name, spec in FILES.items():
+        rows = build_file(rng, spec, topics, used, name.replace(".jsonl", "").replace("/", "-"))
+        kinds = set(TRAIN_KINDS) | (set(HELDOUT_KINDS) if spec[1] == "heldout" else set())
+        check_rows(rows, spec[3], kinds)
+        write_jsonl(out / name, rows)
+        cats = Counter(r["category"] for r in rows)
+        n_cons = Counter(len(r["constraints"]) for r in rows)
+        line = (f"data/{name}: {len(rows)} rows, {len(cats)} kinds ({min(cats.values())}-{max(cats.values())} "
+                f"rows each), constraints per prompt {dict(sorted(n_cons.items()))}, "
+                f"{len({r['template'] for r in rows})} distinct templates")
+        if spec[3]:
+            s = length_preference_stats(rows)
+            line += f"; length/preference corr {s['corr']:+.3f}, chosen longer in {s['chosen_longer']:.1%}"
+        print(line)
+        if spec[0] == "train":
+            uses = Counter(c["type"] for r in rows for c in r["constraints"])
+            print("  constraints per kind (any position): " + ", ".join(f"{k} {v}" for k, v in uses.most_common()))
+    general = [{"id": f"general-{i + 1:03d}", "text": t} for i, t in enumerate(PARAGRAPHS)]
+    write_jsonl(out / "general/heldout.jsonl", general)
+    print(f"data/general/heldout.jsonl: {len(general)} paragraphs, "
+          f"{sum(count_words(t) for t in PARAGRAPHS)} words (the forgetting perplexity text)")
+    print(f"{len(topics)} topics; training kinds ({len(TRAIN_KINDS)}): {', '.join(TRAIN_KINDS)}; "
+          f"held-out kinds ({len(HELDOUT_KINDS)}): {', '.join(HELDOUT_KINDS)}")
 
 
 if __name__ == "__main__":

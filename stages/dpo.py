@@ -26,7 +26,7 @@ from alignment.dpo import (adapter_disabled, data_record, dpo_trainer_class, imp
 from alignment.errors import DataError
 from alignment.hardware import peak_rss_mb, resolve_precision
 from alignment.models import load_tokenizer
-from alignment.peft_methods import METHODS, SOFT_PROMPTS, describe, peft_config, select_trainable
+from alignment.peft_methods import METHODS, SOFT_PROMPTS, describe, peft_config, select_trainable, trl_lm_head_problems
 from alignment.policy import lineage_for, load_policy, require_mergeable, save_on_parent
 from alignment.preferences import PrefData, stage_sources, to_trl_dataset, train_eval_pairs
 from alignment.schema import PeftSpec, TrainSpec
@@ -80,7 +80,7 @@ class Config(StageConfig):
     def problems(self):
         out = loss_problems(self.loss_types, self.dpo.loss_weights, self.dpo.label_smoothing,
                             self.data.soft_labels, self.dpo.beta)
-        out += self.data.problems("data") + self.peft.problems("peft")
+        out += self.data.problems("data") + self.peft.problems("peft") + trl_lm_head_problems(self.peft, "peft", "dpo")
         m = self.peft.method
         if m in SOFT_PROMPTS or m == "qlora":
             out.append(("peft.method", f"the dpo stage trains lora (use_dora/use_rslora), ia3, bitfit, freeze or "

@@ -7,12 +7,18 @@ For every policy in `policies` and the `baseline`, on the same prompts:
   orders, and count the policy's win rate (ties count half; bootstrap CI over prompts);
 - estimate KL(policy || baseline) on responses sampled from the policy (exact per-token KL, `alignment.dpo`);
 - measure response length and a gold metric no stage trained on (`gold: module:function`, default: the
-  fraction of responses meeting every verifiable constraint of their prompt, `alignment.gold`).
+  fraction of responses meeting every verifiable constraint of their prompt, `alignment.gold`);
+- answer further prompt sets (`prompt_sets`, default the bundled held-out phrasings and held-out kinds) and
+  report the gold pass rate per set and per constraint kind with bootstrap 95% CIs (`splits`), so a gain on
+  prompts shaped like the training data is told apart from one that transfers;
+- measure forgetting (`forgetting`): each model's perplexity on general text (data/general/heldout.jsonl) and
+  its gold pass rate on kinds no stage trained on, against the base model's.
 
 Prompts: any prompt file (`alignment.prompts`; default the bundled held-out instructions) or an MT-bench
 `question.jsonl` (first turn of each question; `data/eval/mt_bench_question.jsonl`).
-Writes `metrics.json` (also the manifest's metrics), `samples.jsonl` (every generation with its scores; the
-tracker shows it as a table), `plots/*.png` and a self-contained `report.html` (alignment/report.py).
+Writes `metrics.json` (also the manifest's metrics), `samples.jsonl` (every generation on the main prompts with
+its scores; the tracker shows it as a table), `samples_sets.jsonl` (the further sets' and the base's answers),
+`plots/*.png` and a self-contained `report.html` (alignment/report.py).
 Figures and the method in detail: docs/eval.md.
 """
 
@@ -32,6 +38,8 @@ from alignment.tracking import SAMPLES
 
 log = logging.getLogger("align")
 MODEL_STAGES = ("base", "sft", "dpo", "ppo")
+SET_SAMPLES = "samples_sets.jsonl"
+"""Answers to the further prompt sets (and the base model's), beside samples.jsonl (the main prompts)."""
 
 
 class GenerationSpec(Section):
@@ -41,6 +49,22 @@ class GenerationSpec(Section):
     temperature: float = 0.7
     top_p: float = 0.9
     batch_size: int = 8
+
+
+class ForgettingSpec(Section):
+    text: str | None = "data/general/heldout.jsonl"
+    """General text (JSONL rows with a `text` field) whose perplexity each model gets (None: no perplexity)."""
+    max_texts: int | None = None
+    batch_size: int = 8
+    max_length: int = 256
+    """Tokens per text at most (a longer text is cut)."""
+    base: bool = True
+    """Also evaluate the run's base model: its perplexity and gold pass rates are the reference each model is
+    compared with (`ppl_ratio`, `heldout_kinds_gold_change`)."""
+    base_sets: list[str] | None = None
+    """Prompt sets the base model answers (None: all); it needs at least `heldout_set` for the gold change."""
+    heldout_set: str = "heldout_kinds"
+    """The prompt set (constraint kinds no stage trained on) whose gold pass rate is the forgetting figure."""
 
 
 class KLSpec(Section):
@@ -57,6 +81,16 @@ class Config(StageConfig):
     """Held-out prompts: a prompt file (alignment.prompts), a `datasets` name/path, or an MT-bench question.jsonl."""
     prompts_split: str = "test"
     max_prompts: int | None = None
+    prompts_name: str = "in_distribution"
+    """The name of the `prompts` set in the per-set gold metrics (`splits`)."""
+    prompt_sets: dict[str, str] = {"heldout_phrasings": "data/instruct/eval_heldout_phrasings.jsonl",
+                                   "heldout_kinds": "data/instruct/eval_heldout_kinds.jsonl"}
+    """Further prompt sets (name -> prompt file) every model answers, scored by the gold function only: pass rate
+    per set and per kind with bootstrap CIs. The judge, reward model and KL use `prompts` alone. {}: none."""
+    max_set_prompts: int | None = None
+    """Prompts per further set (None: as max_prompts)."""
+    forgetting: ForgettingSpec | None = ForgettingSpec()
+    """What each model keeps of the base (None: skip)."""
     generation: GenerationSpec = GenerationSpec()
     reward: bool = True
     """Score every response with the run's `reward` model."""
@@ -97,6 +131,25 @@ class Config(StageConfig):
             out.append(("tie_band", f"expected 0 <= tie_band < 0.5, got {self.tie_band}"))
         if self.max_prompts is not None and self.max_prompts < 1:
             out.append(("max_prompts", "expected at least 1 (or leave unset)"))
+        if self.max_set_prompts is not None and self.max_set_prompts < 1:
+            out.append(("max_set_prompts", "expected at least 1 (or leave unset)"))
+        if self.prompts_name in self.prompt_sets:
+            out.append((f"prompt_sets.{self.prompts_name}", "names the main prompts set (prompts_name) too"))
+        return out + self._forgetting_problems()
+
+    def _forgetting_problems(self) -> list[tuple[str, str]]:
+        f, sets = self.forgetting, [self.prompts_name, *self.prompt_sets]
+        if f is None:
+            return []
+        out = []
+        if f.batch_size < 1 or f.max_length < 2 or (f.max_texts is not None and f.max_texts < 1):
+            out.append(("forgetting", "batch_size >= 1, max_length >= 2 and max_texts >= 1 (or unset) expected"))
+        if self.gold and f.heldout_set not in sets:
+            out.append(("forgetting.heldout_set", f"expected one of the prompt sets ({', '.join(sets)}), "
+                                                  f"got {f.heldout_set!r}"))
+        for i, s in enumerate(f.base_sets or []):
+            if s not in sets:
+                out.append((f"forgetting.base_sets.{i}", f"expected one of the prompt sets ({', '.join(sets)})"))
         return out
 
 
@@ -109,6 +162,8 @@ def upstream(cfg: Config) -> tuple[str, ...]:
         names.append(j.model or "sft")
     if j is not None and j.kind == "reward_model" and not j.reward_artifact:
         names.append("reward")
+    if cfg.forgetting is not None and cfg.forgetting.base:
+        names.append("base")
     return tuple(dict.fromkeys(names))
 
 
@@ -186,47 +241,160 @@ def generate(model, tok, prompts: list[list[dict]], spec: GenerationSpec, *, see
     return out
 
 
-# -- the stage -------------------------------------------------------------------------------------
+# -- prompt sets, general text and perplexity --------------------------------------------------------
 
 
-def run(cfg: Config, ctx) -> None:
-    from transformers import set_seed
+def load_prompt_sets(cfg: Config) -> dict[str, list[dict]]:
+    """The main prompts and every further set, by name (main first)."""
+    sets = {cfg.prompts_name: load_eval_prompts(cfg.prompts, cfg.max_prompts, cfg.prompts_split)}
+    limit = cfg.max_set_prompts if cfg.max_set_prompts is not None else cfg.max_prompts
+    for name, source in cfg.prompt_sets.items():
+        sets[name] = load_eval_prompts(source, limit, cfg.prompts_split)
+    return sets
 
-    from alignment import evaluation as ev
+
+def load_general_texts(spec: ForgettingSpec | None) -> list[str]:
+    """The forgetting text set: each row's non-empty `text` (none when perplexity is off)."""
+    from alignment.data import read_rows
+
+    if spec is None or spec.text is None:
+        return []
+    texts = []
+    for rowno, row in read_rows(spec.text, "test"):
+        if spec.max_texts is not None and len(texts) >= spec.max_texts:
+            break
+        text = row.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{spec.text}: row {rowno}: text: expected a non-empty string")
+        texts.append(text)
+    if not texts:
+        raise DataError(f"{spec.text}: no rows")
+    return texts
+
+
+def text_perplexity(model, tok, texts: list[str], spec: ForgettingSpec) -> dict:
+    """Token-weighted perplexity of `model` on plain `texts` (no chat template), batched, right-padded."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from alignment.evaluation import perplexity
+
+    device = next(model.parameters()).device
+    nll, n_tokens = 0.0, 0
+    old_side, tok.padding_side = tok.padding_side, "right"
+    try:
+        for start in tqdm(range(0, len(texts), spec.batch_size), desc="perplexity", unit="batch", leave=False):
+            enc = tok(texts[start:start + spec.batch_size], return_tensors="pt", padding=True, truncation=True,
+                      max_length=spec.max_length).to(device)
+            with torch.no_grad():
+                logits = model(**enc).logits
+            # A soft prompt's virtual tokens come first in its logits; score the text's positions only.
+            logits = logits[:, -enc["input_ids"].shape[1]:-1].float()
+            target, mask = enc["input_ids"][:, 1:], enc["attention_mask"][:, 1:].bool()
+            losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+            nll += float(losses[mask].sum())
+            n_tokens += int(mask.sum())
+    finally:
+        tok.padding_side = old_side
+    return {"ppl": perplexity(nll, n_tokens), "nll_per_token": nll / n_tokens, "tokens": n_tokens}
+
+
+def answer_all(cfg: Config, ctx, tok, sets: dict[str, list[dict]]) -> tuple[dict, dict, dict]:
+    """Responses of every model to every prompt set ({set: {model: generated}}), KL of each policy to the
+    baseline on the main prompts, and each model's perplexity; one policy in memory at a time next to the
+    baseline (the KL reference), then the base model when forgetting asks for it."""
     from alignment.dpo import sampled_kl, separate_reference
-    from alignment.models import load_tokenizer
     from alignment.policy import load_policy
-    from alignment.report import write_eval_report
 
-    # -- set up --------------------------------------------------------------------------------
-    set_seed(cfg.seed)
-    t0 = time.perf_counter()
-    rows = load_eval_prompts(cfg.prompts, cfg.max_prompts, cfg.prompts_split)
-    prompts = [r["prompt"] for r in rows]
-    baseline_art = ctx.inputs[cfg.baseline]
-    tok = load_tokenizer(baseline_art.model_dir)
-    names = [cfg.baseline, *cfg.policies]
-    log.info("[eval] %d prompts from %s; %s vs baseline %s", len(rows), cfg.prompts, ", ".join(cfg.policies),
-             cfg.baseline)
+    texts = load_general_texts(cfg.forgetting)
+    responses: dict[str, dict] = {s: {} for s in sets}
+    kl, ppl = {}, {}
+    main = [r["prompt"] for r in sets[cfg.prompts_name]]
 
-    # -- generate, and KL to the baseline while both models are loaded ----------------------------
-    baseline = load_policy(baseline_art, cfg.precision).eval().requires_grad_(False)
-    responses = {cfg.baseline: generate(baseline, tok, prompts, cfg.generation, seed=cfg.seed, desc=cfg.baseline)}
+    def answer(name: str, model, names) -> None:
+        for s in names:
+            responses[s][name] = generate(model, tok, [r["prompt"] for r in sets[s]], cfg.generation,
+                                          seed=cfg.seed, desc=f"{name} {s}")
+        if texts:
+            ppl[name] = text_perplexity(model, tok, texts, cfg.forgetting)
+
+    baseline = load_policy(ctx.inputs[cfg.baseline], cfg.precision).eval().requires_grad_(False)
+    answer(cfg.baseline, baseline, sets)
     reference = functools.partial(separate_reference, baseline)  # sampled_kl's reference_ctx
-    kl = {}
     for name in cfg.policies:
         policy = load_policy(ctx.inputs[name], cfg.precision).eval().requires_grad_(False)
-        responses[name] = generate(policy, tok, prompts, cfg.generation, seed=cfg.seed, desc=name)
+        answer(name, policy, sets)
         if cfg.kl.prompts:
-            kl[name] = sampled_kl(policy, reference, tok, prompts[: cfg.kl.prompts],
-                                  max_new_tokens=cfg.kl.max_new_tokens, batch_size=cfg.generation.batch_size,
-                                  seed=cfg.seed)
+            kl[name] = sampled_kl(policy, reference, tok, main[: cfg.kl.prompts], max_new_tokens=cfg.kl.max_new_tokens,
+                                  batch_size=cfg.generation.batch_size, seed=cfg.seed)
             log.info("[eval] KL(%s || %s) = %.4f nats per response (%.4f per token)", name, cfg.baseline,
                      kl[name]["kl_seq"], kl[name]["kl_per_token"])
         del policy
         gc.collect()
     del baseline, reference
     gc.collect()
+    f = cfg.forgetting
+    if f is not None and f.base and "base" not in (cfg.baseline, *cfg.policies):
+        base = load_policy(ctx.inputs["base"], cfg.precision).eval().requires_grad_(False)
+        answer("base", base, [s for s in sets if f.base_sets is None or s in f.base_sets])
+        del base
+        gc.collect()
+    return responses, kl, ppl
+
+
+def split_metrics(cfg: Config, sets: dict[str, list[dict]], responses: dict, fn) -> tuple[dict, dict]:
+    """Gold scores ({set: {model: [score]}}) and the per-set summary: pass rate per model and per kind, 95% CI."""
+    from alignment import evaluation as ev
+
+    scores, out = {}, {}
+    sources = {cfg.prompts_name: cfg.prompts, **cfg.prompt_sets}
+    for s, rows in sets.items():
+        scores[s] = {name: fn(rows, r["text"]) for name, r in responses[s].items()}
+        kinds = [row.get("category") for row in rows]
+        models = {name: ev.gold_summary(sc, kinds, seed=cfg.seed) for name, sc in scores[s].items()}
+        out[s] = {"source": sources[s], "prompts": len(rows),
+                  "models": {name: m for name, m in models.items() if m is not None}}
+    return scores, out
+
+
+def forgetting_metrics(cfg: Config, ppl: dict, splits: dict) -> dict:
+    """Perplexity and held-out-kind gold per model against the base model (or the baseline when there is none)."""
+    from alignment import evaluation as ev
+
+    held = splits.get(cfg.forgetting.heldout_set, {}).get("models", {})
+    gold = {name: m["pass_rate"] for name, m in held.items()}
+    reference = "base" if "base" in ppl or "base" in gold else cfg.baseline
+    out = ev.forgetting_summary({n: p["ppl"] for n, p in ppl.items()}, gold, reference)
+    out.update(text=cfg.forgetting.text, heldout_set=cfg.forgetting.heldout_set,
+               tokens=next(iter(ppl.values()))["tokens"] if ppl else 0)
+    return out
+
+
+# -- the stage -------------------------------------------------------------------------------------
+
+
+def run(cfg: Config, ctx) -> None:
+    from transformers import set_seed
+
+    from alignment.models import load_tokenizer
+    from alignment.report import write_eval_report
+
+    # -- set up --------------------------------------------------------------------------------
+    set_seed(cfg.seed)
+    t0 = time.perf_counter()
+    sets = load_prompt_sets(cfg)
+    rows = sets[cfg.prompts_name]
+    prompts = [r["prompt"] for r in rows]
+    baseline_art = ctx.inputs[cfg.baseline]
+    tok = load_tokenizer(baseline_art.model_dir)
+    names = [cfg.baseline, *cfg.policies]
+    log.info("[eval] %d prompts from %s%s; %s vs baseline %s", len(rows), cfg.prompts,
+             "".join(f", {len(v)} {k}" for k, v in sets.items() if k != cfg.prompts_name), ", ".join(cfg.policies),
+             cfg.baseline)
+
+    # -- generate every set, KL to the baseline while both models are loaded, perplexity ------------
+    all_responses, kl, ppl = answer_all(cfg, ctx, tok, sets)
+    responses = all_responses[cfg.prompts_name]
     gen_s = time.perf_counter() - t0
 
     # -- reward model ----------------------------------------------------------------------------
@@ -254,77 +422,119 @@ def run(cfg: Config, ctx) -> None:
         del judge
         gc.collect()
 
-    # -- gold ------------------------------------------------------------------------------------
-    gold = {}
+    # -- gold, per prompt set and kind; forgetting -----------------------------------------------
+    gold, all_gold, splits = {}, {}, {}
     if cfg.gold:
-        fn = gold_function(cfg.gold)
-        gold = {name: fn(rows, responses[name]["text"]) for name in names}
+        all_gold, splits = split_metrics(cfg, sets, all_responses, gold_function(cfg.gold))
+        gold = {name: all_gold[cfg.prompts_name][name] for name in names}
+    forgetting = forgetting_metrics(cfg, ppl, splits) if cfg.forgetting is not None else None
 
     # -- metrics ---------------------------------------------------------------------------------
-    per_model = {}
-    for name in names:
-        r = responses[name]
-        m = {"length_tokens": ev.length_stats(r["tokens"]), "missing_eos_rate": 1 - sum(r["eos"]) / len(r["eos"])}
-        if name in rewards:
-            m["reward"] = ev.distribution(rewards[name])
-        scored = [g for g in gold.get(name, []) if g is not None]
-        if scored:
-            lo, hi = ev.bootstrap_ci(scored, seed=cfg.seed)
-            m["gold"] = {"pass_rate": ev.mean(scored), "pass_rate_ci": [lo, hi], "n": len(scored)}
-        if name in verdicts:
-            v = verdicts[name]
-            m["judge"] = ev.win_summary([x.p_a for x in v], disagree=[x.disagree for x in v],
-                                        parsed=[x.parsed for x in v], tie_band=cfg.tie_band, seed=cfg.seed)
-        if name in kl:
-            m["kl"] = kl[name]
-        if name in rewards and name != cfg.baseline:
-            diffs = [a - b for a, b in zip(rewards[name], rewards[cfg.baseline])]
-            m["reward_gain"] = ev.distribution(diffs)
-        if scored and name != cfg.baseline:
-            # Paired by prompt: tighter than comparing the two pass rates' own intervals.
-            diffs = [a - b for a, b in zip(gold[name], gold[cfg.baseline]) if a is not None and b is not None]
-            m["gold_gain"] = ev.distribution(diffs)
-        per_model[name] = m
-    first = cfg.policies[0]
-    headline = {"policy": first, "baseline": cfg.baseline}
-    if "judge" in per_model[first]:
-        headline["win_rate"] = per_model[first]["judge"]["win_rate"]
-    if "reward" in per_model[first]:
-        headline["mean_reward"] = per_model[first]["reward"]["mean"]
-    if "kl" in per_model[first]:
-        headline["kl"] = per_model[first]["kl"]["kl_seq"]
-    if "gold" in per_model[first]:
-        headline["gold_pass_rate"] = per_model[first]["gold"]["pass_rate"]
+    per_model = {name: model_metrics(cfg, name, responses, rewards, gold, verdicts, kl, ppl) for name in names}
+    headline = headline_metrics(cfg, per_model, splits)
     ctx.metrics.update({**headline, "models": per_model, "prompts": len(rows), "prompts_source": cfg.prompts,
-                        "judge": judge_name,
+                        "judge": judge_name, "splits": splits,
+                        **({"forgetting": forgetting} if forgetting is not None else {}),
                         "generate_seconds": round(gen_s, 2), "eval_seconds": round(time.perf_counter() - t0, 2)})
 
     # -- save ------------------------------------------------------------------------------------
-    samples = []
-    for i, row in enumerate(rows):
-        for name in names:
-            s = {"id": row.get("id", row["row"]), "policy": name, "prompt": row["prompt"][-1]["content"],
-                 "response": responses[name]["text"][i], "tokens": responses[name]["tokens"][i]}
-            if name in rewards:
-                s["reward"] = rewards[name][i]
-            if gold.get(name) and gold[name][i] is not None:
-                s["gold"] = gold[name][i]
-            if name in verdicts:
-                s["p_beats_baseline"] = verdicts[name][i].p_a
-            samples.append(s)
-    with (ctx.out_dir / SAMPLES).open("w", encoding="utf-8") as f:
-        for s in samples:
-            f.write(json.dumps(s, ensure_ascii=False) + "\n")
+    # samples.jsonl: the main prompts' baseline and policy answers (the tracker's table); the further sets and
+    # the base model's answers go to samples_sets.jsonl.
+    everything = collect_samples(cfg, sets, all_responses, all_gold, rewards, verdicts)
+    main = [s["split"] == cfg.prompts_name and s["policy"] in names for s in everything]
+    samples = [s for s, m in zip(everything, main) if m]
+    for file, rows_out in ((SAMPLES, samples), (SET_SAMPLES, [s for s, m in zip(everything, main) if not m])):
+        with (ctx.out_dir / file).open("w", encoding="utf-8") as f:
+            for s in rows_out:
+                f.write(json.dumps(s, ensure_ascii=False) + "\n")
     histories = {name: ctx.inputs[name].path / "log_history.jsonl" for name in cfg.policies}
-    write_eval_report(ctx.out_dir, metrics=ctx.metrics, samples=samples, histories=histories,
-                      rewards=rewards, lengths={n: responses[n]["tokens"] for n in names},
+    write_eval_report(ctx.out_dir, metrics=ctx.metrics, samples=samples,
+                      histories=histories, rewards=rewards, lengths={n: responses[n]["tokens"] for n in names},
                       inputs={k: str(a.path) for k, a in ctx.inputs.items()}, baseline=cfg.baseline,
                       policies=cfg.policies, run=ctx.run, shown=cfg.report_samples)
     ctx.lineage = {"adapter": False, "evaluated": {n: str(ctx.inputs[n].path) for n in cfg.policies},
-                   "baseline": str(baseline_art.path), "parent_stage": first}
-    summary = "; ".join(
-        f"{n}: " + ", ".join(f"{k} {v:.3f}" for k, v in (
-            ("win", per_model[n].get("judge", {}).get("win_rate")), ("reward", per_model[n].get("reward", {}).get("mean")),
-            ("kl", per_model[n].get("kl", {}).get("kl_seq")), ("gold", per_model[n].get("gold", {}).get("pass_rate")))
-            if v is not None) for n in names)
-    log.info("[eval] %s; report.html and plots/ are in the artifact", summary)
+                   "baseline": str(baseline_art.path), "parent_stage": cfg.policies[0]}
+    log.info("[eval] %s; report.html and plots/ are in the artifact",
+             summary_line(names, per_model, splits, forgetting))
+
+
+def model_metrics(cfg: Config, name: str, responses: dict, rewards: dict, gold: dict, verdicts: dict, kl: dict,
+                  ppl: dict) -> dict:
+    """One model's figures on the main prompts (and its perplexity): length, reward, gold, judge, KL, gains."""
+    from alignment import evaluation as ev
+
+    r = responses[name]
+    m = {"length_tokens": ev.length_stats(r["tokens"]), "missing_eos_rate": 1 - sum(r["eos"]) / len(r["eos"])}
+    if name in rewards:
+        m["reward"] = ev.distribution(rewards[name])
+    scored = [g for g in gold.get(name, []) if g is not None]
+    if scored:
+        lo, hi = ev.bootstrap_ci(scored, seed=cfg.seed)
+        m["gold"] = {"pass_rate": ev.mean(scored), "pass_rate_ci": [lo, hi], "n": len(scored)}
+    if name in verdicts:
+        v = verdicts[name]
+        m["judge"] = ev.win_summary([x.p_a for x in v], disagree=[x.disagree for x in v],
+                                    parsed=[x.parsed for x in v], tie_band=cfg.tie_band, seed=cfg.seed)
+    if name in kl:
+        m["kl"] = kl[name]
+    if name in ppl:
+        m["perplexity"] = ppl[name]
+    if name in rewards and name != cfg.baseline:
+        diffs = [a - b for a, b in zip(rewards[name], rewards[cfg.baseline])]
+        m["reward_gain"] = ev.distribution(diffs)
+    if scored and name != cfg.baseline:
+        # Paired by prompt: tighter than comparing the two pass rates' own intervals.
+        diffs = [a - b for a, b in zip(gold[name], gold[cfg.baseline]) if a is not None and b is not None]
+        m["gold_gain"] = ev.distribution(diffs)
+    return m
+
+
+def headline_metrics(cfg: Config, per_model: dict, splits: dict) -> dict:
+    """The first policy's headline figures, including its gold pass rate on every prompt set."""
+    first = cfg.policies[0]
+    m = per_model[first]
+    headline = {"policy": first, "baseline": cfg.baseline}
+    for key, value in (("win_rate", m.get("judge", {}).get("win_rate")),
+                       ("mean_reward", m.get("reward", {}).get("mean")), ("kl", m.get("kl", {}).get("kl_seq")),
+                       ("gold_pass_rate", m.get("gold", {}).get("pass_rate"))):
+        if value is not None:
+            headline[key] = value
+    for s, split in splits.items():
+        if first in split["models"]:
+            headline[f"gold_pass_rate_{s}"] = split["models"][first]["pass_rate"]
+    return headline
+
+
+def collect_samples(cfg: Config, sets: dict, responses: dict, gold: dict, rewards: dict, verdicts: dict) -> list[dict]:
+    """Every generation of every set with its scores (reward and judge on the main set only)."""
+    samples = []
+    for set_name, rows in sets.items():
+        main = set_name == cfg.prompts_name
+        for i, row in enumerate(rows):
+            for name, r in responses[set_name].items():
+                s = {"id": row.get("id", row["row"]), "split": set_name, "policy": name,
+                     "prompt": row["prompt"][-1]["content"], "response": r["text"][i], "tokens": r["tokens"][i]}
+                if row.get("category") is not None:
+                    s["category"] = row["category"]
+                if main and name in rewards:
+                    s["reward"] = rewards[name][i]
+                g = gold.get(set_name, {}).get(name)
+                if g and g[i] is not None:
+                    s["gold"] = g[i]
+                if main and name in verdicts:
+                    s["p_beats_baseline"] = verdicts[name][i].p_a
+                samples.append(s)
+    return samples
+
+
+def summary_line(names: list[str], per_model: dict, splits: dict, forgetting: dict | None) -> str:
+    """One log line: each model's headline figures, then gold per set and perplexity."""
+    parts = []
+    for n in names:
+        m = per_model[n]
+        figures = (("win", m.get("judge", {}).get("win_rate")), ("reward", m.get("reward", {}).get("mean")),
+                   ("kl", m.get("kl", {}).get("kl_seq")), ("gold", m.get("gold", {}).get("pass_rate")))
+        figures += tuple((f"gold[{s}]", v["models"].get(n, {}).get("pass_rate")) for s, v in list(splits.items())[1:])
+        figures += (("ppl", (forgetting or {}).get("ppl", {}).get(n)),)
+        parts.append(f"{n}: " + ", ".join(f"{k} {v:.3f}" for k, v in figures if v is not None))
+    return "; ".join(parts)

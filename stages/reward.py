@@ -9,9 +9,10 @@ cross-entropy on that soft label.
 
 `model/` holds the MERGED sequence-classification model + tokenizer, so
 `AutoModelForSequenceClassification.from_pretrained(<artifact>/model)` is all a consumer needs
-(PPO, evaluation, a user). The manifest records the base, the lineage (the policy it was
-initialised from), the reward mean/std over the training responses (for PPO to whiten rewards)
-and the quality gate on held-out pairs. An RM that misses a `gate:` threshold is still
+(evaluation, GRPO/RLOO, a user). A LoRA RM is also published unmerged in `adapter/` (peft layout:
+the LoRA weights + the score head, safetensors), which PPO loads as a fourth role on its one base.
+The manifest records the base, the lineage (the policy it was initialised from), the reward
+mean/std over the training responses (for PPO to whiten rewards) and the quality gate on held-out pairs. An RM that misses a `gate:` threshold is still
 published, with status `failed_gate`, and the command fails naming the thresholds.
 """
 
@@ -28,8 +29,9 @@ from alignment.models import load_tokenizer
 from alignment.peft_methods import peft_config
 from alignment.policy import lineage_for, load_policy, require_mergeable
 from alignment.preferences import PrefData, stage_sources, to_trl_dataset, train_eval_pairs
-from alignment.reward import (gate_failures, gate_metrics, mean_std, pairwise_accuracy, reward_model_from_policy,
-                              score_pairs, soft_label_reward_trainer)
+from alignment.reward import (gate_failures, gate_metrics, mean_std, metrics_by_group, pairwise_accuracy,
+                              reward_model_from_policy, score_pairs, soft_label_reward_trainer)
+from alignment.reward_sources import ADAPTER_DIR
 from alignment.schema import PeftSpec, TrainSpec
 from alignment.training import callbacks, param_counts, throughput, train, trainer_args
 
@@ -119,14 +121,10 @@ def _train_dataset(pairs: list[dict], labels: str, use_margin: bool):
     return ds.remove_columns(drop)
 
 
-def _by_category(pairs: list[dict], scores: dict) -> dict[str, float]:
-    """Held-out accuracy per `category` (which kinds of preference the RM has not learned)."""
-    groups: dict[str, list[int]] = {}
-    for i, p in enumerate(pairs):
-        if "category" in p:
-            groups.setdefault(p["category"], []).append(i)
-    return {cat: round(pairwise_accuracy([scores["chosen"][i] for i in idx], [scores["rejected"][i] for i in idx]), 4)
-            for cat, idx in sorted(groups.items())}
+def _by_category(pairs: list[dict], scores: dict) -> dict[str, dict]:
+    """Held-out pairs, accuracy, margin and length correlation per `category` (the constraint kind)."""
+    return metrics_by_group([p.get("category") for p in pairs], scores["chosen"], scores["rejected"],
+                            scores["len_chosen"], scores["len_rejected"])
 
 
 def run(cfg: Config, ctx) -> None:
@@ -170,6 +168,10 @@ def run(cfg: Config, ctx) -> None:
     result, runtime = trained.result, trained.seconds
 
     # -- save ----------------------------------------------------------------------------------
+    # LoRA on base + SFT: also unmerged (adapter + score head, peft layout), which PPO loads as a role on its own
+    # base instead of a second model (alignment.reward_sources.AdapterReward).
+    if cfg.peft.method == "lora" and trainer.is_world_process_zero():
+        trainer.model.save_pretrained(ctx.out_dir / ADAPTER_DIR, safe_serialization=True)
     # Merged, so the artifact is one plain AutoModelForSequenceClassification folder.
     rm = trainer.model.merge_and_unload() if cfg.peft.method != "full" else trainer.model
     rm.config.pad_token_id = tok.pad_token_id
@@ -190,9 +192,11 @@ def run(cfg: Config, ctx) -> None:
                              max_ece=cfg.gate.max_ece)
     score_seconds = time.perf_counter() - t0
     reward_mean, reward_std = mean_std(seen["chosen"] + seen["rejected"])
+    by_category = _by_category(eval_pairs, held)
     ctx.metrics.update({
         **{f"eval_{k}": round(v, 4) for k, v in gate.items()},
-        "eval_accuracy_by_category": _by_category(eval_pairs, held),
+        "eval_accuracy_by_category": {c: v["accuracy"] for c, v in by_category.items()},
+        "eval_by_category": by_category,
         "eval_accuracy_before": round(pairwise_accuracy(before["chosen"], before["rejected"]), 4),
         "train_accuracy": round(pairwise_accuracy(seen["chosen"], seen["rejected"]), 4),
         # PPO whitens the RM's scores with these: (r - reward_mean) / reward_std.
@@ -205,6 +209,9 @@ def run(cfg: Config, ctx) -> None:
         "train_seconds": round(runtime, 2), "score_seconds": round(score_seconds, 2),
         "peak_rss_mb": round(peak_rss_mb(), 1), **throughput(trainer, runtime),
     })
+    for cat, v in by_category.items():
+        log.info("[reward]   %-14s %3d pairs: accuracy %.3f, length corr %+.3f", cat, v["pairs"], v["accuracy"],
+                 v["length_corr"])
     log.info("[reward] held-out accuracy %.3f (before %.3f), mean margin %.3f, ECE %.3f, length corr %.3f; "
              "rewards mean %.3f std %.3f", gate["accuracy"], ctx.metrics["eval_accuracy_before"],
              gate["mean_margin"], gate["ece"], gate["length_corr"], reward_mean, reward_std)

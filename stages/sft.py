@@ -12,16 +12,20 @@ import logging
 
 from alignment.config import StageConfig
 from alignment.hardware import peak_rss_mb, resolve_precision
-from alignment.mixture import MAIN_EVAL, realise_mixture
+from alignment.mixture import MAIN_EVAL, realise_mixture, stages_of
 from alignment.models import load_tokenizer
 from alignment.packing import PackedCollator, isolate_documents, pack_examples, packing_report
-from alignment.peft_methods import METHODS, SOFT_PROMPTS, describe, load_model, peft_config, select_trainable
+from alignment.peft_methods import (BOTTLENECK, METHODS, SOFT_PROMPTS, UNMERGEABLE, describe, load_model, peft_config,
+                                    prepare_trainer, save_trained, select_trainable, trl_lm_head_problems)
 from alignment.policy import lineage_for
 from alignment.schema import PeftSpec, SFTData, TrainSpec
 from alignment.training import callbacks, param_counts, perplexity, throughput, train, trainer_args
 
 log = logging.getLogger("align")
-UPSTREAM = ("base",)
+
+
+def upstream(cfg) -> tuple[str, ...]:
+    return ("base",) + stages_of(cfg.data)  # + `generate` when a mixture source reads its data
 
 
 class Config(StageConfig):
@@ -34,13 +38,13 @@ class Config(StageConfig):
     """Also write the adapter merged into the base weights to `merged/` (loads with AutoModelForCausalLM)."""
 
     def problems(self):
-        out = self.data.problems("data") + self.peft.problems("peft")
+        out = self.data.problems("data") + self.peft.problems("peft") + trl_lm_head_problems(self.peft, "peft", "sft")
         m = self.peft.method
         if self.merge and not METHODS[m].adapter:
             out.append(("merge", f"{m} ({METHODS[m].family}) saves full weights, there is no adapter to merge; "
                                  "set merge: false"))
-        if self.merge and m in SOFT_PROMPTS:
-            out.append(("merge", f"{m} trains virtual tokens, not weights, so it cannot be merged; set merge: false"))
+        if self.merge and m in UNMERGEABLE:
+            out.append(("merge", f"{m} {UNMERGEABLE[m]}; set merge: false"))
         if self.packing and m in SOFT_PROMPTS:
             out.append(("packing", f"{m} prepends virtual tokens to every row, so packed documents would share "
                                    "them and the per-document positions are lost; set packing: false"))
@@ -58,25 +62,27 @@ def run(cfg: Config, ctx) -> None:
     # -- set up --------------------------------------------------------------------------------
     set_seed(cfg.seed)
     base = ctx.inputs["base"]
-    mix = realise_mixture(cfg.data, cfg.seed)
+    mix = realise_mixture(cfg.data, cfg.seed, ctx.inputs)
     log.info("[sft] %d train examples from %d source(s); eval groups %s; method %s (%s); precision %s",
              len(mix.train), len(mix.report["sources"]), {g: len(r) for g, r in mix.eval_groups.items()},
              cfg.peft.method, METHODS[cfg.peft.method].family, resolve_precision(cfg.precision))
     tok = load_tokenizer(base.model_dir)
     model = load_model(cfg.peft, base.model_dir, cfg.precision)
     select_trainable(model, cfg.peft)
-    if cfg.train.gradient_checkpointing and not METHODS[cfg.peft.method].adapter:
+    if cfg.train.gradient_checkpointing and (not METHODS[cfg.peft.method].adapter or cfg.peft.method in BOTTLENECK):
         model.enable_input_require_grads()  # frozen embeddings would otherwise cut the checkpointed graph
     mask_hook = isolate_documents(model) if cfg.packing else None
     args = SFTConfig(**trainer_args(cfg.train, out_dir=ctx.checkpoints_dir, seed=cfg.seed, precision=cfg.precision,
                                     report_to=cfg.report_to),
                      max_length=cfg.train.max_length, completion_only_loss=True, packing=False)
     trainer = SFTTrainer(model=model, args=args, processing_class=tok,
-                         peft_config=peft_config(cfg.peft, "CAUSAL_LM", tokenizer_path=base.model_dir),
+                         peft_config=None if cfg.peft.method in BOTTLENECK else
+                         peft_config(cfg.peft, "CAUSAL_LM", tokenizer_path=base.model_dir),
                          train_dataset=datasets.Dataset.from_list(mix.train),
                          eval_dataset={g: datasets.Dataset.from_list(rows) for g, rows in mix.eval_groups.items()},
                          data_collator=PackedCollator(tok.pad_token_id) if cfg.packing else None,
                          callbacks=callbacks())
+    prepare_trainer(trainer, cfg.peft, cfg.train, ctx.checkpoints_dir)  # LoRA+ optimizer, PiSSA/OLoRA initial adapter
     if cfg.packing:
         # TRL has tokenised and truncated each example exactly as it does unpacked; now pack those.
         trainer.train_dataset = pack_examples(trainer.train_dataset, cfg.train.max_length)
@@ -103,8 +109,7 @@ def run(cfg: Config, ctx) -> None:
     if mask_hook is not None:
         mask_hook.remove()
     if trainer.is_world_process_zero():  # one writer: with several processes every rank holds the same weights
-        trainer.model.save_pretrained(ctx.out_dir / "model", safe_serialization=True)
-        tok.save_pretrained(ctx.out_dir / "model")
+        save_trained(trainer.model, tok, cfg.peft, ctx.out_dir / "model", base, scratch=ctx.checkpoints_dir)
         if cfg.merge:
             merged = _merged(trainer.model, cfg, base, ctx.out_dir / "model")
             merged.save_pretrained(ctx.out_dir / "merged", safe_serialization=True)

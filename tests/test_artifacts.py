@@ -84,3 +84,156 @@ def test_manifest_schema_is_json_schema():
     assert schema["type"] == "object"
     assert {"config_hash", "outputs", "inputs", "stage", "run"} <= set(schema["properties"])
     json.dumps(schema)
+
+
+# -- hardening (issue 15) -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", ["../x", "/abs", "a/b", ".hidden", "..", "", "x" * 101, "a\nb"])
+def test_run_and_stage_names_are_one_folder_under_the_root(tmp_path, bad):
+    store = ArtifactStore(tmp_path)
+    for call in (lambda: store.stage_dir(bad, "sft"), lambda: store.stage_dir("r", bad),
+                 lambda: store.partial_dir(bad, "sft"), lambda: store.lock(bad, "sft"), lambda: store.run_dir(bad)):
+        with pytest.raises(ArtifactError, match="expected one folder name"):
+            call()
+
+
+def test_a_symlink_out_of_the_root_is_refused(tmp_path):
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "r").symlink_to(tmp_path / "outside")
+    with pytest.raises(ArtifactError, match="outside the artifact root"):
+        ArtifactStore(tmp_path / "root").stage_dir("r", "sft")
+
+
+def test_the_root_must_be_a_folder(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ArtifactError, match="the artifact root is a file"):
+        ArtifactStore(tmp_path / "f")
+
+
+def test_hashes_are_cached_but_an_edit_that_keeps_size_and_mtime_is_caught(tmp_path, monkeypatch):
+    import os
+
+    from alignment import artifacts
+
+    store = ArtifactStore(tmp_path)
+    _publish(store)
+    store.read_stage("r", "sft")  # hashes once, fills the cache
+    calls = []
+    real = artifacts.sha256_file
+    monkeypatch.setattr(artifacts, "sha256_file", lambda p: calls.append(p) or real(p))
+    store.read_stage("r", "sft")
+    assert calls == []  # nothing re-hashed: size, mtime, ctime and inode unchanged
+    f = tmp_path / "r" / "sft" / "model" / "w.bin"
+    st = f.stat()
+    f.write_bytes(b"weightz")  # same size
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # mtime put back; ctime cannot be
+    with pytest.raises(ArtifactError, match="w.bin: sha256 .* the manifest says"):
+        store.read_stage("r", "sft")
+    assert calls == [f]
+
+
+def test_size_mode_checks_sizes_only(tmp_path, monkeypatch):
+    store = ArtifactStore(tmp_path)
+    _publish(store)
+    monkeypatch.setenv("ALIGN_VERIFY", "size")
+    (tmp_path / "r" / "sft" / "model" / "w.bin").write_bytes(b"weightz")
+    store.read_stage("r", "sft")  # same size: passes in size mode ...
+    with pytest.raises(ArtifactError, match="sha256"):
+        store.read(tmp_path / "r" / "sft", verify="full")  # ... but never for `align verify`
+    (tmp_path / "r" / "sft" / "model" / "w.bin").write_bytes(b"w")
+    with pytest.raises(ArtifactError, match="1 bytes, the manifest says 7"):
+        store.read_stage("r", "sft")
+
+
+def test_unlisted_files_make_an_artifact_broken_and_verify_lists_it(tmp_path, capsys):
+    from alignment.cli import main
+
+    store = ArtifactStore(tmp_path)
+    _publish(store)
+    _publish(store, stage="dpo")
+    assert main(["verify", "--artifacts", str(tmp_path)]) == 0
+    assert "2 artifact(s) verified" in capsys.readouterr().out
+    (tmp_path / "r" / "sft" / "model" / "pytorch_model.bin").write_bytes(b"\x80\x04planted")
+    with pytest.raises(ArtifactError, match="pytorch_model.bin: not listed in the manifest"):
+        store.read_stage("r", "sft")
+    assert main(["verify", "r", "--artifacts", str(tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    assert "r/sft: BROKEN" in out and "r/dpo: ok" in out
+    assert err.strip().splitlines() == ["align: error: 1 of 2 artifact(s) do not verify: r/sft; re-run those stages "
+                                        "with --force (the broken copies are moved aside, not deleted)"]
+
+
+def test_status_shows_a_broken_artifact_and_stale_partials(tmp_path):
+    from alignment.status import stage_rows
+
+    store = ArtifactStore(tmp_path)
+    _publish(store)
+    (tmp_path / "r" / "sft" / "model" / "w.bin").write_bytes(b"w")
+    rows = {r["stage"]: r for r in stage_rows(store, "r")}
+    assert rows["sft"]["status"] == "broken" and "1 bytes, the manifest says 7" in rows["sft"]["metrics"]
+    for _ in range(3):
+        store.partial_dir("r", "dpo").mkdir(parents=True)
+        store.set_aside(store.partial_dir("r", "dpo"), "stale")
+    assert len(store.stale_folders("r")) == 1  # only the newest stale partial is kept
+
+
+def test_checkpoints_stay_until_the_artifact_is_in_place(tmp_path, monkeypatch):
+    import os
+    from pathlib import Path
+
+    store = ArtifactStore(tmp_path)
+    seen = []
+    real = os.rename
+
+    def rename(src, dst):
+        seen.append((str(src), (Path(src) / "checkpoints").is_dir()))
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    _publish(store)
+    assert seen == [(str(store.partial_dir("r", "sft")), True)]  # renamed with its checkpoints ...
+    assert not (tmp_path / "r" / "sft" / "checkpoints").exists()  # ... removed once in place
+
+
+def test_a_read_only_store_gives_a_read_only_lock(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    store = ArtifactStore(tmp_path)
+    _publish(store)
+    real = os.open
+
+    def ro(path, flags, *a, **k):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real(path, flags, *a, **k)
+
+    monkeypatch.setattr(os, "open", ro)
+    with store.lock("r", "sft") as lock:
+        assert lock.read_only and lock.why.errno == errno.EROFS
+
+
+def test_a_corrupted_artifact_is_not_up_to_date(tiny_store, tmp_path, caplog):
+    """Truncating a published file: `status` says broken, and the stage re-runs instead of "up to date, skipping";
+    the broken copy is moved aside, not deleted."""
+    import shutil
+
+    from alignment.runner import run_stage
+    from alignment.status import stage_rows
+
+    src, run = tiny_store
+    root = tmp_path / "store"
+    shutil.copytree(src, root)
+    weights = root / run / "base" / "model" / "model.safetensors"
+    with weights.open("r+b") as f:
+        f.truncate(1000)
+    store = ArtifactStore(root)
+    assert {r["stage"]: r["status"] for r in stage_rows(store, run)}["base"] == "broken"
+    caplog.set_level("INFO", logger="align")
+    run_stage("base", "configs/tiny/base.yaml", root=root, run=run)
+    assert "does not verify" in caplog.text and "up to date" not in caplog.text
+    store.read_stage(run, "base")  # verifies again
+    olds = list((root / run).glob("base.old-*"))
+    assert len(olds) == 1 and (olds[0] / "model" / "model.safetensors").stat().st_size == 1000

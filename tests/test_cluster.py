@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
 import sys
 from pathlib import Path
 
@@ -42,10 +43,28 @@ def test_missing_sbatch_is_a_clear_error(tmp_path, monkeypatch, capsys):
     assert "sbatch not found" in capsys.readouterr().err
 
 
-def test_dry_run_writes_scripts_only(tmp_path, capsys):
-    assert main(["slurm", "-c", "configs/smollm2/pipeline.yaml", "--out", str(tmp_path), "--dry-run"]) == 0
-    paths = capsys.readouterr().out.split()
-    assert paths and all(p.endswith(".sbatch") and os.path.exists(p) for p in paths)
+def test_dry_run_prints_the_sbatch_chain_first_and_submits_nothing(tmp_path, monkeypatch, capsys):
+    log = tmp_path / "calls.txt"
+    _fake_sbatch(tmp_path, log)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    assert main(["slurm", "-c", "configs/smollm2/pipeline.yaml", "--out", str(tmp_path / "jobs"), "--run", "r",
+                 "--dry-run", "sft.train.lr=1e-4"]) == 0
+    out = capsys.readouterr()
+    lines = out.out.splitlines()
+    assert lines[0].startswith("# the sbatch chain (nothing submitted)") and len(lines) == 7  # header + 6 stages
+    assert lines[1] == f"job_0_base=$(sbatch --parsable {tmp_path}/jobs/r-00-base.sbatch | cut -d';' -f1)"
+    assert lines[2] == (f"job_1_sft=$(sbatch --parsable --dependency=afterok:${{job_0_base}} "
+                        f"{tmp_path}/jobs/r-01-sft.sbatch | cut -d';' -f1)")
+    assert "#!/bin/bash" not in out.out + out.err  # the scripts are in files (printed with -v)
+    assert not log.exists()
+    assert "train.lr=1e-4" in (tmp_path / "jobs" / "r-01-sft.sbatch").read_text()
+    assert "train.lr=1e-4" not in (tmp_path / "jobs" / "r-00-base.sbatch").read_text()  # routed to sft only
+    # The printed chain is the submission: run by bash, it submits the same calls in order.
+    done = subprocess.run(["bash", "-c", "\n".join(lines[1:])], capture_output=True, text=True,
+                          env={**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"})
+    assert done.returncode == 0, done.stderr
+    calls = log.read_text().splitlines()
+    assert len(calls) == 6 and "--dependency=afterok:1001 " in calls[1] and "--dependency=afterok:1005 " in calls[5]
 
 
 def _script(tmp_path, *args) -> str:
@@ -55,8 +74,8 @@ def _script(tmp_path, *args) -> str:
 
 
 def test_job_script_requeues_on_usr1_and_kills_invalid_dependents(tmp_path, capsys):
-    text = _script(tmp_path)
-    assert "#!/bin/bash" in capsys.readouterr().err  # --dry-run prints the scripts
+    text = _script(tmp_path, "-v")
+    assert "#!/bin/bash" in capsys.readouterr().err  # --dry-run -v prints the scripts
     for line in ("#SBATCH --requeue", "#SBATCH --signal=B:USR1@60", "#SBATCH --kill-on-invalid-dep=yes",
                  "trap on_usr1 USR1", 'scontrol requeue "$SLURM_JOB_ID"', "#SBATCH --time=00:30:00"):
         assert line in text  # the `local` profile's values
@@ -85,6 +104,31 @@ def test_gpu_profile_launches_one_task_per_gpu(tmp_path, capsys):
     assert "--gpus-per-node=4" in text and "--ntasks-per-node=4" in text and "--nodes=2" in text
     assert "srun --kill-on-bad-exit=1 bash -c" in text and "RANK=$SLURM_PROCID" in text
     assert 'scancel --signal=USR1 "$SLURM_JOB_ID"' in text  # the signal reaches every rank on every node
+
+
+def test_gpu_profile_keeps_base_and_eval_small(tmp_path, capsys):
+    """Per-stage resources: the profile's `stages:` beat chain-wide flags; a pipeline step's `slurm:` beats both."""
+    _script(tmp_path, "--profile", "gpu-example", "--nodes", "2", "--partition", "big")
+    jobs = tmp_path / "jobs"
+    base, sft, eval_ = ((jobs / f"r-{i:02d}-{s}.sbatch").read_text() for i, s in ((0, "base"), (1, "sft"), (5, "eval")))
+    assert "--nodes=1" in base and "--gpus-per-node" not in base and "--exclusive" not in base
+    assert "--ntasks-per-node=1" in base and "srun" not in base and "--time=01:00:00" in base
+    assert "--nodes=1" in eval_ and "--gpus-per-node=1" in eval_ and "--exclusive" not in eval_
+    assert "--nodes=2" in sft and "--gpus-per-node=4" in sft and "#SBATCH --exclusive" in sft
+    for text in (base, sft, eval_):
+        assert "--partition=big" in text  # what no stage section sets, the flags still set everywhere
+
+
+def test_profile_stage_section_errors_name_the_stage(tmp_path, capsys):
+    prof = tmp_path / "p.yaml"
+    prof.write_text("stages:\n  bsae: {nodes: 1}\n  sft: {gpu: 1}\n")
+    assert main(["submit", "-c", "configs/tiny/pipeline.yaml", "--out", str(tmp_path), "--dry-run",
+                 "--profile", str(prof)]) == 2
+    assert f"{prof}: stages.bsae: unknown stage" in capsys.readouterr().err
+    prof.write_text("stages:\n  sft: {gpu: 1}\n")
+    assert main(["submit", "-c", "configs/tiny/pipeline.yaml", "--out", str(tmp_path), "--dry-run",
+                 "--profile", str(prof)]) == 2
+    assert f"{prof}: stages.sft.gpu: unknown key" in capsys.readouterr().err
 
 
 def test_bad_profile_key_is_a_config_error(tmp_path, capsys):
@@ -167,8 +211,48 @@ def test_usr1_checkpoints_exits_requeue_and_the_same_command_resumes(tiny_store,
     assert proc.returncode == REQUEUE_EXIT, err[-3000:]
     assert "checkpoint saved, requeue" in err and "align: error" not in err
     assert not (tmp_path / "pre" / "sft").exists()
+    from alignment.status import stage_rows
+
+    (row,) = [r for r in stage_rows(ArtifactStore(tmp_path), "pre") if r["stage"] == "sft"]
+    assert row["status"].startswith("preempted (checkpoint saved"), row
     resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming interrupted run from" in resumed.stderr
     metrics = ArtifactStore(tmp_path).read_stage("pre", "sft").manifest.metrics
     assert 1 <= metrics["resumed_from_step"] < 60 and metrics["steps"] == 60
+
+
+def test_accelerate_multi_cpu_config_runs_two_processes(tiny_store, tmp_path):
+    """`accelerate launch --config_file configs/accelerate/multi-cpu.yaml` as docs/cluster.md shows it: two ranks
+    train the tiny SFT together (same final weights), only rank 0 writes and publishes."""
+    import json
+    import shutil
+    import socket
+
+    from safetensors.torch import load_file
+
+    from alignment.artifacts import ArtifactStore
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _mp_stage import tensors_sha256
+
+    root, run = tiny_store
+    shutil.copytree(root / run / "base", tmp_path / "acc" / "base")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
+           "configs/accelerate/multi-cpu.yaml", "--main_process_port", str(port), "tests/_mp_stage.py",
+           "run", "sft", "-c", "configs/tiny/sft.yaml", "threads=1", "train.max_steps=2", "train.batch_size=4"]
+    env = {**os.environ, "ALIGN_TEST_PROBE_DIR": str(probe), "OMP_NUM_THREADS": "1", "ALIGN_ARTIFACTS": str(tmp_path),
+           "ALIGN_RUN": "acc"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+    ranks = [json.loads((probe / f"rank{r}.json").read_text()) for r in (0, 1)]  # two processes ran
+    assert ranks[0]["step"] == ranks[1]["step"] == 2 and ranks[0]["sha256"] == ranks[1]["sha256"]
+    art = ArtifactStore(tmp_path).read_stage("acc", "sft")
+    assert tensors_sha256(load_file(art.model_dir / "adapter_model.safetensors")) == ranks[0]["sha256"]
+    writers = {line.split()[0] for line in (probe / "writes.txt").read_text().splitlines() if line}
+    assert writers == {"0"}

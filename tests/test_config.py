@@ -24,10 +24,12 @@ def test_every_shipped_config_validates(path):
 
 @pytest.mark.parametrize("path", sorted(Path("configs/cluster").glob("*.yaml")), ids=str)
 def test_every_cluster_profile_validates(path):
-    from alignment.cluster import SlurmSpec
-    import yaml
+    from alignment.cluster import SlurmSpec, _profile_layers
 
-    SlurmSpec.model_validate(yaml.safe_load(path.read_text()))
+    common, per_stage = _profile_layers(path)  # the `stages:` section overrides the common settings per stage
+    SlurmSpec.model_validate(common)
+    for settings in per_stage.values():
+        SlurmSpec.model_validate({**common, **settings})
 
 
 @pytest.mark.parametrize("path", sorted(Path("configs/accelerate").glob("*.yaml")), ids=str)
@@ -120,3 +122,39 @@ def test_secrets_are_redacted():
                   "items": [{"password": "p"}], "openai_api_key": "sk-9", "pad_token": "<pad>"})
     assert out == {"judge": {"api_key": "***", "model": "m", "max_new_tokens": 64}, "hf_token": "***",
                    "items": [{"password": "***"}], "openai_api_key": "***", "pad_token": "<pad>"}
+
+
+def test_secrets_are_scrubbed_by_value_from_configs_logs_and_text(monkeypatch, caplog):
+    """What a `*_env` variable holds and URL credentials never reach a manifest's config, a log line or an error."""
+    import logging
+
+    from alignment.config import config_dict, install_log_redaction, scrub_text
+
+    monkeypatch.setenv("MY_JUDGE_CREDENTIAL", "s3cr3t-value-123")
+    cfg = load_stage_config("label", "configs/tiny/label.yaml", [
+        "judge.kind=openai", "judge.model=m", "judge.api_key_env=MY_JUDGE_CREDENTIAL",
+        "judge.base_url=http://user:pa55word@host:8080/v1?k=s3cr3t-value-123"])
+    dumped = str(config_dict(cfg))
+    assert "pa55word" not in dumped and "s3cr3t-value-123" not in dumped
+    assert config_dict(cfg)["judge"]["base_url"] == "http://***@host:8080/v1?k=***"
+    assert config_dict(cfg)["judge"]["api_key_env"] == "MY_JUDGE_CREDENTIAL"  # the name is no secret
+    install_log_redaction()
+    caplog.set_level("INFO", logger="align")
+    logging.getLogger("align").info("calling %s with key %s", "https://a:b@x.org/v1", "s3cr3t-value-123")
+    assert caplog.records[-1].getMessage() == "calling https://***@x.org/v1 with key ***"
+    assert scrub_text("error from s3cr3t-value-123") == "error from ***"
+
+
+def test_bounds_strict_scalars_and_duplicates_name_the_key(tmp_path):
+    p = _sft_config(tmp_path, "seed: 1\ntrain:\n  lr: 0.1\n  max_steps: true\n")
+    assert _problems(p) == [f"{p}: train.max_steps: expected a number, got true"]
+    p = _sft_config(tmp_path, "train:\n  batch_size: 0\n  lr: -1.0\npeft:\n  dropout: 1.0\n")
+    assert _problems(p) == [f"{p}: peft.dropout: must be in [0, 1), got 1.0", f"{p}: train.lr: must be > 0, got -1.0",
+                            f"{p}: train.batch_size: must be >= 1, got 0"]
+    p = _sft_config(tmp_path, "packing: 1\n")
+    assert _problems(p) == [f"{p}: packing: expected true or false, got 1"]
+    p = _sft_config(tmp_path, "train:\n  lr: 0.1\n  lr: 0.2\n")
+    with pytest.raises(ConfigError, match=r"line 4, column 3: duplicate key 'lr' \(first given on line 3\)"):
+        load_stage_config("sft", p)
+    with pytest.raises(ConfigError, match="the value is not valid YAML"):
+        apply_overrides({}, ["train.lr=[1"])

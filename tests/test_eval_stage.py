@@ -75,6 +75,47 @@ def test_length_quantiles_bootstrap_and_gold():
     assert ev.constraint_gold(rows, ["one two three", "Not lower", "anything"]) == [1.0, 0.0, None]
 
 
+def test_gold_per_split_and_kind_perplexity_and_forgetting():
+    # Scored: (1, a), (0, a), (1, b), (0, no kind); the None score (no constraints) is left out.
+    s = ev.gold_summary([1.0, 0.0, 1.0, None, 0.0], ["a", "a", "b", "b", None])
+    assert (s["pass_rate"], s["n"]) == (0.5, 4) and set(s["by_kind"]) == {"a", "b"}
+    # Kind a resamples [1, 0]: all-0 and all-1 draws each have probability 1/4 > 2.5%, so the CI is [0, 1].
+    assert s["by_kind"]["a"] == {"pass_rate": 0.5, "pass_rate_ci": [0.0, 1.0], "n": 2}
+    assert s["by_kind"]["b"] == {"pass_rate": 1.0, "pass_rate_ci": [1.0, 1.0], "n": 1}
+    assert ev.gold_summary([None, None], ["a", "b"]) is None
+    with pytest.raises(ValueError, match="3 scores but 2 kinds"):
+        ev.gold_summary([1.0, 0.0, 1.0], ["a", "b"])
+    # Three tokens at probability 1/4 each: perplexity 4.
+    assert ev.perplexity(3 * math.log(4.0), 3) == pytest.approx(4.0)
+    f = ev.forgetting_summary({"base": 10.0, "sft": 12.0, "dpo": 15.0}, {"base": 0.4, "sft": 0.5, "dpo": 0.3}, "base")
+    assert f["ppl_ratio"] == pytest.approx({"base": 1.0, "sft": 1.2, "dpo": 1.5})
+    assert f["heldout_kinds_gold_change"] == pytest.approx({"base": 0.0, "sft": 0.1, "dpo": -0.1})
+    assert "ppl_ratio" not in ev.forgetting_summary({"sft": 12.0}, {}, "base")
+
+
+def test_text_perplexity_of_a_uniform_model_is_its_vocabulary_size(tiny_store):
+    """Zero output weights give uniform next-token probabilities 1/V whatever the text, so the perplexity is V
+    exactly, padded batches included (padding must not be scored)."""
+    import torch
+
+    from alignment.models import load_causal_lm, load_tokenizer
+    from stages.eval import ForgettingSpec, load_general_texts, text_perplexity
+
+    root, run = tiny_store
+    model_dir = root / run / "base" / "model"
+    model, tok = load_causal_lm(model_dir, "fp32"), load_tokenizer(model_dir)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.zero_()
+    spec = ForgettingSpec(max_texts=5, batch_size=2)
+    texts = load_general_texts(spec)
+    assert len(texts) == 5 and texts[0].startswith("The morning train")
+    out = text_perplexity(model, tok, texts, spec)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    assert out["ppl"] == pytest.approx(vocab, rel=1e-4)
+    n = sum(len(tok(t)["input_ids"]) - 1 for t in texts)  # every token after the first is predicted once
+    assert out["tokens"] == n
+
+
 def test_mt_bench_question_file_becomes_first_turn_prompts(tmp_path):
     from stages.eval import load_eval_prompts
 
@@ -104,6 +145,22 @@ def test_policy_equal_to_baseline_is_a_config_error(capsys):
     assert "configs/tiny/eval.yaml (command line): policies.0: 'sft' is also the baseline" in capsys.readouterr().err
 
 
+def test_bad_prompt_sets_and_forgetting_text_are_named(capsys, tmp_path):
+    code = main(["run", "eval", "-c", "configs/tiny/eval.yaml", "forgetting.heldout_set=nope",
+                 "prompt_sets.in_distribution=data/instruct/eval.jsonl", "--artifacts", "/nonexistent"])
+    err = capsys.readouterr().err
+    assert code == 2 and "forgetting.heldout_set: expected one of the prompt sets" in err
+    assert "prompt_sets.in_distribution: names the main prompts set (prompts_name) too" in err
+    from alignment.errors import DataError
+    from stages.eval import ForgettingSpec, load_general_texts
+
+    bad = tmp_path / "general.jsonl"
+    bad.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"text": ""}) + "\n")
+    with pytest.raises(DataError, match="general.jsonl: row 2: text: expected a non-empty string"):
+        load_general_texts(ForgettingSpec(text=str(bad)))
+    assert load_general_texts(ForgettingSpec(text=None)) == []
+
+
 # -- the stage end to end --------------------------------------------------------------------------
 
 
@@ -121,7 +178,7 @@ def test_eval_stage_end_to_end(tiny_store, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["metrics"] == metrics and manifest["status"] == "complete"
-    assert set(manifest["inputs"]) == {"sft", "dpo", "reward"}
+    assert set(manifest["inputs"]) == {"sft", "dpo", "reward", "base"}  # base: the forgetting reference
     assert metrics["prompts"] == 12 and metrics["policy"] == "dpo" and metrics["judge"] == "rule:longer"
     dpo, sft = metrics["models"]["dpo"], metrics["models"]["sft"]
     for m in (dpo, sft):
@@ -131,8 +188,34 @@ def test_eval_stage_end_to_end(tiny_store, tmp_path):
     assert dpo["gold_gain"]["mean"] == pytest.approx(dpo["gold"]["pass_rate"] - sft["gold"]["pass_rate"])
     assert metrics["kl"] == dpo["kl"]["kl_seq"] and metrics["win_rate"] == dpo["judge"]["win_rate"]
 
+    # Three prompt sets (12 main prompts, 8 per further set), answered by sft, dpo and the base model.
+    splits = metrics["splits"]
+    assert {s: v["prompts"] for s, v in splits.items()} == {"in_distribution": 12, "heldout_phrasings": 8,
+                                                             "heldout_kinds": 8}
+    all_samples = [json.loads(line) for name in ("samples.jsonl", "samples_sets.jsonl")
+                   for line in (out / name).read_text().splitlines()]
+    assert len(all_samples) == (12 + 8 + 8) * 3
+    for s, split in splits.items():
+        assert set(split["models"]) == {"sft", "dpo", "base"}
+        for name, m in split["models"].items():
+            got = [x["gold"] for x in all_samples if x["split"] == s and x["policy"] == name]
+            assert m["n"] == len(got) and m["pass_rate"] == pytest.approx(sum(got) / len(got))
+            assert m["pass_rate_ci"][0] <= m["pass_rate"] <= m["pass_rate_ci"][1]
+            assert sum(k["n"] for k in m["by_kind"].values()) == m["n"]
+    held_kinds = set(splits["heldout_kinds"]["models"]["dpo"]["by_kind"])
+    assert held_kinds and not held_kinds & set(splits["in_distribution"]["models"]["dpo"]["by_kind"])
+    assert splits["in_distribution"]["models"]["dpo"]["pass_rate"] == dpo["gold"]["pass_rate"]
+    assert metrics["gold_pass_rate_heldout_kinds"] == splits["heldout_kinds"]["models"]["dpo"]["pass_rate"]
+    f = metrics["forgetting"]
+    assert f["reference"] == "base" and set(f["ppl"]) == {"sft", "dpo", "base"} and f["tokens"] > 0
+    assert all(math.isfinite(p) and p > 1 for p in f["ppl"].values()) and f["ppl_ratio"]["base"] == 1.0
+    assert f["heldout_kinds_gold_change"]["dpo"] == pytest.approx(
+        f["heldout_kinds_gold"]["dpo"] - f["heldout_kinds_gold"]["base"])
+    assert dpo["perplexity"]["ppl"] == f["ppl"]["dpo"]
+
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 24 and {s["policy"] for s in samples} == {"sft", "dpo"}
+    assert {s["split"] for s in samples} == {"in_distribution"}
     # The rule judge's verdicts, recomputed from the responses, give the reported win rate.
     by = {(s["id"], s["policy"]): s for s in samples}
     ids = sorted({s["id"] for s in samples})
@@ -142,10 +225,11 @@ def test_eval_stage_end_to_end(tiny_store, tmp_path):
     assert dpo["reward"]["mean"] == pytest.approx(sum(by[i, "dpo"]["reward"] for i in ids) / 12)
 
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 4 and "<script" not in html
+    assert html.count("data:image/png;base64,") == 5 and "<script" not in html
+    assert "Gold pass rate by split" in html and "heldout_kinds: by kind" in html and "<h2>Forgetting</h2>" in html
     from PIL import Image
 
-    for name in ("win_rate", "reward_distribution", "training_curves", "length_distribution"):
+    for name in ("win_rate", "reward_distribution", "training_curves", "length_distribution", "gold_by_split"):
         png = out / "plots" / f"{name}.png"
         with Image.open(png) as im:
             im.verify()

@@ -24,9 +24,7 @@ def test_count_words(text, words):
     assert count_words(text) == words
 
 
-@pytest.mark.parametrize(
-    ("response", "constraint", "ok"),
-    [
+CASES = [
         ("One two three.", {"type": "max_words", "n": 3}, True),
         ("One two three four.", {"type": "max_words", "n": 3}, False),
         ("", {"type": "max_words", "n": 0}, True),
@@ -50,14 +48,63 @@ def test_count_words(text, words):
         ("Some text. Hope this helps", {"type": "end_with", "phrase": "Hope this helps."}, False),
         ("Hope this helps. More text.", {"type": "end_with", "phrase": "Hope this helps."}, False),
         ("Some text. hope this helps.", {"type": "end_with", "phrase": "Hope this helps."}, False),  # exact case
-    ],
-)
+        # sentences: '.', '!' or '?' then whitespace / line break / end; '3.5' does not end one
+        ("One. Two! Three?", {"type": "max_sentences", "n": 3}, True),
+        ("One. Two! Three? Four.", {"type": "max_sentences", "n": 3}, False),
+        ("Pi is about 3.14 today. Next.", {"type": "max_sentences", "n": 2}, True),
+        ("- a line\n- another line", {"type": "min_sentences", "n": 2}, True),  # each line is a sentence
+        ("Only one sentence here.", {"type": "min_sentences", "n": 2}, False),
+        ("... !", {"type": "min_sentences", "n": 1}, False),  # punctuation without a word is no sentence
+        ("First part.\n\nSecond part.", {"type": "paragraphs", "n": 2}, True),
+        ("First part.\n  \nSecond.\n\n\nThird.", {"type": "paragraphs", "n": 3}, True),
+        ("First part.\nSame paragraph.", {"type": "paragraphs", "n": 2}, False),
+        ("Cats and dogs.", {"type": "forbidden_words", "words": ["dog", "bird"]}, True),  # whole words only
+        ("Cats and Dogs.", {"type": "forbidden_words", "words": ["dogs", "bird"]}, False),
+        ("Tea, tea and more TEA.", {"type": "keyword_frequency", "word": "tea", "n": 3}, True),
+        ("Tea and teapots.", {"type": "keyword_frequency", "word": "tea", "n": 2}, False),
+        ("Seven eels.", {"type": "letter_frequency", "letter": "e", "n": 4, "relation": "at least"}, True),  # 4 e's
+        ("Seven eels.", {"type": "letter_frequency", "letter": "E", "n": 5}, False),  # default: at least
+        ("Seven eels.", {"type": "letter_frequency", "letter": "s", "n": 3, "relation": "less than"}, True),  # 2 s's
+        ("Sassy.", {"type": "letter_frequency", "letter": "s", "n": 3, "relation": "less than"}, False),  # 3 s's
+        ("LOUD AND CLEAR, 42!", {"type": "uppercase"}, True),
+        ("LOUD AND CLEAr", {"type": "uppercase"}, False),
+        ("42 !", {"type": "uppercase"}, False),  # no letters at all is not 'in capitals'
+        ("No commas here.", {"type": "no_commas"}, True),
+        ("One, two.", {"type": "no_commas"}, False),
+        ("  Sure. The moon is grey.", {"type": "start_with", "phrase": "Sure."}, True),
+        ("The moon is grey. Sure.", {"type": "start_with", "phrase": "Sure."}, False),
+        ("sure. the moon.", {"type": "start_with", "phrase": "Sure."}, False),  # exact case
+        ('"The moon is grey."\n', {"type": "quotation"}, True),
+        ('"The moon is grey.', {"type": "quotation"}, False),
+        ('""', {"type": "quotation"}, False),
+        ("<<The Moon>>\nIt is grey.", {"type": "title"}, True),
+        ("<The Moon>\nIt is grey.", {"type": "title"}, False),
+        ("<<>> and << >>", {"type": "title"}, False),
+        ("It is *grey* and *dusty*.", {"type": "highlights", "n": 2}, True),
+        ("It is *grey* and dusty.", {"type": "highlights", "n": 2}, False),
+        ("5 * 3 is 15.", {"type": "highlights", "n": 1}, False),
+        ("A **** line.", {"type": "highlights", "n": 1}, False),
+        ('{"topic": "moon", "facts": ["It is grey."]}', {"type": "json_format"}, True),
+        ('```json\n{"a": 1}\n```', {"type": "json_format"}, True),
+        ('{"topic": "moon",}', {"type": "json_format"}, False),
+        ("The moon is grey.", {"type": "json_format"}, False),
+        ("The moon.\nP.S. Look up tonight.", {"type": "postscript", "marker": "P.S."}, True),
+        ("the moon.\np.s. look up tonight.", {"type": "postscript", "marker": "P.S."}, True),  # any case
+        ("The moon. P.S. look up.", {"type": "postscript", "marker": "P.S."}, False),  # must start a line
+        ("The moon.\nP.P.S. Look up.", {"type": "postscript", "marker": "P.S."}, False),
+        ("Write to [name] at [address].", {"type": "placeholders", "n": 2}, True),
+        ("Write to [name] at [ ].", {"type": "placeholders", "n": 2}, False),  # an empty bracket is no placeholder
+]
+
+
+@pytest.mark.parametrize(("response", "constraint", "ok"), CASES)
 def test_check(response, constraint, ok):
     assert check(response, constraint) is ok
 
 
 def test_check_covers_every_known_type():
-    assert set(CHECKS) == {"max_words", "min_words", "keyword", "bullets", "lowercase", "end_with"}
+    covered = {c["type"] for _, c, _ in CASES}
+    assert covered == set(CHECKS) and len(CHECKS) >= 14
 
 
 def test_unknown_type_names_the_type():
@@ -74,6 +121,13 @@ def test_unknown_type_names_the_type():
         ({"type": "bullets", "n": True}, "'bullets' needs 'n'"),
         ({"type": "keyword", "word": " "}, "'keyword' needs 'word'"),
         ({"type": "end_with"}, "'end_with' needs 'phrase'"),
+        ({"type": "max_sentences", "n": 0}, "'max_sentences' needs 'n' as an integer >= 1"),
+        ({"type": "forbidden_words", "words": "dog"}, "'forbidden_words' needs 'words'"),
+        ({"type": "forbidden_words", "words": []}, "'forbidden_words' needs 'words'"),
+        ({"type": "letter_frequency", "letter": "ab", "n": 2}, "needs 'letter' as one letter"),
+        ({"type": "letter_frequency", "letter": "a", "n": 2, "relation": "exactly"}, "needs 'relation'"),
+        ({"type": "postscript"}, "'postscript' needs 'marker'"),
+        ({"type": "highlights", "n": 0}, "'highlights' needs 'n'"),
     ],
 )
 def test_bad_parameters_raise(constraint, message):
@@ -100,23 +154,72 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-@pytest.mark.parametrize(("split", "size"), [("train", 400), ("eval", 80)])
-def test_bundled_instruct_responses_pass_their_constraints(split, size):
-    rows = _rows(DATA / "instruct" / f"{split}.jsonl")
-    assert len(rows) == size
+FILES = {  # file -> (split, at least this many rows)
+    "instruct/train.jsonl": ("train", 2000), "instruct/eval.jsonl": ("eval", 150),
+    "instruct/eval_heldout_phrasings.jsonl": ("eval_heldout_phrasings", 150),
+    "instruct/eval_heldout_kinds.jsonl": ("eval_heldout_kinds", 150),
+    "prefs/train.jsonl": ("train", 1000), "prefs/eval.jsonl": ("eval", 150),
+    "prefs/eval_heldout_phrasings.jsonl": ("eval_heldout_phrasings", 150),
+}
+
+
+def _prompt(row: dict) -> str:
+    return (row.get("messages") or row["prompt"])[0]["content"]
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_bundled_rows_meet_their_constraints(name):
+    """SFT responses and chosen responses pass every constraint; a rejected one fails exactly its category."""
+    split, size = FILES[name]
+    rows = _rows(DATA / name)
+    assert len(rows) >= size
     for row in rows:
-        user, assistant = row["messages"]
-        assert (user["role"], assistant["role"]) == ("user", "assistant")
-        assert 1 <= len(row["constraints"]) <= 2
-        assert row["category"] == row["constraints"][0]["type"]
-        assert passes(assistant["content"], row["constraints"]), row["id"]
-        assert count_words(assistant["content"]) <= 75, row["id"]
+        assert row["split"] == split and 1 <= len(row["constraints"]) <= 3, row["id"]
+        assert row["category"] == row["constraints"][0]["type"] and row["template"].startswith("task/"), row["id"]
+        if "messages" in row:
+            user, assistant = row["messages"]
+            assert (user["role"], assistant["role"]) == ("user", "assistant")
+            assert passes(assistant["content"], row["constraints"]), row["id"]
+            assert count_words(assistant["content"]) <= 75, row["id"]
+        else:
+            assert passes(row["chosen"][0]["content"], row["constraints"]), row["id"]
+            rejected = row["rejected"][0]["content"]
+            assert [c["type"] for c in row["constraints"] if not check(rejected, c)] == [row["category"]], row["id"]
     categories = [row["category"] for row in rows]
-    counts = [categories.count(t) for t in CHECKS]
-    assert max(counts) - min(counts) <= 1  # balanced across constraint types
+    counts = [categories.count(t) for t in set(categories)]
+    assert max(counts) - min(counts) <= 1  # balanced across constraint kinds
+    first = categories[: len(set(categories))]
+    assert len(set(first)) == len(first)  # any prefix (a config's cap) cycles through the kinds
 
 
-def test_bundled_instruct_eval_prompts_not_in_train():
-    prompts = {split: {r["messages"][0]["content"] for r in _rows(DATA / "instruct" / f"{split}.jsonl")}
-               for split in ("train", "eval")}
-    assert not prompts["train"] & prompts["eval"]
+def test_bundled_splits_hold_out_kinds_phrasings_and_prompts():
+    rows = {name: _rows(DATA / name) for name in FILES}
+    kinds = {name: {c["type"] for r in rs for c in r["constraints"]} for name, rs in rows.items()}
+    held_kinds = {r["category"] for r in rows["instruct/eval_heldout_kinds.jsonl"]}
+    assert len(held_kinds) >= 4 and len(kinds["instruct/train.jsonl"]) >= 14
+    for name, used in kinds.items():
+        if name != "instruct/eval_heldout_kinds.jsonl":
+            assert not used & held_kinds, name  # no training, preference or other eval row uses a held-out kind
+    # Template ids: kind/tN (training phrasing) or kind/hN (held-out); held-out ones never train.
+    train_ids = {t for name in ("instruct/train.jsonl", "prefs/train.jsonl")
+                 for r in rows[name] for t in r["template"].split("+")}
+    for name in ("instruct/eval_heldout_phrasings.jsonl", "prefs/eval_heldout_phrasings.jsonl"):
+        for r in rows[name]:
+            ids = r["template"].split("+")
+            assert not set(ids) & train_ids and all("/h" in t for t in ids), r["id"]
+    assert not any("/h" in t for t in train_ids)
+    prompts = [_prompt(r) for rs in rows.values() for r in rs]
+    assert len(prompts) == len(set(prompts))  # no prompt shared within or across files
+
+
+def test_build_is_deterministic_and_reports_length_balance(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(DATA / "build.py"), "--out", str(tmp_path)], capture_output=True,
+                         text=True, check=True).stdout
+    for name in [*FILES, "general/heldout.jsonl"]:  # the committed files are exactly its output
+        assert (tmp_path / name).read_bytes() == (DATA / name).read_bytes(), name
+    corr = [float(line.split("length/preference corr ")[1].split(",")[0])
+            for line in out.splitlines() if "length/preference corr" in line]
+    assert len(corr) == 3 and all(abs(c) < 0.1 for c in corr)

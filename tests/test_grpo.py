@@ -1,4 +1,4 @@
-"""`algorithm: grpo | rloo` of the ppo stage (TRL's GRPOTrainer / RLOOTrainer, alignment/grpo.py) on the tiny model:
+"""The grpo stage (`algorithm.name: grpo | rloo`: TRL's GRPOTrainer / RLOOTrainer, alignment/grpo.py) on the tiny model:
 a few steps train and publish an artifact that loads back through its lineage; the reference is the SFT model;
 the reward wrapper passes per-prompt fields; impossible group settings fail at config load."""
 
@@ -20,7 +20,7 @@ from alignment.policy import load_policy
 from alignment.prompts import load_prompts
 
 CONFIG = {
-    "stage": "ppo", "run": "tiny", "seed": 0, "precision": "fp32", "algorithm": "grpo",
+    "stage": "grpo", "run": "tiny", "seed": 0, "precision": "fp32", "algorithm": "grpo",
     "data": {"train": "data/instruct/train.jsonl", "eval": None, "max_prompts": 16},
     "reward": {"kind": "function", "function": "test_grpo:vowel_reward"},
     "peft": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
@@ -65,10 +65,10 @@ def store(tiny_store, tmp_path):
 def test_trains_a_few_steps_and_loads_back(store, tmp_path, algorithm):
     root, run = store
     cfg = write_config(tmp_path, algorithm=algorithm)
-    assert main(["run", "ppo", "-c", str(cfg), "--artifacts", str(root)]) == 0
+    assert main(["run", "grpo", "-c", str(cfg), "--artifacts", str(root)]) == 0
 
     s = ArtifactStore(root)
-    art, sft = s.read_stage(run, "ppo"), s.read_stage(run, "sft")
+    art, sft = s.read_stage(run, "grpo"), s.read_stage(run, "sft")
     m = art.manifest
     assert m.lineage["parent"] == str(sft.path) and m.lineage["adapter"] is True
     assert m.lineage["algorithm"] == algorithm and m.lineage["reward"]["function"] == "test_grpo:vowel_reward"
@@ -91,7 +91,7 @@ def test_reference_of_full_fine_tuning_is_the_sft_model(store, tmp_path):
     """Without an adapter to switch off, TRL reloads the reference from config._name_or_path (the raw base):
     build_trainer must hand it base + SFT merged instead."""
     root, run = store
-    from stages.ppo import Config
+    from stages.grpo import Config
 
     cfg = load_config(Config, write_config(tmp_path, **{"peft": {"method": "full"}}))
     s = ArtifactStore(root)
@@ -127,20 +127,23 @@ def test_reward_wrapper_passes_text_and_the_prompts_fields():
     ({"train.batch_size": 6}, "train.batch_size: train.batch_size x train.grad_accum = 6 completions per step "
                               "must be a multiple of group.num_generations (4)"),
     ({"group.num_generations": 1}, "group.num_generations: a group needs at least 2"),
-    ({"algorithm": "rloo", "group.loss_type": "grpo"}, "group.loss_type: applies to algorithm grpo only"),
-    ({"group.normalize_advantages": True}, "group.normalize_advantages: applies to algorithm rloo only"),
+    ({"algorithm": {"name": "rloo", "loss_type": "grpo"}}, "algorithm.loss_type: unknown key"),
+    ({"algorithm": {"name": "grpo", "normalize_advantages": True}},
+     "algorithm.normalize_advantages: unknown key"),
+    ({"algorithm": "ppo"}, "algorithm: expected name grpo or rloo"),
+    ({"group.loss_type": "grpo"}, "group.loss_type: unknown key"),
     ({"group.beta": -0.1}, "group.beta: expected a KL coefficient >= 0"),
 ])
 def test_impossible_group_settings_fail_at_config_load(tmp_path, capsys, changes, expected):
     cfg = write_config(tmp_path, **changes)
-    assert main(["run", "ppo", "-c", str(cfg), "--artifacts", str(tmp_path / "store")]) == 2
+    assert main(["run", "grpo", "-c", str(cfg), "--artifacts", str(tmp_path / "store")]) == 2
     assert f"align: error: {cfg}: {expected}" in capsys.readouterr().err
 
 
 def test_adapter_on_lm_head_is_refused_before_training(store, tmp_path, capsys):
     root, _ = store
     cfg = write_config(tmp_path, **{"peft.target_modules": ["q_proj", "lm_head"]})
-    assert main(["run", "ppo", "-c", str(cfg), "--artifacts", str(root)]) == 2
+    assert main(["run", "grpo", "-c", str(cfg), "--artifacts", str(root)]) == 2
     assert ("peft.target_modules: GRPO/RLOO compute log-probs from lm_head.weight directly"
             in capsys.readouterr().err)
 
@@ -148,9 +151,22 @@ def test_adapter_on_lm_head_is_refused_before_training(store, tmp_path, capsys):
 def test_group_spec_maps_onto_trl_configs():
     from trl import GRPOConfig, RLOOConfig
 
-    spec = GroupSpec(num_generations=2, beta=0.1, loss_type="dr_grpo", max_completion_length=7)
+    from alignment.grpo import GRPO, RLOO
+
+    spec = GroupSpec(num_generations=2, beta=0.1, max_completion_length=7)
     common = dict(output_dir="/tmp/unused", per_device_train_batch_size=2, use_cpu=True, bf16=False)
-    grpo = GRPOConfig(**common, **spec.trl_kwargs("grpo"))
+    grpo = GRPOConfig(**common, **spec.trl_kwargs(), **GRPO(loss_type="dr_grpo").trl_kwargs())
     assert (grpo.num_generations, grpo.beta, grpo.loss_type, grpo.max_completion_length) == (2, 0.1, "dr_grpo", 7)
-    rloo = RLOOConfig(**common, **spec.trl_kwargs("rloo"))
-    assert (rloo.num_generations, rloo.beta, rloo.normalize_advantages) == (2, 0.1, False)
+    rloo = RLOOConfig(**common, **spec.trl_kwargs(), **RLOO(normalize_advantages=True).trl_kwargs())
+    assert (rloo.num_generations, rloo.beta, rloo.normalize_advantages) == (2, 0.1, True)
+
+
+@pytest.mark.parametrize("profile", ["tiny", "smollm2"])
+@pytest.mark.parametrize("name", ["grpo", "rloo"])
+def test_shipped_configs_load_with_their_algorithm(profile, name):
+    from alignment.runner import load_stage_config
+
+    cfg = load_stage_config("grpo", f"configs/{profile}/{name}.yaml")
+    assert cfg.algorithm.name == name and cfg.stage == "grpo"
+    short = load_stage_config("grpo", f"configs/{profile}/{name}.yaml", [f"algorithm={name}"])
+    assert short.algorithm == type(cfg.algorithm)()  # the short form is the method's defaults

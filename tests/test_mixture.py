@@ -140,7 +140,7 @@ def test_stage_records_the_realised_mixture_and_per_group_losses(tiny_store):
     sources = m["mixture"]["sources"]
     assert sources["length"]["used"] == 3 * sources["format"]["used"] and m["train_examples"] == 64
     assert "end_with" not in m["mixture"]["train_categories"]
-    assert m["mixture"]["held_out_categories"]["end_with"]["train_rows_dropped"] == 66
+    assert m["mixture"]["held_out_categories"]["end_with"]["train_rows_dropped"] == 250  # 4,000 rows / 16 kinds
     assert set(m["eval_loss_by_source"]) == {"length", "format"}
     assert set(m["eval_loss_by_heldout_category"]) == set(m["eval_loss_before_by_heldout_category"]) == {"end_with"}
     assert m["packed_rows"] < m["train_examples"]

@@ -39,7 +39,7 @@ def test_bundled_files_load():
     train, held_out = train_eval_prompts(PromptData(max_prompts=50))
     assert len(train) == 50 and len(held_out) == 50
     assert all(r["constraints"] and r["prompt"][-1]["role"] == "user" and r["reference"] for r in train)
-    assert len(load_prompts("data/prefs/train.jsonl")) == 300
+    assert len(load_prompts("data/prefs/train.jsonl")) == 3000
 
 
 @pytest.mark.parametrize("row, problem", [

@@ -47,8 +47,21 @@ def test_eval_report_is_self_contained_with_valid_plots(tmp_path):
         "ppo": {"length_tokens": length, "missing_eos_rate": 0.0, "judge": _judge(1, 0, 3),
                 "reward": {"mean": 0.9, "std": 1.0, "mean_ci": [0.5, 1.2], "n": 3}},
     }
+    kinds = {"keyword": {"pass_rate": 0.75, "pass_rate_ci": [0.25, 1.0], "n": 4}}
+    splits = {
+        "in_distribution": {"source": "data/instruct/eval.jsonl", "prompts": 4, "models": {
+            "sft": {"pass_rate": 0.25, "pass_rate_ci": [0.0, 0.75], "n": 4, "by_kind": kinds},
+            "dpo": {"pass_rate": 0.5, "pass_rate_ci": [0.2, 0.8], "n": 4, "by_kind": kinds}}},
+        "heldout_kinds": {"source": "data/instruct/eval_heldout_kinds.jsonl", "prompts": 2, "models": {
+            "dpo": {"pass_rate": 0.125, "pass_rate_ci": [0.0, 0.5], "n": 2,
+                    "by_kind": {"uppercase": {"pass_rate": 0.125, "pass_rate_ci": [0.0, 0.5], "n": 2}}}}},
+    }
+    forgetting = {"reference": "base", "ppl": {"base": 20.0, "dpo": 25.0}, "ppl_ratio": {"base": 1.0, "dpo": 1.25},
+                  "heldout_kinds_gold": {"dpo": 0.125}, "text": "data/general/heldout.jsonl", "tokens": 99,
+                  "heldout_set": "heldout_kinds"}
     metrics = {"policy": "dpo", "baseline": "sft", "win_rate": 0.625, "models": models, "prompts": 3,
-               "prompts_source": "data/instruct/eval.jsonl", "judge": "rule"}
+               "prompts_source": "data/instruct/eval.jsonl", "judge": "rule", "splits": splits,
+               "forgetting": forgetting}
     samples = [{"id": i, "policy": p, "prompt": f"question {i} <b>bold</b>", "response": f"<script>alert({i})</script>",
                 "reward": 0.1 * i, "gold": 1.0} for i in range(3) for p in ("sft", "dpo", "ppo")]
     report = write_eval_report(tmp_path / "out", metrics=metrics, samples=samples,
@@ -62,12 +75,18 @@ def test_eval_report_is_self_contained_with_valid_plots(tmp_path):
     assert "<script>" not in html and "&lt;script&gt;alert(0)&lt;/script&gt;" in html
     assert not re.search(r'(src|href)="(?!data:)', html)
     images = _images(html)
-    assert len(images) == 4 and all(im.format == "PNG" and im.size[0] > 200 for im in images)
+    assert len(images) == 5 and all(im.format == "PNG" and im.size[0] > 200 for im in images)
     for png in sorted((tmp_path / "out" / "plots").glob("*.png")):
         assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert {p.stem for p in (tmp_path / "out" / "plots").glob("*.png")} == \
-        {"win_rate", "reward_distribution", "training_curves", "length_distribution"}
+        {"win_rate", "reward_distribution", "training_curves", "length_distribution", "gold_by_split"}
     assert "0.625 [0.30, 0.90]" in html and "2 / 1 / 1" in html and "question 2" not in html  # shown=2
+    # Gold per split (model x set, n), per kind within each set, and forgetting against the base model.
+    assert "<h2>Gold pass rate by split</h2>" in html and "0.250 [0.00, 0.75] (4)" in html
+    assert "0.125 [0.00, 0.50] (2)" in html and "<h3>heldout_kinds: by kind</h3>" in html
+    assert "<td class='l'>uppercase</td><td>0.12 [0.00, 0.50] (2)</td>" in html
+    assert "<td class='l'><b>dpo</b></td><td>25.00</td><td>1.250</td><td>0.125</td><td>–</td>" in html
+    assert "against <b>base</b>" in html
 
 
 def _publish(root, run, stage, inputs=(), metrics=None, history=None, status="complete", stale=()):

@@ -123,3 +123,18 @@ def test_gate_failures_name_each_threshold():
 
 def test_mean_std():
     assert mean_std([1.0, 3.0]) == (2.0, 1.0)
+
+
+def test_metrics_by_group_hand_numbers():
+    from alignment.reward import metrics_by_group
+
+    groups = ["a", "b", "a", None]
+    m = metrics_by_group(groups, [2.0, 0.0, 1.0, 9.0], [1.0, 1.0, 3.0, 0.0], [10, 5, 30, 1], [20, 5, 10, 1])
+    assert list(m) == ["a", "b"]  # the ungrouped pair is left out
+    # a: pairs (2 > 1) right, (1 > 3) wrong; margins 1 and -2; rewards [2, 1, 1, 3] vs lengths [10, 30, 20, 10]:
+    # x - 1.75 = [.25, -.75, -.75, 1.25], y - 17.5 = [-7.5, 12.5, 2.5, -7.5]; Sxy = -22.5, Sxx = 2.75, Syy = 275,
+    # sqrt(Sxx Syy) = 27.5: r = -9/11
+    assert m["a"]["pairs"] == 2 and m["a"]["accuracy"] == 0.5 and m["a"]["mean_margin"] == -0.5
+    assert m["a"]["length_corr"] == round(-9 / 11, 4)
+    # b: one pair, chosen 0 < rejected 1: wrong; equal lengths: no correlation measurable
+    assert m["b"] == {"pairs": 1, "accuracy": 0.0, "mean_margin": -1.0, "length_corr": 0.0}

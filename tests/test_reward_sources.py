@@ -20,9 +20,10 @@ def test_gold_reward_with_constraints_and_by_lookup():
     # "a b c d": 4 words > 3 fails, lowercase passes -> 0.5; "Paper!" contains 'paper' -> 1.0
     assert gold_reward([P, P], ["a b c d", "Paper!"], constraints=cons) == [0.5, 1.0]
     # Without constraints= the bundled data is searched by the prompt text (data/instruct/train.jsonl row 1).
-    prompt = [{"role": "user", "content": "I am curious about rivers. What can you tell me? "
-                                          "Your reply must not exceed 12 words."}]
-    assert gold_reward([prompt, prompt], ["Short answer.", "word " * 13]) == [1.0, 0.0]
+    # Its constraints: a <<title>>, and the letter 'y' fewer than 2 times.
+    prompt = [{"role": "user", "content": "Start with a title inside << and >>. Count your letters: 'y' must appear "
+                                          "fewer than 2 times. Tell me about trains."}]
+    assert gold_reward([prompt, prompt, prompt], ["<<Trains>> Fast.", "Every day, yes.", "Rails."]) == [1.0, 0.0, 0.5]
     with pytest.raises(ValueError, match="no constraints known"):
         gold_reward([P], ["x"])
 

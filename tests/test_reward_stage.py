@@ -57,7 +57,7 @@ def test_published_rm_loads_and_ranks_its_training_pairs(reward_store):
     scores = score_pairs(model, tok, pairs, batch_size=8)
     accuracy = pairwise_accuracy(scores["chosen"], scores["rejected"])
     assert accuracy >= 0.9, scores
-    assert accuracy == pytest.approx(art.manifest.metrics["train_accuracy"])
+    assert accuracy == pytest.approx(art.manifest.metrics["train_accuracy"], abs=1e-4)  # the manifest rounds
 
     # Batched, padded scoring reads the same reward as one unpadded conversation at a time.
     conv = pairs[0]["prompt"] + pairs[0]["chosen"]
@@ -81,8 +81,13 @@ def test_manifest_records_base_lineage_inputs_and_gate_metrics(reward_store, tin
     for key in ("eval_accuracy", "eval_mean_margin", "eval_ece", "eval_length_corr", "eval_accuracy_before",
                 "reward_mean", "reward_std", "train_accuracy"):
         assert isinstance(m.metrics[key], float), key
-    assert set(m.metrics["eval_accuracy_by_category"]) == {"max_words", "min_words", "keyword", "bullets",
-                                                           "lowercase", "end_with"}
+    eval_pairs = [json.loads(line) for line in Path("data/prefs/eval.jsonl").read_text().splitlines()[:16]]
+    assert set(m.metrics["eval_accuracy_by_category"]) == {p["category"] for p in eval_pairs}
+    by_cat = m.metrics["eval_by_category"]
+    assert set(by_cat) == set(m.metrics["eval_accuracy_by_category"])
+    assert sum(v["pairs"] for v in by_cat.values()) == m.metrics["eval_pairs"]
+    for cat, v in by_cat.items():
+        assert v["accuracy"] == m.metrics["eval_accuracy_by_category"][cat] and -1 <= v["length_corr"] <= 1
     assert m.metrics["gate_passed"] is True and m.metrics["gate_failures"] == []
     assert m.metrics["loss_labels"] == "hard" and m.metrics["steps"] == 40
     assert 0 < m.metrics["trainable_params"] < m.metrics["total_params"]
@@ -99,7 +104,8 @@ def test_manifest_records_base_lineage_inputs_and_gate_metrics(reward_store, tin
 
 def test_gate_failure_publishes_failed_gate_and_exits_nonzero(tiny_store, tmp_path, capsys):
     root = _copy_store(tiny_store, tmp_path)
-    code = _align("run", "reward", "-c", CONFIG, "--artifacts", root, "train.lr=0", "train.max_steps=2",
+    # lr 1e-30 (0 is refused at config load): every AdamW step is below the weights' rounding step
+    code = _align("run", "reward", "-c", CONFIG, "--artifacts", root, "train.lr=1e-30", "train.max_steps=2",
                   "gate.min_accuracy=1.01", "gate.max_length_corr=0.99")
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("align: error")]
     assert code == 2
@@ -111,10 +117,10 @@ def test_gate_failure_publishes_failed_gate_and_exits_nonzero(tiny_store, tmp_pa
     assert art.manifest.metrics["gate_passed"] is False
     assert art.manifest.metrics["gate_failures"][0].endswith("< min_accuracy 1.01")
     assert (art.model_dir / "model.safetensors").is_file()
-    # lr = 0: the RM is its random initial head, no better than before training.
+    # lr ~ 0: the RM is its random initial head, no better than before training.
     assert art.manifest.metrics["eval_accuracy"] == art.manifest.metrics["eval_accuracy_before"]
     # The same command again finds the artifact up to date, and still must not look successful.
-    code = _align("run", "reward", "-c", CONFIG, "--artifacts", root, "train.lr=0", "train.max_steps=2",
+    code = _align("run", "reward", "-c", CONFIG, "--artifacts", root, "train.lr=1e-30", "train.max_steps=2",
                   "gate.min_accuracy=1.01", "gate.max_length_corr=0.99")
     err = capsys.readouterr().err
     assert code == 2 and "quality gate failed" in err
@@ -128,7 +134,7 @@ def test_bad_pair_file_exits_2_naming_file_and_row(tiny_store, tmp_path, capsys)
     code = _align("run", "reward", "-c", CONFIG, "--artifacts", root, f"data.train={bad}")
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
-    assert err[-1] == f"align: error: {bad}: row 2: chosen == rejected"
+    assert err[-1].startswith(f"align: error: {bad}: ") and err[-1].endswith(f"{bad}: row 2: chosen == rejected")
     assert not (root / "tiny" / "reward").exists()
 
 
@@ -219,3 +225,52 @@ def test_ia3_rm_is_merged_and_soft_prompts_are_refused(tiny_store, tmp_path, cap
     assert art.manifest.lineage["method"] == "ia3" and art.manifest.lineage["merged"] is True
     assert not (art.model_dir / "adapter_config.json").exists()
     assert AutoModelForSequenceClassification.from_pretrained(art.model_dir).config.num_labels == 1
+
+
+PROMPTS = [[{"role": "user", "content": "Hi"}],
+           [{"role": "user", "content": "Tell me about rivers, glaciers and the water cycle in a few words."}]]
+
+
+def test_unmerged_adapter_is_a_reward_role_on_the_ppo_base_scoring_like_the_merged_rm(reward_store, tiny_store):
+    import torch
+
+    from alignment.errors import ConfigError
+    from alignment.models import load_tokenizer
+    from alignment.policy import load_policy
+    from alignment.ppo import PPOSpec, PPOTrainer, lora_config
+    from alignment.reward_sources import AdapterReward, ModelReward, RewardSource, rl_reward
+    from alignment.schema import PeftSpec
+
+    store = ArtifactStore(reward_store)
+    art, sft = store.read_stage("tiny", "reward"), store.read_stage("tiny", "sft")
+    outputs = {o.path for o in art.manifest.outputs}
+    assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json"} <= outputs
+    reward = rl_reward(RewardSource(normalize=True), {"reward": art, "sft": sft}, "fp32")
+    assert isinstance(reward, AdapterReward) and reward.adapter_mb < 1.0
+    tok = load_tokenizer(sft.model_dir)
+    trainer = PPOTrainer(load_policy(sft, "fp32"), tok, reward, PPOSpec(max_new_tokens=8, batch_size=4,
+                         mini_batch_size=4, ppo_epochs=1), lora_config(PeftSpec(r=8, alpha=16, dropout=0.0)))
+    merged = ModelReward.from_artifact(art, "fp32", normalize=True)
+    ro = trainer.rollout(PROMPTS, seed=0)
+    args = (ro.query_ids, ro.query_mask, ro.response_ids, ro.response_mask, ro.has_eos)
+    assert torch.allclose(reward.score_ids(*args), merged.score_ids(*args), atol=1e-4)
+    # the fourth role is frozen and outside the optimiser: an update moves the policy, not the reward
+    before = reward.score_ids(*args)
+    stats = trainer.step(PROMPTS * 2)
+    assert stats["ppo/kl"] == 0.0 and torch.allclose(reward.score_ids(*args), before, atol=1e-6)
+    reward_params = [p for n, p in trainer.model.named_parameters() if ".reward." in n]
+    assert reward_params and not any(p.requires_grad for p in reward_params)
+    assert not {id(p) for p in reward_params} & {id(p) for p in trainer._trainable}
+    # an RM trained on another policy is not an adapter on this one: merged (auto) or a clear error (adapter)
+    other = store.read_stage("tiny", "base")
+    assert isinstance(rl_reward(RewardSource(), {"reward": art, "sft": other}, "fp32"), ModelReward)
+    with pytest.raises(ConfigError, match="reward.model_as: 'adapter' needs"):
+        rl_reward(RewardSource(model_as="adapter"), {"reward": art, "sft": other}, "fp32")
+
+
+def test_ppo_stage_loads_the_reward_model_as_an_adapter_role(reward_store):
+    assert _align("run", "ppo", "-c", "configs/tiny/ppo.yaml", "--artifacts", reward_store, "ppo.updates=2",
+                  "ppo.batch_size=8", "eval.every=0", "eval.prompts=4") == 0
+    m = ArtifactStore(reward_store).read_stage("tiny", "ppo").manifest.metrics
+    assert m["reward_role"] == "adapter" and m["reward_model_mb"] < 1.0 and m["value_init"] == "reward"
+    assert m["updates"] == 2 and "first" in m["eval_reward"]

@@ -54,3 +54,45 @@ def test_wrong_stage_in_inputs_override_is_refused(tiny_store, tmp_path):
     root, run = tiny_store
     with pytest.raises(ArtifactError, match="is a 'sft' artifact, not 'base'"):
         run_stage("sft", "configs/tiny/sft.yaml", [f"inputs.base={root / run / 'sft'}"], root=tmp_path, run="x")
+
+
+def test_an_input_republished_while_the_stage_runs_is_not_published_over(tiny_store, tmp_path, monkeypatch):
+    """`--force` on base while sft trains: sft would name the old base but hold weights trained on the new one.
+    The runner re-reads its inputs before publishing and refuses; the published sft is untouched and the next run
+    starts over on the new input (the partial work records the old input's hash)."""
+    import json
+    import shutil
+
+    import stages.sft
+    from alignment.artifacts import ArtifactStore
+
+    src, run = tiny_store
+    root = tmp_path / "store"
+    shutil.copytree(src, root)
+    store = ArtifactStore(root)
+    old_sft = store.read_stage(run, "sft").manifest_sha256
+
+    def trains_while_base_is_republished(cfg, ctx):
+        (ctx.out_dir / "model").mkdir()
+        (ctx.out_dir / "model" / "w.bin").write_bytes(b"trained on the old base")
+        manifest = root / run / "base" / "manifest.json"
+        data = json.loads(manifest.read_text())
+        data["finished_at"] = "later"  # what a --force republish does to the manifest's hash
+        manifest.write_text(json.dumps(data))
+
+    monkeypatch.setattr(stages.sft, "run", trains_while_base_is_republished)
+    with pytest.raises(ArtifactError, match=r"inputs.base: .* changed while this stage ran .*nothing published"):
+        from alignment.runner import run_stage
+
+        run_stage("sft", "configs/tiny/sft.yaml", ["train.lr=0.5"], root=root, run=run)
+    assert store.read_stage(run, "sft").manifest_sha256 == old_sft
+    assert (store.partial_dir(run, "sft") / "model" / "w.bin").is_file()  # kept, never published
+
+
+def test_unknown_inputs_keys_are_refused_without_echoing_the_value():
+    from alignment.runner import load_stage_config
+
+    with pytest.raises(ConfigError) as e:
+        load_stage_config("dpo", "configs/tiny/dpo.yaml", ["inputs.openai_key=sk-abc123456789"])
+    assert e.value.problems == ["configs/tiny/dpo.yaml (command line): inputs.openai_key: unknown key: stage 'dpo' "
+                                "reads sft"]

@@ -25,6 +25,16 @@ CASES = {
     "rslora": (["peft.method=lora", "peft.use_rslora=true"], lambda n: ".lora_A." in n or ".lora_B." in n,
                True, False),
     "ia3": (["peft.method=ia3", "train.lr=0.05"], lambda n: ".ia3_l." in n, True, False),
+    "pissa": (["peft.method=lora", "peft.init_lora_weights=pissa"], lambda n: ".lora_A." in n or ".lora_B." in n,
+              True, False),
+    "olora": (["peft.method=lora", "peft.init_lora_weights=olora"], lambda n: ".lora_A." in n or ".lora_B." in n,
+              True, False),
+    "loraplus": (["peft.method=lora", "peft.loraplus_lr_ratio=16"], lambda n: ".lora_A." in n or ".lora_B." in n,
+                 True, False),
+    "adapter-pfeiffer": (["peft.method=adapter", "peft.reduction_factor=8"], lambda n: ".bottleneck_mlp." in n,
+                         True, False),
+    "adapter-houlsby": (["peft.method=adapter", "peft.adapter_placement=houlsby", "peft.adapter_non_linearity=gelu"],
+                        lambda n: ".bottleneck_" in n, True, False),
     "prefix": (["peft.method=prefix", "peft.num_virtual_tokens=4"], lambda n: n.startswith("prompt_encoder."),
                True, True),
     "prompt": (["peft.method=prompt", "peft.num_virtual_tokens=4", "peft.prompt_init_text=Follow the rule."],
@@ -78,7 +88,8 @@ def test_method_trains_only_its_parameters_and_loads_back(case, tiny_store, trai
     art = store.read(store.stage_dir(f"method-{case}", "sft"))
     assert art.manifest.lineage["adapter"] is is_adapter and art.manifest.lineage["method"] == art.manifest.metrics[
         "method"]
-    assert (art.model_dir / "adapter_config.json").is_file() is is_adapter
+    own = (art.model_dir / ("bottleneck_config.json" if case.startswith("adapter") else "adapter_config.json"))
+    assert own.is_file() is is_adapter
     assert art.manifest.metrics["trainable_params"] == sum(after[n].numel() for n in trainable)
 
     # The published artifact reproduces the trained model and generates.
@@ -130,6 +141,11 @@ def test_bitfit_refuses_a_model_without_biases(tiny_store, capsys):
 
 @pytest.mark.parametrize(("overrides", "message"), [
     (["peft.method=prompt", "merge=true"], "merge: prompt trains virtual tokens"),
+    (["peft.method=adapter", "merge=true"], "merge: adapter inserts bottleneck layers with a non-linearity"),
+    (["peft.method=lora", "peft.reduction_factor=4"], "peft.reduction_factor: applies to method adapter only"),
+    (["peft.method=ia3", "peft.init_lora_weights=pissa"], "peft.init_lora_weights: applies to method lora only"),
+    (["peft.method=lora", "peft.loraplus_lr_ratio=0"], "peft.loraplus_lr_ratio: expected a positive ratio"),
+    (["peft.method=lora", "peft.init_lora_weights=svd"], "peft.init_lora_weights"),
     (["peft.method=freeze", "peft.last_layers=1", "merge=true"], "merge: freeze (selective) saves full weights"),
     (["peft.method=prefix", "packing=true"], "packing: prefix prepends virtual tokens"),
     (["peft.method=prefix", "train.gradient_checkpointing=true"], "train.gradient_checkpointing: prefix tuning"),
@@ -158,5 +174,36 @@ def test_soft_prompt_policy_is_refused_by_stages_that_train_on_it(tiny_store):
     # A later adapter stacked on a soft prompt cannot be rebuilt: refused before loading anything.
     child = Artifact(root / "soft-parent" / "dpo", Manifest(stage="dpo", run="soft-parent", config={}, config_hash="",
                      lineage={"parent": str(prompt.path), "adapter": True}), "0" * 64)
-    with pytest.raises(ArtifactError, match="soft-prompt adapter .* can only be the last link"):
+    with pytest.raises(ArtifactError, match="soft-prompt or bottleneck adapter .* can only be the last link"):
         load_policy(child, "fp32")
+
+
+def test_loraplus_gives_the_b_matrices_ratio_times_the_learning_rate(tiny_store, monkeypatch):
+    from trl import SFTTrainer
+
+    seen, real = {}, SFTTrainer.train
+
+    def train(self, *args, **kwargs):
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        seen["lr"] = {names[id(p)]: g["lr"] for g in self.optimizer.param_groups for p in g["params"]}
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(SFTTrainer, "train", train)
+    root, _ = tiny_store
+    assert run_sft(root, "loraplus-lr", "peft.method=lora", "peft.loraplus_lr_ratio=16", "train.lr=1e-3") == 0
+    lrs = seen["lr"]
+    a = [v for n, v in lrs.items() if ".lora_A." in n]
+    b = [v for n, v in lrs.items() if ".lora_B." in n]
+    assert a and b and a == pytest.approx([1e-3] * len(a)) and b == pytest.approx([16e-3] * len(b))
+
+
+def test_pissa_adapter_is_saved_as_a_plain_lora_on_the_original_base(tiny_store):
+    root, _ = tiny_store
+    assert run_sft(root, "pissa-saved", "peft.method=lora", "peft.init_lora_weights=pissa", "peft.r=4",
+                   "peft.alpha=8") == 0
+    art = ArtifactStore(root).read(root / "pissa-saved" / "sft")
+    conf = json.loads((art.model_dir / "adapter_config.json").read_text())
+    # peft's conversion: the trained delta against the initial SVD part is a LoRA of rank 2r, scale unchanged.
+    assert conf["r"] == 8 and conf["lora_alpha"] == 16 and conf["init_lora_weights"] is True
+    assert art.manifest.lineage["init_lora_weights"] == "pissa"
+    assert not (art.path / "checkpoints").exists()  # the initial adapter stayed in the scratch folder

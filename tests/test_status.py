@@ -1,0 +1,76 @@
+"""`align status`: every stage's key figures under the names the stages write, and why a stage stopped."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from alignment.artifacts import ArtifactStore
+from alignment.errors import AlignError
+from alignment.status import _key_metrics, _partial_state, stage_rows
+
+# Metrics as the stages write them (shapes copied from a tiny pipeline run's metrics.json files).
+REWARD = {"eval_accuracy": 0.5, "eval_accuracy_before": 0.6875, "eval_ece": 0.4217, "eval_mean_margin": 0.4486,
+          "eval_length_corr": -0.2098, "gate_passed": True, "train_loss": 0.407}
+DPO = {"eval": {"dpo/prefers_chosen_sum": 0.75, "sft/prefers_chosen_sum": 0.625, "rewards/accuracies": 0.59375,
+                "rewards/margins": 0.00107, "kl_seq": 0.002973}, "train": {"loss": 0.69}}
+PPO = {"algorithm": "ppo", "eval_reward": {"first": 1.1, "last": 0.632, "max": 1.1, "min": 0.63},
+       "kl": {"first": 0.0, "last": 0.31, "max": 0.85, "min": -0.04},
+       "missing_eos_rate": {"first": 1.0, "last": 0.875, "max": 1.0, "min": 0.875}}
+LABEL = {"pairs": 24, "gold_agreement": 0.55, "position_bias_rate": 0.9, "unparseable_rate": 0.0, "judged": 48}
+EVAL = {"baseline": "sft", "win_rate": 0.46875, "models": {
+    "sft": {"gold": {"pass_rate": 0.1875}, "reward": {"mean": 2.5}},
+    "dpo": {"judge": {"win_rate": 0.46875}, "gold": {"pass_rate": 0.25}, "reward": {"mean": 2.5},
+            "kl": {"kl_seq": 0.0014}},
+    "ppo": {"judge": {"win_rate": 1.0}, "gold": {"pass_rate": 0.0625}, "reward": {"mean": 3.6},
+            "kl": {"kl_seq": 1.27}}}}
+
+
+def test_each_stage_shows_its_own_figures():
+    assert _key_metrics(REWARD, "reward") == "acc=0.688->0.5  ece=0.422  margin=0.449  len_corr=-0.21"
+    assert _key_metrics({**REWARD, "gate_passed": False}, "reward").endswith("gate FAILED")
+    assert _key_metrics(DPO, "dpo") == "pref_acc=0.625->0.75  reward_acc=0.594  margin=0.00107  kl=0.00297"
+    assert _key_metrics(PPO, "ppo") == "reward=1.1->0.632  kl=0->0.31  missing_eos=1->0.875"
+    assert _key_metrics(LABEL, "label") == "pairs=24  gold_agree=0.55  pos_bias=0.9  unparsed=0"
+    grpo = {"algorithm": "grpo", "reward_first": 0.1, "reward_last": 0.4, "kl_last": 0.02, "steps": 8}
+    assert _key_metrics(grpo, "ppo") == _key_metrics(grpo, "grpo") == "reward=0.1->0.4  kl=0.02  steps=8"
+
+
+def test_eval_names_whose_win_rate_it_is():
+    line = _key_metrics(EVAL, "eval")
+    assert line == ("dpo vs sft: win=0.469 gold=0.25 reward=2.5 kl=0.0014;  "
+                    "ppo vs sft: win=1 gold=0.0625 reward=3.6 kl=1.27;  sft: gold=0.188 reward=2.5;")
+
+
+def test_unknown_stage_and_missing_figures_fall_back_quietly():
+    assert _key_metrics({"eval_loss": 1.5, "note": "x"}, "someday") == "eval_loss=1.5"
+    assert _key_metrics({}, "dpo") == ""
+
+
+def test_partial_states_name_their_cause(tmp_path):
+    assert _partial_state(tmp_path).startswith("interrupted (partial; killed")
+    (tmp_path / "failure.json").write_text(json.dumps({"kind": "preempted", "error": "Requeue", "message": "x"}))
+    assert _partial_state(tmp_path).startswith("preempted (checkpoint saved")
+
+
+@pytest.mark.slow
+def test_a_failed_data_load_shows_as_failed_with_its_message(tiny_store, tmp_path):
+    """The real runner on a broken training file: status says failed and why, not 'interrupted'."""
+    from alignment.runner import run_stage
+
+    root, run = tiny_store
+    shutil.copytree(root / run / "base", tmp_path / "r" / "base")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "hi", "completion": "there"}\nnot json at all\n')
+    with pytest.raises(AlignError) as err:
+        run_stage("sft", "configs/tiny/sft.yaml", [f"data.train={bad}"], root=tmp_path, run="r")
+    rows = {r["stage"]: r for r in stage_rows(ArtifactStore(tmp_path), "r")}
+    status = rows["sft"]["status"]
+    assert status.startswith(f"failed: {type(err.value).__name__}: "), status
+    assert "bad.jsonl" in status
+    # the attempt's log is kept with the partial work, the error last
+    log = (tmp_path / "r" / "sft.partial" / "stage.log").read_text()
+    assert "attempt started" in log and "bad.jsonl" in log.splitlines()[-1]
+    assert rows["base"]["metrics"].startswith("params=")
