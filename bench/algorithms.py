@@ -9,10 +9,9 @@
    generated-token capacity for every on-policy method, all scored by the same reward model): online DPO gets `rounds x prompts_per_round x K` of them,
    PPO `updates x batch_size`, GRPO/RLOO `max_steps x batch_size x grad_accum` completions; every method's
    response limit is set to `--max-new-tokens`. Offline DPO generates nothing (it trains on the bundled pairs).
-3. Each (algorithm, seed) is one `align run` subprocess with the profile's config and only those keys, the seed and
-   the inputs overridden (`alignment.runner` resolves the stage from the config file, so GRPO/RLOO run whether they
-   live in the `ppo` stage (`algorithm: grpo`) or in a stage of their own with configs/<profile>/{grpo,rloo}.yaml).
-   Wall time and user+sys CPU seconds of the child are measured (wait4).
+3. Each (algorithm, seed) is one `align run` subprocess with configs/<profile>/<algorithm>.yaml (the stage named in
+   the file: dpo, online_dpo, ppo, grpo for grpo.yaml and rloo.yaml) and only those keys, the seed and the inputs
+   overridden. Wall time and user+sys CPU seconds of the child are measured (wait4).
 4. Every policy and the SFT model answer the prompts of each eval split greedily: gold pass rate (every constraint
    met, `alignment.gold`), reward-model score (raw), mean response length (tokens), and KL(policy || SFT) on
    sampled responses (`alignment.dpo.sampled_kl`). Pass rates get a percentile bootstrap CI over prompts (each
@@ -66,30 +65,6 @@ def stage_of(config: Path) -> str:
     return stage_of_file(config)
 
 
-def rl_config(profile: str, algorithm: str, out_dir: Path) -> Path:
-    """The config file of a GRPO/RLOO run: configs/<profile>/<algorithm>.yaml when the profile has one, else the
-    ppo config turned into `algorithm: grpo|rloo` (its ppo-only sections dropped, the rest kept)."""
-    import yaml
-
-    own = REPO / "configs" / profile / f"{algorithm}.yaml"
-    if own.is_file():
-        return own
-    spec = yaml.safe_load((REPO / "configs" / profile / "ppo.yaml").read_text())
-    ppo = spec.pop("ppo", {})
-    for key in ("health", "eval", "checkpoint_every", "keep_checkpoints"):
-        spec.pop(key, None)
-    spec["algorithm"] = algorithm
-    targets = spec.get("peft", {}).get("target_modules")
-    if isinstance(targets, list) and "lm_head" in targets:  # TRL reads lm_head.weight directly: it cannot adapt it
-        spec["peft"]["target_modules"] = [t for t in targets if t != "lm_head"]
-    spec["train"] = {"lr": ppo.get("lr", 1e-4), "batch_size": 8, "grad_accum": 1, "logging_steps": 1,
-                     "save_steps": 1000}
-    spec["group"] = {"num_generations": 4, "temperature": ppo.get("temperature", 1.0)}
-    path = out_dir / f"{profile}-{algorithm}.yaml"
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return path
-
-
 def budget_overrides(algorithm: str, config: Path, responses: int, max_new_tokens: int) -> list[str]:
     """Keys that give `algorithm` `responses` sampled responses of at most `max_new_tokens` tokens."""
     from alignment.config import load_yaml
@@ -140,8 +115,7 @@ def train_all(args, root: Path, run: str, out_dir: Path) -> list[dict]:
     sft, reward = root / run / "sft", root / run / "reward"
     rows = []
     for algorithm in args.algorithms:
-        config = (rl_config(args.profile, algorithm, out_dir) if algorithm in ("grpo", "rloo")
-                  else REPO / "configs" / args.profile / f"{algorithm}.yaml")
+        config = REPO / "configs" / args.profile / f"{algorithm}.yaml"
         stage = stage_of(config)
         keys = budget_overrides(algorithm, config, args.responses, args.max_new_tokens)
         needs_rm = stage != "dpo"

@@ -15,20 +15,20 @@ bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
 
-def test_every_on_policy_method_gets_the_same_number_of_responses(tmp_path):
+def test_every_on_policy_method_gets_the_same_number_of_responses():
     tiny = REPO / "configs" / "tiny"
     # online DPO: 2 rounds x K=4 -> 64 / 8 = 8 prompts a round; PPO: 16 episodes an update -> 4 updates;
-    # GRPO (derived from ppo.yaml: 8 completions a step) -> 8 steps. Each capped at 16 new tokens.
+    # GRPO / RLOO (grpo stage, 8 completions a step) -> 8 steps. Each capped at 16 new tokens.
     assert bench.budget_overrides("online_dpo", tiny / "online_dpo.yaml", 64, 16) == [
         "online.prompts_per_round=8", "generation.max_new_tokens=16", "scorer.kind=model", "scorer.function=null"]
     assert bench.budget_overrides("ppo", tiny / "ppo.yaml", 64, 16) == ["ppo.updates=4", "ppo.max_new_tokens=16"]
-    grpo = bench.rl_config("tiny", "grpo", tmp_path)
-    assert bench.budget_overrides("grpo", grpo, 64, 16) == ["train.max_steps=8", "group.max_completion_length=16"]
+    for algorithm in ("grpo", "rloo"):
+        assert bench.stage_of(tiny / f"{algorithm}.yaml") == "grpo"
+        assert bench.budget_overrides(algorithm, tiny / f"{algorithm}.yaml", 64, 16) == [
+            "train.max_steps=8", "group.max_completion_length=16"]
     assert bench.budget_overrides("dpo", tiny / "dpo.yaml", 64, 16) == []  # offline: nothing generated
-    from alignment.runner import load_stage_config
-
-    cfg = load_stage_config(bench.stage_of(grpo), grpo)  # the derived file is a valid config of its stage
-    assert getattr(cfg, "algorithm", "grpo") == "grpo"
+    # SmolLM2's RLOO steps count 8 x 2 completions: 768 / 16 = 48 steps.
+    assert bench.budget_overrides("rloo", REPO / "configs" / "smollm2" / "rloo.yaml", 768, 128)[0] == "train.max_steps=48"
 
 
 def run(gold: list[float]) -> dict:
