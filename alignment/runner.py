@@ -29,7 +29,7 @@ from alignment.config import (StageConfig, config_dict, config_hash, install_log
 from alignment.errors import AlignError, ArtifactError, ConfigError
 from alignment.manifest import MANIFEST, BaseModelId, Manifest, git_commit, library_versions, list_outputs
 
-STAGES = ("base", "sft", "reward", "dpo", "ppo", "grpo", "label", "eval", "generate")
+STAGES = ("base", "sft", "reward", "dpo", "ppo", "grpo", "label", "online_dpo", "eval", "generate")
 log = logging.getLogger("align")
 
 

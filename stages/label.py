@@ -9,6 +9,12 @@ reward model) which of each pair is better, in both orders, and writes `pairs.js
 Robustness: shards of `shard_size` prompts are written as they finish (`samples/`, `labels/`), so a killed
 run resumes without re-sampling or re-judging them; verdicts are cached in `<artifact root>/.cache/judge/`
 (or `cache_dir`), keyed by judge name + prompt + responses, so a `--force` re-run costs no judge calls.
+
+Judge gate (`gate:`), like the reward stage's: before anything is sampled, the judge labels a human-labelled
+slice (`gate.data`, default the bundled held-out preference pairs, in both presentation orders) and its
+agreement with the human labels and its position-bias rate are measured (`alignment.audit`). Below
+`gate.min_agreement` or above `gate.max_position_bias` the artifact is published with status `failed_gate` and
+the audit only (no pairs: labels from an unfit judge are noise), and the command exits 2.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Literal
 
+from alignment.artifacts import write_json
+from alignment.audit import audit_judge, gate_failures
 from alignment.config import Section, StageConfig
 from alignment.errors import DataError
 from alignment.hardware import peak_rss_mb, resolve_precision
@@ -48,6 +56,31 @@ class SamplingSpec(Section):
     max_prompt_length: int = 512
 
 
+class JudgeGate(Section):
+    """Thresholds the judge must meet on human-labelled pairs before its labels are written (None: not checked)."""
+
+    data: str | None = "data/prefs/eval.jsonl"
+    """Human-labelled preference pairs (`chosen` is the human preference); None: no gate, nothing measured."""
+    max_pairs: int | None = 40
+    """Judge at most this many of them (the first N; chosen shown first on even rows, second on odd rows)."""
+    min_agreement: float | None = 0.6
+    """Fraction of human-labelled pairs where the judge prefers the human-chosen response (ties count half)."""
+    max_position_bias: float | None = 0.3
+    """Fraction of pairs whose two presentation orders pick different winners (needs judge.both_orders)."""
+
+    def problems(self, prefix: str = "gate") -> list[tuple[str, str]]:
+        out = []
+        if self.data and not Path(self.data).exists():
+            out.append((f"{prefix}.data", f"{self.data}: file not found"))
+        if self.max_pairs is not None and self.max_pairs < 1:
+            out.append((f"{prefix}.max_pairs", "expected at least 1 (or leave unset for all)"))
+        for key in ("min_agreement", "max_position_bias"):
+            value = getattr(self, key)
+            if value is not None and not 0 <= value <= 1:
+                out.append((f"{prefix}.{key}", f"expected a fraction in [0, 1] or null, got {value}"))
+        return out
+
+
 class Config(StageConfig):
     prompts: PromptData = PromptData()
     max_eval_prompts: int | None = None
@@ -64,9 +97,10 @@ class Config(StageConfig):
     """Prompts per shard: the unit of resumption after a kill."""
     cache_dir: str | None = None
     """Where verdicts are cached; None: `<artifact root>/.cache/judge`. 'none' disables the cache."""
+    gate: JudgeGate = JudgeGate()
 
     def problems(self):
-        out = self.prompts.problems("prompts") + self.judge.problems("judge")
+        out = self.prompts.problems("prompts") + self.judge.problems("judge") + self.gate.problems("gate")
         if self.sampling.k < 2:
             out.append(("sampling.k", "expected at least 2 responses per prompt, to have something to compare"))
         if self.sampling.temperature <= 0:
@@ -91,6 +125,26 @@ def _progress(total: int, desc: str):
                 disable=None)  # None: no bar when stderr is not a terminal (logs, CI)
 
 
+def judge_gate(cfg: Config, judge, ctx) -> bool:
+    """Audit the judge on the human-labelled slice; False (status failed_gate) when it misses a threshold."""
+    if not cfg.gate.data:
+        return True
+    report = audit_judge(judge, cfg.gate.data, limit=cfg.gate.max_pairs, batch=cfg.judge_batch)
+    failures = gate_failures(report, min_agreement=cfg.gate.min_agreement,
+                             max_position_bias=cfg.gate.max_position_bias)
+    write_json(ctx.out_dir / "gate_audit.json", report)
+    ctx.metrics.update({"gate": cfg.gate.model_dump(), "gate_passed": not failures, "gate_failures": failures,
+                        "gate_agreement": report["agreement"], "gate_position_bias_rate": report["position_bias_rate"],
+                        "gate_pairs": report["pairs"], "judge": judge.name})
+    log.info("[label] judge gate on %d human-labelled pairs (%s): agreement %.3f, position bias %s",
+             report["pairs"], cfg.gate.data, report["agreement"], report["position_bias_rate"])
+    if failures:
+        ctx.status = "failed_gate"
+        log.error("[label] judge gate failed: %s", "; ".join(failures))
+        judge.close()
+    return not failures
+
+
 def run(cfg: Config, ctx) -> None:
     from transformers import set_seed
 
@@ -110,6 +164,8 @@ def run(cfg: Config, ctx) -> None:
     # The judge first: a wrong model name or a dead endpoint fails in seconds, not after the sampling.
     judge = build_judge(cfg.judge, ctx.inputs, cfg.precision)
     judge.check()
+    if not judge_gate(cfg, judge, ctx):
+        return  # published as failed_gate with the audit only: nothing sampled, nothing labelled
 
     # -- sample K responses per prompt, shard by shard (finished shards are kept across a kill) ----------
     samples_dir, labels_dir = ctx.out_dir / "samples", ctx.out_dir / "labels"
