@@ -37,7 +37,7 @@ from alignment.judges import JudgeSpec
 from alignment.tracking import SAMPLES
 
 log = logging.getLogger("align")
-MODEL_STAGES = ("base", "sft", "dpo", "ppo")
+MODEL_STAGES = ("base", "sft", "dpo", "online_dpo", "ppo", "grpo")
 SET_SAMPLES = "samples_sets.jsonl"
 """Answers to the further prompt sets (and the base model's), beside samples.jsonl (the main prompts)."""
 
