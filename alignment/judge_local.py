@@ -58,7 +58,6 @@ class LocalJudge(Judge):
             self.tok = AutoTokenizer.from_pretrained(model)
             ident = model
         self.model.eval().requires_grad_(False)
-        self.tok.padding_side = "left"
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
         self.template = Template(spec)
@@ -96,18 +95,12 @@ class LocalJudge(Judge):
         return ids.to(device), mask.to(device)
 
     def _rationales(self, prompts, first, second) -> list[str]:
-        import torch
+        from alignment.generation import GenerationSpec, generate
 
-        out = []
-        for s in range(0, len(prompts), self.spec.batch_size):
-            texts = [self._chat(self.template.messages(p, f, g)) for p, f, g in
-                     zip(prompts[s:s + self.spec.batch_size], first[s:], second[s:])]
-            ids, mask = self._encode(texts)
-            with torch.no_grad():
-                gen = self.model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
-                                          max_new_tokens=self.spec.cot_max_tokens, pad_token_id=self.tok.pad_token_id)
-            out += self.tok.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)
-        return out
+        spec = GenerationSpec(max_new_tokens=self.spec.cot_max_tokens, batch_size=self.spec.batch_size,
+                              max_prompt_length=self.spec.max_length)
+        return generate(self.model, self.tok, [self.template.messages(p, f, g) for p, f, g in
+                                               zip(prompts, first, second)], spec).texts
 
     def first_better(self, prompts, first, second) -> list[float | None]:
         import torch
