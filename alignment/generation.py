@@ -195,6 +195,54 @@ def concat_rollouts(parts: list[Rollout], tok) -> Rollout:
         finish_reasons=[x for p in parts for x in p.finish_reasons])
 
 
+# -- seeds: one random stream per prompt ---------------------------------------------------------------
+
+
+def prompt_seeds(seed: int | Sequence[int] | None, n: int) -> list[int] | None:
+    """One seed per prompt: `seed` spread over the prompts' positions, or the caller's own list (one each).
+
+    Sample j of prompt i then draws from the stream seeded `seeds[i] + j` (vLLM's rule for `n` > 1), so a
+    prompt samples the same responses whatever else shares its batch: a caller may batch shards together
+    and still reproduce what shard-by-shard calls sample.
+    """
+    if seed is None:
+        return None
+    if isinstance(seed, int):
+        return [(seed * 1_000_003 + i * 1009) % 2**62 for i in range(n)]
+    seeds = [int(x) for x in seed]
+    if len(seeds) != n:
+        raise ValueError(f"generate: {len(seeds)} seeds for {n} prompts")
+    return [(x * 1009) % 2**62 for x in seeds]
+
+
+def row_sampler(seeds: Sequence[int], spec: GenerationSpec):
+    """A logits processor that samples each row from its own RNG stream and leaves only that token finite.
+
+    transformers' sampler draws every row from one global stream, so a row's sample depends on its batch;
+    this one draws one uniform per row and step from `torch.Generator(seed)` and inverts the row's CDF after
+    temperature / top-k / top-p (the warpers transformers would apply). `generate` then runs greedy over the
+    result, which picks the sampled token.
+    """
+    import torch
+    from transformers import LogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    warpers = ([TemperatureLogitsWarper(spec.temperature)] if spec.temperature != 1.0 else []) + \
+              ([TopKLogitsWarper(spec.top_k)] if spec.top_k else []) + \
+              ([TopPLogitsWarper(spec.top_p)] if spec.top_p < 1.0 else [])
+    streams = [torch.Generator().manual_seed(int(x)) for x in seeds]
+
+    class RowSampler(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            for w in warpers:
+                scores = w(input_ids, scores)
+            cdf = torch.softmax(scores.float(), dim=-1).cumsum(dim=-1)
+            u = torch.cat([torch.rand(1, generator=g) for g in streams]).to(cdf.device)
+            pick = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1)).clamp(max=scores.shape[1] - 1)
+            return torch.full_like(scores, float("-inf")).scatter_(1, pick, 0.0)
+
+    return RowSampler()
+
+
 # -- the hf backend ---------------------------------------------------------------------------------
 
 
@@ -280,12 +328,13 @@ def _batches(lengths: list[int], spec: GenerationSpec, k: int, fit) -> list[list
     return out
 
 
-def generate(model, tok, prompts: Sequence[Prompt], spec: GenerationSpec, *, seed: int | None = None,
+def generate(model, tok, prompts: Sequence[Prompt], spec: GenerationSpec, *, seed: int | Sequence[int] | None = None,
              max_new_tokens: int | None = None, greedy: bool | None = None, desc: str | None = None,
              autocast_dtype="auto") -> Rollout:
     """Responses to `prompts` from `model` (HF backend), in prompt order, `spec.num_return_sequences` each.
 
-    `seed` makes sampling reproducible (a resumed run samples the same rollouts); `max_new_tokens` and
+    `seed` (one int, or one per prompt) makes sampling reproducible and independent of the batching
+    (`prompt_seeds`: a resumed run samples the same rollouts); None: torch's global RNG. `max_new_tokens` and
     `greedy` override the spec for one call (PPO's greedy eval); `autocast_dtype`: a dtype to run the forward
     under autocast, None for none, "auto" to follow `spec.autocast` (`resolve_autocast`). `desc` shows a
     progress bar over batches. Prompts are batched longest first (little padding), at most `spec.batch_size`
@@ -306,8 +355,12 @@ def generate(model, tok, prompts: Sequence[Prompt], spec: GenerationSpec, *, see
     rows = prompt_token_ids(tok, prompts, max_prompt_length=spec.max_prompt_length)
     fit = functools.partial(rows_that_fit, model, spec, new_tokens=gen.max_new_tokens, dtype=dtype)
     batches = _batches([len(r) for r in rows], spec, k, lambda w: fit(w))
-    if seed is not None:
-        torch.manual_seed(seed)
+    sample = spec.do_sample if greedy is None else not greedy
+    seeds = prompt_seeds(seed, len(prompts)) if sample else None
+    if seeds is not None:
+        gen.do_sample = False  # the row sampler samples; greedy selection then takes its pick
+        for name in ("temperature", "top_p", "top_k"):
+            setattr(gen, name, None)
     amp = torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     was_training = model.training
     model.eval()
@@ -317,8 +370,14 @@ def generate(model, tok, prompts: Sequence[Prompt], spec: GenerationSpec, *, see
             ids, mask = left_pad(tok, [rows[i] for i in batch], device=device)
             if k > 1:
                 ids, mask = ids.repeat_interleave(k, dim=0), mask.repeat_interleave(k, dim=0)
+            extra = {}
+            if seeds is not None:
+                from transformers import LogitsProcessorList
+
+                extra["logits_processor"] = LogitsProcessorList(
+                    [row_sampler([seeds[i] + j for i in batch for j in range(k)], spec)])
             with torch.no_grad(), amp:
-                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
+                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen, **extra)
             response, rmask, has_eos, texts, reasons = cut_at_eos(tok, out[:, ids.shape[1]:])
             parts.append(Rollout([prompts[i] for i in batch for _ in range(k)], ids, mask, response, rmask, has_eos,
                                  texts, reasons))

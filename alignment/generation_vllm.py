@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Sequence
 
 from alignment.errors import AlignError
-from alignment.generation import Engine, GenerationSpec, Rollout, _pad_id, cut_at_eos, left_pad, prompt_token_ids
+from alignment.generation import (Engine, GenerationSpec, Rollout, _pad_id, cut_at_eos, left_pad, prompt_seeds,
+                                  prompt_token_ids)
 
 REPO = Path(__file__).resolve().parent.parent
 SERVED = "policy"
@@ -210,8 +211,10 @@ class VLLMEngine(Engine):
             if model is None or tok is None:
                 raise ValueError("the vllm backend needs model_dir, or an in-process model and its tokenizer")
             if hasattr(model, "peft_config"):
-                raise ValueError("the vllm backend serves plain weights: merge the adapter first, or pass the "
-                                 "base as model_dir and the adapter as adapter=")
+                from alignment.errors import ConfigError
+
+                raise ConfigError(["generation.backend: vllm serves plain weights and LoRA adapters; this policy "
+                                   "ends in an unmergeable adapter (soft prompt): use backend hf"])
             tmp = Path(tempfile.mkdtemp(prefix="vllm-weights-", dir=workdir))
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
@@ -267,9 +270,9 @@ class VLLMEngine(Engine):
         k, n_new = spec.num_return_sequences, max_new_tokens or spec.max_new_tokens
         greedy = (not spec.do_sample) if greedy is None else greedy
         rows = prompt_token_ids(self.tok, prompts, max_prompt_length=spec.max_prompt_length)
-        # One seed per prompt (the server gives child i of a prompt seed + i): the same prompt samples the same
+        # One seed per prompt (the server gives sample j of a prompt seed + j): the same prompt samples the same
         # responses whatever else is in flight.
-        seeds = [None if seed is None else (seed * 1_000_003 + i * k) % 2**62 for i in range(len(rows))]
+        seeds = prompt_seeds(seed, len(rows)) or [None] * len(rows)
         with ThreadPoolExecutor(max_workers=max(1, min(len(rows), spec.batch_size))) as pool:
             futures = [pool.submit(self._request, r, spec, k, n_new, greedy, s) for r, s in zip(rows, seeds)]
             replies = [f.result() for f in tqdm(futures, desc=desc, unit="prompt", leave=False,

@@ -56,9 +56,10 @@ def shards(n_items: int, size: int) -> list[tuple[int, int, int]]:
 
 
 def sample_responses(model, tok, prompts: list[list[dict]], *, k: int, max_new_tokens: int, temperature: float,
-                     top_p: float, top_k: int, batch_size: int, max_prompt_length: int, seed: int,
+                     top_p: float, top_k: int, batch_size: int, max_prompt_length: int, seed: int | list[int],
                      backend: str = "hf") -> list[list[str]]:
-    """K sampled responses per prompt (texts cut at EOS, special tokens removed), reproducible for a given seed.
+    """K sampled responses per prompt (texts cut at EOS, special tokens removed), reproducible for a given seed
+    (one int, or one per prompt: then a prompt samples the same responses whatever it is batched with).
 
     `model` is the in-process policy, or an `alignment.generation.Engine` (e.g. a vllm server serving it).
     """
@@ -73,6 +74,23 @@ def sample_responses(model, tok, prompts: list[list[dict]], *, k: int, max_new_t
         return model.generate(prompts, spec, seed=seed).grouped(k)
     with build_engine(spec, model, tok) as engine:
         return engine.generate(prompts, spec, seed=seed).grouped(k)
+
+
+def shard_seed(seed: int, split: str, index: int) -> int:
+    """The seed of one shard's sampling (per split and shard, so a resumed run samples what it would have)."""
+    return seed * 100_003 + index * 2 + (split == "eval")
+
+
+def sampling_groups(n_items: int, shard_size: int, batch_size: int) -> list[list[tuple[int, int, int]]]:
+    """Shards (index, start, stop) in fixed groups of consecutive shards, each group sampled by one call.
+
+    `batch_size // shard_size` shards per group (at least one): batches as big as the spec allows while the
+    shards stay the unit of resumption. The boundaries never move, so a resumed run samples a group with the
+    same prompts in the same batches as an uninterrupted run (bit-identical even in bf16).
+    """
+    per = max(1, batch_size // shard_size)
+    every = shards(n_items, shard_size)
+    return [every[g:g + per] for g in range(0, len(every), per)]
 
 
 def candidate_pairs(responses: list[str], pairing: str) -> list[tuple[int, int]]:

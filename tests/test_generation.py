@@ -166,3 +166,46 @@ def test_hf_engine_picks_up_a_new_adapter(lm, tmp_path):
             assert torch.equal(after.response_ids, expect.response_ids)
             assert not torch.equal(after.response_ids, before.response_ids)
             before = after
+
+
+def test_a_prompt_samples_the_same_whatever_shares_its_batch(lm):
+    """Per-prompt seeds: shards sampled together reproduce what shard-by-shard calls sample (label resume)."""
+    model, tok = lm
+    spec = GenerationSpec(max_new_tokens=10, do_sample=True, temperature=0.9, top_p=0.95, top_k=50,
+                          num_return_sequences=2, autocast="off")
+    seeds = [11, 12, 13, 14, 15]
+    together = generate(model, tok, PROMPTS, spec, seed=seeds)
+    for i in range(len(PROMPTS)):
+        alone = generate(model, tok, PROMPTS[i:i + 1], spec, seed=seeds[i:i + 1])
+        assert alone.texts == together.texts[2 * i:2 * i + 2]
+    # the two samples of a prompt come from different streams, and another seed samples otherwise
+    assert any(a != b for a, b in together.grouped(2))
+    assert generate(model, tok, PROMPTS, spec, seed=[s + 100 for s in seeds]).texts != together.texts
+    with pytest.raises(ValueError, match="2 seeds for 5 prompts"):
+        generate(model, tok, PROMPTS, spec, seed=[1, 2])
+
+
+def test_the_row_sampler_draws_from_the_warped_distribution():
+    import math
+
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    n = 4000
+    scores = p.log().repeat(n, 1)
+    spec = GenerationSpec(do_sample=True)
+    picks = G.row_sampler(range(n), spec)(None, scores.clone()).argmax(-1)
+    freq = torch.bincount(picks, minlength=4).float() / n
+    assert torch.allclose(freq, p, atol=0.03)  # 3 sigma of a binomial at n = 4000 is <= 0.024
+    # top_k 2 keeps {0.5, 0.3} renormalised: 0.625 / 0.375; temperature 0.5 squares the odds before that
+    spec = GenerationSpec(do_sample=True, top_k=2, temperature=0.5)
+    freq = torch.bincount(G.row_sampler(range(n), spec)(None, scores.clone()).argmax(-1), minlength=4).float() / n
+    w = [0.5 ** 2, 0.3 ** 2]
+    assert freq[2:].sum() == 0 and math.isclose(freq[0], w[0] / sum(w), abs_tol=0.03)
+
+
+def test_label_sampling_groups_whole_shards_at_fixed_boundaries():
+    from alignment.labeling import sampling_groups
+
+    # 10 prompts in shards of 2, 5 prompts per call: 2 whole shards per call, the last group shorter
+    assert sampling_groups(10, 2, 5) == [[(0, 0, 2), (1, 2, 4)], [(2, 4, 6), (3, 6, 8)], [(4, 8, 10)]]
+    # a batch smaller than a shard still samples whole shards, one per call
+    assert sampling_groups(5, 4, 2) == [[(0, 0, 4)], [(1, 4, 5)]]
