@@ -119,12 +119,21 @@ class LocalJudge(Judge):
             idx = order[s:s + bs]
             ids, mask = self._encode([texts[i] for i in idx])
             with torch.no_grad():
-                logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, -1, :].float()
+                logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False,
+                                    **self._last_token_only(mask)).logits[:, -1, :].float()
             logp = torch.log_softmax(logits, dim=-1)
             lp = [torch.logsumexp(logp[:, ids_], dim=-1).tolist() for ids_ in self.label_ids]
             for j, i in enumerate(idx):
                 out[i] = two_way(lp[0][j], lp[1][j])
         return out
+
+    def _last_token_only(self, mask) -> dict:
+        """Project onto the vocabulary at the last position only: the full projection costs ~20% of the FLOPs
+        and a [batch, length, vocab] float tensor (~0.6 GB per batch of 8 x 400 tokens on SmolLM2)."""
+        import inspect
+
+        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
     def close(self) -> None:
         self.model = None

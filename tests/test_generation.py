@@ -209,3 +209,4 @@ def test_label_sampling_groups_whole_shards_at_fixed_boundaries():
     assert sampling_groups(10, 2, 5) == [[(0, 0, 2), (1, 2, 4)], [(2, 4, 6), (3, 6, 8)], [(4, 8, 10)]]
     # a batch smaller than a shard still samples whole shards, one per call
     assert sampling_groups(5, 4, 2) == [[(0, 0, 4)], [(1, 4, 5)]]
+
