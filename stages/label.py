@@ -33,8 +33,9 @@ from alignment.hardware import peak_rss_mb, resolve_precision
 from alignment.judge_local import judge_upstream
 from alignment.judges import JudgeSpec, build_judge
 from alignment import preemption
+from alignment.generation import GenerationSpec, build_engine
 from alignment.labeling import (JudgeCache, Judging, collect, judge_shard, label_stats, read_jsonl, sample_responses,
-                                shard_path, shards, write_jsonl)
+                                sampling_groups, shard_path, shard_seed, shards, write_jsonl)
 from alignment.models import load_tokenizer
 from alignment.policy import lineage_for, load_policy
 from alignment.prompts import PromptData, load_prompts
@@ -52,8 +53,10 @@ class SamplingSpec(Section):
     top_p: float = 0.95
     top_k: int = 0
     batch_size: int = 8
-    """Prompts per generate call (each expands to k sequences)."""
+    """Prompts per generate call (each expands to k sequences); whole shards are sampled together up to this."""
     max_prompt_length: int = 512
+    backend: Literal["hf", "vllm"] = "hf"
+    """hf: in-process transformers; vllm: a vLLM sidecar serving the SFT policy (alignment/generation_vllm.py)."""
 
 
 class JudgeGate(Section):
@@ -170,27 +173,35 @@ def run(cfg: Config, ctx) -> None:
     # -- sample K responses per prompt, shard by shard (finished shards are kept across a kill) ----------
     samples_dir, labels_dir = ctx.out_dir / "samples", ctx.out_dir / "labels"
     t0, sampled = time.perf_counter(), 0
-    todo = [(split, i, a, b) for split, items in splits.items() for i, a, b in shards(len(items), cfg.shard_size)
-            if not shard_path(samples_dir, split, i).is_file()]
+    s = cfg.sampling
+    todo = [(split, group) for split, items in splits.items()
+            for group in sampling_groups(len(items), cfg.shard_size, s.batch_size)
+            if not all(shard_path(samples_dir, split, i).is_file() for i, _, _ in group)]
     if todo:
         policy, tok = load_policy(sft, cfg.precision).eval(), load_tokenizer(sft.model_dir)
-        bar = _progress(sum(b - a for _, _, a, b in todo), "[label] sampling")
-        for split, index, start, stop in todo:
+        engine = build_engine(GenerationSpec(backend=s.backend), policy, tok)
+        bar = _progress(sum(g[-1][2] - g[0][1] for _, g in todo), "[label] sampling")
+        for split, group in todo:
             if preemption.requested():
+                engine.close()
                 return  # the runner requeues; finished shards are kept
-            items, s = splits[split][start:stop], cfg.sampling
-            # Seeded per shard: a resumed run samples exactly what an uninterrupted one would have.
-            responses = sample_responses(policy, tok, [it["prompt"] for it in items], k=s.k,
+            first, items = group[0][1], splits[split][group[0][1]:group[-1][2]]
+            # One seed per prompt, from its shard's seed: a shard samples the same whatever it is grouped with.
+            seeds = [shard_seed(cfg.seed, split, i) * 100_003 + j for i, a, b in group for j in range(b - a)]
+            responses = sample_responses(engine, tok, [it["prompt"] for it in items], k=s.k,
                                          max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
                                          top_k=s.top_k, batch_size=s.batch_size,
-                                         max_prompt_length=s.max_prompt_length,
-                                         seed=cfg.seed * 100_003 + index * 2 + (split == "eval"))
-            write_jsonl(shard_path(samples_dir, split, index),
-                        [{**it, "responses": r} for it, r in zip(items, responses)])
-            sampled += len(items)
+                                         max_prompt_length=s.max_prompt_length, seed=seeds)
+            for index, a, b in group:
+                path = shard_path(samples_dir, split, index)
+                if not path.is_file():  # a resumed group re-samples its finished shards identically; keep them
+                    write_jsonl(path, [{**it, "responses": r} for it, r in
+                                       zip(splits[split][a:b], responses[a - first:b - first])])
+                    sampled += b - a
             bar.update(len(items))
         bar.close()
-        del policy
+        engine.close()
+        del policy, engine
         gc.collect()
     sample_seconds = time.perf_counter() - t0
 
