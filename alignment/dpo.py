@@ -357,9 +357,8 @@ def sampled_kl(policy, reference_ctx, tok, prompts: list[list[dict]], *, max_new
     """
     import torch
 
-    from alignment.training import progress
-
     from alignment.generation import GenerationSpec, generate
+    from alignment.training import progress
 
     # Pure ancestral sampling in the weights' own precision: the estimator needs samples from pi itself.
     spec = GenerationSpec(max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
