@@ -209,6 +209,7 @@ def plot(results: dict, path: Path) -> None:
                                    (axes[1], "rates", "content_share", "share of word-count/keyword kinds")):
         runs = [r for r in results["runs"] if r["sweep"] == sweep]
         if not runs:
+            ax.text(0.5, 0.5, "not run (pending)", ha="center", va="center", transform=ax.transAxes)
             continue
         xs = [r[key] for r in runs]
         ys = [r["gold_pass"] for r in runs]
