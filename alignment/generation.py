@@ -16,6 +16,7 @@ same `Rollout`; trainers recompute log-probs with their own forward, so the back
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
@@ -42,6 +43,11 @@ class GenerationSpec(Section):
     """Prompts per `generate` call; on CPU batch size is the big lever (bf16 HF: 212 tok/s at 8, 470 at 64)."""
     max_prompt_length: int | None = None
     """Prompts longer than this many tokens keep their last tokens (the generation prompt survives)."""
+    autocast: Literal["auto", "off"] = "auto"
+    """hf: auto runs fp32 weights under bf16 autocast where the hardware does bf16 fast (AMX/AVX512-BF16 CPUs,
+    bf16 GPUs); off keeps the weights' own precision (bit-exact comparisons). Trainers recompute log-probs."""
+    memory_fraction: float = 0.25
+    """hf: a batch's KV cache may use at most this fraction of the available memory (fewer rows otherwise)."""
 
     def problems(self, prefix: str = "generation") -> list[tuple[str, str]]:
         out = []
@@ -54,6 +60,8 @@ class GenerationSpec(Section):
             out.append((f"{prefix}.top_p", f"must be in (0, 1], got {self.top_p}"))
         if self.top_k < 0:
             out.append((f"{prefix}.top_k", f"must be >= 0, got {self.top_k}"))
+        if not 0 < self.memory_fraction <= 1:
+            out.append((f"{prefix}.memory_fraction", f"must be in (0, 1], got {self.memory_fraction}"))
         if self.max_prompt_length is not None and self.max_prompt_length < 1:
             out.append((f"{prefix}.max_prompt_length", f"must be >= 1, got {self.max_prompt_length}"))
         return out
@@ -81,6 +89,9 @@ class Rollout:
     # filled in by whoever scores the rollout (PPO)
     raw_scores: Any = None
     scores: Any = None
+    sampler_logprobs: Any = None
+    """[B, Lr] the sampler's log-prob of each response token (vllm backend; None for hf). Diagnostics only:
+    trainers recompute log-probs with their own forward (bf16 samplers differ by up to ~0.4 nats here)."""
 
     @property
     def completions(self) -> list[str]:
@@ -95,21 +106,45 @@ class Rollout:
         """Texts as one list of k responses per prompt."""
         return [self.texts[i:i + k] for i in range(0, len(self.texts), k)]
 
+    def take(self, rows: Sequence[int]) -> "Rollout":
+        """The rows `rows`, in that order (tensors indexed, lists picked)."""
+        import torch
 
-def encode_prompts(tok, prompts: Sequence[Prompt], *, max_prompt_length: int | None = None, device=None):
-    """(ids, mask) of chat-templated prompts, left-padded; the tokenizer is not modified."""
-    import torch
+        index = torch.as_tensor(list(rows), dtype=torch.long, device=self.query_ids.device)
+        pick = lambda xs: [xs[i] for i in rows] if xs is not None and len(xs) else xs  # noqa: E731
+        tensor = lambda t: t.index_select(0, index.to(t.device)) if t is not None else None  # noqa: E731
+        return Rollout(pick(self.prompts), tensor(self.query_ids), tensor(self.query_mask), tensor(self.response_ids),
+                       tensor(self.response_mask), tensor(self.has_eos), pick(self.texts), pick(self.finish_reasons),
+                       tensor(self.raw_scores), tensor(self.scores), tensor(self.sampler_logprobs))
 
+
+def prompt_token_ids(tok, prompts: Sequence[Prompt], *, max_prompt_length: int | None = None) -> list[list[int]]:
+    """Chat-templated token ids of each prompt (generation prompt appended), cut to its last max_prompt_length."""
     rows = []
     for p in prompts:
         ids = list(tok.apply_chat_template(list(p), add_generation_prompt=True, tokenize=True,
                                            return_dict=True)["input_ids"])
         rows.append(ids[-max_prompt_length:] if max_prompt_length else ids)
-    width = max(len(r) for r in rows)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    return rows
+
+
+def _pad_id(tok) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
+def left_pad(tok, rows: Sequence[Sequence[int]], *, device=None):
+    """(ids, mask) of token rows, left-padded to the longest; the tokenizer is not modified."""
+    import torch
+
+    width, pad = max(len(r) for r in rows), _pad_id(tok)
+    ids = torch.tensor([[pad] * (width - len(r)) + list(r) for r in rows], dtype=torch.long, device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long, device=device)
     return ids, mask
+
+
+def encode_prompts(tok, prompts: Sequence[Prompt], *, max_prompt_length: int | None = None, device=None):
+    """(ids, mask) of chat-templated prompts, left-padded; the tokenizer is not modified."""
+    return left_pad(tok, prompt_token_ids(tok, prompts, max_prompt_length=max_prompt_length), device=device)
 
 
 def generation_config(tok, spec: GenerationSpec, *, max_new_tokens: int | None = None, greedy: bool | None = None):
@@ -117,17 +152,16 @@ def generation_config(tok, spec: GenerationSpec, *, max_new_tokens: int | None =
     from transformers import GenerationConfig
 
     sample = spec.do_sample if greedy is None else not greedy
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     extra = dict(temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k) if sample else {}
     return GenerationConfig(do_sample=sample, max_new_tokens=max_new_tokens or spec.max_new_tokens,
-                            pad_token_id=pad, eos_token_id=tok.eos_token_id, use_cache=True, **extra)
+                            pad_token_id=_pad_id(tok), eos_token_id=tok.eos_token_id, use_cache=True, **extra)
 
 
 def cut_at_eos(tok, response_ids):
     """(response_ids with pad after the first EOS, mask, has_eos, texts, finish reasons)."""
     from alignment import rl
 
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = _pad_id(tok)
     mask, has_eos = rl.response_mask_after_eos(response_ids, tok.eos_token_id)
     response_ids = response_ids.masked_fill(mask == 0, pad)
     visible = response_ids.masked_fill(response_ids == tok.eos_token_id, pad)
@@ -149,7 +183,7 @@ def concat_rollouts(parts: list[Rollout], tok) -> Rollout:
 
     if len(parts) == 1:
         return parts[0]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = _pad_id(tok)
     wq = max(p.query_ids.shape[1] for p in parts)
     wr = max(p.response_ids.shape[1] for p in parts)
     cat = lambda name, w, v, left: torch.cat([_pad_to(getattr(p, name), w, v, left=left) for p in parts])  # noqa: E731
@@ -161,14 +195,150 @@ def concat_rollouts(parts: list[Rollout], tok) -> Rollout:
         finish_reasons=[x for p in parts for x in p.finish_reasons])
 
 
-def generate(model, tok, prompts: Sequence[Prompt], spec: GenerationSpec, *, seed: int | None = None,
+# -- seeds: one random stream per prompt ---------------------------------------------------------------
+
+
+def prompt_seeds(seed: int | Sequence[int] | None, n: int) -> list[int] | None:
+    """One seed per prompt: `seed` spread over the prompts' positions, or the caller's own list (one each).
+
+    Sample j of prompt i then draws from the stream seeded `seeds[i] + j` (vLLM's rule for `n` > 1), so a
+    prompt samples the same responses whatever else shares its batch: a caller may batch shards together
+    and still reproduce what shard-by-shard calls sample.
+    """
+    if seed is None:
+        return None
+    if isinstance(seed, int):
+        return [(seed * 1_000_003 + i * 1009) % 2**62 for i in range(n)]
+    seeds = [int(x) for x in seed]
+    if len(seeds) != n:
+        raise ValueError(f"generate: {len(seeds)} seeds for {n} prompts")
+    return [(x * 1009) % 2**62 for x in seeds]
+
+
+def row_sampler(seeds: Sequence[int], spec: GenerationSpec):
+    """A logits processor that samples each row from its own RNG stream and leaves only that token finite.
+
+    transformers' sampler draws every row from one global stream, so a row's sample depends on its batch;
+    this one draws one uniform per row and step from `torch.Generator(seed)` and inverts the row's CDF after
+    temperature / top-k / top-p (the warpers transformers would apply). `generate` then runs greedy over the
+    result, which picks the sampled token.
+    """
+    import torch
+    from transformers import LogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    warpers = ([TemperatureLogitsWarper(spec.temperature)] if spec.temperature != 1.0 else []) + \
+              ([TopKLogitsWarper(spec.top_k)] if spec.top_k else []) + \
+              ([TopPLogitsWarper(spec.top_p)] if spec.top_p < 1.0 else [])
+    streams = [torch.Generator().manual_seed(int(x)) for x in seeds]
+
+    class RowSampler(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            for w in warpers:
+                scores = w(input_ids, scores)
+            cdf = torch.softmax(scores.float(), dim=-1).cumsum(dim=-1)
+            u = torch.cat([torch.rand(1, generator=g) for g in streams]).to(cdf.device)
+            pick = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1)).clamp(max=scores.shape[1] - 1)
+            return torch.full_like(scores, float("-inf")).scatter_(1, pick, 0.0)
+
+    return RowSampler()
+
+
+# -- the hf backend ---------------------------------------------------------------------------------
+
+
+def resolve_autocast(model, spec: GenerationSpec, autocast_dtype="auto"):
+    """The autocast dtype for this call: an explicit dtype/None wins; "auto" follows `spec.autocast`.
+
+    bf16 only where it pays: fp32 weights on a CPU with AMX/AVX512-BF16 (bf16 HF generate ~2.5x fp32 here) or a
+    GPU with bf16. Weights already in bf16/fp16 need no autocast.
+    """
+    import torch
+
+    if autocast_dtype != "auto":
+        return autocast_dtype
+    if spec.autocast == "off":
+        return None
+    param = next(model.parameters())
+    if param.dtype != torch.float32:
+        return None
+    if param.device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    from alignment.hardware import cpu_has_fast_bf16
+
+    return torch.bfloat16 if param.device.type == "cpu" and cpu_has_fast_bf16() else None
+
+
+def _available_bytes() -> int | None:
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def kv_bytes_per_token(model, dtype=None) -> int:
+    """KV-cache bytes one token of one row takes (keys + values, every layer); 0 when the config is unusual."""
+    import torch
+
+    cfg = getattr(model, "config", None)
+    cfg = getattr(cfg, "get_text_config", lambda: cfg)() if cfg is not None else None
+    try:
+        layers, heads = cfg.num_hidden_layers, cfg.num_attention_heads
+        kv = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    except (AttributeError, TypeError, ZeroDivisionError):
+        return 0
+    size = torch.empty((), dtype=dtype or next(model.parameters()).dtype).element_size()
+    return 2 * layers * kv * head_dim * size
+
+
+def rows_that_fit(model, spec: GenerationSpec, width: int, new_tokens: int, dtype=None) -> int | None:
+    """Most rows whose KV cache for width + new_tokens tokens fits in spec.memory_fraction of free memory."""
+    per_token, free = kv_bytes_per_token(model, dtype), None
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        import torch
+
+        free = torch.cuda.mem_get_info(device)[0]
+    elif device.type == "cpu":
+        free = _available_bytes()
+    if not per_token or not free:
+        return None
+    return max(1, int(spec.memory_fraction * free // (per_token * (width + new_tokens))))
+
+
+def _batches(lengths: list[int], spec: GenerationSpec, k: int, fit) -> list[list[int]]:
+    """Prompt indices, longest first, in batches of at most spec.batch_size prompts whose rows fit in memory.
+
+    Similar lengths share a batch (little padding); longest first so a batch too big for memory fails at once.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    out, cur = [], []
+    for i in order:
+        cap = fit(lengths[cur[0] if cur else i])  # the first prompt of a batch is its widest
+        limit = spec.batch_size if cap is None else max(1, min(spec.batch_size, cap // k))
+        if cur and len(cur) >= limit:
+            out.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        out.append(cur)
+    return out
+
+
+def generate(model, tok, prompts: Sequence[Prompt], spec: GenerationSpec, *, seed: int | Sequence[int] | None = None,
              max_new_tokens: int | None = None, greedy: bool | None = None, desc: str | None = None,
-             autocast_dtype=None) -> Rollout:
+             autocast_dtype="auto") -> Rollout:
     """Responses to `prompts` from `model` (HF backend), in prompt order, `spec.num_return_sequences` each.
 
-    `seed` makes sampling reproducible (a resumed run samples the same rollouts); `max_new_tokens` and
-    `greedy` override the spec for one call (PPO's greedy eval); `autocast_dtype` runs the forward under
-    autocast (a bf16 base with fp32 adapters). `desc` shows a progress bar over batches.
+    `seed` (one int, or one per prompt) makes sampling reproducible and independent of the batching
+    (`prompt_seeds`: a resumed run samples the same rollouts); None: torch's global RNG. `max_new_tokens` and
+    `greedy` override the spec for one call (PPO's greedy eval); `autocast_dtype`: a dtype to run the forward
+    under autocast, None for none, "auto" to follow `spec.autocast` (`resolve_autocast`). `desc` shows a
+    progress bar over batches. Prompts are batched longest first (little padding), at most `spec.batch_size`
+    per call and fewer when their KV cache would not fit in memory; rows come back in prompt order.
     """
     import contextlib
 
@@ -177,28 +347,131 @@ def generate(model, tok, prompts: Sequence[Prompt], spec: GenerationSpec, *, see
 
     if spec.backend != "hf":
         raise ValueError(f"alignment.generation.generate is the hf backend; use build_engine for {spec.backend!r}")
+    if not prompts:
+        raise ValueError("generate: no prompts")
     device = next(model.parameters()).device
     gen = generation_config(tok, spec, max_new_tokens=max_new_tokens, greedy=greedy)
-    k = spec.num_return_sequences
-    if seed is not None:
-        torch.manual_seed(seed)
-    amp = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None
-           else contextlib.nullcontext())
+    k, dtype = spec.num_return_sequences, resolve_autocast(model, spec, autocast_dtype)
+    rows = prompt_token_ids(tok, prompts, max_prompt_length=spec.max_prompt_length)
+    fit = functools.partial(rows_that_fit, model, spec, new_tokens=gen.max_new_tokens, dtype=dtype)
+    batches = _batches([len(r) for r in rows], spec, k, lambda w: fit(w))
+    sample = spec.do_sample if greedy is None else not greedy
+    seeds = prompt_seeds(seed, len(prompts)) if sample else None
+    if seeds is not None:
+        gen.do_sample = False  # the row sampler samples; greedy selection then takes its pick
+        for name in ("temperature", "top_p", "top_k"):
+            setattr(gen, name, None)
+    amp = torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     was_training = model.training
     model.eval()
     parts: list[Rollout] = []
-    starts = range(0, len(prompts), spec.batch_size)
     try:
-        for s in tqdm(starts, desc=desc, unit="batch", leave=False, disable=desc is None or len(starts) < 2):
-            batch = list(prompts[s:s + spec.batch_size])
-            ids, mask = encode_prompts(tok, batch, max_prompt_length=spec.max_prompt_length, device=device)
+        for batch in tqdm(batches, desc=desc, unit="batch", leave=False, disable=desc is None or len(batches) < 2):
+            ids, mask = left_pad(tok, [rows[i] for i in batch], device=device)
             if k > 1:
                 ids, mask = ids.repeat_interleave(k, dim=0), mask.repeat_interleave(k, dim=0)
+            extra = {}
+            if seeds is not None:
+                from transformers import LogitsProcessorList
+
+                extra["logits_processor"] = LogitsProcessorList(
+                    [row_sampler([seeds[i] + j for i in batch for j in range(k)], spec)])
             with torch.no_grad(), amp:
-                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
+                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen, **extra)
             response, rmask, has_eos, texts, reasons = cut_at_eos(tok, out[:, ids.shape[1]:])
-            parts.append(Rollout([p for p in batch for _ in range(k)], ids, mask, response, rmask, has_eos,
+            parts.append(Rollout([prompts[i] for i in batch for _ in range(k)], ids, mask, response, rmask, has_eos,
                                  texts, reasons))
     finally:
         model.train(was_training)
-    return concat_rollouts(parts, tok)
+    ro = concat_rollouts(parts, tok)
+    position = {i: j for j, i in enumerate(i for b in batches for i in b)}
+    ro = ro.take([position[i] * k + r for i in range(len(prompts)) for r in range(k)])
+    return _trim(ro)
+
+
+def _trim(ro: Rollout) -> Rollout:
+    """Drop response columns past every row's end (batches of different lengths were right-padded)."""
+    width = int(ro.response_mask.sum(dim=1).max()) if ro.response_mask.numel() else 0
+    if width < ro.response_ids.shape[1]:
+        ro.response_ids, ro.response_mask = ro.response_ids[:, :width], ro.response_mask[:, :width]
+    return ro
+
+
+# -- engines: one call for either backend ---------------------------------------------------------------
+
+
+class Engine:
+    """Something that turns prompts into a Rollout: `engine.generate(prompts, spec)`.
+
+    `load_adapter(path)` points the engine at a new LoRA adapter (RL: the policy after an update); `close()`
+    frees what it holds (the vllm backend stops its server). Usable as a context manager.
+    """
+
+    backend = "?"
+    spec: GenerationSpec
+
+    def generate(self, prompts: Sequence[Prompt], spec: GenerationSpec | None = None, *, seed: int | None = None,
+                 max_new_tokens: int | None = None, greedy: bool | None = None, desc: str | None = None) -> Rollout:
+        raise NotImplementedError
+
+    def load_adapter(self, path) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class HFEngine(Engine):
+    """The hf backend: transformers `generate` on an in-process model (the trainer's own model during RL)."""
+
+    backend = "hf"
+
+    def __init__(self, model, tok, spec: GenerationSpec, *, autocast_dtype="auto"):
+        self.model, self.tok, self.spec, self.autocast_dtype = model, tok, spec, autocast_dtype
+
+    def generate(self, prompts, spec=None, *, seed=None, max_new_tokens=None, greedy=None, desc=None) -> Rollout:
+        return generate(self.model, self.tok, prompts, spec or self.spec, seed=seed, max_new_tokens=max_new_tokens,
+                        greedy=greedy, desc=desc, autocast_dtype=self.autocast_dtype)
+
+    def load_adapter(self, path, name: str = "default") -> None:
+        """Load a LoRA adapter's weights into the model (wrapping it in peft the first time)."""
+        from peft import PeftModel, set_peft_model_state_dict
+        from peft.utils import load_peft_weights
+
+        if isinstance(self.model, PeftModel) and name in self.model.peft_config:
+            set_peft_model_state_dict(self.model, load_peft_weights(str(path)), adapter_name=name)
+        elif isinstance(self.model, PeftModel):
+            self.model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+        else:
+            self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name, is_trainable=False)
+        self.model.set_adapter(name)
+
+    def close(self) -> None:
+        self.model = None
+
+
+def build_engine(spec: GenerationSpec, model=None, tok=None, *, model_dir=None, adapter=None, workdir=None,
+                 autocast_dtype="auto", **options) -> Engine:
+    """The engine `spec.backend` names.
+
+    hf: wraps the in-process `model` (and `tok`). vllm: serves `model_dir` (a folder of safetensors weights and a
+    tokenizer), or saves the in-process `model` into `workdir` first; `adapter` is a LoRA adapter folder to
+    serve on top; `options` go to `alignment.generation_vllm.VLLMEngine` (venv, threads, dtype, ...).
+    """
+    if spec.backend == "hf":
+        if model is None or tok is None:
+            raise ValueError("build_engine: the hf backend needs the model and its tokenizer")
+        engine = HFEngine(model, tok, spec, autocast_dtype=autocast_dtype)
+        if adapter is not None:
+            engine.load_adapter(adapter)
+        return engine
+    from alignment.generation_vllm import VLLMEngine
+
+    return VLLMEngine.start(spec, model=model, tok=tok, model_dir=model_dir, adapter=adapter, workdir=workdir,
+                            **options)

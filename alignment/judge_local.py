@@ -7,7 +7,8 @@ import math
 from pathlib import Path
 
 from alignment.errors import ConfigError
-from alignment.judges import Judge, JudgeSpec, Template, Verdict, combine, spec_digest, two_way
+from alignment.judges import (CHECK_LABELS, Judge, JudgeSpec, Template, Verdict, checklist_items, combine, spec_digest,
+                              two_way)
 
 log = logging.getLogger("align")
 RUN_ARTIFACTS = ("sft", "base", "dpo", "ppo")
@@ -16,6 +17,8 @@ RUN_ARTIFACTS = ("sft", "base", "dpo", "ppo")
 
 def judge_upstream(spec: JudgeSpec) -> tuple[str, ...]:
     """The run's artifacts a judge reads: its `local` model named by stage, or the run's `reward` model."""
+    if spec.kind == "ensemble":
+        return tuple(dict.fromkeys(name for m in spec.members or [] for name in judge_upstream(m)))
     if spec.kind == "local" and (spec.model or "sft") in RUN_ARTIFACTS:
         return (spec.model or "sft",)
     if spec.kind == "reward_model" and not spec.reward_artifact:
@@ -58,11 +61,11 @@ class LocalJudge(Judge):
             self.tok = AutoTokenizer.from_pretrained(model)
             ident = model
         self.model.eval().requires_grad_(False)
-        self.tok.padding_side = "left"
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
         self.template = Template(spec)
         self.label_ids = [self._label_ids(lab) for lab in spec.labels]
+        self.check_ids = [self._label_ids(lab) for lab in CHECK_LABELS]
         if set(self.label_ids[0]) & set(self.label_ids[1]):
             raise ConfigError([f"judge.labels: {list(spec.labels)} share a token in this judge's tokenizer; "
                                "use labels that tokenize apart (A/B or 1/2)"])
@@ -96,28 +99,28 @@ class LocalJudge(Judge):
         return ids.to(device), mask.to(device)
 
     def _rationales(self, prompts, first, second) -> list[str]:
-        import torch
+        from alignment.generation import GenerationSpec, generate
 
-        out = []
-        for s in range(0, len(prompts), self.spec.batch_size):
-            texts = [self._chat(self.template.messages(p, f, g)) for p, f, g in
-                     zip(prompts[s:s + self.spec.batch_size], first[s:], second[s:])]
-            ids, mask = self._encode(texts)
-            with torch.no_grad():
-                gen = self.model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
-                                          max_new_tokens=self.spec.cot_max_tokens, pad_token_id=self.tok.pad_token_id)
-            out += self.tok.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)
-        return out
+        spec = GenerationSpec(max_new_tokens=self.spec.cot_max_tokens, batch_size=self.spec.batch_size,
+                              max_prompt_length=self.spec.max_length)
+        return generate(self.model, self.tok, [self.template.messages(p, f, g) for p, f, g in
+                                               zip(prompts, first, second)], spec).texts
 
     def first_better(self, prompts, first, second) -> list[float | None]:
-        import torch
-
+        if self.spec.checklist:
+            return self._checklist_first_better(prompts, first, second)
         if self.spec.chain_of_thought:
             why = self._rationales(prompts, first, second)
             texts = [self._chat(self.template.verdict_messages(p, f, g, r))
                      for p, f, g, r in zip(prompts, first, second, why)]
         else:
             texts = [self._chat(self.template.messages(p, f, g)) for p, f, g in zip(prompts, first, second)]
+        return self._two_way(texts, self.label_ids)
+
+    def _two_way(self, texts: list[str], label_ids: list[list[int]]) -> list[float]:
+        """P(first label) vs the second as the next token after each text, renormalised over the two."""
+        import torch
+
         # Similar lengths batch together (little padding); results go back in input order.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out: list[float | None] = [None] * len(texts)
@@ -126,12 +129,36 @@ class LocalJudge(Judge):
             idx = order[s:s + bs]
             ids, mask = self._encode([texts[i] for i in idx])
             with torch.no_grad():
-                logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, -1, :].float()
+                logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False,
+                                    **self._last_token_only(mask)).logits[:, -1, :].float()
             logp = torch.log_softmax(logits, dim=-1)
-            lp = [torch.logsumexp(logp[:, ids_], dim=-1).tolist() for ids_ in self.label_ids]
+            lp = [torch.logsumexp(logp[:, ids_], dim=-1).tolist() for ids_ in label_ids]
             for j, i in enumerate(idx):
                 out[i] = two_way(lp[0][j], lp[1][j])
         return out
+
+    def _checklist_first_better(self, prompts, first, second) -> list[float]:
+        """Each distinct (prompt, response) is asked every checklist item once, alone; the pair's verdict is
+        sigmoid((mean P(yes) of first - that of second) / checklist_temperature)."""
+        questions: dict[tuple, list[str]] = {}
+        for p, r in [(p, r) for p, f, g in zip(prompts, first, second) for r in (f, g)]:
+            key = (repr(p), r)
+            if key not in questions:
+                questions[key] = [self._chat(self.template.check_messages(p, r, item)) for item in checklist_items(p)]
+        flat = [q for qs in questions.values() for q in qs]
+        yes = iter(self._two_way(flat, self.check_ids))
+        score = {key: sum(next(yes) for _ in qs) / len(qs) for key, qs in questions.items()}
+        t = self.spec.checklist_temperature
+        return [1.0 / (1.0 + math.exp(-(score[(repr(p), f)] - score[(repr(p), g)]) / t))
+                for p, f, g in zip(prompts, first, second)]
+
+    def _last_token_only(self, mask) -> dict:
+        """Project onto the vocabulary at the last position only: the full projection costs ~20% of the FLOPs
+        and a [batch, length, vocab] float tensor (~0.6 GB per batch of 8 x 400 tokens on SmolLM2)."""
+        import inspect
+
+        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
     def close(self) -> None:
         self.model = None

@@ -11,8 +11,14 @@ Method (Lee et al. 2023, "RLAIF vs RLHF"; Bai et al. 2022, Constitutional AI):
 - optional chain of thought: the judge first writes a rationale, then gives the verdict after it;
 - optional clamping of the final label (CAI clamps CoT labels to [0.4, 0.6]: CoT verdicts are overconfident).
 
+- optional per-constraint checklist (`checklist: true`, local judges): the request's explicit instructions become
+  yes/no questions asked about each response alone (TICK, Cook et al. 2024; CheckEval, Lee et al. 2024);
+  a response's score is its mean P(yes), and P(a better) = sigmoid((score_a - score_b) / checklist_temperature).
+  Each response is read alone, so the verdict cannot depend on the order the pair is shown in.
+
 Kinds: `local` (a transformers causal LM in-process), `openai` (any OpenAI-compatible chat-completions
-endpoint, `alignment/judge_openai.py`) and `reward_model` (sigmoid of a reward-model score difference).
+endpoint, `alignment/judge_openai.py`), `reward_model` (sigmoid of a reward-model score difference) and
+`ensemble` (the weighted mean of its `members`' P(first better)).
 Tests register rule-based kinds with `register_judge`; shipped configs never use those.
 """
 
@@ -29,7 +35,7 @@ from typing import Callable
 from alignment.config import Section
 from alignment.errors import AlignError, ConfigError
 
-BUILTIN_KINDS = ("local", "openai", "reward_model")
+BUILTIN_KINDS = ("local", "openai", "reward_model", "ensemble")
 DEFAULT_CONSTITUTION = (
     "You are a careful evaluator. Compare two assistant responses to the same conversation and decide which one "
     "is better: more helpful, more accurate, and more faithful to every instruction in the user's request.")
@@ -77,11 +83,34 @@ class JudgeSpec(Section):
     """local / reward_model: sequences per forward pass."""
     max_length: int = 1024
     """local / reward_model: judge prompts longer than this (tokens) keep their end."""
+    checklist: bool = False
+    """local: judge each response alone against a checklist of the request's explicit instructions (yes/no per
+    item) instead of showing the pair; order-free, so no position bias."""
+    checklist_temperature: float = 0.1
+    """checklist: P(a better) = sigmoid((score_a - score_b) / this); scores are mean P(yes) in [0, 1]."""
+    members: list["JudgeSpec"] | None = None
+    """ensemble: the judges whose P(first better) is averaged (each a full judge section)."""
+    weights: list[float] | None = None
+    """ensemble: one weight per member (default: equal)."""
 
     def problems(self, prefix: str = "judge") -> list[tuple[str, str]]:
         out = []
         if self.kind not in _FACTORIES:
             out.append((f"{prefix}.kind", f"expected one of {', '.join(_FACTORIES)}, got {self.kind!r}"))
+        if self.kind == "ensemble":
+            if not self.members:
+                out.append((f"{prefix}.members", "kind 'ensemble' needs at least one member judge"))
+            for i, m in enumerate(self.members or []):
+                out += m.problems(f"{prefix}.members.{i}")
+            if self.weights is not None and (len(self.weights) != len(self.members or [])
+                                             or any(w < 0 for w in self.weights) or not sum(self.weights) > 0):
+                out.append((f"{prefix}.weights", "expected one non-negative weight per member, not all zero"))
+        elif self.members is not None or self.weights is not None:
+            out.append((f"{prefix}.members", f"members/weights apply to kind 'ensemble' only, not '{self.kind}'"))
+        if self.checklist and self.kind != "local":
+            out.append((f"{prefix}.checklist", f"the checklist is asked by a local judge, not kind '{self.kind}'"))
+        if self.checklist_temperature <= 0:
+            out.append((f"{prefix}.checklist_temperature", "expected > 0"))
         if self.kind == "openai" and not (self.base_url and self.model):
             out.append((f"{prefix}.base_url", "kind 'openai' needs base_url and model"))
         if self.clamp is not None and not 0.0 <= self.clamp[0] <= 0.5 <= self.clamp[1] <= 1.0:
@@ -177,6 +206,7 @@ class Template:
     def __init__(self, spec: JudgeSpec):
         self.labels = spec.labels
         self.cot = spec.chain_of_thought
+        self.checklist = spec.checklist
         self.preamble = Path(spec.constitution).read_text(encoding="utf-8").strip() if spec.constitution \
             else DEFAULT_CONSTITUTION
         self.examples = self._few_shot(spec) if spec.few_shot else ""
@@ -213,9 +243,46 @@ class Template:
         return self.messages(prompt, first, second) + [{"role": "assistant", "content": rationale.strip() or "-"},
                                                        {"role": "user", "content": self.question()}]
 
+    def check_messages(self, prompt: list[dict], response: str, item: str) -> list[dict]:
+        """One checklist question about one response alone (answered with the first/second label = yes/no)."""
+        yes, no = CHECK_LABELS
+        return [{"role": "user", "content": "\n\n".join([
+            self.preamble, f"Conversation:\n{render_conversation(prompt)}", f"Response:\n{response}",
+            f"Requirement: {item}",
+            f"Does the response meet this requirement? Answer with a single word: {yes} or {no}."])}]
+
     def digest(self) -> str:
-        text = json.dumps([self.preamble, self.examples, self.labels, self.cot, self.question()])
+        extra = [CHECKLIST_VERSION] if self.checklist else []  # older judges keep their names (and caches)
+        text = json.dumps([self.preamble, self.examples, self.labels, self.cot, self.question(), *extra])
         return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+# -- per-constraint checklists -----------------------------------------------------------------
+
+CHECK_LABELS = ("Yes", "No")
+CHECKLIST_VERSION = "checklist-v1"
+"""Part of every template digest: a change to how items are extracted or asked must miss the verdict cache."""
+_INSTRUCTION = re.compile(
+    r"\b(must|should|use|using|include|includes|including|mention|end|ends|start|begin|do not|don't|never|avoid|"
+    r"only|exactly|at least|at most|no more|fewer|less than|more than|maximum|minimum|words?|sentences?|"
+    r"paragraphs?|bullets?|list|lowercase|uppercase|capital|letters?|format|json|title|quote|reply|answer|"
+    r"respond|write|keep|make sure|limit)\b", re.I)
+
+
+def checklist_items(prompt: list[dict]) -> list[str]:
+    """The explicit instructions of the last user turn, one per sentence, as checklist items.
+
+    A sentence counts as an instruction when it uses instruction vocabulary (must, use, include, end with,
+    at most, words, bullets, lowercase, ...) and is not a question: the question is the task, the rest are
+    the constraints on how to answer it. A request without any gets one generic item.
+    """
+    user = next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
+    sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+|\n+", user) if s.strip()]
+    items = [s for s in sentences if not s.endswith("?") and _INSTRUCTION.search(s)]
+    # The first sentence is usually the task itself ("Tell me about rivers."); keep it only when it is all there is.
+    if len(items) > 1 and items[0] == sentences[0]:
+        items = items[1:]
+    return items or ["The response answers the user's request helpfully and accurately."]
 
 
 # -- the judge protocol ---------------------------------------------------------------------------
@@ -255,8 +322,37 @@ class Judge:
 def spec_digest(spec: JudgeSpec, *extra: str) -> str:
     """What changes verdicts besides the template: the averaging, clamping and the judge's own knobs."""
     keys = ("both_orders", "clamp", "max_tokens", "cot_max_tokens", "max_length")
+    keys += ("checklist", "checklist_temperature") if spec.checklist else ()  # older judges keep their names
     text = json.dumps([{k: getattr(spec, k) for k in keys}, *extra], default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+class EnsembleJudge(Judge):
+    """The weighted mean of its members' P(first better) (members that could not answer an item are left out)."""
+
+    def __init__(self, spec: JudgeSpec, inputs: dict, precision: str):
+        super().__init__(spec)
+        self.members = [build_judge(m, inputs, precision) for m in spec.members or []]
+        self.weights = list(spec.weights or [1.0] * len(self.members))
+        digest = hashlib.sha256(json.dumps([[m.name for m in self.members], self.weights]).encode()).hexdigest()[:12]
+        self.name = f"ensemble:{digest}:{spec_digest(spec)}"
+
+    def first_better(self, prompts, first, second) -> list[float | None]:
+        votes = [m.first_better(prompts, first, second) for m in self.members]
+        out: list[float | None] = []
+        for i in range(len(prompts)):
+            got = [(w, v[i]) for w, v in zip(self.weights, votes) if v[i] is not None and w > 0]
+            total = sum(w for w, _ in got)
+            out.append(sum(w * p for w, p in got) / total if got else None)
+        return out
+
+    def check(self) -> None:
+        for m in self.members:
+            m.check()
+
+    def close(self) -> None:
+        for m in self.members:
+            m.close()
 
 
 JudgeFactory = Callable[[JudgeSpec, dict, str], Judge]
@@ -295,3 +391,4 @@ def _openai(spec, inputs, precision):
 register_judge("local", _local)
 register_judge("openai", _openai)
 register_judge("reward_model", _reward_model)
+register_judge("ensemble", EnsembleJudge)

@@ -56,26 +56,41 @@ def shards(n_items: int, size: int) -> list[tuple[int, int, int]]:
 
 
 def sample_responses(model, tok, prompts: list[list[dict]], *, k: int, max_new_tokens: int, temperature: float,
-                     top_p: float, top_k: int, batch_size: int, max_prompt_length: int, seed: int) -> list[list[str]]:
-    """K sampled responses per prompt (texts, special tokens removed), reproducible for a given seed."""
-    import torch
+                     top_p: float, top_k: int, batch_size: int, max_prompt_length: int, seed: int | list[int],
+                     backend: str = "hf") -> list[list[str]]:
+    """K sampled responses per prompt (texts cut at EOS, special tokens removed), reproducible for a given seed
+    (one int, or one per prompt: then a prompt samples the same responses whatever it is batched with).
 
-    tok.padding_side = "left"
-    torch.manual_seed(seed)
-    device = next(model.parameters()).device
-    out: list[list[str]] = []
-    for s in range(0, len(prompts), batch_size):
-        texts = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
-                 for p in prompts[s:s + batch_size]]
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False, truncation=True,
-                  max_length=max_prompt_length).to(device)
-        with torch.no_grad():
-            gen = model.generate(**enc, do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k,
-                                 max_new_tokens=max_new_tokens, num_return_sequences=k,
-                                 pad_token_id=tok.pad_token_id)
-        decoded = [t.strip() for t in tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
-        out += [decoded[i * k:(i + 1) * k] for i in range(len(texts))]
-    return out
+    `model` is the in-process policy, or an `alignment.generation.Engine` (e.g. a vllm server serving it).
+    """
+    from alignment.generation import Engine, GenerationSpec, build_engine
+
+    if isinstance(model, Engine):
+        backend = model.backend
+    spec = GenerationSpec(backend=backend, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
+                          top_p=top_p, top_k=top_k, num_return_sequences=k, batch_size=batch_size,
+                          max_prompt_length=max_prompt_length)
+    if isinstance(model, Engine):
+        return model.generate(prompts, spec, seed=seed).grouped(k)
+    with build_engine(spec, model, tok) as engine:
+        return engine.generate(prompts, spec, seed=seed).grouped(k)
+
+
+def shard_seed(seed: int, split: str, index: int) -> int:
+    """The seed of one shard's sampling (per split and shard, so a resumed run samples what it would have)."""
+    return seed * 100_003 + index * 2 + (split == "eval")
+
+
+def sampling_groups(n_items: int, shard_size: int, batch_size: int) -> list[list[tuple[int, int, int]]]:
+    """Shards (index, start, stop) in fixed groups of consecutive shards, each group sampled by one call.
+
+    `batch_size // shard_size` shards per group (at least one): batches as big as the spec allows while the
+    shards stay the unit of resumption. The boundaries never move, so a resumed run samples a group with the
+    same prompts in the same batches as an uninterrupted run (bit-identical even in bf16).
+    """
+    per = max(1, batch_size // shard_size)
+    every = shards(n_items, shard_size)
+    return [every[g:g + per] for g in range(0, len(every), per)]
 
 
 def candidate_pairs(responses: list[str], pairing: str) -> list[tuple[int, int]]:

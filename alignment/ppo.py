@@ -54,7 +54,8 @@ from alignment.config import Section
 from alignment.errors import ArtifactError
 from alignment.generation import Rollout
 from alignment.ppo_callbacks import (Control, GoldCheck, HealthCallback, HealthMonitor, HealthSpec,  # noqa: F401
-                                     HealthStop, JsonlLog, PPOCallback, ProgressBar, StopOnPreemption)
+                                     HealthStop, JsonlLog, LiveTracking, PPOCallback, ProgressBar,
+                                     StopOnPreemption)
 
 if TYPE_CHECKING:
     import torch

@@ -197,6 +197,23 @@ class JsonlLog(PPOCallback):
             f.write(json.dumps(row) + "\n")
 
 
+class LiveTracking(PPOCallback):
+    """The stage's dashboard as the loop goes: one row per update, and the held-out responses at each eval as a
+    sample table (alignment.tracking; a no-op when the stage runs without a dashboard)."""
+
+    def on_log(self, trainer, row):
+        from alignment import tracking
+
+        tracking.log_row(row)
+
+    def on_evaluate(self, trainer, row, rows, texts):
+        from alignment import tracking
+
+        samples = [{"prompt": (r.get("prompt") or [{}])[-1].get("content", "") if isinstance(r.get("prompt"), list)
+                    else str(r.get("prompt", "")), "response": t} for r, t in zip(rows, texts)]
+        tracking.log_samples(samples, key="ppo/eval_samples", step=getattr(trainer, "update", None))
+
+
 class ProgressBar(PPOCallback):
     def __init__(self, desc: str = "ppo"):
         self.desc, self.bar = desc, None

@@ -29,7 +29,7 @@ from alignment.config import (StageConfig, config_dict, config_hash, install_log
 from alignment.errors import AlignError, ArtifactError, ConfigError
 from alignment.manifest import MANIFEST, BaseModelId, Manifest, git_commit, library_versions, list_outputs
 
-STAGES = ("base", "sft", "reward", "dpo", "ppo", "grpo", "label", "eval", "generate")
+STAGES = ("base", "sft", "reward", "dpo", "ppo", "grpo", "label", "online_dpo", "eval", "generate")
 log = logging.getLogger("align")
 
 
@@ -334,8 +334,17 @@ def latest_checkpoint(folder: Path) -> Path | None:
     """The newest complete HF Trainer checkpoint (trainer_state.json is written last)."""
     if not folder.is_dir():
         return None
-    done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    done = [p for p in folder.glob("checkpoint-*") if _complete_state(p / "trainer_state.json")]
     return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def _complete_state(path: Path) -> bool:
+    """HF writes trainer_state.json in place, not atomically: a kill mid-write leaves a file that does not parse,
+    and that checkpoint is incomplete (the one before it is still whole)."""
+    try:
+        return isinstance(json.loads(path.read_text(encoding="utf-8")), dict)
+    except (OSError, ValueError):
+        return False
 
 
 def _publish(store, cfg, ctx: StageContext, chash, inputs, started) -> tuple[Path, Manifest]:

@@ -31,24 +31,25 @@ import json
 import logging
 import time
 
+from alignment import generation
 from alignment.config import Section, StageConfig
 from alignment.errors import ConfigError, DataError
 from alignment.judges import JudgeSpec
 from alignment.tracking import SAMPLES
 
 log = logging.getLogger("align")
-MODEL_STAGES = ("base", "sft", "dpo", "ppo")
+MODEL_STAGES = ("base", "sft", "dpo", "online_dpo", "ppo", "grpo")
 SET_SAMPLES = "samples_sets.jsonl"
 """Answers to the further prompt sets (and the base model's), beside samples.jsonl (the main prompts)."""
 
 
-class GenerationSpec(Section):
-    max_new_tokens: int = 128
-    do_sample: bool = False
-    """False: greedy (deterministic, the usual for comparisons); True: sample with temperature/top_p."""
+class GenerationSpec(generation.GenerationSpec):
+    """The shared `alignment.generation` spec with eval's sampling defaults (used when do_sample is true)."""
+
     temperature: float = 0.7
     top_p: float = 0.9
-    batch_size: int = 8
+    batch_size: int = 64
+    """Prompts per generate call (memory permitting): on CPU the big lever (bf16 HF: 212 tok/s at 8, 470 at 64)."""
 
 
 class ForgettingSpec(Section):
@@ -122,9 +123,7 @@ class Config(StageConfig):
             out += self.judge.problems("judge")
         if self.gold and ":" not in self.gold:
             out.append(("gold", f"expected module:function, got {self.gold!r}"))
-        g = self.generation
-        if g.max_new_tokens < 1 or g.batch_size < 1 or g.temperature <= 0 or not 0 < g.top_p <= 1:
-            out.append(("generation", "max_new_tokens >= 1, batch_size >= 1, temperature > 0, 0 < top_p <= 1"))
+        out += self.generation.problems("generation")
         if self.kl.prompts < 0 or self.kl.max_new_tokens < 1:
             out.append(("kl", "prompts >= 0 and max_new_tokens >= 1 expected"))
         if not 0 <= self.tie_band < 0.5:
@@ -208,37 +207,11 @@ def gold_function(spec: str):
 
 
 def generate(model, tok, prompts: list[list[dict]], spec: GenerationSpec, *, seed: int, desc: str) -> dict:
-    """Responses in prompt order: {"text", "tokens" (generated length), "eos" (stopped by itself)}."""
-    import torch
-    from tqdm.auto import tqdm
-
-    device = next(model.parameters()).device
-    texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-    # Batches of similar prompt length waste little compute on padding; results go back in input order.
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    out = {"text": [""] * len(texts), "tokens": [0] * len(texts), "eos": [False] * len(texts)}
-    old_side, tok.padding_side = tok.padding_side, "left"
-    model.eval()
-    torch.manual_seed(seed)
-    try:
-        for start in tqdm(range(0, len(order), spec.batch_size), desc=desc, unit="batch", leave=False):
-            index = order[start:start + spec.batch_size]
-            enc = tok([texts[i] for i in index], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            sampling = dict(do_sample=True, temperature=spec.temperature, top_p=spec.top_p, top_k=0) \
-                if spec.do_sample else dict(do_sample=False)
-            with torch.no_grad():
-                gen = model.generate(**enc, max_new_tokens=spec.max_new_tokens, pad_token_id=tok.pad_token_id,
-                                     eos_token_id=tok.eos_token_id, **sampling)
-            for row, i in enumerate(index):
-                ids = gen[row, enc["input_ids"].shape[1]:].tolist()
-                stop = ids.index(tok.eos_token_id) if tok.eos_token_id in ids else None
-                ids = ids[:stop] if stop is not None else [t for t in ids if t != tok.pad_token_id]
-                out["text"][i] = tok.decode(ids, skip_special_tokens=True).strip()
-                out["tokens"][i] = len(ids)
-                out["eos"][i] = stop is not None
-    finally:
-        tok.padding_side = old_side
-    return out
+    """Responses in prompt order: {"text", "tokens" (generated length, EOS not counted), "eos" (stopped by itself)}."""
+    with generation.build_engine(spec, model, tok) as engine:
+        ro = engine.generate(prompts, spec, seed=seed, desc=desc)
+    eos = ro.has_eos.tolist()
+    return {"text": ro.texts, "tokens": [n - e for n, e in zip(ro.lengths, eos)], "eos": eos}
 
 
 # -- prompt sets, general text and perplexity --------------------------------------------------------

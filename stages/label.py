@@ -9,6 +9,12 @@ reward model) which of each pair is better, in both orders, and writes `pairs.js
 Robustness: shards of `shard_size` prompts are written as they finish (`samples/`, `labels/`), so a killed
 run resumes without re-sampling or re-judging them; verdicts are cached in `<artifact root>/.cache/judge/`
 (or `cache_dir`), keyed by judge name + prompt + responses, so a `--force` re-run costs no judge calls.
+
+Judge gate (`gate:`), like the reward stage's: before anything is sampled, the judge labels a human-labelled
+slice (`gate.data`, default the bundled held-out preference pairs, in both presentation orders) and its
+agreement with the human labels and its position-bias rate are measured (`alignment.audit`). Below
+`gate.min_agreement` or above `gate.max_position_bias` the artifact is published with status `failed_gate` and
+the audit only (no pairs: labels from an unfit judge are noise), and the command exits 2.
 """
 
 from __future__ import annotations
@@ -19,14 +25,17 @@ import time
 from pathlib import Path
 from typing import Literal
 
+from alignment.artifacts import write_json
+from alignment.audit import audit_judge, gate_failures
 from alignment.config import Section, StageConfig
 from alignment.errors import DataError
 from alignment.hardware import peak_rss_mb, resolve_precision
 from alignment.judge_local import judge_upstream
 from alignment.judges import JudgeSpec, build_judge
 from alignment import preemption
+from alignment.generation import GenerationSpec, build_engine
 from alignment.labeling import (JudgeCache, Judging, collect, judge_shard, label_stats, read_jsonl, sample_responses,
-                                shard_path, shards, write_jsonl)
+                                sampling_groups, shard_path, shard_seed, shards, write_jsonl)
 from alignment.models import load_tokenizer
 from alignment.policy import lineage_for, load_policy
 from alignment.prompts import PromptData, load_prompts
@@ -44,8 +53,35 @@ class SamplingSpec(Section):
     top_p: float = 0.95
     top_k: int = 0
     batch_size: int = 8
-    """Prompts per generate call (each expands to k sequences)."""
+    """Prompts per generate call (each expands to k sequences); whole shards are sampled together up to this."""
     max_prompt_length: int = 512
+    backend: Literal["hf", "vllm"] = "hf"
+    """hf: in-process transformers; vllm: a vLLM sidecar serving the SFT policy (alignment/generation_vllm.py)."""
+
+
+class JudgeGate(Section):
+    """Thresholds the judge must meet on human-labelled pairs before its labels are written (None: not checked)."""
+
+    data: str | None = "data/prefs/eval.jsonl"
+    """Human-labelled preference pairs (`chosen` is the human preference); None: no gate, nothing measured."""
+    max_pairs: int | None = 40
+    """Judge at most this many of them (the first N; chosen shown first on even rows, second on odd rows)."""
+    min_agreement: float | None = 0.6
+    """Fraction of human-labelled pairs where the judge prefers the human-chosen response (ties count half)."""
+    max_position_bias: float | None = 0.3
+    """Fraction of pairs whose two presentation orders pick different winners (needs judge.both_orders)."""
+
+    def problems(self, prefix: str = "gate") -> list[tuple[str, str]]:
+        out = []
+        if self.data and not Path(self.data).exists():
+            out.append((f"{prefix}.data", f"{self.data}: file not found"))
+        if self.max_pairs is not None and self.max_pairs < 1:
+            out.append((f"{prefix}.max_pairs", "expected at least 1 (or leave unset for all)"))
+        for key in ("min_agreement", "max_position_bias"):
+            value = getattr(self, key)
+            if value is not None and not 0 <= value <= 1:
+                out.append((f"{prefix}.{key}", f"expected a fraction in [0, 1] or null, got {value}"))
+        return out
 
 
 class Config(StageConfig):
@@ -64,9 +100,10 @@ class Config(StageConfig):
     """Prompts per shard: the unit of resumption after a kill."""
     cache_dir: str | None = None
     """Where verdicts are cached; None: `<artifact root>/.cache/judge`. 'none' disables the cache."""
+    gate: JudgeGate = JudgeGate()
 
     def problems(self):
-        out = self.prompts.problems("prompts") + self.judge.problems("judge")
+        out = self.prompts.problems("prompts") + self.judge.problems("judge") + self.gate.problems("gate")
         if self.sampling.k < 2:
             out.append(("sampling.k", "expected at least 2 responses per prompt, to have something to compare"))
         if self.sampling.temperature <= 0:
@@ -91,6 +128,26 @@ def _progress(total: int, desc: str):
                 disable=None)  # None: no bar when stderr is not a terminal (logs, CI)
 
 
+def judge_gate(cfg: Config, judge, ctx) -> bool:
+    """Audit the judge on the human-labelled slice; False (status failed_gate) when it misses a threshold."""
+    if not cfg.gate.data:
+        return True
+    report = audit_judge(judge, cfg.gate.data, limit=cfg.gate.max_pairs, batch=cfg.judge_batch)
+    failures = gate_failures(report, min_agreement=cfg.gate.min_agreement,
+                             max_position_bias=cfg.gate.max_position_bias)
+    write_json(ctx.out_dir / "gate_audit.json", report)
+    ctx.metrics.update({"gate": cfg.gate.model_dump(), "gate_passed": not failures, "gate_failures": failures,
+                        "gate_agreement": report["agreement"], "gate_position_bias_rate": report["position_bias_rate"],
+                        "gate_pairs": report["pairs"], "judge": judge.name})
+    log.info("[label] judge gate on %d human-labelled pairs (%s): agreement %.3f, position bias %s",
+             report["pairs"], cfg.gate.data, report["agreement"], report["position_bias_rate"])
+    if failures:
+        ctx.status = "failed_gate"
+        log.error("[label] judge gate failed: %s", "; ".join(failures))
+        judge.close()
+    return not failures
+
+
 def run(cfg: Config, ctx) -> None:
     from transformers import set_seed
 
@@ -110,31 +167,41 @@ def run(cfg: Config, ctx) -> None:
     # The judge first: a wrong model name or a dead endpoint fails in seconds, not after the sampling.
     judge = build_judge(cfg.judge, ctx.inputs, cfg.precision)
     judge.check()
+    if not judge_gate(cfg, judge, ctx):
+        return  # published as failed_gate with the audit only: nothing sampled, nothing labelled
 
     # -- sample K responses per prompt, shard by shard (finished shards are kept across a kill) ----------
     samples_dir, labels_dir = ctx.out_dir / "samples", ctx.out_dir / "labels"
     t0, sampled = time.perf_counter(), 0
-    todo = [(split, i, a, b) for split, items in splits.items() for i, a, b in shards(len(items), cfg.shard_size)
-            if not shard_path(samples_dir, split, i).is_file()]
+    s = cfg.sampling
+    todo = [(split, group) for split, items in splits.items()
+            for group in sampling_groups(len(items), cfg.shard_size, s.batch_size)
+            if not all(shard_path(samples_dir, split, i).is_file() for i, _, _ in group)]
     if todo:
         policy, tok = load_policy(sft, cfg.precision).eval(), load_tokenizer(sft.model_dir)
-        bar = _progress(sum(b - a for _, _, a, b in todo), "[label] sampling")
-        for split, index, start, stop in todo:
+        engine = build_engine(GenerationSpec(backend=s.backend), policy, tok)
+        bar = _progress(sum(g[-1][2] - g[0][1] for _, g in todo), "[label] sampling")
+        for split, group in todo:
             if preemption.requested():
+                engine.close()
                 return  # the runner requeues; finished shards are kept
-            items, s = splits[split][start:stop], cfg.sampling
-            # Seeded per shard: a resumed run samples exactly what an uninterrupted one would have.
-            responses = sample_responses(policy, tok, [it["prompt"] for it in items], k=s.k,
+            first, items = group[0][1], splits[split][group[0][1]:group[-1][2]]
+            # One seed per prompt, from its shard's seed: a shard samples the same whatever it is grouped with.
+            seeds = [shard_seed(cfg.seed, split, i) * 100_003 + j for i, a, b in group for j in range(b - a)]
+            responses = sample_responses(engine, tok, [it["prompt"] for it in items], k=s.k,
                                          max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
                                          top_k=s.top_k, batch_size=s.batch_size,
-                                         max_prompt_length=s.max_prompt_length,
-                                         seed=cfg.seed * 100_003 + index * 2 + (split == "eval"))
-            write_jsonl(shard_path(samples_dir, split, index),
-                        [{**it, "responses": r} for it, r in zip(items, responses)])
-            sampled += len(items)
+                                         max_prompt_length=s.max_prompt_length, seed=seeds)
+            for index, a, b in group:
+                path = shard_path(samples_dir, split, index)
+                if not path.is_file():  # a resumed group re-samples its finished shards identically; keep them
+                    write_jsonl(path, [{**it, "responses": r} for it, r in
+                                       zip(splits[split][a:b], responses[a - first:b - first])])
+                    sampled += b - a
             bar.update(len(items))
         bar.close()
-        del policy
+        engine.close()
+        del policy, engine
         gc.collect()
     sample_seconds = time.perf_counter() - t0
 

@@ -136,9 +136,10 @@ def build_trainer(cfg: Config, ctx):
 
 
 def stage_callbacks(ctx, health) -> list:
-    from alignment.ppo import GoldCheck, JsonlLog, ProgressBar, StopOnPreemption
+    from alignment.ppo import GoldCheck, JsonlLog, LiveTracking, ProgressBar, StopOnPreemption
 
-    return [GoldCheck(), health, StopOnPreemption(), JsonlLog(ctx.out_dir / "log_history.jsonl"), ProgressBar()]
+    return [GoldCheck(), health, StopOnPreemption(), JsonlLog(ctx.out_dir / "log_history.jsonl"), LiveTracking(),
+            ProgressBar()]
 
 
 def reward_role(reward) -> str:

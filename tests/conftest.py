@@ -20,8 +20,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(autouse=True)
 def _repo_cwd(monkeypatch):
-    """Configs name data by paths relative to the repository root."""
+    """Configs name data by paths relative to the repository root; a test's -q/-v (which the CLI hands to its stage
+    subprocesses through the environment) does not carry over to the next test."""
     monkeypatch.chdir(REPO)
+    monkeypatch.delenv("ALIGN_VERBOSITY", raising=False)
 
 
 @pytest.fixture(scope="session")

@@ -177,3 +177,79 @@ def test_few_shot_examples_alternate_the_chosen_position():
     assert text.count("Better response: ") == 2 and "Better response: A" in text and "Better response: B" in text
     assert text.index("Examples:") < text.index("Conversation:\nUser: Name a colour.")
     assert t.digest() != Template(JudgeSpec()).digest()
+
+
+# -- per-constraint checklists and ensembles ---------------------------------------------------------
+
+
+def test_checklist_items_are_the_requests_instructions_not_its_question():
+    from alignment.judges import checklist_items
+
+    ask = [{"role": "user", "content": "What should I know about rivers? Use no fewer than 35 words. "
+                                       "Mention 'delta' at least once."}]
+    assert checklist_items(ask) == ["Use no fewer than 35 words.", "Mention 'delta' at least once."]
+    task_first = [{"role": "user", "content": "Write a short note about chess. Do not use any capital letters."}]
+    assert checklist_items(task_first) == ["Do not use any capital letters."]
+    assert checklist_items(PROMPT) == ["The response answers the user's request helpfully and accurately."]
+
+
+def test_checklist_judge_is_order_free_and_asks_each_item_alone(tiny_store):
+    """Each response is scored alone (mean P(yes) over the items), so swapping the pair mirrors the verdict."""
+    from alignment.artifacts import ArtifactStore
+
+    root, run = tiny_store
+    sft = ArtifactStore(root).read_stage(run, "sft")
+    spec = JudgeSpec(kind="local", model="sft", checklist=True, checklist_temperature=0.05)
+    judge = build_judge(spec, {"sft": sft}, "fp32")
+    assert judge.name != build_judge(JudgeSpec(kind="local", model="sft"), {"sft": sft}, "fp32").name
+    ask = [{"role": "user", "content": "Describe owls. Use the word 'eyes'. Do not use any capital letters."}]
+    a, b = "owls have big eyes.", "Owls Hunt At Night."
+    p = judge.first_better([ask, ask], [a, b], [b, a])
+    assert p[0] == pytest.approx(1.0 - p[1], abs=1e-6)
+    # By hand: P(yes) per (response, item), renormalised against "No", averaged, then the tempered sigmoid.
+    items = ["Use the word 'eyes'.", "Do not use any capital letters."]
+    texts = [judge._chat(judge.template.check_messages(ask, r, it)) for r in (a, b) for it in items]
+    yes = judge._two_way(texts, judge.check_ids)
+    s_a, s_b = sum(yes[:2]) / 2, sum(yes[2:]) / 2
+    assert p[0] == pytest.approx(1 / (1 + math.exp(-(s_a - s_b) / 0.05)), abs=1e-6)
+    v = judge.compare([ask], [a], [b])[0]
+    assert not v.disagree and v.p_a == pytest.approx(p[0], abs=1e-6)
+
+
+class FixedJudge(Judge):
+    """P(first better) read from the spec's model name, None for 'none' (an unusable answer)."""
+
+    def __init__(self, spec, inputs, precision):
+        super().__init__(spec)
+        self.name = f"fixed:{spec.model}"
+
+    def first_better(self, prompts, first, second):
+        return [None if self.spec.model == "none" else float(self.spec.model)] * len(prompts)
+
+
+register_judge("test-fixed", FixedJudge)
+
+
+def test_ensemble_is_the_weighted_mean_of_its_members():
+    member = lambda p: {"kind": "test-fixed", "model": p}  # noqa: E731
+    spec = JudgeSpec(kind="ensemble", members=[member("0.9"), member("0.3"), member("none")], weights=[1, 3, 5],
+                     both_orders=False)
+    judge = build_judge(spec, {}, "fp32")
+    # (1 * 0.9 + 3 * 0.3) / (1 + 3) = 0.45; the member without an answer is left out, not counted as 0.5.
+    assert judge.first_better([PROMPT], ["a"], ["b"]) == [pytest.approx(0.45)]
+    assert judge.compare([PROMPT], ["a"], ["b"])[0].p_a == pytest.approx(0.45)
+    assert build_judge(spec.model_copy(update={"weights": [1, 1, 1]}), {}, "fp32").name != judge.name
+    silent = JudgeSpec(kind="ensemble", members=[member("none")])
+    assert build_judge(silent, {}, "fp32").first_better([PROMPT], ["a"], ["b"]) == [None]
+
+
+def test_ensemble_and_checklist_problems():
+    assert ("judge.members", "kind 'ensemble' needs at least one member judge") in JudgeSpec(kind="ensemble").problems()
+    bad = JudgeSpec(kind="ensemble", members=[{"kind": "nope"}], weights=[1, 2])
+    keys = [k for k, _ in bad.problems()]
+    assert "judge.members.0.kind" in keys and "judge.weights" in keys
+    assert [k for k, _ in JudgeSpec(kind="reward_model", checklist=True).problems()] == ["judge.checklist"]
+    from alignment.judge_local import judge_upstream
+
+    both = JudgeSpec(kind="ensemble", members=[{"kind": "reward_model"}, {"kind": "local", "model": "base"}])
+    assert judge_upstream(both) == ("reward", "base")

@@ -52,7 +52,7 @@ CHILD = "import sys; sys.path.insert(0, 'tests'); import test_label_stage; from 
 
 def counting_args(root: Path, sft: Path, *extra: str) -> list[str]:
     return ["run", "label", "-c", CONFIG, "--artifacts", str(root), f"inputs.sft={sft}", "judge.kind=test-counting",
-            "judge.model=null", "prompts.eval=null", "shard_size=2", "judge_batch=1", *extra]
+            "judge.model=null", "prompts.eval=null", "shard_size=2", "judge_batch=1", "gate.data=null", *extra]
 
 
 def calls(path: Path) -> list[tuple[str, str]]:
@@ -316,3 +316,66 @@ def test_preemption_stops_between_shards_and_the_same_command_resumes(tmp_path, 
     assert main(preempting) == REQUEUE_EXIT
     assert sorted(f.name for f in (partial / "labels").glob("*.jsonl")) == ["train-00000.jsonl", "train-00001.jsonl"]
     assert len(calls(log_file)) == 2 * first  # the finished shard was not judged again
+
+
+class FirstShownJudge(Judge):
+    """Rule-based (tests only): always prefers whichever response is shown first (the 135M judge's failure)."""
+
+    def __init__(self, spec, inputs, precision):
+        super().__init__(spec)
+        self.name = "test-first:v1"
+
+    def first_better(self, prompts, first, second):
+        return [0.9] * len(first)
+
+
+class GoldJudge(Judge):
+    """Rule-based (tests only): prefers the response meeting more of the prompt's verifiable constraints, then the
+    shorter one."""
+
+    def __init__(self, spec, inputs, precision):
+        super().__init__(spec)
+        self.name = "test-gold:v1"
+
+    def first_better(self, prompts, first, second):
+        from alignment.reward_sources import gold_reward
+
+        a, b = gold_reward(prompts, first), gold_reward(prompts, second)
+        # Equal gold (the tiny model's samples all miss): the shorter one, so the labels still carry a preference.
+        return [0.9 if x > y else 0.1 if x < y else 0.7 if len(f) < len(s) else 0.3 if len(f) > len(s) else 0.5
+                for x, y, f, s in zip(a, b, first, second)]
+
+
+register_judge("test-first", FirstShownJudge)
+register_judge("test-gold", GoldJudge)
+GATED = ["gate.max_pairs=12", "gate.min_agreement=0.6", "gate.max_position_bias=0.3", "prompts.eval=null",
+         "prompts.max_prompts=4", "judge.model=null"]
+
+
+def test_judge_gate_fails_a_position_biased_judge_before_sampling(tmp_path, sft_path, capsys):
+    rc = main(["run", "label", "-c", CONFIG, "--artifacts", str(tmp_path), f"inputs.sft={sft_path}",
+               "judge.kind=test-first", *GATED])
+    err = capsys.readouterr().err
+    assert rc == 2 and "quality gate failed" in err and "max_position_bias 0.3" in err and "min_agreement 0.6" in err
+    art = tmp_path / "tiny" / "label"
+    manifest = json.loads((art / "manifest.json").read_text())
+    m = manifest["metrics"]
+    # Human-chosen first on even rows, second on odd: a first-shown judge agrees on half, both orders disagree always.
+    assert manifest["status"] == "failed_gate" and m["gate_passed"] is False and m["gate_pairs"] == 12
+    assert m["gate_agreement"] == 0.5 and m["gate_position_bias_rate"] == 1.0
+    assert not (art / "pairs.jsonl").exists() and not (art / "samples").exists()  # nothing sampled or labelled
+    assert json.loads((art / "gate_audit.json").read_text())["agreement"] == 0.5
+    # A re-run finds the artifact up to date and still fails (a pipeline cannot step over it).
+    assert main(["run", "label", "-c", CONFIG, "--artifacts", str(tmp_path), f"inputs.sft={sft_path}",
+                 "judge.kind=test-first", *GATED]) == 2
+
+
+def test_judge_gate_passes_a_judge_that_agrees_with_humans(tmp_path, sft_path):
+    assert main(["run", "label", "-c", CONFIG, "--artifacts", str(tmp_path), f"inputs.sft={sft_path}",
+                 "judge.kind=test-gold", *GATED]) == 0
+    art = tmp_path / "tiny" / "label"
+    manifest = json.loads((art / "manifest.json").read_text())
+    m = manifest["metrics"]
+    assert manifest["status"] == "complete" and m["gate_passed"] is True
+    assert m["gate_agreement"] == 1.0 and m["gate_position_bias_rate"] == 0.0
+    assert (art / "pairs.jsonl").is_file()

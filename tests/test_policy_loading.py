@@ -23,7 +23,7 @@ from alignment.runner import run_stage
 
 REPO = Path(__file__).resolve().parent.parent
 GRPO = {
-    "stage": "ppo", "run": "tiny", "seed": 0, "precision": "fp32", "algorithm": "grpo",
+    "stage": "grpo", "run": "tiny", "seed": 0, "precision": "fp32", "algorithm": {"name": "grpo"},
     "data": {"train": "data/instruct/train.jsonl", "eval": None, "max_prompts": 8},
     "reward": {"kind": "function", "function": "test_policy_loading:vowel_share"},
     "peft": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
@@ -54,10 +54,10 @@ def chain(tmp_path_factory):
     grpo = tmp_path_factory.mktemp("grpo") / "grpo.yaml"
     grpo.write_text(yaml.safe_dump(GRPO))
     sft = (root / "tiny" / "sft").resolve()
-    run_stage("ppo", str(grpo), [f"inputs.sft={sft}"], root=root, run="tiny-grpo")
+    run_stage("grpo", str(grpo), [f"inputs.sft={sft}"], root=root, run="tiny-grpo")
     store = ArtifactStore(root.resolve())
     arts = {s: store.read_stage("tiny", s) for s in ("sft", "dpo", "ppo")}
-    arts["grpo"] = store.read_stage("tiny-grpo", "ppo")
+    arts["grpo"] = store.read_stage("tiny-grpo", "grpo")
     return arts
 
 

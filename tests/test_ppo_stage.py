@@ -517,3 +517,19 @@ def test_a_plain_reward_function_gets_only_the_fields_it_declares(tiny_store):
     ro = trainer.score(trainer.rollout(PROMPTS[:2], seed=0),
                        {"constraints": [[{"type": "lowercase"}], []], "reference": ["a", "b"]})
     assert seen["constraints"] == [[{"type": "lowercase"}], []] and ro.raw_scores.tolist() == [1.0, 0.0]
+
+
+def test_live_tracking_callback_sends_each_update_and_eval_samples(monkeypatch):
+    """PPO's curves reach the dashboard per update (not as a replay at publish), with held-out samples."""
+    from alignment import tracking
+    from alignment.ppo_callbacks import LiveTracking
+
+    rows, tables = [], []
+    monkeypatch.setattr(tracking, "log_row", rows.append)
+    monkeypatch.setattr(tracking, "log_samples", lambda r, key, step: tables.append((r, key, step)))
+    trainer = type("T", (), {"update": 5})()
+    cb = LiveTracking()
+    cb.on_log(trainer, {"step": 5, "ppo/kl": 0.1})
+    cb.on_evaluate(trainer, {}, [{"prompt": [{"role": "user", "content": "Say hi."}]}], ["hi"])
+    assert rows == [{"step": 5, "ppo/kl": 0.1}]
+    assert tables == [([{"prompt": "Say hi.", "response": "hi"}], "ppo/eval_samples", 5)]

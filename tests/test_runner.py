@@ -96,3 +96,14 @@ def test_unknown_inputs_keys_are_refused_without_echoing_the_value():
         load_stage_config("dpo", "configs/tiny/dpo.yaml", ["inputs.openai_key=sk-abc123456789"])
     assert e.value.problems == ["configs/tiny/dpo.yaml (command line): inputs.openai_key: unknown key: stage 'dpo' "
                                 "reads sft"]
+
+
+def test_latest_checkpoint_skips_a_half_written_trainer_state(tmp_path):
+    """A kill while HF writes trainer_state.json (in place) leaves the newest checkpoint incomplete."""
+    from alignment.runner import latest_checkpoint
+
+    for step, text in ((2, '{"global_step": 2}'), (4, '{"global_st'), (6, "")):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(text)
+    (tmp_path / "checkpoint-8").mkdir()  # no state at all
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-2"

@@ -1,0 +1,326 @@
+"""DPO, online DPO, PPO, GRPO and RLOO from one SFT artifact, at the same generation budget, over seeds.
+
+    .venv/bin/python bench/algorithms.py --profile smollm2 --seeds 3 --artifacts /tmp/bench-alg
+    .venv/bin/python bench/algorithms.py --profile tiny --seeds 1 --artifacts /tmp/bench-tiny   # smoke (a test)
+
+1. base, sft and reward are built once (run `<profile>-bench`), so every algorithm starts from the same SFT policy
+   and is scored by the same reward model.
+2. The generation budget is `--responses` sampled responses of at most `--max-new-tokens` tokens each (the same
+   generated-token capacity for every on-policy method, all scored by the same reward model): online DPO gets `rounds x prompts_per_round x K` of them,
+   PPO `updates x batch_size`, GRPO/RLOO `max_steps x batch_size x grad_accum` completions; every method's
+   response limit is set to `--max-new-tokens`. Offline DPO generates nothing (it trains on the bundled pairs).
+3. Each (algorithm, seed) is one `align run` subprocess with configs/<profile>/<algorithm>.yaml (the stage named in
+   the file: dpo, online_dpo, ppo, grpo for grpo.yaml and rloo.yaml) and only those keys, the seed and the inputs
+   overridden. Wall time and user+sys CPU seconds of the child are measured (wait4).
+4. Every policy and the SFT model answer the prompts of each eval split greedily: gold pass rate (every constraint
+   met, `alignment.gold`), reward-model score (raw), mean response length (tokens), and KL(policy || SFT) on
+   sampled responses (`alignment.dpo.sampled_kl`). Pass rates get a percentile bootstrap CI over prompts (each
+   prompt's outcome averaged over seeds), and so does the per-prompt difference to the SFT model.
+
+Writes `<out-dir>/algorithms-<profile>.json`, the table between `<!-- results:<profile> -->` markers in `--doc`
+(docs/algorithms.md) and a plot (`--plot`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ALGORITHMS = ("dpo", "online_dpo", "ppo", "grpo", "rloo")
+SPLITS = {
+    "in-distribution": "data/instruct/eval.jsonl",
+    "held-out phrasings": "data/instruct/eval_heldout_phrasings.jsonl",
+    "held-out kinds": "data/instruct/eval_heldout_kinds.jsonl",
+}
+"""Eval splits by name; a file that is not there yet is skipped with a note (the data work adds them)."""
+
+
+# -- running the stages ---------------------------------------------------------------------------------
+
+
+def align(args: list[str], env_extra: dict | None = None) -> dict:
+    """One `align` subprocess; its wall time and the child's user+sys CPU seconds (wait4, not self-reported)."""
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "ALIGN_TRACKING": "none",
+           "PYTHONPATH": str(REPO), **(env_extra or {})}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "alignment.cli", *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = proc.stderr.read().decode(errors="replace")  # drain while it runs; wait4 keeps the rusage
+    _, status, usage = os.wait4(proc.pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        sys.exit(f"align {' '.join(args)} failed ({code}):\n{err[-3000:]}")
+    return {"wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1)}
+
+
+def stage_of(config: Path) -> str:
+    from alignment.runner import stage_of_file
+
+    return stage_of_file(config)
+
+
+def budget_overrides(algorithm: str, config: Path, responses: int, max_new_tokens: int) -> list[str]:
+    """Keys that give `algorithm` `responses` sampled responses of at most `max_new_tokens` tokens."""
+    from alignment.config import load_yaml
+
+    spec = load_yaml(config)
+    if algorithm == "online_dpo":
+        rounds = spec.get("online", {}).get("rounds", 3)
+        k = spec.get("generation", {}).get("num_return_sequences", 4)
+        # The same reward as PPO/GRPO/RLOO: the shared reward model (the tiny profile's own scorer is the gold check).
+        return [f"online.prompts_per_round={max(1, responses // (rounds * k))}",
+                f"generation.max_new_tokens={max_new_tokens}", "scorer.kind=model", "scorer.function=null"]
+    if algorithm == "ppo":
+        batch = spec.get("ppo", {}).get("batch_size", 8)
+        return [f"ppo.updates={max(1, responses // batch)}", f"ppo.max_new_tokens={max_new_tokens}"]
+    if algorithm in ("grpo", "rloo"):
+        train = spec.get("train", {})
+        per_step = train.get("batch_size", 8) * train.get("grad_accum", 1)
+        return [f"train.max_steps={max(1, responses // per_step)}",
+                f"group.max_completion_length={max_new_tokens}"]
+    return []  # offline DPO: trains on the bundled pairs, generates nothing
+
+
+def timed_run(cmd: list[str], artifact: Path, cache: Path) -> dict:
+    """`align(cmd)`, remembering its time by artifact: a re-run that finds the artifact up to date (a bench resumed
+    after a crash) reports the time of the run that made it, not the seconds the skip took."""
+    manifest = artifact / "manifest.json"
+    before = manifest.read_bytes() if manifest.is_file() else None
+    timing = align(cmd)
+    times = json.loads(cache.read_text()) if cache.is_file() else {}
+    if before is not None and manifest.read_bytes() == before and str(artifact) in times:
+        return {**times[str(artifact)], "reused": True}
+    times[str(artifact)] = timing
+    cache.write_text(json.dumps(times, indent=1))
+    return timing
+
+
+def shared_inputs(profile: str, root: Path, run: str) -> dict:
+    """base, sft and reward of the bench run (built once, skipped when up to date)."""
+    times = {}
+    for stage in ("base", "sft", "reward"):
+        times[stage] = align(["run", stage, "-c", f"configs/{profile}/{stage}.yaml", "--artifacts", str(root),
+                              "--run", run])
+    return times
+
+
+def train_all(args, root: Path, run: str, out_dir: Path) -> list[dict]:
+    """Every (algorithm, seed) run: its artifact folder, wall and CPU time, and its budget keys."""
+    sft, reward = root / run / "sft", root / run / "reward"
+    rows = []
+    for algorithm in args.algorithms:
+        config = REPO / "configs" / args.profile / f"{algorithm}.yaml"
+        stage = stage_of(config)
+        keys = budget_overrides(algorithm, config, args.responses, args.max_new_tokens)
+        needs_rm = stage != "dpo"
+        for seed in range(args.seeds):
+            name = f"{run}-{algorithm}-s{seed}"
+            cmd = ["run", stage, "-c", str(config), "--artifacts", str(root), "--run", name, f"seed={seed}",
+                   f"inputs.sft={sft}", *([f"inputs.reward={reward}"] if needs_rm else []), *keys, *args.override]
+            print(f"[bench] {algorithm} seed {seed}: align run {stage} -c {config.name} {' '.join(cmd[8:])}", flush=True)
+            timing = timed_run(cmd, root / name / stage, out_dir / f"timings-{args.profile}.json")
+            rows.append({"algorithm": algorithm, "seed": seed, "artifact": str(root / name / stage), **timing,
+                         "budget_keys": keys})
+    return rows
+
+
+# -- evaluating the policies ------------------------------------------------------------------------------
+
+
+def load_splits(names: list[str], limit: int | None) -> dict[str, list[dict]]:
+    from alignment.prompts import load_prompts
+
+    out = {}
+    for name in names:
+        path = REPO / SPLITS.get(name, name)
+        if not path.is_file():
+            print(f"[bench] split '{name}': {path.relative_to(REPO)} not there yet, skipped", flush=True)
+            continue
+        out[name] = [p for p in load_prompts(str(path), limit) if p.get("constraints")]
+    return out
+
+
+def evaluate(art_path: Path, sft_model, tok, splits: dict, scorer, args) -> dict:
+    """Per split: per-prompt gold outcome, RM score and length of the greedy response; KL on sampled ones."""
+    from alignment.artifacts import ArtifactStore
+    from alignment.dpo import sampled_kl, separate_reference
+    from alignment.evaluation import constraint_gold
+    from alignment.generation import GenerationSpec, generate
+    from alignment.policy import load_policy
+
+    policy = sft_model if art_path is None else load_policy(ArtifactStore(art_path.parent.parent).read(art_path),
+                                                             args.precision)
+    spec = GenerationSpec(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    out = {}
+    for name, rows in splits.items():
+        roll = generate(policy, tok, [r["prompt"] for r in rows], spec, greedy=True)
+        out[name] = {"gold": constraint_gold(rows, roll.texts), "rm": scorer([r["prompt"] for r in rows], roll.texts),
+                     "length": roll.lengths, "finished": roll.has_eos.float().mean().item()}
+    first = next(iter(splits.values()))[: args.kl_prompts]
+    kl = {"kl_seq": 0.0} if art_path is None else sampled_kl(
+        policy, lambda: separate_reference(sft_model), tok, [r["prompt"] for r in first],
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=0)
+    return {"splits": out, "kl_seq": kl["kl_seq"]}
+
+
+def evaluate_all(args, root: Path, run: str, trained: list[dict]) -> dict:
+    from alignment.artifacts import ArtifactStore
+    from alignment.models import load_tokenizer
+    from alignment.policy import load_policy
+    from alignment.reward_sources import ModelReward
+
+    store = ArtifactStore(root)
+    sft = store.read(root / run / "sft")
+    sft_model, tok = load_policy(sft, args.precision).eval(), load_tokenizer(sft.model_dir)
+    scorer = ModelReward.from_artifact(store.read(root / run / "reward"), args.precision)
+    splits = load_splits(args.splits, args.max_eval_prompts)
+    results = {"sft": [evaluate(None, sft_model, tok, splits, scorer, args)]}
+    for row in trained:
+        print(f"[bench] evaluating {row['algorithm']} seed {row['seed']}", flush=True)
+        results.setdefault(row["algorithm"], []).append(
+            {**evaluate(Path(row["artifact"]), sft_model, tok, splits, scorer, args), **row})
+    return results
+
+
+# -- summarising ---------------------------------------------------------------------------------------
+
+
+def per_prompt_mean(runs: list[dict], split: str) -> list[float]:
+    """Each prompt's gold outcome averaged over seeds (the unit the bootstrap resamples)."""
+    cols = [r["splits"][split]["gold"] for r in runs]
+    return [sum(c[i] for c in cols) / len(cols) for i in range(len(cols[0]))]
+
+
+def summarise(results: dict) -> dict:
+    """Per algorithm and split: pass rate and CI, difference to SFT and CI; RM score, KL, length, time."""
+    from alignment.evaluation import bootstrap_ci
+
+    base = results["sft"]
+    table = {}
+    for algorithm, runs in results.items():
+        row = {"seeds": len(runs) if algorithm != "sft" else 0}
+        for split in runs[0]["splits"]:
+            mine, ref = per_prompt_mean(runs, split), per_prompt_mean(base, split)
+            diff = [a - b for a, b in zip(mine, ref)]
+            row[split] = {"pass": sum(mine) / len(mine), "pass_ci": bootstrap_ci(mine),
+                          "delta": sum(diff) / len(diff), "delta_ci": bootstrap_ci(diff), "n": len(mine)}
+        all_rm = [x for r in runs for s in r["splits"].values() for x in s["rm"]]
+        all_len = [x for r in runs for s in r["splits"].values() for x in s["length"]]
+        row.update(rm=sum(all_rm) / len(all_rm), length=sum(all_len) / len(all_len),
+                   kl=sum(r["kl_seq"] for r in runs) / len(runs),
+                   wall_s=sum(r.get("wall_s", 0.0) for r in runs) / len(runs),
+                   cpu_s=sum(r.get("cpu_s", 0.0) for r in runs) / len(runs))
+        table[algorithm] = row
+    return table
+
+
+def markdown(table: dict, args, splits: list[str]) -> str:
+    head = ["algorithm", *[f"gold, {s} (95% CI)" for s in splits], *[f"vs SFT, {s} (95% CI)" for s in splits],
+            "RM score", "KL to SFT", "mean length", "wall s / seed", "CPU s / seed"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for algorithm, row in table.items():
+        cells = [algorithm]
+        cells += [f"{row[s]['pass']:.3f} [{row[s]['pass_ci'][0]:.3f}, {row[s]['pass_ci'][1]:.3f}]" for s in splits]
+        cells += ["-" if algorithm == "sft" else
+                  f"{row[s]['delta']:+.3f} [{row[s]['delta_ci'][0]:+.3f}, {row[s]['delta_ci'][1]:+.3f}]" for s in splits]
+        cells += [f"{row['rm']:.3f}", f"{row['kl']:.3f}", f"{row['length']:.1f}",
+                  f"{row['wall_s']:.0f}", f"{row['cpu_s']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    n = {s: next(iter(table.values()))[s]["n"] for s in splits}
+    lines.append(f"\nProfile `{args.profile}`, {args.seeds} seed(s), budget {args.responses} sampled responses x "
+                 f"{args.max_new_tokens} tokens per on-policy run; prompts per split {n}; greedy, "
+                 f"{args.max_new_tokens} new tokens. Command: `python bench/algorithms.py {' '.join(args.argv)}`")
+    return "\n".join(lines)
+
+
+def plot(table: dict, splits: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 4))
+    width = 0.8 / max(len(table), 1)
+    for i, (algorithm, row) in enumerate(table.items()):
+        xs = [j + i * width for j in range(len(splits))]
+        ys = [row[s]["pass"] for s in splits]
+        err = [[y - row[s]["pass_ci"][0] for y, s in zip(ys, splits)], [row[s]["pass_ci"][1] - y for y, s in zip(ys, splits)]]
+        ax.bar(xs, ys, width, yerr=err, capsize=3, label=algorithm)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(splits))], splits)
+    ax.set_ylabel("gold pass rate (95% bootstrap CI)")
+    ax.set_ylim(0, 1)
+    ax.legend(ncol=len(table), fontsize=8, loc="upper right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_doc(doc: Path, profile: str, text: str) -> None:
+    """Replace the block between the profile's markers (append one when the doc has none)."""
+    start, end = f"<!-- results:{profile} -->", f"<!-- /results:{profile} -->"
+    old = doc.read_text() if doc.is_file() else ""
+    block = f"{start}\n{text}\n{end}"
+    if start in old and end in old:
+        new = old[: old.index(start)] + block + old[old.index(end) + len(end):]
+    else:
+        new = old.rstrip() + ("\n\n" if old else "") + block + "\n"
+    doc.write_text(new)
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--profile", default="smollm2", choices=["tiny", "smollm2"])
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--algorithms", type=lambda s: s.split(","), default=list(ALGORITHMS))
+    p.add_argument("--artifacts", type=Path, default=Path("/tmp/bench-algorithms"))
+    p.add_argument("--responses", type=int, default=None, help="sampled responses per on-policy run")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--splits", type=lambda s: s.split(","), default=list(SPLITS))
+    p.add_argument("--max-eval-prompts", type=int, default=None)
+    p.add_argument("--kl-prompts", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--override", action="append", default=[], help="key=value for every training run")
+    p.add_argument("--out-dir", type=Path, default=REPO / "bench" / "out")
+    p.add_argument("--doc", type=Path, default=REPO / "docs" / "algorithms.md")
+    p.add_argument("--plot", type=Path, default=None)
+    args = p.parse_args(argv)
+    tiny = args.profile == "tiny"
+    args.responses = args.responses or (64 if tiny else 768)
+    args.max_new_tokens = args.max_new_tokens or (16 if tiny else 128)  # SmolLM2 SFT finishes within 128
+    args.precision = "fp32" if tiny else "auto"
+    args.plot = args.plot or REPO / "docs" / "img" / f"algorithms_{args.profile}.png"
+    args.argv = argv
+    unknown = [a for a in args.algorithms if a not in ALGORITHMS]
+    if unknown:
+        p.error(f"--algorithms: unknown {unknown}; choose from {', '.join(ALGORITHMS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    root, run = args.artifacts, f"{args.profile}-bench"
+    setup = shared_inputs(args.profile, root, run)
+    trained = train_all(args, root, run, args.out_dir)
+    results = evaluate_all(args, root, run, trained)
+    table = summarise(results)
+    splits = list(next(iter(table.values())).keys() - {"seeds", "rm", "length", "kl", "wall_s", "cpu_s"})
+    splits = [s for s in args.splits if s in splits]
+    text = markdown(table, args, splits)
+    print(text)
+    (args.out_dir / f"algorithms-{args.profile}.json").write_text(
+        json.dumps({"setup": setup, "trained": trained, "table": table, "results": results}, indent=1))
+    write_doc(args.doc, args.profile, text)
+    plot(table, splits, args.plot)
+    return table
+
+
+if __name__ == "__main__":
+    main()

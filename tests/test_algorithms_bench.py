@@ -1,0 +1,86 @@
+"""bench/algorithms.py: the same-budget keys, the per-prompt bootstrap summary on hand-worked numbers, the doc
+block, and the tiny smoke (`--profile tiny --seeds 1`) through the real stages."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("bench_algorithms", REPO / "bench" / "algorithms.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+def test_every_on_policy_method_gets_the_same_number_of_responses():
+    tiny = REPO / "configs" / "tiny"
+    # online DPO: 2 rounds x K=4 -> 64 / 8 = 8 prompts a round; PPO: 16 episodes an update -> 4 updates;
+    # GRPO / RLOO (grpo stage, 8 completions a step) -> 8 steps. Each capped at 16 new tokens.
+    assert bench.budget_overrides("online_dpo", tiny / "online_dpo.yaml", 64, 16) == [
+        "online.prompts_per_round=8", "generation.max_new_tokens=16", "scorer.kind=model", "scorer.function=null"]
+    assert bench.budget_overrides("ppo", tiny / "ppo.yaml", 64, 16) == ["ppo.updates=4", "ppo.max_new_tokens=16"]
+    for algorithm in ("grpo", "rloo"):
+        assert bench.stage_of(tiny / f"{algorithm}.yaml") == "grpo"
+        assert bench.budget_overrides(algorithm, tiny / f"{algorithm}.yaml", 64, 16) == [
+            "train.max_steps=8", "group.max_completion_length=16"]
+    assert bench.budget_overrides("dpo", tiny / "dpo.yaml", 64, 16) == []  # offline: nothing generated
+    # SmolLM2's RLOO steps count 8 x 2 completions: 768 / 16 = 48 steps.
+    assert bench.budget_overrides("rloo", REPO / "configs" / "smollm2" / "rloo.yaml", 768, 128)[0] == "train.max_steps=48"
+
+
+def run(gold: list[float]) -> dict:
+    return {"splits": {"held-out phrasings": {"gold": gold, "rm": [0.0] * len(gold), "length": [10] * len(gold)}},
+            "kl_seq": 0.5, "wall_s": 10.0, "cpu_s": 20.0}
+
+
+def test_summary_averages_seeds_per_prompt_then_bootstraps_prompts():
+    results = {"sft": [run([1, 0, 0, 1])], "online_dpo": [run([1, 1, 0, 1]), run([1, 0, 0, 1])]}
+    table = bench.summarise(results)
+    row = table["online_dpo"]["held-out phrasings"]
+    # Per prompt over the two seeds: [1, .5, 0, 1] -> 0.625; minus SFT [1, 0, 0, 1]: [0, .5, 0, 0] -> +0.125.
+    assert row["pass"] == pytest.approx(0.625) and row["delta"] == pytest.approx(0.125) and row["n"] == 4
+    assert row["delta_ci"][0] == 0.0 and 0.125 <= row["delta_ci"][1] <= 0.5  # never below 0: no prompt got worse
+    assert row["pass_ci"][0] <= 0.625 <= row["pass_ci"][1]
+    assert table["online_dpo"]["seeds"] == 2 and table["online_dpo"]["kl"] == 0.5
+    text = bench.markdown(table, _args(), ["held-out phrasings"])
+    assert "| online_dpo | 0.625 [" in text and "+0.125 [+0.000," in text
+
+
+def _args():
+    import argparse
+
+    return argparse.Namespace(profile="tiny", seeds=2, responses=64, max_new_tokens=16, argv=["--profile", "tiny"])
+
+
+def test_the_doc_block_is_replaced_not_appended_twice(tmp_path):
+    doc = tmp_path / "algorithms.md"
+    doc.write_text("# Algorithms\n\nprose\n")
+    bench.write_doc(doc, "tiny", "first")
+    bench.write_doc(doc, "tiny", "second")
+    bench.write_doc(doc, "smollm2", "real")
+    text = doc.read_text()
+    assert text.count("<!-- results:tiny -->") == 1 and "second" in text and "first" not in text
+    assert text.startswith("# Algorithms\n\nprose") and "<!-- results:smollm2 -->\nreal\n" in text
+
+
+@pytest.mark.slow
+def test_tiny_smoke_trains_each_algorithm_and_writes_table_and_plot(tmp_path):
+    out, doc, png = tmp_path / "out", tmp_path / "algorithms.md", tmp_path / "algorithms.png"
+    table = bench.main(["--profile", "tiny", "--seeds", "1", "--algorithms", "dpo,online_dpo,ppo,rloo",
+                        "--responses", "32", "--max-eval-prompts", "4", "--kl-prompts", "2", "--artifacts",
+                        str(tmp_path / "store"), "--out-dir", str(out), "--doc", str(doc), "--plot", str(png)])
+    assert set(table) == {"sft", "dpo", "online_dpo", "ppo", "rloo"}
+    saved = json.loads((out / "algorithms-tiny.json").read_text())
+    for row in saved["trained"]:
+        manifest = json.loads((Path(row["artifact"]) / "manifest.json").read_text())
+        assert manifest["status"] == "complete" and manifest["inputs"]["sft"]["path"].endswith("tiny-bench/sft")
+        assert row["wall_s"] > 0 and row["cpu_s"] > 0
+    keys = {r["algorithm"]: r["budget_keys"] for r in saved["trained"]}
+    assert keys["online_dpo"][0] == "online.prompts_per_round=4" and keys["ppo"][0] == "ppo.updates=2"
+    assert table["sft"]["kl"] == 0.0
+    assert all(table[a]["kl"] > 0 for a in ("dpo", "online_dpo", "ppo", "rloo"))  # every policy moved off SFT
+    assert "in-distribution" in table["online_dpo"] and "<!-- results:tiny -->" in doc.read_text()
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,212 @@
+"""alignment.generation, hf backend: padding, EOS cut and mask rule, row order, seeds, batching, engines."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from alignment import generation as G
+from alignment.generation import GenerationSpec, build_engine, cut_at_eos, generate
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _tiny_lm import PROMPTS, build  # noqa: E402
+
+GREEDY = GenerationSpec(max_new_tokens=12, autocast="off", batch_size=64)
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    model, tok = build(tmp_path_factory.mktemp("tiny-lm"))
+    return model, tok
+
+
+def own_ids(tok, prompt):
+    return list(tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+
+
+def test_cut_at_eos_keeps_eos_and_pads_after_it():
+    tok = type("Tok", (), {"pad_token_id": 0, "eos_token_id": 2,
+                           "batch_decode": lambda self, ids, skip_special_tokens: [str(r) for r in ids.tolist()]})()
+    ids, mask, has_eos, texts, reasons = cut_at_eos(tok, torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [2, 9, 9, 9]]))
+    assert ids.tolist() == [[5, 2, 0, 0], [5, 6, 7, 8], [2, 0, 0, 0]]
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert has_eos.tolist() == [True, False, True] and reasons == ["stop", "length", "stop"]
+    assert texts[0] == "[5, 0, 0, 0]"  # the EOS itself is not decoded into the text
+
+
+def test_left_padded_queries_and_the_tokenizer_is_not_touched(lm):
+    model, tok = lm
+    tok.padding_side, tok.truncation_side = "right", "right"
+    before = (tok.padding_side, tok.truncation_side, tok.pad_token_id, tok.eos_token_id)
+    ro = generate(model, tok, PROMPTS, GREEDY)
+    assert (tok.padding_side, tok.truncation_side, tok.pad_token_id, tok.eos_token_id) == before
+    width = ro.query_ids.shape[1]
+    for r, p in enumerate(PROMPTS):
+        ids = own_ids(tok, p)
+        assert ro.query_ids[r, width - len(ids):].tolist() == ids  # right-aligned: the response starts at `width`
+        assert ro.query_mask[r].tolist() == [0] * (width - len(ids)) + [1] * len(ids)
+    assert ro.prompts == PROMPTS and len(ro.texts) == len(PROMPTS) == len(ro.finish_reasons)
+    # Truncation keeps the end of a prompt: the generation prompt must survive.
+    cut = generate(model, tok, PROMPTS[1:2], GenerationSpec(max_new_tokens=2, max_prompt_length=5, autocast="off"))
+    assert cut.query_ids[0].tolist() == own_ids(tok, PROMPTS[1])[-5:]
+
+
+def test_responses_are_cut_after_the_first_eos(lm):
+    model, tok = lm
+    free = generate(model, tok, PROMPTS, GREEDY)
+    assert not free.has_eos.any()  # random weights never pick the real EOS in 12 tokens
+    # Make the token row 0 produces at step 3 the EOS (first occurrence, not at step 0): greedy choices are
+    # the same, so every row now stops at that token's first occurrence.
+    row0 = free.response_ids[0].tolist()
+    j = next(i for i in range(1, len(row0)) if row0[i] not in row0[:i])
+    stop_tok = copy.deepcopy(tok)
+    stop_tok.eos_token = stop_tok.convert_ids_to_tokens(row0[j])
+    ro = generate(model, stop_tok, PROMPTS, GREEDY)
+    for r in range(len(PROMPTS)):
+        full = free.response_ids[r].tolist()
+        n = full.index(row0[j]) + 1 if row0[j] in full else len(full)
+        assert ro.response_mask[r].tolist()[:n] == [1] * n and not any(ro.response_mask[r].tolist()[n:])
+        assert ro.response_ids[r, :n].tolist() == full[:n]
+        assert set(ro.response_ids[r, n:].tolist()) <= {stop_tok.pad_token_id}
+        assert ro.has_eos[r].item() == (row0[j] in full)
+        assert ro.finish_reasons[r] == ("stop" if row0[j] in full else "length")
+    assert ro.lengths[0] == j + 1
+
+
+def test_num_return_sequences_rows_are_prompt_major(lm):
+    model, tok = lm
+    one = generate(model, tok, PROMPTS, GREEDY)
+    three = generate(model, tok, PROMPTS, GREEDY.model_copy(update={"num_return_sequences": 3}))
+    assert three.prompts == [p for p in PROMPTS for _ in range(3)]
+    assert three.grouped(3) == [[t] * 3 for t in one.texts]
+    for r in range(len(three.texts)):
+        assert torch.equal(three.response_ids[r], one.response_ids[r // 3])
+
+
+def test_sampling_is_reproducible_for_a_seed(lm):
+    model, tok = lm
+    spec = GenerationSpec(max_new_tokens=10, do_sample=True, temperature=1.0, num_return_sequences=2, batch_size=2,
+                          autocast="off")
+    a, b = (generate(model, tok, PROMPTS, spec, seed=7) for _ in range(2))
+    c = generate(model, tok, PROMPTS, spec, seed=8)
+    assert torch.equal(a.response_ids, b.response_ids) and a.texts == b.texts
+    assert not torch.equal(a.response_ids, c.response_ids)
+    assert len(set(a.texts)) > 1  # sampled, not greedy
+
+
+def test_greedy_output_does_not_depend_on_the_batch_size(lm):
+    model, tok = lm
+    outs = [generate(model, tok, PROMPTS, GREEDY.model_copy(update={"batch_size": b})) for b in (1, 2, 64)]
+    for o in outs[1:]:
+        assert torch.equal(o.response_ids, outs[0].response_ids) and o.texts == outs[0].texts
+    # ... and rows come back in prompt order whatever the length-sorted batching did
+    alone = generate(model, tok, PROMPTS[3:4], GREEDY)
+    assert torch.equal(alone.response_ids[0], outs[2].response_ids[3])
+
+
+def test_batches_go_longest_first_and_respect_memory():
+    spec = GenerationSpec(batch_size=3)
+    assert G._batches([3, 10, 5, 7], spec, 1, lambda w: None) == [[1, 3, 2], [0]]
+    # 4 rows fit, k = 2 rows per prompt: 2 prompts per batch
+    assert G._batches([3, 10, 5, 7], spec, 2, lambda w: 4) == [[1, 3], [2, 0]]
+    # not even one prompt's rows fit: still one prompt per batch (generate tries; OOM names itself)
+    assert G._batches([3, 10], spec, 4, lambda w: 1) == [[1], [0]]
+
+
+def test_kv_cache_size_from_the_config(lm):
+    model, _ = lm
+    # 2 layers x (keys + values) x 1 kv head x 32 dims x 4 bytes (fp32)
+    assert G.kv_bytes_per_token(model) == 2 * 2 * 1 * 32 * 4
+    assert G.kv_bytes_per_token(model, torch.bfloat16) == 2 * 2 * 1 * 32 * 2
+
+
+def test_autocast_is_bf16_only_for_fp32_weights_on_fast_hardware(lm, monkeypatch):
+    from alignment import hardware
+
+    model, _ = lm
+    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: True)
+    assert G.resolve_autocast(model, GenerationSpec()) is torch.bfloat16
+    assert G.resolve_autocast(model, GenerationSpec(autocast="off")) is None
+    assert G.resolve_autocast(model, GenerationSpec(), None) is None  # an explicit None wins
+    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: False)
+    assert G.resolve_autocast(model, GenerationSpec()) is None
+
+
+def test_spec_problems_name_the_key():
+    bad = GenerationSpec(max_new_tokens=0, do_sample=True, temperature=0.0, top_p=1.5, memory_fraction=0)
+    keys = [k for k, _ in bad.problems("sampling")]
+    assert keys == ["sampling.max_new_tokens", "sampling.temperature", "sampling.top_p", "sampling.memory_fraction"]
+    assert GenerationSpec(do_sample=False, temperature=0.0).problems() == []  # greedy ignores temperature
+
+
+def test_hf_engine_picks_up_a_new_adapter(lm, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = lm
+    base = copy.deepcopy(model)
+    peft = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj",
+                                                                                              "down_proj"]))
+    with build_engine(GREEDY, base, tok) as engine:
+        before = engine.generate(PROMPTS)
+        assert torch.equal(before.response_ids, generate(model, tok, PROMPTS, GREEDY).response_ids)
+        for seed, folder in ((1, tmp_path / "a"), (2, tmp_path / "b")):
+            torch.manual_seed(seed)
+            with torch.no_grad():  # an "update": new B matrices (peft starts them at zero, a no-op)
+                for n, p in peft.named_parameters():
+                    if "lora_B" in n:
+                        p.normal_(0.0, 0.5)
+            peft.save_pretrained(folder)
+            engine.load_adapter(folder)
+            after = engine.generate(PROMPTS)
+            expect = generate(peft, tok, PROMPTS, GREEDY)
+            assert torch.equal(after.response_ids, expect.response_ids)
+            assert not torch.equal(after.response_ids, before.response_ids)
+            before = after
+
+
+def test_a_prompt_samples_the_same_whatever_shares_its_batch(lm):
+    """Per-prompt seeds: shards sampled together reproduce what shard-by-shard calls sample (label resume)."""
+    model, tok = lm
+    spec = GenerationSpec(max_new_tokens=10, do_sample=True, temperature=0.9, top_p=0.95, top_k=50,
+                          num_return_sequences=2, autocast="off")
+    seeds = [11, 12, 13, 14, 15]
+    together = generate(model, tok, PROMPTS, spec, seed=seeds)
+    for i in range(len(PROMPTS)):
+        alone = generate(model, tok, PROMPTS[i:i + 1], spec, seed=seeds[i:i + 1])
+        assert alone.texts == together.texts[2 * i:2 * i + 2]
+    # the two samples of a prompt come from different streams, and another seed samples otherwise
+    assert any(a != b for a, b in together.grouped(2))
+    assert generate(model, tok, PROMPTS, spec, seed=[s + 100 for s in seeds]).texts != together.texts
+    with pytest.raises(ValueError, match="2 seeds for 5 prompts"):
+        generate(model, tok, PROMPTS, spec, seed=[1, 2])
+
+
+def test_the_row_sampler_draws_from_the_warped_distribution():
+    import math
+
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    n = 4000
+    scores = p.log().repeat(n, 1)
+    spec = GenerationSpec(do_sample=True)
+    picks = G.row_sampler(range(n), spec)(None, scores.clone()).argmax(-1)
+    freq = torch.bincount(picks, minlength=4).float() / n
+    assert torch.allclose(freq, p, atol=0.03)  # 3 sigma of a binomial at n = 4000 is <= 0.024
+    # top_k 2 keeps {0.5, 0.3} renormalised: 0.625 / 0.375; temperature 0.5 squares the odds before that
+    spec = GenerationSpec(do_sample=True, top_k=2, temperature=0.5)
+    freq = torch.bincount(G.row_sampler(range(n), spec)(None, scores.clone()).argmax(-1), minlength=4).float() / n
+    w = [0.5 ** 2, 0.3 ** 2]
+    assert freq[2:].sum() == 0 and math.isclose(freq[0], w[0] / sum(w), abs_tol=0.03)
+
+
+def test_label_sampling_groups_whole_shards_at_fixed_boundaries():
+    from alignment.labeling import sampling_groups
+
+    # 10 prompts in shards of 2, 5 prompts per call: 2 whole shards per call, the last group shorter
+    assert sampling_groups(10, 2, 5) == [[(0, 0, 2), (1, 2, 4)], [(2, 4, 6), (3, 6, 8)], [(4, 8, 10)]]
+    # a batch smaller than a shard still samples whole shards, one per call
+    assert sampling_groups(5, 4, 2) == [[(0, 0, 4)], [(1, 4, 5)]]
+
