@@ -6,7 +6,8 @@
 1. base, sft and reward are built once (run `<profile>-bench`), so every algorithm starts from the same SFT policy
    and is scored by the same reward model.
 2. The generation budget is `--responses` sampled responses of at most `--max-new-tokens` tokens each (the same
-   generated-token capacity for every on-policy method, all scored by the same reward model): online DPO gets `rounds x prompts_per_round x K` of them,
+   generated-token capacity for every on-policy method, all scored by the same reward model): online DPO gets
+   `rounds x prompts_per_round x K` of them,
    PPO `updates x batch_size`, GRPO/RLOO `max_steps x batch_size x grad_accum` completions; every method's
    response limit is set to `--max-new-tokens`. Offline DPO generates nothing (it trains on the bundled pairs).
 3. Each (algorithm, seed) is one `align run` subprocess with configs/<profile>/<algorithm>.yaml (the stage named in
@@ -123,7 +124,8 @@ def train_all(args, root: Path, run: str, out_dir: Path) -> list[dict]:
             name = f"{run}-{algorithm}-s{seed}"
             cmd = ["run", stage, "-c", str(config), "--artifacts", str(root), "--run", name, f"seed={seed}",
                    f"inputs.sft={sft}", *([f"inputs.reward={reward}"] if needs_rm else []), *keys, *args.override]
-            print(f"[bench] {algorithm} seed {seed}: align run {stage} -c {config.name} {' '.join(cmd[8:])}", flush=True)
+            print(f"[bench] {algorithm} seed {seed}: align run {stage} -c {config.name} {' '.join(cmd[8:])}",
+                  flush=True)
             timing = timed_run(cmd, root / name / stage, out_dir / f"timings-{args.profile}.json")
             rows.append({"algorithm": algorithm, "seed": seed, "artifact": str(root / name / stage), **timing,
                          "budget_keys": keys})
@@ -227,8 +229,8 @@ def markdown(table: dict, args, splits: list[str]) -> str:
     for algorithm, row in table.items():
         cells = [algorithm]
         cells += [f"{row[s]['pass']:.3f} [{row[s]['pass_ci'][0]:.3f}, {row[s]['pass_ci'][1]:.3f}]" for s in splits]
-        cells += ["-" if algorithm == "sft" else
-                  f"{row[s]['delta']:+.3f} [{row[s]['delta_ci'][0]:+.3f}, {row[s]['delta_ci'][1]:+.3f}]" for s in splits]
+        cells += ["-" if algorithm == "sft" else f"{row[s]['delta']:+.3f} "
+                  f"[{row[s]['delta_ci'][0]:+.3f}, {row[s]['delta_ci'][1]:+.3f}]" for s in splits]
         cells += [f"{row['rm']:.3f}", f"{row['kl']:.3f}", f"{row['length']:.1f}",
                   f"{row['wall_s']:.0f}", f"{row['cpu_s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -250,7 +252,8 @@ def plot(table: dict, splits: list[str], path: Path) -> None:
     for i, (algorithm, row) in enumerate(table.items()):
         xs = [j + i * width for j in range(len(splits))]
         ys = [row[s]["pass"] for s in splits]
-        err = [[y - row[s]["pass_ci"][0] for y, s in zip(ys, splits)], [row[s]["pass_ci"][1] - y for y, s in zip(ys, splits)]]
+        err = [[y - row[s]["pass_ci"][0] for y, s in zip(ys, splits)],
+               [row[s]["pass_ci"][1] - y for y, s in zip(ys, splits)]]
         ax.bar(xs, ys, width, yerr=err, capsize=3, label=algorithm)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(splits))], splits)
     ax.set_ylabel("gold pass rate (95% bootstrap CI)")

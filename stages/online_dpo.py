@@ -79,8 +79,8 @@ class Config(StageConfig):
     def problems(self):
         out = loss_problems([self.dpo.loss_type] if isinstance(self.dpo.loss_type, str) else list(self.dpo.loss_type),
                             self.dpo.loss_weights, self.dpo.label_smoothing, False, self.dpo.beta)
-        out += self.prompts.problems("prompts") + self.generation.problems("generation") + self.scorer.problems("scorer")
-        out += self.peft.problems("peft")
+        out += self.prompts.problems("prompts") + self.generation.problems("generation")
+        out += self.scorer.problems("scorer") + self.peft.problems("peft")
         if self.peft.method != "lora":
             out.append(("peft.method", f"online_dpo continues one LoRA adapter across rounds, not "
                                        f"'{self.peft.method}'; use method: lora (use_dora/use_rslora allowed)"))

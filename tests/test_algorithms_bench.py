@@ -28,7 +28,8 @@ def test_every_on_policy_method_gets_the_same_number_of_responses():
             "train.max_steps=8", "group.max_completion_length=16"]
     assert bench.budget_overrides("dpo", tiny / "dpo.yaml", 64, 16) == []  # offline: nothing generated
     # SmolLM2's RLOO steps count 8 x 2 completions: 768 / 16 = 48 steps.
-    assert bench.budget_overrides("rloo", REPO / "configs" / "smollm2" / "rloo.yaml", 768, 128)[0] == "train.max_steps=48"
+    smollm2 = REPO / "configs" / "smollm2" / "rloo.yaml"
+    assert bench.budget_overrides("rloo", smollm2, 768, 128)[0] == "train.max_steps=48"
 
 
 def run(gold: list[float]) -> dict:
