@@ -16,6 +16,14 @@ from alignment.policy import load_policy
 from alignment.preferences import load_pairs
 from alignment.runner import run_stage
 
+# A random tiny model meets none of the rebuilt data's constraints, so gold scores every sample 0 and no prompt
+# gives a pair; a reward with a spread inside each group exercises the loop (the gold scorer has its own test).
+SPREAD = ["scorer.function=test_online_dpo:vowel_share"]
+
+
+def vowel_share(prompts, completions):
+    return [sum(c in "aeiou" for c in t.lower()) / max(len(t), 1) for t in completions]
+
 TINY = "configs/tiny/online_dpo.yaml"
 ITEM = {"id": "p1", "prompt": [{"role": "user", "content": "hi"}], "constraints": [{"type": "lowercase"}]}
 
@@ -68,7 +76,7 @@ def adapter(folder: Path) -> dict[str, torch.Tensor]:
 
 def test_each_round_trains_and_the_artifact_loads_back(tmp_path, sft_path):
     root = tmp_path / "store"
-    final = run_stage("online_dpo", TINY, [f"inputs.sft={sft_path}"], root=root, run="tiny")
+    final = run_stage("online_dpo", TINY, [f"inputs.sft={sft_path}", *SPREAD], root=root, run="tiny")
     art = ArtifactStore(root).read(final)
     r1, r2 = adapter(final / "rounds" / "1" / "model"), adapter(final / "rounds" / "2" / "model")
     lora_b = [k for k in r1 if "lora_B" in k]
@@ -116,7 +124,7 @@ def test_resume_after_a_round_keeps_it(tmp_path, sft_path, monkeypatch):
     monkeypatch.setattr(stage, "sample_round", sample)
     monkeypatch.setattr(stage, "train_round", train_then_die)
     with pytest.raises(KeyboardInterrupt):
-        run_stage("online_dpo", TINY, [f"inputs.sft={sft_path}"], root=root, run="tiny")
+        run_stage("online_dpo", TINY, [f"inputs.sft={sft_path}", *SPREAD], root=root, run="tiny")
     partial = root / "tiny" / "online_dpo.partial"
     round1 = partial / "rounds" / "1" / "round.json"
     assert round1.is_file() and (partial / "rounds" / "2" / "samples.jsonl").is_file()
@@ -125,7 +133,7 @@ def test_resume_after_a_round_keeps_it(tmp_path, sft_path, monkeypatch):
 
     monkeypatch.setattr(stage, "train_round", real_train)
     calls.clear()
-    final = run_stage("online_dpo", TINY, [f"inputs.sft={sft_path}"], root=root, run="tiny")
+    final = run_stage("online_dpo", TINY, [f"inputs.sft={sft_path}", *SPREAD], root=root, run="tiny")
     assert calls == []  # round 1 kept whole, round 2's samples reused: nothing sampled again
     for p, mtime in kept.items():
         moved = final / p.relative_to(partial)
