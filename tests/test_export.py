@@ -10,14 +10,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 
 import pytest
+from llama_server import llama_server
 import torch
 
 from alignment.artifacts import ArtifactStore
@@ -110,46 +107,14 @@ def test_gguf_has_the_same_tokens_and_logits_in_llama_cpp(exported):
     assert np.abs(np.array(llm.scores[: len(ids)]) - want).max() < 2e-3
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_gguf_answers_through_the_llama_cpp_server(exported, tmp_path):
     _need_llama_cpp(server=True)
-    port = _free_port()
-    log = (tmp_path / "server.log").open("w+")  # a file, not a pipe: a full pipe would block the server
-    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(exported["gguf"]),
-                             "--host", "127.0.0.1", "--port", str(port), "--n_threads", "1", "--n_ctx", "512"],
-                            env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.time() + 60
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"llama.cpp server exited with {proc.returncode}: {log.read()[-1500:]}")
-            try:
-                urllib.request.urlopen(url + "/models", timeout=2).close()
-                break
-            except (urllib.error.URLError, ConnectionError, OSError):
-                if time.time() > deadline:
-                    pytest.fail("llama.cpp server did not answer within 60 s")
-                time.sleep(0.2)
+    with llama_server(exported["gguf"], tmp_path / "server.log", n_ctx=512) as url:
         body = json.dumps({"messages": QUESTION, "max_tokens": 8, "temperature": 0}).encode()
         req = urllib.request.Request(url + "/chat/completions", data=body,
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=60) as r:
             answer = json.load(r)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
     choice = answer["choices"][0]
     assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
     assert answer["usage"]["completion_tokens"] >= 1 and choice["finish_reason"] in ("stop", "length")

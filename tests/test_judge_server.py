@@ -11,15 +11,12 @@ import importlib.util
 import json
 import os
 import secrets
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
+from llama_server import llama_server
 
 from alignment.cli import main
 from alignment.judge_openai import label_probability
@@ -46,48 +43,14 @@ def _gguf() -> Path:
     return found[0]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """(base_url, api key) of a llama.cpp server that requires the key; stopped after the module."""
     if importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("llama_cpp.server") is None:
         _missing("llama-cpp-python[server] is not installed")
-    model, port, key = _gguf(), _free_port(), "sk-llama-" + secrets.token_hex(8)
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-    # A file, not a pipe: the server logs a lot while loading, and a full pipe would block it.
-    log = (tmp_path_factory.mktemp("llama") / "server.log").open("w+")
-    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
-                             "--port", str(port), "--n_threads", "1", "--n_ctx", "2048", "--api_key", key],
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}/v1"
-    deadline = time.time() + 60
-    try:
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"llama.cpp server exited with {proc.returncode}: {log.read()[-1500:]}")
-            try:
-                req = urllib.request.Request(base + "/models", headers={"Authorization": f"Bearer {key}"})
-                urllib.request.urlopen(req, timeout=2).close()
-                break
-            except (urllib.error.URLError, ConnectionError, OSError):
-                if time.time() > deadline:
-                    pytest.fail("llama.cpp server did not answer within 60 s")
-                time.sleep(0.2)
+    model, key = _gguf(), "sk-llama-" + secrets.token_hex(8)
+    with llama_server(model, tmp_path_factory.mktemp("llama") / "server.log", n_ctx=2048, api_key=key) as base:
         yield base, key
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 @pytest.fixture()
