@@ -146,6 +146,28 @@ class PPOSpec(Section):
     micro_batch_size: int | None = None
     """Episodes per forward/backward inside a minibatch (gradient accumulation; the optimiser still steps once per
     minibatch, on the same gradient up to rounding). Smaller cuts the activation memory; None: the whole minibatch."""
+    attention: Literal["auto", "model", "eager"] = "auto"
+    """The attention kernel. eager: matmul + softmax everywhere; model: the model's own (usually sdpa) everywhere;
+    auto: on CPU eager for the training and reward passes, where PyTorch's sdpa backward (its CPU flash-attention
+    kernel) costs several times the eager one at PPO's sequence lengths, and the model's own for sampling (faster
+    with a KV cache; docs/ppo_bench.md); elsewhere the model's own. The old log-probs come from the training pass,
+    so the sampler's kernel does not enter the PPO ratio."""
+    pack: int = 2
+    """Sequences per row in the training passes (policy, reference, critic) and the reward adapter's: packed without
+    padding, each sequence attending only to itself with positions from 0 (exact: it computes what it would alone),
+    so the passes run on the real tokens instead of a batch padded to its longest prompt (-15% tokens on the PPO
+    benchmark's prompts at 2). 1: one left-padded row per sequence."""
+    pad_to_multiple_of: int = 8
+    """Round the width of each training and reward-adapter pass up to a multiple of this many tokens (extra padding;
+    1: none). oneDNN (PyTorch's CPU bf16 matmuls) caches a primitive of ~1 MB per matmul shape it meets and keeps it
+    for the run: without rounding, every new batch width adds ~25 MB that stays."""
+    rollout_weights: Literal["adapter", "merged"] = "adapter"
+    """The policy's weights while it samples the rollout. adapter: the base + the LoRA adapter's extra matmuls in
+    every adapted layer, at every token. merged: a temporary bf16/fp32 copy of each adapted weight with the adapter
+    merged in (base + B A, rounded once), the adapters off: no per-token LoRA work, at the cost of a copy of the
+    adapted weights during the rollout. The base weights are never modified, so the reference stays exact; the old
+    log-probs come from the training forward either way, so the sampler's rounding difference (merged vs unmerged)
+    does not enter the PPO ratio. Full fine-tuning and DoRA always sample with their own weights."""
     release_memory: Literal["none", "trim", "mmap"] = "trim"
     """Give freed activation memory back to the OS (glibc only; a no-op elsewhere). glibc raises its mmap threshold
     after the first large frees, so later activations come from its heaps, which keep their high-water mark.
@@ -156,7 +178,7 @@ class PPOSpec(Section):
 
     def problems(self, prefix: str = "ppo") -> list[tuple[str, str]]:
         out = []
-        for key in ("updates", "batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens",
+        for key in ("updates", "batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens", "pad_to_multiple_of", "pack",
                     "generation_batch_size", "forward_batch_size", "score_norm_prompts"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 out.append((f"{prefix}.{key}", "expected at least 1"))
@@ -320,6 +342,13 @@ class PPOTrainer:
         self._use(POLICY)
         if hasattr(reward, "attach"):
             reward.attach(self)  # the reward model's adapter joins the roles on this base
+        if self.autocast_dtype is not None and not self.full:
+            # peft casts each adapter's input to the adapter's fp32 before its matmul, and autocast casts it straight
+            # back: the same bf16 values (exact), at the cost of two copies per adapter, one of which the backward
+            # keeps. Every pass runs under autocast, so the casts can go.
+            for module in self.model.modules():
+                if hasattr(module, "cast_input_dtype_enabled"):
+                    module.cast_input_dtype_enabled = False
 
     def _build_roles(self, model, lora_config) -> None:
         """0. the roles: one base, the policy adapter (+ the value adapter), the reference = adapters off."""
@@ -328,6 +357,13 @@ class PPOTrainer:
         from peft import get_peft_model
 
         self.full = lora_config is None
+        # The attention kernel of the passes with a graph (and of every pass that must agree with them) vs sampling's
+        own = model.config._attn_implementation
+        cpu = next(model.parameters()).device.type == "cpu"
+        self.attention = {"train": "eager" if self.spec.attention == "eager" or (self.spec.attention == "auto" and cpu)
+                          else own, "sample": "eager" if self.spec.attention == "eager" else own}
+        if self.attention["train"] != own:
+            model.set_attn_implementation(self.attention["train"])  # before the reference copy of full fine-tuning
         # shared: the critic is the value head on the policy's own trunk (no value adapter, no extra pass)
         self.shared = self.full or self.spec.value_model == "shared"
         if self.full:
@@ -397,27 +433,42 @@ class PPOTrainer:
                 p.requires_grad_(False)
 
     def role_hidden(self, role: str, input_ids, attention_mask):
-        """Last hidden states (no LM head, no gradient) of a left-padded batch under the adapter `role`."""
+        """Last hidden states (no LM head, no gradient) at the last column of a left-padded batch under the adapter
+        `role`: (batch, hidden)."""
         import torch
 
-        pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         self._use(role)
         try:
             with torch.no_grad(), self._amp():
-                return getattr(self.base, self.base.base_model_prefix)(
-                    input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
-                    use_cache=False).last_hidden_state
+                return self._backbone(self.base, input_ids, attention_mask, slice(-1, None))[:, 0]
         finally:
             self._use(POLICY)
 
-    def _inputs(self, query_ids, query_mask, response_ids, response_mask):
-        """Query + response as one left-padded sequence, with position ids counted from each row's first real
-        token: a left-padded row computes exactly what it would alone (generate does the same)."""
+    def _backbone(self, base, ids, attn, cols: slice):
+        """Last hidden states of `base`'s backbone at the columns `cols` of a batch whose real tokens are where `attn`
+        is 1 (each row one sequence; what is at the columns where `attn` is 0 is finite and meaningless).
+
+        With `pack` > 1 the sequences are packed, several to a row, without padding between them: each starts at
+        position 0 and attends only to itself (transformers builds the block-diagonal causal mask from the position
+        ids), so it computes what it would alone, on fewer tokens than a left-padded batch. With pack 1 the batch runs
+        left-padded, positions counted from each row's first real token (exact too: generate does the same)."""
         import torch
 
-        ids = torch.cat([query_ids, response_ids], dim=1)
-        attn = torch.cat([query_mask, response_mask], dim=1)
-        return ids, attn, (attn.cumsum(-1) - 1).clamp(min=0)
+        backbone = getattr(base, base.base_model_prefix)
+        if self.spec.pack <= 1:
+            n = ids.shape[1]
+            extra = -n % self.spec.pad_to_multiple_of
+            if extra:
+                pad = ids.new_full((ids.shape[0], extra), self.tok.pad_token_id)
+                ids, attn = torch.cat([pad, ids], dim=1), torch.cat([torch.zeros_like(pad), attn], dim=1)
+            pos = (attn.cumsum(-1) - 1).clamp(min=0)
+            hidden = backbone(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).last_hidden_state
+            return hidden[:, -n:][:, cols]
+        rows = -(-ids.shape[0] // self.spec.pack)
+        packed, pos, index = pack_sequences(ids, attn, rows, self.spec.pad_to_multiple_of, self.tok.pad_token_id)
+        hidden = backbone(input_ids=packed, position_ids=pos, use_cache=False).last_hidden_state
+        flat = torch.cat([hidden.flatten(0, 1), hidden.new_zeros(1, hidden.shape[-1])])
+        return flat[index[:, cols]]
 
     def _hidden(self, query_ids, query_mask, response_ids, response_mask, *, reference: bool = False):
         """(base model, last hidden states at the positions that predict each response token) of the active role,
@@ -425,19 +476,19 @@ class PPOTrainer:
         positions (the head is the largest matmul of a small model with a big vocabulary), the values not at all."""
         import contextlib
 
-        ids, attn, pos = self._inputs(query_ids, query_mask, response_ids, response_mask)
+        import torch
+
+        ids, attn = torch.cat([query_ids, response_ids], dim=1), torch.cat([query_mask, response_mask], dim=1)
         base = self.ref_model if reference and self.full else self.base
         off = self.model.disable_adapter() if reference and not self.full else contextlib.nullcontext()
-        with off, self._amp():
-            hidden = getattr(base, base.base_model_prefix)(input_ids=ids, attention_mask=attn, position_ids=pos,
-                                                           use_cache=False).last_hidden_state
         Q, R = query_ids.shape[1], response_ids.shape[1]
-        return base, hidden[:, Q - 1: Q + R - 1]
+        with off, self._amp():
+            return base, self._backbone(base, ids, attn, slice(Q - 1, Q + R - 1))
 
     def _logits(self, base, hidden):
         """The causal LM's head on `hidden` (what its forward does after the backbone, softcapping included)."""
-        with self._amp():
-            logits = base.get_output_embeddings()(hidden)
+        with self._amp():  # contiguous: a strided 3D input would run as a batched matmul on 8 copies of the head
+            logits = base.get_output_embeddings()(hidden.contiguous())
         cap = getattr(base.config.get_text_config(), "final_logit_softcapping", None)
         return logits if not cap else cap * (logits / cap).tanh()
 
@@ -488,11 +539,55 @@ class PPOTrainer:
     def rollout(self, prompts: list[list[dict]], *, greedy: bool = False, max_new_tokens: int | None = None,
                 seed: int | None = None, batch_size: int | None = None) -> Rollout:
         """Responses of the policy (alignment.generation: left-padded prompts, cut after the first EOS)."""
+        import contextlib
+
         from alignment.generation import generate
 
         self._use(POLICY)
-        return generate(self.model, self.tok, prompts, self.generation_spec(batch_size), seed=seed,
-                        max_new_tokens=max_new_tokens, greedy=greedy, autocast_dtype=self.autocast_dtype)
+        merged = self.merged_policy() if self.spec.rollout_weights == "merged" else contextlib.nullcontext()
+        with merged, self._attention_for("sample"):
+            return generate(self.model, self.tok, prompts, self.generation_spec(batch_size), seed=seed,
+                            max_new_tokens=max_new_tokens, greedy=greedy, autocast_dtype=self.autocast_dtype)
+
+    @contextmanager
+    def _attention_for(self, passes: str):
+        """The model's attention implementation for `passes` (sample or train) inside, the training one after."""
+        switch = self.attention[passes] != self.attention["train"]
+        if switch:
+            self.base.set_attn_implementation(self.attention[passes])
+        try:
+            yield
+        finally:
+            if switch:
+                self.base.set_attn_implementation(self.attention["train"])
+
+    @contextmanager
+    def merged_policy(self):
+        """Inside: every LoRA-adapted linear layer holds a new weight tensor = base + the policy adapter's B A (in
+        fp32, rounded once to the base's dtype) and the adapters are off. The base tensors are put back unchanged on
+        exit (never modified in place: unmerging would not restore them bit for bit, and they are the reference).
+        A no-op for full fine-tuning and for adapter variants (DoRA) whose merge is not base + B A."""
+        import torch
+        from peft.tuners.lora import Linear
+
+        layers = [] if self.full else [m for m in self.model.modules() if isinstance(m, Linear) and POLICY in m.lora_A]
+        if not layers or any(POLICY in m.lora_variant for m in layers):
+            yield
+            return
+        kept = []
+        try:
+            with torch.no_grad():
+                for m in layers:
+                    w = m.base_layer.weight
+                    kept.append((m.base_layer, w))
+                    merged = (w.float() + m.get_delta_weight(POLICY).float()).to(w.dtype)
+                    m.base_layer.weight = torch.nn.Parameter(merged, requires_grad=False)
+            with self.model.disable_adapter():
+                yield
+        finally:
+            for layer, w in kept:
+                layer.weight = w
+            self._use(POLICY)
 
     # -- 2. score ------------------------------------------------------------------------------------------------
     def score(self, ro: Rollout, fields: dict | None = None) -> Rollout:
@@ -830,6 +925,38 @@ class PPOTrainer:
             return
         self.model.save_pretrained(str(folder), selected_adapters=[POLICY], safe_serialization=True,
                                    save_embedding_layers=False)
+
+
+def pack_sequences(ids, attn, rows: int, multiple: int, pad: int):
+    """Pack the sequences of a batch (row i: the tokens of `ids[i]` where `attn[i]` is 1) into `rows` rows without
+    padding between them, longest first into the shortest row; each row ends with a filler sequence of `pad` tokens
+    up to the common width (a multiple of `multiple`). Returns (packed ids, position ids counted from 0 in each
+    sequence, index): `index[i, t]` is the flat position (row * width + column) of token t of row i in the packed
+    batch, or rows * width where `attn[i, t]` is 0."""
+    import torch
+
+    lengths = attn.sum(-1).tolist()
+    fill, members = [0] * rows, [[] for _ in range(rows)]
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        r = min(range(rows), key=fill.__getitem__)
+        members[r].append(i)
+        fill[r] += lengths[i]
+    width = max(max(fill), 1)
+    width += -width % multiple
+    packed = ids.new_full((rows, width), pad)
+    pos = torch.zeros_like(packed)
+    index = torch.full(ids.shape, rows * width, dtype=torch.long, device=ids.device)
+    for r, seqs in enumerate(members):
+        at = 0
+        for i in seqs:
+            cols = attn[i].nonzero().squeeze(-1)
+            n = len(cols)
+            packed[r, at: at + n] = ids[i, cols]
+            pos[r, at: at + n] = torch.arange(n, device=ids.device)
+            index[i, cols] = r * width + at + torch.arange(n, device=ids.device)
+            at += n
+        pos[r, at:] = torch.arange(width - at, device=ids.device)  # the filler: a sequence of its own
+    return packed, pos, index
 
 
 class _Clock:

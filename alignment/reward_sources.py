@@ -335,12 +335,22 @@ class AdapterReward:
 
     @classmethod
     def from_artifact(cls, art, *, normalize: bool = True, max_length: int = 512) -> "AdapterReward":
+        from alignment.models import load_tokenizer
+
+        m = art.manifest.metrics
+        if normalize and not ("reward_mean" in m and "reward_std" in m):
+            raise ConfigError([f"reward.normalize: {art.path} has no reward_mean/reward_std in its metrics; "
+                               "set reward.normalize: false"])
+        return cls.from_folder(art.path / ADAPTER_DIR, load_tokenizer(art.model_dir), mean=m.get("reward_mean", 0.0),
+                               std=m.get("reward_std", 1.0), normalize=normalize, max_length=max_length)
+
+    @classmethod
+    def from_folder(cls, folder: Path, tok, **kw) -> "AdapterReward":
+        """A peft SEQ_CLS adapter folder (LoRA + score head in adapter_model.safetensors, as the reward stage's
+        `adapter/`); `kw`: mean, std, normalize, max_length."""
         from peft import LoraConfig
         from safetensors.torch import load_file
 
-        from alignment.models import load_tokenizer
-
-        folder = art.path / ADAPTER_DIR
         conf = LoraConfig.from_pretrained(str(folder))
         conf.task_type, conf.modules_to_save, conf.inference_mode = "CAUSAL_LM", None, True
         tensors = load_file(str(folder / "adapter_model.safetensors"))
@@ -348,14 +358,8 @@ class AdapterReward:
         weight = next((v for k, v in heads.items() if k.endswith("score.weight")), None)
         if weight is None:
             raise ArtifactError(f"{folder}: no score head in adapter_model.safetensors")
-        m = art.manifest.metrics
-        if normalize and not ("reward_mean" in m and "reward_std" in m):
-            raise ConfigError([f"reward.normalize: {art.path} has no reward_mean/reward_std in its metrics; "
-                               "set reward.normalize: false"])
         bias = next((v for k, v in heads.items() if k.endswith("score.bias")), None)
-        return cls(conf, {k: v for k, v in tensors.items() if k not in heads}, weight, score_bias=bias,
-                   tok=load_tokenizer(art.model_dir), mean=m.get("reward_mean", 0.0), std=m.get("reward_std", 1.0),
-                   normalize=normalize, max_length=max_length)
+        return cls(conf, {k: v for k, v in tensors.items() if k not in heads}, weight, score_bias=bias, tok=tok, **kw)
 
     def attach(self, trainer) -> None:
         trainer.add_frozen_adapter(self.name, self.config, self.weights)

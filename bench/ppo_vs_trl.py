@@ -48,27 +48,46 @@ TRL_PYTHON = OUT / "venv-trl112" / "bin" / "python"
 SHAPE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
              intermediate_size=3072, tie_word_embeddings=True, max_position_embeddings=512)
 VOCAB = 4096
-BATCH, RESPONSE, EPOCHS, UPDATES, PROMPTS = 8, 24, 2, 8, 64
+BATCH, RESPONSE, EPOCHS, UPDATES, PROMPTS, PROBE = 8, 24, 2, 8, 64, 4
 LORA = dict(r=16, alpha=32)
 LR = {"lora": 1e-4, "full": 1e-5}
 KL_COEF, TEMPERATURE, SEED = 0.05, 1.0, 0
+PROBE_TOLERANCE = 0.1
+"""The reward check fails when a side's probe score differs from TRL's by more than this many score stds."""
 
 
 # -- shared set-up (main venv) -------------------------------------------------------------------------------------
-def setup(work: Path) -> dict:
-    """Tokenizer, policy, reward model and tokenised prompts on disk, identical for both sides."""
+LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+REWARD_B_STD = 0.02
+"""The reward adapter's B matrices: random (seeded) instead of LoRA's zeros, at the model's initializer_range, so
+the RM differs from the policy's base as a trained reward adapter would."""
+
+
+def setup(work: Path, precision: str) -> dict:
+    """Tokenizer, policy, reward model and tokenised prompts in `work/<precision>/`, identical for both sides.
+
+    The reward model has the pipeline's shape (stages/reward.py): the policy's base + a LoRA reward adapter + a
+    score head, published twice: unmerged in the peft layout (`reward-adapter/`, which ours loads as a frozen role
+    on its one base, `AdapterReward.from_folder`) and merged into a plain sequence classifier (`reward/`, which TRL
+    loads as its reward model and as the start of its value model). Weights are saved in the run's precision, so
+    no side maps fp32 file pages while loading bf16 models.
+    """
     import torch
+    from peft import LoraConfig, get_peft_model
     from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification
 
     from alignment.models import build_tiny_random
 
-    if (work / "setup.json").is_file():
-        return json.loads((work / "setup.json").read_text())
-    texts, rows = [], []
+    folder = work / precision
+    if (folder / "setup.json").is_file():
+        return json.loads((folder / "setup.json").read_text())
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    texts, rows, answers = [], [], []
     for line in (REPO / "data" / "instruct" / "train.jsonl").read_text().splitlines():
         row = json.loads(line)
         texts += [m["content"] for m in row["messages"]]
         rows.append([m for m in row["messages"] if m["role"] != "assistant"])
+        answers.append(next((m["content"] for m in row["messages"] if m["role"] == "assistant"), "ok"))
     # The tiny-model tokenizer recipe (byte-level BPE on the bundled text). The corpus yields ~2.7k merges;
     # filler tokens take the vocabulary to 4,096 so the model lands on ~107M parameters and every id the random
     # policy samples decodes to text.
@@ -79,22 +98,53 @@ def setup(work: Path) -> dict:
                          pad_token_id=tok.pad_token_id, **SHAPE)
     torch.manual_seed(SEED)
     policy = Qwen2ForCausalLM(config)
+    # The reward model: the policy's trunk + a random score head (seed 1) + a LoRA adapter whose B is random
+    # (seed 2); the score head is the adapter's modules_to_save (SEQ_CLS), as in the reward stage's `adapter/`.
     torch.manual_seed(SEED + 1)
     rm_config = Qwen2Config(**config.to_dict())
     rm_config.num_labels = 1
-    reward = Qwen2ForSequenceClassification(rm_config)
-    for folder, model in (("policy", policy), ("reward", reward)):
-        model.save_pretrained(work / folder, safe_serialization=True)
-        tok.save_pretrained(work / folder)
+    rm = Qwen2ForSequenceClassification(rm_config)
+    rm.model.load_state_dict(policy.model.state_dict())
+    rm = get_peft_model(rm, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
+                                       target_modules=LINEAR, task_type="SEQ_CLS"))
+    gen = torch.Generator().manual_seed(SEED + 2)
+    with torch.no_grad():
+        for name, p in rm.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * REWARD_B_STD)
+    rm.save_pretrained(folder / "reward-adapter", safe_serialization=True)
+    merged = rm.merge_and_unload()  # in fp32, then cast: the closest bf16 model to base + adapter
+    for name, model in (("policy", policy), ("reward", merged)):
+        model.to(dtype).save_pretrained(folder / name, safe_serialization=True)
+        tok.save_pretrained(folder / name)
     prompt_ids = [list(tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True,
                                                return_dict=True)["input_ids"]) for m in rows[:PROMPTS]]
-    info = {"params": sum(p.numel() for p in policy.parameters()), "vocab": VOCAB,
+    # The reward check: each side scores these (prompt, reference answer cut to RESPONSE tokens, no EOS) pairs
+    # with its own reward path after training; the driver compares the scores.
+    probe = {"query_ids": prompt_ids[:PROBE],
+             "response_ids": [tok(a, add_special_tokens=False)["input_ids"][:RESPONSE] for a in answers[:PROBE]]}
+    info = {"params": sum(p.numel() for p in policy.parameters()), "vocab": VOCAB, "precision": precision,
             "bpe_tokens": VOCAB - sum(1 for t in tok.get_vocab() if t.startswith("<|filler_")),
             "prompt_tokens_mean": sum(map(len, prompt_ids)) / len(prompt_ids),
-            "prompt_tokens_max": max(map(len, prompt_ids))}
-    (work / "prompts.json").write_text(json.dumps({"prompt_ids": prompt_ids, "messages": rows[:PROMPTS]}))
-    (work / "setup.json").write_text(json.dumps(info))
+            "prompt_tokens_max": max(map(len, prompt_ids)),
+            "reward_adapter_params": sum(p.numel() for n, p in rm.named_parameters() if ".lora_" in n)}
+    (folder / "prompts.json").write_text(json.dumps({"prompt_ids": prompt_ids, "messages": rows[:PROMPTS],
+                                                     "probe": probe}))
+    (folder / "setup.json").write_text(json.dumps(info))
     return info
+
+
+def _probe_batch(work: Path, pad: int):
+    """The reward check's rows: left-padded queries, responses (all the same length, no EOS)."""
+    import torch
+
+    probe = json.loads((work / "prompts.json").read_text())["probe"]
+    width = max(map(len, probe["query_ids"]))
+    q = torch.tensor([[pad] * (width - len(r)) + r for r in probe["query_ids"]])
+    qm = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in probe["query_ids"]])
+    n = min(map(len, probe["response_ids"]))
+    r = torch.tensor([row[:n] for row in probe["response_ids"]])
+    return q, qm, r
 
 
 def _threads(n: int) -> None:
@@ -110,15 +160,32 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _mem(phase: str) -> dict:
+    """VmRSS (now) and VmHWM (peak so far) of this process, in MB, tagged with the phase."""
+    out = {"phase": phase}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = round(int(value.split()[0]) / 1024, 1)
+    return out
+
+
 # -- TRL side (runs in bench/out/venv-trl112) ---------------------------------------------------------------------
-def run_trl(work: Path, mode: str, threads: int, precision: str = "fp32") -> dict:
+def run_trl(work: Path, mode: str, threads: int, precision: str = "fp32", updates: int = UPDATES) -> dict:
     _threads(threads)
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
 
     import trl
     from trl.experimental.ppo import PPOConfig, PPOTrainer
+    from trl.experimental.utils import get_reward
+
+    memory = [_mem("imports")]
+
+    class Memory(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            memory.append(_mem(f"update {len(memory) - 2}"))
 
     t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(work / "policy", padding_side="left")
@@ -126,9 +193,11 @@ def run_trl(work: Path, mode: str, threads: int, precision: str = "fp32") -> dic
     data = Dataset.from_dict({"input_ids": prompt_ids})
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     policy = AutoModelForCausalLM.from_pretrained(work / "policy", dtype=dtype)
-    # TRL's examples: the value model starts from the reward model; both are full sequence classifiers.
+    # TRL's examples: the value model starts from the reward model; both are full sequence classifiers. TRL
+    # cannot share a base, so it gets the reward adapter merged (`reward/`).
     value = AutoModelForSequenceClassification.from_pretrained(work / "reward", num_labels=1, dtype=dtype)
     reward = AutoModelForSequenceClassification.from_pretrained(work / "reward", num_labels=1, dtype=dtype)
+    memory.append(_mem("models loaded"))
     peft_config = None
     if mode == "lora":
         from peft import LoraConfig
@@ -137,72 +206,99 @@ def run_trl(work: Path, mode: str, threads: int, precision: str = "fp32") -> dic
                                  target_modules="all-linear", task_type="CAUSAL_LM")
     args = PPOConfig(output_dir=str(work / f"trl-{mode}"), per_device_train_batch_size=BATCH,
                      gradient_accumulation_steps=1, num_mini_batches=1, num_ppo_epochs=EPOCHS,
-                     total_episodes=BATCH * UPDATES, response_length=RESPONSE, local_rollout_forward_batch_size=BATCH,
+                     total_episodes=BATCH * updates, response_length=RESPONSE, local_rollout_forward_batch_size=BATCH,
                      num_sample_generations=0, stop_token="eos", temperature=TEMPERATURE, kl_coef=KL_COEF,
                      learning_rate=LR[mode], seed=SEED, save_strategy="no", report_to=[], logging_steps=1,
                      use_cpu=True, bf16=precision == "bf16", disable_tqdm=True, dataloader_num_workers=0)
     trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=None, reward_model=reward,
-                         train_dataset=data, eval_dataset=data, value_model=value, peft_config=peft_config)
+                         train_dataset=data, eval_dataset=data, value_model=value, peft_config=peft_config,
+                         callbacks=[Memory()])
     load_s = time.perf_counter() - t0
     rss_loaded = _rss_mb()
+    memory.append(_mem("trainer ready"))
     t0, c0 = time.perf_counter(), time.process_time()
     trainer.train()
     train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+    # The reward check (after the measurement): TRL's own scoring function on the probe rows.
+    q, _, r = _probe_batch(work, tok.pad_token_id)
+    with torch.no_grad():
+        probe = get_reward(trainer.reward_model, torch.cat([q, r], 1), tok.pad_token_id, q.shape[1])[1]
     logs = [r for r in trainer.state.log_history if "objective/scores" in r]
     return {"side": "trl", "version": trl.__version__, "mode": mode, "precision": precision, "load_s": load_s,
             "train_s": train_s,
             "train_cpu_s": train_cpu_s,
             "updates": len(logs), "episodes": trainer.state.episode, "rss_after_load_mb": rss_loaded,
             "score_first": logs[0]["objective/scores"], "score_last": logs[-1]["objective/scores"],
-            "kl_last": logs[-1]["objective/kl"],
+            "kl_last": logs[-1]["objective/kl"], "memory": memory, "probe_scores": probe.float().tolist(),
             "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)}
 
 
 # -- our side (main venv) ------------------------------------------------------------------------------------------
-def run_ours(work: Path, mode: str, threads: int, options: dict | None = None, precision: str = "fp32") -> dict:
-    """`options`: PPOSpec overrides (e.g. value_model=shared), from a side named `ours:key=value+key=value`."""
+def run_ours(work: Path, mode: str, threads: int, options: dict | None = None, precision: str = "fp32",
+             updates: int = UPDATES) -> dict:
+    """`options`: PPOSpec overrides (e.g. value_model=shared), from a side named `ours:key=value+key=value`;
+    `reward=merged` loads the merged RM as a separate model instead of the adapter role (the pipeline's fallback
+    when the reward adapter does not fit the policy)."""
     _threads(threads)
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    from alignment.ppo import PPOSpec, PPOTrainer, lora_config, value_head_from_reward_model
-    from alignment.reward_sources import ModelReward
+    from alignment.ppo import PPOCallback, PPOSpec, PPOTrainer, lora_config, value_head_from_reward_model
+    from alignment.reward_sources import AdapterReward, ModelReward
     from alignment.schema import PeftSpec
 
+    memory = [_mem("imports")]
+
+    class Memory(PPOCallback):
+        def on_update_end(self, trainer, row, control):
+            memory.append(_mem(f"update {row['step']}"))
+
+    options = dict(options or {})
+    reward_as = options.pop("reward", "adapter")
     t0 = time.perf_counter()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     tok = AutoTokenizer.from_pretrained(work / "policy")
     prompts = json.loads((work / "prompts.json").read_text())["messages"]
     policy = AutoModelForCausalLM.from_pretrained(work / "policy", dtype=dtype)
-    rm = AutoModelForSequenceClassification.from_pretrained(work / "reward", num_labels=1, dtype=dtype)
-    reward = ModelReward(rm, tok, normalize=False, batch_size=BATCH)
-    spec = PPOSpec(updates=UPDATES, batch_size=BATCH, mini_batch_size=BATCH, ppo_epochs=EPOCHS, lr=LR[mode],
+    memory.append(_mem("policy loaded"))
+    if reward_as == "merged":
+        rm = AutoModelForSequenceClassification.from_pretrained(work / "reward", num_labels=1, dtype=dtype)
+        reward = ModelReward(rm, tok, normalize=False, batch_size=BATCH)
+    else:  # the pipeline's shape: the reward stage's unmerged adapter + score head, a frozen role on our one base
+        reward = AdapterReward.from_folder(work / "reward-adapter", tok, normalize=False)
+    spec = PPOSpec(updates=updates, batch_size=BATCH, mini_batch_size=BATCH, ppo_epochs=EPOCHS, lr=LR[mode],
                    lr_schedule="linear", max_new_tokens=RESPONSE, temperature=TEMPERATURE, missing_eos_penalty=None,
-                   kl_coef=KL_COEF, value_init="reward", **(options or {}))
+                   kl_coef=KL_COEF, value_init="reward", **options)
     lora = PeftSpec(method="lora", r=LORA["r"], alpha=LORA["alpha"], dropout=0.0)
-    # Like TRL's value model, the critic starts from the reward model (here: its score head on the value adapter).
+    # Like TRL's value model, the critic starts from the reward model (here: its score head as the value head).
     # Full: lora_config None trains every weight, with a frozen reference copy and the value head on the policy's
     # own trunk (TRL: policy + frozen reference + full value model).
     trainer = PPOTrainer(policy, tok, reward, spec, lora_config(lora) if mode == "lora" else None,
-                         value_head_init=value_head_from_reward_model(rm), seed=SEED)
+                         value_head_init=value_head_from_reward_model(reward), seed=SEED)
     load_s = time.perf_counter() - t0
     rss_loaded = _rss_mb()
+    memory.append(_mem("trainer ready"))
     # The trainer's own loop (TRL's linear LR decay, stepped per update); no held-out evaluation or checkpoints,
     # as on TRL's side (num_sample_generations=0, save_strategy="no").
-    result = trainer.train(prompts[: UPDATES * BATCH])
+    result = trainer.train(prompts[: updates * BATCH], callbacks=[Memory()])
+    # The reward check (after the measurement): our scorer on the probe rows.
+    q, qm, r = _probe_batch(work, tok.pad_token_id)
+    probe = reward.score_ids(q, qm, r, torch.ones_like(r), torch.zeros(len(r), dtype=torch.bool))
     rows = [r for r in result.history if "objective/scores" in r]
     timing = {k: sum(r.get(f"time/{k}_s", 0.0) for r in rows) for k in ("generate", "score", "forward", "optimise")}
-    return {"side": "ours", "mode": mode, "precision": precision, "options": spec.model_dump(include=set(options or {})),
+    return {"side": "ours", "mode": mode, "precision": precision, "options": {**spec.model_dump(include=set(options)),
+                                                                               "reward": reward_as},
             "value_model": spec.value_model, "load_s": load_s, "train_s": result.seconds,
             "train_cpu_s": result.cpu_seconds, "updates": len(rows),
             "episodes": len(rows) * BATCH, "rss_after_load_mb": rss_loaded,
             "score_first": rows[0]["objective/scores"], "score_last": rows[-1]["objective/scores"],
             "kl_last": rows[-1]["ppo/kl"], **{f"time_{k}_s": v for k, v in timing.items()},
+            "memory": memory, "probe_scores": probe.float().tolist(),
             "trainable_params": sum(p.numel() for p in trainer._trainable)}
 
 
 # -- the driver ----------------------------------------------------------------------------------------------------
-def child(side: str, mode: str, threads: int, precision: str) -> dict:
+def child(side: str, mode: str, threads: int, precision: str, updates: int) -> dict:
     """Run one side in a fresh process; return its result plus the child's peak RSS (ru_maxrss)."""
     python = TRL_PYTHON if side == "trl" else Path(sys.executable)
     tag = "".join(c if c.isalnum() or c in "-_" else "_" for c in side)
@@ -210,11 +306,12 @@ def child(side: str, mode: str, threads: int, precision: str) -> dict:
         raise SystemExit(f"{python} is missing: run `bash bench/setup_trl112.sh` first")
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
-    out = WORK / f"result-{tag}-{mode}.json"
+    out = WORK / precision / f"result-{tag}-{mode}.json"
     out.unlink(missing_ok=True)
     t0 = time.perf_counter()
     proc = subprocess.Popen([str(python), __file__, "--side", side, "--mode", mode, "--threads", str(threads),
-                             "--precision", precision, "--result", str(out)], cwd=REPO, env=env)
+                             "--precision", precision, "--updates", str(updates), "--result", str(out)],
+                            cwd=REPO, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
@@ -256,6 +353,27 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def reward_check(results: list[dict]) -> dict:
+    """Each side's probe scores against TRL's: the same rows must get the same reward up to bf16 rounding."""
+    trl = next((r["probe_scores"] for r in results if r["side"] == "trl"), None)
+    if trl is None:
+        return {"max_abs_diff": 0.0, "score_std": 1.0, "trl": None}
+    mean = sum(trl) / len(trl)
+    std = (sum((x - mean) ** 2 for x in trl) / len(trl)) ** 0.5
+    diffs = [abs(a - b) for r in results if r["side"] != "trl" for a, b in zip(r["probe_scores"], trl)]
+    return {"max_abs_diff": max(diffs, default=0.0), "score_std": std, "trl": [round(x, 4) for x in trl],
+            **{r["side"]: [round(x, 4) for x in r["probe_scores"]] for r in results if r["side"] != "trl"}}
+
+
+def memory_table(results: list[dict]) -> str:
+    """RSS now / peak so far (MB) of each child at its phases."""
+    lines = ["", "| mode | side | run | RSS now / peak so far (MB) by phase |", "|---|---|---|---|"]
+    for r in results:
+        cells = "; ".join(f"{m['phase']} {m['VmRSS']:.0f} / {m['VmHWM']:.0f}" for m in r.get("memory", []))
+        lines.append(f"| {r['mode']} | {r['side']} | {r.get('repeat', 0) + 1} | {cells} |")
+    return "\n".join(lines)
+
+
 def _options(side: str) -> dict:
     """`ours:value_model=shared+micro_batch_size=4` -> {"value_model": "shared", "micro_batch_size": "4"}."""
     _, _, opts = side.partition(":")
@@ -277,12 +395,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--precision", choices=["fp32", "bf16"], default=None,
                     help="both sides' precision; default bf16 where the CPU runs it fast, else fp32")
+    ap.add_argument("--updates", type=int, default=UPDATES,
+                    help=f"updates per side (default {UPDATES}, the benchmark; fewer for a quick check)")
     ap.add_argument("--result")
     ap.add_argument("--repeat", type=int, default=1, help="run every (mode, side) pair this many times, interleaved")
     a = ap.parse_args()
     if a.side:  # a child
-        res = (run_trl(WORK, a.mode, a.threads, a.precision) if a.side == "trl" else
-               run_ours(WORK, a.mode, a.threads, _options(a.side), a.precision))
+        work = WORK / a.precision
+        res = (run_trl(work, a.mode, a.threads, a.precision, a.updates) if a.side == "trl" else
+               run_ours(work, a.mode, a.threads, _options(a.side), a.precision, a.updates))
         Path(a.result).write_text(json.dumps(res))
         return
     if a.precision is None:
@@ -290,22 +411,29 @@ def main() -> None:
 
         a.precision = resolve_precision("auto")
     WORK.mkdir(parents=True, exist_ok=True)
-    info = setup(WORK)
+    info = setup(WORK, a.precision)
     print(f"model: Qwen2-shaped, {info['params'] / 1e6:.1f}M parameters, vocab {info['vocab']} "
           f"({info['bpe_tokens']} BPE tokens); prompts {info['prompt_tokens_mean']:.1f} tokens on average", flush=True)
     results = []
     for rep in range(a.repeat):
         for mode in _words(a.modes):
             for side in _words(a.sides):
-                res = {**child(side, mode, a.threads, a.precision), "repeat": rep}
+                res = {**child(side, mode, a.threads, a.precision, a.updates), "repeat": rep}
                 print(json.dumps(res), flush=True)
                 results.append(res)
     report = {"setup": info, "argv": sys.argv[1:],
               "workload": dict(batch=BATCH, response_tokens=RESPONSE, ppo_epochs=EPOCHS, updates=UPDATES,
-                               threads=a.threads, lora=LORA, lr=LR, kl_coef=KL_COEF, precision=a.precision),
-              "results": results}
+                               threads=a.threads, lora=LORA, lr=LR, kl_coef=KL_COEF, precision=a.precision,
+                               updates_run=a.updates),
+              "results": results, "reward_check": reward_check(results)}
     (OUT / "ppo_vs_trl.json").write_text(json.dumps(report, indent=1))
     print(table(results))
+    print(memory_table(results))
+    check = report["reward_check"]
+    print(f"\nreward check ({PROBE} probe rows, each side's own scorer): max |ours - TRL| = {check['max_abs_diff']:.4f} "
+          f"(score std {check['score_std']:.4f}); TRL {check['trl']}")
+    if check["max_abs_diff"] > PROBE_TOLERANCE * max(check["score_std"], 1e-3):
+        raise SystemExit("the two sides' reward models disagree beyond rounding")
 
 
 if __name__ == "__main__":

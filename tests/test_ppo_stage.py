@@ -137,6 +137,64 @@ def test_bf16_base_runs_every_role_under_autocast_so_step0_is_exact(tiny_store):
     assert stats["ppo/kl"] == 0.0 and stats["ppo/ratio"] == 1.0 and stats["ppo/clipfrac"] == 0.0
 
 
+def test_pack_sequences_by_hand():
+    from alignment.ppo import pack_sequences
+
+    pad = 0
+    ids = torch.tensor([[0, 0, 5, 6, 7],    # 3 real tokens, left-padded
+                        [0, 8, 9, 0, 0],    # 2 (a response cut after its EOS: padding on both sides)
+                        [1, 2, 3, 4, 0]])   # 4
+    attn = (ids != pad).long()
+    packed, pos, index = pack_sequences(ids, attn, rows=2, multiple=4, pad=pad)
+    # longest first into the shortest row: [1 2 3 4] alone, then [5 6 7] and [8 9] share the other row (5 tokens);
+    # the width rounds 5 up to 8 and a filler sequence of pads (positions from 0) ends each row
+    assert packed.tolist() == [[1, 2, 3, 4, 0, 0, 0, 0], [5, 6, 7, 8, 9, 0, 0, 0]]
+    assert pos.tolist() == [[0, 1, 2, 3, 0, 1, 2, 3], [0, 1, 2, 0, 1, 0, 1, 2]]
+    assert index.tolist() == [[16, 16, 8, 9, 10], [16, 11, 12, 16, 16], [0, 1, 2, 3, 16]]
+
+
+@pytest.mark.parametrize("pack", [1, 2, 3])
+def test_packed_and_padded_passes_compute_the_same_logprobs_and_values(tiny_store, pack):
+    trainer, _, _ = _trainer(tiny_store, pack=pack, pad_to_multiple_of=8 if pack > 1 else 1)
+    ro = trainer.rollout(PROMPTS, seed=0)
+    args = (ro.query_ids, ro.query_mask, ro.response_ids, ro.response_mask)
+    with torch.no_grad():
+        lp, values = trainer.logprobs(*args), trainer.values(*args)
+    assert torch.equal(lp, trainer.logprobs(*args, reference=True))  # fresh LoRA: the policy is the reference
+    unpacked, _, _ = _trainer(tiny_store, pack=1, pad_to_multiple_of=1)
+    with torch.no_grad():
+        want_lp, want_values = unpacked.logprobs(*args), unpacked.values(*args)
+    m = ro.response_mask.bool()
+    assert torch.allclose(lp[m], want_lp[m], atol=1e-5) and torch.allclose(values[m], want_values[m], atol=1e-5)
+
+
+def test_merged_rollout_samples_with_the_adapter_merged_and_leaves_the_reference_exact(tiny_store):
+    trainer, _, _ = _trainer(tiny_store, mini_batch_size=8, ppo_epochs=1, rollout_weights="merged")
+    adapted, _, _ = _trainer(tiny_store, rollout_weights="adapter")
+    # a fresh adapter merges to the base weights exactly: the same samples as the adapter path
+    assert torch.equal(trainer.rollout(PROMPTS, seed=3).response_ids, adapted.rollout(PROMPTS, seed=3).response_ids)
+    with torch.no_grad():
+        for n, p in trainer.model.named_parameters():  # a trained-looking policy adapter (B != 0)
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    base = {n: p.clone() for n, p in trainer.model.named_parameters() if "lora_" not in n}
+    ro = trainer.rollout(PROMPTS, seed=0)
+    args = (ro.query_ids, ro.query_mask, ro.response_ids, ro.response_mask)
+    with torch.no_grad():
+        ref = trainer.logprobs(*args, reference=True)
+        policy = trainer.logprobs(*args)
+        with trainer.merged_policy():  # the sampler's weights: the adapter merged, adapters off
+            merged = trainer.logprobs(*args, reference=True)
+    m = ro.response_mask.bool()
+    assert not torch.allclose(policy[m], ref[m], atol=1e-3)  # the adapter matters ...
+    assert torch.allclose(merged[m], policy[m], atol=1e-4)  # ... and the merged weights are the adapted policy
+    # the base weights are the same tensors, bit for bit, after merged rollouts and an update: the reference is exact
+    trainer.step(PROMPTS[:2] * 4)
+    assert all(torch.equal(p, base[n]) for n, p in trainer.model.named_parameters() if "lora_" not in n)
+    with torch.no_grad():
+        assert torch.equal(trainer.logprobs(*args, reference=True), ref)
+
+
 def test_full_fine_tuning_mode_keeps_a_frozen_reference(tiny_store):
     root, run = tiny_store
     sft = ArtifactStore(root).read_stage(run, "sft")
