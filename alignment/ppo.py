@@ -434,13 +434,13 @@ class PPOTrainer:
 
     def role_hidden(self, role: str, input_ids, attention_mask):
         """Last hidden states (no LM head, no gradient) at the last column of a left-padded batch under the adapter
-        `role`: (batch, hidden)."""
+        `role`: (batch, 1, hidden), which is all a scorer reads."""
         import torch
 
         self._use(role)
         try:
             with torch.no_grad(), self._amp():
-                return self._backbone(self.base, input_ids, attention_mask, slice(-1, None))[:, 0]
+                return self._backbone(self.base, input_ids, attention_mask, slice(-1, None))
         finally:
             self._use(POLICY)
 
