@@ -161,6 +161,11 @@ class PPOSpec(Section):
     """Round the width of each training and reward-adapter pass up to a multiple of this many tokens (extra padding;
     1: none). oneDNN (PyTorch's CPU bf16 matmuls) caches a primitive of ~1 MB per matmul shape it meets and keeps it
     for the run: without rounding, every new batch width adds ~25 MB that stays."""
+    recompute: Literal["none", "cheap"] = "cheap"
+    """Activations recomputed in the backward instead of kept from the forward (torch.utils.checkpoint: the same
+    kernels on the same inputs, so the gradients are bit for bit the same). cheap: the elementwise parts, which cost
+    ~1% of the FLOPs and hold a large share of the kept activations: the attention probabilities (with the eager
+    attention), the MLP's gated activation (Llama/Qwen/Mistral MLPs) and the RMSNorms' fp32 copies. none: keep all."""
     rollout_weights: Literal["adapter", "merged"] = "adapter"
     """The policy's weights while it samples the rollout. adapter: the base + the LoRA adapter's extra matmuls in
     every adapted layer, at every token. merged: a temporary bf16/fp32 copy of each adapted weight with the adapter
@@ -320,6 +325,8 @@ class PPOTrainer:
         if spec.release_memory != "none":
             release_freed_memory()  # the loading's temporaries
         self._build_roles(model, lora_config)
+        if spec.recompute == "cheap":
+            recompute_cheap_parts(self.base)
         self.value_head = self._value_head(value_head_init)
         self._value_predicts_scores = value_head_init is not None  # a copied score head: in the scores' units
         if self.full:
@@ -362,8 +369,15 @@ class PPOTrainer:
         cpu = next(model.parameters()).device.type == "cpu"
         self.attention = {"train": "eager" if self.spec.attention == "eager" or (self.spec.attention == "auto" and cpu)
                           else own, "sample": "eager" if self.spec.attention == "eager" else own}
+        if self.attention["train"] == "eager" and self.spec.recompute == "cheap":
+            self.attention["train"] = register_recomputed_eager()
+            if self.attention["sample"] == "eager":
+                self.attention["sample"] = self.attention["train"]
         if self.attention["train"] != own:
             model.set_attn_implementation(self.attention["train"])  # before the reference copy of full fine-tuning
+        head = model.get_output_embeddings()
+        if head is not None:  # generate's last-position slice is strided: as is, it would run on 8 copies of the head
+            head.register_forward_pre_hook(lambda _, args: (args[0].contiguous(), *args[1:]))
         # shared: the critic is the value head on the policy's own trunk (no value adapter, no extra pass)
         self.shared = self.full or self.spec.value_model == "shared"
         if self.full:
@@ -633,13 +647,17 @@ class PPOTrainer:
         import torch
 
         s, (q, qm, r, rm) = self.spec, (ro.query_ids, ro.query_mask, ro.response_ids, ro.response_mask)
-        B, first = q.shape[0], None
+        B, chunks = q.shape[0], self._chunks(q.shape[0], s.forward_batch_size or s.mini_batch_size)
+        with torch.no_grad():  # the reference first: its temporaries come and go before the kept graph is built
+            ref_lp = [self.logprobs(q[c], qm[c], r[c], rm[c], reference=True) for c in chunks]
+        self._trim()
+        first = None
         if self.shared and s.mini_batch_size == B and (s.micro_batch_size or B) == B:
             self._use(POLICY)
             first = self.policy_and_values(q, qm, r, rm, with_entropy=True)
-        old_lp, ref_lp, values = [], [], []
+        old_lp, values = [], []
         with torch.no_grad():
-            for c in self._chunks(B, s.forward_batch_size or s.mini_batch_size):
+            for c in chunks:
                 if first is not None:
                     lp, v = first[0][c].detach(), first[1][c].detach()
                 elif self.shared:  # one pass gives both
@@ -648,7 +666,6 @@ class PPOTrainer:
                     lp, v = self.logprobs(q[c], qm[c], r[c], rm[c]), self.values(q[c], qm[c], r[c], rm[c])
                 old_lp.append(lp)
                 values.append(v)
-                ref_lp.append(self.logprobs(q[c], qm[c], r[c], rm[c], reference=True))
         self._trim()
         return Experience(torch.cat(old_lp), torch.cat(ref_lp), torch.cat(values), rm.float(), first=first)
 
@@ -734,6 +751,7 @@ class PPOTrainer:
             self._trim()
         with clock("score"):  # 2. score each response (at its EOS), minus the penalty for responses without one
             self.score(ro, fields)
+            self._trim()
         with clock("forward"):  # 3. old log-probs, reference log-probs, values; 4. KL-shaped rewards, GAE
             exp = self.advantages(ro, self.forward(ro))
         with clock("optimise"):  # 5. K epochs of clipped policy + value losses
@@ -925,6 +943,64 @@ class PPOTrainer:
             return
         self.model.save_pretrained(str(folder), selected_adapters=[POLICY], safe_serialization=True,
                                    save_embedding_layers=False)
+
+
+RECOMPUTED_EAGER = "ppo_eager"
+GATED_MLPS = {"LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP"}
+"""MLP classes whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x))."""
+
+
+def _checkpointed(forward, *args):
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    if not torch.is_grad_enabled():
+        return forward(*args)
+    return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=False)
+
+
+def _gated_mlp(self, x):
+    return self.down_proj(_checkpointed(lambda g, u: self.act_fn(g) * u, self.gate_proj(x), self.up_proj(x)))
+
+
+def recompute_cheap_parts(model) -> None:
+    """`ppo.recompute: cheap` on `model` (in place, its own instances only): RMSNorms and gated MLPs' activation
+    recomputed in the backward. The attention's part is the `ppo_eager` implementation."""
+    import functools
+    import types
+
+    for module in model.modules():
+        name = type(module).__name__
+        if name.endswith("RMSNorm"):
+            module.forward = functools.partial(_checkpointed, type(module).forward.__get__(module))
+        elif name in GATED_MLPS:
+            module.forward = types.MethodType(_gated_mlp, module)
+
+
+def register_recomputed_eager() -> str:
+    """Register (once) the attention implementation `ppo_eager`: the model's own eager attention (matmul + softmax),
+    whose scores and probabilities are not kept for the backward but recomputed from q, k, v (torch.utils.checkpoint:
+    the same kernels on the same inputs, so the gradient is bit for bit the same). Attention is ~1% of the FLOPs at
+    PPO's lengths and its probabilities (batch x heads x length^2, in fp32) a large share of the kept activations."""
+    import sys
+
+    import torch
+    from torch.utils.checkpoint import checkpoint
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, eager_mask
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        eager = sys.modules[type(module).__module__].eager_attention_forward
+        if not torch.is_grad_enabled():
+            return eager(module, query, key, value, attention_mask, **kwargs)
+        out = checkpoint(lambda q, k, v, m: eager(module, q, k, v, m, **kwargs)[0], query, key, value,
+                         attention_mask, use_reentrant=False, preserve_rng_state=False)
+        return out, None
+
+    if RECOMPUTED_EAGER not in ALL_MASK_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(RECOMPUTED_EAGER, attention)
+        AttentionMaskInterface.register(RECOMPUTED_EAGER, eager_mask)
+    return RECOMPUTED_EAGER
 
 
 def pack_sequences(ids, attn, rows: int, multiple: int, pad: int):

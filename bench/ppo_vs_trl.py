@@ -52,8 +52,6 @@ BATCH, RESPONSE, EPOCHS, UPDATES, PROMPTS, PROBE = 8, 24, 2, 8, 64, 4
 LORA = dict(r=16, alpha=32)
 LR = {"lora": 1e-4, "full": 1e-5}
 KL_COEF, TEMPERATURE, SEED = 0.05, 1.0, 0
-PROBE_TOLERANCE = 0.1
-"""The reward check fails when a side's probe score differs from TRL's by more than this many score stds."""
 
 
 # -- shared set-up (main venv) -------------------------------------------------------------------------------------
@@ -113,25 +111,47 @@ def setup(work: Path, precision: str) -> dict:
             if ".lora_B." in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * REWARD_B_STD)
     rm.save_pretrained(folder / "reward-adapter", safe_serialization=True)
-    merged = rm.merge_and_unload()  # in fp32, then cast: the closest bf16 model to base + adapter
-    for name, model in (("policy", policy), ("reward", merged)):
-        model.to(dtype).save_pretrained(folder / name, safe_serialization=True)
-        tok.save_pretrained(folder / name)
     prompt_ids = [list(tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True,
                                                return_dict=True)["input_ids"]) for m in rows[:PROMPTS]]
     # The reward check: each side scores these (prompt, reference answer cut to RESPONSE tokens, no EOS) pairs
-    # with its own reward path after training; the driver compares the scores.
+    # with its own reward path after training; the driver compares the scores with the fp32 ones computed here.
     probe = {"query_ids": prompt_ids[:PROBE],
              "response_ids": [tok(a, add_special_tokens=False)["input_ids"][:RESPONSE] for a in answers[:PROBE]]}
+    (folder / "prompts.json").parent.mkdir(parents=True, exist_ok=True)
+    (folder / "prompts.json").write_text(json.dumps({"prompt_ids": prompt_ids, "messages": rows[:PROMPTS],
+                                                     "probe": probe}))
+    with torch.no_grad():
+        adapter_fp32 = _probe_scores(rm.base_model.model, folder, tok.pad_token_id)
+    merged = rm.merge_and_unload()  # in fp32, then cast: the closest bf16 model to base + adapter
+    with torch.no_grad():
+        merged_fp32 = _probe_scores(merged, folder, tok.pad_token_id)
+    # In fp32 the unmerged adapter and the merged model are the same function (up to float rounding)
+    assert torch.allclose(adapter_fp32, merged_fp32, atol=1e-4), (adapter_fp32, merged_fp32)
+    probe["scores_fp32"] = merged_fp32.tolist()
+    for name, model in (("policy", policy), ("reward", merged)):
+        model.to(dtype).save_pretrained(folder / name, safe_serialization=True)
+        tok.save_pretrained(folder / name)
     info = {"params": sum(p.numel() for p in policy.parameters()), "vocab": VOCAB, "precision": precision,
             "bpe_tokens": VOCAB - sum(1 for t in tok.get_vocab() if t.startswith("<|filler_")),
             "prompt_tokens_mean": sum(map(len, prompt_ids)) / len(prompt_ids),
             "prompt_tokens_max": max(map(len, prompt_ids)),
-            "reward_adapter_params": sum(p.numel() for n, p in rm.named_parameters() if ".lora_" in n)}
+            "reward_adapter_params": LORA["r"] * sum(m.in_features + m.out_features for m in merged.modules()
+                                                         if type(m).__name__ == "Linear" and m.out_features > 1),
+            "probe_scores_fp32": probe["scores_fp32"]}
     (folder / "prompts.json").write_text(json.dumps({"prompt_ids": prompt_ids, "messages": rows[:PROMPTS],
                                                      "probe": probe}))
     (folder / "setup.json").write_text(json.dumps(info))
     return info
+
+
+def _probe_scores(rm, work: Path, pad: int):
+    """A sequence classifier's scores on the probe rows (the last token of each, left-padded)."""
+    import torch
+
+    from alignment.reward_sources import last_token_scores
+
+    q, qm, r = _probe_batch(work, pad)
+    return last_token_scores(rm, torch.cat([q, r], 1), torch.cat([qm, torch.ones_like(r)], 1)).float()
 
 
 def _probe_batch(work: Path, pad: int):
@@ -353,15 +373,16 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def reward_check(results: list[dict]) -> dict:
-    """Each side's probe scores against TRL's: the same rows must get the same reward up to bf16 rounding."""
+def reward_check(results: list[dict], fp32: list[float]) -> dict:
+    """Each side's probe scores against TRL's and against the fp32 scores of setup (where the adapter and the merged
+    model agree to 1e-4): the two sides may differ by their own precision's rounding, and no more."""
     trl = next((r["probe_scores"] for r in results if r["side"] == "trl"), None)
     if trl is None:
-        return {"max_abs_diff": 0.0, "score_std": 1.0, "trl": None}
-    mean = sum(trl) / len(trl)
-    std = (sum((x - mean) ** 2 for x in trl) / len(trl)) ** 0.5
+        return {"max_abs_diff": 0.0, "rounding": 1.0, "trl": None}
+    rounding = max(abs(a - b) for r in results for a, b in zip(r["probe_scores"], fp32))
     diffs = [abs(a - b) for r in results if r["side"] != "trl" for a, b in zip(r["probe_scores"], trl)]
-    return {"max_abs_diff": max(diffs, default=0.0), "score_std": std, "trl": [round(x, 4) for x in trl],
+    return {"max_abs_diff": max(diffs, default=0.0), "rounding": rounding, "fp32": [round(x, 4) for x in fp32],
+            "trl": [round(x, 4) for x in trl],
             **{r["side"]: [round(x, 4) for x in r["probe_scores"]] for r in results if r["side"] != "trl"}}
 
 
@@ -425,15 +446,16 @@ def main() -> None:
               "workload": dict(batch=BATCH, response_tokens=RESPONSE, ppo_epochs=EPOCHS, updates=UPDATES,
                                threads=a.threads, lora=LORA, lr=LR, kl_coef=KL_COEF, precision=a.precision,
                                updates_run=a.updates),
-              "results": results, "reward_check": reward_check(results)}
+              "results": results, "reward_check": reward_check(results, info["probe_scores_fp32"])}
     (OUT / "ppo_vs_trl.json").write_text(json.dumps(report, indent=1))
     print(table(results))
     print(memory_table(results))
     check = report["reward_check"]
-    print(f"\nreward check ({PROBE} probe rows, each side's own scorer): max |ours - TRL| = {check['max_abs_diff']:.4f} "
-          f"(score std {check['score_std']:.4f}); TRL {check['trl']}")
-    if check["max_abs_diff"] > PROBE_TOLERANCE * max(check["score_std"], 1e-3):
-        raise SystemExit("the two sides' reward models disagree beyond rounding")
+    print(f"\nreward check ({PROBE} probe rows, each side's own scorer): max |ours - TRL| = {check['max_abs_diff']:.4f}, "
+          f"largest distance of a side from the fp32 scores {check['rounding']:.4f}; fp32 {check['fp32']}, "
+          f"TRL {check['trl']}, ours {[v for k, v in check.items() if k.startswith('ours')]}")
+    if check["max_abs_diff"] > 2 * check["rounding"] + 1e-3:
+        raise SystemExit("the two sides' reward models disagree beyond their precision's rounding")
 
 
 if __name__ == "__main__":
