@@ -136,7 +136,7 @@ def train_all(args, root: Path, run: str, out_dir: Path) -> list[dict]:
     for algorithm in args.algorithms:
         config = REPO / "configs" / args.profile / f"{algorithm}.yaml"
         stage = stage_of(config)
-        keys = (budget_overrides(algorithm, config, args.responses, args.max_new_tokens)
+        keys = (budget_overrides(algorithm, config, responses_for(args, algorithm), args.max_new_tokens)
                 + reward_overrides(algorithm, args.reward))
         needs_rm = stage != "dpo" and args.reward == "model"
         for seed in range(args.seeds):
@@ -254,8 +254,9 @@ def markdown(table: dict, args, splits: list[str]) -> str:
                   f"{row['wall_s']:.0f}", f"{row['cpu_s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     n = {s: next(iter(table.values()))[s]["n"] for s in splits}
+    target = "the gold constraint check (RLVR)" if getattr(args, "reward", "model") == "gold" else "the reward model"
     lines.append(f"\nProfile `{args.profile}`, {args.seeds} seed(s), budget {args.responses} sampled responses x "
-                 f"{args.max_new_tokens} tokens per on-policy run; prompts per split {n}; greedy, "
+                 f"{args.max_new_tokens} tokens per on-policy run, optimising {target}; prompts per split {n}; greedy, "
                  f"{args.max_new_tokens} new tokens. Command: `python bench/algorithms.py {' '.join(args.argv)}`")
     return "\n".join(lines)
 
@@ -296,13 +297,28 @@ def write_doc(doc: Path, profile: str, text: str) -> None:
     doc.write_text(new)
 
 
+def _responses(text: str) -> int | dict[str, int]:
+    if "=" not in text:
+        return int(text)
+    return {k.strip(): int(v) for k, v in (item.split("=", 1) for item in text.split(","))}
+
+
+def responses_for(args, algorithm: str) -> int:
+    default = 64 if args.profile == "tiny" else 768
+    if isinstance(args.responses, dict):
+        return args.responses.get(algorithm, default)
+    return args.responses or default
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--profile", default="smollm2", choices=["tiny", "smollm2"])
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--algorithms", type=lambda s: s.split(","), default=list(ALGORITHMS))
     p.add_argument("--artifacts", type=Path, default=Path("/tmp/bench-algorithms"))
-    p.add_argument("--responses", type=int, default=None, help="sampled responses per on-policy run")
+    p.add_argument("--responses", type=_responses, default=None,
+                   help="sampled responses per on-policy run: N, or per algorithm (online_dpo=768,ppo=384; a "
+                        "smaller budget for one method is then named in the table's footnote)")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--splits", type=lambda s: s.split(","), default=list(SPLITS))
     p.add_argument("--max-eval-prompts", type=int, default=None)
@@ -320,10 +336,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--results-tag", default=None, help="doc marker suffix (default the profile; e.g. smollm2-gold)")
     args = p.parse_args(argv)
     tiny = args.profile == "tiny"
-    args.responses = args.responses or (64 if tiny else 768)
+    if not isinstance(args.responses, dict):
+        args.responses = args.responses or (64 if tiny else 768)
     args.max_new_tokens = args.max_new_tokens or (16 if tiny else 128)  # SmolLM2 SFT finishes within 128
     args.precision = "fp32" if tiny else "auto"
-    args.plot = args.plot or REPO / "docs" / "img" / f"algorithms_{args.profile}{'_gold' if args.reward == 'gold' else ''}.png"
+    args.plot = args.plot or REPO / "docs" / "img" / f"algorithms_{args.profile}{'_gold' * (args.reward == 'gold')}.png"
     args.argv = argv
     args.shared_dir = (args.shared.resolve() if args.shared else args.artifacts / f"{args.profile}-bench")
     args.tag = args.results_tag or args.profile + ("-gold" if args.reward == "gold" else "")
