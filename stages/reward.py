@@ -194,12 +194,12 @@ def _flat(prefix: str, m: dict) -> dict:
 
 
 def _log_set(name: str, m: dict) -> None:
-    for cat, v in m["by_category"].items():
-        log.info("[reward]   %-18s %3d pairs: accuracy %.3f, length corr %+.3f", cat, v["pairs"], v["accuracy"],
-                 v["length_corr"])
     lo, hi = m["accuracy_ci"]
     log.info("[reward] %s: %d pairs, accuracy %.3f [%.3f, %.3f], mean margin %.3f, ECE %.3f, length corr %.3f",
              name, m["pairs"], m["accuracy"], lo, hi, m["mean_margin"], m["ece"], m["length_corr"])
+    for cat, v in m["by_category"].items():
+        log.info("[reward]   %-18s %3d pairs: accuracy %.3f, length corr %+.3f", cat, v["pairs"], v["accuracy"],
+                 v["length_corr"])
 
 
 def _quality_gate(cfg: Config, ctx, rm, tok, train_pairs: list[dict], held: dict[str, list[dict]]) -> list[str]:
