@@ -63,6 +63,10 @@ class RewardData(PrefData):
     phrased in ways no training pair is). {}: none."""
     max_set_pairs: int | None = None
     """Pairs per further set, the first ones (None: as max_eval_pairs)."""
+    max_stat_pairs: int | None = None
+    """Training pairs (the first ones) scored after training for `train_accuracy` and `reward_mean`/`reward_std`
+    (PPO whitens rewards with them); None: all. Scoring costs a forward pass per response, so a large training
+    set need not be scored whole for two moments."""
 
     def set_problems(self, prefix: str = "data") -> list[tuple[str, str]]:
         out = []
@@ -70,8 +74,9 @@ class RewardData(PrefData):
             if not SET_NAME.fullmatch(name) or name in (MAIN_SET, "train"):
                 out.append((f"{prefix}.eval_sets.{name}", "expected a name of lowercase letters, digits and '_' "
                                                           f"(not '{MAIN_SET}' or 'train'): it prefixes the metrics"))
-        if self.max_set_pairs is not None and self.max_set_pairs < 1:
-            out.append((f"{prefix}.max_set_pairs", "expected at least 1 (or leave unset)"))
+        for key in ("max_set_pairs", "max_stat_pairs"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                out.append((f"{prefix}.{key}", "expected at least 1 (or leave unset)"))
         return out
 
 
@@ -208,7 +213,7 @@ def _quality_gate(cfg: Config, ctx, rm, tok, train_pairs: list[dict], held: dict
     t0 = time.perf_counter()
     sets = {name: _set_metrics(pairs, score_pairs(rm, tok, pairs, batch_size=bs, max_length=max_len), cfg)
             for name, pairs in held.items()}
-    seen = score_pairs(rm, tok, train_pairs, batch_size=bs, max_length=max_len)
+    seen = score_pairs(rm, tok, train_pairs[: cfg.data.max_stat_pairs], batch_size=bs, max_length=max_len)
     failures = gate_failures(sets[MAIN_SET], min_accuracy=cfg.gate.min_accuracy,
                              max_length_corr=cfg.gate.max_length_corr, max_ece=cfg.gate.max_ece)
     trained = {p["category"] for p in train_pairs if "category" in p}  # none (unlabelled kinds): gate every kind
@@ -223,6 +228,7 @@ def _quality_gate(cfg: Config, ctx, rm, tok, train_pairs: list[dict], held: dict
         **{k: v for name, m in sets.items() for k, v in _flat(name, m).items()},
         "eval_sets": [n for n in sets if n != MAIN_SET],
         "train_accuracy": round(pairwise_accuracy(seen["chosen"], seen["rejected"]), 4),
+        "stat_pairs": len(seen["chosen"]),
         # PPO whitens the RM's scores with these: (r - reward_mean) / reward_std.
         "reward_mean": reward_mean, "reward_std": reward_std,
         "gate": cfg.gate.model_dump(), "gate_passed": not failures, "gate_failures": failures,

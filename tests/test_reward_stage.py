@@ -89,7 +89,7 @@ def test_manifest_records_base_lineage_inputs_and_gate_metrics(reward_store, tin
     for cat, v in by_cat.items():
         assert v["accuracy"] == m.metrics["eval_accuracy_by_category"][cat] and -1 <= v["length_corr"] <= 1
     assert m.metrics["gate_passed"] is True and m.metrics["gate_failures"] == []
-    assert m.metrics["loss_labels"] == "hard" and m.metrics["steps"] == 40
+    assert m.metrics["loss_labels"] == "hard" and m.metrics["steps"] == 40 and m.metrics["stat_pairs"] == 32
     assert 0 < m.metrics["trainable_params"] < m.metrics["total_params"]
     assert m.metrics["reward_std"] > 0
     assert m.metrics["eval_accuracy_ci"][0] <= m.metrics["eval_accuracy"] <= m.metrics["eval_accuracy_ci"][1]
@@ -134,12 +134,14 @@ def test_heldout_phrasings_set_is_scored_and_reported_apart(reward_store):
 def test_per_kind_floor_on_heldout_phrasings_fails_the_gate(tiny_store, tmp_path, capsys):
     root = _copy_store(tiny_store, tmp_path)
     code = _align("run", "reward", "-c", CONFIG, "--artifacts", root, "train.max_steps=2", "data.max_set_pairs=20",
+                  "data.max_stat_pairs=8",
                   "gate.kind_set=heldout_phrasings", "gate.min_kind_accuracy=1.01", "gate.min_kind_pairs=2")
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("align: error")]
     assert code == 2 and len(err) == 1 and "failed_gate" in err[0]
     assert "quality gate failed: heldout_phrasings kind '" in err[0] and "< min_kind_accuracy 1.01" in err[0]
     m = ArtifactStore(root).read_stage("tiny", "reward").manifest
     assert m.status == "failed_gate" and m.metrics["gate_passed"] is False
+    assert m.metrics["stat_pairs"] == 8 and m.metrics["train_pairs"] == 32  # reward mean/std from the first 8
     # 20 pairs over 16 kinds: the 4 kinds with 2 pairs are gated, the 12 with one pair only reported
     by_kind = m.metrics["heldout_phrasings_by_category"]
     two = {k for k, v in by_kind.items() if v["pairs"] == 2}
