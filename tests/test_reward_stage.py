@@ -341,3 +341,13 @@ def test_ppo_stage_loads_the_reward_model_as_an_adapter_role(reward_store):
     m = ArtifactStore(reward_store).read_stage("tiny", "ppo").manifest.metrics
     assert m["reward_role"] == "adapter" and m["reward_model_mb"] < 1.0 and m["value_init"] == "reward"
     assert m["updates"] == 2 and "first" in m["eval_reward"]
+
+
+def test_config_schema_lists_the_eval_set_and_kind_floor_keys(capsys):
+    assert _align("config", "schema", "reward") == 0
+    lines = capsys.readouterr().out.splitlines()
+    for key in ("data.eval_sets: dict[str, str] = {}", "data.max_set_pairs: int | None = null",
+                "data.max_stat_pairs: int | None = null", "gate.min_kind_accuracy: float | None = null",
+                'gate.kind_set: str = "eval"', "gate.min_kind_pairs: int = 5"):
+        assert key in lines, key
+        assert lines[lines.index(key) + 1].startswith("    ") and len(lines[lines.index(key) + 1].strip()) > 20
