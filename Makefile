@@ -116,5 +116,5 @@ generate: setup ## stage generate (Self-Instruct): new instruction data from see
 data-inspect: setup ## data quality of the bundled instructions: table + data_inspect.png (FILES='a.jsonl b.jsonl')
 	$(ALIGN) data inspect $(or $(FILES),data/instruct/train.jsonl data/instruct/eval.jsonl)
 
-bench-algorithms: setup ## DPO, online DPO, PPO, GRPO, RLOO from one SFT at the same generation budget (SEEDS, PROFILE) -> docs/algorithms.md
-	OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 $(BIN)/python bench/algorithms.py --profile $(PROFILE) --seeds $(or $(SEEDS),3) --artifacts $(ARTIFACTS)/bench-algorithms
+bench-algorithms: setup ## DPO, online DPO, PPO, GRPO, RLOO from one SFT at the same generation budget (SEEDS, PROFILE, REWARD=model|gold) -> docs/algorithms.md
+	OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 $(BIN)/python bench/algorithms.py --profile $(PROFILE) --seeds $(or $(SEEDS),3) --reward $(or $(REWARD),model) --artifacts $(ARTIFACTS)/bench-algorithms

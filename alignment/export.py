@@ -30,7 +30,7 @@ log = logging.getLogger("align")
 # Per stage, the metrics a reader wants first (dotted: nested keys). Others stay in the manifests.
 KEY_METRICS = {
     "sft": ("eval_loss", "perplexity", "train_loss", "steps", "method"),
-    "reward": ("eval_accuracy", "accuracy", "ece", "eval_ece"),
+    "reward": ("eval_accuracy", "heldout_phrasings_accuracy", "accuracy", "ece", "eval_ece"),
     "dpo": ("eval.rewards/accuracies", "eval.rewards/margins", "eval.dpo/prefers_chosen_sum",
             "eval.sft/prefers_chosen_sum", "eval.kl_seq", "train_loss", "steps"),
     "ppo": ("algorithm", "eval_reward.first", "eval_reward.last", "eval_gold.last", "kl.last",

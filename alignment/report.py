@@ -457,7 +457,7 @@ def key_figures(stage: str, metrics: dict, limit: int = 14) -> list[tuple[str, o
     """The numbers worth a glance: headline metrics first, then other top-level scalars."""
     flat = flatten(metrics)
     first = ["win_rate", "mean_reward", "kl", "gold_pass_rate", "eval_loss", "eval_loss_before", "perplexity",
-             "eval_accuracy", "eval_accuracy_before", "eval_mean_margin", "eval_ece", "eval_length_corr",
+             "eval_accuracy", "eval_accuracy_before", "heldout_phrasings_accuracy", "eval_mean_margin", "eval_ece", "eval_length_corr",
              "gate_passed", "eval/rewards/accuracies", "eval/rewards/margins", "eval/kl_seq", "train_loss",
              "steps", "train_seconds", "tokens_per_s", "trainable_params", "parameters", "peak_rss_mb"]
     out = [(k, flat[k]) for k in first if k in flat]

@@ -173,6 +173,25 @@ def gate_failures(metrics: dict, *, min_accuracy: float | None = None, max_lengt
     return out
 
 
+def kind_gate_failures(by_group: dict[str, dict], *, min_accuracy: float | None, min_pairs: int = 1,
+                       gated: set[str] | None = None, set_name: str = "eval") -> tuple[list[str], dict[str, str]]:
+    """The per-kind floor on one held-out set's `metrics_by_group` result: one message per kind below
+    `min_accuracy`, and the kinds reported but not gated, with why (fewer than `min_pairs` pairs, where one pair
+    moves accuracy by 1/n; or not in `gated`, the kinds the RM trained on). No floor: nothing fails or is skipped."""
+    if min_accuracy is None:
+        return [], {}
+    failures, skipped = [], {}
+    for kind, v in by_group.items():
+        if gated is not None and kind not in gated:
+            skipped[kind] = "not a kind the RM trained on"
+        elif v["pairs"] < min_pairs:
+            skipped[kind] = f"{v['pairs']} pairs < min_kind_pairs {min_pairs}"
+        elif v["accuracy"] < min_accuracy:
+            failures.append(f"{set_name} kind '{kind}' accuracy {v['accuracy']:.3f} < min_kind_accuracy "
+                            f"{min_accuracy} ({v['pairs']} pairs)")
+    return failures, skipped
+
+
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and population standard deviation (what PPO uses to whiten rewards)."""
     n = len(values)

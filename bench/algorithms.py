@@ -76,7 +76,7 @@ def budget_overrides(algorithm: str, config: Path, responses: int, max_new_token
         k = spec.get("generation", {}).get("num_return_sequences", 4)
         # The same reward as PPO/GRPO/RLOO: the shared reward model (the tiny profile's own scorer is the gold check).
         return [f"online.prompts_per_round={max(1, responses // (rounds * k))}",
-                f"generation.max_new_tokens={max_new_tokens}", "scorer.kind=model", "scorer.function=null"]
+                f"generation.max_new_tokens={max_new_tokens}"]
     if algorithm == "ppo":
         batch = spec.get("ppo", {}).get("batch_size", 8)
         return [f"ppo.updates={max(1, responses // batch)}", f"ppo.max_new_tokens={max_new_tokens}"]
@@ -86,6 +86,22 @@ def budget_overrides(algorithm: str, config: Path, responses: int, max_new_token
         return [f"train.max_steps={max(1, responses // per_step)}",
                 f"group.max_completion_length={max_new_tokens}"]
     return []  # offline DPO: trains on the bundled pairs, generates nothing
+
+
+GOLD = "alignment.reward_sources:gold_reward"
+
+
+def reward_overrides(algorithm: str, reward: str) -> list[str]:
+    """`--reward gold`: every on-policy method optimises the verifiable constraint check (RLVR, Tulu 3) instead
+    of the reward model; the eval splits' prompts are never trained on, so held-out figures stay honest."""
+    if algorithm == "dpo":
+        return []
+    if reward == "model":  # the shared reward model (the tiny profile's online DPO scores with the gold check)
+        return ["scorer.kind=model", "scorer.function=null"] if algorithm == "online_dpo" else []
+    if algorithm == "online_dpo":
+        return ["scorer.kind=function", f"scorer.function={GOLD}"]
+    keys = ["reward.kind=function", f"reward.function={GOLD}"]
+    return keys + (["ppo.value_init=zero"] if algorithm == "ppo" else [])  # no reward model to copy a head from
 
 
 def timed_run(cmd: list[str], artifact: Path, cache: Path) -> dict:
@@ -102,8 +118,10 @@ def timed_run(cmd: list[str], artifact: Path, cache: Path) -> dict:
     return timing
 
 
-def shared_inputs(profile: str, root: Path, run: str) -> dict:
-    """base, sft and reward of the bench run (built once, skipped when up to date)."""
+def shared_inputs(profile: str, root: Path, run: str, shared: Path | None) -> dict:
+    """base, sft and reward of the bench run (built once, skipped when up to date), or `--shared`'s."""
+    if shared is not None:
+        return {"shared": str(shared)}
     times = {}
     for stage in ("base", "sft", "reward"):
         times[stage] = align(["run", stage, "-c", f"configs/{profile}/{stage}.yaml", "--artifacts", str(root),
@@ -113,15 +131,16 @@ def shared_inputs(profile: str, root: Path, run: str) -> dict:
 
 def train_all(args, root: Path, run: str, out_dir: Path) -> list[dict]:
     """Every (algorithm, seed) run: its artifact folder, wall and CPU time, and its budget keys."""
-    sft, reward = root / run / "sft", root / run / "reward"
+    sft, reward = args.shared_dir / "sft", args.shared_dir / "reward"
     rows = []
     for algorithm in args.algorithms:
         config = REPO / "configs" / args.profile / f"{algorithm}.yaml"
         stage = stage_of(config)
-        keys = budget_overrides(algorithm, config, args.responses, args.max_new_tokens)
-        needs_rm = stage != "dpo"
+        keys = (budget_overrides(algorithm, config, responses_for(args, algorithm), args.max_new_tokens)
+                + reward_overrides(algorithm, args.reward))
+        needs_rm = stage != "dpo" and args.reward == "model"
         for seed in range(args.seeds):
-            name = f"{run}-{algorithm}-s{seed}"
+            name = f"{args.prefix or run}-{algorithm}-s{seed}"
             cmd = ["run", stage, "-c", str(config), "--artifacts", str(root), "--run", name, f"seed={seed}",
                    f"inputs.sft={sft}", *([f"inputs.reward={reward}"] if needs_rm else []), *keys, *args.override]
             print(f"[bench] {algorithm} seed {seed}: align run {stage} -c {config.name} {' '.join(cmd[8:])}",
@@ -177,10 +196,10 @@ def evaluate_all(args, root: Path, run: str, trained: list[dict]) -> dict:
     from alignment.policy import load_policy
     from alignment.reward_sources import ModelReward
 
-    store = ArtifactStore(root)
-    sft = store.read(root / run / "sft")
+    store = ArtifactStore(args.shared_dir.parent)
+    sft = store.read(args.shared_dir / "sft")
     sft_model, tok = load_policy(sft, args.precision).eval(), load_tokenizer(sft.model_dir)
-    scorer = ModelReward.from_artifact(store.read(root / run / "reward"), args.precision)
+    scorer = ModelReward.from_artifact(store.read(args.shared_dir / "reward"), args.precision)
     splits = load_splits(args.splits, args.max_eval_prompts)
     results = {"sft": [evaluate(None, sft_model, tok, splits, scorer, args)]}
     for row in trained:
@@ -235,8 +254,9 @@ def markdown(table: dict, args, splits: list[str]) -> str:
                   f"{row['wall_s']:.0f}", f"{row['cpu_s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     n = {s: next(iter(table.values()))[s]["n"] for s in splits}
+    target = "the gold constraint check (RLVR)" if getattr(args, "reward", "model") == "gold" else "the reward model"
     lines.append(f"\nProfile `{args.profile}`, {args.seeds} seed(s), budget {args.responses} sampled responses x "
-                 f"{args.max_new_tokens} tokens per on-policy run; prompts per split {n}; greedy, "
+                 f"{args.max_new_tokens} tokens per on-policy run, optimising {target}; prompts per split {n}; greedy, "
                  f"{args.max_new_tokens} new tokens. Command: `python bench/algorithms.py {' '.join(args.argv)}`")
     return "\n".join(lines)
 
@@ -277,13 +297,28 @@ def write_doc(doc: Path, profile: str, text: str) -> None:
     doc.write_text(new)
 
 
+def _responses(text: str) -> int | dict[str, int]:
+    if "=" not in text:
+        return int(text)
+    return {k.strip(): int(v) for k, v in (item.split("=", 1) for item in text.split(","))}
+
+
+def responses_for(args, algorithm: str) -> int:
+    default = 64 if args.profile == "tiny" else 768
+    if isinstance(args.responses, dict):
+        return args.responses.get(algorithm, default)
+    return args.responses or default
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--profile", default="smollm2", choices=["tiny", "smollm2"])
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--algorithms", type=lambda s: s.split(","), default=list(ALGORITHMS))
     p.add_argument("--artifacts", type=Path, default=Path("/tmp/bench-algorithms"))
-    p.add_argument("--responses", type=int, default=None, help="sampled responses per on-policy run")
+    p.add_argument("--responses", type=_responses, default=None,
+                   help="sampled responses per on-policy run: N, or per algorithm (online_dpo=768,ppo=384; a "
+                        "smaller budget for one method is then named in the table's footnote)")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--splits", type=lambda s: s.split(","), default=list(SPLITS))
     p.add_argument("--max-eval-prompts", type=int, default=None)
@@ -293,13 +328,22 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out-dir", type=Path, default=REPO / "bench" / "out")
     p.add_argument("--doc", type=Path, default=REPO / "docs" / "algorithms.md")
     p.add_argument("--plot", type=Path, default=None)
+    p.add_argument("--reward", choices=["model", "gold"], default="model",
+                   help="what the on-policy methods optimise: the shared reward model, or the gold check (RLVR)")
+    p.add_argument("--shared", type=Path, default=None,
+                   help="a run folder whose base/sft/reward artifacts to start from (else built as <profile>-bench)")
+    p.add_argument("--prefix", default=None, help="run-name prefix of the trained runs (default <profile>-bench)")
+    p.add_argument("--results-tag", default=None, help="doc marker suffix (default the profile; e.g. smollm2-gold)")
     args = p.parse_args(argv)
     tiny = args.profile == "tiny"
-    args.responses = args.responses or (64 if tiny else 768)
+    if not isinstance(args.responses, dict):
+        args.responses = args.responses or (64 if tiny else 768)
     args.max_new_tokens = args.max_new_tokens or (16 if tiny else 128)  # SmolLM2 SFT finishes within 128
     args.precision = "fp32" if tiny else "auto"
-    args.plot = args.plot or REPO / "docs" / "img" / f"algorithms_{args.profile}.png"
+    args.plot = args.plot or REPO / "docs" / "img" / f"algorithms_{args.profile}{'_gold' * (args.reward == 'gold')}.png"
     args.argv = argv
+    args.shared_dir = (args.shared.resolve() if args.shared else args.artifacts / f"{args.profile}-bench")
+    args.tag = args.results_tag or args.profile + ("-gold" if args.reward == "gold" else "")
     unknown = [a for a in args.algorithms if a not in ALGORITHMS]
     if unknown:
         p.error(f"--algorithms: unknown {unknown}; choose from {', '.join(ALGORITHMS)}")
@@ -310,7 +354,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse(sys.argv[1:] if argv is None else argv)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     root, run = args.artifacts, f"{args.profile}-bench"
-    setup = shared_inputs(args.profile, root, run)
+    setup = shared_inputs(args.profile, root, run, args.shared)
     trained = train_all(args, root, run, args.out_dir)
     results = evaluate_all(args, root, run, trained)
     table = summarise(results)
@@ -318,9 +362,9 @@ def main(argv: list[str] | None = None) -> dict:
     splits = [s for s in args.splits if s in splits]
     text = markdown(table, args, splits)
     print(text)
-    (args.out_dir / f"algorithms-{args.profile}.json").write_text(
+    (args.out_dir / f"algorithms-{args.tag}.json").write_text(
         json.dumps({"setup": setup, "trained": trained, "table": table, "results": results}, indent=1))
-    write_doc(args.doc, args.profile, text)
+    write_doc(args.doc, args.tag, text)
     plot(table, splits, args.plot)
     return table
 

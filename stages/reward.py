@@ -12,13 +12,18 @@ cross-entropy on that soft label.
 (evaluation, GRPO/RLOO, a user). A LoRA RM is also published unmerged in `adapter/` (peft layout:
 the LoRA weights + the score head, safetensors), which PPO loads as a fourth role on its one base.
 The manifest records the base, the lineage (the policy it was initialised from), the reward
-mean/std over the training responses (for PPO to whiten rewards) and the quality gate on held-out pairs. An RM that misses a `gate:` threshold is still
-published, with status `failed_gate`, and the command fails naming the thresholds.
+mean/std over the training responses (for PPO to whiten rewards) and the quality gate on held-out pairs.
+Further held-out sets (`data.eval_sets`, e.g. the bundled pairs whose prompts use phrasings no training pair
+uses) are scored and reported apart, like the eval stage's `prompt_sets`, so an RM that learned the training
+phrasings rather than the constraints shows. An RM that misses a `gate:` threshold (also a per-kind floor on
+one set, `gate.min_kind_accuracy`) is still published, with status `failed_gate`, and the command fails
+naming the thresholds.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Literal
 
@@ -28,9 +33,10 @@ from alignment.hardware import peak_rss_mb, resolve_precision
 from alignment.models import load_tokenizer
 from alignment.peft_methods import peft_config
 from alignment.policy import lineage_for, load_policy, require_mergeable
-from alignment.preferences import PrefData, stage_sources, to_trl_dataset, train_eval_pairs
-from alignment.reward import (gate_failures, gate_metrics, mean_std, metrics_by_group, pairwise_accuracy,
-                              reward_model_from_policy, score_pairs, soft_label_reward_trainer)
+from alignment.preferences import PrefData, load_pairs, stage_sources, to_trl_dataset, train_eval_pairs
+from alignment.evaluation import bootstrap_ci
+from alignment.reward import (gate_failures, gate_metrics, kind_gate_failures, mean_std, metrics_by_group,
+                              pairwise_accuracy, reward_model_from_policy, score_pairs, soft_label_reward_trainer)
 from alignment.reward_sources import ADAPTER_DIR
 from alignment.schema import PeftSpec, TrainSpec
 from alignment.training import callbacks, param_counts, throughput, train, trainer_args
@@ -38,6 +44,10 @@ from alignment.training import callbacks, param_counts, throughput, train, train
 log = logging.getLogger("align")
 PEFT_METHODS = ("lora", "ia3", "full")
 """Methods whose result folds into one plain sequence-classification model (lora with use_dora/use_rslora)."""
+SET_NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")
+"""A further set's name prefixes its metrics (`<name>_accuracy`), so: lowercase letters, digits and `_`."""
+MAIN_SET = "eval"
+"""`gate.kind_set` value that names the main held-out pairs (data.eval; their metrics are `eval_*`)."""
 LABEL_ARTIFACT = "artifact:label"
 """`data.train` value that reads the RLAIF `label` stage's pairs, `<label artifact>/pairs.jsonl` (or data.from_stage: label)."""
 
@@ -46,6 +56,28 @@ class RewardData(PrefData):
     train: str = "data/prefs/train.jsonl"
     """JSONL/Parquet file, a `datasets` name/path, or `artifact:label` (the label stage's pairs)."""
     eval_fraction: float = 0.2
+    eval_sets: dict[str, str] = {}
+    """Further held-out pair sets (name -> pair file), each scored after training and reported apart:
+    `<name>_accuracy` (+ `_ci`, bootstrap 95% over pairs), `<name>_accuracy_by_category`, `<name>_by_category`,
+    `<name>_length_corr`, ... Bundled: `heldout_phrasings: data/prefs/eval_heldout_phrasings.jsonl` (prompts
+    phrased in ways no training pair is). {}: none."""
+    max_set_pairs: int | None = None
+    """Pairs per further set, the first ones (None: as max_eval_pairs)."""
+    max_stat_pairs: int | None = None
+    """Training pairs (the first ones) scored after training for `train_accuracy` and `reward_mean`/`reward_std`
+    (PPO whitens rewards with them); None: all. Scoring costs a forward pass per response, so a large training
+    set need not be scored whole for two moments."""
+
+    def set_problems(self, prefix: str = "data") -> list[tuple[str, str]]:
+        out = []
+        for name in self.eval_sets:
+            if not SET_NAME.fullmatch(name) or name in (MAIN_SET, "train"):
+                out.append((f"{prefix}.eval_sets.{name}", "expected a name of lowercase letters, digits and '_' "
+                                                          f"(not '{MAIN_SET}' or 'train'): it prefixes the metrics"))
+        for key in ("max_set_pairs", "max_stat_pairs"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                out.append((f"{prefix}.{key}", "expected at least 1 (or leave unset)"))
+        return out
 
 
 class LossSpec(Section):
@@ -66,6 +98,13 @@ class GateSpec(Section):
     """Upper bound on |Pearson r| between reward and response length (tokens)."""
     max_ece: float | None = None
     ece_bins: int = 10
+    min_kind_accuracy: float | None = None
+    """Floor on every constraint kind's (`category`'s) accuracy in `kind_set`. Gated: kinds the RM trained on
+    with at least `min_kind_pairs` pairs there; the others are reported (`gate_kinds_not_gated`)."""
+    kind_set: str = MAIN_SET
+    """The held-out set the per-kind floor applies to: `eval` (data.eval) or a name in data.eval_sets."""
+    min_kind_pairs: int = 5
+    """Kinds with fewer pairs than this in `kind_set` are not gated: one pair moves their accuracy by 1/n."""
 
 
 class Config(StageConfig):
@@ -91,6 +130,12 @@ class Config(StageConfig):
                                        f"sequence-classification model), not '{self.peft.method}'"))
         if self.gate.ece_bins < 1:
             out.append(("gate.ece_bins", "expected at least 1 bin"))
+        out += self.data.set_problems("data")
+        if self.gate.kind_set != MAIN_SET and self.gate.kind_set not in self.data.eval_sets:
+            out.append(("gate.kind_set", f"expected '{MAIN_SET}' or a name in data.eval_sets "
+                                         f"({', '.join(self.data.eval_sets) or 'none'}), got {self.gate.kind_set!r}"))
+        if self.gate.min_kind_pairs < 1:
+            out.append(("gate.min_kind_pairs", "expected at least 1"))
         return out
 
 
@@ -104,6 +149,18 @@ def _load_data(cfg: Config, ctx) -> tuple[list[dict], list[dict], str]:
     source = str(ctx.inputs["label"].path / "pairs.jsonl") if d.train == LABEL_ARTIFACT else d.train
     train, held_out = train_eval_pairs(d, cfg.seed, train_source=source)
     return train, held_out, source
+
+
+def _load_sets(data: RewardData) -> dict[str, list[dict]]:
+    """Every further held-out set, validated before any model loads; a bad one names its key."""
+    limit = data.max_set_pairs if data.max_set_pairs is not None else data.max_eval_pairs
+    sets = {}
+    for name, source in data.eval_sets.items():
+        try:
+            sets[name] = load_pairs(source, data.eval_split, data.max_bad_fraction)[:limit]
+        except DataError as e:
+            raise DataError(f"data.eval_sets.{name}: {e}") from None
+    return sets
 
 
 def _labels(cfg: Config, pairs: list[dict], source: str) -> str:
@@ -121,10 +178,63 @@ def _train_dataset(pairs: list[dict], labels: str, use_margin: bool):
     return ds.remove_columns(drop)
 
 
-def _by_category(pairs: list[dict], scores: dict) -> dict[str, dict]:
-    """Held-out pairs, accuracy, margin and length correlation per `category` (the constraint kind)."""
-    return metrics_by_group([p.get("category") for p in pairs], scores["chosen"], scores["rejected"],
-                            scores["len_chosen"], scores["len_rejected"])
+def _set_metrics(pairs: list[dict], scores: dict, cfg: Config) -> dict:
+    """One held-out set: the gate metrics (accuracy, margin, ECE, length corr), a bootstrap 95% CI of the accuracy
+    over pairs, and pairs, accuracy, margin and length correlation per `category` (the constraint kind)."""
+    m = gate_metrics(scores["chosen"], scores["rejected"], scores["len_chosen"], scores["len_rejected"],
+                     cfg.gate.ece_bins)
+    correct = [1.0 if c > r else 0.0 for c, r in zip(scores["chosen"], scores["rejected"], strict=True)]
+    m["accuracy_ci"] = [round(x, 4) for x in bootstrap_ci(correct, seed=cfg.seed)]
+    m["by_category"] = metrics_by_group([p.get("category") for p in pairs], scores["chosen"], scores["rejected"],
+                                        scores["len_chosen"], scores["len_rejected"])
+    m["pairs"], m["responses_truncated"] = len(pairs), scores["truncated"]
+    return m
+
+
+def _flat(prefix: str, m: dict) -> dict:
+    """A set's metrics under `<prefix>_` names (`eval_accuracy`, `heldout_phrasings_accuracy_by_category`)."""
+    out = {f"{prefix}_{k}": (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()}
+    out[f"{prefix}_accuracy_by_category"] = {c: v["accuracy"] for c, v in m["by_category"].items()}
+    return out
+
+
+def _log_set(name: str, m: dict) -> None:
+    lo, hi = m["accuracy_ci"]
+    log.info("[reward] %s: %d pairs, accuracy %.3f [%.3f, %.3f], mean margin %.3f, ECE %.3f, length corr %.3f",
+             name, m["pairs"], m["accuracy"], lo, hi, m["mean_margin"], m["ece"], m["length_corr"])
+    for cat, v in m["by_category"].items():
+        log.info("[reward]   %-18s %3d pairs: accuracy %.3f, length corr %+.3f", cat, v["pairs"], v["accuracy"],
+                 v["length_corr"])
+
+
+def _quality_gate(cfg: Config, ctx, rm, tok, train_pairs: list[dict], held: dict[str, list[dict]]) -> list[str]:
+    """Score the held-out sets (`eval` first) and the training pairs; record the metrics; the gate's failures."""
+    bs, max_len = cfg.train.eval_batch_size, cfg.train.max_length
+    t0 = time.perf_counter()
+    sets = {name: _set_metrics(pairs, score_pairs(rm, tok, pairs, batch_size=bs, max_length=max_len), cfg)
+            for name, pairs in held.items()}
+    seen = score_pairs(rm, tok, train_pairs[: cfg.data.max_stat_pairs], batch_size=bs, max_length=max_len)
+    failures = gate_failures(sets[MAIN_SET], min_accuracy=cfg.gate.min_accuracy,
+                             max_length_corr=cfg.gate.max_length_corr, max_ece=cfg.gate.max_ece)
+    trained = {p["category"] for p in train_pairs if "category" in p}  # none (unlabelled kinds): gate every kind
+    kind_failures, not_gated = kind_gate_failures(
+        sets[cfg.gate.kind_set]["by_category"], min_accuracy=cfg.gate.min_kind_accuracy,
+        min_pairs=cfg.gate.min_kind_pairs, gated=trained or None, set_name=cfg.gate.kind_set)
+    failures += kind_failures
+    for name, m in sets.items():
+        _log_set(name, m)
+    reward_mean, reward_std = mean_std(seen["chosen"] + seen["rejected"])
+    ctx.metrics.update({
+        **{k: v for name, m in sets.items() for k, v in _flat(name, m).items()},
+        "eval_sets": [n for n in sets if n != MAIN_SET],
+        "train_accuracy": round(pairwise_accuracy(seen["chosen"], seen["rejected"]), 4),
+        "stat_pairs": len(seen["chosen"]),
+        # PPO whitens the RM's scores with these: (r - reward_mean) / reward_std.
+        "reward_mean": reward_mean, "reward_std": reward_std,
+        "gate": cfg.gate.model_dump(), "gate_passed": not failures, "gate_failures": failures,
+        "gate_kinds_not_gated": not_gated, "score_seconds": round(time.perf_counter() - t0, 2),
+    })
+    return failures
 
 
 def run(cfg: Config, ctx) -> None:
@@ -134,13 +244,15 @@ def run(cfg: Config, ctx) -> None:
     # -- set up --------------------------------------------------------------------------------
     set_seed(cfg.seed)
     train_pairs, eval_pairs, source = _load_data(cfg, ctx)
+    further = _load_sets(cfg.data)
     labels = _labels(cfg, train_pairs, source)
     train_ds = _train_dataset(train_pairs, labels, cfg.loss.use_margin)
     parent = ctx.inputs[cfg.init]
     require_mergeable(parent, needed_by="reward")  # a soft-prompt SFT has no weights to carry into the RM
-    log.info("[reward] %d train / %d held-out pairs from %s; %s labels%s; init from %s (%s); precision %s",
-             len(train_pairs), len(eval_pairs), source, labels, " + margin" if "margin" in train_ds.column_names
-             else "", cfg.init, parent.path, resolve_precision(cfg.precision))
+    log.info("[reward] %d train / %d held-out pairs from %s%s; %s labels%s; init from %s (%s); precision %s",
+             len(train_pairs), len(eval_pairs), source, "".join(f", {len(p)} {n} pairs" for n, p in further.items()),
+             labels, " + margin" if "margin" in train_ds.column_names else "", cfg.init, parent.path,
+             resolve_precision(cfg.precision))
 
     tok = load_tokenizer(ctx.inputs["base"].model_dir)
     policy = load_policy(parent, cfg.precision)
@@ -182,39 +294,18 @@ def run(cfg: Config, ctx) -> None:
                               method=cfg.peft.method, merged=cfg.peft.method != "full")
 
     # -- quality gate --------------------------------------------------------------------------
-    bs = cfg.train.eval_batch_size
-    t0 = time.perf_counter()
-    held = score_pairs(rm, tok, eval_pairs, batch_size=bs, max_length=max_len)
-    seen = score_pairs(rm, tok, train_pairs, batch_size=bs, max_length=max_len)
-    gate = gate_metrics(held["chosen"], held["rejected"], held["len_chosen"], held["len_rejected"],
-                        cfg.gate.ece_bins)
-    failures = gate_failures(gate, min_accuracy=cfg.gate.min_accuracy, max_length_corr=cfg.gate.max_length_corr,
-                             max_ece=cfg.gate.max_ece)
-    score_seconds = time.perf_counter() - t0
-    reward_mean, reward_std = mean_std(seen["chosen"] + seen["rejected"])
-    by_category = _by_category(eval_pairs, held)
     ctx.metrics.update({
-        **{f"eval_{k}": round(v, 4) for k, v in gate.items()},
-        "eval_accuracy_by_category": {c: v["accuracy"] for c, v in by_category.items()},
-        "eval_by_category": by_category,
         "eval_accuracy_before": round(pairwise_accuracy(before["chosen"], before["rejected"]), 4),
-        "train_accuracy": round(pairwise_accuracy(seen["chosen"], seen["rejected"]), 4),
-        # PPO whitens the RM's scores with these: (r - reward_mean) / reward_std.
-        "reward_mean": reward_mean, "reward_std": reward_std,
-        "gate": cfg.gate.model_dump(), "gate_passed": not failures, "gate_failures": failures,
         "loss_labels": labels, "train_loss": result.training_loss, "steps": result.global_step,
         "resumed_from_step": int(ctx.resume_from.name.split("-")[-1]) if ctx.resume_from else 0,
         "train_pairs": len(train_pairs), "train_pairs_too_long": len(train_pairs) - kept,
-        "eval_pairs": len(eval_pairs), "eval_responses_truncated": held["truncated"],
-        "train_seconds": round(runtime, 2), "score_seconds": round(score_seconds, 2),
-        "peak_rss_mb": round(peak_rss_mb(), 1), **throughput(trainer, runtime),
+        "eval_pairs": len(eval_pairs), "train_seconds": round(runtime, 2), **throughput(trainer, runtime),
     })
-    for cat, v in by_category.items():
-        log.info("[reward]   %-14s %3d pairs: accuracy %.3f, length corr %+.3f", cat, v["pairs"], v["accuracy"],
-                 v["length_corr"])
-    log.info("[reward] held-out accuracy %.3f (before %.3f), mean margin %.3f, ECE %.3f, length corr %.3f; "
-             "rewards mean %.3f std %.3f", gate["accuracy"], ctx.metrics["eval_accuracy_before"],
-             gate["mean_margin"], gate["ece"], gate["length_corr"], reward_mean, reward_std)
+    failures = _quality_gate(cfg, ctx, rm, tok, train_pairs, {MAIN_SET: eval_pairs, **further})
+    ctx.metrics["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    m = ctx.metrics
+    log.info("[reward] held-out accuracy %.3f (before %.3f); rewards mean %.3f std %.3f", m["eval_accuracy"],
+             m["eval_accuracy_before"], m["reward_mean"], m["reward_std"])
     if failures:
         # Published anyway (the runner keeps it, for inspection), but marked unfit to drive RL.
         ctx.status = "failed_gate"

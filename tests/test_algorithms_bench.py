@@ -20,7 +20,7 @@ def test_every_on_policy_method_gets_the_same_number_of_responses():
     # online DPO: 2 rounds x K=4 -> 64 / 8 = 8 prompts a round; PPO: 16 episodes an update -> 4 updates;
     # GRPO / RLOO (grpo stage, 8 completions a step) -> 8 steps. Each capped at 16 new tokens.
     assert bench.budget_overrides("online_dpo", tiny / "online_dpo.yaml", 64, 16) == [
-        "online.prompts_per_round=8", "generation.max_new_tokens=16", "scorer.kind=model", "scorer.function=null"]
+        "online.prompts_per_round=8", "generation.max_new_tokens=16"]
     assert bench.budget_overrides("ppo", tiny / "ppo.yaml", 64, 16) == ["ppo.updates=4", "ppo.max_new_tokens=16"]
     for algorithm in ("grpo", "rloo"):
         assert bench.stage_of(tiny / f"{algorithm}.yaml") == "grpo"
@@ -30,6 +30,21 @@ def test_every_on_policy_method_gets_the_same_number_of_responses():
     # SmolLM2's RLOO steps count 8 x 2 completions: 768 / 16 = 48 steps.
     smollm2 = REPO / "configs" / "smollm2" / "rloo.yaml"
     assert bench.budget_overrides("rloo", smollm2, 768, 128)[0] == "train.max_steps=48"
+
+
+def test_reward_keys_name_the_shared_model_or_the_gold_check_for_every_on_policy_method():
+    # model: online DPO's scorer is switched to the reward model (the tiny config scores with the gold check)
+    assert bench.reward_overrides("online_dpo", "model") == ["scorer.kind=model", "scorer.function=null"]
+    assert bench.reward_overrides("ppo", "model") == [] and bench.reward_overrides("dpo", "gold") == []
+    gold = "alignment.reward_sources:gold_reward"
+    assert bench.reward_overrides("online_dpo", "gold") == ["scorer.kind=function", f"scorer.function={gold}"]
+    # PPO's critic cannot start from a reward model's head when there is none
+    assert bench.reward_overrides("ppo", "gold") == ["reward.kind=function", f"reward.function={gold}",
+                                                     "ppo.value_init=zero"]
+    for algorithm in ("grpo", "rloo"):
+        assert bench.reward_overrides(algorithm, "gold") == ["reward.kind=function", f"reward.function={gold}"]
+    args = bench.parse(["--profile", "tiny", "--reward", "gold", "--shared", "/tmp/x/run"])
+    assert args.shared_dir == Path("/tmp/x/run") and args.tag == "tiny-gold"
 
 
 def run(gold: list[float]) -> dict:

@@ -210,3 +210,18 @@ def test_label_sampling_groups_whole_shards_at_fixed_boundaries():
     # a batch smaller than a shard still samples whole shards, one per call
     assert sampling_groups(5, 4, 2) == [[(0, 0, 4)], [(1, 4, 5)]]
 
+
+
+def test_frozen_weights_generate_the_same_and_stay_frozen(lm):
+    """generate turns requires_grad on for frozen weights while it runs (a CPU slow path, alignment.generation.thaw)
+    and freezes exactly those again; no graph is recorded and the output is the unfrozen model's."""
+    model, tok = lm
+    frozen = copy.deepcopy(model)
+    names = [n for n, _ in frozen.named_parameters()]
+    for n, p in frozen.named_parameters():
+        p.requires_grad_(n == names[0])  # one weight stays trainable, the rest frozen: both kept as they were
+    flags = {n: p.requires_grad for n, p in frozen.named_parameters()}
+    a, b = generate(model, tok, PROMPTS, GREEDY), generate(frozen, tok, PROMPTS, GREEDY)
+    assert torch.equal(a.response_ids, b.response_ids)
+    assert {n: p.requires_grad for n, p in frozen.named_parameters()} == flags
+    assert all(p.grad is None for p in frozen.parameters())

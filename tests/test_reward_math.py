@@ -138,3 +138,19 @@ def test_metrics_by_group_hand_numbers():
     assert m["a"]["length_corr"] == round(-9 / 11, 4)
     # b: one pair, chosen 0 < rejected 1: wrong; equal lengths: no correlation measurable
     assert m["b"] == {"pairs": 1, "accuracy": 0.0, "mean_margin": -1.0, "length_corr": 0.0}
+
+
+def test_kind_gate_failures_floor_each_gated_kind():
+    from alignment.reward import kind_gate_failures
+
+    by_kind = {"bullets": {"pairs": 12, "accuracy": 0.75}, "keyword": {"pairs": 13, "accuracy": 0.8462},
+               "title": {"pairs": 3, "accuracy": 0.0}, "uppercase": {"pairs": 40, "accuracy": 0.1}}
+    fails, skipped = kind_gate_failures(by_kind, min_accuracy=0.8, min_pairs=5, gated={"bullets", "keyword", "title"},
+                                        set_name="heldout_phrasings")
+    # 9/12 = 0.75 misses 0.8; 11/13 meets it; 3 pairs are too few to gate; uppercase was never trained on
+    assert fails == ["heldout_phrasings kind 'bullets' accuracy 0.750 < min_kind_accuracy 0.8 (12 pairs)"]
+    assert skipped == {"title": "3 pairs < min_kind_pairs 5", "uppercase": "not a kind the RM trained on"}
+    # no list of trained kinds: every kind with enough pairs is gated
+    fails, skipped = kind_gate_failures(by_kind, min_accuracy=0.8, min_pairs=3)
+    assert [f.split("'")[1] for f in fails] == ["bullets", "title", "uppercase"] and skipped == {}
+    assert kind_gate_failures(by_kind, min_accuracy=None) == ([], {})

@@ -89,9 +89,10 @@ def test_manifest_records_base_lineage_inputs_and_gate_metrics(reward_store, tin
     for cat, v in by_cat.items():
         assert v["accuracy"] == m.metrics["eval_accuracy_by_category"][cat] and -1 <= v["length_corr"] <= 1
     assert m.metrics["gate_passed"] is True and m.metrics["gate_failures"] == []
-    assert m.metrics["loss_labels"] == "hard" and m.metrics["steps"] == 40
+    assert m.metrics["loss_labels"] == "hard" and m.metrics["steps"] == 40 and m.metrics["stat_pairs"] == 32
     assert 0 < m.metrics["trainable_params"] < m.metrics["total_params"]
     assert m.metrics["reward_std"] > 0
+    assert m.metrics["eval_accuracy_ci"][0] <= m.metrics["eval_accuracy"] <= m.metrics["eval_accuracy_ci"][1]
 
     # The merged LoRA changed the transformer the RM was initialised from (base + SFT merged).
     from transformers import AutoModelForSequenceClassification
@@ -100,6 +101,72 @@ def test_manifest_records_base_lineage_inputs_and_gate_metrics(reward_store, tin
     init = load_policy(sft, "fp32").model.state_dict()
     assert trained.keys() == init.keys()
     assert any(not torch.equal(trained[k], init[k]) for k in init)
+
+
+def test_heldout_phrasings_set_is_scored_and_reported_apart(reward_store):
+    """configs/tiny/reward.yaml adds the held-out-phrasings pairs (data.eval_sets, first 16): their own accuracy,
+    CI, per-kind figures and length correlation, equal to scoring the published RM on exactly those pairs."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from alignment.preferences import load_pairs
+    from alignment.reward import gate_metrics, score_pairs
+
+    art = ArtifactStore(reward_store).read_stage("tiny", "reward")
+    m = art.manifest.metrics
+    pairs = load_pairs("data/prefs/eval_heldout_phrasings.jsonl")[:16]
+    model = AutoModelForSequenceClassification.from_pretrained(art.model_dir).eval()
+    s = score_pairs(model, AutoTokenizer.from_pretrained(art.model_dir), pairs, batch_size=8, max_length=256)
+    want = gate_metrics(s["chosen"], s["rejected"], s["len_chosen"], s["len_rejected"])
+    assert m["eval_sets"] == ["heldout_phrasings"] and m["heldout_phrasings_pairs"] == 16 == m["eval_pairs"]
+    for key in ("accuracy", "mean_margin", "length_corr"):
+        assert m[f"heldout_phrasings_{key}"] == pytest.approx(want[key], abs=2e-4), key
+    lo, hi = m["heldout_phrasings_accuracy_ci"]
+    assert 0 <= lo <= m["heldout_phrasings_accuracy"] <= hi <= 1
+    by_kind = m["heldout_phrasings_by_category"]
+    assert set(by_kind) == {p["category"] for p in pairs} == set(m["heldout_phrasings_accuracy_by_category"])
+    assert sum(v["pairs"] for v in by_kind.values()) == 16
+    # its own figures, not the in-distribution set's under a second name
+    assert [v["mean_margin"] for v in by_kind.values()] != [v["mean_margin"] for v in m["eval_by_category"].values()]
+    # no per-kind floor configured: nothing gated, nothing skipped
+    assert m["gate_kinds_not_gated"] == {} and m["gate"]["min_kind_accuracy"] is None
+
+
+def test_per_kind_floor_on_heldout_phrasings_fails_the_gate(tiny_store, tmp_path, capsys):
+    root = _copy_store(tiny_store, tmp_path)
+    code = _align("run", "reward", "-c", CONFIG, "--artifacts", root, "train.max_steps=2", "data.max_set_pairs=20",
+                  "data.max_stat_pairs=8",
+                  "gate.kind_set=heldout_phrasings", "gate.min_kind_accuracy=1.01", "gate.min_kind_pairs=2")
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("align: error")]
+    assert code == 2 and len(err) == 1 and "failed_gate" in err[0]
+    assert "quality gate failed: heldout_phrasings kind '" in err[0] and "< min_kind_accuracy 1.01" in err[0]
+    m = ArtifactStore(root).read_stage("tiny", "reward").manifest
+    assert m.status == "failed_gate" and m.metrics["gate_passed"] is False
+    assert m.metrics["stat_pairs"] == 8 and m.metrics["train_pairs"] == 32  # reward mean/std from the first 8
+    # 20 pairs over 16 kinds: the 4 kinds with 2 pairs are gated, the 12 with one pair only reported
+    by_kind = m.metrics["heldout_phrasings_by_category"]
+    two = {k for k, v in by_kind.items() if v["pairs"] == 2}
+    assert len(two) == 4 and len(m.metrics["gate_failures"]) == 4
+    assert {f.split("'")[1] for f in m.metrics["gate_failures"]} == two
+    assert set(m.metrics["gate_kinds_not_gated"]) == set(by_kind) - two
+
+
+def test_bad_eval_set_is_one_line_naming_the_key(tiny_store, tmp_path, capsys):
+    root = _copy_store(tiny_store, tmp_path)
+    code = _align("run", "reward", "-c", CONFIG, "--artifacts", root, "data.eval_sets.heldout_phrasings=nope.jsonl")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1] == "align: error: data.eval_sets.heldout_phrasings: nope.jsonl: file not found"
+    assert not (root / "tiny" / "reward").exists()
+
+    code = _align("run", "reward", "-c", CONFIG, "data.eval_sets.Held-Out=x.jsonl", "gate.kind_set=phrasings",
+                  "gate.min_kind_pairs=0", "data.max_set_pairs=0")
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("align: error")]
+    assert code == 2 and len(err) == 4, err
+    assert "data.eval_sets.Held-Out: expected a name of lowercase letters" in err[0]
+    assert err[1].endswith("data.max_set_pairs: expected at least 1 (or leave unset)")
+    assert "gate.kind_set: expected 'eval' or a name in data.eval_sets (heldout_phrasings, Held-Out), got " \
+           "'phrasings'" in err[2]
+    assert err[3].endswith("gate.min_kind_pairs: expected at least 1")
 
 
 def test_gate_failure_publishes_failed_gate_and_exits_nonzero(tiny_store, tmp_path, capsys):
@@ -274,3 +341,13 @@ def test_ppo_stage_loads_the_reward_model_as_an_adapter_role(reward_store):
     m = ArtifactStore(reward_store).read_stage("tiny", "ppo").manifest.metrics
     assert m["reward_role"] == "adapter" and m["reward_model_mb"] < 1.0 and m["value_init"] == "reward"
     assert m["updates"] == 2 and "first" in m["eval_reward"]
+
+
+def test_config_schema_lists_the_eval_set_and_kind_floor_keys(capsys):
+    assert _align("config", "schema", "reward") == 0
+    lines = capsys.readouterr().out.splitlines()
+    for key in ("data.eval_sets: dict[str, str] = {}", "data.max_set_pairs: int | None = null",
+                "data.max_stat_pairs: int | None = null", "gate.min_kind_accuracy: float | None = null",
+                'gate.kind_set: str = "eval"', "gate.min_kind_pairs: int = 5"):
+        assert key in lines, key
+        assert lines[lines.index(key) + 1].startswith("    ") and len(lines[lines.index(key) + 1].strip()) > 20

@@ -31,6 +31,9 @@ EVAL = {"baseline": "sft", "win_rate": 0.46875, "models": {
 def test_each_stage_shows_its_own_figures():
     assert _key_metrics(REWARD, "reward") == "acc=0.688->0.5  ece=0.422  margin=0.449  len_corr=-0.21"
     assert _key_metrics({**REWARD, "gate_passed": False}, "reward").endswith("gate FAILED")
+    held = {**REWARD, "eval_sets": ["heldout_phrasings"], "heldout_phrasings_accuracy": 0.8125}
+    assert _key_metrics(held, "reward") == ("acc=0.688->0.5  heldout_phrasings_acc=0.812  ece=0.422  margin=0.449  "
+                                            "len_corr=-0.21")
     assert _key_metrics(DPO, "dpo") == "pref_acc=0.625->0.75  reward_acc=0.594  margin=0.00107  kl=0.00297"
     assert _key_metrics(PPO, "ppo") == "reward=1.1->0.632  kl=0->0.31  missing_eos=1->0.875"
     assert _key_metrics(LABEL, "label") == "pairs=24  gold_agree=0.55  pos_bias=0.9  unparsed=0"
