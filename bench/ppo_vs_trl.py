@@ -2,8 +2,11 @@
 
 The same random-init Qwen2-shaped model (hidden 768, 12 layers, 12 heads / 4 KV heads, MLP 3072, tied
 embeddings, vocab 4,096: a byte-level BPE trained on data/instruct plus filler tokens, 107.0M parameters)
-is the policy/reference start for both sides, and the same random-init reward model of the same shape
-(Qwen2ForSequenceClassification, 1 label) scores both. Workload, both sides: 64 prompts from
+is the policy/reference start for both sides. The reward model has the pipeline's shape: the policy's base + a LoRA
+reward adapter (random B, seeded) + a score head; ours loads it unmerged as a frozen adapter role on its one base
+(`AdapterReward.from_folder`, as the ppo stage loads the reward stage's `adapter/`), TRL the same adapter merged into a
+Qwen2ForSequenceClassification (it cannot share a base), from which its value model also starts. After training each
+side scores the same probe rows with its own reward path; the run fails if they differ beyond bf16 rounding. Workload, both sides: 64 prompts from
 data/instruct/train.jsonl (chat template applied), batch 8, exactly 24 sampled response tokens (EOS is
 never a stop: the comparison is of equal work), 2 PPO epochs of one minibatch of 8, 8 updates (64 episodes),
 on CPU. LoRA: r 16 on every linear layer of the policy. Full: every policy weight trains.
@@ -23,7 +26,7 @@ peak RSS is the child's ru_maxrss (os.wait4), episodes/s is 64 episodes / wall t
 
     bash bench/setup_trl112.sh      # once: trl 1.12.0 + torch 2.13.0 (CPU) in bench/out/venv-trl112
     flock /tmp/heavy.lock env OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 .venv/bin/python bench/ppo_vs_trl.py \
-        --modes lora full --sides trl ours ours:value_model=separate --repeat 2
+        --modes lora --sides trl ours          # --updates 2 for a quick check; ours:reward=merged for the old RM
 
 A side `ours:KEY=VALUE+KEY=VALUE` runs our trainer with those PPOSpec overrides (ablations in one invocation).
 
@@ -378,7 +381,7 @@ def reward_check(results: list[dict], fp32: list[float]) -> dict:
     model agree to 1e-4): the two sides may differ by their own precision's rounding, and no more."""
     trl = next((r["probe_scores"] for r in results if r["side"] == "trl"), None)
     if trl is None:
-        return {"max_abs_diff": 0.0, "rounding": 1.0, "trl": None}
+        return {"max_abs_diff": 0.0, "rounding": 1.0, "fp32": fp32, "trl": None}
     rounding = max(abs(a - b) for r in results for a, b in zip(r["probe_scores"], fp32))
     diffs = [abs(a - b) for r in results if r["side"] != "trl" for a, b in zip(r["probe_scores"], trl)]
     return {"max_abs_diff": max(diffs, default=0.0), "rounding": rounding, "fp32": [round(x, 4) for x in fp32],
