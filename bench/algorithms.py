@@ -111,8 +111,8 @@ def timed_run(cmd: list[str], artifact: Path, cache: Path) -> dict:
     before = manifest.read_bytes() if manifest.is_file() else None
     timing = align(cmd)
     times = json.loads(cache.read_text()) if cache.is_file() else {}
-    if before is not None and manifest.read_bytes() == before and str(artifact) in times:
-        return {**times[str(artifact)], "reused": True}
+    if before is not None and manifest.read_bytes() == before:  # built before this bench: its time is unknown here
+        return {**times.get(str(artifact), {"wall_s": None, "cpu_s": None}), "reused": True}
     times[str(artifact)] = timing
     cache.write_text(json.dumps(times, indent=1))
     return timing
@@ -218,6 +218,12 @@ def per_prompt_mean(runs: list[dict], split: str) -> list[float]:
     return [sum(c[i] for c in cols) / len(cols) for i in range(len(cols[0]))]
 
 
+def _mean_time(runs: list[dict], key: str) -> float | None:
+    """Mean over seeds; None when a run was built outside this bench (`--shared` runs made by hand)."""
+    values = [r.get(key, 0.0) for r in runs]
+    return None if any(v is None for v in values) else sum(values) / len(values)
+
+
 def summarise(results: dict) -> dict:
     """Per algorithm and split: pass rate and CI, difference to SFT and CI; RM score, KL, length, time."""
     from alignment.evaluation import bootstrap_ci
@@ -235,8 +241,7 @@ def summarise(results: dict) -> dict:
         all_len = [x for r in runs for s in r["splits"].values() for x in s["length"]]
         row.update(rm=sum(all_rm) / len(all_rm), length=sum(all_len) / len(all_len),
                    kl=sum(r["kl_seq"] for r in runs) / len(runs),
-                   wall_s=sum(r.get("wall_s", 0.0) for r in runs) / len(runs),
-                   cpu_s=sum(r.get("cpu_s", 0.0) for r in runs) / len(runs))
+                   wall_s=_mean_time(runs, "wall_s"), cpu_s=_mean_time(runs, "cpu_s"))
         table[algorithm] = row
     return table
 
@@ -251,7 +256,7 @@ def markdown(table: dict, args, splits: list[str]) -> str:
         cells += ["-" if algorithm == "sft" else f"{row[s]['delta']:+.3f} "
                   f"[{row[s]['delta_ci'][0]:+.3f}, {row[s]['delta_ci'][1]:+.3f}]" for s in splits]
         cells += [f"{row['rm']:.3f}", f"{row['kl']:.3f}", f"{row['length']:.1f}",
-                  f"{row['wall_s']:.0f}", f"{row['cpu_s']:.0f}"]
+                  *("-" if row[k] is None else f"{row[k]:.0f}" for k in ("wall_s", "cpu_s"))]
         lines.append("| " + " | ".join(cells) + " |")
     n = {s: next(iter(table.values()))[s]["n"] for s in splits}
     target = "the gold constraint check (RLVR)" if getattr(args, "reward", "model") == "gold" else "the reward model"
