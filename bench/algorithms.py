@@ -309,10 +309,9 @@ def _responses(text: str) -> int | dict[str, int]:
 
 
 def responses_for(args, algorithm: str) -> int:
-    default = 64 if args.profile == "tiny" else 768
     if isinstance(args.responses, dict):
-        return args.responses.get(algorithm, default)
-    return args.responses or default
+        return args.responses.get(algorithm, args.default_responses)
+    return args.responses
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -341,8 +340,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--results-tag", default=None, help="doc marker suffix (default the profile; e.g. smollm2-gold)")
     args = p.parse_args(argv)
     tiny = args.profile == "tiny"
+    args.default_responses = 64 if tiny else 768
     if not isinstance(args.responses, dict):
-        args.responses = args.responses or (64 if tiny else 768)
+        args.responses = args.responses or args.default_responses
     args.max_new_tokens = args.max_new_tokens or (16 if tiny else 128)  # SmolLM2 SFT finishes within 128
     args.precision = "fp32" if tiny else "auto"
     args.plot = args.plot or REPO / "docs" / "img" / f"algorithms_{args.profile}{'_gold' * (args.reward == 'gold')}.png"
