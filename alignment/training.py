@@ -33,7 +33,33 @@ def trainer_args(train: TrainSpec, *, out_dir, seed: int, precision: str, report
         "gradient_checkpointing"
     out[checkpointing] = train.gradient_checkpointing
     out.update(train.args)
+    fused_lm_head_scores_labelled_tokens_only()
     return out
+
+
+def fused_lm_head_scores_labelled_tokens_only() -> bool:
+    """On CPU, make TRL's fused LM head score only the positions that have a label (process-wide, idempotent).
+
+    TRL 1.16 (`trl.trainer.utils.add_fused_lm_head`) scores only labelled positions where Triton runs, and every
+    position elsewhere, prompt and padding included, so that compilers see fixed tile shapes (its comment: Neuron).
+    Eager CPU has no such need and paid for the prompt tokens too, in fp32 torch ops over the vocabulary. The
+    labelled positions get the same log-probs either way (tests/test_training_glue.py); an SFT step on SmolLM2
+    took 30% less time (docs/pipeline.md). False when this TRL has no such switch (nothing changed).
+    """
+    try:
+        from trl.trainer import utils as trl_utils
+    except ImportError:
+        return False
+    choose = getattr(trl_utils, "_use_triton", None)
+    if choose is None:
+        return False
+    if not getattr(choose, "labelled_only", False):
+        def compact(device, _triton=choose):
+            return device.type == "cpu" or _triton(device)
+
+        compact.labelled_only, compact.original = True, choose
+        trl_utils._use_triton = compact
+    return True
 
 
 # TrainingArguments fields the runner and the stage config own: a `train.args` entry may not change them.

@@ -225,3 +225,27 @@ def test_frozen_weights_generate_the_same_and_stay_frozen(lm):
     assert torch.equal(a.response_ids, b.response_ids)
     assert {n: p.requires_grad for n, p in frozen.named_parameters()} == flags
     assert all(p.grad is None for p in frozen.parameters())
+
+
+def test_rows_that_ended_leave_the_batch_and_every_row_keeps_its_tokens(lm):
+    """retire_every: generate in steps, dropping ended rows (and their KV cache) between steps; greedy and seeded
+    sampling give exactly what one `generate` call gives, and later forwards really run on fewer rows."""
+    model, tok = lm
+    sampled = GenerationSpec(max_new_tokens=12, do_sample=True, temperature=1.3, autocast="off")
+    for spec, seed in ((GREEDY, None), (sampled, [3, 4, 5, 6, 7])):
+        spec = spec.model_copy(update={"retire_every": 0})
+        free = generate(model, tok, PROMPTS, spec, seed=seed)
+        stop_tok = copy.deepcopy(tok)  # the token row 0 makes at step 2 becomes EOS: rows end at different steps
+        stop_tok.eos_token = stop_tok.convert_ids_to_tokens(free.response_ids[0, 2].item())
+        one = generate(model, stop_tok, PROMPTS, spec, seed=seed)
+        rows_seen = []
+        hook = model.register_forward_pre_hook(lambda m, a, kw: rows_seen.append(kw["input_ids"].shape[0]),
+                                               with_kwargs=True)
+        try:
+            steps = generate(model, stop_tok, PROMPTS, spec.model_copy(update={"retire_every": 2}), seed=seed)
+        finally:
+            hook.remove()
+        assert torch.equal(steps.response_ids, one.response_ids) and steps.texts == one.texts
+        assert torch.equal(steps.response_mask, one.response_mask) and steps.finish_reasons == one.finish_reasons
+        assert 0 < int(one.has_eos.sum()) < len(PROMPTS)  # some rows ended early, some ran to the limit
+        assert rows_seen[0] == len(PROMPTS) and min(rows_seen) == int((~one.has_eos).sum())
