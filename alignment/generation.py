@@ -410,7 +410,7 @@ def _generate_retiring(model, ids, mask, gen, sampler, every: int):
     from transformers import DynamicCache, LogitsProcessorList
 
     extra = {"logits_processor": LogitsProcessorList([sampler])} if sampler is not None else {}
-    if every <= 0:
+    if every <= 0 or gen.eos_token_id is None:
         return model.generate(input_ids=ids, attention_mask=mask, generation_config=gen, **extra)
     width, made, cache = ids.shape[1], 0, DynamicCache()
     rows, seq, att = torch.arange(ids.shape[0]), ids, mask
