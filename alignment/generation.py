@@ -420,8 +420,7 @@ def _generate_retiring(model, ids, mask, gen, sampler, every: int):
         step.max_new_tokens = min(every, gen.max_new_tokens - made)
         if sampler is not None:
             sampler.active = rows.tolist()
-        seq = model.generate(input_ids=seq, attention_mask=att, cache=cache, generation_config=step,
-                             **extra)
+        seq = model.generate(input_ids=seq, attention_mask=att, cache=cache, generation_config=step, **extra)
         new = seq[:, att.shape[1]:]
         made, att = made + step.max_new_tokens, torch.cat([att, torch.ones_like(new)], dim=1)
         ended = (new == gen.eos_token_id).any(dim=1) | (made >= gen.max_new_tokens)

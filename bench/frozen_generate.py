@@ -26,6 +26,12 @@ REPO = Path(__file__).resolve().parent.parent
 VARIANTS = ("trainable", "frozen", "frozen+thaw")
 
 
+def load_prompts(rows: int) -> list:
+    """The first `rows` training prompts of data/instruct (the user turns)."""
+    lines = (REPO / "data" / "instruct" / "train.jsonl").read_text().splitlines()[:rows]
+    return [[m for m in json.loads(line)["messages"] if m["role"] != "assistant"] for line in lines]
+
+
 def child(variant: str, rows: int, tokens: int) -> dict:
     import torch
 
@@ -41,8 +47,7 @@ def child(variant: str, rows: int, tokens: int) -> dict:
         model.requires_grad_(False)
     if variant == "frozen":
         G.thaw = lambda model: []
-    lines = (REPO / "data" / "instruct" / "train.jsonl").read_text().splitlines()[:rows]
-    prompts = [[m for m in json.loads(line)["messages"] if m["role"] != "assistant"] for line in lines]
+    prompts = load_prompts(rows)
     spec = G.GenerationSpec(max_new_tokens=tokens, batch_size=rows)
     t0, c0 = time.perf_counter(), os.times()
     ro = G.generate(model, tok, prompts, spec, greedy=True)
@@ -50,6 +55,20 @@ def child(variant: str, rows: int, tokens: int) -> dict:
     assert torch.is_tensor(ro.response_ids)
     return {"variant": variant, "wall_s": time.perf_counter() - t0, "user_s": c1.user - c0.user,
             "sys_s": c1.system - c0.system, "tokens": int(sum(ro.lengths))}
+
+
+def run_children(script: str, variants, args: list[str]) -> list[dict]:
+    """Run `script --child VARIANT ARGS` once per variant, each in its own process: its last stdout line (JSON)
+    plus the child's peak RSS."""
+    results = []
+    for variant in variants:
+        proc = subprocess.Popen([sys.executable, script, "--child", variant, *args], stdout=subprocess.PIPE, cwd=REPO)
+        out = proc.stdout.read().decode()
+        _, status, usage = os.wait4(proc.pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            sys.exit(f"{variant} failed")
+        results.append({**json.loads(out.strip().splitlines()[-1]), "peak_rss_mb": usage.ru_maxrss / 1024})
+    return results
 
 
 def main() -> None:
@@ -61,15 +80,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child, args.rows, args.tokens)))
         return
-    results = []
-    for variant in VARIANTS:
-        proc = subprocess.Popen([sys.executable, __file__, "--child", variant, "--rows", str(args.rows), "--tokens",
-                                 str(args.tokens)], stdout=subprocess.PIPE, cwd=REPO)
-        out = proc.stdout.read().decode()
-        _, status, usage = os.wait4(proc.pid, 0)
-        if os.waitstatus_to_exitcode(status) != 0:
-            sys.exit(f"{variant} failed")
-        results.append({**json.loads(out.strip().splitlines()[-1]), "peak_rss_mb": usage.ru_maxrss / 1024})
+    results = run_children(__file__, VARIANTS, ["--rows", str(args.rows), "--tokens", str(args.tokens)])
     base = results[0]
     print("| variant | wall s | user s | sys s | peak RSS MB | tokens | wall / trainable | RSS / trainable |")
     print("|---|---|---|---|---|---|---|---|")
