@@ -14,7 +14,10 @@ from alignment.schema import TrainSpec
 
 
 def trainer_args(train: TrainSpec, *, out_dir, seed: int, precision: str, report_to: str) -> dict:
-    """Keyword arguments common to SFTConfig / RewardConfig / DPOConfig (all TrainingArguments), `train.args` last."""
+    """Keyword arguments common to SFTConfig / RewardConfig / DPOConfig (all TrainingArguments), `train.args` last.
+
+    Every TRL trainer of ours is built from these, so this is also where TRL's fused LM head is told to score only
+    labelled positions on CPU (`fused_lm_head_scores_labelled_tokens_only`), before any trainer runs a forward."""
     bf16 = resolve_precision(precision) == "bf16"
     out = dict(
         output_dir=str(out_dir), learning_rate=train.lr, num_train_epochs=train.epochs, max_steps=train.max_steps,

@@ -137,9 +137,11 @@ def test_autocast_is_bf16_only_for_fp32_weights_on_fast_hardware(lm, monkeypatch
 
 
 def test_spec_problems_name_the_key():
-    bad = GenerationSpec(max_new_tokens=0, do_sample=True, temperature=0.0, top_p=1.5, memory_fraction=0)
+    bad = GenerationSpec(max_new_tokens=0, do_sample=True, temperature=0.0, top_p=1.5, memory_fraction=0,
+                         retire_every=-1)
     keys = [k for k, _ in bad.problems("sampling")]
-    assert keys == ["sampling.max_new_tokens", "sampling.temperature", "sampling.top_p", "sampling.memory_fraction"]
+    assert keys == ["sampling.max_new_tokens", "sampling.retire_every", "sampling.temperature", "sampling.top_p",
+                    "sampling.memory_fraction"]
     assert GenerationSpec(do_sample=False, temperature=0.0).problems() == []  # greedy ignores temperature
 
 
