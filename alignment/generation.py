@@ -413,6 +413,7 @@ def _generate_retiring(model, ids, mask, gen, sampler, every: int):
     if every <= 0 or gen.eos_token_id is None:
         return model.generate(input_ids=ids, attention_mask=mask, generation_config=gen, **extra)
     width, made, cache = ids.shape[1], 0, DynamicCache()
+    kept = {_cache_kwarg(model): cache}
     rows, seq, att = torch.arange(ids.shape[0]), ids, mask
     done: dict[int, torch.Tensor] = {}
     while True:
@@ -420,7 +421,7 @@ def _generate_retiring(model, ids, mask, gen, sampler, every: int):
         step.max_new_tokens = min(every, gen.max_new_tokens - made)
         if sampler is not None:
             sampler.active = rows.tolist()
-        seq = model.generate(input_ids=seq, attention_mask=att, cache=cache, generation_config=step, **extra)
+        seq = model.generate(input_ids=seq, attention_mask=att, generation_config=step, **kept, **extra)
         new = seq[:, att.shape[1]:]
         made, att = made + step.max_new_tokens, torch.cat([att, torch.ones_like(new)], dim=1)
         ended = (new == gen.eos_token_id).any(dim=1) | (made >= gen.max_new_tokens)
@@ -437,6 +438,14 @@ def _generate_retiring(model, ids, mask, gen, sampler, every: int):
     for i, r in done.items():
         out[i, :len(r)] = r
     return torch.cat([ids, out], dim=1)
+
+
+def _cache_kwarg(model) -> str:
+    """The name the model's forward takes its KV cache by: `cache` since transformers 5.24, `past_key_values` before."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
 
 
 def thaw(model) -> list:
