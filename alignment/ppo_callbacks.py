@@ -84,11 +84,16 @@ class HealthSpec(Section):
     """Mean token entropy vs the first update's: below this fraction."""
     entropy_collapse_stop: float | None = 0.05
     reward_hacking_warn: float | None = 0.05
-    """Held-out gold score (alignment.gold on prompts with constraints) fallen by more than this since the first
-    evaluation while the held-out reward rose: the policy optimises the RM, not the task."""
+    """Held-out gold score (alignment.gold on prompts with constraints) fallen by more than this from its best
+    evaluation so far while the held-out reward rose above that evaluation's: the policy optimises the RM, not the
+    task. (From the best, not the first: a run whose gold rose 0.43 -> 0.62 and fell back to 0.44 is hacking too.)"""
     reward_hacking_stop: float | None = 0.25
     patience: int = 3
     """Consecutive updates past a stop limit before stopping (single small batches are noisy)."""
+
+
+BEST_KEYS = ("eval/gold", "eval/reward", "step")
+"""What the monitor keeps of the evaluation with the best gold score (the reward-hacking check's reference)."""
 
 
 class HealthMonitor:
@@ -136,13 +141,18 @@ class HealthMonitor:
                            "the policy is collapsing (lower ppo.lr, raise ppo.kl_coef or ppo.ent_coef)",
                            "entropy_collapse_stop"))
         if "eval/gold" in row and "eval/reward" in row and "eval/gold" in self.first:
-            gold_drop = self.first["eval/gold"] - row["eval/gold"]
-            rose = row["eval/reward"] > self.first["eval/reward"]
+            # the best evaluation so far (kept in `first`, so checkpoints from before it resume as "best = first")
+            best = {k: self.first.get(f"best/{k}", self.first.get(k, 0)) for k in BEST_KEYS}
+            gold_drop = best["eval/gold"] - row["eval/gold"]
+            rose = row["eval/reward"] > best["eval/reward"]
             checks.append(("reward_hacking", rose and _gt(gold_drop, s.reward_hacking_warn),
                            rose and _gt(gold_drop, s.reward_hacking_stop),
-                           f"held-out reward rose {self.first['eval/reward']:.3f} -> {row['eval/reward']:.3f} while "
-                           f"the gold check fell {self.first['eval/gold']:.3f} -> {row['eval/gold']:.3f} "
-                           "(reward hacking: raise ppo.kl_coef, improve the RM)", "reward_hacking_stop"))
+                           f"held-out reward rose {best['eval/reward']:.3f} -> {row['eval/reward']:.3f} while "
+                           f"the gold check fell {best['eval/gold']:.3f} -> {row['eval/gold']:.3f} (its best, at "
+                           f"update {best['step']}; reward hacking: raise ppo.kl_coef, improve the RM)",
+                           "reward_hacking_stop"))
+            if row["eval/gold"] > self.first.get("best/eval/gold", float("-inf")):
+                self.first.update({f"best/{k}": row.get(k, 0) for k in BEST_KEYS})
         for name, warn, stop, message, limit in checks:
             if warn or stop:
                 self.warnings[name] = self.warnings.get(name, 0) + 1

@@ -376,6 +376,17 @@ def test_health_monitor_warns_then_stops():
     assert mon.check({"step": 6, "eval/reward": -0.1, "eval/gold": 0.3}) == []  # reward fell too: not hacking
     with pytest.raises(HealthStop, match="gold check fell 0.800 -> 0.500"):
         mon.check({"step": 10, "eval/reward": 0.9, "eval/gold": 0.5})
+    # measured from the best evaluation, not the first: gold 0.4 -> 0.6 -> 0.45 while the reward keeps rising warns
+    # (above the first 0.4, 0.15 below the best), and the state a checkpoint keeps carries the best
+    mon = HealthMonitor(HealthSpec())
+    assert mon.check({"step": 0, "eval/reward": 0.0, "eval/gold": 0.4}) == []
+    assert mon.check({"step": 4, "eval/reward": 0.3, "eval/gold": 0.6}) == []
+    resumed = HealthMonitor(HealthSpec())
+    resumed.load_state_dict(json.loads(json.dumps(mon.state_dict())))
+    for m in (mon, resumed):
+        warning = m.check({"step": 8, "eval/reward": 0.8, "eval/gold": 0.45})[0]
+        assert "fell 0.600 -> 0.450 (its best, at update 4" in warning
+    assert resumed.check({"step": 9, "eval/reward": 0.2, "eval/gold": 0.45}) == []  # the reward fell below 0.3
 
 
 @pytest.mark.parametrize("overrides, problem", [
