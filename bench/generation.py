@@ -183,6 +183,11 @@ def old_shard_calls(splits):
 
 
 # -- variants ----------------------------------------------------------------------------------------------------
+def retiring(name) -> dict:
+    """GenerationSpec fields of a variant: hf-noretire keeps ended rows in the batch (one generate per batch)."""
+    return {"retire_every": 0} if name == "hf-noretire" else {}
+
+
 def label_variant(name, model, tok, splits, threads):
     """old: pre-migration code, shard by shard (batch 16); hf-b16: the new code at the old batch; hf: the new
     code as the stage now runs it (configs/smollm2/label.yaml, batch 64 = 4 shards per call); hf-noretire: that
@@ -204,7 +209,7 @@ def label_variant(name, model, tok, splits, threads):
     spec = GenerationSpec(backend="vllm" if name == "vllm" else "hf", max_new_tokens=L["max_new_tokens"],
                           do_sample=True, temperature=L["temperature"], top_p=L["top_p"], top_k=L["top_k"],
                           num_return_sequences=L["k"], batch_size=batch, max_prompt_length=L["max_prompt_length"],
-                          retire_every=0 if name == "hf-noretire" else GenerationSpec().retire_every)
+                          **retiring(name))
     opts = dict(workdir=OUT, threads=threads) if name == "vllm" else {}
     with build_engine(spec, model, tok, **opts) as engine:
         for prompts, seeds in label_calls(splits, batch):
@@ -222,8 +227,7 @@ def eval_variant(name, model, tok, prompts, threads):
         ids = out["ids"]
     else:
         spec = GenerationSpec(backend="vllm" if name.startswith("vllm") else "hf", max_new_tokens=E["max_new_tokens"],
-                              batch_size=E["new_batch"],
-                              retire_every=0 if name == "hf-noretire" else GenerationSpec().retire_every)
+                              batch_size=E["new_batch"], **retiring(name))
         opts = dict(workdir=OUT, threads=threads) if spec.backend == "vllm" else {}
         with build_engine(spec, model, tok, **opts) as engine:
             ro = engine.generate(prompts, spec, seed=0)
