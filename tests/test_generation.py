@@ -204,6 +204,24 @@ def test_the_row_sampler_draws_from_the_warped_distribution():
     assert freq[2:].sum() == 0 and math.isclose(freq[0], w[0] / sum(w), abs_tol=0.03)
 
 
+def test_nucleus_pick_samples_transformers_top_p_distribution_through_a_topk_head():
+    from transformers import TopPLogitsWarper
+
+    torch.manual_seed(0)
+    # flat and peaked rows, so some nuclei fit the 4-token head and others need the larger heads (64, then all 300)
+    logits = torch.randn(6, 300) * torch.tensor([0.1, 0.5, 1.0, 3.0, 6.0, 12.0]).unsqueeze(1)
+    want = torch.softmax(TopPLogitsWarper(0.9)(None, logits.clone()), dim=-1)
+    n = 20_000
+    u = ((torch.arange(n) + 0.5) / n).repeat(6)  # stratified uniforms: frequencies within 1/n of the target
+    picks = G.nucleus_pick(torch.softmax(logits, -1).repeat_interleave(n, 0), u, 0.9, head=4).view(6, n)
+    freq = torch.stack([torch.bincount(row, minlength=300) for row in picks]).float() / n
+    assert ((freq > 0) == (want > 1.5 / n)).all()  # the nucleus: no token outside it, every token inside it
+    assert torch.allclose(freq, want, atol=2 / n)
+    # hand-worked: [0.5, 0.3, 0.15, 0.05] at top_p 0.85 keeps 0.5, 0.3 and 0.15 (mass before them 0, 0.5, 0.8)
+    p = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    assert [int(G.nucleus_pick(p, torch.tensor([x]), 0.85, head=1)) for x in (0.1, 0.6, 0.99)] == [0, 1, 2]
+
+
 def test_label_sampling_groups_whole_shards_at_fixed_boundaries():
     from alignment.labeling import sampling_groups
 
