@@ -316,7 +316,8 @@ def answer_all(cfg: Config, ctx, tok, sets: dict[str, list[dict]]) -> tuple[dict
 
 
 def split_metrics(cfg: Config, sets: dict[str, list[dict]], responses: dict, fn) -> tuple[dict, dict]:
-    """Gold scores ({set: {model: [score]}}) and the per-set summary: pass rate per model and per kind, 95% CI."""
+    """Gold scores ({set: {model: [score]}}) and the per-set summary: pass rate per model and per kind, 95% CI,
+    and each policy's paired gain over the baseline (`gold_gain`: mean and CI of its per-prompt differences)."""
     from alignment import evaluation as ev
 
     scores, out = {}, {}
@@ -325,6 +326,12 @@ def split_metrics(cfg: Config, sets: dict[str, list[dict]], responses: dict, fn)
         scores[s] = {name: fn(rows, r["text"]) for name, r in responses[s].items()}
         kinds = [row.get("category") for row in rows]
         models = {name: ev.gold_summary(sc, kinds, seed=cfg.seed) for name, sc in scores[s].items()}
+        base = scores[s].get(cfg.baseline)
+        for name, m in models.items():
+            # Paired by prompt against the baseline (what "beats SFT on held-out phrasings" is read from)
+            diffs = [a - b for a, b in zip(scores[s][name], base or []) if a is not None and b is not None]
+            if m is not None and name != cfg.baseline and diffs:
+                m["gold_gain"] = ev.distribution(diffs)
         out[s] = {"source": sources[s], "prompts": len(rows),
                   "models": {name: m for name, m in models.items() if m is not None}}
     return scores, out

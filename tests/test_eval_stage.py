@@ -202,6 +202,11 @@ def test_eval_stage_end_to_end(tiny_store, tmp_path):
             assert m["n"] == len(got) and m["pass_rate"] == pytest.approx(sum(got) / len(got))
             assert m["pass_rate_ci"][0] <= m["pass_rate"] <= m["pass_rate_ci"][1]
             assert sum(k["n"] for k in m["by_kind"].values()) == m["n"]
+            if name != "sft":  # paired with the baseline prompt by prompt
+                assert m["gold_gain"]["mean"] == pytest.approx(m["pass_rate"] - split["models"]["sft"]["pass_rate"])
+                assert m["gold_gain"]["n"] == m["n"]
+            else:
+                assert "gold_gain" not in m
     held_kinds = set(splits["heldout_kinds"]["models"]["dpo"]["by_kind"])
     assert held_kinds and not held_kinds & set(splits["in_distribution"]["models"]["dpo"]["by_kind"])
     assert splits["in_distribution"]["models"]["dpo"]["pass_rate"] == dpo["gold"]["pass_rate"]
