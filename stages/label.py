@@ -148,43 +148,33 @@ def judge_gate(cfg: Config, judge, ctx) -> bool:
     return not failures
 
 
-def run(cfg: Config, ctx) -> None:
-    from transformers import set_seed
-
-    # -- set up --------------------------------------------------------------------------------
-    set_seed(cfg.seed)
-    sft = ctx.inputs["sft"]
+def load_splits(cfg: Config) -> dict[str, list[dict]]:
+    """The prompts to label per split ("train", and "eval" unless switched off), each item knowing its index."""
     splits = {"train": load_prompts(cfg.prompts.train, cfg.prompts.max_prompts, cfg.prompts.train_split)}
     n_eval = cfg.prompts.max_prompts if cfg.max_eval_prompts is None else cfg.max_eval_prompts
     if cfg.prompts.eval and n_eval != 0:
         splits["eval"] = load_prompts(cfg.prompts.eval, n_eval, cfg.prompts.eval_split)
-    for split, items in splits.items():
+    for items in splits.values():
         for i, item in enumerate(items):
             item["index"] = i
-    log.info("[label] %s prompts, k=%d, pairing %s; judge %s (%s); precision %s",
-             {s: len(v) for s, v in splits.items()}, cfg.sampling.k, cfg.pairing, cfg.judge.kind,
-             cfg.judge.model or "", resolve_precision(cfg.precision))
-    # The judge first: a wrong model name or a dead endpoint fails in seconds, not after the sampling.
-    judge = build_judge(cfg.judge, ctx.inputs, cfg.precision)
-    judge.check()
-    if not judge_gate(cfg, judge, ctx):
-        return  # published as failed_gate with the audit only: nothing sampled, nothing labelled
+    return splits
 
-    # -- sample K responses per prompt, shard by shard (finished shards are kept across a kill) ----------
-    samples_dir, labels_dir = ctx.out_dir / "samples", ctx.out_dir / "labels"
-    t0, sampled = time.perf_counter(), 0
-    s = cfg.sampling
+
+def sample_shards(cfg: Config, sft, splits: dict, samples_dir: Path) -> int | None:
+    """K responses per prompt, written shard by shard (finished shards are kept across a kill); returns the
+    number of prompts sampled now, or None when preempted."""
+    s, sampled = cfg.sampling, 0
     todo = [(split, group) for split, items in splits.items()
             for group in sampling_groups(len(items), cfg.shard_size, s.batch_size)
             if not all(shard_path(samples_dir, split, i).is_file() for i, _, _ in group)]
-    if todo:
-        policy, tok = load_policy(sft, cfg.precision).eval(), load_tokenizer(sft.model_dir)
-        engine = build_engine(GenerationSpec(backend=s.backend), policy, tok)
+    if not todo:
+        return 0
+    policy, tok = load_policy(sft, cfg.precision).eval(), load_tokenizer(sft.model_dir)
+    with build_engine(GenerationSpec(backend=s.backend), policy, tok) as engine:
         bar = _progress(sum(g[-1][2] - g[0][1] for _, g in todo), "[label] sampling")
         for split, group in todo:
             if preemption.requested():
-                engine.close()
-                return  # the runner requeues; finished shards are kept
+                return None  # the runner requeues; finished shards are kept
             first, items = group[0][1], splits[split][group[0][1]:group[-1][2]]
             # One seed per prompt, from its shard's seed: a shard samples the same whatever it is grouped with.
             seeds = [shard_seed(cfg.seed, split, i) * 100_003 + j for i, a, b in group for j in range(b - a)]
@@ -200,25 +190,25 @@ def run(cfg: Config, ctx) -> None:
                     sampled += b - a
             bar.update(len(items))
         bar.close()
-        engine.close()
-        del policy, engine
-        gc.collect()
-    sample_seconds = time.perf_counter() - t0
+    del policy
+    gc.collect()
+    return sampled
 
-    # -- judge every pair of distinct responses, shard by shard (verdicts cached as they come) ----------
-    cache_dir = None if cfg.cache_dir == "none" else Path(cfg.cache_dir or ctx.out_dir.parent.parent / ".cache" / "judge")
-    cache = JudgeCache(cache_dir, judge.name)
-    judging = Judging(judge, cache, cfg.judge_batch)
+
+def judge_splits(cfg: Config, ctx, judging: Judging, splits: dict) -> dict | None:
+    """Every pair of distinct responses judged shard by shard (verdicts cached as they come); the pairs and eval
+    files written; per-split label statistics, or None when preempted."""
+    samples_dir, labels_dir = ctx.out_dir / "samples", ctx.out_dir / "labels"
     metrics: dict = {}
     for split, items in splits.items():
         judging.progress = _progress(0, f"[label] judging {split}")
-        hits, judged = cache.hits, judging.judged
+        hits, judged = judging.cache.hits, judging.judged
         records = []
         for index, _, _ in shards(len(items), cfg.shard_size):
             out = shard_path(labels_dir, split, index)
             if not out.is_file():
                 if preemption.requested():
-                    return
+                    return None
                 write_jsonl(out, judge_shard(read_jsonl(shard_path(samples_dir, split, index)), judging, cfg.pairing))
             records += read_jsonl(out)
         judging.progress.close()
@@ -226,18 +216,48 @@ def run(cfg: Config, ctx) -> None:
         if split == "train" and not rows:
             raise DataError(f"{cfg.prompts.train}: the judge produced no usable pair (dropped: {dropped}); "
                             "check the judge (unparseable rate) or raise sampling.temperature / k")
-
-        # -- save -------------------------------------------------------------------------------------
         write_jsonl(ctx.out_dir / ("pairs.jsonl" if split == "train" else "eval.jsonl"), rows)
         stats = label_stats(rows, verdicts)
         metrics[split] = {**stats, "dropped": dropped, "prompts": len(items), "judged": judging.judged - judged,
-                          "cache_hits": cache.hits - hits}
+                          "cache_hits": judging.cache.hits - hits}
         log.info("[label] %s: %d pairs from %d prompts; position bias %s, unparseable %s, mean |p-0.5| %s, "
                  "gold agreement %s; %d judged, %d from cache", split, stats["pairs"], len(items),
                  stats["position_bias_rate"], stats["unparseable_rate"], stats["mean_abs_margin"],
                  stats["gold_agreement"], metrics[split]["judged"], metrics[split]["cache_hits"])
+    return metrics
+
+
+def run(cfg: Config, ctx) -> None:
+    from transformers import set_seed
+
+    # -- set up --------------------------------------------------------------------------------
+    set_seed(cfg.seed)
+    sft = ctx.inputs["sft"]
+    splits = load_splits(cfg)
+    log.info("[label] %s prompts, k=%d, pairing %s; judge %s (%s); precision %s",
+             {s: len(v) for s, v in splits.items()}, cfg.sampling.k, cfg.pairing, cfg.judge.kind,
+             cfg.judge.model or "", resolve_precision(cfg.precision))
+    # The judge first: a wrong model name or a dead endpoint fails in seconds, not after the sampling.
+    judge = build_judge(cfg.judge, ctx.inputs, cfg.precision)
+    judge.check()
+    if not judge_gate(cfg, judge, ctx):
+        return  # published as failed_gate with the audit only: nothing sampled, nothing labelled
+
+    # -- sample, then judge (both resumable shard by shard) -----------------------------------------
+    t0 = time.perf_counter()
+    sampled = sample_shards(cfg, sft, splits, ctx.out_dir / "samples")
+    if sampled is None:
+        return
+    sample_seconds = time.perf_counter() - t0
+    cache_dir = None if cfg.cache_dir == "none" else Path(cfg.cache_dir or ctx.out_dir.parent.parent / ".cache" / "judge")
+    cache = JudgeCache(cache_dir, judge.name)
+    judging = Judging(judge, cache, cfg.judge_batch)
+    metrics = judge_splits(cfg, ctx, judging, splits)
+    if metrics is None:
+        return
     judge.close()
 
+    # -- save ------------------------------------------------------------------------------------
     train = metrics["train"]
     ctx.lineage = lineage_for(sft, adapter=False, kind="preferences", judge=judge.name, label_source="ai")
     ctx.metrics.update({
