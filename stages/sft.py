@@ -54,18 +54,12 @@ class Config(StageConfig):
         return out
 
 
-def run(cfg: Config, ctx) -> None:
+def build_trainer(cfg: Config, ctx, base, mix):
+    """TRL's SFTTrainer on the base model with the PEFT method's trainable parameters; (trainer, tokenizer, the
+    packing mask hook or None)."""
     import datasets
-    from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
-    # -- set up --------------------------------------------------------------------------------
-    set_seed(cfg.seed)
-    base = ctx.inputs["base"]
-    mix = realise_mixture(cfg.data, cfg.seed, ctx.inputs)
-    log.info("[sft] %d train examples from %d source(s); eval groups %s; method %s (%s); precision %s",
-             len(mix.train), len(mix.report["sources"]), {g: len(r) for g, r in mix.eval_groups.items()},
-             cfg.peft.method, METHODS[cfg.peft.method].family, resolve_precision(cfg.precision))
     tok = load_tokenizer(base.model_dir)
     model = load_model(cfg.peft, base.model_dir, cfg.precision)
     select_trainable(model, cfg.peft)
@@ -87,6 +81,28 @@ def run(cfg: Config, ctx) -> None:
         # TRL has tokenised and truncated each example exactly as it does unpacked; now pack those.
         trainer.train_dataset = pack_examples(trainer.train_dataset, cfg.train.max_length)
         ctx.metrics.update(packing_report(trainer.train_dataset, cfg.train.max_length))
+    return trainer, tok, mask_hook
+
+
+def grouped_losses(by_group: dict, held_before: dict) -> dict:
+    """The eval losses of the mixture's extra groups, by source and by held-out category (before and after)."""
+    tail = lambda d, prefix: {g.split(":", 1)[1]: v for g, v in d.items() if g.startswith(prefix)}  # noqa: E731
+    return {"eval_loss_by_source": tail(by_group, "source:"),
+            "eval_loss_by_heldout_category": tail(by_group, "category:"),
+            "eval_loss_before_by_heldout_category": tail(held_before, "category:")}
+
+
+def run(cfg: Config, ctx) -> None:
+    from transformers import set_seed
+
+    # -- set up --------------------------------------------------------------------------------
+    set_seed(cfg.seed)
+    base = ctx.inputs["base"]
+    mix = realise_mixture(cfg.data, cfg.seed, ctx.inputs)
+    log.info("[sft] %d train examples from %d source(s); eval groups %s; method %s (%s); precision %s",
+             len(mix.train), len(mix.report["sources"]), {g: len(r) for g, r in mix.eval_groups.items()},
+             cfg.peft.method, METHODS[cfg.peft.method].family, resolve_precision(cfg.precision))
+    trainer, tok, mask_hook = build_trainer(cfg, ctx, base, mix)
     ctx.metrics.update(param_counts(trainer.model))
     log.info("[sft] %d of %d parameters train (%.3f%%)", ctx.metrics["trainable_params"],
              ctx.metrics["total_params"], 100 * ctx.metrics["trainable_params"] / ctx.metrics["total_params"])
@@ -123,14 +139,8 @@ def run(cfg: Config, ctx) -> None:
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "train_examples": len(mix.train), "eval_examples": len(mix.eval_groups[MAIN_EVAL]),
         **throughput(trainer, runtime), "method": cfg.peft.method, "mixture": mix.report,
+        **(grouped_losses(by_group, held_before) if groups else {}),
     })
-    if groups:
-        ctx.metrics["eval_loss_by_source"] = {g.split(":", 1)[1]: v for g, v in by_group.items()
-                                              if g.startswith("source:")}
-        ctx.metrics["eval_loss_by_heldout_category"] = {g.split(":", 1)[1]: v for g, v in by_group.items()
-                                                        if g.startswith("category:")}
-        ctx.metrics["eval_loss_before_by_heldout_category"] = {g.split(":", 1)[1]: v
-                                                               for g, v in held_before.items()}
 
 
 def _merged(model, cfg: Config, base, adapter_dir):
