@@ -237,6 +237,29 @@ def _quality_gate(cfg: Config, ctx, rm, tok, train_pairs: list[dict], held: dict
     return failures
 
 
+def initial_reward_model(parent, tok, precision: str):
+    """The `init` artifact's policy with a one-output score head (the policy's LM head dropped)."""
+    policy = load_policy(parent, precision)
+    model = reward_model_from_policy(policy, tok.pad_token_id)
+    del policy
+    log.info("[reward] reward model %s (num_labels=1); peak RSS so far %.0f MB", type(model).__name__, peak_rss_mb())
+    return model
+
+
+def save_reward_model(cfg: Config, ctx, trainer, tok):
+    """The trained RM merged (one plain AutoModelForSequenceClassification folder, `model/`) and, for LoRA on base
+    + SFT, also unmerged (adapter + score head, peft layout), which PPO loads as a role on its own base instead of
+    a second model (alignment.reward_sources.AdapterReward). Returns the merged model."""
+    if cfg.peft.method == "lora" and trainer.is_world_process_zero():
+        trainer.model.save_pretrained(ctx.out_dir / ADAPTER_DIR, safe_serialization=True)
+    rm = trainer.model.merge_and_unload() if cfg.peft.method != "full" else trainer.model
+    rm.config.pad_token_id = tok.pad_token_id
+    if trainer.is_world_process_zero():  # one writer: with several processes every rank holds the same weights
+        rm.save_pretrained(ctx.out_dir / "model", safe_serialization=True)
+        tok.save_pretrained(ctx.out_dir / "model")
+    return rm
+
+
 def run(cfg: Config, ctx) -> None:
     from transformers import set_seed
     from trl import RewardConfig
@@ -255,11 +278,7 @@ def run(cfg: Config, ctx) -> None:
              resolve_precision(cfg.precision))
 
     tok = load_tokenizer(ctx.inputs["base"].model_dir)
-    policy = load_policy(parent, cfg.precision)
-    model = reward_model_from_policy(policy, tok.pad_token_id)
-    del policy
-    log.info("[reward] reward model %s (num_labels=1); peak RSS so far %.0f MB",
-             type(model).__name__, peak_rss_mb())
+    model = initial_reward_model(parent, tok, cfg.precision)
     max_len = cfg.train.max_length
     before = score_pairs(model, tok, eval_pairs, batch_size=cfg.train.eval_batch_size, max_length=max_len)
 
@@ -280,16 +299,7 @@ def run(cfg: Config, ctx) -> None:
     result, runtime = trained.result, trained.seconds
 
     # -- save ----------------------------------------------------------------------------------
-    # LoRA on base + SFT: also unmerged (adapter + score head, peft layout), which PPO loads as a role on its own
-    # base instead of a second model (alignment.reward_sources.AdapterReward).
-    if cfg.peft.method == "lora" and trainer.is_world_process_zero():
-        trainer.model.save_pretrained(ctx.out_dir / ADAPTER_DIR, safe_serialization=True)
-    # Merged, so the artifact is one plain AutoModelForSequenceClassification folder.
-    rm = trainer.model.merge_and_unload() if cfg.peft.method != "full" else trainer.model
-    rm.config.pad_token_id = tok.pad_token_id
-    if trainer.is_world_process_zero():  # one writer: with several processes every rank holds the same weights
-        rm.save_pretrained(ctx.out_dir / "model", safe_serialization=True)
-        tok.save_pretrained(ctx.out_dir / "model")
+    rm = save_reward_model(cfg, ctx, trainer, tok)
     ctx.lineage = lineage_for(parent, adapter=False, init=cfg.init, head="sequence_classification",
                               method=cfg.peft.method, merged=cfg.peft.method != "full")
 
