@@ -30,6 +30,7 @@ import importlib
 import json
 import logging
 import time
+from pathlib import Path
 
 from alignment import generation
 from alignment.config import Section, StageConfig
@@ -353,6 +354,46 @@ def forgetting_metrics(cfg: Config, ppl: dict, splits: dict) -> dict:
 # -- the stage -------------------------------------------------------------------------------------
 
 
+def reward_scores(cfg: Config, ctx, names: list[str], prompts: list, responses: dict) -> dict[str, list[float]]:
+    """The run's reward model's score of every model's answer to the main prompts."""
+    from alignment.reward import load_reward_model, score_conversations
+
+    rm, rm_tok = load_reward_model(ctx.inputs["reward"].model_dir, cfg.precision)
+    rewards = {}
+    for name in names:
+        convs = [p + [{"role": "assistant", "content": t}] for p, t in zip(prompts, responses[name]["text"])]
+        rewards[name], _ = score_conversations(rm, rm_tok, convs, batch_size=cfg.reward_batch_size)
+    del rm
+    gc.collect()
+    return rewards
+
+
+def judge_verdicts(cfg: Config, ctx, prompts: list, responses: dict) -> tuple[dict, str]:
+    """The judge's verdicts of each policy against the baseline on the main prompts, and the judge's name."""
+    from alignment.judges import build_judge
+
+    judge = build_judge(cfg.judge, ctx.inputs, cfg.precision)
+    verdicts = {name: judge.compare(prompts, responses[name]["text"], responses[cfg.baseline]["text"])
+                for name in cfg.policies}
+    name = judge.name
+    judge.close()
+    del judge
+    gc.collect()
+    return verdicts, name
+
+
+def write_samples(cfg: Config, out_dir: Path, everything: list[dict], names: list[str]) -> list[dict]:
+    """samples.jsonl: the main prompts' baseline and policy answers (the tracker's table, returned); the further
+    sets and the base model's answers go to samples_sets.jsonl."""
+    main = [s["split"] == cfg.prompts_name and s["policy"] in names for s in everything]
+    samples = [s for s, m in zip(everything, main) if m]
+    for file, rows_out in ((SAMPLES, samples), (SET_SAMPLES, [s for s, m in zip(everything, main) if not m])):
+        with (out_dir / file).open("w", encoding="utf-8") as f:
+            for s in rows_out:
+                f.write(json.dumps(s, ensure_ascii=False) + "\n")
+    return samples
+
+
 def run(cfg: Config, ctx) -> None:
     from transformers import set_seed
 
@@ -377,30 +418,9 @@ def run(cfg: Config, ctx) -> None:
     responses = all_responses[cfg.prompts_name]
     gen_s = time.perf_counter() - t0
 
-    # -- reward model ----------------------------------------------------------------------------
-    rewards = {}
-    if cfg.reward:
-        from alignment.reward import load_reward_model, score_conversations
-
-        rm, rm_tok = load_reward_model(ctx.inputs["reward"].model_dir, cfg.precision)
-        for name in names:
-            convs = [p + [{"role": "assistant", "content": t}] for p, t in zip(prompts, responses[name]["text"])]
-            rewards[name], _ = score_conversations(rm, rm_tok, convs, batch_size=cfg.reward_batch_size)
-        del rm
-        gc.collect()
-
-    # -- judge: each policy against the baseline, both orders --------------------------------------
-    verdicts, judge_name = {}, None
-    if cfg.judge is not None:
-        from alignment.judges import build_judge
-
-        judge = build_judge(cfg.judge, ctx.inputs, cfg.precision)
-        for name in cfg.policies:
-            verdicts[name] = judge.compare(prompts, responses[name]["text"], responses[cfg.baseline]["text"])
-        judge_name = judge.name
-        judge.close()
-        del judge
-        gc.collect()
+    # -- reward model; judge: each policy against the baseline, both orders --------------------------
+    rewards = reward_scores(cfg, ctx, names, prompts, responses) if cfg.reward else {}
+    verdicts, judge_name = judge_verdicts(cfg, ctx, prompts, responses) if cfg.judge is not None else ({}, None)
 
     # -- gold, per prompt set and kind; forgetting -----------------------------------------------
     gold, all_gold, splits = {}, {}, {}
@@ -418,15 +438,8 @@ def run(cfg: Config, ctx) -> None:
                         "generate_seconds": round(gen_s, 2), "eval_seconds": round(time.perf_counter() - t0, 2)})
 
     # -- save ------------------------------------------------------------------------------------
-    # samples.jsonl: the main prompts' baseline and policy answers (the tracker's table); the further sets and
-    # the base model's answers go to samples_sets.jsonl.
-    everything = collect_samples(cfg, sets, all_responses, all_gold, rewards, verdicts)
-    main = [s["split"] == cfg.prompts_name and s["policy"] in names for s in everything]
-    samples = [s for s, m in zip(everything, main) if m]
-    for file, rows_out in ((SAMPLES, samples), (SET_SAMPLES, [s for s, m in zip(everything, main) if not m])):
-        with (ctx.out_dir / file).open("w", encoding="utf-8") as f:
-            for s in rows_out:
-                f.write(json.dumps(s, ensure_ascii=False) + "\n")
+    samples = write_samples(cfg, ctx.out_dir, collect_samples(cfg, sets, all_responses, all_gold, rewards, verdicts),
+                            names)
     histories = {name: ctx.inputs[name].path / "log_history.jsonl" for name in cfg.policies}
     write_eval_report(ctx.out_dir, metrics=ctx.metrics, samples=samples,
                       histories=histories, rewards=rewards, lengths={n: responses[n]["tokens"] for n in names},
