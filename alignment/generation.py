@@ -256,7 +256,7 @@ def nucleus_pick(probs, u, top_p: float, head: int = 64):
 
     The nucleus is transformers' TopPLogitsWarper's: the most probable tokens until their mass reaches `top_p`
     (a token stays when the mass ranked above it is < top_p; the first always stays). Found with `topk` over a
-    head of the vocabulary instead of sorting all of it: a full sort of 128 rows x 49k tokens took ~0.3 s a token
+    head of the vocabulary instead of sorting all of it: sorting 128 rows x 49k tokens took ~0.5 s a token
     step on this CPU, most of a sampled label batch's time. Rows whose head holds less than `top_p` of the mass
     look again at a 16x larger head, up to the whole vocabulary, so the result is exact. top_p 1 inverts the
     whole vocabulary's CDF in vocabulary order (no ranking needed).
