@@ -16,6 +16,7 @@ same `Rollout`; trainers recompute log-probs with their own forward, so the back
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
@@ -370,7 +371,7 @@ def _batches(lengths: list[int], spec: GenerationSpec, k: int, fit) -> list[list
 
 def generate(model, tok, prompts: Sequence[Prompt], spec: GenerationSpec, *, seed: int | Sequence[int] | None = None,
              max_new_tokens: int | None = None, greedy: bool | None = None, desc: str | None = None,
-             autocast_dtype="auto") -> Rollout:
+             autocast_dtype="auto", prompt_ids: Sequence[Sequence[int]] | None = None) -> Rollout:
     """Responses to `prompts` from `model` (HF backend), in prompt order, `spec.num_return_sequences` each.
 
     `seed` (one int, or one per prompt) makes sampling reproducible and independent of the batching
@@ -379,9 +380,9 @@ def generate(model, tok, prompts: Sequence[Prompt], spec: GenerationSpec, *, see
     under autocast, None for none, "auto" to follow `spec.autocast` (`resolve_autocast`). `desc` shows a
     progress bar over batches. Prompts are batched longest first (little padding), at most `spec.batch_size`
     per call and fewer when their KV cache would not fit in memory; rows come back in prompt order.
+    `prompt_ids`: the prompts already tokenised (a trainer's own chat templating), used instead of templating
+    `prompts` (which are then only carried into the Rollout).
     """
-    import contextlib
-
     import torch
     from tqdm.auto import tqdm
 
@@ -392,7 +393,10 @@ def generate(model, tok, prompts: Sequence[Prompt], spec: GenerationSpec, *, see
     device = next(model.parameters()).device
     gen = generation_config(tok, spec, max_new_tokens=max_new_tokens, greedy=greedy)
     k, dtype = spec.num_return_sequences, resolve_autocast(model, spec, autocast_dtype)
-    rows = prompt_token_ids(tok, prompts, max_prompt_length=spec.max_prompt_length)
+    if prompt_ids is not None and len(prompt_ids) != len(prompts):
+        raise ValueError(f"generate: {len(prompt_ids)} prompt_ids for {len(prompts)} prompts")
+    rows = [list(r) for r in prompt_ids] if prompt_ids is not None else \
+        prompt_token_ids(tok, prompts, max_prompt_length=spec.max_prompt_length)
     fit = functools.partial(rows_that_fit, model, spec, new_tokens=gen.max_new_tokens, dtype=dtype)
     batches = _batches([len(r) for r in rows], spec, k, lambda w: fit(w))
     sample = spec.do_sample if greedy is None else not greedy
@@ -489,6 +493,35 @@ def thaw(model) -> list:
     for p in frozen:
         p.requires_grad_(True)
     return frozen
+
+
+@contextlib.contextmanager
+def merged_lora(model, adapter: str = "default"):
+    """Inside: every linear layer adapted by LoRA `adapter` holds a new weight tensor = base + B A (computed in fp32,
+    rounded once to the base's dtype) and the adapters are off, so sampling costs no per-token LoRA work. The base
+    tensors are put back untouched on exit (never modified in place: unmerging would not restore them bit for bit,
+    and with LoRA they are the reference). A no-op without LoRA layers and for variants (DoRA) whose merge is not
+    base + B A. The caller re-activates its adapter afterwards if it switches between several."""
+    import torch
+    from peft.tuners.lora import Linear
+
+    layers = [m for m in model.modules() if isinstance(m, Linear) and adapter in m.lora_A]
+    if not layers or any(adapter in m.lora_variant for m in layers):
+        yield
+        return
+    kept = []
+    try:
+        with torch.no_grad():
+            for m in layers:
+                w = m.base_layer.weight
+                kept.append((m.base_layer, w))
+                merged = (w.float() + m.get_delta_weight(adapter).float()).to(w.dtype)
+                m.base_layer.weight = torch.nn.Parameter(merged, requires_grad=False)
+        with model.disable_adapter():
+            yield
+    finally:
+        for layer, w in kept:
+            layer.weight = w
 
 
 def _trim(ro: Rollout) -> Rollout:

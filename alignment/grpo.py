@@ -16,6 +16,7 @@ with the adapter switched off (TRL does that by itself for a peft model): one co
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 from typing import Annotated, Literal, Union
@@ -54,6 +55,10 @@ class GroupSpec(Section):
     """Leave completions cut at max_completion_length out of the loss (DAPO's overlong filtering)."""
     log_completions: bool = False
     """Print a sample of prompts, completions and rewards at each logging step."""
+    sampler: Literal["engine", "trl"] = "engine"
+    """engine: the rollouts are sampled through alignment.generation (LoRA merged into temporary weights while
+    sampling, ended rows leave the batch, one seeded stream per row; `with_engine`); trl: TRL's own `generate`
+    call. vLLM, continuous batching and sampling options the engine does not cover always use TRL's."""
 
     def problems(self, train, prefix: str = "group") -> list[tuple[str, str]]:
         """Config-load checks; `train` is the stage's TrainSpec (its batch counts completions)."""
@@ -171,10 +176,62 @@ def prompt_dataset(records: list[dict]):
     return Dataset.from_list([{"prompt": r["prompt"], "prompt_index": i} for i, r in enumerate(records)])
 
 
-def trainer_class(name: str):
+def trainer_class(name: str, sampler: str = "engine"):
+    """(TRL's config class, TRL's trainer, sampling through alignment.generation unless `sampler` is "trl") for
+    `grpo` or `rloo`."""
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
-    return (GRPOConfig, GRPOTrainer) if name == "grpo" else (RLOOConfig, RLOOTrainer)
+    config_cls, trainer_cls = (GRPOConfig, GRPOTrainer) if name == "grpo" else (RLOOConfig, RLOOTrainer)
+    return config_cls, with_engine(trainer_cls) if sampler == "engine" else trainer_cls
+
+
+def with_engine(trainer_cls):
+    """`trainer_cls` whose plain-transformers sampling goes through `alignment.generation.generate`: LoRA merged
+    into temporary weights while sampling (`merged_lora`: ~2x fewer ms per token step on CPU, bench/rollout_weights.py),
+    ended rows leaving the batch (`retire_every`), bf16 autocast when the run is bf16, and one seeded random stream
+    per row (a resumed run samples what it sampled before). TRL's own path stays for what this one does not cover:
+    vLLM, continuous batching, images, min_p / repetition penalties / extra generation kwargs, several EOS ids.
+    TRL recomputes every log-prob with its training forward, so the loss does not depend on who sampled."""
+
+    class Trainer(trainer_cls):
+        def _generate_single_turn(self, prompt_ids, images, multimodal_fields, *args, **kwargs):
+            if not self._engine_can_sample(images, multimodal_fields):
+                return super()._generate_single_turn(prompt_ids, images, multimodal_fields, *args, **kwargs)
+            ids = engine_completions(self, prompt_ids)
+            return (ids, None) if trainer_cls.__name__ == "GRPOTrainer" else ids
+
+        def _engine_can_sample(self, images, multimodal_fields) -> bool:
+            a = self.args
+            return not (self.use_vllm or self.use_transformers_continuous_batching or images is not None and
+                        any(x is not None for x in images) or multimodal_fields or getattr(self, "_is_vlm", False)
+                        or a.min_p or a.repetition_penalty != 1.0 or a.generation_kwargs
+                        or set(self.eos_token_ids) != {self.processing_class.eos_token_id})
+
+    Trainer.__name__ = Trainer.__qualname__ = trainer_cls.__name__
+    return Trainer
+
+
+def engine_completions(trainer, prompt_ids: list[list[int]]) -> list[list[int]]:
+    """Sampled completion ids of each (already chat-templated) prompt row, through the first EOS, as TRL returns
+    them; the batch is every row TRL asked for in one call, with the policy's LoRA merged while it samples."""
+    from alignment.generation import GenerationSpec, generate, merged_lora
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    # bf16 autocast only when the run trains in bf16 (precision fp32 samples in fp32)
+    spec = GenerationSpec(max_new_tokens=trainer.max_completion_length, do_sample=True,
+                          temperature=trainer.temperature, top_p=trainer.top_p, top_k=trainer.top_k or 0,
+                          batch_size=len(prompt_ids), autocast="auto" if trainer.args.bf16 else "off")
+    # A fresh stream per row, from the run's seed, the optimizer step and the call within it: a run resumed at a
+    # step samples what the first run sampled there (TRL's own RNG is untouched).
+    step = trainer.state.global_step
+    calls = trainer._engine_calls[1] + 1 if getattr(trainer, "_engine_calls", (None,))[0] == step else 0
+    trainer._engine_calls = (step, calls)
+    seed = (trainer.args.seed * 1_000_003 + step * 10_007 + calls) % 2**31
+    adapter = getattr(model, "active_adapter", None) if hasattr(model, "peft_config") else None
+    with merged_lora(model, adapter) if isinstance(adapter, str) else contextlib.nullcontext():
+        ro = generate(model, trainer.processing_class, [None] * len(prompt_ids), spec, seed=seed,
+                      prompt_ids=prompt_ids)
+    return [r[:n] for r, n in zip(ro.response_ids.tolist(), ro.lengths)]
 
 
 # -- the run -------------------------------------------------------------------------------------------------------
@@ -190,7 +247,7 @@ def build_trainer(cfg, sft, prompts: list[dict], score, checkpoints_dir):
     policy = load_policy(sft, cfg.precision)  # one copy; with an adapter, adapter-off is the reference
     if not adapter:
         select_trainable(policy, cfg.peft)
-    config_cls, trainer_cls = trainer_class(cfg.algorithm.name)
+    config_cls, trainer_cls = trainer_class(cfg.algorithm.name, group.sampler)
     args = config_cls(**trainer_args(cfg.train, out_dir=checkpoints_dir, seed=cfg.seed, precision=cfg.precision,
                                      report_to=cfg.report_to),
                       **group.trl_kwargs(), **cfg.algorithm.trl_kwargs())

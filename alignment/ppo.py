@@ -577,30 +577,18 @@ class PPOTrainer:
 
     @contextmanager
     def merged_policy(self):
-        """Inside: every LoRA-adapted linear layer holds a new weight tensor = base + the policy adapter's B A (in
-        fp32, rounded once to the base's dtype) and the adapters are off. The base tensors are put back unchanged on
-        exit (never modified in place: unmerging would not restore them bit for bit, and they are the reference).
-        A no-op for full fine-tuning and for adapter variants (DoRA) whose merge is not base + B A."""
-        import torch
-        from peft.tuners.lora import Linear
+        """Inside: the policy adapter merged into temporary copies of the adapted weights, the adapters off
+        (`alignment.generation.merged_lora`); the base tensors, i.e. the reference, are untouched. A no-op for full
+        fine-tuning and for adapter variants (DoRA) whose merge is not base + B A."""
+        from alignment.generation import merged_lora
 
-        layers = [] if self.full else [m for m in self.model.modules() if isinstance(m, Linear) and POLICY in m.lora_A]
-        if not layers or any(POLICY in m.lora_variant for m in layers):
+        if self.full:
             yield
             return
-        kept = []
         try:
-            with torch.no_grad():
-                for m in layers:
-                    w = m.base_layer.weight
-                    kept.append((m.base_layer, w))
-                    merged = (w.float() + m.get_delta_weight(POLICY).float()).to(w.dtype)
-                    m.base_layer.weight = torch.nn.Parameter(merged, requires_grad=False)
-            with self.model.disable_adapter():
+            with merged_lora(self.model, POLICY):
                 yield
         finally:
-            for layer, w in kept:
-                layer.weight = w
             self._use(POLICY)
 
     # -- 2. score ------------------------------------------------------------------------------------------------

@@ -170,3 +170,56 @@ def test_shipped_configs_load_with_their_algorithm(profile, name):
     assert cfg.algorithm.name == name and cfg.stage == "grpo"
     short = load_stage_config("grpo", f"configs/{profile}/{name}.yaml", [f"algorithm={name}"])
     assert short.algorithm == type(cfg.algorithm)()  # the short form is the method's defaults
+
+
+def test_trl_samples_through_our_engine_with_the_lora_merged(store, tmp_path):
+    """GRPO/RLOO rollouts go through alignment.generation (LoRA merged into temporary weights, seeded rows):
+    TRL's completion contract (ids through the first EOS), the same tokens as sampling with the adapter unmerged
+    (fp32), the base weights untouched, and TRL's own path where ours does not apply."""
+    from alignment.generation import GenerationSpec, generate
+    from alignment.grpo import engine_completions
+
+    root, run = store
+    from stages.grpo import Config
+
+    cfg = load_config(Config, write_config(tmp_path))
+    sft = ArtifactStore(root).read_stage(run, "sft")
+    trainer, tok = build_trainer(cfg, sft, load_prompts(cfg.data.train, 8), vowel_reward, tmp_path / "ckpt")
+    model = trainer.model
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # a trained-looking adapter: merged and unmerged sampling now differ from the base's
+            p.data.normal_(0, 0.5)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    prompts = [r["prompt"] for r in load_prompts(cfg.data.train, 3)]
+    ids = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+           for p in prompts for _ in range(4)]
+
+    out = trainer._generate_single_turn(ids, None, {}, 4)
+    completions, logprobs = out
+    assert logprobs is None and len(completions) == 12 and trainer._engine_calls == (0, 0)
+    for c in completions:
+        assert len(c) <= 12 and (c[-1] == tok.eos_token_id or len(c) == 12)
+        assert tok.eos_token_id not in c[:-1]
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    # the same seed through the unmerged adapter: the same tokens
+    spec = GenerationSpec(max_new_tokens=12, do_sample=True, batch_size=12, autocast="off")  # precision fp32
+    seed = (cfg.seed * 1_000_003) % 2**31
+    ro = generate(model, tok, [None] * 12, spec, seed=seed, prompt_ids=ids)
+    assert [r[:n] for r, n in zip(ro.response_ids.tolist(), ro.lengths)] == completions
+    assert engine_completions(trainer, ids) != completions and trainer._engine_calls == (0, 1)  # the next call: a new stream
+
+    trainer.args.repetition_penalty = 1.1  # not ours to emulate: TRL's own sampling
+    trainer._engine_calls = None
+    trainer._generate_single_turn(ids, None, {}, 4)
+    assert trainer._engine_calls is None
+
+
+def test_sampler_trl_keeps_trls_own_trainer():
+    from trl import GRPOTrainer, RLOOTrainer
+
+    from alignment.grpo import trainer_class
+
+    assert trainer_class("grpo", "trl")[1] is GRPOTrainer and trainer_class("rloo", "trl")[1] is RLOOTrainer
+    engine = trainer_class("rloo")[1]
+    assert issubclass(engine, RLOOTrainer) and engine is not RLOOTrainer and engine.__name__ == "RLOOTrainer"
