@@ -2,7 +2,7 @@
 
 Runs the grpo stage (configs/smollm2/grpo.yaml, the gold check as reward, so no reward model is needed) for a few
 optimizer steps from an existing SFT artifact, once per sampler, each in its own process, and reports wall time,
-user and system CPU time (wait4), seconds per step and generated tokens per step (TRL's own log). Both runs
+user and system CPU time (wait4), seconds per step and mean completion length (TRL's own log). Both runs
 train the same way; only who samples differs (TRL recomputes every log-prob with its training forward).
 
     OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python bench/grpo_sampler.py \\
@@ -48,7 +48,7 @@ def run_stage(src: Path, sampler: str, steps: int, work: Path) -> dict:
     rows = [r for r in rows if "step_time" in r]
     return {"sampler": sampler, "steps": len(rows), "wall_s": round(wall, 1), "user_s": round(usage.ru_utime, 1),
             "sys_s": round(usage.ru_stime, 1), "s_per_step": round(sum(r["step_time"] for r in rows) / len(rows), 2),
-            "completion_tokens_per_step": round(sum(r["completions/mean_length"] for r in rows) / len(rows), 1),
+            "completion_tokens_per_row": round(sum(r["completions/mean_length"] for r in rows) / len(rows), 1),
             "reward_mean": round(sum(r["reward"] for r in rows) / len(rows), 3)}
 
 
@@ -72,7 +72,7 @@ def main() -> None:
     for r in rows:
         cpu, cpu0 = r["user_s"] + r["sys_s"], base["user_s"] + base["sys_s"]
         print(f"| {r['sampler']} | {r['steps']} | {r['wall_s']} | {r['user_s']} | {r['sys_s']} | {r['s_per_step']} | "
-              f"{r['completion_tokens_per_step']} | {base['s_per_step'] / r['s_per_step']:.2f}x | {cpu0 / cpu:.2f}x |")
+              f"{r['completion_tokens_per_row']} | {base['s_per_step'] / r['s_per_step']:.2f}x | {cpu0 / cpu:.2f}x |")
 
 
 if __name__ == "__main__":
