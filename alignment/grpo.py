@@ -187,11 +187,11 @@ def trainer_class(name: str, sampler: str = "engine"):
 
 def with_engine(trainer_cls):
     """`trainer_cls` whose plain-transformers sampling goes through `alignment.generation.generate`: LoRA merged
-    into temporary weights while sampling (`merged_lora`: ~2x fewer ms per token step on CPU, bench/rollout_weights.py),
-    ended rows leaving the batch (`retire_every`), bf16 autocast when the run is bf16, and one seeded random stream
-    per row (a resumed run samples what it sampled before). TRL's own path stays for what this one does not cover:
-    vLLM, continuous batching, images, min_p / repetition penalties / extra generation kwargs, several EOS ids.
-    TRL recomputes every log-prob with its training forward, so the loss does not depend on who sampled."""
+    into temporary weights while sampling (`merged_lora`; bench/grpo_sampler.py: 1.77x per GRPO step on SmolLM2),
+    ended rows leaving the batch (`retire_every`), bf16 autocast when the run is bf16, and one random stream per
+    row seeded from the run's seed and step (not TRL's global RNG). TRL's own path stays for what this one does not
+    cover: vLLM, continuous batching, images, min_p / repetition penalties / extra generation kwargs, several EOS
+    ids. TRL recomputes every log-prob with its training forward, so the loss does not depend on who sampled."""
 
     class Trainer(trainer_cls):
         def _generate_single_turn(self, prompt_ids, images, multimodal_fields, *args, **kwargs):
@@ -221,8 +221,8 @@ def engine_completions(trainer, prompt_ids: list[list[int]]) -> list[list[int]]:
     spec = GenerationSpec(max_new_tokens=trainer.max_completion_length, do_sample=True,
                           temperature=trainer.temperature, top_p=trainer.top_p, top_k=trainer.top_k or 0,
                           batch_size=len(prompt_ids), autocast="auto" if trainer.args.bf16 else "off")
-    # A fresh stream per row, from the run's seed, the optimizer step and the call within it: a run resumed at a
-    # step samples what the first run sampled there (TRL's own RNG is untouched).
+    # A fresh stream per row, from the run's seed, the optimizer step and the call within it (TRL's own RNG is
+    # untouched, so whatever else draws from it does not shift the samples).
     step = trainer.state.global_step
     calls = trainer._engine_calls[1] + 1 if getattr(trainer, "_engine_calls", (None,))[0] == step else 0
     trainer._engine_calls = (step, calls)

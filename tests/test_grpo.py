@@ -207,7 +207,8 @@ def test_trl_samples_through_our_engine_with_the_lora_merged(store, tmp_path):
     seed = (cfg.seed * 1_000_003) % 2**31
     ro = generate(model, tok, [None] * 12, spec, seed=seed, prompt_ids=ids)
     assert [r[:n] for r, n in zip(ro.response_ids.tolist(), ro.lengths)] == completions
-    assert engine_completions(trainer, ids) != completions and trainer._engine_calls == (0, 1)  # the next call: a new stream
+    # the next call in the same step draws from new streams
+    assert engine_completions(trainer, ids) != completions and trainer._engine_calls == (0, 1)
 
     trainer.args.repetition_penalty = 1.1  # not ours to emulate: TRL's own sampling
     trainer._engine_calls = None
