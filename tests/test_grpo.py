@@ -133,6 +133,7 @@ def test_reward_wrapper_passes_text_and_the_prompts_fields():
     ({"algorithm": "ppo"}, "algorithm: expected name grpo or rloo"),
     ({"group.loss_type": "grpo"}, "group.loss_type: unknown key"),
     ({"group.beta": -0.1}, "group.beta: expected a KL coefficient >= 0"),
+    ({"group.sampler": "vllm"}, "group.sampler: expected one of 'engine' or 'trl', got 'vllm'"),
 ])
 def test_impossible_group_settings_fail_at_config_load(tmp_path, capsys, changes, expected):
     cfg = write_config(tmp_path, **changes)
