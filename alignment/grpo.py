@@ -190,8 +190,9 @@ def with_engine(trainer_cls):
     into temporary weights while sampling (`merged_lora`; bench/grpo_sampler.py: 1.77x per GRPO step on SmolLM2),
     ended rows leaving the batch (`retire_every`), bf16 autocast when the run is bf16, and one random stream per
     row seeded from the run's seed and step (not TRL's global RNG). TRL's own path stays for what this one does not
-    cover: vLLM, continuous batching, images, min_p / repetition penalties / extra generation kwargs, several EOS
-    ids. TRL recomputes every log-prob with its training forward, so the loss does not depend on who sampled."""
+    cover: vLLM, continuous batching, DeepSpeed / FSDP, images, min_p / repetition penalties / extra generation
+    kwargs, several EOS ids. TRL recomputes every log-prob with its training forward, so the loss does not depend
+    on who sampled."""
 
     class Trainer(trainer_cls):
         def _generate_single_turn(self, prompt_ids, images, multimodal_fields, *args, **kwargs):
@@ -202,8 +203,10 @@ def with_engine(trainer_cls):
 
         def _engine_can_sample(self, images, multimodal_fields) -> bool:
             a = self.args
-            return not (self.use_vllm or self.use_transformers_continuous_batching or images is not None and
-                        any(x is not None for x in images) or multimodal_fields or getattr(self, "_is_vlm", False)
+            # sharded weights (DeepSpeed ZeRO-3, FSDP) need TRL's gather around generate
+            has_images = images is not None and any(x is not None for x in images)
+            return not (self.use_vllm or self.use_transformers_continuous_batching or self.is_deepspeed_enabled
+                        or self.is_fsdp_enabled or has_images or multimodal_fields or getattr(self, "_is_vlm", False)
                         or a.min_p or a.repetition_penalty != 1.0 or a.generation_kwargs
                         or set(self.eos_token_ids) != {self.processing_class.eos_token_id})
 
