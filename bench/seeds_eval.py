@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 from collections import defaultdict
 from pathlib import Path
 
+from alignment.evaluation import bootstrap_ci
+
 FILES = ("samples.jsonl", "samples_sets.jsonl")
+N_BOOT = 10_000
 
 
 def outcomes(eval_dir: Path, policy: str) -> dict[tuple[str, str], float]:
@@ -36,12 +38,6 @@ def outcomes(eval_dir: Path, policy: str) -> dict[tuple[str, str], float]:
     return out
 
 
-def bootstrap(values: list[float], n: int = 10_000, seed: int = 0) -> tuple[float, float]:
-    rng = random.Random(seed)
-    means = sorted(sum(rng.choice(values) for _ in values) / len(values) for _ in range(n))
-    return means[int(0.025 * n)], means[int(0.975 * n) - 1]
-
-
 def summary(dirs: list[Path], policy: str, baseline: str) -> dict:
     seeds = [outcomes(d, policy) for d in dirs]
     base = outcomes(dirs[0], baseline)
@@ -53,8 +49,8 @@ def summary(dirs: list[Path], policy: str, baseline: str) -> dict:
         ref = [base[(split, i)] for i in ids]
         diff = [a - b for a, b in zip(pol, ref)]
         out[split] = {"prompts": len(ids), "seeds": len(seeds), baseline: sum(ref) / len(ref),
-                      policy: sum(pol) / len(pol), f"{policy}_ci": bootstrap(pol), "gain": sum(diff) / len(diff),
-                      "gain_ci": bootstrap(diff),
+                      policy: sum(pol) / len(pol), f"{policy}_ci": bootstrap_ci(pol, n_boot=N_BOOT), "gain": sum(diff) / len(diff),
+                      "gain_ci": bootstrap_ci(diff, n_boot=N_BOOT),
                       "per_seed": [sum(seed[(split, i)] for i in ids) / len(ids) for seed in seeds]}
     return dict(out)
 
