@@ -272,7 +272,7 @@ def nucleus_pick(probs, u, top_p: float, head: int = 64):
     todo = torch.arange(n, device=probs.device)
     k = min(head, vocab)
     while len(todo):
-        vals, idx = probs[todo].topk(k, dim=-1)
+        vals, idx = (probs if len(todo) == n else probs[todo]).topk(k, dim=-1)  # no copy of every row on pass 1
         mass = vals.cumsum(-1)
         done = (mass[:, -1] >= top_p) | (k == vocab)
         keep = (mass - vals) < top_p
