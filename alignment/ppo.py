@@ -165,7 +165,9 @@ class PPOSpec(Section):
     """Activations recomputed in the backward instead of kept from the forward (torch.utils.checkpoint: the same
     kernels on the same inputs, so the gradients are bit for bit the same). cheap: the elementwise parts, which cost
     ~1% of the FLOPs and hold a large share of the kept activations: the attention probabilities (with the eager
-    attention), the MLP's gated activation (Llama/Qwen/Mistral MLPs) and the RMSNorms' fp32 copies. none: keep all."""
+    attention), the MLP's gated activation (Llama/Qwen/Mistral MLPs) and, with a plain LoRA on the down projection,
+    its input (the widest activation, rebuilt from the gate and up outputs that are kept anyway), and the RMSNorms'
+    fp32 copies. none: keep all. (The LM head's logits are never kept either way: `rl.head_logprobs_and_entropy`.)"""
     rollout_weights: Literal["adapter", "merged"] = "adapter"
     """The policy's weights while it samples the rollout. adapter: the base + the LoRA adapter's extra matmuls in
     every adapted layer, at every token. merged: a temporary bf16/fp32 copy of each adapted weight with the adapter
@@ -506,6 +508,20 @@ class PPOTrainer:
         cap = getattr(base.config.get_text_config(), "final_logit_softcapping", None)
         return logits if not cap else cap * (logits / cap).tanh()
 
+    def _taken(self, base, hidden, response_ids):
+        """(log-probs of the response tokens, entropies) from the last hidden states, through the LM head a chunk of
+        positions at a time (`rl.head_logprobs_and_entropy`: the full logits are never held, the largest tensors
+        of a training pass); a head with a bias or softcapping goes through the full logits."""
+        import torch
+
+        head, t = base.get_output_embeddings(), self.spec.temperature
+        cap = getattr(base.config.get_text_config(), "final_logit_softcapping", None)
+        if isinstance(head, torch.nn.Linear) and head.bias is None and not cap:
+            with self._amp():
+                return rl.head_logprobs_and_entropy(hidden, head.weight, response_ids, t)
+        logits = self._logits(base, hidden)
+        return rl.logprobs_of_taken_tokens(logits, response_ids, t), rl.entropy_from_logits(logits, t)
+
     def response_logits(self, query_ids, query_mask, response_ids, response_mask, *, reference: bool = False):
         """Logits of the active role (or the reference) that predicted each response token: (batch, R, vocab)."""
         return self._logits(*self._hidden(query_ids, query_mask, response_ids, response_mask, reference=reference))
@@ -527,19 +543,16 @@ class PPOTrainer:
     def logprobs(self, query_ids, query_mask, response_ids, response_mask, *, reference: bool = False,
                  with_entropy: bool = False):
         """Per-token log-probs of the responses under the policy (or the reference: adapters off)."""
-        logits = self.response_logits(query_ids, query_mask, response_ids, response_mask, reference=reference)
-        lp = rl.logprobs_of_taken_tokens(logits, response_ids, self.spec.temperature)
-        if not with_entropy:
-            return lp
-        return lp, rl.entropy_from_logits(logits, self.spec.temperature)
+        base, hidden = self._hidden(query_ids, query_mask, response_ids, response_mask, reference=reference)
+        lp, entropy = self._taken(base, hidden, response_ids)
+        return (lp, entropy) if with_entropy else lp
 
     def policy_and_values(self, query_ids, query_mask, response_ids, response_mask, *, with_entropy: bool = False):
         """Shared trunk only: (log-probs, values[, entropy]) of the policy from one backbone pass."""
         assert self.shared
         base, hidden = self._hidden(query_ids, query_mask, response_ids, response_mask)
-        logits = self._logits(base, hidden)
-        out = (rl.logprobs_of_taken_tokens(logits, response_ids, self.spec.temperature), self._values_of(hidden))
-        return (*out, rl.entropy_from_logits(logits, self.spec.temperature)) if with_entropy else out
+        lp, entropy = self._taken(base, hidden, response_ids)
+        return (lp, self._values_of(hidden), entropy) if with_entropy else (lp, self._values_of(hidden))
 
     # -- 1. rollout ----------------------------------------------------------------------------------------------
     def generation_spec(self, batch_size: int | None = None):
@@ -948,7 +961,38 @@ def _checkpointed(forward, *args):
 
 
 def _gated_mlp(self, x):
-    return self.down_proj(_checkpointed(lambda g, u: self.act_fn(g) * u, self.gate_proj(x), self.up_proj(x)))
+    import torch
+
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    down, adapter = self.down_proj, _single_plain_lora(self.down_proj)
+    if adapter is None or not torch.is_grad_enabled():
+        return down(_checkpointed(lambda g, u: self.act_fn(g) * u, gate, up))
+    # LoRA's A keeps its input, h = act(gate) * up (tokens x intermediate: the largest activation of the layer), for
+    # its gradient. Here h and the LoRA branch are one recomputed block whose kept inputs are gate and up: the same
+    # operations as peft's forward in the same order, so the same numbers, ~20% fewer kept activations.
+    a, b, s = down.lora_A[adapter], down.lora_B[adapter], down.scaling[adapter]
+
+    def block(g, u):
+        h = self.act_fn(g) * u
+        return h, b(a(down._cast_input_dtype(h, a.weight.dtype))) * s
+
+    h, delta = _checkpointed(block, gate, up)
+    out = down.base_layer(h)
+    return (out + delta).to(out.dtype)
+
+
+def _single_plain_lora(layer) -> str | None:
+    """The adapter name when `layer` is a peft LoRA Linear that runs exactly one plain LoRA (no variant such as DoRA,
+    no dropout, not merged or disabled): the case `_gated_mlp` can recompute; None otherwise."""
+    import torch
+    from peft.tuners.lora import Linear
+
+    if not isinstance(layer, Linear) or layer.disable_adapters or layer.merged:
+        return None
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    if len(active) != 1 or active[0] in layer.lora_variant:
+        return None
+    return active[0] if isinstance(layer.lora_dropout[active[0]], torch.nn.Identity) else None
 
 
 def recompute_cheap_parts(model) -> None:

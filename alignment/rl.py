@@ -20,6 +20,7 @@ Every function is tested against numbers worked by hand in tests/test_rl_math.py
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -85,6 +86,70 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
     logits = logits.float() / temperature
     p = torch.softmax(logits, dim=-1)
     return torch.logsumexp(logits, dim=-1) - (p * logits).sum(-1)
+
+
+def head_logprobs_and_entropy(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor,
+                              temperature: float = 1.0, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`logprobs_of_taken_tokens`, `entropy_from_logits`) of the logits `hidden @ weight.T` (a bias-free LM head),
+    `chunk` positions at a time: (batch, T, d), (vocab, d), (batch, T) -> (batch, T), (batch, T).
+
+    Same numbers as the head followed by the two functions above, without ever holding the (batch, T, vocab)
+    logits: for 8 x 64 tokens of a 49k vocabulary those are 50 MB in bf16, and the float cast, the scaled logits,
+    the softmax and its product with the logits that autograd keeps for the backward add about 400 MB more, most
+    of a small model's training peak. The backward recomputes each chunk's logits from `hidden` (one more head
+    matmul) and keeps only the (batch, T) log-normalisers and entropies. The head runs in the autocast dtype when
+    autocast is on, as the model's own forward would. With u = logits / temperature, p = softmax(u), E = sum p u:
+    d logprob / du = onehot(token) - p,  d entropy / du = -p (u - E),  d / dlogits = d / du / temperature.
+    """
+    return _head_logprob_entropy().apply(hidden, weight, tokens, float(temperature), int(chunk))
+
+
+@functools.cache
+def _head_logprob_entropy():  # built at first use: this module imports without torch
+    import torch
+
+    def compute_dtype(x):
+        return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+    class HeadLogprobEntropy(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, hidden, weight, tokens, temperature, chunk):
+            dt = compute_dtype(hidden)
+            h, w, y = hidden.reshape(-1, hidden.shape[-1]), weight.to(dt), tokens.reshape(-1)
+            lp, ent, lse = (h.new_empty(y.shape, dtype=torch.float32) for _ in range(3))
+            for c in (slice(i, i + chunk) for i in range(0, y.shape[0], chunk)):
+                u = torch.nn.functional.linear(h[c].to(dt), w).float() / temperature
+                lse[c] = torch.logsumexp(u, dim=-1)
+                lp[c] = u.gather(-1, y[c, None]).squeeze(-1) - lse[c]
+                ent[c] = lse[c] - (torch.exp(u - lse[c, None]) * u).sum(-1)
+            ctx.save_for_backward(hidden, weight, tokens, lse, ent)
+            ctx.temperature, ctx.chunk, ctx.dtype = temperature, chunk, dt
+            return lp.view(tokens.shape), ent.view(tokens.shape)
+
+        @staticmethod
+        def backward(ctx, g_lp, g_ent):
+            hidden, weight, tokens, lse, ent = ctx.saved_tensors
+            T, dt = ctx.temperature, ctx.dtype
+            h, w, y = hidden.reshape(-1, hidden.shape[-1]), weight.to(dt), tokens.reshape(-1)
+            g_lp = g_lp.reshape(-1).float() if g_lp is not None else torch.zeros_like(lse)
+            g_ent = g_ent.reshape(-1).float() if g_ent is not None else torch.zeros_like(lse)
+            g_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+            g_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+            for c in (slice(i, i + ctx.chunk) for i in range(0, y.shape[0], ctx.chunk)):
+                hc = h[c].to(dt)
+                u = torch.nn.functional.linear(hc, w).float() / T
+                p = torch.exp(u - lse[c, None])
+                e = (lse[c] - ent[c])[:, None]  # E = sum p u
+                g = -p * (g_lp[c, None] + g_ent[c, None] * (u - e))
+                g = (g.scatter_add_(-1, y[c, None], g_lp[c, None]) / T).to(dt)
+                if g_h is not None:
+                    g_h[c] = g @ w
+                if g_w is not None:
+                    g_w += (g.t() @ hc).float()
+            g_h = g_h.view(hidden.shape) if g_h is not None else None
+            return g_h, g_w.to(weight.dtype) if g_w is not None else None, None, None, None
+
+    return HeadLogprobEntropy
 
 
 # -- KL estimators and reward shaping ------------------------------------------------------------------------------

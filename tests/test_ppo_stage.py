@@ -125,6 +125,39 @@ def test_micro_batches_accumulate_the_same_gradient_as_one_minibatch(tiny_store,
         assert stats[2][key] == pytest.approx(stats[None][key], rel=1e-4, abs=1e-6), key
 
 
+def test_cheap_recompute_keeps_fewer_activations_and_gives_the_same_gradients(tiny_store):
+    """recompute: cheap rebuilds the norms, the attention probabilities, the MLP's gated activation and the input of
+    the down projection's LoRA in the backward: the same kernels on the same inputs, so the same gradients."""
+    from alignment.ppo import _single_plain_lora
+
+    grads, kept, wide = {}, {}, {}
+    for mode in ("none", "cheap"):
+        trainer, _, _ = _trainer(tiny_store, batch_size=4, mini_batch_size=4, ppo_epochs=1, max_grad_norm=1e6,
+                                 recompute=mode)
+        trainer.step(PROMPTS[1:] * 2)  # not the first update: with fresh LoRAs (B = 0) the A gradients are 0
+        ro = trainer.rollout(PROMPTS, seed=1)
+        args = (ro.query_ids, ro.query_mask, ro.response_ids, ro.response_mask)
+        storages = {}
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: storages.setdefault(t.untyped_storage().data_ptr(), t) is None or t, lambda t: t):
+            lp, values, entropy = trainer.policy_and_values(*args, with_entropy=True)
+        params = {p.untyped_storage().data_ptr() for p in trainer.model.parameters()}
+        acts = [t for ptr, t in storages.items() if ptr not in params]  # activations, not weights
+        kept[mode] = sum(t.untyped_storage().nbytes() for t in acts)
+        wide[mode] = sum(t.shape[-1] == trainer.base.config.intermediate_size for t in acts)
+        trainer.optimizer.zero_grad()
+        (lp.sum() + values.sum() + entropy.sum()).backward()
+        grads[mode] = [p.grad.clone() for p in trainer._trainable]
+    down = trainer.base.model.layers[0].mlp.down_proj
+    assert _single_plain_lora(down) == "default"  # the tiny model takes the down projection's recomputed path
+    assert kept["cheap"] < 0.8 * kept["none"], kept
+    # per layer only gate and up stay at the MLP's width (its product, LoRA's input, is rebuilt from them)
+    assert wide["cheap"] == 2 * trainer.base.config.num_hidden_layers and wide["none"] > wide["cheap"], wide
+    assert any(g.abs().sum() > 0 for g in grads["none"])
+    for a, b in zip(grads["none"], grads["cheap"]):
+        assert torch.equal(a, b), (a - b).abs().max()
+
+
 def test_bf16_base_runs_every_role_under_autocast_so_step0_is_exact(tiny_store):
     root, run = tiny_store
     sft = ArtifactStore(root).read_stage(run, "sft")

@@ -46,6 +46,33 @@ def test_logprobs_of_taken_tokens_and_entropy():
     assert close(rl.entropy_from_logits(torch.zeros(4)), math.log(4.0))
 
 
+def test_head_logprobs_and_entropy_is_the_head_then_the_two_functions_without_the_full_logits():
+    # hand-worked: a 1-d hidden state h = 1 and a head with rows [0], [ln 3] give the logits [0, ln 3] above
+    h, w = torch.ones(1, 2, 1), torch.tensor([[0.0], [math.log(3.0)]])
+    lp, ent = rl.head_logprobs_and_entropy(h, w, torch.tensor([[1, 0]]))
+    assert close(lp, [[math.log(0.75), math.log(0.25)]]) and close(ent, [[0.562335, 0.562335]])
+    # gradient w.r.t. h of log p(1) = ln 3 - logsumexp(0, h ln 3): ln 3 (1 - 3/4) at h = 1
+    h1 = torch.ones(1, 1, 1, requires_grad=True)
+    rl.head_logprobs_and_entropy(h1, w, torch.tensor([[1]]))[0].sum().backward()
+    assert close(h1.grad.flatten(), [math.log(3.0) / 4])
+    # against the full logits: values and both gradients, a temperature, chunks that do not divide the positions
+    torch.manual_seed(0)
+    h0, w0, y = torch.randn(3, 5, 8), torch.randn(50, 8), torch.randint(0, 50, (3, 5))
+    ga, gb = torch.randn(3, 5), torch.randn(3, 5)
+    out = {}
+    for fused in (False, True):
+        hh, ww = h0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+        if fused:
+            lp, ent = rl.head_logprobs_and_entropy(hh, ww, y, temperature=0.7, chunk=4)
+        else:
+            logits = hh @ ww.T
+            lp, ent = rl.logprobs_of_taken_tokens(logits, y, 0.7), rl.entropy_from_logits(logits, 0.7)
+        (lp * ga + ent * gb).sum().backward()
+        out[fused] = (lp, ent, hh.grad, ww.grad)
+    for a, b in zip(out[False], out[True]):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (a - b).abs().max()
+
+
 def test_kl_estimators():
     logp, ref = torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)])
     # k1 = ln 0.5 - ln 0.25 = ln 2
