@@ -109,6 +109,11 @@ class Rollout:
         """Response tokens per row, EOS included."""
         return self.response_mask.sum(dim=1).tolist()
 
+    @property
+    def token_lists(self) -> list[list[int]]:
+        """Each row's response tokens, EOS included, without the padding after it."""
+        return [r[:n] for r, n in zip(self.response_ids.tolist(), self.lengths)]
+
     def grouped(self, k: int) -> list[list[str]]:
         """Texts as one list of k responses per prompt."""
         return [self.texts[i:i + k] for i in range(0, len(self.texts), k)]

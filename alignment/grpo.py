@@ -234,7 +234,7 @@ def engine_completions(trainer, prompt_ids: list[list[int]]) -> list[list[int]]:
     with merged_lora(model, adapter) if isinstance(adapter, str) else contextlib.nullcontext():
         ro = generate(model, trainer.processing_class, [None] * len(prompt_ids), spec, seed=seed,
                       prompt_ids=prompt_ids)
-    return [r[:n] for r, n in zip(ro.response_ids.tolist(), ro.lengths)]
+    return ro.token_lists
 
 
 # -- the run -------------------------------------------------------------------------------------------------------

@@ -232,7 +232,7 @@ def eval_variant(name, model, tok, prompts, threads):
         with build_engine(spec, model, tok, **opts) as engine:
             ro = engine.generate(prompts, spec, seed=0)
             _server_cpu(engine)
-        ids = [r[:n] for r, n in zip(ro.response_ids.tolist(), ro.lengths)]
+        ids = ro.token_lists
     TOKENS[0] += sum(len(r) for r in ids)
     return ids
 

@@ -74,6 +74,7 @@ def test_responses_are_cut_after_the_first_eos(lm):
         assert set(ro.response_ids[r, n:].tolist()) <= {stop_tok.pad_token_id}
         assert ro.has_eos[r].item() == (row0[j] in full)
         assert ro.finish_reasons[r] == ("stop" if row0[j] in full else "length")
+        assert ro.token_lists[r] == full[:n]  # the padding after the EOS dropped
     assert ro.lengths[0] == j + 1
 
 
