@@ -145,7 +145,9 @@ class PPOSpec(Section):
     tiny model's tests; separate is the choice when the critic's gradient must not touch the policy."""
     micro_batch_size: int | None = None
     """Episodes per forward/backward inside a minibatch (gradient accumulation; the optimiser still steps once per
-    minibatch, on the same gradient up to rounding). Smaller cuts the activation memory; None: the whole minibatch."""
+    minibatch, on the same gradient up to rounding). Smaller cuts the activation memory; None: the whole minibatch.
+    With a shared trunk and one minibatch per update, the first micro-batch's training forward is also its old
+    forward (kept from the forward phase); the other micro-batches pay one more no-grad forward there."""
     attention: Literal["auto", "model", "eager"] = "auto"
     """The attention kernel. eager: matmul + softmax everywhere; model: the model's own (usually sdpa) everywhere;
     auto: on CPU eager for the training and reward passes, where PyTorch's sdpa backward (its CPU flash-attention
@@ -522,10 +524,6 @@ class PPOTrainer:
         logits = self._logits(base, hidden)
         return rl.logprobs_of_taken_tokens(logits, response_ids, t), rl.entropy_from_logits(logits, t)
 
-    def response_logits(self, query_ids, query_mask, response_ids, response_mask, *, reference: bool = False):
-        """Logits of the active role (or the reference) that predicted each response token: (batch, R, vocab)."""
-        return self._logits(*self._hidden(query_ids, query_mask, response_ids, response_mask, reference=reference))
-
     def _values_of(self, hidden):
         return self.value_head(hidden.float()).squeeze(-1)
 
@@ -636,32 +634,31 @@ class PPOTrainer:
                 "calibration/missing_eos_rate": float((~ro.has_eos).float().mean())}
 
     # -- 3. the old policy, the reference and the critic on the rollout --------------------------------------------
-    def _chunks(self, n: int, size: int):
-        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+    def _chunks(self, n: int, size: int, start: int = 0):
+        return [slice(i, min(i + size, n)) for i in range(start, n, size)]
 
     def forward(self, ro: Rollout) -> Experience:
         """Log-probs under the sampling policy and the reference, values under the critic (no gradient).
 
-        Shared trunk with one minibatch of the whole batch: the first optimisation forward runs on the rollout's
-        weights, so it *is* the old forward; its graph is kept for the first step instead of running it twice
-        (exact: the first ratio is exactly 1)."""
+        Shared trunk with one minibatch of the whole batch: the first optimisation forward (of the first
+        micro-batch) runs on the rollout's weights, so it *is* the old forward of those rows; its graph is kept for
+        the first step instead of running it twice (exact: the first ratio is exactly 1)."""
         import torch
 
         s, (q, qm, r, rm) = self.spec, (ro.query_ids, ro.query_mask, ro.response_ids, ro.response_mask)
-        B, chunks = q.shape[0], self._chunks(q.shape[0], s.forward_batch_size or s.mini_batch_size)
+        B, size = q.shape[0], s.forward_batch_size or s.mini_batch_size
         with torch.no_grad():  # the reference first: its temporaries come and go before the kept graph is built
-            ref_lp = [self.logprobs(q[c], qm[c], r[c], rm[c], reference=True) for c in chunks]
+            ref_lp = [self.logprobs(q[c], qm[c], r[c], rm[c], reference=True) for c in self._chunks(B, size)]
         self._trim()
-        first = None
-        if self.shared and s.mini_batch_size == B and (s.micro_batch_size or B) == B:
+        first, old_lp, values = None, [], []
+        if self.shared and s.mini_batch_size == B:
             self._use(POLICY)
-            first = self.policy_and_values(q, qm, r, rm, with_entropy=True)
-        old_lp, values = [], []
+            m = slice(0, s.micro_batch_size or B)
+            first = self.policy_and_values(q[m], qm[m], r[m], rm[m], with_entropy=True)
+            old_lp, values = [first[0].detach()], [first[1].detach()]
         with torch.no_grad():
-            for c in chunks:
-                if first is not None:
-                    lp, v = first[0][c].detach(), first[1][c].detach()
-                elif self.shared:  # one pass gives both
+            for c in self._chunks(B, size, start=0 if first is None else first[0].shape[0]):
+                if self.shared:  # one pass gives both
                     lp, v = self.policy_and_values(q[c], qm[c], r[c], rm[c])
                 else:
                     lp, v = self.logprobs(q[c], qm[c], r[c], rm[c]), self.values(q[c], qm[c], r[c], rm[c])

@@ -113,7 +113,10 @@ def test_micro_batches_accumulate_the_same_gradient_as_one_minibatch(tiny_store,
         trainer, _, _ = _trainer(tiny_store, value_model=value_model, batch_size=8, mini_batch_size=8,
                                  micro_batch_size=micro, ppo_epochs=1, max_grad_norm=1e6)
         # Not the first update: with fresh LoRAs (B = 0) half the adapter gradients are exactly 0.
-        trainer.step(PROMPTS[:2] * 4)
+        first = trainer.step(PROMPTS[:2] * 4)
+        # one epoch of one minibatch: every micro-batch's new log-probs equal the old ones (the first micro-batch's
+        # kept forward, the others recomputed with the same kernels), so the ratio is exactly 1
+        assert first["ppo/ratio"] == 1.0 and first["ppo/kl"] == 0.0, (micro, first["ppo/ratio"])
         step = trainer.optimizer.step
         trainer.optimizer.step = lambda: (grads.__setitem__(micro, [p.grad.clone() for p in trainer._trainable]),
                                           step())
