@@ -507,7 +507,7 @@ class PPOTrainer:
         """The causal LM's head on `hidden` (what its forward does after the backbone, softcapping included)."""
         with self._amp():  # contiguous: a strided 3D input would run as a batched matmul on 8 copies of the head
             logits = base.get_output_embeddings()(hidden.contiguous())
-        cap = getattr(base.config.get_text_config(), "final_logit_softcapping", None)
+        cap = _softcap(base)
         return logits if not cap else cap * (logits / cap).tanh()
 
     def _taken(self, base, hidden, response_ids):
@@ -517,8 +517,7 @@ class PPOTrainer:
         import torch
 
         head, t = base.get_output_embeddings(), self.spec.temperature
-        cap = getattr(base.config.get_text_config(), "final_logit_softcapping", None)
-        if isinstance(head, torch.nn.Linear) and head.bias is None and not cap:
+        if isinstance(head, torch.nn.Linear) and head.bias is None and not _softcap(base):
             with self._amp():
                 return rl.head_logprobs_and_entropy(hidden, head.weight, response_ids, t)
         logits = self._logits(base, hidden)
@@ -948,6 +947,11 @@ GATED_MLPS = {"LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP"}
 """MLP classes whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x))."""
 
 
+def _softcap(base) -> float | None:
+    """The causal LM's final logit softcapping (Gemma 2's), None for most models."""
+    return getattr(base.config.get_text_config(), "final_logit_softcapping", None)
+
+
 def _checkpointed(forward, *args):
     import torch
     from torch.utils.checkpoint import checkpoint
@@ -961,8 +965,10 @@ def _gated_mlp(self, x):
     import torch
 
     gate, up = self.gate_proj(x), self.up_proj(x)
-    down, adapter = self.down_proj, _single_plain_lora(self.down_proj)
-    if adapter is None or not torch.is_grad_enabled():
+    # grad first: the no-grad passes (every decode step of the rollout) skip the adapter inspection
+    down = self.down_proj
+    adapter = _single_plain_lora(down) if torch.is_grad_enabled() else None
+    if adapter is None:
         return down(_checkpointed(lambda g, u: self.act_fn(g) * u, gate, up))
     # LoRA's A keeps its input, h = act(gate) * up (tokens x intermediate: the largest activation of the layer), for
     # its gradient. Here h and the LoRA branch are one recomputed block whose kept inputs are gate and up: the same
