@@ -96,6 +96,12 @@ class PPOSpec(Section):
     on the step-0 row (`calibration/*`)."""
     score_norm_prompts: int = 64
     """sft_rollouts: training prompts sampled for the statistics (the first of the seeded prompt order)."""
+    length_debias: bool = False
+    """With score_norm sft_rollouts: also fit score = a + b * tokens (least squares) on those SFT rollouts and
+    subtract b * tokens from every later score before normalising (the std is then the residual's). A reward model
+    that prefers longer answers (docs/reward.md: length corr +0.2-0.5) then pays nothing for length as such, at the
+    rate it paid on the policy's own starting answers (the length bias Singhal et al. 2023 find behind much of
+    RLHF's gains). The slope is logged (`calibration/length_slope`) and saved in checkpoints."""
     missing_eos_penalty: float | None = 1.0
     """Subtracted from the score of a response that hit max_new_tokens without an EOS (None: no penalty)."""
     kl_coef: float = 0.05
@@ -210,6 +216,10 @@ class PPOSpec(Section):
             out.append((f"{prefix}.cliprange", "cliprange and cliprange_value must be > 0"))
         if self.lr <= 0:
             out.append((f"{prefix}.lr", "expected a learning rate > 0"))
+        if self.length_debias and self.score_norm != "sft_rollouts":
+            out.append((f"{prefix}.length_debias", f"fits the length slope on the SFT rollouts of score_norm: "
+                                                   f"set {prefix}.score_norm=sft_rollouts (now '{self.score_norm}') "
+                                                   f"or {prefix}.length_debias=false"))
         return out
 
 
@@ -345,6 +355,7 @@ class PPOTrainer:
                        else rl.FixedKLController(spec.kl_coef))
         self.update = 0
         self.score_shift, self.score_scale = 0.0, 1.0  # ppo.score_norm: set by calibrate_scores
+        self.length_slope = 0.0  # ppo.length_debias: reward per response token, also set by calibrate_scores
         # A bf16 base trains its fp32 adapters under autocast (mixed precision): peft would otherwise keep an fp32
         # copy of every adapted layer's input for the backward pass (~0.6 GB for SmolLM2 at 8 x 100 tokens).
         # Every forward of every role runs under it, so the sampler, the old and the new log-probs agree.
@@ -611,15 +622,20 @@ class PPOTrainer:
         else:
             given = {k: v for k, v in (fields or {}).items() if v is not None}  # fields no prompt row has
             raw = torch.tensor(self.reward(ro.prompts, ro.completions, **given), dtype=torch.float32)
-        ro.raw_scores = (raw.float().cpu() - self.score_shift) / self.score_scale
+        raw = raw.float().cpu() - self.length_slope * ro.response_mask.sum(-1).float().cpu()
+        ro.raw_scores = (raw - self.score_shift) / self.score_scale
         ro.scores = rl.apply_missing_eos_penalty(ro.raw_scores, ro.has_eos.cpu(), self.spec.missing_eos_penalty)
         return ro
 
     def calibrate_scores(self, rows: list[dict]) -> dict:
         """`ppo.score_norm: sft_rollouts`: the mean and std of the current policy's scores on sampled responses to
         `rows` become the normalisation of every later score. Returns the statistics (for the log)."""
-        self.score_shift, self.score_scale = 0.0, 1.0
+        self.score_shift, self.score_scale, self.length_slope = 0.0, 1.0, 0.0
         ro = self.score(self.rollout([r["prompt"] for r in rows], seed=self.seed * 1_000_003 - 1), fields_of(rows))
+        lengths = ro.response_mask.sum(-1).float().cpu()
+        if self.spec.length_debias:
+            self.length_slope = rl.length_slope(ro.raw_scores, lengths)
+            ro.raw_scores = ro.raw_scores - self.length_slope * lengths
         mean, std = float(ro.raw_scores.mean()), float(ro.raw_scores.std(unbiased=False))
         self.score_shift, self.score_scale = mean, max(std, 1e-6)
         if self._value_predicts_scores:  # keep predicting the same scores, now in the new units
@@ -628,8 +644,10 @@ class PPOTrainer:
             with torch.no_grad():
                 self.value_head.weight.div_(self.score_scale)
                 self.value_head.bias.sub_(mean).div_(self.score_scale)
-        log.info("[ppo] score normalisation from %d SFT rollouts: mean %.4f, std %.4f", len(rows), mean, std)
+        log.info("[ppo] score normalisation from %d SFT rollouts: mean %.4f, std %.4f, length slope %.4f / token",
+                 len(rows), mean, std, self.length_slope)
         return {"calibration/score_mean": mean, "calibration/score_std": std,
+                "calibration/length_slope": self.length_slope,
                 "calibration/missing_eos_rate": float((~ro.has_eos).float().mean())}
 
     # -- 3. the old policy, the reference and the critic on the rollout --------------------------------------------
@@ -893,7 +911,7 @@ class PPOTrainer:
         ppo_state.save(folder, {**tensors, **opt_tensors}, {
             "update": self.update, "adapters": list(self.adapters), "full": self.full,
             "kl_ctl": self.kl_ctl.state_dict(), "optimizer": opt_state, "rng": ppo_state.rng_state(),
-            "score_norm": [self.score_shift, self.score_scale],
+            "score_norm": [self.score_shift, self.score_scale], "length_slope": self.length_slope,
             "history": history, "callbacks": states})
         ppo_state.rotate(where.folder, where.keep)
         return folder
@@ -910,6 +928,7 @@ class PPOTrainer:
             ppo_state.optimizer_restore(self.optimizer, tensors, state["optimizer"])
             self.kl_ctl.load_state_dict(state["kl_ctl"])
             self.score_shift, self.score_scale = (float(x) for x in state["score_norm"])
+            self.length_slope = float(state.get("length_slope", 0.0))  # checkpoints from before length_debias
             ppo_state.rng_restore(state["rng"])
             for cb in callbacks:
                 if cb.name in state["callbacks"]:

@@ -199,6 +199,14 @@ def apply_missing_eos_penalty(scores: torch.Tensor, has_eos: torch.Tensor, penal
     return scores - penalty * (~has_eos.bool()).to(scores.dtype)
 
 
+def length_slope(scores: torch.Tensor, lengths: torch.Tensor) -> float:
+    """Least-squares slope b of score = a + b * length: how much reward one more token earns on these responses
+    (0 when every response has the same length). `length_debias` subtracts b * length from later scores."""
+    x, y = lengths.double(), scores.double()
+    var = ((x - x.mean()) ** 2).mean()
+    return 0.0 if var == 0 else float(((x - x.mean()) * (y - y.mean())).mean() / var)
+
+
 def normalise_scores(scores: torch.Tensor, mean: float, std: float, eps: float = 1e-8) -> torch.Tensor:
     """(score - mean) / std with the reward model's statistics over its training responses (fixed, not per batch,
     so the same response gets the same reward throughout the run)."""

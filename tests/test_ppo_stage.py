@@ -19,6 +19,7 @@ from alignment.errors import AlignError, ConfigError
 from alignment.models import load_tokenizer
 from alignment.policy import load_policy
 from alignment.ppo import HealthMonitor, HealthSpec, HealthStop, PPOSpec, PPOTrainer, lora_config
+from alignment import rl
 from alignment.rl import logprobs_of_taken_tokens
 from alignment.schema import PeftSpec
 
@@ -438,6 +439,8 @@ def test_health_monitor_warns_then_stops():
     (["eval.batch_size=0"], "eval.batch_size: must be >= 1, got 0"),
     (["ppo.generation_batch_size=0"], "ppo.generation_batch_size: must be >= 1, got 0"),
     (["ppo.score_norm_prompts=0"], "ppo.score_norm_prompts: expected at least 1"),
+    (["ppo.length_debias=true", "ppo.score_norm=none"], "ppo.length_debias: fits the length slope on the SFT "
+                                                        "rollouts of score_norm: set ppo.score_norm=sft_rollouts"),
 ])
 def test_config_problems(overrides, problem):
     from alignment.runner import load_stage_config
@@ -613,6 +616,46 @@ def test_score_normalisation_on_sft_rollouts_centres_the_sft_policy(tiny_store, 
     mean, std = stats["calibration/score_mean"], stats["calibration/score_std"]
     assert torch.allclose(copied.value_head.weight[0], w / std)
     assert copied.value_head.bias.item() == pytest.approx((b - mean) / std)
+
+
+def chars(prompts, completions):
+    """A reward that is all length: 0.01 per character of the response."""
+    return [0.01 * len(c) for c in completions]
+
+
+def test_length_debias_takes_the_sft_rollouts_length_slope_out_of_every_score(tiny_store, tmp_path):
+    from alignment.generation import Rollout, encode_prompts
+    from alignment.ppo import Checkpoints
+
+    spec = dict(score_norm="sft_rollouts", length_debias=True, score_norm_prompts=4, missing_eos_penalty=None)
+    trainer, _, tok = _trainer(tiny_store, reward=chars, **spec)
+    # SFT rollouts of 2, 4, 6, 8 tokens and 10, 30, 30, 50 characters: raw scores 0.1, 0.3, 0.3, 0.5.
+    # Slope: cov = ((-3)(-0.2) + 0 + 0 + (3)(0.2)) / 4 = 0.3 over var = (9 + 1 + 1 + 9) / 4 = 5, i.e. 0.06 a token;
+    # residuals -0.02, 0.06, -0.06, 0.02 (mean 0, std sqrt(0.002)).
+    prompts = PROMPTS + PROMPTS[:1]
+    q, qm = encode_prompts(tok, prompts)
+    mask = torch.tensor([[1] * n + [0] * (8 - n) for n in (2, 4, 6, 8)])
+    texts = ["x" * n for n in (10, 30, 30, 50)]
+    ro = Rollout(prompts, q, qm, torch.where(mask.bool(), 5, tok.pad_token_id), mask, torch.ones(4, dtype=torch.bool),
+                 texts)
+    trainer.rollout = lambda *a, **k: ro
+    stats = trainer.calibrate_scores([{"prompt": p} for p in prompts])
+    assert stats["calibration/length_slope"] == pytest.approx(0.06)
+    assert stats["calibration/score_mean"] == pytest.approx(0.0, abs=1e-7)
+    assert stats["calibration/score_std"] == pytest.approx(0.002 ** 0.5)
+    # later scores lose 0.06 a token first: the longest answer is no longer the best
+    want = torch.tensor([-0.02, 0.06, -0.06, 0.02]) / 0.002 ** 0.5
+    assert torch.allclose(trainer.score(ro).raw_scores, want, atol=1e-5)
+    # without length_debias the same rollouts keep their length ranking
+    plain, _, _ = _trainer(tiny_store, reward=chars, score_norm="sft_rollouts", missing_eos_penalty=None)
+    plain.rollout = lambda *a, **k: ro
+    plain.calibrate_scores([{"prompt": p} for p in prompts])
+    assert plain.length_slope == 0.0 and plain.score(ro).raw_scores.argmax().item() == 3
+    # the slope travels with the checkpoint
+    trainer.save_checkpoint(Checkpoints(tmp_path, every=1), [], [])
+    other, _, _ = _trainer(tiny_store, reward=chars, **spec)
+    other.load_checkpoint(tmp_path / "checkpoint-0")
+    assert other.length_slope == pytest.approx(0.06)
 
 
 def test_a_plain_reward_function_gets_only_the_fields_it_declares(tiny_store):

@@ -191,3 +191,13 @@ def test_kl_controllers():
     assert f.update(100.0, 512) == 0.05
     with pytest.raises(ValueError):
         rl.AdaptiveKLController(0.1, target=0.0, horizon=10)
+
+
+def test_length_slope_is_the_least_squares_slope_of_score_on_length():
+    # x = 10, 20, 30 (mean 20), y = 1, 1.5, 3.5 (mean 2): cov = (10*1 + 0 + 10*1.5) / 3 = 25/3,
+    # var = (100 + 0 + 100) / 3 = 200/3, slope = 25/200 = 0.125
+    assert rl.length_slope(torch.tensor([1.0, 1.5, 3.5]), torch.tensor([10, 20, 30])) == pytest.approx(0.125)
+    # shorter is better: the sign follows
+    assert rl.length_slope(torch.tensor([3.0, 2.0, 1.0]), torch.tensor([1, 2, 3])) == pytest.approx(-1.0)
+    # one length for every response: no slope to fit, nothing subtracted
+    assert rl.length_slope(torch.tensor([1.0, 5.0]), torch.tensor([7, 7])) == 0.0
