@@ -1,0 +1,109 @@
+"""Gold pass rate of policy artifacts on all three eval splits, per constraint kind, and paired gains.
+
+Every prompt of each split (200 each: in-distribution, held-out phrasings, held-out kinds) answered greedily
+(128 new tokens, batch 64), each response checked by `alignment.gold`: a prompt passes when every constraint is
+met; per kind, the share of that kind's constraints met. `--sample K` also samples K answers per prompt at
+temperature 1 on the first two splits (what an on-policy method can find to reinforce). The first policy is the
+baseline: every other one gets its per-prompt gain with a percentile-bootstrap 95% CI.
+
+    OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 .venv/bin/python bench/gold_splits.py --out bench/out/gold.json \\
+        sft=A/smollm2/sft ppo=A/smollm2/ppo [--sample 4]
+    .venv/bin/python bench/gold_splits.py --out bench/out/gold.json --report   # tables from the saved outcomes
+
+Outcomes accumulate in `--out` (one key per name), so policies can be evaluated in separate calls.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from alignment.evaluation import bootstrap_ci  # noqa: E402
+
+SPLITS = {"indist": "data/instruct/eval.jsonl", "phrasings": "data/instruct/eval_heldout_phrasings.jsonl",
+          "kinds": "data/instruct/eval_heldout_kinds.jsonl"}
+
+
+def per_kind(rows: list[dict], texts: list[str], k: int = 1) -> dict[str, float]:
+    """Share of each kind's constraints met (a prompt with two constraints counts once for each kind); `texts`
+    holds k answers per prompt, prompt-major."""
+    from alignment import gold
+
+    met = defaultdict(list)
+    for i, text in enumerate(texts):
+        for c in rows[i // k]["constraints"]:
+            met[c["type"]].append(float(gold.check(text, c)))
+    return {k: sum(v) / len(v) for k, v in sorted(met.items())}
+
+
+def evaluate(path: Path, sample: int) -> dict:
+    from alignment import gold
+    from alignment.artifacts import ArtifactStore
+    from alignment.generation import GenerationSpec, generate
+    from alignment.models import load_tokenizer
+    from alignment.policy import load_policy
+    from alignment.prompts import load_prompts
+
+    art = ArtifactStore(path.parent.parent).read(path)
+    model, tok = load_policy(art, "auto").eval(), load_tokenizer(art.model_dir)
+    out = {}
+    for split, file in SPLITS.items():
+        rows = [p for p in load_prompts(str(REPO / file), None) if p.get("constraints")]
+        prompts = [r["prompt"] for r in rows]
+        roll = generate(model, tok, prompts, GenerationSpec(max_new_tokens=128, batch_size=64), greedy=True)
+        res = {"gold": [float(gold.passes(t, r["constraints"])) for r, t in zip(rows, roll.texts)],
+               "per_kind": per_kind(rows, roll.texts), "length": sum(roll.lengths) / len(rows),
+               "finished": roll.has_eos.float().mean().item()}
+        if sample and split != "kinds":
+            spec = GenerationSpec(max_new_tokens=128, batch_size=64, do_sample=True, num_return_sequences=sample)
+            res["sampled_per_kind"] = per_kind(rows, generate(model, tok, prompts, spec, seed=1).texts, sample)
+        out[split] = res
+        print(f"{path}: {split} gold {sum(res['gold']) / len(rows):.3f}, {res['length']:.1f} tokens, "
+              f"finished {res['finished']:.2f}", flush=True)
+    return out
+
+
+def report(results: dict, base: str) -> str:
+    names = [base] + [n for n in results if n != base]
+    lines = ["| policy | " + " | ".join(f"{s} gold (gain vs {base} [95% CI])" for s in SPLITS) + " | tokens |",
+             "|---|" + "---|" * (len(SPLITS) + 1)]
+    for name in names:
+        cells = []
+        for split in SPLITS:
+            g, g0 = results[name][split]["gold"], results[base][split]["gold"]
+            cell = f"{sum(g) / len(g):.3f}"
+            if name != base:
+                d = [a - b for a, b in zip(g, g0, strict=True)]
+                lo, hi = bootstrap_ci(d, n_boot=10_000, seed=0)
+                cell += f", {sum(d) / len(d):+.3f} [{lo:+.3f}, {hi:+.3f}]"
+            cells.append(cell)
+        tokens = "/".join(f"{results[name][s]['length']:.0f}" for s in SPLITS)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {tokens} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("policies", nargs="*", help="NAME=ARTIFACT_DIR; the first is the baseline of the report")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--sample", type=int, default=0)
+    p.add_argument("--report", action="store_true", help="print the table of everything in --out")
+    p.add_argument("--baseline", default=None, help="the policy gains are measured against (default: the first)")
+    args = p.parse_args(argv)
+    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    for spec in args.policies:
+        name, _, path = spec.partition("=")
+        results[name] = evaluate(Path(path), args.sample)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results))
+    if args.report or not args.policies:
+        print(report(results, args.baseline or next(iter(results))))
+
+
+if __name__ == "__main__":
+    main()
