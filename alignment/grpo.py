@@ -53,6 +53,12 @@ class GroupSpec(Section):
     """Tokens generated per completion; a completion cut at this length has no EOS."""
     mask_truncated_completions: bool = False
     """Leave completions cut at max_completion_length out of the loss (DAPO's overlong filtering)."""
+    truncated_reward: float | None = None
+    """The reward of a completion cut at max_completion_length without an EOS, instead of its score (DAPO's overlong
+    punishment in its hard form). None: the reward source scores the cut text. With the gold check a cut answer
+    still collects what its text meets so far (min words, min sentences, keyword counts), so GRPO learned to run
+    on (docs/algorithms.md); 0 makes an unfinished answer a failed one. With mask_truncated_completions too, the cut
+    completions still set their group's baseline but get no gradient themselves."""
     log_completions: bool = False
     """Print a sample of prompts, completions and rewards at each logging step."""
     sampler: Literal["engine", "trl"] = "engine"
@@ -146,7 +152,8 @@ Algorithm = Annotated[Union[Annotated[GRPO, Tag("[grpo]")], Annotated[RLOO, Tag(
 
 
 # -- the reward: our text-level scorer in TRL's reward-function signature ----------------------------------------
-def trl_reward_func(score, records: list[dict], name: str = "reward"):
+def trl_reward_func(score, records: list[dict], name: str = "reward", *, truncated_reward: float | None = None,
+                    eos_ids: set[int] | None = None):
     """Wrap `score(prompts, completions, **fields) -> list[float]` (alignment.reward_sources) for TRL.
 
     TRL calls reward functions with keywords: `prompts` (chat message lists, conversational data),
@@ -155,18 +162,32 @@ def trl_reward_func(score, records: list[dict], name: str = "reward"):
     Our scorers take the prompt messages, the completion *text* and the per-prompt fields (`constraints`,
     `reference`), which are looked up in `records` by `prompt_index` rather than stored as dataset columns:
     constraint dicts of different types would come back from Arrow with every other type's keys set to None.
-    TRL logs the function under its `__name__` (`rewards/<name>/mean`).
+    TRL logs the function under its `__name__` (`rewards/<name>/mean`). `truncated_reward` (with `eos_ids`)
+    replaces the score of each completion whose ids (TRL's `completion_ids`, through the first EOS) do not end in
+    an EOS, i.e. that hit the length limit.
     """
     from alignment.reward_sources import FIELDS
 
-    def reward(prompts, completions, prompt_index, **_):
+    def reward(prompts, completions, prompt_index, completion_ids=None, **_):
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
         rows = [records[i] for i in prompt_index]
         fields = {f: [r.get(f) for r in rows] for f in FIELDS if any(f in r for r in rows)}
-        return [float(x) for x in score(prompts, texts, **fields)]
+        scores = [float(x) for x in score(prompts, texts, **fields)]
+        if truncated_reward is None:
+            return scores
+        return [s if ids and ids[-1] in eos_ids else float(truncated_reward)
+                for s, ids in zip(scores, completion_ids, strict=True)]
 
     reward.__name__ = name
     return reward
+
+
+def eos_ids(model, tok) -> set[int]:
+    """The ids TRL ends a completion at: the generation config's eos_token_id (an int or a list) and the
+    tokenizer's."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    return set(ids) | ({tok.eos_token_id} if tok.eos_token_id is not None else set())
 
 
 def prompt_dataset(records: list[dict]):
@@ -262,7 +283,8 @@ def build_trainer(cfg, sft, prompts: list[dict], score, checkpoints_dir):
         if not adapter and group.beta:
             policy.save_pretrained(ref_dir, safe_serialization=True)
             policy.config._name_or_path = ref_dir
-        reward = trl_reward_func(score, prompts, f"{cfg.reward.kind}_reward")
+        reward = trl_reward_func(score, prompts, f"{cfg.reward.kind}_reward", truncated_reward=group.truncated_reward,
+                                 eos_ids=eos_ids(policy, tok))
         try:
             trainer = trainer_cls(model=policy, reward_funcs=reward, args=args, train_dataset=prompt_dataset(prompts),
                                   processing_class=tok, peft_config=peft_config(cfg.peft), callbacks=callbacks())

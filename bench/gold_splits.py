@@ -4,7 +4,9 @@ Every prompt of each split (200 each: in-distribution, held-out phrasings, held-
 (128 new tokens, batch 64), each response checked by `alignment.gold`: a prompt passes when every constraint is
 met; per kind, the share of that kind's constraints met. `--sample K` also samples K answers per prompt at
 temperature 1 on the first two splits (what an on-policy method can find to reinforce). The first policy is the
-baseline: every other one gets its per-prompt gain with a percentile-bootstrap 95% CI.
+baseline: every other one gets its per-prompt gain with a percentile-bootstrap 95% CI. `--strict` counts an
+answer cut at the budget without an EOS as failed (the checker otherwise scores the cut text, and a policy that
+runs on collects the "at least N words / sentences" constraints).
 
     OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 .venv/bin/python bench/gold_splits.py --out bench/out/gold.json \\
         sft=A/smollm2/sft ppo=A/smollm2/ppo [--sample 4]
@@ -57,6 +59,7 @@ def evaluate(path: Path, sample: int) -> dict:
         prompts = [r["prompt"] for r in rows]
         roll = generate(model, tok, prompts, GenerationSpec(max_new_tokens=128, batch_size=64), greedy=True)
         res = {"gold": [float(gold.passes(t, r["constraints"])) for r, t in zip(rows, roll.texts)],
+               "eos": roll.has_eos.tolist(),
                "per_kind": per_kind(rows, roll.texts), "length": sum(roll.lengths) / len(rows),
                "finished": roll.has_eos.float().mean().item()}
         if sample and split != "kinds":
@@ -68,14 +71,21 @@ def evaluate(path: Path, sample: int) -> dict:
     return out
 
 
-def report(results: dict, base: str) -> str:
+def gold_of(res: dict, strict: bool) -> list[float]:
+    """Per-prompt gold; strict: an answer cut at the token budget (no EOS) fails, whatever its text meets."""
+    if not strict:
+        return res["gold"]
+    return [g if eos else 0.0 for g, eos in zip(res["gold"], res["eos"], strict=True)]
+
+
+def report(results: dict, base: str, strict: bool = False) -> str:
     names = [base] + [n for n in results if n != base]
     lines = ["| policy | " + " | ".join(f"{s} gold (gain vs {base} [95% CI])" for s in SPLITS) + " | tokens |",
              "|---|" + "---|" * (len(SPLITS) + 1)]
     for name in names:
         cells = []
         for split in SPLITS:
-            g, g0 = results[name][split]["gold"], results[base][split]["gold"]
+            g, g0 = gold_of(results[name][split], strict), gold_of(results[base][split], strict)
             cell = f"{sum(g) / len(g):.3f}"
             if name != base:
                 d = [a - b for a, b in zip(g, g0, strict=True)]
@@ -94,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sample", type=int, default=0)
     p.add_argument("--report", action="store_true", help="print the table of everything in --out")
     p.add_argument("--baseline", default=None, help="the policy gains are measured against (default: the first)")
+    p.add_argument("--strict", action="store_true", help="count answers cut at the budget (no EOS) as failed")
     args = p.parse_args(argv)
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     for spec in args.policies:
@@ -102,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results))
     if args.report or not args.policies:
-        print(report(results, args.baseline or next(iter(results))))
+        print(report(results, args.baseline or next(iter(results)), args.strict))
 
 
 if __name__ == "__main__":

@@ -87,6 +87,19 @@ def test_trains_a_few_steps_and_loads_back(store, tmp_path, algorithm):
     assert any("layers" in n for n in changed), "training changed no parameter"
 
 
+def test_truncated_reward_replaces_the_score_of_cut_completions(store, tmp_path):
+    # vowel_reward is in [0, 1]; a cut completion now scores -3, so the step's mean reward is at most
+    # 1 x (share finished) - 3 x (share cut), and below 0 whenever most are cut (12 tokens on a random model)
+    root, run = store
+    cfg = write_config(tmp_path, **{"train.max_steps": 1, "group.truncated_reward": -3.0})
+    assert main(["run", "grpo", "-c", str(cfg), "--artifacts", str(root)]) == 0
+    art = ArtifactStore(root).read_stage(run, "grpo")
+    row = next(json.loads(line) for line in (art.path / "log_history.jsonl").read_text().splitlines()
+               if "reward" in json.loads(line))
+    cut = row["completions/clipped_ratio"]
+    assert cut > 0.5 and row["reward"] <= (1 - cut) * 1.0 - 3.0 * cut + 1e-6
+
+
 def test_reference_of_full_fine_tuning_is_the_sft_model(store, tmp_path):
     """Without an adapter to switch off, TRL reloads the reference from config._name_or_path (the raw base):
     build_trainer must hand it base + SFT merged instead."""
@@ -121,6 +134,23 @@ def test_reward_wrapper_passes_text_and_the_prompts_fields():
     assert out == [1.0, 2.0] and reward.__name__ == "function_reward"
     assert seen["completions"] == ["x", "y"]
     assert seen["constraints"] == [None, [{"type": "lowercase"}]] and seen["reference"] == ["B!", None]
+    # group.truncated_reward: a completion that does not end in an EOS (cut at the length limit) gets it instead
+    cut = trl_reward_func(score, records, truncated_reward=-0.5, eos_ids={7, 9})
+    kw = dict(prompts=[r["prompt"] for r in records[::-1]], prompt_index=[1, 0], trainer_state=None,
+              completions=[[{"role": "assistant", "content": "x"}], [{"role": "assistant", "content": "y"}]])
+    assert cut(completion_ids=[[1, 9], [2, 3]], **kw) == [1.0, -0.5]
+    assert cut(completion_ids=[[7], [5, 7]], **kw) == [1.0, 2.0]
+
+
+def test_eos_ids_are_the_generation_configs_and_the_tokenizers():
+    from types import SimpleNamespace
+
+    from alignment.grpo import eos_ids
+
+    tok = SimpleNamespace(eos_token_id=2)
+    assert eos_ids(SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[2, 5])), tok) == {2, 5}
+    assert eos_ids(SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=3)), tok) == {2, 3}
+    assert eos_ids(SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=None)), tok) == {2}
 
 
 @pytest.mark.parametrize("changes, expected", [
