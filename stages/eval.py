@@ -316,6 +316,11 @@ def answer_all(cfg: Config, ctx, tok, sets: dict[str, list[dict]]) -> tuple[dict
     return responses, kl, ppl
 
 
+def finished_only(scores: list, eos: list[bool]) -> list:
+    """Gold scores with every answer that hit the token budget without an EOS counted as failed (0)."""
+    return [None if g is None else (g if e else 0.0) for g, e in zip(scores, eos, strict=True)]
+
+
 def split_metrics(cfg: Config, sets: dict[str, list[dict]], responses: dict, fn) -> tuple[dict, dict]:
     """Gold scores ({set: {model: [score]}}) and the per-set summary: pass rate per model and per kind, 95% CI,
     and each policy's paired gain over the baseline (`gold_gain`: mean and CI of its per-prompt differences)."""
@@ -328,11 +333,22 @@ def split_metrics(cfg: Config, sets: dict[str, list[dict]], responses: dict, fn)
         kinds = [row.get("category") for row in rows]
         models = {name: ev.gold_summary(sc, kinds, seed=cfg.seed) for name, sc in scores[s].items()}
         base = scores[s].get(cfg.baseline)
+        strict = {name: finished_only(sc, responses[s][name]["eos"]) for name, sc in scores[s].items()}
         for name, m in models.items():
+            if m is None:
+                continue
+            # Cut answers fail: the checker scores a cut text, and a policy that runs on past the budget collects
+            # the "at least N words / sentences" constraints (docs/algorithms.md)
+            m.update(finished_rate=ev.mean([float(e) for e in responses[s][name]["eos"]]),
+                     pass_rate_strict=ev.mean([g for g in strict[name] if g is not None]))
+            if name == cfg.baseline or base is None:
+                continue
             # Paired by prompt against the baseline (what "beats SFT on held-out phrasings" is read from)
-            diffs = [a - b for a, b in zip(scores[s][name], base or []) if a is not None and b is not None]
-            if m is not None and name != cfg.baseline and diffs:
-                m["gold_gain"] = ev.distribution(diffs)
+            for key, mine, theirs in (("gold_gain", scores[s][name], base),
+                                      ("gold_gain_strict", strict[name], strict[cfg.baseline])):
+                diffs = [a - b for a, b in zip(mine, theirs) if a is not None and b is not None]
+                if diffs:
+                    m[key] = ev.distribution(diffs)
         out[s] = {"source": sources[s], "prompts": len(rows),
                   "models": {name: m for name, m in models.items() if m is not None}}
     return scores, out

@@ -161,6 +161,30 @@ def test_bad_prompt_sets_and_forgetting_text_are_named(capsys, tmp_path):
     assert load_general_texts(ForgettingSpec(text=None)) == []
 
 
+def test_split_metrics_count_cut_answers_as_failed_in_the_strict_figures():
+    from types import SimpleNamespace
+
+    from stages.eval import split_metrics
+
+    cfg = SimpleNamespace(prompts_name="main", prompts="p.jsonl", prompt_sets={}, baseline="sft", seed=0)
+    rows = [{"category": "a"}, {"category": "a"}, {"category": "b"}, {"category": None}]
+    responses = {"main": {"sft": {"text": ["1", "1", "0", "x"], "eos": [True, True, True, True]},
+                          "ppo": {"text": ["1", "1", "1", "x"], "eos": [True, False, False, True]}}}
+
+    def fn(rows, texts):  # "1" passes, "0" fails, the 4th prompt has no constraints
+        return [None if t == "x" else float(t) for t in texts]
+
+    _, out = split_metrics(cfg, {"main": rows}, responses, fn)
+    sft, ppo = out["main"]["models"]["sft"], out["main"]["models"]["ppo"]
+    # ppo passes all 3 scored prompts but 2 of its answers were cut: strictly it passes 1 of 3
+    assert ppo["pass_rate"] == 1.0 and ppo["pass_rate_strict"] == pytest.approx(1 / 3)
+    assert ppo["finished_rate"] == 0.5 and sft["finished_rate"] == 1.0
+    assert sft["pass_rate"] == sft["pass_rate_strict"] == pytest.approx(2 / 3)
+    # paired: as scored [1-1, 1-1, 1-0] = +1/3; strictly ppo [1, 0, 0] vs sft [1, 1, 0]: [0, -1, 0] = -1/3
+    assert ppo["gold_gain"]["mean"] == pytest.approx(1 / 3)
+    assert ppo["gold_gain_strict"]["mean"] == pytest.approx(-1 / 3)
+
+
 # -- the stage end to end --------------------------------------------------------------------------
 
 
@@ -202,11 +226,14 @@ def test_eval_stage_end_to_end(tiny_store, tmp_path):
             assert m["n"] == len(got) and m["pass_rate"] == pytest.approx(sum(got) / len(got))
             assert m["pass_rate_ci"][0] <= m["pass_rate"] <= m["pass_rate_ci"][1]
             assert sum(k["n"] for k in m["by_kind"].values()) == m["n"]
+            assert 0.0 <= m["pass_rate_strict"] <= m["pass_rate"] and 0.0 <= m["finished_rate"] <= 1.0
             if name != "sft":  # paired with the baseline prompt by prompt
                 assert m["gold_gain"]["mean"] == pytest.approx(m["pass_rate"] - split["models"]["sft"]["pass_rate"])
                 assert m["gold_gain"]["n"] == m["n"]
+                assert m["gold_gain_strict"]["mean"] == pytest.approx(
+                    m["pass_rate_strict"] - split["models"]["sft"]["pass_rate_strict"])
             else:
-                assert "gold_gain" not in m
+                assert "gold_gain" not in m and "gold_gain_strict" not in m
     held_kinds = set(splits["heldout_kinds"]["models"]["dpo"]["by_kind"])
     assert held_kinds and not held_kinds & set(splits["in_distribution"]["models"]["dpo"]["by_kind"])
     assert splits["in_distribution"]["models"]["dpo"]["pass_rate"] == dpo["gold"]["pass_rate"]
