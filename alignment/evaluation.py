@@ -115,6 +115,12 @@ def constraint_gold(rows: list[dict], responses: list[str]) -> list[float | None
             for row, resp in zip(rows, responses, strict=True)]
 
 
+def finished_only(scores: Sequence[float | None], eos: Sequence[bool]) -> list[float | None]:
+    """Gold scores with every answer that hit the token budget without an EOS counted as failed (0): the checker
+    scores a cut text as it stands, so a policy that runs on collects the "at least N words" constraints."""
+    return [None if g is None else (g if e else 0.0) for g, e in zip(scores, eos, strict=True)]
+
+
 def pass_rate_summary(scores: Sequence[float], *, n_boot: int = 1000, seed: int = 0) -> dict:
     """Gold pass rate of scored prompts (each 1.0 pass / 0.0 fail, or a fraction) with its bootstrap 95% CI."""
     lo, hi = bootstrap_ci(scores, n_boot=n_boot, seed=seed)

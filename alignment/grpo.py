@@ -168,6 +168,9 @@ def trl_reward_func(score, records: list[dict], name: str = "reward", *, truncat
     """
     from alignment.reward_sources import FIELDS
 
+    if truncated_reward is not None and not eos_ids:
+        raise ValueError("trl_reward_func: truncated_reward needs the eos_ids that end a finished completion")
+
     def reward(prompts, completions, prompt_index, completion_ids=None, **_):
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
         rows = [records[i] for i in prompt_index]

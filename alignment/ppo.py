@@ -632,8 +632,8 @@ class PPOTrainer:
         `rows` become the normalisation of every later score. Returns the statistics (for the log)."""
         self.score_shift, self.score_scale, self.length_slope = 0.0, 1.0, 0.0
         ro = self.score(self.rollout([r["prompt"] for r in rows], seed=self.seed * 1_000_003 - 1), fields_of(rows))
-        lengths = ro.response_mask.sum(-1).float().cpu()
         if self.spec.length_debias:
+            lengths = ro.response_mask.sum(-1).float().cpu()
             self.length_slope = rl.length_slope(ro.raw_scores, lengths)
             ro.raw_scores = ro.raw_scores - self.length_slope * lengths
         mean, std = float(ro.raw_scores.mean()), float(ro.raw_scores.std(unbiased=False))

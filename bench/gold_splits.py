@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from alignment.evaluation import bootstrap_ci  # noqa: E402
+from alignment.evaluation import bootstrap_ci, finished_only  # noqa: E402
 
 SPLITS = {"indist": "data/instruct/eval.jsonl", "phrasings": "data/instruct/eval_heldout_phrasings.jsonl",
           "kinds": "data/instruct/eval_heldout_kinds.jsonl"}
@@ -73,9 +73,7 @@ def evaluate(path: Path, sample: int) -> dict:
 
 def gold_of(res: dict, strict: bool) -> list[float]:
     """Per-prompt gold; strict: an answer cut at the token budget (no EOS) fails, whatever its text meets."""
-    if not strict:
-        return res["gold"]
-    return [g if eos else 0.0 for g, eos in zip(res["gold"], res["eos"], strict=True)]
+    return finished_only(res["gold"], res["eos"]) if strict else res["gold"]
 
 
 def report(results: dict, base: str, strict: bool = False) -> str:
@@ -106,6 +104,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--baseline", default=None, help="the policy gains are measured against (default: the first)")
     p.add_argument("--strict", action="store_true", help="count answers cut at the budget (no EOS) as failed")
     args = p.parse_args(argv)
+    for spec in args.policies:  # every argument checked before hours of generation start
+        name, _, path = spec.partition("=")
+        if not name or not (Path(path) / "manifest.json").is_file():
+            sys.exit(f"gold_splits: {spec!r}: expected NAME=ARTIFACT_DIR of a published stage (with manifest.json)")
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     for spec in args.policies:
         name, _, path = spec.partition("=")

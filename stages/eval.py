@@ -316,11 +316,6 @@ def answer_all(cfg: Config, ctx, tok, sets: dict[str, list[dict]]) -> tuple[dict
     return responses, kl, ppl
 
 
-def finished_only(scores: list, eos: list[bool]) -> list:
-    """Gold scores with every answer that hit the token budget without an EOS counted as failed (0)."""
-    return [None if g is None else (g if e else 0.0) for g, e in zip(scores, eos, strict=True)]
-
-
 def split_metrics(cfg: Config, sets: dict[str, list[dict]], responses: dict, fn) -> tuple[dict, dict]:
     """Gold scores ({set: {model: [score]}}) and the per-set summary: pass rate per model and per kind, 95% CI,
     and each policy's paired gain over the baseline (`gold_gain`: mean and CI of its per-prompt differences)."""
@@ -333,7 +328,7 @@ def split_metrics(cfg: Config, sets: dict[str, list[dict]], responses: dict, fn)
         kinds = [row.get("category") for row in rows]
         models = {name: ev.gold_summary(sc, kinds, seed=cfg.seed) for name, sc in scores[s].items()}
         base = scores[s].get(cfg.baseline)
-        strict = {name: finished_only(sc, responses[s][name]["eos"]) for name, sc in scores[s].items()}
+        strict = {name: ev.finished_only(sc, responses[s][name]["eos"]) for name, sc in scores[s].items()}
         for name, m in models.items():
             if m is None:
                 continue

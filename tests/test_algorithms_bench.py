@@ -100,3 +100,25 @@ def test_tiny_smoke_trains_each_algorithm_and_writes_table_and_plot(tmp_path):
     assert all(table[a]["kl"] > 0 for a in ("dpo", "online_dpo", "ppo", "rloo"))  # every policy moved off SFT
     assert "in-distribution" in table["online_dpo"] and "<!-- results:tiny -->" in doc.read_text()
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gold_splits_refuses_an_argument_that_is_not_a_published_artifact(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    for arg in ("no-equals-sign", f"sft={tmp_path / 'missing'}", f"={tmp_path}"):
+        out = subprocess.run([sys.executable, str(REPO / "bench" / "gold_splits.py"), "--out",
+                              str(tmp_path / "g.json"), arg], capture_output=True, text=True)
+        assert out.returncode == 1, out
+        assert out.stderr.strip().splitlines() == [
+            f"gold_splits: {arg!r}: expected NAME=ARTIFACT_DIR of a published stage (with manifest.json)"]
+        assert not (tmp_path / "g.json").exists()
+
+
+def test_gold_splits_strict_figures_fail_cut_answers():
+    spec = importlib.util.spec_from_file_location("bench_gold_splits", REPO / "bench" / "gold_splits.py")
+    gs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gs)
+    res = {"gold": [1.0, 1.0, 0.0], "eos": [True, False, True]}
+    assert gs.gold_of(res, strict=False) == [1.0, 1.0, 0.0]
+    assert gs.gold_of(res, strict=True) == [1.0, 0.0, 0.0]

@@ -140,6 +140,8 @@ def test_reward_wrapper_passes_text_and_the_prompts_fields():
               completions=[[{"role": "assistant", "content": "x"}], [{"role": "assistant", "content": "y"}]])
     assert cut(completion_ids=[[1, 9], [2, 3]], **kw) == [1.0, -0.5]
     assert cut(completion_ids=[[7], [5, 7]], **kw) == [1.0, 2.0]
+    with pytest.raises(ValueError, match="truncated_reward needs the eos_ids"):
+        trl_reward_func(score, records, truncated_reward=0.0)
 
 
 def test_eos_ids_are_the_generation_configs_and_the_tokenizers():
@@ -164,6 +166,7 @@ def test_eos_ids_are_the_generation_configs_and_the_tokenizers():
     ({"group.loss_type": "grpo"}, "group.loss_type: unknown key"),
     ({"group.beta": -0.1}, "group.beta: expected a KL coefficient >= 0"),
     ({"group.sampler": "vllm"}, "group.sampler: expected one of 'engine' or 'trl', got 'vllm'"),
+    ({"group.truncated_reward": "low"}, "group.truncated_reward:"),
 ])
 def test_impossible_group_settings_fail_at_config_load(tmp_path, capsys, changes, expected):
     cfg = write_config(tmp_path, **changes)
