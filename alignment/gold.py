@@ -1,8 +1,10 @@
 """The gold judge: exact, rule-based checks of verifiable instruction constraints.
 
-No stage trains on this function. Reward models, DPO and PPO only ever see preference
-labels (human or AI); the gold function is kept apart so that evaluation can measure how
-well each stage learned to follow instructions without the training signal leaking into it.
+The default chain never trains on this function: reward models, DPO and PPO see preference
+labels (human or AI), so evaluation measures how well each stage learned to follow
+instructions without the training signal leaking into it. The verifiable-reward recipes
+(RLVR: `reward_sources.gold_reward`, `gold_reward_graded`) do train on it; their honest
+figures are the held-out phrasings and kinds, whose prompts and kinds they never see.
 
 A constraint is a dict with a ``type`` and that type's parameters. The types follow IFEval's
 families (Zhou et al. 2023), with the checks spelled out here rather than borrowed:
@@ -247,6 +249,58 @@ def score(response: str, constraints: list[dict]) -> float:
     if not constraints:
         return 1.0
     return sum(check(response, c) for c in constraints) / len(constraints)
+
+
+def _at_least(count: int, n: int) -> float:
+    return 1.0 if count >= n else count / n
+
+
+def _at_most(count: int, n: int) -> float:
+    return 1.0 if count <= n else n / count
+
+
+def _exactly(count: int, n: int) -> float:
+    return 1.0 if count == n else min(count, n) / max(count, n)
+
+
+def _letters(response: str, constraint: dict) -> float:
+    count = response.lower().count(_str_param(constraint, "letter").lower())
+    n = _int_param(constraint, "n", 1)
+    return _at_least(count, n) if constraint.get("relation", "at least") == "at least" else _at_most(count + 1, n)
+
+
+CREDITS: dict[str, Callable[[str, dict], float]] = {
+    "max_words": lambda r, c: _at_most(count_words(r), _int_param(c, "n")),
+    "min_words": lambda r, c: _at_least(count_words(r), _int_param(c, "n")),
+    "max_sentences": lambda r, c: _at_most(count_sentences(r), _int_param(c, "n", 1)),
+    "min_sentences": lambda r, c: _at_least(count_sentences(r), _int_param(c, "n", 1)),
+    "paragraphs": lambda r, c: _exactly(count_paragraphs(r), _int_param(c, "n", 1)),
+    "bullets": lambda r, c: _exactly(sum(line.startswith("- ") for line in r.splitlines()), _int_param(c, "n")),
+    "keyword_frequency": lambda r, c: _at_least(count_word(r, _str_param(c, "word")), _int_param(c, "n", 1)),
+    "letter_frequency": _letters,
+    "highlights": lambda r, c: _at_least(sum(1 for m in _HIGHLIGHT_RE.findall(r) if count_words(m)), _int_param(c, "n", 1)),
+    "placeholders": lambda r, c: _at_least(len(_PLACEHOLDER_RE.findall(r)), _int_param(c, "n", 1)),
+}
+"""Count constraints -> partial credit in [0, 1]: how far the count got toward the bound (count / n below an "at
+least n", n / count above an "at most n", min / max for "exactly n"); 1 exactly when the check passes."""
+
+
+def credit(response: str, constraint: dict) -> float:
+    """Partial credit for one constraint: `CREDITS` for count constraints, the pass/fail check for the rest.
+    `check` runs first, so bad parameters raise as they do there and a passing response always gets 1."""
+    if check(response, constraint):
+        return 1.0
+    graded = CREDITS.get(constraint["type"])
+    return graded(response, constraint) if graded else 0.0
+
+
+def graded_score(response: str, constraints: list[dict]) -> float:
+    """Mean partial credit over `constraints` (`credit`), in [0, 1]; `score` with count constraints graded. A
+    denser training signal than `score`: a response 20 words short of "at least 50 words" earns 0.6, not 0, so
+    a group of samples that all miss the bound still ranks the ones closer to it."""
+    if not constraints:
+        return 1.0
+    return sum(credit(response, c) for c in constraints) / len(constraints)
 
 
 def passes(response: str, constraints: list[dict]) -> bool:

@@ -153,15 +153,29 @@ def gold_reward(prompts: list[list[dict]], completions: list[str],
     """
     from alignment import gold
 
+    return _constraint_scores(gold.score, "gold_reward", prompts, completions, constraints)
+
+
+def gold_reward_graded(prompts: list[list[dict]], completions: list[str],
+                       constraints: list[list[dict] | None] | None = None) -> list[float]:
+    """`gold_reward` with partial credit for count constraints (`alignment.gold.graded_score`): a response that
+    misses "at least 50 words" with 30 scores 0.6 for it, not 0. For RLVR (a denser signal within a group); the
+    evaluation keeps the pass/fail check."""
+    from alignment import gold
+
+    return _constraint_scores(gold.graded_score, "gold_reward_graded", prompts, completions, constraints)
+
+
+def _constraint_scores(score, name: str, prompts, completions, constraints) -> list[float]:
     out = []
     for i, (prompt, text) in enumerate(zip(prompts, completions)):
         cons = constraints[i] if constraints is not None else None
         if cons is None:
             cons = _bundled_constraints().get(_last_user(prompt))
         if not cons:
-            raise ValueError(f"gold_reward: no constraints known for the prompt {_last_user(prompt)[:80]!r}; use "
+            raise ValueError(f"{name}: no constraints known for the prompt {_last_user(prompt)[:80]!r}; use "
                              "prompt rows with `constraints` (e.g. data/instruct/*.jsonl)")
-        out.append(gold.score(text, cons))
+        out.append(score(text, cons))
     return out
 
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from alignment import gold
 from alignment.gold import CHECKS, check, count_words, passes, score
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -223,3 +224,28 @@ def test_build_is_deterministic_and_reports_length_balance(tmp_path):
     corr = [float(line.split("length/preference corr ")[1].split(",")[0])
             for line in out.splitlines() if "length/preference corr" in line]
     assert len(corr) == 3 and all(abs(c) < 0.1 for c in corr)
+
+
+def test_graded_score_gives_count_constraints_partial_credit():
+    # 6 words, 2 sentences, no bullets, three 'o's ("one", "two", "four"), no comma.
+    r = "one two three. four five six."
+    cons = [{"type": "min_words", "n": 10},      # 6 / 10 = 0.6
+            {"type": "max_words", "n": 3},       # 3 / 6 = 0.5
+            {"type": "no_commas"},               # passes: 1
+            {"type": "bullets", "n": 2},         # 0 bullets, exactly 2: min / max = 0
+            {"type": "letter_frequency", "letter": "o", "n": 3, "relation": "less than"}]  # 3 'o's: 3 / (3 + 1)
+    assert [gold.credit(r, c) for c in cons] == [0.6, 0.5, 1.0, 0.0, 0.75]
+    assert gold.graded_score(r, cons) == pytest.approx(2.85 / 5)
+    assert gold.score(r, cons) == pytest.approx(1 / 5)  # the pass/fail score of the same response
+    # exactly n: 3 bullets for 2 -> 2 / 3; a passing count always scores 1; binary kinds stay 0 / 1
+    assert gold.credit("- a\n- b\n- c", {"type": "bullets", "n": 2}) == pytest.approx(2 / 3)
+    assert gold.credit("- a\n- b", {"type": "bullets", "n": 2}) == 1.0
+    assert gold.credit("Hello", {"type": "lowercase"}) == 0.0
+    assert gold.graded_score("anything", []) == 1.0
+
+
+def test_graded_score_rejects_bad_parameters_like_check():
+    with pytest.raises(ValueError, match="letter_frequency"):
+        gold.credit("abc", {"type": "letter_frequency", "letter": "ab", "n": 2})
+    with pytest.raises(ValueError, match="unknown constraint type"):
+        gold.graded_score("abc", [{"type": "min_wordz", "n": 2}])

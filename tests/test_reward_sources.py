@@ -9,8 +9,8 @@ import torch
 
 from alignment.errors import ConfigError
 from alignment.judges import Judge, JudgeSpec, register_judge
-from alignment.reward_sources import (ModelReward, RewardSource, gold_reward, template_suffix_ids, text_reward_fn,
-                                      with_fields)
+from alignment.reward_sources import (ModelReward, RewardSource, gold_reward, gold_reward_graded, template_suffix_ids,
+                                      text_reward_fn, with_fields)
 
 P = [{"role": "user", "content": "Describe rivers."}]
 
@@ -26,6 +26,15 @@ def test_gold_reward_with_constraints_and_by_lookup():
     assert gold_reward([prompt, prompt, prompt], ["<<Trains>> Fast.", "Every day, yes.", "Rails."]) == [1.0, 0.0, 0.5]
     with pytest.raises(ValueError, match="no constraints known"):
         gold_reward([P], ["x"])
+
+
+def test_gold_reward_graded_scores_counts_partially():
+    cons = [[{"type": "max_words", "n": 3}, {"type": "lowercase"}], [{"type": "min_words", "n": 4}]]
+    # "a b c d e f": 6 words for at most 3 -> 3 / 6, lowercase passes -> (0.5 + 1) / 2; "Paper!": 1 word of 4
+    assert gold_reward_graded([P, P], ["a b c d e f", "Paper!"], constraints=cons) == [0.75, 0.25]
+    assert gold_reward([P, P], ["a b c d e f", "Paper!"], constraints=cons) == [0.5, 0.0]
+    with pytest.raises(ValueError, match="gold_reward_graded: no constraints known"):
+        gold_reward_graded([P], ["x"])
 
 
 def fn_with_constraints(prompts, completions, constraints):
