@@ -206,6 +206,19 @@ def test_shipped_configs_load_with_their_algorithm(profile, name):
     assert short.algorithm == type(cfg.algorithm)()  # the short form is the method's defaults
 
 
+def test_rlvr_recipe_needs_only_sft_and_scores_cut_completions_zero():
+    """configs/smollm2/grpo-rlvr.yaml: the gold check as the reward (no reward artifact upstream) and a completion
+    cut at the eval stage's budget scored 0, the two settings its measured run depends on."""
+    from alignment.runner import load_stage_config
+    from stages.grpo import upstream
+
+    cfg = load_stage_config("grpo", "configs/smollm2/grpo-rlvr.yaml")
+    eval_cfg = load_stage_config("eval", "configs/smollm2/eval.yaml")
+    assert upstream(cfg) == ("sft",) and cfg.reward.function == "alignment.reward_sources:gold_reward"
+    assert cfg.group.truncated_reward == 0.0 and not cfg.group.mask_truncated_completions
+    assert cfg.group.max_completion_length == eval_cfg.generation.max_new_tokens
+
+
 def test_trl_samples_through_our_engine_with_the_lora_merged(store, tmp_path):
     """GRPO/RLOO rollouts go through alignment.generation (LoRA merged into temporary weights, seeded rows):
     TRL's completion contract (ids through the first EOS), the same tokens as sampling with the adapter unmerged
