@@ -6,11 +6,13 @@ met; per kind, the share of that kind's constraints met. `--sample K` also sampl
 temperature 1 on the first two splits (what an on-policy method can find to reinforce). The first policy is the
 baseline: every other one gets its per-prompt gain with a percentile-bootstrap 95% CI. `--strict` counts an
 answer cut at the budget without an EOS as failed (the checker otherwise scores the cut text, and a policy that
-runs on collects the "at least N words / sentences" constraints).
+runs on collects the "at least N words / sentences" constraints). `--seeds NAME=A,B,C` adds a row for the seeds
+A, B, C of one recipe: per prompt the mean over the seeds, its gain's CI bootstrapped over prompts.
 
     OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 .venv/bin/python bench/gold_splits.py --out bench/out/gold.json \\
         sft=A/smollm2/sft ppo=A/smollm2/ppo [--sample 4]
     .venv/bin/python bench/gold_splits.py --out bench/out/gold.json --report   # tables from the saved outcomes
+    .venv/bin/python bench/gold_splits.py --out bench/out/gold.json --report --strict --seeds ppo3=ppo,ppo1,ppo2
 
 Outcomes accumulate in `--out` (one key per name), so policies can be evaluated in separate calls.
 """
@@ -76,6 +78,19 @@ def gold_of(res: dict, strict: bool) -> list[float]:
     return finished_only(res["gold"], res["eos"]) if strict else res["gold"]
 
 
+def seeds_mean(results: dict, members: list[str], strict: bool) -> dict:
+    """One policy trained with several seeds (`members`: their names in `results`) as one row: per split and prompt
+    the mean outcome over the seeds (strictness applied per seed first), so the paired bootstrap over prompts
+    gives the CI of the seed-averaged gain (as bench/seeds_eval.py does); tokens averaged over the seeds."""
+    out = {}
+    for split in SPLITS:
+        per_seed = [gold_of(results[m][split], strict) for m in members]
+        out[split] = {"gold": [sum(xs) / len(xs) for xs in zip(*per_seed, strict=True)],
+                      "eos": [True] * len(per_seed[0]),
+                      "length": sum(results[m][split]["length"] for m in members) / len(members)}
+    return out
+
+
 def report(results: dict, base: str, strict: bool = False) -> str:
     names = [base] + [n for n in results if n != base]
     lines = ["| policy | " + " | ".join(f"{s} gold (gain vs {base} [95% CI])" for s in SPLITS) + " | tokens |",
@@ -103,6 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--report", action="store_true", help="print the table of everything in --out")
     p.add_argument("--baseline", default=None, help="the policy gains are measured against (default: the first)")
     p.add_argument("--strict", action="store_true", help="count answers cut at the budget (no EOS) as failed")
+    p.add_argument("--seeds", action="append", default=[], metavar="NAME=A,B,C",
+                   help="report the policies A, B, C (seeds of one recipe) as one row NAME: the per-prompt mean")
     args = p.parse_args(argv)
     for spec in args.policies:  # every argument checked before hours of generation start
         name, _, path = spec.partition("=")
@@ -115,6 +132,13 @@ def main(argv: list[str] | None = None) -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results))
     if args.report or not args.policies:
+        for spec in args.seeds:
+            name, _, members = spec.partition("=")
+            missing = [m for m in members.split(",") if m not in results]
+            if not name or not members or missing:
+                sys.exit(f"gold_splits: --seeds {spec!r}: expected NAME=A,B,C with A, B, C in {args.out} "
+                         f"(missing: {', '.join(missing) or 'a name'})")
+            results[name] = seeds_mean(results, members.split(","), args.strict)
         print(report(results, args.baseline or next(iter(results)), args.strict))
 
 

@@ -122,3 +122,27 @@ def test_gold_splits_strict_figures_fail_cut_answers():
     res = {"gold": [1.0, 1.0, 0.0], "eos": [True, False, True]}
     assert gs.gold_of(res, strict=False) == [1.0, 1.0, 0.0]
     assert gs.gold_of(res, strict=True) == [1.0, 0.0, 0.0]
+
+
+def test_gold_splits_seeds_row_averages_each_prompt_over_the_seeds(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("bench_gold_splits", REPO / "bench" / "gold_splits.py")
+    gs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gs)
+
+    def res(gold, eos, length):
+        return {s: {"gold": gold, "eos": eos, "length": length} for s in gs.SPLITS}
+
+    results = {"sft": res([0.0, 1.0, 0.0, 0.0], [True] * 4, 40.0),
+               "a": res([1.0, 1.0, 0.0, 1.0], [True, True, True, False], 30.0),
+               "b": res([1.0, 0.0, 1.0, 0.0], [True] * 4, 50.0)}
+    # strict: a's cut 4th answer fails -> a [1, 1, 0, 0]; mean with b per prompt [1, .5, .5, 0]: 0.5 (sft 0.25)
+    row = gs.seeds_mean(results, ["a", "b"], strict=True)["kinds"]
+    assert row["gold"] == [1.0, 0.5, 0.5, 0.0] and row["length"] == 40.0
+    assert gs.seeds_mean(results, ["a", "b"], strict=False)["kinds"]["gold"] == [1.0, 0.5, 0.5, 0.5]
+    out = tmp_path / "g.json"
+    out.write_text(json.dumps(results))
+    gs.main(["--out", str(out), "--report", "--strict", "--baseline", "sft", "--seeds", "ab=a,b"])
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("| ab |"))
+    assert line.startswith("| ab | 0.500, +0.250 [")  # 0.5 - 0.25 per split
+    with pytest.raises(SystemExit, match="missing: c"):
+        gs.main(["--out", str(out), "--report", "--seeds", "ac=a,c"])
