@@ -143,8 +143,16 @@ def _letter_frequency(response: str, constraint: dict) -> bool:
     return count >= n if relation == "at least" else count < n
 
 
+def count_bullets(text: str) -> int:
+    return sum(line.startswith("- ") for line in text.splitlines())
+
+
+def count_highlights(text: str) -> int:
+    return sum(1 for m in _HIGHLIGHT_RE.findall(text) if count_words(m))
+
+
 def _bullets(response: str, constraint: dict) -> bool:
-    return sum(line.startswith("- ") for line in response.splitlines()) == _int_param(constraint, "n")
+    return count_bullets(response) == _int_param(constraint, "n")
 
 
 def _lowercase(response: str, constraint: dict) -> bool:
@@ -177,8 +185,7 @@ def _title(response: str, constraint: dict) -> bool:
 
 
 def _highlights(response: str, constraint: dict) -> bool:
-    found = [m for m in _HIGHLIGHT_RE.findall(response) if count_words(m)]
-    return len(found) >= _int_param(constraint, "n", 1)
+    return count_highlights(response) >= _int_param(constraint, "n", 1)
 
 
 def _json_format(response: str, constraint: dict) -> bool:
@@ -275,10 +282,10 @@ CREDITS: dict[str, Callable[[str, dict], float]] = {
     "max_sentences": lambda r, c: _at_most(count_sentences(r), _int_param(c, "n", 1)),
     "min_sentences": lambda r, c: _at_least(count_sentences(r), _int_param(c, "n", 1)),
     "paragraphs": lambda r, c: _exactly(count_paragraphs(r), _int_param(c, "n", 1)),
-    "bullets": lambda r, c: _exactly(sum(line.startswith("- ") for line in r.splitlines()), _int_param(c, "n")),
+    "bullets": lambda r, c: _exactly(count_bullets(r), _int_param(c, "n")),
     "keyword_frequency": lambda r, c: _at_least(count_word(r, _str_param(c, "word")), _int_param(c, "n", 1)),
     "letter_frequency": _letters,
-    "highlights": lambda r, c: _at_least(sum(1 for m in _HIGHLIGHT_RE.findall(r) if count_words(m)), _int_param(c, "n", 1)),
+    "highlights": lambda r, c: _at_least(count_highlights(r), _int_param(c, "n", 1)),
     "placeholders": lambda r, c: _at_least(len(_PLACEHOLDER_RE.findall(r)), _int_param(c, "n", 1)),
 }
 """Count constraints -> partial credit in [0, 1]: how far the count got toward the bound (count / n below an "at
