@@ -138,9 +138,13 @@ def _letter_frequency(response: str, constraint: dict) -> bool:
     relation = constraint.get("relation", "at least")
     if relation not in RELATIONS:
         raise ValueError(f"constraint 'letter_frequency' needs 'relation' in {RELATIONS}, got {relation!r}")
-    count = response.lower().count(letter.lower())
+    count = count_letter(response, letter)
     n = _int_param(constraint, "n", 1)
     return count >= n if relation == "at least" else count < n
+
+
+def count_letter(text: str, letter: str) -> int:
+    return text.lower().count(letter.lower())
 
 
 def count_bullets(text: str) -> int:
@@ -271,7 +275,7 @@ def _exactly(count: int, n: int) -> float:
 
 
 def _letters(response: str, constraint: dict) -> float:
-    count = response.lower().count(_str_param(constraint, "letter").lower())
+    count = count_letter(response, _str_param(constraint, "letter"))
     n = _int_param(constraint, "n", 1)
     return _at_least(count, n) if constraint.get("relation", "at least") == "at least" else _at_most(count + 1, n)
 

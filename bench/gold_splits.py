@@ -126,19 +126,23 @@ def main(argv: list[str] | None = None) -> None:
         if not name or not (Path(path) / "manifest.json").is_file():
             sys.exit(f"gold_splits: {spec!r}: expected NAME=ARTIFACT_DIR of a published stage (with manifest.json)")
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    known = set(results) | {spec.partition("=")[0] for spec in args.policies}
+    groups = {}
+    for spec in args.seeds:  # checked before generation too: a typo must not cost the run its table
+        name, _, members = spec.partition("=")
+        missing = [m for m in members.split(",") if m not in known]
+        if not name or not members or missing:
+            sys.exit(f"gold_splits: --seeds {spec!r}: expected NAME=A,B,C with A, B, C in {args.out} or evaluated "
+                     f"now (missing: {', '.join(missing) or 'a name'})")
+        groups[name] = members.split(",")
     for spec in args.policies:
         name, _, path = spec.partition("=")
         results[name] = evaluate(Path(path), args.sample)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results))
-    if args.report or not args.policies:
-        for spec in args.seeds:
-            name, _, members = spec.partition("=")
-            missing = [m for m in members.split(",") if m not in results]
-            if not name or not members or missing:
-                sys.exit(f"gold_splits: --seeds {spec!r}: expected NAME=A,B,C with A, B, C in {args.out} "
-                         f"(missing: {', '.join(missing) or 'a name'})")
-            results[name] = seeds_mean(results, members.split(","), args.strict)
+    if args.report or args.seeds or not args.policies:
+        for name, members in groups.items():
+            results[name] = seeds_mean(results, members, args.strict)
         print(report(results, args.baseline or next(iter(results)), args.strict))
 
 

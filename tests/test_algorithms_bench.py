@@ -146,3 +146,10 @@ def test_gold_splits_seeds_row_averages_each_prompt_over_the_seeds(tmp_path, cap
     assert line.startswith("| ab | 0.500, +0.250 [")  # 0.5 - 0.25 per split
     with pytest.raises(SystemExit, match="missing: c"):
         gs.main(["--out", str(out), "--report", "--seeds", "ac=a,c"])
+    # refused before any policy is generated (`d` looks published; generating it would fail, not exit)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "manifest.json").write_text("{}")
+    before = out.read_text()
+    with pytest.raises(SystemExit, match="missing: c"):
+        gs.main(["--out", str(out), "--seeds", "ac=a,c", f"d={tmp_path / 'd'}"])
+    assert out.read_text() == before
