@@ -7,12 +7,15 @@ temperature 1 on the first two splits (what an on-policy method can find to rein
 baseline: every other one gets its per-prompt gain with a percentile-bootstrap 95% CI. `--strict` counts an
 answer cut at the budget without an EOS as failed (the checker otherwise scores the cut text, and a policy that
 runs on collects the "at least N words / sentences" constraints). `--seeds NAME=A,B,C` adds a row for the seeds
-A, B, C of one recipe: per prompt the mean over the seeds, its gain's CI bootstrapped over prompts.
+A, B, C of one recipe: per prompt the mean over the seeds, its gain's CI bootstrapped over prompts. `--kinds`
+adds, per split, the share of each constraint kind met by each policy (as scored: a cut answer keeps what its text
+met; a seeds row averages its seeds): where a gain comes from, and what it cost.
 
     OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 .venv/bin/python bench/gold_splits.py --out bench/out/gold.json \\
         sft=A/smollm2/sft ppo=A/smollm2/ppo [--sample 4]
     .venv/bin/python bench/gold_splits.py --out bench/out/gold.json --report   # tables from the saved outcomes
     .venv/bin/python bench/gold_splits.py --out bench/out/gold.json --report --strict --seeds ppo3=ppo,ppo1,ppo2
+    .venv/bin/python bench/gold_splits.py --out bench/out/gold.json --report --kinds --seeds ppo3=ppo,ppo1,ppo2 sft ppo3
 
 Outcomes accumulate in `--out` (one key per name), so policies can be evaluated in separate calls.
 """
@@ -85,9 +88,12 @@ def seeds_mean(results: dict, members: list[str], strict: bool) -> dict:
     out = {}
     for split in SPLITS:
         per_seed = [gold_of(results[m][split], strict) for m in members]
+        kinds = [results[m][split].get("per_kind", {}) for m in members]
         out[split] = {"gold": [sum(xs) / len(xs) for xs in zip(*per_seed, strict=True)],
                       "eos": [True] * len(per_seed[0]),
-                      "length": sum(results[m][split]["length"] for m in members) / len(members)}
+                      "length": sum(results[m][split]["length"] for m in members) / len(members),
+                      "per_kind": {k: sum(pk[k] for pk in kinds) / len(kinds)
+                                   for k in kinds[0] if all(k in pk for pk in kinds)}}
     return out
 
 
@@ -110,6 +116,19 @@ def report(results: dict, base: str, strict: bool = False) -> str:
     return "\n".join(lines)
 
 
+def kinds_report(results: dict, names: list[str]) -> str:
+    """Per split, one row per constraint kind: the share of that kind's constraints each policy met."""
+    blocks = []
+    for split in SPLITS:
+        kinds = sorted({k for n in names for k in results[n][split].get("per_kind", {})})
+        lines = [f"| {split}: kind | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for k in kinds:
+            cells = [results[n][split].get("per_kind", {}).get(k) for n in names]
+            lines.append(f"| {k} | " + " | ".join("-" if c is None else f"{c:.2f}" for c in cells) + " |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("policies", nargs="*", help="NAME=ARTIFACT_DIR; the first is the baseline of the report")
@@ -118,6 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--report", action="store_true", help="print the table of everything in --out")
     p.add_argument("--baseline", default=None, help="the policy gains are measured against (default: the first)")
     p.add_argument("--strict", action="store_true", help="count answers cut at the budget (no EOS) as failed")
+    p.add_argument("--kinds", nargs="*", default=None, metavar="NAME",
+                   help="also print per-kind tables (as scored) for these policies (default: every one)")
     p.add_argument("--seeds", action="append", default=[], metavar="NAME=A,B,C",
                    help="report the policies A, B, C (seeds of one recipe) as one row NAME: the per-prompt mean")
     args = p.parse_args(argv)
@@ -135,6 +156,9 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"gold_splits: --seeds {spec!r}: expected NAME=A,B,C with A, B, C in {args.out} or evaluated "
                      f"now (missing: {', '.join(missing) or 'a name'})")
         groups[name] = members.split(",")
+    unknown = [n for n in args.kinds or () if n not in known | set(groups)]
+    if unknown:
+        sys.exit(f"gold_splits: --kinds: no results for {', '.join(unknown)} in {args.out} (nor evaluated now)")
     for spec in args.policies:
         name, _, path = spec.partition("=")
         results[name] = evaluate(Path(path), args.sample)
@@ -144,6 +168,8 @@ def main(argv: list[str] | None = None) -> None:
         for name, members in groups.items():
             results[name] = seeds_mean(results, members, args.strict)
         print(report(results, args.baseline or next(iter(results)), args.strict))
+    if args.kinds is not None:
+        print("\n" + kinds_report(results, args.kinds or list(results)))
 
 
 if __name__ == "__main__":

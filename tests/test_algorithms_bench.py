@@ -153,3 +153,24 @@ def test_gold_splits_seeds_row_averages_each_prompt_over_the_seeds(tmp_path, cap
     with pytest.raises(SystemExit, match="missing: c"):
         gs.main(["--out", str(out), "--seeds", "ac=a,c", f"d={tmp_path / 'd'}"])
     assert out.read_text() == before
+
+
+def test_gold_splits_kinds_table_averages_seeds_per_kind(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("bench_gold_splits", REPO / "bench" / "gold_splits.py")
+    gs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gs)
+
+    def res(json_met, title_met):
+        return {s: {"gold": [1.0], "eos": [True], "length": 10.0,
+                    "per_kind": {"json_format": json_met, "title": title_met}} for s in gs.SPLITS}
+
+    results = {"sft": res(0.25, 1.0), "a": res(0.5, 0.75), "b": res(1.0, 0.25)}
+    out = tmp_path / "g.json"
+    out.write_text(json.dumps(results))
+    gs.main(["--out", str(out), "--report", "--seeds", "ab=a,b", "--kinds", "sft", "ab"])
+    lines = capsys.readouterr().out.splitlines()
+    assert "| indist: kind | sft | ab |" in lines
+    # ab = the mean of a and b per kind: json (0.5 + 1.0) / 2, title (0.75 + 0.25) / 2
+    assert "| json_format | 0.25 | 0.75 |" in lines and "| title | 1.00 | 0.50 |" in lines
+    with pytest.raises(SystemExit, match="no results for zz"):
+        gs.main(["--out", str(out), "--report", "--kinds", "zz"])
