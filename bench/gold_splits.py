@@ -15,7 +15,7 @@ met; a seeds row averages its seeds): where a gain comes from, and what it cost.
         sft=A/smollm2/sft ppo=A/smollm2/ppo [--sample 4]
     .venv/bin/python bench/gold_splits.py --out bench/out/gold.json --report   # tables from the saved outcomes
     .venv/bin/python bench/gold_splits.py --out bench/out/gold.json --report --strict --seeds ppo3=ppo,ppo1,ppo2
-    .venv/bin/python bench/gold_splits.py --out bench/out/gold.json --report --kinds --seeds ppo3=ppo,ppo1,ppo2 sft ppo3
+    .venv/bin/python bench/gold_splits.py --out bench/out/gold.json --report --seeds ppo3=ppo,ppo1,ppo2 --kinds sft ppo3
 
 Outcomes accumulate in `--out` (one key per name), so policies can be evaluated in separate calls.
 """
@@ -120,10 +120,10 @@ def kinds_report(results: dict, names: list[str]) -> str:
     """Per split, one row per constraint kind: the share of that kind's constraints each policy met."""
     blocks = []
     for split in SPLITS:
-        kinds = sorted({k for n in names for k in results[n][split].get("per_kind", {})})
+        per = [results[n][split].get("per_kind", {}) for n in names]
         lines = [f"| {split}: kind | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-        for k in kinds:
-            cells = [results[n][split].get("per_kind", {}).get(k) for n in names]
+        for k in sorted({k for pk in per for k in pk}):
+            cells = [pk.get(k) for pk in per]
             lines.append(f"| {k} | " + " | ".join("-" if c is None else f"{c:.2f}" for c in cells) + " |")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
