@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Literal
 from alignment import ppo_state, rl
 from alignment.config import Section
 from alignment.errors import ArtifactError
+from alignment.fused_lora import fuse_lora_layers, plain_lora_adapter
 from alignment.generation import Rollout
 from alignment.ppo_callbacks import (Control, GoldCheck, HealthCallback, HealthMonitor, HealthSpec,  # noqa: F401
                                      HealthStop, JsonlLog, LiveTracking, PPOCallback, ProgressBar,
@@ -176,6 +177,10 @@ class PPOSpec(Section):
     attention), the MLP's gated activation (Llama/Qwen/Mistral MLPs) and, with a plain LoRA on the down projection,
     its input (the widest activation, rebuilt from the gate and up outputs that are kept anyway), and the RMSNorms'
     fp32 copies. none: keep all. (The LM head's logits are never kept either way: `rl.head_logprobs_and_entropy`.)"""
+    lora_kernel: Literal["fused", "peft"] = "fused"
+    """How a plain LoRA layer adds its update to the base output. fused: one addmm, y = base(x) + s (x A^T) B^T in
+    the GEMM (alignment.fused_lora: no elementwise passes over the layer's output, forward or backward; the same math
+    rounded once instead of three times); peft: peft's own forward. Layers that are not plain LoRA use peft's."""
     rollout_weights: Literal["adapter", "merged"] = "adapter"
     """The policy's weights while it samples the rollout. adapter: the base + the LoRA adapter's extra matmuls in
     every adapted layer, at every token. merged: a temporary bf16/fp32 copy of each adapted weight with the adapter
@@ -341,6 +346,8 @@ class PPOTrainer:
         self._build_roles(model, lora_config)
         if spec.recompute == "cheap":
             recompute_cheap_parts(self.base)
+        if spec.lora_kernel == "fused" and not self.full:
+            fuse_lora_layers(self.model)
         self.value_head = self._value_head(value_head_init)
         self._value_predicts_scores = value_head_init is not None  # a copied score head: in the scores' units
         if self.full:
@@ -986,7 +993,7 @@ def _gated_mlp(self, x):
     gate, up = self.gate_proj(x), self.up_proj(x)
     # grad first: the no-grad passes (every decode step of the rollout) skip the adapter inspection
     down = self.down_proj
-    adapter = _single_plain_lora(down) if torch.is_grad_enabled() else None
+    adapter = plain_lora_adapter(down) if torch.is_grad_enabled() else None
     if adapter is None:
         return down(_checkpointed(lambda g, u: self.act_fn(g) * u, gate, up))
     # LoRA's A keeps its input, h = act(gate) * up (tokens x intermediate: the largest activation of the layer), for
@@ -1001,20 +1008,6 @@ def _gated_mlp(self, x):
     h, delta = _checkpointed(block, gate, up)
     out = down.base_layer(h)
     return (out + delta).to(out.dtype)
-
-
-def _single_plain_lora(layer) -> str | None:
-    """The adapter name when `layer` is a peft LoRA Linear that runs exactly one plain LoRA (no variant such as DoRA,
-    no dropout, not merged or disabled): the case `_gated_mlp` can recompute; None otherwise."""
-    import torch
-    from peft.tuners.lora import Linear
-
-    if not isinstance(layer, Linear) or layer.disable_adapters or layer.merged:
-        return None
-    active = [a for a in layer.active_adapters if a in layer.lora_A]
-    if len(active) != 1 or active[0] in layer.lora_variant:
-        return None
-    return active[0] if isinstance(layer.lora_dropout[active[0]], torch.nn.Identity) else None
 
 
 def recompute_cheap_parts(model) -> None:

@@ -132,7 +132,7 @@ def test_micro_batches_accumulate_the_same_gradient_as_one_minibatch(tiny_store,
 def test_cheap_recompute_keeps_fewer_activations_and_gives_the_same_gradients(tiny_store):
     """recompute: cheap rebuilds the norms, the attention probabilities, the MLP's gated activation and the input of
     the down projection's LoRA in the backward: the same kernels on the same inputs, so the same gradients."""
-    from alignment.ppo import _single_plain_lora
+    from alignment.fused_lora import plain_lora_adapter
 
     grads, kept, wide = {}, {}, {}
     for mode in ("none", "cheap"):
@@ -153,7 +153,7 @@ def test_cheap_recompute_keeps_fewer_activations_and_gives_the_same_gradients(ti
         (lp.sum() + values.sum() + entropy.sum()).backward()
         grads[mode] = [p.grad.clone() for p in trainer._trainable]
     down = trainer.base.model.layers[0].mlp.down_proj
-    assert _single_plain_lora(down) == "default"  # the tiny model takes the down projection's recomputed path
+    assert plain_lora_adapter(down) == "default"  # the tiny model takes the down projection's recomputed path
     assert kept["cheap"] < 0.8 * kept["none"], kept
     # per layer only gate and up stay at the MLP's width (its product, LoRA's input, is rebuilt from them)
     assert wide["cheap"] == 2 * trainer.base.config.num_hidden_layers and wide["none"] > wide["cheap"], wide
