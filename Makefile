@@ -51,7 +51,7 @@ pipeline: setup ## the whole chain end to end on the embedded SmolLM2 (configs/<
 pipeline-tiny: setup ## the whole chain on the tiny random model (seconds)
 	$(ALIGN) pipeline -c configs/tiny/pipeline.yaml --artifacts $(ARTIFACTS) $(RUN_FLAG) $(OVERRIDES)
 
-FAST_TESTS := tests/test_rl_math.py tests/test_dpo_math.py tests/test_reward_math.py tests/test_gold.py \
+FAST_TESTS := tests/test_rl_math.py tests/test_fused_lora.py tests/test_dpo_math.py tests/test_reward_math.py tests/test_gold.py \
 	tests/test_config.py tests/test_mixture.py tests/test_judge_cache_key.py tests/test_prompts.py tests/test_preferences.py \
 	tests/test_seeds_eval.py
 test-fast: setup ## the edit loop (< 1 min): RL/DPO/reward math, gold checks, config and data contracts; no stage runs
