@@ -50,6 +50,12 @@ def _fused_forward(self, x, *args, **kwargs):
     return out.view(result.shape).to(result.dtype)
 
 
+def use_kernel(model, peft_spec) -> int:
+    """`peft.kernel` on `model` (a trainer's model, after the trainer made it a PeftModel): the fused forward for
+    every LoRA Linear when it is "fused". Returns how many layers it patched."""
+    return fuse_lora_layers(model) if peft_spec.kernel == "fused" else 0
+
+
 def fuse_lora_layers(model) -> int:
     """Give every peft LoRA Linear of `model` the fused forward (in place, on its own instances; it falls back to
     peft's per call when the layer is not in the plain case). Returns how many layers it patched."""

@@ -24,6 +24,7 @@ from typing import Annotated, Literal, Union
 from pydantic import Discriminator, Tag
 
 from alignment.config import Section
+from alignment.fused_lora import use_kernel
 
 log = logging.getLogger("align")
 
@@ -293,6 +294,7 @@ def build_trainer(cfg, sft, prompts: list[dict], score, checkpoints_dir):
                                   processing_class=tok, peft_config=peft_config(cfg.peft), callbacks=callbacks())
         finally:
             policy.config._name_or_path = name_or_path
+    use_kernel(trainer.model, cfg.peft)
     if trainer.ref_model is not None:
         trainer.ref_model.requires_grad_(False)  # TRL only runs it under no_grad; frozen says so
     return trainer, tok

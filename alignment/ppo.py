@@ -177,10 +177,6 @@ class PPOSpec(Section):
     attention), the MLP's gated activation (Llama/Qwen/Mistral MLPs) and, with a plain LoRA on the down projection,
     its input (the widest activation, rebuilt from the gate and up outputs that are kept anyway), and the RMSNorms'
     fp32 copies. none: keep all. (The LM head's logits are never kept either way: `rl.head_logprobs_and_entropy`.)"""
-    lora_kernel: Literal["fused", "peft"] = "fused"
-    """How a plain LoRA layer adds its update to the base output. fused: one addmm, y = base(x) + s (x A^T) B^T in
-    the GEMM (alignment.fused_lora: no elementwise passes over the layer's output, forward or backward; the same math
-    rounded once instead of three times); peft: peft's own forward. Layers that are not plain LoRA use peft's."""
     rollout_weights: Literal["adapter", "merged"] = "adapter"
     """The policy's weights while it samples the rollout. adapter: the base + the LoRA adapter's extra matmuls in
     every adapted layer, at every token. merged: a temporary bf16/fp32 copy of each adapted weight with the adapter
@@ -324,10 +320,12 @@ class PPOTrainer:
     reward(prompts, completions, **fields), or, when it has `score_ids`, given the token ids directly; one with
     `attach` (the reward model's adapter) becomes a role on this trainer's base."""
 
-    def __init__(self, model, tok, reward, spec: PPOSpec, lora_config, *, value_head_init=None, seed: int = 0):
+    def __init__(self, model, tok, reward, spec: PPOSpec, lora_config, *, value_head_init=None, seed: int = 0,
+                 fused_lora: bool = True):
         """`lora_config` None trains the full model instead (for comparisons): the reference is then a frozen
         copy (nothing to switch off) and the critic a value head on the policy's own trunk (shared actor-critic),
-        so there are two copies of the weights, not four as in TRL's former PPOTrainer."""
+        so there are two copies of the weights, not four as in TRL's former PPOTrainer. `fused_lora` (the stage's
+        `peft.kernel: fused`): plain LoRA layers add their update with one addmm (alignment.fused_lora)."""
         import torch
 
         if not hasattr(reward, "score_ids"):
@@ -346,7 +344,7 @@ class PPOTrainer:
         self._build_roles(model, lora_config)
         if spec.recompute == "cheap":
             recompute_cheap_parts(self.base)
-        if spec.lora_kernel == "fused" and not self.full:
+        if fused_lora and not self.full:  # peft.kernel (alignment.fused_lora)
             fuse_lora_layers(self.model)
         self.value_head = self._value_head(value_head_init)
         self._value_predicts_scores = value_head_init is not None  # a copied score head: in the scores' units

@@ -126,6 +126,11 @@ class PeftSpec(Section):
     pissa (Meng et al., 2024): A, B from the top singular vectors of W, the base keeps the residual; olora
     (Büyükakyüz, 2024): from a QR decomposition of W. pissa/olora change the base during training; the saved
     adapter is converted to a plain LoRA (rank 2r) on the original base, so later stages load it as any LoRA."""
+    kernel: Literal["fused", "peft"] = "fused"
+    """lora: how a plain LoRA layer adds its update to the base output, in every stage that trains or runs one.
+    fused: one addmm, base(x) + scaling (x A^T) B^T inside the GEMM (alignment.fused_lora: no elementwise passes
+    over the layer's output, forward or backward; the same math rounded once); peft: peft's own forward. Layers that
+    are not plain LoRA (DoRA, dropout, merged, disabled) use peft's either way."""
     # -- ia3 --------------------------------------------------------------------------------------------------------
     feedforward_modules: list[str] | None = None
     """ia3: which of target_modules are feed-forward (scaled on their input, not output); None: peft's defaults."""

@@ -28,7 +28,9 @@ peak RSS is the child's ru_maxrss (os.wait4), episodes/s is 64 episodes / wall t
     flock /tmp/heavy.lock env OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 .venv/bin/python bench/ppo_vs_trl.py \
         --modes lora --sides trl ours          # --updates 2 for a quick check; ours:reward=merged for the old RM
 
-A side `ours:KEY=VALUE+KEY=VALUE` runs our trainer with those PPOSpec overrides (ablations in one invocation).
+A side `ours:KEY=VALUE+KEY=VALUE` runs our trainer with those PPOSpec overrides (ablations in one invocation);
+two keys are the bench's own: reward=merged (the old merged reward model) and lora_kernel=peft (peft.kernel: peft's
+LoRA forward instead of alignment.fused_lora's).
 
 Writes bench/out/ppo_vs_trl.json and prints the markdown table of docs/ppo_bench.md.
 """
@@ -278,6 +280,7 @@ def run_ours(work: Path, mode: str, threads: int, options: dict | None = None, p
 
     options = dict(options or {})
     reward_as = options.pop("reward", "adapter")
+    kernel = options.pop("lora_kernel", "fused")  # peft.kernel of the stages: fused | peft
     t0 = time.perf_counter()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     tok = AutoTokenizer.from_pretrained(work / "policy")
@@ -297,7 +300,8 @@ def run_ours(work: Path, mode: str, threads: int, options: dict | None = None, p
     # Full: lora_config None trains every weight, with a frozen reference copy and the value head on the policy's
     # own trunk (TRL: policy + frozen reference + full value model).
     trainer = PPOTrainer(policy, tok, reward, spec, lora_config(lora) if mode == "lora" else None,
-                         value_head_init=value_head_from_reward_model(reward), seed=SEED)
+                         value_head_init=value_head_from_reward_model(reward), seed=SEED,
+                         fused_lora=kernel == "fused")
     load_s = time.perf_counter() - t0
     rss_loaded = _rss_mb()
     memory.append(_mem("trainer ready"))
@@ -310,7 +314,7 @@ def run_ours(work: Path, mode: str, threads: int, options: dict | None = None, p
     rows = [r for r in result.history if "objective/scores" in r]
     timing = {k: sum(r.get(f"time/{k}_s", 0.0) for r in rows) for k in ("generate", "score", "forward", "optimise")}
     return {"side": "ours", "mode": mode, "precision": precision, "options": {**spec.model_dump(include=set(options)),
-                                                                               "reward": reward_as},
+                                                                               "reward": reward_as, "lora_kernel": kernel},
             "value_model": spec.value_model, "load_s": load_s, "train_s": result.seconds,
             "train_cpu_s": result.cpu_seconds, "updates": len(rows),
             "episodes": len(rows) * BATCH, "rss_after_load_mb": rss_loaded,

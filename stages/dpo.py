@@ -24,6 +24,7 @@ from alignment.config import Section, StageConfig
 from alignment.dpo import (adapter_disabled, data_record, dpo_trainer_class, implicit_preference, loss_problems,
                            pair_logps, reward_metrics, sampled_kl, separate_reference)
 from alignment.errors import DataError
+from alignment.fused_lora import use_kernel
 from alignment.hardware import peak_rss_mb, resolve_precision
 from alignment.models import load_tokenizer
 from alignment.peft_methods import METHODS, SOFT_PROMPTS, describe, peft_config, select_trainable, trl_lm_head_problems
@@ -128,6 +129,7 @@ def build_trainer(cfg: Config, sft, train_pairs: list[dict], checkpoints_dir):
     trainer = dpo_trainer_class(cfg.data.soft_labels)(
         model=policy, ref_model=reference, args=args, processing_class=tok, peft_config=peft_config(cfg.peft),
         train_dataset=to_trl_dataset(train_pairs), callbacks=callbacks())
+    use_kernel(trainer.model, cfg.peft)
     return trainer, tok
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from alignment import preemption
 from alignment.artifacts import remove_tree, write_json
 from alignment.config import Section, StageConfig
+from alignment.fused_lora import use_kernel
 from alignment.dpo import adapter_disabled, dpo_trainer_class, loss_problems, sampled_kl
 from alignment.errors import DataError
 from alignment.generation import GenerationSpec, generate
@@ -150,6 +151,7 @@ def train_round(cfg: Config, sft, tok, rows: list[dict], rdir: Path, prev: Path 
     trainer = dpo_trainer_class(False)(model=policy, ref_model=None, args=args, processing_class=tok,
                                        peft_config=peft_config(cfg.peft), train_dataset=to_trl_dataset(rows),
                                        callbacks=callbacks())
+    use_kernel(trainer.model, cfg.peft)
     if prev is not None:
         load_adapter_weights(trainer.model, prev)  # the policy continues; the reference stays the SFT model
     resume = latest_checkpoint(rdir / "checkpoints")

@@ -131,7 +131,8 @@ def build_trainer(cfg: Config, ctx):
     init = cfg.ppo.value_init if cfg.ppo.value_init != "auto" else ("reward" if has_head else "zero")
     head = (value_head_from_reward_model(reward, reward.mean if reward.normalize else 0.0,
                                          reward.std if reward.normalize else 1.0) if init == "reward" else None)
-    trainer = PPOTrainer(policy, tok, reward, cfg.ppo, lora_config(cfg.peft), value_head_init=head, seed=cfg.seed)
+    trainer = PPOTrainer(policy, tok, reward, cfg.ppo, lora_config(cfg.peft), value_head_init=head, seed=cfg.seed,
+                         fused_lora=cfg.peft.kernel == "fused")
     return trainer, HealthCallback(cfg.health), init
 
 

@@ -29,6 +29,7 @@ from typing import Literal
 
 from alignment.config import Section, StageConfig
 from alignment.errors import DataError
+from alignment.fused_lora import use_kernel
 from alignment.hardware import peak_rss_mb, resolve_precision
 from alignment.models import load_tokenizer
 from alignment.peft_methods import peft_config
@@ -288,6 +289,7 @@ def run(cfg: Config, ctx) -> None:
     trainer = soft_label_reward_trainer()(model=model, args=args, processing_class=tok, train_dataset=train_ds,
                                           peft_config=peft_config(cfg.peft, "SEQ_CLS"),
                                           callbacks=callbacks())
+    use_kernel(trainer.model, cfg.peft)
     # RewardTrainer drops (does not truncate) pairs longer than max_length.
     kept = len(trainer.train_dataset)
     if kept == 0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 from alignment.config import StageConfig
+from alignment.fused_lora import use_kernel
 from alignment.hardware import peak_rss_mb, resolve_precision
 from alignment.mixture import MAIN_EVAL, realise_mixture, stages_of
 from alignment.models import load_tokenizer
@@ -77,6 +78,7 @@ def build_trainer(cfg: Config, ctx, base, mix):
                          data_collator=PackedCollator(tok.pad_token_id) if cfg.packing else None,
                          callbacks=callbacks())
     prepare_trainer(trainer, cfg.peft, cfg.train, ctx.checkpoints_dir)  # LoRA+ optimizer, PiSSA/OLoRA initial adapter
+    use_kernel(trainer.model, cfg.peft)
     if cfg.packing:
         # TRL has tokenised and truncated each example exactly as it does unpacked; now pack those.
         trainer.train_dataset = pack_examples(trainer.train_dataset, cfg.train.max_length)
