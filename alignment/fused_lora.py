@@ -41,7 +41,8 @@ def _fused_forward(self, x, *args, **kwargs):
         return type(self).forward(self, x, *args, **kwargs)
     a, b = self.lora_A[adapter], self.lora_B[adapter]
     w = getattr(self.base_layer, "weight", None)
-    if w is None or not torch.is_autocast_enabled(x.device.type) and not x.dtype == w.dtype == a.weight.dtype == b.weight.dtype:
+    one_dtype = w is not None and x.dtype == w.dtype == a.weight.dtype == b.weight.dtype
+    if w is None or not (one_dtype or torch.is_autocast_enabled(x.device.type)):
         return type(self).forward(self, x)  # mixed dtypes: peft promotes the sum, addmm would refuse them
     result = self.base_layer(x)
     h = a(self._cast_input_dtype(x, a.weight.dtype))

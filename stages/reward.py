@@ -287,8 +287,7 @@ def run(cfg: Config, ctx) -> None:
                                        precision=cfg.precision, report_to=cfg.report_to),
                         max_length=max_len, center_rewards_coefficient=cfg.loss.center_rewards_coefficient)
     trainer = soft_label_reward_trainer()(model=model, args=args, processing_class=tok, train_dataset=train_ds,
-                                          peft_config=peft_config(cfg.peft, "SEQ_CLS"),
-                                          callbacks=callbacks())
+                                          peft_config=peft_config(cfg.peft, "SEQ_CLS"), callbacks=callbacks())
     use_kernel(trainer.model, cfg.peft)
     # RewardTrainer drops (does not truncate) pairs longer than max_length.
     kept = len(trainer.train_dataset)
