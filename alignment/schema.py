@@ -127,7 +127,8 @@ class PeftSpec(Section):
     (Büyükakyüz, 2024): from a QR decomposition of W. pissa/olora change the base during training; the saved
     adapter is converted to a plain LoRA (rank 2r) on the original base, so later stages load it as any LoRA."""
     kernel: Literal["fused", "peft"] = "fused"
-    """lora: how a plain LoRA layer adds its update to the base output, in every stage that trains or runs one.
+    """lora: how a plain LoRA layer adds its update to the base output while a stage trains it (sft, reward, dpo,
+    online_dpo, grpo, ppo).
     fused: one addmm, base(x) + scaling (x A^T) B^T inside the GEMM (alignment.fused_lora: no elementwise passes
     over the layer's output, forward or backward; the same math rounded once); peft: peft's own forward. Layers that
     are not plain LoRA (DoRA, dropout, merged, disabled) use peft's either way."""

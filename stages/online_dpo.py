@@ -27,8 +27,8 @@ from pathlib import Path
 from alignment import preemption
 from alignment.artifacts import remove_tree, write_json
 from alignment.config import Section, StageConfig
-from alignment.fused_lora import use_kernel
 from alignment.dpo import adapter_disabled, dpo_trainer_class, loss_problems, sampled_kl
+from alignment.fused_lora import use_kernel
 from alignment.errors import DataError
 from alignment.generation import GenerationSpec, generate
 from alignment.hardware import peak_rss_mb, resolve_precision
