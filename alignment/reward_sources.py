@@ -166,6 +166,22 @@ def gold_reward_graded(prompts: list[list[dict]], completions: list[str],
     return _constraint_scores(gold.graded_score, "gold_reward_graded", prompts, completions, constraints)
 
 
+def gold_reward_all(prompts: list[list[dict]], completions: list[str],
+                    constraints: list[list[dict] | None] | None = None) -> list[float]:
+    """Half `gold_reward`'s fraction, half a bonus when every constraint is met: 0 / 0.25 / 1 for none / one / both
+    of two constraints instead of 0 / 0.5 / 1. The evaluation counts a prompt as passed only when all its
+    constraints are met; with the plain fraction a policy keeps half the reward by meeting the easy constraint
+    and dropping the other (e.g. a short formatted answer that ignores "at least 40 words"), which is the drift
+    the fraction reward showed (docs/algorithms.md). Single-constraint prompts score as with `gold_reward`."""
+    from alignment import gold
+
+    def both(text: str, cons: list[dict]) -> float:
+        met = gold.score(text, cons)
+        return 0.5 * met + 0.5 * float(met == 1.0)
+
+    return _constraint_scores(both, "gold_reward_all", prompts, completions, constraints)
+
+
 def _constraint_scores(score, name: str, prompts, completions, constraints) -> list[float]:
     out = []
     for i, (prompt, text) in enumerate(zip(prompts, completions)):

@@ -9,7 +9,7 @@ import torch
 
 from alignment.errors import ConfigError
 from alignment.judges import Judge, JudgeSpec, register_judge
-from alignment.reward_sources import (ModelReward, RewardSource, gold_reward, gold_reward_graded, template_suffix_ids,
+from alignment.reward_sources import (ModelReward, RewardSource, gold_reward, gold_reward_all, gold_reward_graded, template_suffix_ids,
                                       text_reward_fn, with_fields)
 
 P = [{"role": "user", "content": "Describe rivers."}]
@@ -35,6 +35,16 @@ def test_gold_reward_graded_scores_counts_partially():
     assert gold_reward([P, P], ["a b c d e f", "Paper!"], constraints=cons) == [0.5, 0.0]
     with pytest.raises(ValueError, match="gold_reward_graded: no constraints known"):
         gold_reward_graded([P], ["x"])
+
+
+def test_gold_reward_all_pays_a_bonus_only_when_every_constraint_is_met():
+    two = [{"type": "max_words", "n": 3}, {"type": "lowercase"}]
+    cons = [two, two, two, [{"type": "min_words", "n": 2}], [{"type": "min_words", "n": 2}]]
+    # both met -> 0.5 * 1 + 0.5; one of two -> 0.5 * 0.5 + 0; none -> 0; one constraint: 1 or 0 as gold_reward
+    got = gold_reward_all([P] * 5, ["a b c", "a b c d e", "A B C D E", "two words", "one"], constraints=cons)
+    assert got == [1.0, 0.25, 0.0, 1.0, 0.0]
+    with pytest.raises(ValueError, match="gold_reward_all: no constraints known"):
+        gold_reward_all([P], ["x"])
 
 
 def fn_with_constraints(prompts, completions, constraints):
