@@ -4,9 +4,10 @@ peft's `lora.Linear.forward` computes `result + lora_B(lora_A(x)) * scaling`: th
 (tokens x out_features) tensor, the scaling multiplies it into another and the sum into a third, and the backward
 runs the same elementwise passes again. On the PPO benchmark's fp32 CPU profile those elementwise passes over the
 LoRA outputs were ~11% of a training forward (`aten::mul` + `aten::add` on [batch, length, 3072] for every gate and
-up projection). `torch.addmm(result, xA, B^T, alpha=s)` does the multiply-add inside the GEMM: one output tensor, no
-elementwise pass, and a backward of two matmuls. Same math; the sum is rounded once instead of three times (fp32:
-differences of ~1e-7 relative; tests/test_fused_lora.py compares outputs and gradients with peft's).
+up projection). `result.addmm_(xA, B^T, alpha=s)` does the multiply-add inside the GEMM, in place on the base
+output (out of place under autocast): no new output tensor, no elementwise pass, and a backward of two matmuls.
+Same math; the sum is rounded once instead of three times (fp32: differences of ~1e-7 relative;
+tests/test_fused_lora.py compares outputs and gradients with peft's).
 
 Only the plain case is fused: one active LoRA adapter, no dropout, no bias on B, no variant (DoRA...), not merged,
 not disabled, and one dtype throughout (or autocast, which casts addmm's operands itself). Anything else falls back
@@ -42,12 +43,19 @@ def _fused_forward(self, x, *args, **kwargs):
     a, b = self.lora_A[adapter], self.lora_B[adapter]
     w = getattr(self.base_layer, "weight", None)
     one_dtype = w is not None and x.dtype == w.dtype == a.weight.dtype == b.weight.dtype
-    if w is None or not (one_dtype or torch.is_autocast_enabled(x.device.type)):
+    autocast = torch.is_autocast_enabled(x.device.type)
+    if w is None or not (one_dtype or autocast):
         return type(self).forward(self, x)  # mixed dtypes: peft promotes the sum, addmm would refuse them
     result = self.base_layer(x)
     h = a(self._cast_input_dtype(x, a.weight.dtype))
-    out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b.weight.t(),
-                      alpha=self.scaling[adapter])
+    h = h.reshape(-1, h.shape[-1])
+    if not autocast and result.is_contiguous():
+        # In place on the base output: no copy of it into a new tensor (addmm's `input` is copied). Autograd
+        # allows it: the base linear's backward keeps its input and weight, not its output.
+        result.view(-1, result.shape[-1]).addmm_(h, b.weight.t(), alpha=self.scaling[adapter])
+        return result
+    # autocast casts addmm's operands to its dtype (not an in-place op's)
+    out = torch.addmm(result.reshape(-1, result.shape[-1]), h, b.weight.t(), alpha=self.scaling[adapter])
     return out.view(result.shape).to(result.dtype)
 
 
