@@ -53,6 +53,12 @@ class GenerationSpec(Section):
     """hf: every this many new tokens, rows that have ended (EOS) leave the batch with their KV cache, so the rest
     stop paying for them (HF `generate` computes every row to the longest; SmolLM2 eval prompts end at ~40 of 128
     tokens: 2x tokens/s, the same tokens; docs/generation.md). 0: one `generate` call per batch."""
+    prefill: Literal["packed", "padded"] = "packed"
+    """hf: how the prompts' KV cache is computed. packed: each distinct prompt once (num_return_sequences copies and
+    repeated prompts share it), packed several to a row without padding (`packed_prefill`), then laid out as the
+    left-padded batch's cache; the same keys and values, on fewer tokens. padded: HF `generate`'s own prefill of the
+    left-padded batch. Models without a plain full-attention cache (sliding windows, state-space layers) or with
+    an attention other than sdpa/eager always prefill padded."""
 
     def problems(self, prefix: str = "generation") -> list[tuple[str, str]]:
         out = []
@@ -422,7 +428,8 @@ def generate(model, tok, prompts: Sequence[Prompt], spec: GenerationSpec, *, see
                 ids, mask = ids.repeat_interleave(k, dim=0), mask.repeat_interleave(k, dim=0)
             sampler = None if seeds is None else row_sampler([seeds[i] + j for i in batch for j in range(k)], spec)
             with torch.no_grad(), amp:
-                out = _generate_retiring(model, ids, mask, gen, sampler, spec.retire_every)
+                cache = packed_prefill(model, ids, mask) if spec.prefill == "packed" else None
+                out = _generate_retiring(model, ids, mask, gen, sampler, spec.retire_every, cache)
             response, rmask, has_eos, texts, reasons = cut_at_eos(tok, out[:, ids.shape[1]:])
             parts.append(Rollout([prompts[i] for i in batch for _ in range(k)], ids, mask, response, rmask, has_eos,
                                  texts, reasons))
@@ -436,12 +443,13 @@ def generate(model, tok, prompts: Sequence[Prompt], spec: GenerationSpec, *, see
     return _trim(ro)
 
 
-def _generate_retiring(model, ids, mask, gen, sampler, every: int):
+def _generate_retiring(model, ids, mask, gen, sampler, every: int, cache=None):
     """HF `generate` in steps of `every` new tokens, between which the rows that ended leave the batch.
 
     The next step continues from the kept KV cache (`DynamicCache.batch_select_indices`), feeding only the last
     token, so each row's tokens are the ones one call would give (the row sampler keeps each row's stream; bf16
-    matmuls on a smaller batch can still flip a near-tie). Returns [B, Lq + longest response] like `generate`.
+    matmuls on a smaller batch can still flip a near-tie). `cache`: the prompts' cache, already computed
+    (`packed_prefill`). Returns [B, Lq + longest response] like `generate`.
     """
     import copy
 
@@ -450,8 +458,9 @@ def _generate_retiring(model, ids, mask, gen, sampler, every: int):
 
     extra = {"logits_processor": LogitsProcessorList([sampler])} if sampler is not None else {}
     if every <= 0 or gen.eos_token_id is None:
-        return model.generate(input_ids=ids, attention_mask=mask, generation_config=gen, **extra)
-    width, made, cache = ids.shape[1], 0, DynamicCache()
+        given = {} if cache is None else {_cache_kwarg(model): cache}
+        return model.generate(input_ids=ids, attention_mask=mask, generation_config=gen, **given, **extra)
+    width, made, cache = ids.shape[1], 0, DynamicCache() if cache is None else cache
     kept = {_cache_kwarg(model): cache}
     rows, seq, att = torch.arange(ids.shape[0]), ids, mask
     done: dict[int, torch.Tensor] = {}
@@ -477,6 +486,70 @@ def _generate_retiring(model, ids, mask, gen, sampler, every: int):
     for i, r in done.items():
         out[i, :len(r)] = r
     return torch.cat([ids, out], dim=1)
+
+
+PREFILL_ROW = 256
+
+
+def packed_prefill(model, ids, mask, *, min_saving: float = 0.1):
+    """The KV cache of the left-padded batch `ids` at every column but the last, computed on each distinct prompt
+    once, packed several to a row without padding (positions from 0, a block-diagonal causal mask keeping each
+    prompt to itself), then laid out as the padded batch's own cache (pad columns zero; they are masked either
+    way). `generate` then feeds only the last column. The same keys and values as generate's own prefill, on fewer
+    tokens: a batch padded to its longest prompt, and the num_return_sequences copies of a prompt (GRPO's groups,
+    the label stage's pairs), cost only their real, distinct tokens.
+
+    None (the caller prefills as usual) when it would save less than `min_saving` of the prefill tokens, or the
+    model is not a decoder with a plain full-attention dynamic cache under sdpa or eager attention."""
+    import torch
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    from alignment.packing import block_diagonal_mask, pack_sequences
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    impl = getattr(config, "_attn_implementation", None)
+    if impl not in ("sdpa", "eager") or getattr(config, "is_encoder_decoder", False) or ids.shape[1] < 2:
+        return None
+    try:
+        layers = DynamicCache(config=config).layers
+    except Exception:  # a config transformers cannot derive cache layers from: its own prefill
+        return None
+    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        return None
+    body, real = ids[:, :-1], mask[:, :-1].bool()
+    distinct: dict[tuple, int] = {}
+    owner = [distinct.setdefault(tuple(row[keep].tolist()), len(distinct)) for row, keep in zip(body, real)]
+    total, width = sum(map(len, distinct)), body.shape[1]
+    if total == 0 or total > (1 - min_saving) * body.numel():
+        return None
+    # The distinct prompts as a left-padded batch of the body's width: pack_sequences' index then points each
+    # padded column at its token in the packed rows (pad columns at a zero row appended below).
+    uniq = ids.new_zeros((len(distinct), width))
+    uniq_mask = torch.zeros_like(uniq)
+    for u, tokens in enumerate(distinct):
+        if tokens:
+            uniq[u, width - len(tokens):] = torch.tensor(tokens, dtype=ids.dtype)
+            uniq_mask[u, width - len(tokens):] = 1
+    # Rows of about PREFILL_ROW tokens (or the longest prompt): few, full rows, while the attention's cost, which
+    # grows with the row's width squared, stays small next to the linear layers'.
+    rows = -(-total // max(PREFILL_ROW, max(map(len, distinct))))
+    packed, pos, index = pack_sequences(uniq, uniq_mask, rows, 8, 0)
+    additive = base.get_input_embeddings().weight.dtype if impl == "eager" else None
+    cache = DynamicCache(config=config)
+    base(input_ids=packed, position_ids=pos, use_cache=True, logits_to_keep=1, **{_cache_kwarg(model): cache},
+         attention_mask=block_diagonal_mask(pos, torch.ones_like(packed), additive_dtype=additive))
+    at = index[owner]  # [B, width]: each padded column's flat position in the packed rows
+    laid_out = []
+    for layer in cache.layers:
+        kv = []
+        for t in (layer.keys, layer.values):  # [rows, heads, packed width, dim] -> [B, heads, width, dim]
+            flat = t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3])
+            flat = torch.cat([flat, flat.new_zeros(1, *flat.shape[1:])])
+            kv.append(flat[at].transpose(1, 2).contiguous())
+        laid_out.append(tuple(kv))
+    return DynamicCache(ddp_cache_data=laid_out)
 
 
 def _cache_kwarg(model) -> str:

@@ -7,6 +7,8 @@ token i attends to token j only when both belong to the same document and j <= i
 2D padding mask in the batch (Trainer and TRL count tokens with it) and reset position ids; a forward pre-hook on
 the transformer backbone turns the pair into the 4D mask just before the model builds its own, which it then uses
 as given. `tests/test_packing.py` shows the per-example loss of a packed batch equals the unpacked one.
+
+`pack_sequences` packs a left-padded batch for one forward pass (PPO's training passes, generation's prefill).
 """
 
 from __future__ import annotations
@@ -79,6 +81,38 @@ def block_diagonal_mask(position_ids, attention_mask, *, additive_dtype=None):
         return mask
     zero = torch.zeros((), dtype=additive_dtype, device=mask.device)
     return torch.where(mask, zero, torch.finfo(additive_dtype).min)
+
+
+def pack_sequences(ids, attn, rows: int, multiple: int, pad: int):
+    """Pack the sequences of a batch (row i: the tokens of `ids[i]` where `attn[i]` is 1) into `rows` rows without
+    padding between them, longest first into the shortest row; each row ends with a filler sequence of `pad` tokens
+    up to the common width (a multiple of `multiple`). Returns (packed ids, position ids counted from 0 in each
+    sequence, index): `index[i, t]` is the flat position (row * width + column) of token t of row i in the packed
+    batch, or rows * width where `attn[i, t]` is 0."""
+    import torch
+
+    lengths = attn.sum(-1).tolist()
+    fill, members = [0] * rows, [[] for _ in range(rows)]
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        r = min(range(rows), key=fill.__getitem__)
+        members[r].append(i)
+        fill[r] += lengths[i]
+    width = max(max(fill), 1)
+    width += -width % multiple
+    packed = ids.new_full((rows, width), pad)
+    pos = torch.zeros_like(packed)
+    index = torch.full(ids.shape, rows * width, dtype=torch.long, device=ids.device)
+    for r, seqs in enumerate(members):
+        at = 0
+        for i in seqs:
+            cols = attn[i].nonzero().squeeze(-1)
+            n = len(cols)
+            packed[r, at: at + n] = ids[i, cols]
+            pos[r, at: at + n] = torch.arange(n, device=ids.device)
+            index[i, cols] = r * width + at + torch.arange(n, device=ids.device)
+            at += n
+        pos[r, at:] = torch.arange(width - at, device=ids.device)  # the filler: a sequence of its own
+    return packed, pos, index
 
 
 def _backbone(model):

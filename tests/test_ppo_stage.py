@@ -175,7 +175,7 @@ def test_bf16_base_runs_every_role_under_autocast_so_step0_is_exact(tiny_store):
 
 
 def test_pack_sequences_by_hand():
-    from alignment.ppo import pack_sequences
+    from alignment.packing import pack_sequences
 
     pad = 0
     ids = torch.tensor([[0, 0, 5, 6, 7],    # 3 real tokens, left-padded
