@@ -145,6 +145,14 @@ def test_policy_equal_to_baseline_is_a_config_error(capsys):
     assert "configs/tiny/eval.yaml (command line): policies.0: 'sft' is also the baseline" in capsys.readouterr().err
 
 
+def test_bad_generation_prefill_is_one_line_exit_2(capsys):
+    code = main(["run", "eval", "-c", "configs/tiny/eval.yaml", "generation.prefill=chunked"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("align: error: configs/tiny/eval.yaml (command line): generation.prefill:"), err
+    assert "packed" in err[0] and "padded" in err[0], err
+
+
 def test_bad_prompt_sets_and_forgetting_text_are_named(capsys, tmp_path):
     code = main(["run", "eval", "-c", "configs/tiny/eval.yaml", "forgetting.heldout_set=nope",
                  "prompt_sets.in_distribution=data/instruct/eval.jsonl", "--artifacts", "/nonexistent"])
