@@ -29,8 +29,9 @@ peak RSS is the child's ru_maxrss (os.wait4), episodes/s is 64 episodes / wall t
         --modes lora --sides trl ours          # --updates 2 for a quick check; ours:reward=merged for the old RM
 
 A side `ours:KEY=VALUE+KEY=VALUE` runs our trainer with those PPOSpec overrides (ablations in one invocation);
-two keys are the bench's own: reward=merged (the old merged reward model) and lora_kernel=peft (peft.kernel: peft's
-LoRA forward instead of alignment.fused_lora's).
+three keys are the bench's own: reward=merged (the old merged reward model), lora_kernel=peft (peft.kernel: peft's
+LoRA forward instead of alignment.fused_lora's) and prefill=padded (generation.prefill: HF generate's prefill of the
+left-padded prompts instead of alignment.generation.packed_prefill).
 
 Writes bench/out/ppo_vs_trl.json and prints the markdown table of docs/ppo_bench.md.
 """
@@ -238,6 +239,9 @@ def run_trl(work: Path, mode: str, threads: int, precision: str = "fp32", update
     trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=None, reward_model=reward,
                          train_dataset=data, eval_dataset=data, value_model=value, peft_config=peft_config,
                          callbacks=[Memory()])
+    if prefill != "packed":
+        spec_of = trainer.generation_spec
+        trainer.generation_spec = lambda batch_size=None: spec_of(batch_size).model_copy(update={"prefill": prefill})
     load_s = time.perf_counter() - t0
     rss_loaded = _rss_mb()
     memory.append(_mem("trainer ready"))
@@ -281,6 +285,7 @@ def run_ours(work: Path, mode: str, threads: int, options: dict | None = None, p
     options = dict(options or {})
     reward_as = options.pop("reward", "adapter")
     kernel = options.pop("lora_kernel", "fused")  # peft.kernel of the stages: fused | peft
+    prefill = options.pop("prefill", "packed")  # generation.prefill of the rollouts: packed | padded
     t0 = time.perf_counter()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     tok = AutoTokenizer.from_pretrained(work / "policy")
@@ -313,8 +318,8 @@ def run_ours(work: Path, mode: str, threads: int, options: dict | None = None, p
     probe = reward.score_ids(q, qm, r, torch.ones_like(r), torch.zeros(len(r), dtype=torch.bool))
     rows = [r for r in result.history if "objective/scores" in r]
     timing = {k: sum(r.get(f"time/{k}_s", 0.0) for r in rows) for k in ("generate", "score", "forward", "optimise")}
-    return {"side": "ours", "mode": mode, "precision": precision, "options": {**spec.model_dump(include=set(options)),
-                                                                               "reward": reward_as, "lora_kernel": kernel},
+    chosen = {**spec.model_dump(include=set(options)), "reward": reward_as, "lora_kernel": kernel, "prefill": prefill}
+    return {"side": "ours", "mode": mode, "precision": precision, "options": chosen,
             "value_model": spec.value_model, "load_s": load_s, "train_s": result.seconds,
             "train_cpu_s": result.cpu_seconds, "updates": len(rows),
             "episodes": len(rows) * BATCH, "rss_after_load_mb": rss_loaded,
