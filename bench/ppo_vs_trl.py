@@ -239,9 +239,6 @@ def run_trl(work: Path, mode: str, threads: int, precision: str = "fp32", update
     trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=None, reward_model=reward,
                          train_dataset=data, eval_dataset=data, value_model=value, peft_config=peft_config,
                          callbacks=[Memory()])
-    if prefill != "packed":
-        spec_of = trainer.generation_spec
-        trainer.generation_spec = lambda batch_size=None: spec_of(batch_size).model_copy(update={"prefill": prefill})
     load_s = time.perf_counter() - t0
     rss_loaded = _rss_mb()
     memory.append(_mem("trainer ready"))
@@ -307,6 +304,9 @@ def run_ours(work: Path, mode: str, threads: int, options: dict | None = None, p
     trainer = PPOTrainer(policy, tok, reward, spec, lora_config(lora) if mode == "lora" else None,
                          value_head_init=value_head_from_reward_model(reward), seed=SEED,
                          fused_lora=kernel == "fused")
+    if prefill != "packed":
+        spec_of = trainer.generation_spec
+        trainer.generation_spec = lambda batch_size=None: spec_of(batch_size).model_copy(update={"prefill": prefill})
     load_s = time.perf_counter() - t0
     rss_loaded = _rss_mb()
     memory.append(_mem("trainer ready"))
