@@ -172,7 +172,8 @@ def gold_reward_all(prompts: list[list[dict]], completions: list[str],
     of two constraints instead of 0 / 0.5 / 1. The evaluation counts a prompt as passed only when all its
     constraints are met; with the plain fraction a policy keeps half the reward by meeting the easy constraint
     and dropping the other (e.g. a short formatted answer that ignores "at least 40 words"), which is the drift
-    the fraction reward showed (docs/algorithms.md). Single-constraint prompts score as with `gold_reward`."""
+    the fraction reward showed. Single-constraint prompts score as with `gold_reward`. Measured with GRPO on
+    SmolLM2 it made the answers longer and more often cut, and scored below `gold_reward` (docs/algorithms.md)."""
     from alignment import gold
 
     def both(text: str, cons: list[dict]) -> float:
