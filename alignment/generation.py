@@ -513,10 +513,10 @@ def packed_prefill(model, ids, mask, *, min_saving: float = 0.1):
     if impl not in ("sdpa", "eager") or getattr(config, "is_encoder_decoder", False) or ids.shape[1] < 2:
         return None
     try:
-        layers = DynamicCache(config=config).layers
+        cache = DynamicCache(config=config)
     except Exception:  # a config transformers cannot derive cache layers from: its own prefill
         return None
-    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+    if not cache.layers or any(type(layer) is not DynamicLayer for layer in cache.layers):
         return None
     body, real = ids[:, :-1], mask[:, :-1].bool()
     distinct: dict[tuple, int] = {}
@@ -537,7 +537,6 @@ def packed_prefill(model, ids, mask, *, min_saving: float = 0.1):
     rows = -(-total // max(PREFILL_ROW, max(map(len, distinct))))
     packed, pos, index = pack_sequences(uniq, uniq_mask, rows, 8, 0)
     additive = base.get_input_embeddings().weight.dtype if impl == "eager" else None
-    cache = DynamicCache(config=config)
     base(input_ids=packed, position_ids=pos, use_cache=True, logits_to_keep=1, **{_cache_kwarg(model): cache},
          attention_mask=block_diagonal_mask(pos, torch.ones_like(packed), additive_dtype=additive))
     at = index[owner]  # [B, width]: each padded column's flat position in the packed rows
