@@ -186,7 +186,7 @@ def old_shard_calls(splits):
 
 
 # -- variants ----------------------------------------------------------------------------------------------------
-def retiring(name) -> dict:
+def variant_fields(name) -> dict:
     """GenerationSpec fields of a variant: hf-noretire keeps ended rows in the batch (one generate per batch);
     hf-padded prefills the left-padded batch (HF generate's own prefill) instead of the distinct prompts packed."""
     return {"hf-noretire": {"retire_every": 0}, "hf-padded": {"prefill": "padded"}}.get(name, {})
@@ -213,7 +213,7 @@ def label_variant(name, model, tok, splits, threads):
     spec = GenerationSpec(backend="vllm" if name == "vllm" else "hf", max_new_tokens=L["max_new_tokens"],
                           do_sample=True, temperature=L["temperature"], top_p=L["top_p"], top_k=L["top_k"],
                           num_return_sequences=L["k"], batch_size=batch, max_prompt_length=L["max_prompt_length"],
-                          **retiring(name))
+                          **variant_fields(name))
     opts = dict(workdir=OUT, threads=threads) if name == "vllm" else {}
     with build_engine(spec, model, tok, **opts) as engine:
         for prompts, seeds in label_calls(splits, batch):
@@ -231,7 +231,7 @@ def eval_variant(name, model, tok, prompts, threads):
         ids = out["ids"]
     else:
         spec = GenerationSpec(backend="vllm" if name.startswith("vllm") else "hf", max_new_tokens=E["max_new_tokens"],
-                              batch_size=E["new_batch"], **retiring(name))
+                              batch_size=E["new_batch"], **variant_fields(name))
         opts = dict(workdir=OUT, threads=threads) if spec.backend == "vllm" else {}
         with build_engine(spec, model, tok, **opts) as engine:
             ro = engine.generate(prompts, spec, seed=0)

@@ -9,8 +9,8 @@ import torch
 
 from alignment.errors import ConfigError
 from alignment.judges import Judge, JudgeSpec, register_judge
-from alignment.reward_sources import (ModelReward, RewardSource, gold_reward, gold_reward_all, gold_reward_graded, template_suffix_ids,
-                                      text_reward_fn, with_fields)
+from alignment.reward_sources import (ModelReward, RewardSource, gold_reward, gold_reward_all, gold_reward_graded,
+                                      template_suffix_ids, text_reward_fn, with_fields)
 
 P = [{"role": "user", "content": "Describe rivers."}]
 

@@ -108,7 +108,8 @@ def test_bad_peft_kernel_is_one_line_exit_2(capsys):
     code = _align("run", "sft", "-c", "configs/tiny/sft.yaml", "peft.kernel=triton")
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
-    assert err[0].startswith("align: error: configs/tiny/sft.yaml (command line): peft.kernel:") and "fused" in err[0], err
+    assert err[0].startswith("align: error: configs/tiny/sft.yaml (command line): peft.kernel:"), err
+    assert "fused" in err[0], err
 
 
 def test_second_writer_is_refused_by_the_lock(tiny_store, capsys):
