@@ -89,6 +89,14 @@ TASKS = ([
     "Summarise the basics of {topic}.",
     "Teach me something about {topic}.",
     "Write a few lines about {topic} for a school newsletter.",
+    "Write a paragraph about {topic}.",
+    "Can you tell me about {topic}?",
+    "Please explain {topic}.",
+    "Give a short description of {topic}.",
+    "Outline the key points of {topic}.",
+    "Write a short piece about {topic} for a blog.",
+    "What is interesting about {topic}?",
+    "Inform me about {topic}.",
 ], [
     "Could you walk me through {topic}?",
     "My friend asked me about {topic} and I had no idea. Help me out.",
@@ -99,6 +107,10 @@ TASKS = ([
 FRAMES = ([
     "{task} {cons}",
     "{cons} {task}",
+    "{task}\n\n{cons}",
+    "{cons}\n\n{task}",
+    "{task} Please follow these instructions. {cons}",
+    "Here is my request: {task} {cons}",
 ], [
     "{task}\nRules: {cons}",
     "{task}\n\nRequirements:\n{cons_lines}",
@@ -112,6 +124,9 @@ PHRASINGS: dict[str, tuple[list[str], list[str]]] = {
         "Your reply must not exceed {n} words.",
         "Stay under a limit of {n} words.",
         "The answer should be {n} words long at most.",
+        'Please limit yourself to {n} words.',
+        'I only have time for {n} words, so keep it that short.',
+        'Word limit: {n}.',
     ], [
         "Be brief: {n} words is the ceiling.",
         "Do not go over {n} words in total.",
@@ -123,6 +138,9 @@ PHRASINGS: dict[str, tuple[list[str], list[str]]] = {
         "Make it at least {n} words long.",
         "The reply needs a minimum of {n} words.",
         "Give me {n} words or more.",
+        'Please write {n} words or more.',
+        'Make the reply no shorter than {n} words.',
+        'Length: {n} words minimum.',
     ], [
         "Anything shorter than {n} words is too short.",
         "Aim for a length of {n} words at the very least.",
@@ -140,6 +158,9 @@ PHRASINGS: dict[str, tuple[list[str], list[str]]] = {
         "Include a minimum of {n} sentences.",
         "Make the answer {n} sentences long or longer.",
         "I want at least {n} full sentences.",
+        'Please write {n} sentences or more.',
+        'The reply should run to at least {n} sentences.',
+        'Sentence count: {n} or more.',
     ], [
         "Fewer than {n} sentences will not do.",
         "Stretch the answer across {n} sentences or more.",
@@ -151,6 +172,9 @@ PHRASINGS: dict[str, tuple[list[str], list[str]]] = {
         "Organise the reply as exactly {n} paragraphs divided by blank lines.",
         "Your response must contain exactly {n} paragraphs separated by empty lines.",
         "Give exactly {n} paragraphs and put a blank line between each.",
+        'Please write {n} paragraphs exactly, separated by blank lines.',
+        'Paragraphs: exactly {n}, with blank lines between them.',
+        'Arrange your answer in {n} paragraphs exactly, with an empty line after each one but the last.',
     ], [
         "Break the text into {n} blocks of prose with one empty line between blocks, exactly {n}.",
         "There should be precisely {n} paragraphs, each divided from the next by a blank line.",
@@ -162,6 +186,9 @@ PHRASINGS: dict[str, tuple[list[str], list[str]]] = {
         "Mention '{word}' at least once.",
         "The word '{word}' must appear in the reply.",
         "Work the word '{word}' into your answer.",
+        "Please include the word '{word}'.",
+        "Keyword to use: '{word}'.",
+        "Your answer has to contain '{word}'.",
     ], [
         "Somewhere in the text, say '{word}'.",
         "Do not forget to bring up the term '{word}'.",
@@ -173,6 +200,9 @@ PHRASINGS: dict[str, tuple[list[str], list[str]]] = {
         "The words {words} must not appear.",
         "Leave out the words {words} entirely.",
         "Write it without using {words}.",
+        'Please do not write {words}.',
+        'Banned words: {words}.',
+        'Your reply may not contain {words}.',
     ], [
         "Steer clear of the terms {words}.",
         "Any use of {words} is off limits.",
@@ -184,6 +214,9 @@ PHRASINGS: dict[str, tuple[list[str], list[str]]] = {
         "Repeat the word '{word}' at least {n} times.",
         "Include '{word}' no fewer than {n} times.",
         "Say '{word}' at least {n} times in the answer.",
+        "Please use '{word}' {n} or more times.",
+        "The word '{word}' needs to come up at least {n} times.",
+        "Frequency: '{word}' at least {n} times.",
     ], [
         "I want to see '{word}' a minimum of {n} times.",
         "Make '{word}' show up {n} times or more.",
@@ -195,6 +228,9 @@ PHRASINGS: dict[str, tuple[list[str], list[str]]] = {
         "Write so that the letter '{letter}' appears {freq}.",
         "Count your letters: '{letter}' must appear {freq}.",
         "In the whole answer, use the letter '{letter}' {freq}.",
+        "Please use the letter '{letter}' {freq}.",
+        "Letter '{letter}': {freq}.",
+        "Your text should contain the letter '{letter}' {freq}.",
     ], [
         "The character '{letter}' (any case) has to show up {freq}.",
         "Keep an eye on the letter '{letter}': it must occur {freq}.",
@@ -206,6 +242,9 @@ PHRASINGS: dict[str, tuple[list[str], list[str]]] = {
         "Answer with exactly {n} bullet points ('- ' at the start of each).",
         "Write exactly {n} lines, each starting with '- '.",
         "List exactly {n} points as '- ' bullets.",
+        "Please answer in exactly {n} bullet points, each starting with '- '.",
+        "Bullets: exactly {n}, each beginning with '- '.",
+        "Present exactly {n} items, one per line, each line starting with '- '.",
     ], [
         "Lay it out as a dash list of precisely {n} items, every item opening with '- '.",
         "I need {n} bullet points, no more and no fewer, marked with '- '.",
@@ -217,6 +256,9 @@ PHRASINGS: dict[str, tuple[list[str], list[str]]] = {
         "Keep the whole answer in lowercase.",
         "No uppercase letters are allowed.",
         "Your entire reply must be lowercase.",
+        'Please write in lowercase only.',
+        'Case: all lowercase.',
+        'Every letter you write should be lowercase.',
     ], [
         "Not a single capital letter, please.",
         "Type it all in small letters.",
@@ -234,6 +276,9 @@ PHRASINGS: dict[str, tuple[list[str], list[str]]] = {
         "Write without a single comma.",
         "No commas are allowed in the reply.",
         "Leave out every comma.",
+        'Please use no commas.',
+        'Punctuation rule: no commas.',
+        'Do not put a comma anywhere in your answer.',
     ], [
         "Skip the comma character entirely.",
         "The comma is banned from your text.",
@@ -252,6 +297,9 @@ PHRASINGS: dict[str, tuple[list[str], list[str]]] = {
         'Close your answer with "{phrase}"',
         'Make "{phrase}" the final words of your reply',
         'Wrap up with exactly "{phrase}"',
+        'Please end with "{phrase}"',
+        'The final phrase must be "{phrase}"',
+        'Your reply should end with "{phrase}"',
     ], [
         'Nothing may follow the closing phrase "{phrase}"',
         'The text has to conclude with "{phrase}"',
@@ -269,6 +317,9 @@ PHRASINGS: dict[str, tuple[list[str], list[str]]] = {
         "Add a title written as <<title here>>.",
         "Put a title in double angle brackets, for example <<a title>>.",
         "Your reply needs a title of the form <<title>>.",
+        'Please add a title in double angle brackets, like <<title>>.',
+        'Title format: <<title>>, at the top.',
+        'Begin with a title between << and >>.',
     ], [
         "Head the text with a title enclosed by << and >>.",
         "Name your piece: place the name between << and >>.",
@@ -280,6 +331,9 @@ PHRASINGS: dict[str, tuple[list[str], list[str]]] = {
         "Use *asterisks* to highlight at least {n} sections.",
         "Put at least {n} phrases between asterisks, like *this*.",
         "Include {n} or more highlighted sections written as *text*.",
+        'Please highlight at least {n} parts with *asterisks*.',
+        'Highlights: {n} or more, written as *text*.',
+        'At least {n} sections of your answer should be in *asterisks*.',
     ], [
         "Surround {n} or more key sentences with a single star on each side, *like so*.",
         "Draw attention to at least {n} passages by enclosing them in asterisks.",
@@ -291,6 +345,9 @@ PHRASINGS: dict[str, tuple[list[str], list[str]]] = {
         "Wrap the entire output in JSON format.",
         "Give the answer as a JSON object and nothing else.",
         "Output valid JSON, with no text outside it.",
+        'Please answer in JSON.',
+        'Output format: JSON only.',
+        'Respond with a JSON object, no other text.',
     ], [
         "Return machine-readable JSON rather than prose.",
         "Everything you send back should parse as JSON.",
@@ -302,6 +359,9 @@ PHRASINGS: dict[str, tuple[list[str], list[str]]] = {
         "Include a postscript, beginning with {marker}, at the end.",
         "End with a line starting with {marker}",
         "After the main text, add a postscript that starts with {marker}",
+        'Please add a postscript at the end that starts with {marker}',
+        'Postscript: required at the end, starting with {marker}',
+        'Sign off with a postscript beginning with {marker}',
     ], [
         "Tack on an afterthought that opens with {marker}",
         "Close with an extra line introduced by {marker}",
