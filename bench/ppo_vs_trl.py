@@ -21,7 +21,8 @@ full trainable copy initialised from the reward model, as in TRL's examples). Ou
 adapters for its roles (see alignment/ppo.py).
 
 Each side runs in its own child process (TRL's in bench/out/venv-trl112, made by bench/setup_trl112.sh);
-peak RSS is the child's ru_maxrss (os.wait4), episodes/s is 64 episodes / wall time of the training loop
+peak RSS is the child's own VmHWM at its end (its ru_maxrss would include the driver's RSS at the fork; reported
+as `ru_maxrss_mb` for reference), episodes/s is 64 episodes / wall time of the training loop
 (model loading excluded, reported separately). Run it alone: it is serialised with other heavy jobs by flock.
 
     bash bench/setup_trl112.sh      # once: trl 1.12.0 + torch 2.13.0 (CPU) in bench/out/venv-trl112
@@ -181,9 +182,11 @@ def _threads(n: int) -> None:
 
 
 def _rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak RSS of this process so far (VmHWM), in MB. Not ru_maxrss: Linux carries a process's maxrss across
+    fork and exec, so a child's ru_maxrss never reads below the driver's RSS at the fork (the driver holds the
+    models it saved in setup(): ~1.4 GB in bf16), which hid a smaller side's real peak. VmHWM belongs to the
+    address space exec made."""
+    return _mem("peak")["VmHWM"]
 
 
 def _mem(phase: str) -> dict:
@@ -256,7 +259,8 @@ def run_trl(work: Path, mode: str, threads: int, precision: str = "fp32", update
             "updates": len(logs), "episodes": trainer.state.episode, "rss_after_load_mb": rss_loaded,
             "score_first": logs[0]["objective/scores"], "score_last": logs[-1]["objective/scores"],
             "kl_last": logs[-1]["objective/kl"], "memory": memory, "probe_scores": probe.float().tolist(),
-            "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)}
+            "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+            "peak_rss_mb": _rss_mb()}
 
 
 # -- our side (main venv) ------------------------------------------------------------------------------------------
@@ -326,12 +330,12 @@ def run_ours(work: Path, mode: str, threads: int, options: dict | None = None, p
             "score_first": rows[0]["objective/scores"], "score_last": rows[-1]["objective/scores"],
             "kl_last": rows[-1]["ppo/kl"], **{f"time_{k}_s": v for k, v in timing.items()},
             "memory": memory, "probe_scores": probe.float().tolist(),
-            "trainable_params": sum(p.numel() for p in trainer._trainable)}
+            "trainable_params": sum(p.numel() for p in trainer._trainable), "peak_rss_mb": _rss_mb()}
 
 
 # -- the driver ----------------------------------------------------------------------------------------------------
 def child(side: str, mode: str, threads: int, precision: str, updates: int) -> dict:
-    """Run one side in a fresh process; return its result plus the child's peak RSS (ru_maxrss)."""
+    """Run one side in a fresh process; return its result plus the child's CPU time and ru_maxrss."""
     python = TRL_PYTHON if side == "trl" else Path(sys.executable)
     tag = "".join(c if c.isalnum() or c in "-_" else "_" for c in side)
     if not python.is_file():
@@ -353,7 +357,7 @@ def child(side: str, mode: str, threads: int, precision: str, updates: int) -> d
     if "unsupported" not in res:
         # CPU seconds of the whole child (loading included): on a shared machine the wall time also counts
         # other jobs' load, the CPU time much less so.
-        res.update(peak_rss_mb=usage.ru_maxrss / 1024, process_wall_s=wall,
+        res.update(ru_maxrss_mb=usage.ru_maxrss / 1024, process_wall_s=wall,
                    process_cpu_s=usage.ru_utime + usage.ru_stime, episodes_per_s=res["episodes"] / res["train_s"],
                    train_cpu_s_per_episode=res["train_cpu_s"] / res["episodes"],
                    loadavg_after=os.getloadavg()[0])
