@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -21,8 +23,10 @@ def test_gold_reward_with_constraints_and_by_lookup():
     assert gold_reward([P, P], ["a b c d", "Paper!"], constraints=cons) == [0.5, 1.0]
     # Without constraints= the bundled data is searched by the prompt text (data/instruct/train.jsonl row 1).
     # Its constraints: a <<title>>, and the letter 'y' fewer than 2 times.
-    prompt = [{"role": "user", "content": "Start with a title inside << and >>. Count your letters: 'y' must appear "
-                                          "fewer than 2 times. Tell me about trains."}]
+    row = json.loads(Path("data/instruct/train.jsonl").open(encoding="utf-8").readline())
+    assert row["constraints"] == [{"type": "title"}, {"type": "letter_frequency", "letter": "y", "n": 2,
+                                                      "relation": "less than"}]
+    prompt = row["messages"][:1]
     assert gold_reward([prompt, prompt, prompt], ["<<Trains>> Fast.", "Every day, yes.", "Rails."]) == [1.0, 0.0, 0.5]
     with pytest.raises(ValueError, match="no constraints known"):
         gold_reward([P], ["x"])
