@@ -23,7 +23,8 @@ def test_gold_reward_with_constraints_and_by_lookup():
     assert gold_reward([P, P], ["a b c d", "Paper!"], constraints=cons) == [0.5, 1.0]
     # Without constraints= the bundled data is searched by the prompt text (data/instruct/train.jsonl row 1).
     # Its constraints: a <<title>>, and the letter 'y' fewer than 2 times.
-    row = json.loads(Path("data/instruct/train.jsonl").open(encoding="utf-8").readline())
+    with Path("data/instruct/train.jsonl").open(encoding="utf-8") as f:
+        row = json.loads(f.readline())
     assert row["constraints"] == [{"type": "title"}, {"type": "letter_frequency", "letter": "y", "n": 2,
                                                       "relation": "less than"}]
     prompt = row["messages"][:1]

@@ -264,7 +264,7 @@ def test_trainer_loss_is_the_soft_label_and_margin_loss(tiny_store, tmp_path):
     pairs = [{**p, "p_chosen": 0.75, "margin": 2.0} for p in _train_pairs(4)]
     for columns, expected in ((["margin"], "soft"), (["p_chosen"], "margin")):
         model = reward_model_from_policy(load_policy(base, "fp32"), tok.pad_token_id)
-        # max_length above the longest of the four (TRL drops longer pairs; the tiny tokenizer's are ~300 tokens)
+        # max_length above the longest of the four: TRL drops longer pairs, and one of the first four is over 256
         args = RewardConfig(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], max_length=1024,
                             center_rewards_coefficient=0.01)
         ds = to_trl_dataset(pairs).remove_columns(columns)
