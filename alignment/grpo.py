@@ -60,6 +60,11 @@ class GroupSpec(Section):
     still collects what its text meets so far (min words, min sentences, keyword counts), so GRPO learned to run
     on (docs/algorithms.md); 0 makes an unfinished answer a failed one. With mask_truncated_completions too, the cut
     completions still set their group's baseline but get no gradient themselves."""
+    soft_overlong: int | None = None
+    """DAPO's soft overlong punishment (TRL's `get_soft_overlong_punishment`, a second reward function added to the
+    source's): a completion longer than max_completion_length - soft_overlong tokens loses reward linearly, 1 at the
+    limit. None: off. It favours answers that end well inside the budget, which the length-limited constraints
+    (max words, max sentences, letter counts) and the strict evaluation (a cut answer fails) both reward."""
     log_completions: bool = False
     """Print a sample of prompts, completions and rewards at each logging step."""
     sampler: Literal["engine", "trl"] = "engine"
@@ -90,7 +95,18 @@ class GroupSpec(Section):
             out.append((f"{prefix}.top_p", "expected a probability in (0, 1]"))
         if self.max_completion_length < 1:
             out.append((f"{prefix}.max_completion_length", "expected at least 1 token"))
+        if self.soft_overlong is not None and not 0 < self.soft_overlong <= self.max_completion_length:
+            out.append((f"{prefix}.soft_overlong", f"expected 1..{prefix}.max_completion_length "
+                                                   f"({self.max_completion_length}) tokens, or null for none"))
         return out
+
+    def length_rewards(self) -> list:
+        """The reward functions that shape length alone (soft_overlong), added to the source's by TRL."""
+        if self.soft_overlong is None:
+            return []
+        from trl.rewards import get_soft_overlong_punishment
+
+        return [get_soft_overlong_punishment(self.max_completion_length, self.soft_overlong)]
 
     def peft_problems(self, peft, prefix: str = "peft") -> list[tuple[str, str]]:
         """What TRL's group trainers cannot train (checked against the stage's PeftSpec)."""
@@ -290,7 +306,8 @@ def build_trainer(cfg, sft, prompts: list[dict], score, checkpoints_dir):
         reward = trl_reward_func(score, prompts, f"{cfg.reward.kind}_reward", truncated_reward=group.truncated_reward,
                                  eos_ids=eos_ids(policy, tok))
         try:
-            trainer = trainer_cls(model=policy, reward_funcs=reward, args=args, train_dataset=prompt_dataset(prompts),
+            trainer = trainer_cls(model=policy, reward_funcs=[reward, *group.length_rewards()], args=args,
+                                  train_dataset=prompt_dataset(prompts),
                                   processing_class=tok, peft_config=peft_config(cfg.peft), callbacks=callbacks())
         finally:
             policy.config._name_or_path = name_or_path

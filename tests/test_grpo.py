@@ -100,6 +100,22 @@ def test_truncated_reward_replaces_the_score_of_cut_completions(store, tmp_path)
     assert cut > 0.5 and row["reward"] <= (1 - cut) * 1.0 - 3.0 * cut + 1e-6
 
 
+def test_soft_overlong_punishment_adds_a_length_reward(store, tmp_path):
+    # DAPO's soft overlong punishment with max 12, soft 6: a completion of L tokens adds 0 up to 6 tokens, (6 - L) / 6
+    # above, -1 at 12 (cut). On the random model most completions are cut, so the length reward's mean is at most
+    # -(share cut), and TRL's reward is the sum of the two functions' means.
+    root, run = store
+    cfg = write_config(tmp_path, **{"train.max_steps": 1, "group.soft_overlong": 6})
+    assert main(["run", "grpo", "-c", str(cfg), "--artifacts", str(root)]) == 0
+    art = ArtifactStore(root).read_stage(run, "grpo")
+    row = next(json.loads(line) for line in (art.path / "log_history.jsonl").read_text().splitlines()
+               if "reward" in json.loads(line))
+    length, source = row["rewards/soft_overlong_punishment_reward/mean"], row["rewards/function_reward/mean"]
+    cut = row["completions/clipped_ratio"]
+    assert cut > 0.5 and length <= -cut + 1e-6
+    assert row["reward"] == pytest.approx(source + length, abs=1e-5)
+
+
 def test_reference_of_full_fine_tuning_is_the_sft_model(store, tmp_path):
     """Without an adapter to switch off, TRL reloads the reference from config._name_or_path (the raw base):
     build_trainer must hand it base + SFT merged instead."""
@@ -167,6 +183,8 @@ def test_eos_ids_are_the_generation_configs_and_the_tokenizers():
     ({"group.beta": -0.1}, "group.beta: expected a KL coefficient >= 0"),
     ({"group.sampler": "vllm"}, "group.sampler: expected one of 'engine' or 'trl', got 'vllm'"),
     ({"group.truncated_reward": "low"}, "group.truncated_reward:"),
+    ({"group.soft_overlong": 20}, "group.soft_overlong: expected 1..group.max_completion_length (12) tokens, or "
+                                  "null for none"),
 ])
 def test_impossible_group_settings_fail_at_config_load(tmp_path, capsys, changes, expected):
     cfg = write_config(tmp_path, **changes)
