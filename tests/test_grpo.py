@@ -60,6 +60,13 @@ def store(tiny_store, tmp_path):
     return copy, run
 
 
+def _first_reward_row(root, run) -> dict:
+    """The first logged training step of the run's published grpo artifact (the first row with a reward)."""
+    art = ArtifactStore(root).read_stage(run, "grpo")
+    rows = (json.loads(line) for line in (art.path / "log_history.jsonl").read_text().splitlines())
+    return next(r for r in rows if "reward" in r)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
 def test_trains_a_few_steps_and_loads_back(store, tmp_path, algorithm):
@@ -93,9 +100,7 @@ def test_truncated_reward_replaces_the_score_of_cut_completions(store, tmp_path)
     root, run = store
     cfg = write_config(tmp_path, **{"train.max_steps": 1, "group.truncated_reward": -3.0})
     assert main(["run", "grpo", "-c", str(cfg), "--artifacts", str(root)]) == 0
-    art = ArtifactStore(root).read_stage(run, "grpo")
-    row = next(json.loads(line) for line in (art.path / "log_history.jsonl").read_text().splitlines()
-               if "reward" in json.loads(line))
+    row = _first_reward_row(root, run)
     cut = row["completions/clipped_ratio"]
     assert cut > 0.5 and row["reward"] <= (1 - cut) * 1.0 - 3.0 * cut + 1e-6
 
@@ -107,9 +112,7 @@ def test_soft_overlong_punishment_adds_a_length_reward(store, tmp_path):
     root, run = store
     cfg = write_config(tmp_path, **{"train.max_steps": 1, "group.soft_overlong": 6})
     assert main(["run", "grpo", "-c", str(cfg), "--artifacts", str(root)]) == 0
-    art = ArtifactStore(root).read_stage(run, "grpo")
-    row = next(json.loads(line) for line in (art.path / "log_history.jsonl").read_text().splitlines()
-               if "reward" in json.loads(line))
+    row = _first_reward_row(root, run)
     length, source = row["rewards/soft_overlong_punishment_reward/mean"], row["rewards/function_reward/mean"]
     cut = row["completions/clipped_ratio"]
     assert cut > 0.5 and length <= -cut + 1e-6
