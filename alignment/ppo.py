@@ -26,7 +26,7 @@ as the health guardrails, checkpoints that resume exactly); `step` is one update
 1. `rollout`: sample responses to left-padded prompts with the policy (`alignment.generation.generate`, the one
    generation path); cut them after the EOS;
 2. `score`: the reward of each response (the RM reads its score at the EOS; a response without EOS loses
-   `missing_eos_penalty`);
+   `missing_eos_penalty`, or scores minus it with `missing_eos: replace`);
 3. `forward`: log-probs of the responses under the policy (the "old" policy) and the reference, values under
    the critic (shared trunk: one pass gives both; with one minibatch of the whole batch that pass is also the
    first optimisation forward, kept with its graph);
@@ -105,7 +105,13 @@ class PPOSpec(Section):
     rate it paid on the policy's own starting answers (the length bias Singhal et al. 2023 find behind much of
     RLHF's gains). The slope is logged (`calibration/length_slope`) and saved in checkpoints."""
     missing_eos_penalty: float | None = 1.0
-    """Subtracted from the score of a response that hit max_new_tokens without an EOS (None: no penalty)."""
+    """Subtracted from the score of a response that hit max_new_tokens without an EOS (None: no penalty); with
+    `missing_eos: replace`, such a response scores -missing_eos_penalty instead."""
+    missing_eos: Literal["subtract", "replace"] = "subtract"
+    """subtract: a cut response keeps what the reward model gave it, minus the penalty (TRL's missing_eos_penalty,
+    OpenRLHF). replace: its score *is* -missing_eos_penalty, whatever the reward model says (the N+ details' recipe,
+    TRL's former penalty_reward_value): a reward model that rates longer answers ever higher can then not pay a
+    policy for running past the budget, since a cut answer is worth less than an average finished one."""
     kl_coef: float = 0.05
     """beta of the per-token KL penalty against the reference (the initial value when adaptive_kl)."""
     kl_estimator: Literal["k1", "k3"] = "k1"
@@ -218,6 +224,9 @@ class PPOSpec(Section):
             out.append((f"{prefix}.cliprange", "cliprange and cliprange_value must be > 0"))
         if self.lr <= 0:
             out.append((f"{prefix}.lr", "expected a learning rate > 0"))
+        if self.missing_eos == "replace" and self.missing_eos_penalty is None:
+            out.append((f"{prefix}.missing_eos", f"replace sets a cut response's score to -missing_eos_penalty: set "
+                                                 f"{prefix}.missing_eos_penalty (e.g. 1.0) or {prefix}.missing_eos=subtract"))
         if self.length_debias and self.score_norm != "sft_rollouts":
             out.append((f"{prefix}.length_debias", f"fits the length slope on the SFT rollouts of score_norm: "
                                                    f"set {prefix}.score_norm=sft_rollouts (now '{self.score_norm}') "
@@ -630,7 +639,8 @@ class PPOTrainer:
             raw = torch.tensor(self.reward(ro.prompts, ro.completions, **given), dtype=torch.float32)
         raw = raw.float().cpu() - self.length_slope * ro.response_mask.sum(-1).float().cpu()
         ro.raw_scores = (raw - self.score_shift) / self.score_scale
-        ro.scores = rl.apply_missing_eos_penalty(ro.raw_scores, ro.has_eos.cpu(), self.spec.missing_eos_penalty)
+        ro.scores = rl.apply_missing_eos_penalty(ro.raw_scores, ro.has_eos.cpu(), self.spec.missing_eos_penalty,
+                                                 replace=self.spec.missing_eos == "replace")
         return ro
 
     def calibrate_scores(self, rows: list[dict]) -> dict:

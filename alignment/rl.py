@@ -192,11 +192,18 @@ def shape_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl
     return rewards
 
 
-def apply_missing_eos_penalty(scores: torch.Tensor, has_eos: torch.Tensor, penalty: float | None) -> torch.Tensor:
-    """Subtract `penalty` from the score of each response that hit the length limit without an EOS."""
-    if not penalty:
+def apply_missing_eos_penalty(scores: torch.Tensor, has_eos: torch.Tensor, penalty: float | None,
+                              replace: bool = False) -> torch.Tensor:
+    """Subtract `penalty` from the score of each response that hit the length limit without an EOS, or with
+    `replace` set that score to -penalty (the N+ details: a cut response is never worth more than that)."""
+    import torch
+
+    if penalty is None or (not penalty and not replace):
         return scores
-    return scores - penalty * (~has_eos.bool()).to(scores.dtype)
+    cut = ~has_eos.bool()
+    if replace:
+        return torch.where(cut, torch.full_like(scores, -penalty), scores)
+    return scores - penalty * cut.to(scores.dtype)
 
 
 def length_slope(scores: torch.Tensor, lengths: torch.Tensor) -> float:

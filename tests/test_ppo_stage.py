@@ -279,6 +279,10 @@ def test_eos_reward_placement_and_token_scoring_match_the_reward_model(tiny_stor
         last = rm(input_ids=ids).logits[0, 0].item()
     assert ro.raw_scores[1].item() == pytest.approx(last, abs=1e-4)
     assert ro.scores.tolist() == pytest.approx([ro.raw_scores[0].item(), ro.raw_scores[1].item() - 2.0])
+    # missing_eos: replace: the cut row scores -2 whatever the RM gave it
+    trainer.spec.missing_eos = "replace"
+    ro = trainer.score(Rollout(PROMPTS[:2], q, qm, r, mask, has_eos, texts))
+    assert ro.scores.tolist() == pytest.approx([ro.raw_scores[0].item(), -2.0])
 
 
 @pytest.mark.parametrize("value_model", ["separate", "shared"])
@@ -439,6 +443,9 @@ def test_health_monitor_warns_then_stops():
     (["eval.batch_size=0"], "eval.batch_size: must be >= 1, got 0"),
     (["ppo.generation_batch_size=0"], "ppo.generation_batch_size: must be >= 1, got 0"),
     (["ppo.score_norm_prompts=0"], "ppo.score_norm_prompts: expected at least 1"),
+    (["ppo.missing_eos=replace", "ppo.missing_eos_penalty=null"], "ppo.missing_eos: replace sets a cut response's "
+                                                                   "score to -missing_eos_penalty"),
+    (["ppo.missing_eos=clip"], "ppo.missing_eos"),
     (["ppo.length_debias=true", "ppo.score_norm=none"], "ppo.length_debias: fits the length slope on the SFT "
                                                         "rollouts of score_norm: set ppo.score_norm=sft_rollouts"),
 ])

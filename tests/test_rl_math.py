@@ -98,6 +98,10 @@ def test_missing_eos_penalty_and_normalisation():
     scores, has_eos = torch.tensor([1.0, 1.0]), torch.tensor([True, False])
     assert close(rl.apply_missing_eos_penalty(scores, has_eos, 1.0), [1.0, 0.0])
     assert close(rl.apply_missing_eos_penalty(scores, has_eos, None), [1.0, 1.0])
+    # replace: the cut response scores -penalty however high the RM rated it; the finished one keeps its score
+    high = torch.tensor([0.5, 3.0])
+    assert close(rl.apply_missing_eos_penalty(high, has_eos, 1.0, replace=True), [0.5, -1.0])
+    assert close(rl.apply_missing_eos_penalty(high, has_eos, 0.0, replace=True), [0.5, 0.0])
     # (1 - 0.5) / 2
     assert close(rl.normalise_scores(torch.tensor([1.0]), mean=0.5, std=2.0), [0.25])
 
