@@ -360,7 +360,10 @@ class AdapterReward:
         lineage = art.manifest.lineage
         if not (art.path / ADAPTER_DIR / "adapter_config.json").is_file():
             return f"{art.path} has no unmerged adapter ({ADAPTER_DIR}/: LoRA reward models from this version on)"
-        if lineage.get("init") != "sft" or sft is None or lineage.get("parent") != str(sft.path):
+        # By content, not path: a store copied or moved (rsync to a cluster, cp -al) keeps its manifests' hashes.
+        trained_on = art.manifest.inputs.get("sft")
+        if (lineage.get("init") != "sft" or sft is None or trained_on is None
+                or trained_on.manifest_sha256 != sft.manifest_sha256):
             return f"{art.path} was trained on {lineage.get('parent')}, not on this run's SFT policy"
         return None
 

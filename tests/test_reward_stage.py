@@ -299,7 +299,8 @@ PROMPTS = [[{"role": "user", "content": "Hi"}],
            [{"role": "user", "content": "Tell me about rivers, glaciers and the water cycle in a few words."}]]
 
 
-def test_unmerged_adapter_is_a_reward_role_on_the_ppo_base_scoring_like_the_merged_rm(reward_store, tiny_store):
+def test_unmerged_adapter_is_a_reward_role_on_the_ppo_base_scoring_like_the_merged_rm(reward_store, tiny_store,
+                                                                                        tmp_path):
     import torch
 
     from alignment.errors import ConfigError
@@ -334,6 +335,11 @@ def test_unmerged_adapter_is_a_reward_role_on_the_ppo_base_scoring_like_the_merg
     assert isinstance(rl_reward(RewardSource(), {"reward": art, "sft": other}, "fp32"), ModelReward)
     with pytest.raises(ConfigError, match="reward.model_as: 'adapter' needs"):
         rl_reward(RewardSource(model_as="adapter"), {"reward": art, "sft": other}, "fp32")
+    # a copied store (rsync to a cluster, cp -al) keeps its manifests' hashes: still the adapter on the copy's SFT
+    shutil.copytree(Path(reward_store) / "tiny", tmp_path / "copy" / "tiny")
+    moved = ArtifactStore(tmp_path / "copy")
+    pair = {"reward": moved.read_stage("tiny", "reward"), "sft": moved.read_stage("tiny", "sft")}
+    assert isinstance(rl_reward(RewardSource(), pair, "fp32"), AdapterReward)
 
 
 def test_ppo_stage_loads_the_reward_model_as_an_adapter_role(reward_store):
