@@ -205,3 +205,28 @@ def train(trainer, ctx) -> Trained:
     done = Trained(result, time.perf_counter() - t0, time.process_time() - cpu0)
     save_log_history(trainer, ctx.out_dir)
     return done
+
+
+def group_pairs_by_length(trainer) -> bool:
+    """Make `train.args.train_sampling_strategy: group_by_length` work for TRL's pair trainers (DPO, reward).
+
+    HF's LengthGroupedSampler infers lengths from an `input_ids` column, which TRL's tokenised pairs do not have
+    (prompt_ids / chosen_ids / rejected_ids), so the setting raised at the first batch. Here each pair's length is
+    the row it pads to (prompt + the longer response): batches of similar pairs pad less. On the SmolLM2 default's
+    300 pairs the padded tokens fall from 28% to 10% of a reward batch of 8 pairs and from 23% to 10% of a DPO batch
+    of 4 (docs/pipeline.md). The order is HF's (megabatches of 50 batches sorted by length, seeded by the trainer).
+    Returns whether it applied."""
+    if getattr(trainer.args, "train_sampling_strategy", "random") != "group_by_length":
+        return False
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    ds = trainer.train_dataset
+    prompts = ds["prompt_ids"] if "prompt_ids" in ds.column_names else [[]] * len(ds)
+    lengths = [len(p) + max(len(c), len(r)) for p, c, r in zip(prompts, ds["chosen_ids"], ds["rejected_ids"])]
+    batch = trainer.args.train_batch_size * trainer.args.gradient_accumulation_steps
+
+    def sampler(dataset=None):
+        return LengthGroupedSampler(batch, lengths=lengths)
+
+    trainer._get_train_sampler = sampler  # the dataloader asks the trainer for its sampler at train time
+    return True

@@ -31,7 +31,7 @@ from alignment.peft_methods import METHODS, SOFT_PROMPTS, describe, peft_config,
 from alignment.policy import lineage_for, load_policy, require_mergeable, save_on_parent
 from alignment.preferences import PrefData, stage_sources, to_trl_dataset, train_eval_pairs
 from alignment.schema import PeftSpec, TrainSpec
-from alignment.training import callbacks, param_counts, throughput, train, trainer_args
+from alignment.training import callbacks, group_pairs_by_length, param_counts, throughput, train, trainer_args
 
 log = logging.getLogger("align")
 
@@ -130,6 +130,7 @@ def build_trainer(cfg: Config, sft, train_pairs: list[dict], checkpoints_dir):
         model=policy, ref_model=reference, args=args, processing_class=tok, peft_config=peft_config(cfg.peft),
         train_dataset=to_trl_dataset(train_pairs), callbacks=callbacks())
     use_kernel(trainer.model, cfg.peft)
+    group_pairs_by_length(trainer)
     return trainer, tok
 
 

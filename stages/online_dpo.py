@@ -44,7 +44,7 @@ from alignment.prompts import PromptData, load_prompts
 from alignment.reward_sources import RewardSource, text_reward_fn
 from alignment.runner import latest_checkpoint
 from alignment.schema import PeftSpec, TrainSpec
-from alignment.training import callbacks, save_log_history, trainer_args
+from alignment.training import callbacks, group_pairs_by_length, save_log_history, trainer_args
 from stages.dpo import DPOSpec, EvalSpec
 
 log = logging.getLogger("align")
@@ -152,6 +152,7 @@ def train_round(cfg: Config, sft, tok, rows: list[dict], rdir: Path, prev: Path 
                                        peft_config=peft_config(cfg.peft), train_dataset=to_trl_dataset(rows),
                                        callbacks=callbacks())
     use_kernel(trainer.model, cfg.peft)
+    group_pairs_by_length(trainer)
     if prev is not None:
         load_adapter_weights(trainer.model, prev)  # the policy continues; the reference stays the SFT model
     resume = latest_checkpoint(rdir / "checkpoints")

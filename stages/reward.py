@@ -40,7 +40,7 @@ from alignment.reward import (gate_failures, gate_metrics, kind_gate_failures, m
                               pairwise_accuracy, reward_model_from_policy, score_pairs, soft_label_reward_trainer)
 from alignment.reward_sources import ADAPTER_DIR
 from alignment.schema import PeftSpec, TrainSpec
-from alignment.training import callbacks, param_counts, throughput, train, trainer_args
+from alignment.training import callbacks, group_pairs_by_length, param_counts, throughput, train, trainer_args
 
 log = logging.getLogger("align")
 PEFT_METHODS = ("lora", "ia3", "full")
@@ -289,6 +289,7 @@ def run(cfg: Config, ctx) -> None:
     trainer = soft_label_reward_trainer()(model=model, args=args, processing_class=tok, train_dataset=train_ds,
                                           peft_config=peft_config(cfg.peft, "SEQ_CLS"), callbacks=callbacks())
     use_kernel(trainer.model, cfg.peft)
+    group_pairs_by_length(trainer)
     # RewardTrainer drops (does not truncate) pairs longer than max_length.
     kept = len(trainer.train_dataset)
     if kept == 0:
