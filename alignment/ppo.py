@@ -26,7 +26,7 @@ as the health guardrails, checkpoints that resume exactly); `step` is one update
 1. `rollout`: sample responses to left-padded prompts with the policy (`alignment.generation.generate`, the one
    generation path); cut them after the EOS;
 2. `score`: the reward of each response (the RM reads its score at the EOS; a response without EOS loses
-   `missing_eos_penalty`, or scores minus it with `missing_eos: replace`);
+   `missing_eos_penalty`, or with `missing_eos: replace` scores -missing_eos_penalty);
 3. `forward`: log-probs of the responses under the policy (the "old" policy) and the reference, values under
    the critic (shared trunk: one pass gives both; with one minibatch of the whole batch that pass is also the
    first optimisation forward, kept with its graph);
