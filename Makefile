@@ -8,11 +8,13 @@ PROFILE ?= smollm2
 RUN ?=
 ARTIFACTS ?= artifacts
 OVERRIDES ?=
+JOBS ?=
 SUBMIT_ARGS ?=
 
 BIN := $(VENV)/bin
 ALIGN := OMP_WAIT_POLICY=PASSIVE $(BIN)/align
 RUN_FLAG := $(if $(RUN),--run $(RUN),)
+JOBS_FLAG := $(if $(JOBS),-j $(JOBS),)
 STAMP := $(VENV)/.installed
 
 .PHONY: help setup setup-services pipeline pipeline-tiny test test-fast base sft label reward dpo online-dpo ppo grpo rloo eval report submit slurm bench-ppo status clean-artifacts update-reference generate data-inspect bench-algorithms
@@ -20,6 +22,7 @@ STAMP := $(VENV)/.installed
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 	@echo "  variables: PROFILE=$(PROFILE) (smollm2|tiny)  RUN=<name>  ARTIFACTS=$(ARTIFACTS)  OVERRIDES='key=value ...'  TORCH_SPEC=$(TORCH_SPEC)"
+	@echo "             JOBS=N: pipeline stages at once (default: the pipeline file's jobs:, 2 for smollm2)"
 	@echo "  OVERRIDES: a stage target takes key.path=value (make sft OVERRIDES='train.lr=1e-4'); pipeline targets"
 	@echo "             take STAGE.key.path=value (make pipeline-tiny OVERRIDES='sft.train.max_steps=2'); keys: align config schema STAGE"
 
@@ -46,10 +49,10 @@ $(SERVICES_STAMP): $(STAMP) scripts/install-llama-server.sh scripts/install-vllm
 	touch $@
 
 pipeline: setup ## the whole chain end to end on the embedded SmolLM2 (configs/<profile>/pipeline.yaml)
-	$(ALIGN) pipeline -c configs/$(PROFILE)/pipeline.yaml --artifacts $(ARTIFACTS) $(RUN_FLAG) $(OVERRIDES)
+	$(ALIGN) pipeline -c configs/$(PROFILE)/pipeline.yaml --artifacts $(ARTIFACTS) $(RUN_FLAG) $(JOBS_FLAG) $(OVERRIDES)
 
 pipeline-tiny: setup ## the whole chain on the tiny random model (seconds)
-	$(ALIGN) pipeline -c configs/tiny/pipeline.yaml --artifacts $(ARTIFACTS) $(RUN_FLAG) $(OVERRIDES)
+	$(ALIGN) pipeline -c configs/tiny/pipeline.yaml --artifacts $(ARTIFACTS) $(RUN_FLAG) $(JOBS_FLAG) $(OVERRIDES)
 
 FAST_TESTS := tests/test_rl_math.py tests/test_fused_lora.py tests/test_dpo_math.py tests/test_reward_math.py tests/test_gold.py \
 	tests/test_config.py tests/test_mixture.py tests/test_judge_cache_key.py tests/test_prompts.py tests/test_preferences.py \

@@ -1,7 +1,7 @@
 """`align`: run stages, pipelines, show configs and the state of a run.
 
     align run STAGE -c FILE [key.path=value ...] [--artifacts DIR] [--run NAME] [--force]
-    align pipeline -c FILE [STAGE.key.path=value | key.path=value ...] [--artifacts DIR] [--run NAME] [--force]
+    align pipeline -c FILE [STAGE.key.path=value | key.path=value ...] [--artifacts DIR] [--run NAME] [--force] [-j N]
     align submit -c FILE [--profile NAME|FILE] [--partition P] [--account A] [--time T] [--nodes N]
                  [--gpus-per-node G] [--begin TIME] [--run NAME] [--artifacts DIR] [--out DIR] [--dry-run]
                  [STAGE:key.path=value | key.path=value ...]          (`align slurm` is the same command)
@@ -84,6 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("overrides", nargs="*", metavar="[STAGE.]key.path=value",
                     help="STAGE.key=value (or STAGE:key=value) goes to that stage, key=value to every stage")
     pl.add_argument("--force", action="store_true")
+    pl.add_argument("-j", "--jobs", type=int, default=None, metavar="N",
+                    help="stage processes at once (default: the file's `jobs:`, else 1); a stage starts when the "
+                         "stages it reads have finished; stages that can overlap share the cores")
     store_args(pl)
 
     sl = sub.add_parser("submit", aliases=["slurm"],
@@ -218,7 +221,8 @@ def _dispatch(args) -> int:
             runner.run_stage(args.stage, args.config, args.overrides, root=args.artifacts, run=args.run,
                              force=args.force)
     elif args.cmd == "pipeline":
-        runner.run_pipeline(args.config, root=args.artifacts, run=args.run, force=args.force, overrides=args.overrides)
+        runner.run_pipeline(args.config, root=args.artifacts, run=args.run, force=args.force, overrides=args.overrides,
+                            jobs=args.jobs)
     elif args.cmd in ("submit", "slurm"):
         from pathlib import Path
 

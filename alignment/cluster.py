@@ -1,8 +1,9 @@
 """The cluster: Slurm job chains for a pipeline, and the ranks of a multi-process stage.
 
-Slurm. `align submit -c pipeline.yaml` renders one sbatch script per stage and submits them chained
-with `--dependency=afterok:<previous>` and `--kill-on-invalid-dep=yes`, so a failed stage cancels
-everything after it. Resources, later wins: what applies to every stage (a cluster profile
+Slurm. `align submit -c pipeline.yaml` renders one sbatch script per stage and submits each with
+`--dependency=afterok:<the jobs of the earlier stages it reads>` (dpo waits for sft, not for the reward model;
+alignment.pipeline_jobs.dependencies, as `align pipeline -j`) and `--kill-on-invalid-dep=yes`, so a failed stage
+cancels everything downstream of it. Resources, later wins: what applies to every stage (a cluster profile
 `configs/cluster/<name>.yaml`, the pipeline's `slurm:` section, command-line flags), then what is written for
 one stage (the profile's `stages.<stage>` section, the pipeline step's `slurm:`), so a profile keeps the base
 import and eval small while the flags scale the training stages. `--dry-run` prints the sbatch chain. Every job is
@@ -198,12 +199,13 @@ def sbatch_script(stage: str, config: Path, overrides: list[str], *, run: str, a
 def submit_chain(pipeline: str, *, run: str | None, artifacts: str | None, out_dir: str | None = None,
                  dry_run: bool = False, profile: str | None = None, flags: dict | None = None,
                  overrides: list[str] = ()) -> list[str]:
-    """Write one script per stage and submit them chained with afterok. Returns one entry per stage: {stage,
+    """Write one script per stage and submit each with afterok on the jobs of the stages it reads. Returns one entry per stage: {stage,
     script, command} plus job_id when submitted; a dry run's `command` is a shell line that would submit it, so the
     commands together read (and run) as the chain. `flags` are command-line settings
     (SlurmSpec keys) for every stage; `overrides` (`STAGE:key=value`, `STAGE.key=value` or `key=value` for every
     stage, as `align pipeline` reads them) are passed on to `align run`."""
-    from alignment.runner import STAGES, route_overrides
+    from alignment.pipeline_jobs import dependencies
+    from alignment.runner import STAGES, route_overrides, step_configs
 
     spec = load_yaml(pipeline)
     steps = spec.get("stages")
@@ -221,7 +223,10 @@ def submit_chain(pipeline: str, *, run: str | None, artifacts: str | None, out_d
     prof_data, per_stage = _profile_layers(prof)
     cli = {k: v for k, v in (flags or {}).items() if v is not None}
     routed = route_overrides(overrides, [step["stage"] for step in steps])
-    jobs, prev, lines = [], None, []
+    # Each job waits (afterok) for the jobs of the earlier stages it reads, not for the job before it: dpo runs
+    # beside the reward model. Loading every config first also refuses a bad key before anything is submitted.
+    waits = dependencies([s["stage"] for s in steps], [reads for *_, reads in step_configs(pipeline, steps, routed)])
+    jobs, lines = [], []
     for i, step in enumerate(steps):
         stage = step["stage"]
         res = _spec(_layers(prof, prof_data, per_stage.get(stage), pipeline, spec.get("slurm"), i, step, cli, stage))
@@ -231,23 +236,24 @@ def submit_chain(pipeline: str, *, run: str | None, artifacts: str | None, out_d
                                         artifacts=artifacts, spec=res, workdir=Path.cwd(), log_dir=out))
         if dry_run:
             var = f"job_{i}_{stage}"
-            dep = f"${{{lines[-1][0]}}}" if lines else None
-            # A shell line that submits this stage after the previous one: the chain reads as it would run.
-            lines.append((var, f"{var}=$(" + " ".join(sbatch_command(script, dep, quote=True)) + " | cut -d';' -f1)"))
+            after = [f"${{{lines[j][0]}}}" for j in sorted(waits[i])]
+            # A shell line that submits this stage after the ones it reads: the chain reads as it would run.
+            lines.append((var, f"{var}=$(" + " ".join(sbatch_command(script, after, quote=True)) + " | cut -d';' -f1)"))
             jobs.append({"stage": stage, "script": str(script), "command": lines[-1][1]})
             continue
         try:
-            done = subprocess.run(sbatch_command(script, prev), capture_output=True, text=True, check=True)
+            after = [jobs[j]["job_id"] for j in sorted(waits[i])]
+            done = subprocess.run(sbatch_command(script, after), capture_output=True, text=True, check=True)
         except FileNotFoundError:
             raise AlignError("sbatch not found: run on a Slurm login node, or use --dry-run to write the scripts") from None
         except subprocess.CalledProcessError as e:
-            if prev:
+            if jobs:
                 _cancel([j["job_id"] for j in jobs])
             raise AlignError(f"sbatch refused {script}: {e.stderr.strip() or e.returncode}"
-                             + ("; the jobs already submitted were cancelled" if prev else "")) from None
-        prev = done.stdout.strip().split(";")[0]
-        jobs.append({"stage": stage, "job_id": prev, "script": str(script),
-                     "log": str(out / f"{run}-{stage}-{prev}.log"), "command": shlex.join(done.args)})
+                             + ("; the jobs already submitted were cancelled" if jobs else "")) from None
+        job_id = done.stdout.strip().split(";")[0]
+        jobs.append({"stage": stage, "job_id": job_id, "script": str(script), "after": after,
+                     "log": str(out / f"{run}-{stage}-{job_id}.log"), "command": shlex.join(done.args)})
     if not dry_run:
         record_submission(artifacts, run, {"submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                            "pipeline": str(Path(pipeline).resolve()), "profile": str(prof),
@@ -255,9 +261,9 @@ def submit_chain(pipeline: str, *, run: str | None, artifacts: str | None, out_d
     return jobs
 
 
-def sbatch_command(script: Path, after: str | None, quote: bool = False) -> list[str]:
-    """The one sbatch call per stage: `after` is the previous job's id (or a shell variable in a dry run)."""
-    dep = [f"--dependency=afterok:{after}"] if after else []
+def sbatch_command(script: Path, after: list[str], quote: bool = False) -> list[str]:
+    """The one sbatch call per stage: `after`, the ids of the jobs it waits for (shell variables in a dry run)."""
+    dep = [f"--dependency=afterok:{':'.join(after)}"] if after else []
     return ["sbatch", "--parsable", *dep, shlex.quote(str(script)) if quote else str(script)]
 
 

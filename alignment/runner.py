@@ -14,7 +14,6 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -390,9 +389,14 @@ def route_overrides(overrides, stages, where: str = "command line") -> dict[str,
 
 
 def run_pipeline(path: str, *, root=None, run: str | None = None, force: bool = False,
-                 overrides: list[str] = ()) -> list[Path]:
-    """Run the stages a pipeline file lists, in order, each skipped when up to date. `overrides` as
-    `route_overrides` reads them, applied after the pipeline file's own per-stage overrides."""
+                 overrides: list[str] = (), jobs: int | None = None) -> list[Path]:
+    """Run the stages a pipeline file lists, each skipped when up to date. `overrides` as `route_overrides`
+    reads them, applied after the pipeline file's own per-stage overrides. `jobs` (else the file's `jobs:`,
+    else 1): how many stage processes run at once, each starting when the earlier stages it reads have finished
+    (alignment.pipeline_jobs). Every stage's config is loaded before the first one starts, so a bad key in the
+    last stage fails now, not after an hour of training."""
+    from alignment.pipeline_jobs import run_steps
+
     spec = load_yaml(path)
     steps, problems = spec.get("stages"), []
     if not isinstance(steps, list) or not steps:
@@ -406,64 +410,84 @@ def run_pipeline(path: str, *, root=None, run: str | None = None, force: bool = 
             problems.append(f"{path}: stages.{i}: overrides must be a list of key.path=value, config a file name")
     if spec.get("run") is not None and name_problem(spec.get("run")):
         problems.append(f"{path}: run: {name_problem(spec.get('run'))} (got {spec.get('run')!r})")
+    where = f"{path}: jobs" if jobs is None else "command line: -j/--jobs"
+    jobs = spec.get("jobs", 1) if jobs is None else jobs
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        problems.append(f"{where}: expected a whole number >= 1 (stage processes at once), got {jobs!r}")
     if problems:
         raise ConfigError(problems)
     run = run or spec.get("run")
     if run is not None:
         _run_name(run, run)
-    ArtifactStore(root)  # --artifacts pointing at a file: say so before the first stage starts
-    routed = route_overrides(overrides, [step["stage"] for step in steps])
+    store = ArtifactStore(root)  # --artifacts pointing at a file: say so before the first stage starts
+    planned = _plan_steps(path, steps, route_overrides(overrides, [step["stage"] for step in steps]),
+                          root, run, force, jobs)
+    run = run or os.environ.get("ALIGN_RUN") or planned[0][1]
+    t0 = time.perf_counter()
+    finished = run_steps([p[0] for p in planned], jobs, store.run_dir(run) / "logs" if jobs > 1 else None,
+                         preexec=_die_with_parent)
+    _report(finished, time.perf_counter() - t0, jobs)
+    return [store.stage_dir(run_of, step.stage) for step, run_of in planned]
+
+
+def _report(finished, wall: float, jobs: int) -> None:
+    """The pipeline's time and every stage's (wall, user, sys), then the first failure as the error."""
+    log.info("pipeline: %.0f s wall, %.0f s user + %.0f s sys CPU (stage processes, -j %d)",
+             wall, sum(f.user_s for f in finished), sum(f.sys_s for f in finished), jobs)
+    for f in sorted(finished, key=lambda f: f.step.index):
+        log.info("   %-10s %7.0f s wall %7.0f s user %5.0f s sys%s", f.step.stage, f.wall_s, f.user_s, f.sys_s,
+                 "" if f.code == 0 else "  (failed)")
+    failed = next((f for f in finished if f.code != 0), None)
+    if failed is not None:
+        code = failed.code
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit {code}"
+        err = AlignError(f"pipeline stopped at stage '{failed.step.stage}' ({how}); fix it and re-run: "
+                         "finished stages skip")
+        err.exit_code = code if code > 0 else 128 - code
+        raise err
+
+
+def _plan_steps(path, steps, routed, root, run, force, jobs):
+    """[(Step, its run name)]: each step's command, with the cores split between the stages that can run side by
+    side (`threads_for`), and the
+    earlier steps it waits for. Loading each config here checks it before any stage runs."""
+    from alignment.pipeline_jobs import Step, dependencies, threads_for
+
+    loaded = step_configs(path, steps, routed)
+    deps = dependencies([s["stage"] for s in steps], [reads for *_, reads in loaded])
+    threads, planned = threads_for(deps, jobs), []
+    for i, (stage, cfg_file, extra, cfg, _) in enumerate(loaded):
+        if jobs > 1 and cfg.threads is None:
+            extra = [*extra, f"threads={threads[i]}"]
+        command = _stage_command(stage, cfg_file, extra, root, run, force)
+        planned.append((Step(i, stage, command, deps[i]), run or os.environ.get("ALIGN_RUN") or cfg.run))
+    return planned
+
+
+def step_configs(path, steps, routed) -> list[tuple]:
+    """Per pipeline step: (stage, config file, overrides, the loaded config, the stages it reads from this run).
+    A stage whose config points `inputs.<stage>` at an artifact does not read that stage from the run."""
     out = []
     for step in steps:
-        cfg_file = Path(path).parent / step.get("config", f"{step['stage']}.yaml")
-        extra = [*step.get("overrides", []), *routed[step["stage"]]]
-        out.append(_run_in_subprocess(step["stage"], cfg_file, [str(o) for o in extra], root, run, force))
+        stage, cfg_file = step["stage"], Path(path).parent / step.get("config", f"{step['stage']}.yaml")
+        extra = [str(o) for o in [*step.get("overrides", []), *routed[stage]]]
+        cfg = load_stage_config(stage, cfg_file, extra)
+        out.append((stage, cfg_file, extra, cfg, set(upstream_of(stage_module(stage), cfg)) - set(cfg.inputs)))
     return out
 
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
-"""Signals `align pipeline` passes on to the running stage (USR1: checkpoint and requeue, TERM/INT: stop)."""
+"""Signals `align pipeline` passes on to the running stages (USR1: checkpoint and requeue, TERM/INT: stop)."""
 
 
-def _run_in_subprocess(stage: str, cfg_file: Path, overrides: list[str], root, run, force) -> Path:
+def _stage_command(stage: str, cfg_file: Path, overrides: list[str], root, run, force) -> list[str]:
     """One process per stage: memory is returned between stages and peak RSS is per stage."""
     cmd = [sys.executable, "-m", "alignment.cli", "run", stage, "-c", str(cfg_file), *overrides]
     cmd += ["--artifacts", str(root)] if root else []
     cmd += ["--run", run] if run else []
     cmd += ["--force"] if force else []
     cmd += ["--debug"] if os.environ.get("ALIGN_DEBUG") else []
-    log.info("== %s: %s", stage, " ".join(cmd[2:]))
-    code = run_child(cmd)
-    if code != 0:
-        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit {code}"
-        err = AlignError(f"pipeline stopped at stage '{stage}' ({how}); fix it and re-run: finished stages skip")
-        err.exit_code = code if code > 0 else 128 - code
-        raise err
-    return ArtifactStore(root).stage_dir(run or os.environ.get("ALIGN_RUN") or _run_of(cfg_file), stage)
-
-
-def run_child(cmd: list[str]) -> int:
-    """Run a stage process that lives and dies with this one: signals sent to us are forwarded to it, and if we
-    are killed outright (SIGKILL) the kernel sends it SIGTERM, so it never holds the stage lock on its own."""
-    proc = subprocess.Popen(cmd, preexec_fn=_die_with_parent, start_new_session=True)
-
-    def forward(signum, _frame):
-        if proc.poll() is None:
-            proc.send_signal(signum)
-
-    main_thread = threading_is_main()
-    saved = {s: signal.signal(s, forward) for s in FORWARDED} if main_thread else {}
-    try:
-        return proc.wait()
-    finally:
-        for s, handler in saved.items():
-            signal.signal(s, handler)
-        if proc.poll() is None:  # we are leaving on an exception: do not leave the stage running
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    return cmd
 
 
 def threading_is_main() -> bool:
@@ -483,7 +507,3 @@ def _die_with_parent() -> None:
         return
     if os.getppid() != parent:  # the parent died before the prctl
         os.kill(os.getpid(), signal.SIGTERM)
-
-
-def _run_of(cfg_file: Path) -> str:
-    return str(load_yaml(cfg_file).get("run", "default"))

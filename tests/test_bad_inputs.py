@@ -258,6 +258,10 @@ CASES = [
          setup=_write("p.yaml", "run: ../x\nstages:\n  - {stage: base}\n")),
     Case("pipeline-no-stages", ["pipeline", "-c", "{tmp}/p.yaml"], ["p.yaml: stages: expected a non-empty list"],
          setup=_write("p.yaml", "run: x\nstages: []\n")),
+    Case("pipeline-jobs-zero", ["pipeline", "-c", "{tmp}/p.yaml"], ["p.yaml: jobs: expected a whole number >= 1"],
+         setup=_write("p.yaml", "run: x\njobs: 0\nstages:\n  - {stage: base}\n")),
+    Case("pipeline-jobs-flag", ["pipeline", "-c", "{tmp}/p.yaml", "-j", "0"], ["-j/--jobs: expected a whole number"],
+         setup=_write("p.yaml", "run: x\nstages:\n  - {stage: base}\n")),
     Case("pipeline-duplicate-key", ["pipeline", "-c", "{tmp}/p.yaml"], ["p.yaml", "duplicate key 'run'"],
          setup=_write("p.yaml", "run: x\nrun: y\nstages: []\n")),
     # -- data rows (sft reads them before loading any model) ----------------------------------------------

@@ -1,4 +1,4 @@
-"""Slurm chains: scripts per stage, each submitted with afterok on the previous job (fake sbatch)."""
+"""Slurm chains: scripts per stage, each submitted with afterok on the jobs of the stages it reads (fake sbatch)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ echo "$((1000 + n));cluster"
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
 
 
-def test_chain_submits_stages_in_order_with_afterok(tmp_path, monkeypatch, capsys):
+def test_chain_submits_each_stage_after_the_stages_it_reads(tmp_path, monkeypatch, capsys):
     log = tmp_path / "calls.txt"
     _fake_sbatch(tmp_path, log)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
@@ -30,11 +30,24 @@ def test_chain_submits_stages_in_order_with_afterok(tmp_path, monkeypatch, capsy
     calls = log.read_text().splitlines()
     assert capsys.readouterr().out.split() == [str(1001 + i) for i in range(len(calls))]
     assert "--dependency" not in calls[0]
-    for i in range(1, len(calls)):
-        assert f"--dependency=afterok:{1000 + i} " in calls[i]
+    # Each job waits for the jobs of the stages it reads (ids: base 1001, sft 1002, reward 1003, dpo 1004,
+    # ppo 1005): dpo waits for sft only, so it can run beside the reward model.
+    waits = {1: "1001", 2: "1001:1002", 3: "1002", 4: "1002:1003", 5: "1001:1002:1003:1004:1005"}
+    for i, after in waits.items():
+        assert f"--dependency=afterok:{after} " in calls[i]
     first = (tmp_path / "jobs" / "r1-00-base.sbatch").read_text()
     assert "#SBATCH --requeue" in first and "run base -c" in first and "--run r1" in first
     assert f"--artifacts {tmp_path / 'art'}" in first
+
+
+def test_a_bad_key_is_refused_before_any_job_is_submitted(tmp_path, monkeypatch, capsys):
+    log = tmp_path / "calls.txt"
+    _fake_sbatch(tmp_path, log)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    assert main(["slurm", "-c", "configs/tiny/pipeline.yaml", "--out", str(tmp_path / "jobs"), "--run", "r2",
+                 "--artifacts", str(tmp_path / "art"), "eval:tie_band=wide"]) == 2
+    assert "eval.yaml (command line): tie_band" in capsys.readouterr().err
+    assert not log.exists()  # not even base was submitted
 
 
 def test_missing_sbatch_is_a_clear_error(tmp_path, monkeypatch, capsys):
@@ -64,7 +77,8 @@ def test_dry_run_prints_the_sbatch_chain_first_and_submits_nothing(tmp_path, mon
                           env={**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"})
     assert done.returncode == 0, done.stderr
     calls = log.read_text().splitlines()
-    assert len(calls) == 6 and "--dependency=afterok:1001 " in calls[1] and "--dependency=afterok:1005 " in calls[5]
+    assert len(calls) == 6 and "--dependency=afterok:1001 " in calls[1] and "--dependency=afterok:1002 " in calls[3]
+    assert "--dependency=afterok:1001:1002:1003:1004:1005 " in calls[5]  # eval reads every stage before it
 
 
 def _script(tmp_path, *args) -> str:

@@ -20,8 +20,14 @@ def test_tiny_pipeline_end_to_end_then_skips_then_reruns_downstream_of_a_change(
     art = tmp_path / "art"
     cmd = [sys.executable, "-m", "alignment.cli", "pipeline", "-c", str(cfg / "pipeline.yaml"),
            "--artifacts", str(art), "--run", "e2e"]
-    first = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    # The first run two stages at a time (-j 2): dpo beside reward, each stage's console output in logs/
+    first = subprocess.run([*cmd, "-j", "2"], capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
+    assert sorted(p.stem for p in (art / "e2e" / "logs").glob("*.log")) == sorted(stages)
+    assert "[dpo] published" in (art / "e2e" / "logs" / "dpo.log").read_text()
+    said = first.stderr.splitlines()
+    assert said.index(next(x for x in said if "== dpo started" in x)) < \
+        said.index(next(x for x in said if "== reward done" in x))
     store = ArtifactStore(art)
     before = {stage: store.read_stage("e2e", stage).manifest_sha256 for stage in stages}  # published, verified
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=900)

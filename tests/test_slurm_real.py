@@ -67,9 +67,12 @@ def test_chain_publishes_every_stage_and_status_shows_jobs(cluster, tmp_path, ca
     states = cluster.wait(ids, timeout=240)
     assert set(states.values()) == {"COMPLETED"}, (states, _logs(art / "chain"))
     store = ArtifactStore(art)
-    arts = [store.read_stage("chain", stage) for stage in TINY]  # published, every output's hash verified
-    for before, after in zip(arts, arts[1:]):  # afterok: each stage started once the one before had finished
-        assert after.manifest.started_at >= before.manifest.finished_at
+    arts = {stage: store.read_stage("chain", stage) for stage in TINY}  # published, every output's hash verified
+    reads = {"sft": ["base"], "reward": ["base", "sft"], "dpo": ["sft"], "ppo": ["sft", "reward"],
+             "eval": ["base", "sft", "reward", "dpo", "ppo"]}
+    for stage, before in reads.items():  # afterok: each stage started once the stages it reads had finished
+        for b in before:
+            assert arts[stage].manifest.started_at >= arts[b].manifest.finished_at, (stage, b)
     assert main(["status", "chain", "--artifacts", str(art)]) == 0
     out = capsys.readouterr().out
     for jid in ids:
@@ -79,7 +82,7 @@ def test_chain_publishes_every_stage_and_status_shows_jobs(cluster, tmp_path, ca
 def test_failing_stage_cancels_its_dependents(cluster, tmp_path, capsys):
     art = tmp_path / "art"
     ids = _submit(capsys, "-c", "configs/tiny/pipeline.yaml", "--artifacts", str(art), "--run", "broken",
-                  "sft:train.lr=fast")
+                  "sft:data.train=/nonexistent/rows.jsonl")  # passes the config check at submit, fails in the job
     states = cluster.wait(ids, timeout=120)
     assert states[ids[0]] == "COMPLETED"  # base
     assert states[ids[1]] == "FAILED"
@@ -87,7 +90,7 @@ def test_failing_stage_cancels_its_dependents(cluster, tmp_path, capsys):
     assert all(states[j] == "CANCELLED" for j in ids[2:]), states
     assert {cluster.job(j).get("Reason") for j in ids[2:]} == {"DependencyNeverSatisfied"}
     log = Path(glob.glob(str(art / "broken" / "slurm" / f"broken-sft-{ids[1]}.log"))[0]).read_text()
-    assert "train.lr: expected a number, got 'fast'" in log
+    assert "rows.jsonl: file not found" in log
     assert not any((art / "broken" / s).exists() for s in TINY[1:])
 
 

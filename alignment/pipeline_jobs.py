@@ -1,0 +1,156 @@
+"""`align pipeline -j N`: a pipeline's stages as a dependency graph, up to N stage processes at once.
+
+Why: the stages of the default chain are not a line. dpo reads only sft, so it can train while the reward model
+does, and ppo waits only for the reward model. And on the 2-core reference machine a second torch thread is
+worth little to one stage (the SmolLM2 SFT stage: 148 tokens/s on one thread, 153 on two, for 21% more CPU;
+sampling at 8-16 rows is *slower* on two threads than on one, docs/pipeline.md), so two stages with one thread each
+finish sooner than the same two one after the other with two threads each, on less CPU.
+
+A step waits for the earlier steps whose stages it reads (the stage's `upstream(cfg)`, less the ones its config
+points elsewhere with `inputs.<stage>`), so the pipeline file's order still decides which artifact a stage reads;
+`-j 1` runs the file top to bottom as before. With N > 1 a stage process gets `threads = cores // k` unless its
+config sets `threads`, k being how many stages can run beside it (at most N): base, sft and eval never have a
+neighbour and keep every core (sampling 64 rows on two threads is 1.1-1.5x faster than on one). Its console output goes to `<artifacts>/<run>/logs/<stage>.log` (two progress bars on
+one terminal are unreadable); the terminal gets one line when a stage starts and one when it ends. A failed stage
+stops new starts; the stages already running finish (as `make -j` does), then the pipeline fails naming it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("align")
+
+
+@dataclass
+class Step:
+    index: int
+    stage: str
+    command: list[str]
+    deps: set[int] = field(default_factory=set)
+    """Indexes of the earlier steps whose artifacts this one reads."""
+
+
+@dataclass
+class Finished:
+    step: Step
+    code: int
+    wall_s: float
+    user_s: float
+    sys_s: float
+
+
+def dependencies(stages: list[str], reads: list[set[str]]) -> list[set[int]]:
+    """For each step, the latest earlier step of every stage it reads (a stage listed twice: the nearer one)."""
+    out = []
+    for i, wanted in enumerate(reads):
+        latest = {stages[j]: j for j in range(i)}
+        out.append({latest[s] for s in wanted if s in latest})
+    return out
+
+
+def threads_for(deps: list[set[int]], jobs: int, cores: int | None = None) -> list[int]:
+    """Torch threads per step: the cores shared by as many stage processes as can run beside it (at most `jobs`).
+    A step every other step is upstream or downstream of (base, sft and eval in the default chain) always runs
+    alone and gets every core; reward, dpo and ppo, which can overlap, get cores // 2 with two jobs."""
+    cores = cores or os.cpu_count() or 1
+    above = [set() for _ in deps]  # every step upstream of step i
+    for i, d in enumerate(deps):
+        for j in d:
+            above[i] |= {j} | above[j]
+    out = []
+    for i in range(len(deps)):
+        beside = sum(1 for j in range(len(deps)) if j != i and j not in above[i] and i not in above[j])
+        out.append(max(1, cores // min(jobs, 1 + beside)))
+    return out
+
+
+def run_steps(steps: list[Step], jobs: int, log_dir: Path | None, preexec=None) -> list[Finished]:
+    """Run `steps` (each a command), at most `jobs` at once, a step only after its deps finished with exit 0.
+    `log_dir`: where each step's stdout and stderr go (None: this process's own). Returns the finished steps in
+    the order they ended; steps never started (after a failure) are not in it."""
+    pending, running, done = list(steps), {}, []
+    ok: set[int] = set()
+    saved = _forward_signals(running)
+    try:
+        while pending or running:
+            failed = any(f.code != 0 for f in done)
+            while not failed and pending and len(running) < jobs:
+                ready = next((s for s in pending if s.deps <= ok), None)
+                if ready is None:
+                    break
+                pending.remove(ready)
+                running[ready.index] = _start(ready, log_dir, preexec)
+            if not running:
+                break  # what is left waits on a failed step
+            time.sleep(0.2)
+            for index, (step, proc, t0, out) in list(running.items()):
+                pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
+                if pid == 0:
+                    continue
+                proc.returncode = code = os.waitstatus_to_exitcode(status)
+                if out is not None:
+                    out.close()
+                del running[index]
+                done.append(Finished(step, code, time.perf_counter() - t0, ru.ru_utime, ru.ru_stime))
+                if code == 0:
+                    ok.add(index)
+                if log_dir is not None:
+                    how = "done" if code == 0 else f"FAILED ({_how(code)}; log: {log_dir / (step.stage + '.log')})"
+                    log.info("== %s %s in %s (user %.0f s, sys %.0f s)", step.stage, how,
+                             _clock(done[-1].wall_s), ru.ru_utime, ru.ru_stime)
+    finally:
+        for step, proc, _, out in running.values():  # leaving on an exception: stop what still runs
+            proc.terminate()
+            _reap(proc)
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+    return done
+
+
+def _start(step: Step, log_dir: Path | None, preexec):
+    out = None
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        out = open(log_dir / f"{step.stage}.log", "ab")
+        log.info("== %s started (log: %s)", step.stage, log_dir / f"{step.stage}.log")
+    else:
+        log.info("== %s: %s", step.stage, " ".join(step.command[2:]))
+    proc = subprocess.Popen(step.command, preexec_fn=preexec, start_new_session=True,
+                            stdout=out, stderr=subprocess.STDOUT if out else None)
+    return step, proc, time.perf_counter(), out
+
+
+def _forward_signals(running: dict) -> dict:
+    """Signals sent to the pipeline go on to every running stage (USR1: checkpoint and requeue, TERM: stop)."""
+    from alignment.runner import FORWARDED, threading_is_main
+
+    def forward(signum, _frame):
+        for _, proc, _, _ in list(running.values()):
+            if proc.returncode is None:
+                proc.send_signal(signum)
+
+    return {s: signal.signal(s, forward) for s in FORWARDED} if threading_is_main() else {}
+
+
+def _reap(proc) -> None:
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _how(code: int) -> str:
+    return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit {code}"
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m}:{s:02d}"

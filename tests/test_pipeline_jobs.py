@@ -1,0 +1,120 @@
+"""`align pipeline -j N` (alignment/pipeline_jobs.py): which steps wait for which, at most N at once, a failure
+stops new starts but lets the running ones finish, and every config is checked before the first stage runs."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from alignment.errors import ConfigError
+from alignment.pipeline_jobs import Step, dependencies, run_steps, threads_for
+from alignment.runner import _plan_steps, route_overrides, run_pipeline
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_each_step_waits_for_the_nearest_earlier_step_of_each_stage_it_reads():
+    stages = ["base", "sft", "reward", "dpo", "sft", "ppo"]
+    reads = [set(), {"base"}, {"sft"}, {"sft"}, {"base"}, {"sft", "reward", "eval"}]
+    # ppo reads the second sft (step 4), not the first; eval is not earlier in the list, so nothing to wait for
+    assert dependencies(stages, reads) == [set(), {0}, {1}, {1}, {0}, {4, 2}]
+
+
+def test_the_default_chain_puts_dpo_beside_the_reward_model():
+    path = REPO / "configs/smollm2/pipeline.yaml"
+    import yaml
+
+    steps = yaml.safe_load(path.read_text())["stages"]
+    names = [s["stage"] for s in steps]
+    planned = _plan_steps(path, steps, route_overrides([], names), None, None, False, jobs=2)
+    deps = {step.stage: {names[j] for j in step.deps} for step, _ in planned}
+    assert deps["reward"] - {"base"} == {"sft"} and deps["dpo"] - {"base"} == {"sft"}  # side by side
+    assert deps["ppo"] - {"base"} == {"sft", "reward"}
+    assert {"sft", "dpo", "ppo"} <= deps["eval"] and "reward" not in deps["dpo"]
+    # with two at once, the stages that can overlap share the cores; the ones that never can keep them all
+    cores = __import__("os").cpu_count() or 1
+    given = {step.stage: next(a for a in step.command if a.startswith("threads=")) for step, _ in planned}
+    assert given == {"base": f"threads={cores}", "sft": f"threads={cores}", "eval": f"threads={cores}",
+                     **{s: f"threads={max(1, cores // 2)}" for s in ("reward", "dpo", "ppo")}}
+    one = _plan_steps(path, steps, route_overrides([], names), None, None, False, jobs=1)
+    assert not any(a.startswith("threads=") for step, _ in one for a in step.command)
+
+
+def test_threads_are_shared_only_by_the_steps_that_can_run_side_by_side():
+    # a -> b, a -> c, c -> d, {b, d} -> e: b can overlap c and d; a and e never overlap anything
+    deps = [set(), {0}, {0}, {2}, {1, 3}]
+    assert threads_for(deps, jobs=2, cores=8) == [8, 4, 4, 4, 8]
+    assert threads_for(deps, jobs=1, cores=8) == [8, 8, 8, 8, 8]  # one at a time: every core
+    wide = [set(), {0}, {0}, {0}, {1, 2, 3}]  # three side by side, but -j 2: two at once
+    assert threads_for(wide, jobs=2, cores=8) == [8, 4, 4, 4, 8]
+    assert threads_for(wide, jobs=3, cores=8) == [8, 2, 2, 2, 8]
+    assert threads_for(wide, jobs=3, cores=2) == [2, 1, 1, 1, 2]  # never below one
+
+
+def _writer(tmp: Path, name: str, seconds: float, code: int = 0) -> list[str]:
+    """A step that records when it started and ended, sleeps, and exits with `code`."""
+    src = (f"import json, sys, time; t = time.time(); time.sleep({seconds}); "
+           f"open({str(tmp / 'events.jsonl')!r}, 'a').write(json.dumps([{name!r}, t, time.time()]) + '\\n'); "
+           f"print('hello from {name}'); sys.exit({code})")
+    return [sys.executable, "-c", src]
+
+
+def _events(tmp: Path) -> dict:
+    return {n: (a, b) for n, a, b in map(json.loads, (tmp / "events.jsonl").read_text().splitlines())}
+
+
+def test_steps_run_side_by_side_only_after_what_they_read(tmp_path):
+    steps = [Step(0, "a", _writer(tmp_path, "a", 0.3)), Step(1, "b", _writer(tmp_path, "b", 1.0), {0}),
+             Step(2, "c", _writer(tmp_path, "c", 1.0), {0}), Step(3, "d", _writer(tmp_path, "d", 0.1), {1, 2})]
+    t0 = time.perf_counter()
+    done = run_steps(steps, jobs=2, log_dir=tmp_path / "logs")
+    wall = time.perf_counter() - t0
+    ev = _events(tmp_path)
+    assert [f.code for f in done] == [0, 0, 0, 0]
+    assert ev["b"][0] >= ev["a"][1] and ev["c"][0] >= ev["a"][1]  # after a
+    assert ev["b"][0] < ev["c"][1] and ev["c"][0] < ev["b"][1]  # b and c overlap
+    assert ev["d"][0] >= max(ev["b"][1], ev["c"][1])  # d after both
+    assert wall < 0.3 + 1.0 + 1.0  # b and c did not run one after the other
+    assert (tmp_path / "logs" / "c.log").read_text().strip() == "hello from c"
+    assert all(f.wall_s > 0 and f.user_s >= 0 for f in done)
+
+
+def test_never_more_than_jobs_at_once(tmp_path):
+    steps = [Step(i, f"s{i}", _writer(tmp_path, f"s{i}", 0.4)) for i in range(3)]
+    run_steps(steps, jobs=2, log_dir=tmp_path / "logs")
+    spans = sorted(_events(tmp_path).values())
+    # the third starts only once one of the first two has ended
+    assert spans[2][0] >= min(spans[0][1], spans[1][1])
+
+
+def test_a_failure_stops_new_starts_and_lets_the_running_sibling_finish(tmp_path):
+    steps = [Step(0, "bad", _writer(tmp_path, "bad", 0.2, code=3)), Step(1, "slow", _writer(tmp_path, "slow", 1.0)),
+             Step(2, "after_bad", _writer(tmp_path, "after_bad", 0.1), {0}),
+             Step(3, "later", _writer(tmp_path, "later", 0.1))]
+    done = run_steps(steps, jobs=2, log_dir=tmp_path / "logs")
+    codes = {f.step.stage: f.code for f in done}
+    assert codes == {"bad": 3, "slow": 0}  # slow finished; neither after_bad nor later started
+    assert set(_events(tmp_path)) == {"bad", "slow"}
+
+
+def test_a_bad_key_in_a_later_stage_fails_before_the_first_stage_runs(tmp_path):
+    pipe = tmp_path / "p.yaml"
+    pipe.write_text("run: early\nstages:\n"
+                    f"  - {{stage: base, config: {REPO / 'configs/tiny/base.yaml'}}}\n"
+                    f"  - {{stage: sft, config: {REPO / 'configs/tiny/sft.yaml'}, overrides: [train.bogus=1]}}\n")
+    with pytest.raises(ConfigError, match="train.bogus"):
+        run_pipeline(str(pipe), root=tmp_path / "art", jobs=2)
+    assert not (tmp_path / "art" / "early").exists()  # base never ran
+
+
+@pytest.mark.parametrize("text, jobs, where", [("jobs: 0\n", None, "p.yaml: jobs"), ("jobs: two\n", None, "p.yaml: jobs"),
+                                               ("", 0, "command line: -j/--jobs")])
+def test_jobs_must_be_a_whole_number_of_at_least_one(tmp_path, text, jobs, where):
+    pipe = tmp_path / "p.yaml"
+    pipe.write_text(text + f"stages:\n  - {{stage: base, config: {REPO / 'configs/tiny/base.yaml'}}}\n")
+    with pytest.raises(ConfigError, match=where):
+        run_pipeline(str(pipe), root=tmp_path / "art", jobs=jobs)
