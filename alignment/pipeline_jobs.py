@@ -2,17 +2,18 @@
 
 Why: the stages of the default chain are not a line. dpo reads only sft, so it can train while the reward model
 does, and ppo waits only for the reward model. And on the 2-core reference machine a second torch thread is
-worth little to one stage (the SmolLM2 SFT stage: 148 tokens/s on one thread, 153 on two, for 21% more CPU;
-sampling at 8-16 rows is *slower* on two threads than on one, docs/pipeline.md), so two stages with one thread each
-finish sooner than the same two one after the other with two threads each, on less CPU.
+worth less to one stage than a second process is to the machine (bench/threads.py: a bf16 matmul 1.58x on two
+threads, 1.76x in two processes; sampling 16 rows 0.41x on two threads, docs/pipeline.md), so two stages side by
+side on one thread each finish sooner than the same two one after the other on two threads each.
 
 A step waits for the earlier steps whose stages it reads (the stage's `upstream(cfg)`, less the ones its config
 points elsewhere with `inputs.<stage>`), so the pipeline file's order still decides which artifact a stage reads;
 `-j 1` runs the file top to bottom as before. With N > 1 a stage process gets `threads = cores // k` unless its
 config sets `threads`, k being how many stages can run beside it (at most N): base, sft and eval never have a
-neighbour and keep every core (sampling 64 rows on two threads is 1.1-1.5x faster than on one). Its console output goes to `<artifacts>/<run>/logs/<stage>.log` (two progress bars on
-one terminal are unreadable); the terminal gets one line when a stage starts and one when it ends. A failed stage
-stops new starts; the stages already running finish (as `make -j` does), then the pipeline fails naming it.
+neighbour and keep every core (sampling 64 rows is 1.1-1.5x faster on two threads). Each stage's console output
+goes to `<artifacts>/<run>/logs/<stage>.log` (two progress bars on one terminal are unreadable); the terminal
+gets one line when a stage starts and one when it ends. A failed stage stops new starts; the stages already
+running finish (as `make -j` does), then the pipeline fails naming it.
 """
 
 from __future__ import annotations
