@@ -199,9 +199,10 @@ def sbatch_script(stage: str, config: Path, overrides: list[str], *, run: str, a
 def submit_chain(pipeline: str, *, run: str | None, artifacts: str | None, out_dir: str | None = None,
                  dry_run: bool = False, profile: str | None = None, flags: dict | None = None,
                  overrides: list[str] = ()) -> list[str]:
-    """Write one script per stage and submit each with afterok on the jobs of the stages it reads. Returns one entry per stage: {stage,
-    script, command} plus job_id when submitted; a dry run's `command` is a shell line that would submit it, so the
-    commands together read (and run) as the chain. `flags` are command-line settings
+    """Write one script per stage and submit each with afterok on the jobs of the stages it reads. Returns one
+    entry per stage: {stage, script, command} plus job_id and after (the job ids it waits for) when submitted;
+    a dry run's `command` is a shell line that would submit it, so the commands together read (and run) as the
+    chain. `flags` are command-line settings
     (SlurmSpec keys) for every stage; `overrides` (`STAGE:key=value`, `STAGE.key=value` or `key=value` for every
     stage, as `align pipeline` reads them) are passed on to `align run`."""
     from alignment.pipeline_jobs import dependencies

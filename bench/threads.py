@@ -1,10 +1,12 @@
 """What a second torch thread buys on this CPU, against a second process: the measurement behind `jobs: 2`.
 
-Three workloads, each variant in its own child process (so thread counts and CPU times are clean):
-  matmul    a bf16 [2048 x 768] x [768 x 3072] linear for 8 s: one thread, two threads, two one-thread processes side by side
-  sample    alignment.generation.generate on the SmolLM2 base (bf16, sampled, --tokens new tokens) at 8, 16 and 64 rows,
-            one thread against two
-Reports wall, user and system CPU seconds of the measured part of each variant (not the imports or model loading), and the ratios against the one-thread baseline of the same run.
+Two workloads, each variant in its own child process (so thread counts and CPU times are clean):
+  matmul    a bf16 [2048 x 768] x [768 x 3072] linear for 8 s: one thread, two threads, and two one-thread
+            processes side by side
+  sample    alignment.generation.generate on the SmolLM2 base (bf16, sampled, --tokens new tokens) at 8, 16 and
+            64 rows, one thread against two
+Reports wall, user and system CPU seconds of the measured part of each variant (not the imports or model
+loading), and the ratios against the one-thread baseline of the same run.
 
     OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 .venv/bin/python bench/threads.py --model artifacts/smollm2/base/model
 """
@@ -104,8 +106,9 @@ def main() -> None:
         for threads in (1, 2):
             r = _wait([_child(["sample", str(rows), "--model", a.model, "--tokens", str(a.tokens)], threads)])[0]
             base = base or r["seconds"]
-            print(f"| sample {rows} rows | {threads} thread{'s' * (threads > 1)} | {r['seconds']:.1f} | {r['user_s']:.1f} | "
-                  f"{r['sys_s']:.1f} | {r['tokens'] / r['seconds']:.0f} tokens/s | {base / r['seconds']:.2f}x |")
+            print(f"| sample {rows} rows | {threads} thread{'s' * (threads > 1)} | {r['seconds']:.1f} | "
+                  f"{r['user_s']:.1f} | {r['sys_s']:.1f} | {r['tokens'] / r['seconds']:.0f} tokens/s | "
+                  f"{base / r['seconds']:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -111,7 +111,8 @@ def test_a_bad_key_in_a_later_stage_fails_before_the_first_stage_runs(tmp_path):
     assert not (tmp_path / "art" / "early").exists()  # base never ran
 
 
-@pytest.mark.parametrize("text, jobs, where", [("jobs: 0\n", None, "p.yaml: jobs"), ("jobs: two\n", None, "p.yaml: jobs"),
+@pytest.mark.parametrize("text, jobs, where", [("jobs: 0\n", None, "p.yaml: jobs"),
+                                               ("jobs: two\n", None, "p.yaml: jobs"),
                                                ("", 0, "command line: -j/--jobs")])
 def test_jobs_must_be_a_whole_number_of_at_least_one(tmp_path, text, jobs, where):
     pipe = tmp_path / "p.yaml"
