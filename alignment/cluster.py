@@ -226,14 +226,13 @@ def submit_chain(pipeline: str, *, run: str | None, artifacts: str | None, out_d
     routed = route_overrides(overrides, [step["stage"] for step in steps])
     # Each job waits (afterok) for the jobs of the earlier stages it reads, not for the job before it: dpo runs
     # beside the reward model. Loading every config first also refuses a bad key before anything is submitted.
-    waits = dependencies([s["stage"] for s in steps], [reads for *_, reads in step_configs(pipeline, steps, routed)])
+    loaded = step_configs(pipeline, steps, routed)
+    waits = dependencies([s["stage"] for s in steps], [reads for *_, reads in loaded])
     jobs, lines = [], []
-    for i, step in enumerate(steps):
-        stage = step["stage"]
+    for i, (step, (stage, config, extra, _, _)) in enumerate(zip(steps, loaded)):
         res = _spec(_layers(prof, prof_data, per_stage.get(stage), pipeline, spec.get("slurm"), i, step, cli, stage))
-        config = (Path(pipeline).parent / step.get("config", f"{stage}.yaml")).resolve()
         script = out / f"{run}-{i:02d}-{stage}.sbatch"
-        script.write_text(sbatch_script(stage, config, [*step.get("overrides", []), *routed[stage]], run=run,
+        script.write_text(sbatch_script(stage, config.resolve(), extra, run=run,
                                         artifacts=artifacts, spec=res, workdir=Path.cwd(), log_dir=out))
         if dry_run:
             var = f"job_{i}_{stage}"

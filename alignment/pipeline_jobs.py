@@ -28,6 +28,9 @@ from pathlib import Path
 
 log = logging.getLogger("align")
 
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+"""Signals `align pipeline` passes on to the running stages (USR1: checkpoint and requeue, TERM/INT: stop)."""
+
 
 @dataclass
 class Step:
@@ -72,7 +75,7 @@ def threads_for(deps: list[set[int]], jobs: int, cores: int | None = None) -> li
     return out
 
 
-def run_steps(steps: list[Step], jobs: int, log_dir: Path | None, preexec=None) -> list[Finished]:
+def run_steps(steps: list[Step], jobs: int, log_dir: Path | None) -> list[Finished]:
     """Run `steps` (each a command), at most `jobs` at once, a step only after its deps finished with exit 0.
     `log_dir`: where each step's stdout and stderr go (None: this process's own). Returns the finished steps in
     the order they ended; steps never started (after a failure) are not in it."""
@@ -87,7 +90,7 @@ def run_steps(steps: list[Step], jobs: int, log_dir: Path | None, preexec=None) 
                 if ready is None:
                     break
                 pending.remove(ready)
-                running[ready.index] = _start(ready, log_dir, preexec)
+                running[ready.index] = _start(ready, log_dir)
             if not running:
                 break  # what is left waits on a failed step
             time.sleep(0.2)
@@ -103,7 +106,7 @@ def run_steps(steps: list[Step], jobs: int, log_dir: Path | None, preexec=None) 
                 if code == 0:
                     ok.add(index)
                 if log_dir is not None:
-                    how = "done" if code == 0 else f"FAILED ({_how(code)}; log: {log_dir / (step.stage + '.log')})"
+                    how = "done" if code == 0 else f"FAILED ({how_ended(code)}; log: {log_dir / (step.stage + '.log')})"
                     log.info("== %s %s in %s (user %.0f s, sys %.0f s)", step.stage, how,
                              _clock(done[-1].wall_s), ru.ru_utime, ru.ru_stime)
     finally:
@@ -115,7 +118,7 @@ def run_steps(steps: list[Step], jobs: int, log_dir: Path | None, preexec=None) 
     return done
 
 
-def _start(step: Step, log_dir: Path | None, preexec):
+def _start(step: Step, log_dir: Path | None):
     out = None
     if log_dir is not None:
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -123,21 +126,36 @@ def _start(step: Step, log_dir: Path | None, preexec):
         log.info("== %s started (log: %s)", step.stage, log_dir / f"{step.stage}.log")
     else:
         log.info("== %s: %s", step.stage, " ".join(step.command[2:]))
-    proc = subprocess.Popen(step.command, preexec_fn=preexec, start_new_session=True,
+    proc = subprocess.Popen(step.command, preexec_fn=_die_with_parent, start_new_session=True,
                             stdout=out, stderr=subprocess.STDOUT if out else None)
     return step, proc, time.perf_counter(), out
 
 
 def _forward_signals(running: dict) -> dict:
     """Signals sent to the pipeline go on to every running stage (USR1: checkpoint and requeue, TERM: stop)."""
-    from alignment.runner import FORWARDED, threading_is_main
+    import threading
 
     def forward(signum, _frame):
         for _, proc, _, _ in list(running.values()):
             if proc.returncode is None:
                 proc.send_signal(signum)
 
-    return {s: signal.signal(s, forward) for s in FORWARDED} if threading_is_main() else {}
+    main = threading.current_thread() is threading.main_thread()  # signal.signal works there only
+    return {s: signal.signal(s, forward) for s in FORWARDED} if main else {}
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: PR_SET_PDEATHSIG (Linux), so if the pipeline is killed outright (SIGKILL) the
+    kernel sends its stages SIGTERM and none holds its stage lock on its own."""
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the prctl
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _reap(proc) -> None:
@@ -148,7 +166,7 @@ def _reap(proc) -> None:
         proc.wait()
 
 
-def _how(code: int) -> str:
+def how_ended(code: int) -> str:
     return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit {code}"
 
 

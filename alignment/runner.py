@@ -12,7 +12,6 @@ import importlib
 import json
 import logging
 import os
-import signal
 import socket
 import sys
 import time
@@ -27,6 +26,7 @@ from alignment.config import (StageConfig, config_dict, config_hash, install_log
                               name_problem, scrub)
 from alignment.errors import AlignError, ArtifactError, ConfigError
 from alignment.manifest import MANIFEST, BaseModelId, Manifest, git_commit, library_versions, list_outputs
+from alignment.pipeline_jobs import Step, dependencies, how_ended, run_steps, threads_for
 
 STAGES = ("base", "sft", "reward", "dpo", "ppo", "grpo", "label", "online_dpo", "eval", "generate")
 log = logging.getLogger("align")
@@ -395,8 +395,6 @@ def run_pipeline(path: str, *, root=None, run: str | None = None, force: bool = 
     else 1): how many stage processes run at once, each starting when the earlier stages it reads have finished
     (alignment.pipeline_jobs). Every stage's config is loaded before the first one starts, so a bad key in the
     last stage fails now, not after an hour of training."""
-    from alignment.pipeline_jobs import run_steps
-
     spec = load_yaml(path)
     steps, problems = spec.get("stages"), []
     if not isinstance(steps, list) or not steps:
@@ -422,10 +420,9 @@ def run_pipeline(path: str, *, root=None, run: str | None = None, force: bool = 
     store = ArtifactStore(root)  # --artifacts pointing at a file: say so before the first stage starts
     planned = _plan_steps(path, steps, route_overrides(overrides, [step["stage"] for step in steps]),
                           root, run, force, jobs)
-    run = run or os.environ.get("ALIGN_RUN") or planned[0][1]
     t0 = time.perf_counter()
-    finished = run_steps([p[0] for p in planned], jobs, store.run_dir(run) / "logs" if jobs > 1 else None,
-                         preexec=_die_with_parent)
+    log_dir = store.run_dir(planned[0][1]) / "logs" if jobs > 1 else None
+    finished = run_steps([p[0] for p in planned], jobs, log_dir)
     _report(finished, time.perf_counter() - t0, jobs)
     return [store.stage_dir(run_of, step.stage) for step, run_of in planned]
 
@@ -440,8 +437,7 @@ def _report(finished, wall: float, jobs: int) -> None:
     failed = next((f for f in finished if f.code != 0), None)
     if failed is not None:
         code = failed.code
-        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit {code}"
-        err = AlignError(f"pipeline stopped at stage '{failed.step.stage}' ({how}); fix it and re-run: "
+        err = AlignError(f"pipeline stopped at stage '{failed.step.stage}' ({how_ended(code)}); fix it and re-run: "
                          "finished stages skip")
         err.exit_code = code if code > 0 else 128 - code
         raise err
@@ -449,10 +445,8 @@ def _report(finished, wall: float, jobs: int) -> None:
 
 def _plan_steps(path, steps, routed, root, run, force, jobs):
     """[(Step, its run name)]: each step's command, with the cores split between the stages that can run side by
-    side (`threads_for`), and the
-    earlier steps it waits for. Loading each config here checks it before any stage runs."""
-    from alignment.pipeline_jobs import Step, dependencies, threads_for
-
+    side (`threads_for`), and the earlier steps it waits for. Loading each config here checks it before any stage
+    runs."""
     loaded = step_configs(path, steps, routed)
     deps = dependencies([s["stage"] for s in steps], [reads for *_, reads in loaded])
     threads, planned = threads_for(deps, jobs), []
@@ -476,10 +470,6 @@ def step_configs(path, steps, routed) -> list[tuple]:
     return out
 
 
-FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
-"""Signals `align pipeline` passes on to the running stages (USR1: checkpoint and requeue, TERM/INT: stop)."""
-
-
 def _stage_command(stage: str, cfg_file: Path, overrides: list[str], root, run, force) -> list[str]:
     """One process per stage: memory is returned between stages and peak RSS is per stage."""
     cmd = [sys.executable, "-m", "alignment.cli", "run", stage, "-c", str(cfg_file), *overrides]
@@ -488,22 +478,3 @@ def _stage_command(stage: str, cfg_file: Path, overrides: list[str], root, run, 
     cmd += ["--force"] if force else []
     cmd += ["--debug"] if os.environ.get("ALIGN_DEBUG") else []
     return cmd
-
-
-def threading_is_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: PR_SET_PDEATHSIG (Linux) so the parent's death sends us SIGTERM."""
-    parent = os.getppid()
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # the parent died before the prctl
-        os.kill(os.getpid(), signal.SIGTERM)
