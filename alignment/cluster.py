@@ -206,7 +206,7 @@ def submit_chain(pipeline: str, *, run: str | None, artifacts: str | None, out_d
     (SlurmSpec keys) for every stage; `overrides` (`STAGE:key=value`, `STAGE.key=value` or `key=value` for every
     stage, as `align pipeline` reads them) are passed on to `align run`."""
     from alignment.pipeline_jobs import dependencies
-    from alignment.runner import STAGES, route_overrides, step_configs
+    from alignment.runner import STAGES, route_overrides, step_configs, superseded
 
     spec = load_yaml(pipeline)
     steps = spec.get("stages")
@@ -226,23 +226,27 @@ def submit_chain(pipeline: str, *, run: str | None, artifacts: str | None, out_d
     routed = route_overrides(overrides, [step["stage"] for step in steps])
     # Each job waits (afterok) for the jobs of the earlier stages it reads, not for the job before it: dpo runs
     # beside the reward model. Loading every config first also refuses a bad key before anything is submitted.
+    # An earlier step of a stage listed again is left out when the last one is up to date (runner.superseded).
     loaded = step_configs(pipeline, steps, routed)
-    waits = dependencies([s["stage"] for s in steps], [reads for *_, reads in loaded])
+    left_out = superseded(loaded, artifacts, run)
+    keep = [i for i in range(len(steps)) if i not in left_out]
+    waits = dependencies([loaded[i][0] for i in keep], [loaded[i][4] for i in keep])
     jobs, lines = [], []
-    for i, (step, (stage, config, extra, _, _)) in enumerate(zip(steps, loaded)):
+    for k, i in enumerate(keep):
+        step, (stage, config, extra, _, _) = steps[i], loaded[i]
         res = _spec(_layers(prof, prof_data, per_stage.get(stage), pipeline, spec.get("slurm"), i, step, cli, stage))
         script = out / f"{run}-{i:02d}-{stage}.sbatch"
         script.write_text(sbatch_script(stage, config.resolve(), extra, run=run,
                                         artifacts=artifacts, spec=res, workdir=Path.cwd(), log_dir=out))
         if dry_run:
             var = f"job_{i}_{stage}"
-            after = [f"${{{lines[j][0]}}}" for j in sorted(waits[i])]
+            after = [f"${{{lines[j][0]}}}" for j in sorted(waits[k])]
             # A shell line that submits this stage after the ones it reads: the chain reads as it would run.
             lines.append((var, f"{var}=$(" + " ".join(sbatch_command(script, after, quote=True)) + " | cut -d';' -f1)"))
             jobs.append({"stage": stage, "script": str(script), "command": lines[-1][1]})
             continue
         try:
-            after = [jobs[j]["job_id"] for j in sorted(waits[i])]
+            after = [jobs[j]["job_id"] for j in sorted(waits[k])]
             done = subprocess.run(sbatch_command(script, after), capture_output=True, text=True, check=True)
         except FileNotFoundError:
             raise AlignError("sbatch not found: run on a Slurm login node, or use --dry-run to write the scripts") from None

@@ -50,12 +50,13 @@ class Finished:
     sys_s: float
 
 
-def dependencies(stages: list[str], reads: list[set[str]]) -> list[set[int]]:
-    """For each step, the latest earlier step of every stage it reads (a stage listed twice: the nearer one)."""
+def dependencies(stages: list[str], reads: list[set[str]], *, own_stage: bool = True) -> list[set[int]]:
+    """For each step, the latest earlier step of every stage it reads (a stage listed twice: the nearer one) and,
+    with `own_stage`, the latest earlier step of its own stage: both publish the same folder."""
     out = []
     for i, wanted in enumerate(reads):
         latest = {stages[j]: j for j in range(i)}
-        out.append({latest[s] for s in wanted if s in latest})
+        out.append({latest[s] for s in wanted | ({stages[i]} if own_stage else set()) if s in latest})
     return out
 
 

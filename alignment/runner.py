@@ -448,7 +448,12 @@ def _plan_steps(path, steps, routed, root, run, force, jobs):
     side (`threads_for`), and the earlier steps it waits for. Loading each config here checks it before any stage
     runs."""
     loaded = step_configs(path, steps, routed)
-    deps = dependencies([s["stage"] for s in steps], [reads for *_, reads in loaded])
+    left_out = set() if force else superseded(loaded, root, run)
+    for i in sorted(left_out):
+        log.info("pipeline: step %d (%s) left out: the file's last %s step is up to date", i, loaded[i][0],
+                 loaded[i][0])
+    loaded = [x for i, x in enumerate(loaded) if i not in left_out]
+    deps = dependencies([x[0] for x in loaded], [reads for *_, reads in loaded])
     threads, planned = threads_for(deps, jobs), []
     for i, (stage, cfg_file, extra, cfg, _) in enumerate(loaded):
         if jobs > 1 and cfg.threads is None:
@@ -456,6 +461,34 @@ def _plan_steps(path, steps, routed, root, run, force, jobs):
         command = _stage_command(stage, cfg_file, extra, root, run, force)
         planned.append((Step(i, stage, command, deps[i]), run or os.environ.get("ALIGN_RUN") or cfg.run))
     return planned
+
+
+def superseded(loaded: list[tuple], root, run: str | None) -> set[int]:
+    """Steps to leave out: an earlier step of a stage the pipeline lists again, when that stage's last step will
+    find its artifact up to date. Such a step (eval for dpo alone, while ppo trains) is there to fill the answer
+    cache for the last one; run, it would only publish an artifact the last step replaces. A guess from the
+    manifests before anything runs: when wrong it costs the overlap, never a result (every step checks again)."""
+    stages = [x[0] for x in loaded]
+    if len(set(stages)) == len(stages):
+        return set()
+    reads = dependencies(stages, [x[4] for x in loaded], own_stage=False)
+    store, fresh = ArtifactStore(root), []
+    for i, (stage, _, _, cfg, _) in enumerate(loaded):
+        run_of = run or os.environ.get("ALIGN_RUN") or cfg.run
+        fresh.append(all(fresh[j] for j in reads[i]) and _looks_up_to_date(store, run_of, stage, cfg))
+    last = {stage: i for i, stage in enumerate(stages)}
+    return {i for i, stage in enumerate(stages) if last[stage] != i and fresh[last[stage]]}
+
+
+def _looks_up_to_date(store, run: str, stage: str, cfg) -> bool:
+    """The published artifact's manifest names this config and these inputs (read only, nothing verified)."""
+    try:
+        inputs = resolve_inputs(store, run, stage, cfg, upstream_of(stage_module(stage), cfg))
+        manifest, _ = store.load_manifest(store.stage_dir(run, stage))
+    except AlignError:
+        return False
+    return manifest.status == "complete" and manifest.config_hash == config_hash(cfg) and \
+        {k: v.manifest_sha256 for k, v in manifest.inputs.items()} == {k: a.manifest_sha256 for k, a in inputs.items()}
 
 
 def step_configs(path, steps, routed) -> list[tuple]:

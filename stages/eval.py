@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from alignment import generation
+from alignment.answer_cache import AnswerCache
 from alignment.config import Section, StageConfig
 from alignment.errors import ConfigError, DataError
 from alignment.judges import JudgeSpec
@@ -106,6 +107,10 @@ class Config(StageConfig):
     """`module:function(rows, responses) -> list[float | None]`; None values are not counted (None: skip)."""
     report_samples: int = 12
     """Generations shown in report.html (all of them go to samples.jsonl)."""
+    cache_dir: str | None = None
+    """Where each model's answers, reward scores and verdicts are kept by a hash of everything that decides them
+    (alignment.answer_cache), so a model already answered with the same settings is not answered again, e.g.
+    when a policy joins the report. None: `<artifact root>/.cache/eval`; "none": no cache."""
 
     def problems(self):
         out = []
@@ -273,47 +278,86 @@ def text_perplexity(model, tok, texts: list[str], spec: ForgettingSpec) -> dict:
     return {"ppl": perplexity(nll, n_tokens), "nll_per_token": nll / n_tokens, "tokens": n_tokens}
 
 
-def answer_all(cfg: Config, ctx, tok, sets: dict[str, list[dict]]) -> tuple[dict, dict, dict]:
-    """Responses of every model to every prompt set ({set: {model: generated}}), KL of each policy to the
-    baseline on the main prompts, and each model's perplexity; one policy in memory at a time next to the
-    baseline (the KL reference), then the base model when forgetting asks for it."""
-    from alignment.dpo import sampled_kl, separate_reference
-    from alignment.policy import load_policy
+def answer_plan(cfg: Config, sets: dict[str, list[dict]]) -> list[tuple[str, list[str]]]:
+    """(model, the prompt sets it answers): the baseline and every policy answer all of them; the base model,
+    when forgetting asks for it, its `base_sets`."""
+    plan = [(name, list(sets)) for name in (cfg.baseline, *cfg.policies)]
+    f = cfg.forgetting
+    if f is not None and f.base and "base" not in (cfg.baseline, *cfg.policies):
+        plan.append(("base", [s for s in sets if f.base_sets is None or s in f.base_sets]))
+    return plan
+
+
+def answer_key(cfg: Config, ctx, name: str, set_names: list[str], sets: dict, texts: list[str]) -> str:
+    """Everything that decides a model's answers, perplexity and KL (alignment.answer_cache); not which other
+    models the report compares, so adding a policy leaves the others' keys alone."""
+    from alignment.answer_cache import code_version, digest
+    from alignment.hardware import resolve_precision
+
+    f, kl = cfg.forgetting, name in cfg.policies and cfg.kl.prompts > 0
+    return digest({"model": ctx.inputs[name].manifest_sha256, "tokenizer": ctx.inputs[cfg.baseline].manifest_sha256,
+                   "precision": resolve_precision(cfg.precision), "seed": cfg.seed, "code": code_version(),
+                   "generation": cfg.generation.model_dump(mode="json"),
+                   "prompts": {s: digest([r["prompt"] for r in sets[s]]) for s in set_names},
+                   "ppl": [digest(texts), f.batch_size, f.max_length] if texts else None,
+                   "kl": [ctx.inputs[cfg.baseline].manifest_sha256, cfg.kl.model_dump(mode="json")] if kl else None})
+
+
+def answer_all(cfg: Config, ctx, tok, sets: dict[str, list[dict]], cache) -> tuple[dict, dict, dict, dict]:
+    """Responses of every model to its prompt sets ({set: {model: generated}}), KL of each policy to the
+    baseline on the main prompts, each model's perplexity, and each model's cache key. A model whose key is in
+    the cache is not loaded; otherwise one policy is in memory at a time, next to the baseline (the KL reference)."""
+    from functools import partial
+
+    from alignment.answer_cache import is_answers
 
     texts = load_general_texts(cfg.forgetting)
     responses: dict[str, dict] = {s: {} for s in sets}
-    kl, ppl = {}, {}
-    main = [r["prompt"] for r in sets[cfg.prompts_name]]
-
-    def answer(name: str, model, names) -> None:
+    kl, ppl, keys, baseline = {}, {}, {}, {}
+    for name, names in answer_plan(cfg, sets):
+        keys[name] = answer_key(cfg, ctx, name, names, sets, texts)
+        got = cache.get("answers", name, keys[name], partial(is_answers, counts={s: len(sets[s]) for s in names}))
+        if got is None:
+            got = answer_one(cfg, ctx, tok, name, {s: sets[s] for s in names}, texts, baseline)
+            cache.put(keys[name], got)
         for s in names:
-            responses[s][name] = generate(model, tok, [r["prompt"] for r in sets[s]], cfg.generation,
-                                          seed=cfg.seed, desc=f"{name} {s}")
-        if texts:
-            ppl[name] = text_perplexity(model, tok, texts, cfg.forgetting)
-
-    baseline = load_policy(ctx.inputs[cfg.baseline], cfg.precision).eval().requires_grad_(False)
-    answer(cfg.baseline, baseline, sets)
-    reference = functools.partial(separate_reference, baseline)  # sampled_kl's reference_ctx
-    for name in cfg.policies:
-        policy = load_policy(ctx.inputs[name], cfg.precision).eval().requires_grad_(False)
-        answer(name, policy, sets)
-        if cfg.kl.prompts:
-            kl[name] = sampled_kl(policy, reference, tok, main[: cfg.kl.prompts], max_new_tokens=cfg.kl.max_new_tokens,
-                                  batch_size=cfg.generation.batch_size, seed=cfg.seed)
-            log.info("[eval] KL(%s || %s) = %.4f nats per response (%.4f per token)", name, cfg.baseline,
-                     kl[name]["kl_seq"], kl[name]["kl_per_token"])
-        del policy
-        gc.collect()
-    del baseline, reference
+            responses[s][name] = got["responses"][s]
+        if got["ppl"]:
+            ppl[name] = got["ppl"]
+        if got["kl"]:
+            kl[name] = got["kl"]
+    baseline.clear()
     gc.collect()
-    f = cfg.forgetting
-    if f is not None and f.base and "base" not in (cfg.baseline, *cfg.policies):
-        base = load_policy(ctx.inputs["base"], cfg.precision).eval().requires_grad_(False)
-        answer("base", base, [s for s in sets if f.base_sets is None or s in f.base_sets])
-        del base
-        gc.collect()
-    return responses, kl, ppl
+    return responses, kl, ppl, keys
+
+
+def answer_one(cfg: Config, ctx, tok, name: str, sets: dict[str, list[dict]], texts: list[str], baseline: dict) -> dict:
+    """One model's answers, perplexity and (a policy) KL to the baseline, as the cache keeps them. `baseline`
+    holds the loaded baseline model between calls (it is the KL reference of every policy)."""
+    from alignment.dpo import sampled_kl, separate_reference
+    from alignment.policy import load_policy
+
+    def load(stage: str):
+        return load_policy(ctx.inputs[stage], cfg.precision).eval().requires_grad_(False)
+
+    if name == cfg.baseline and name not in baseline:
+        baseline[name] = load(name)
+    model = baseline[name] if name in baseline else load(name)
+    out = {"responses": {s: generate(model, tok, [r["prompt"] for r in rows], cfg.generation, seed=cfg.seed,
+                                     desc=f"{name} {s}") for s, rows in sets.items()},
+           "ppl": text_perplexity(model, tok, texts, cfg.forgetting) if texts else None, "kl": None}
+    if name in cfg.policies and cfg.kl.prompts:
+        if cfg.baseline not in baseline:
+            baseline[cfg.baseline] = load(cfg.baseline)
+        reference = functools.partial(separate_reference, baseline[cfg.baseline])  # sampled_kl's reference_ctx
+        main = [r["prompt"] for r in sets[cfg.prompts_name]]
+        out["kl"] = sampled_kl(model, reference, tok, main[: cfg.kl.prompts], max_new_tokens=cfg.kl.max_new_tokens,
+                               batch_size=cfg.generation.batch_size, seed=cfg.seed)
+        log.info("[eval] KL(%s || %s) = %.4f nats per response (%.4f per token)", name, cfg.baseline,
+                 out["kl"]["kl_seq"], out["kl"]["kl_per_token"])
+    del model
+    gc.collect()
+    return out
 
 
 def split_metrics(cfg: Config, sets: dict[str, list[dict]], responses: dict, fn) -> tuple[dict, dict]:
@@ -365,27 +409,47 @@ def forgetting_metrics(cfg: Config, ppl: dict, splits: dict) -> dict:
 # -- the stage -------------------------------------------------------------------------------------
 
 
-def reward_scores(cfg: Config, ctx, names: list[str], prompts: list, responses: dict) -> dict[str, list[float]]:
-    """The run's reward model's score of every model's answer to the main prompts."""
-    from alignment.reward import load_reward_model, score_conversations
+def reward_scores(cfg: Config, ctx, names: list[str], prompts: list, responses: dict, cache, keys: dict) -> dict:
+    """The run's reward model's score of every model's answer to the main prompts (cached per model's answers)."""
+    from alignment.answer_cache import digest, is_numbers
 
-    rm, rm_tok = load_reward_model(ctx.inputs["reward"].model_dir, cfg.precision)
-    rewards = {}
+    rm_art, rewards, todo = ctx.inputs["reward"], {}, []
     for name in names:
-        convs = [p + [{"role": "assistant", "content": t}] for p, t in zip(prompts, responses[name]["text"])]
-        rewards[name], _ = score_conversations(rm, rm_tok, convs, batch_size=cfg.reward_batch_size)
-    del rm
-    gc.collect()
+        key = digest({"answers": keys[name], "reward": rm_art.manifest_sha256, "batch_size": cfg.reward_batch_size})
+        rewards[name] = cache.get("rewards", name, key, lambda v: is_numbers(v, len(prompts)))
+        if rewards[name] is None:
+            todo.append((name, key))
+    if todo:
+        from alignment.reward import load_reward_model, score_conversations
+
+        rm, rm_tok = load_reward_model(rm_art.model_dir, cfg.precision)
+        for name, key in todo:
+            convs = [p + [{"role": "assistant", "content": t}] for p, t in zip(prompts, responses[name]["text"])]
+            rewards[name], _ = score_conversations(rm, rm_tok, convs, batch_size=cfg.reward_batch_size)
+            cache.put(key, rewards[name])
+        del rm
+        gc.collect()
     return rewards
 
 
-def judge_verdicts(cfg: Config, ctx, prompts: list, responses: dict) -> tuple[dict, str]:
-    """The judge's verdicts of each policy against the baseline on the main prompts, and the judge's name."""
-    from alignment.judges import build_judge
+def judge_verdicts(cfg: Config, ctx, prompts: list, responses: dict, cache, keys: dict) -> tuple[dict, str]:
+    """The judge's verdicts of each policy against the baseline on the main prompts, and the judge's name. A local
+    or reward-model judge's verdicts are cached per pair of answers (its name pins its weights and template); a
+    served judge's name learns the server's identity only with the first call, so it is asked every time."""
+    from alignment.answer_cache import AnswerCache, digest
+    from alignment.judges import Verdict, build_judge
 
     judge = build_judge(cfg.judge, ctx.inputs, cfg.precision)
-    verdicts = {name: judge.compare(prompts, responses[name]["text"], responses[cfg.baseline]["text"])
-                for name in cfg.policies}
+    cache = cache if cfg.judge.kind in ("local", "reward_model") else AnswerCache(None)
+    verdicts = {}
+    for name in cfg.policies:
+        key = digest({"judge": judge.name, "a": keys[name], "b": keys[cfg.baseline]})
+        got = cache.get("verdicts", name, key, lambda v: len(v) == len(prompts) and [Verdict(**x) for x in v])
+        if got is not None:
+            verdicts[name] = [Verdict(**x) for x in got]
+            continue
+        verdicts[name] = judge.compare(prompts, responses[name]["text"], responses[cfg.baseline]["text"])
+        cache.put(key, [v.to_json() for v in verdicts[name]])
     name = judge.name
     judge.close()
     del judge
@@ -425,13 +489,19 @@ def run(cfg: Config, ctx) -> None:
              cfg.baseline)
 
     # -- generate every set, KL to the baseline while both models are loaded, perplexity ------------
-    all_responses, kl, ppl = answer_all(cfg, ctx, tok, sets)
+    cache = AnswerCache(None if cfg.cache_dir == "none" else
+                        Path(cfg.cache_dir or ctx.out_dir.parent.parent / ".cache" / "eval"))
+    all_responses, kl, ppl, keys = answer_all(cfg, ctx, tok, sets, cache)
     responses = all_responses[cfg.prompts_name]
     gen_s = time.perf_counter() - t0
 
     # -- reward model; judge: each policy against the baseline, both orders --------------------------
-    rewards = reward_scores(cfg, ctx, names, prompts, responses) if cfg.reward else {}
-    verdicts, judge_name = judge_verdicts(cfg, ctx, prompts, responses) if cfg.judge is not None else ({}, None)
+    rewards = reward_scores(cfg, ctx, names, prompts, responses, cache, keys) if cfg.reward else {}
+    verdicts, judge_name = (judge_verdicts(cfg, ctx, prompts, responses, cache, keys) if cfg.judge is not None
+                            else ({}, None))
+    if cache.reused:
+        log.info("[eval] from the cache (%s): %s", cache.folder,
+                 "; ".join(f"{kind} of {', '.join(names)}" for kind, names in cache.reused.items()))
 
     # -- gold, per prompt set and kind; forgetting -----------------------------------------------
     gold, all_gold, splits = {}, {}, {}
@@ -446,7 +516,7 @@ def run(cfg: Config, ctx) -> None:
     ctx.metrics.update({**headline, "models": per_model, "prompts": len(rows), "prompts_source": cfg.prompts,
                         "judge": judge_name, "splits": splits,
                         **({"forgetting": forgetting} if forgetting is not None else {}),
-                        "generate_seconds": round(gen_s, 2), "eval_seconds": round(time.perf_counter() - t0, 2)})
+                        "cache_reused": cache.reused, "generate_seconds": round(gen_s, 2), "eval_seconds": round(time.perf_counter() - t0, 2)})
 
     # -- save ------------------------------------------------------------------------------------
     samples = write_samples(cfg, ctx.out_dir, collect_samples(cfg, sets, all_responses, all_gold, rewards, verdicts),

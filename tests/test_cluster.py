@@ -31,8 +31,10 @@ def test_chain_submits_each_stage_after_the_stages_it_reads(tmp_path, monkeypatc
     assert capsys.readouterr().out.split() == [str(1001 + i) for i in range(len(calls))]
     assert "--dependency" not in calls[0]
     # Each job waits for the jobs of the stages it reads (ids: base 1001, sft 1002, reward 1003, dpo 1004,
-    # ppo 1005): dpo waits for sft only, so it can run beside the reward model.
-    waits = {1: "1001", 2: "1001:1002", 3: "1002", 4: "1002:1003", 5: "1001:1002:1003:1004:1005"}
+    # eval for dpo 1005, ppo 1006): dpo waits for sft only, so it can run beside the reward model; the first eval
+    # beside ppo; the last eval for ppo and for the first eval (the same folder).
+    waits = {1: "1001", 2: "1001:1002", 3: "1002", 4: "1001:1002:1003:1004", 5: "1002:1003",
+             6: "1001:1002:1003:1004:1005:1006"}
     for i, after in waits.items():
         assert f"--dependency=afterok:{after} " in calls[i]
     first = (tmp_path / "jobs" / "r1-00-base.sbatch").read_text()
@@ -64,7 +66,7 @@ def test_dry_run_prints_the_sbatch_chain_first_and_submits_nothing(tmp_path, mon
                  "--dry-run", "sft.train.lr=1e-4"]) == 0
     out = capsys.readouterr()
     lines = out.out.splitlines()
-    assert lines[0].startswith("# the sbatch chain (nothing submitted)") and len(lines) == 7  # header + 6 stages
+    assert lines[0].startswith("# the sbatch chain (nothing submitted)") and len(lines) == 8  # header + 7 steps
     assert lines[1] == f"job_0_base=$(sbatch --parsable {tmp_path}/jobs/r-00-base.sbatch | cut -d';' -f1)"
     assert lines[2] == (f"job_1_sft=$(sbatch --parsable --dependency=afterok:${{job_0_base}} "
                         f"{tmp_path}/jobs/r-01-sft.sbatch | cut -d';' -f1)")
@@ -77,8 +79,8 @@ def test_dry_run_prints_the_sbatch_chain_first_and_submits_nothing(tmp_path, mon
                           env={**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"})
     assert done.returncode == 0, done.stderr
     calls = log.read_text().splitlines()
-    assert len(calls) == 6 and "--dependency=afterok:1001 " in calls[1] and "--dependency=afterok:1002 " in calls[3]
-    assert "--dependency=afterok:1001:1002:1003:1004:1005 " in calls[5]  # eval reads every stage before it
+    assert len(calls) == 7 and "--dependency=afterok:1001 " in calls[1] and "--dependency=afterok:1002 " in calls[3]
+    assert "--dependency=afterok:1001:1002:1003:1004:1005:1006 " in calls[6]  # the last eval: every step before it
 
 
 def _script(tmp_path, *args) -> str:
@@ -124,7 +126,7 @@ def test_gpu_profile_keeps_base_and_eval_small(tmp_path, capsys):
     """Per-stage resources: the profile's `stages:` beat chain-wide flags; a pipeline step's `slurm:` beats both."""
     _script(tmp_path, "--profile", "gpu-example", "--nodes", "2", "--partition", "big")
     jobs = tmp_path / "jobs"
-    base, sft, eval_ = ((jobs / f"r-{i:02d}-{s}.sbatch").read_text() for i, s in ((0, "base"), (1, "sft"), (5, "eval")))
+    base, sft, eval_ = ((jobs / f"r-{i:02d}-{s}.sbatch").read_text() for i, s in ((0, "base"), (1, "sft"), (6, "eval")))
     assert "--nodes=1" in base and "--gpus-per-node" not in base and "--exclusive" not in base
     assert "--ntasks-per-node=1" in base and "srun" not in base and "--time=01:00:00" in base
     assert "--nodes=1" in eval_ and "--gpus-per-node=1" in eval_ and "--exclusive" not in eval_

@@ -274,3 +274,57 @@ def test_eval_stage_end_to_end(tiny_store, tmp_path):
         with Image.open(png) as im:
             im.verify()
             assert im.format == "PNG" and im.size[0] > 100 and im.size[1] > 100
+
+
+def test_eval_reuses_cached_answers_and_they_equal_fresh_ones(tiny_store, tmp_path, caplog):
+    """A policy joining the report answers alone: the baseline's and the other policy's answers, reward scores
+    and verdicts come from the cache, and a run with the cache off computes the same figures."""
+    src, run = tiny_store
+    root = tmp_path / "store"
+    shutil.copytree(src, root)
+    args = ["--artifacts", str(root), "--run", run, "tracking=none"]
+    assert main(["run", "reward", "-c", "configs/tiny/reward.yaml", "train.max_steps=2", *args]) == 0
+    assert main(["run", "dpo", "-c", "configs/tiny/dpo.yaml", "train.max_steps=2", "eval.kl_prompts=0", *args]) == 0
+    ev_args = ["run", "eval", "-c", "configs/tiny/eval.yaml", "judge.kind=reward_model", "max_prompts=6",
+               "max_set_prompts=4", "kl.prompts=4", *args]
+    metrics = lambda: json.loads((root / run / "eval" / "metrics.json").read_text())  # noqa: E731
+
+    assert main([*ev_args, "policies=[dpo]"]) == 0
+    first = metrics()
+    assert first["cache_reused"] == {}
+    entries = sorted((root / ".cache" / "eval").glob("*.json"))
+    assert len(entries) == 3 + 2 + 1  # answers of sft, dpo, base; rewards of sft, dpo; dpo's verdicts
+
+    assert main([*ev_args, "policies=[dpo,base]"]) == 0
+    cached = metrics()
+    assert cached["cache_reused"] == {"answers": ["sft", "dpo"], "rewards": ["sft", "dpo"], "verdicts": ["dpo"]}
+    assert cached["models"]["dpo"] == first["models"]["dpo"] and cached["models"]["sft"] == first["models"]["sft"]
+    assert cached["models"]["base"]["kl"]["kl_prompts"] == 4  # base as a policy: answered, scored, judged anew
+
+    assert main([*ev_args, "policies=[dpo,base]", "cache_dir=none"]) == 0
+    fresh = metrics()
+    assert fresh["cache_reused"] == {}
+    assert fresh["models"] == cached["models"] and fresh["splits"] == cached["splits"]
+
+    # A damaged or foreign entry is never trusted: computed again (and rewritten), with a warning naming it.
+    for path in entries:
+        path.write_text('{"key": "not-this-one", "value": {}}' if path == entries[0] else "{half")
+    caplog.clear()
+    assert main([*ev_args, "policies=[dpo]"]) == 0
+    again = metrics()
+    assert again["cache_reused"] == {} and again["models"] == first["models"]
+    assert sum("computing it again" in r.getMessage() for r in caplog.records) == len(entries)
+    assert all(json.loads(p.read_text())["key"] == p.stem for p in entries)
+
+
+def test_answer_cache_shapes_reject_what_the_stage_did_not_write():
+    from alignment.answer_cache import is_answers, is_numbers
+
+    good = {"responses": {"a": {"text": ["x", "y"], "tokens": [1, 2], "eos": [True, False]}}, "ppl": None, "kl": None}
+    assert is_answers(good, {"a": 2})
+    assert not is_answers(good, {"a": 3}) and not is_answers(good, {"a": 2, "b": 2})
+    bad_tokens = {**good, "responses": {"a": {**good["responses"]["a"], "tokens": [1, True]}}}
+    bad_text = {**good, "responses": {"a": {**good["responses"]["a"], "text": ["x", 3]}}}
+    assert not is_answers(bad_tokens, {"a": 2}) and not is_answers(bad_text, {"a": 2})
+    assert not is_answers({**good, "ppl": [1.0]}, {"a": 2}) and not is_answers([good], {"a": 2})
+    assert is_numbers([0.5, -1, 2.0], 3) and not is_numbers([0.5, True, 2.0], 3) and not is_numbers([0.5], 3)

@@ -23,17 +23,28 @@ def test_tiny_pipeline_end_to_end_then_skips_then_reruns_downstream_of_a_change(
     # The first run two stages at a time (-j 2): dpo beside reward, each stage's console output in logs/
     first = subprocess.run([*cmd, "-j", "2"], capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert sorted(p.stem for p in (art / "e2e" / "logs").glob("*.log")) == sorted(stages)
+    assert sorted(p.stem for p in (art / "e2e" / "logs").glob("*.log")) == sorted(set(stages))
     assert "[dpo] published" in (art / "e2e" / "logs" / "dpo.log").read_text()
     said = first.stderr.splitlines()
     assert said.index(next(x for x in said if "== dpo started" in x)) < \
         said.index(next(x for x in said if "== reward done" in x))
+    # eval is listed twice: for dpo (after dpo, while ppo trains), then for both, which answers ppo alone and takes
+    # the rest from the answer cache; the two never run at once (one folder), both logs in eval.log
+    assert stages.count("eval") == 2
+    eval_log = (art / "e2e" / "logs" / "eval.log").read_text()
+    assert eval_log.count("[eval] published") == 2
+    assert "[eval] from the cache" in eval_log and "answers of sft, dpo, base" in eval_log
     store = ArtifactStore(art)
+    assert store.read_stage("e2e", "eval").manifest.metrics["cache_reused"]["answers"] == ["sft", "dpo", "base"]
     before = {stage: store.read_stage("e2e", stage).manifest_sha256 for stage in stages}  # published, verified
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
     for stage in stages:
         assert f"{stage}: up to date (manifest" in second.stderr
+    # the first eval would only republish what the last one replaces: left out, so nothing is written
+    assert f"step {stages.index('eval')} (eval) left out" in second.stderr
+    assert second.stderr.count("eval: up to date (manifest") == 1
+    assert {stage: store.read_stage("e2e", stage).manifest_sha256 for stage in stages} == before
 
     # Change SFT's learning rate: base is upstream (kept), every other stage reads SFT's artifact directly or
     # through another stage (re-run, in order).
@@ -51,4 +62,5 @@ def test_tiny_pipeline_end_to_end_then_skips_then_reruns_downstream_of_a_change(
         assert f"[{stage}] published" in third.stderr
         assert after[stage] != before[stage]
     assert "sft: config or inputs changed" in third.stderr
+    assert "left out" not in third.stderr  # the last eval will not be up to date, so the first one runs
     assert store.read_stage("e2e", "dpo").manifest.inputs["sft"].manifest_sha256 == after["sft"]

@@ -20,27 +20,31 @@ REPO = Path(__file__).resolve().parent.parent
 def test_each_step_waits_for_the_nearest_earlier_step_of_each_stage_it_reads():
     stages = ["base", "sft", "reward", "dpo", "sft", "ppo"]
     reads = [set(), {"base"}, {"sft"}, {"sft"}, {"base"}, {"sft", "reward", "eval"}]
-    # ppo reads the second sft (step 4), not the first; eval is not earlier in the list, so nothing to wait for
-    assert dependencies(stages, reads) == [set(), {0}, {1}, {1}, {0}, {4, 2}]
+    # ppo reads the second sft (step 4), not the first; eval is not earlier in the list, so nothing to wait for;
+    # the second sft also waits for the first (one folder), unless asked for what it reads alone
+    assert dependencies(stages, reads) == [set(), {0}, {1}, {1}, {0, 1}, {4, 2}]
+    assert dependencies(stages, reads, own_stage=False) == [set(), {0}, {1}, {1}, {0}, {4, 2}]
 
 
-def test_the_default_chain_puts_dpo_beside_the_reward_model():
+def test_the_default_chain_puts_dpo_beside_the_reward_model_and_the_first_eval_beside_ppo(tmp_path):
     path = REPO / "configs/smollm2/pipeline.yaml"
     import yaml
 
     steps = yaml.safe_load(path.read_text())["stages"]
     names = [s["stage"] for s in steps]
-    planned = _plan_steps(path, steps, route_overrides([], names), None, None, False, jobs=2)
-    deps = {step.stage: {names[j] for j in step.deps} for step, _ in planned}
-    assert deps["reward"] - {"base"} == {"sft"} and deps["dpo"] - {"base"} == {"sft"}  # side by side
-    assert deps["ppo"] - {"base"} == {"sft", "reward"}
-    assert {"sft", "dpo", "ppo"} <= deps["eval"] and "reward" not in deps["dpo"]
+    assert names == ["base", "sft", "reward", "dpo", "eval", "ppo", "eval"]
+    planned = _plan_steps(path, steps, route_overrides([], names), tmp_path, None, False, jobs=2)
+    assert len(planned) == len(steps)  # an empty store: nothing is up to date, so nothing is left out
+    deps = [{names[j] for j in step.deps} for step, _ in planned]
+    assert deps[2] - {"base"} == {"sft"} and deps[3] - {"base"} == {"sft"}  # reward and dpo side by side
+    assert deps[4] == {"base", "sft", "reward", "dpo"} and deps[5] - {"base"} == {"sft", "reward"}
+    assert planned[6][0].deps >= {4, 5}  # the last eval after the first (one folder) and after ppo
     # with two at once, the stages that can overlap share the cores; the ones that never can keep them all
     cores = __import__("os").cpu_count() or 1
-    given = {step.stage: next(a for a in step.command if a.startswith("threads=")) for step, _ in planned}
-    assert given == {"base": f"threads={cores}", "sft": f"threads={cores}", "eval": f"threads={cores}",
-                     **{s: f"threads={max(1, cores // 2)}" for s in ("reward", "dpo", "ppo")}}
-    one = _plan_steps(path, steps, route_overrides([], names), None, None, False, jobs=1)
+    given = [next(a for a in step.command if a.startswith("threads=")) for step, _ in planned]
+    half = f"threads={max(1, cores // 2)}"
+    assert given == [f"threads={cores}", f"threads={cores}", half, half, half, half, f"threads={cores}"]
+    one = _plan_steps(path, steps, route_overrides([], names), tmp_path, None, False, jobs=1)
     assert not any(a.startswith("threads=") for step, _ in one for a in step.command)
 
 
