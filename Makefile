@@ -56,7 +56,7 @@ pipeline-tiny: setup ## the whole chain on the tiny random model (seconds)
 
 FAST_TESTS := tests/test_rl_math.py tests/test_fused_lora.py tests/test_dpo_math.py tests/test_reward_math.py tests/test_gold.py \
 	tests/test_config.py tests/test_mixture.py tests/test_judge_cache_key.py tests/test_prompts.py tests/test_preferences.py \
-	tests/test_seeds_eval.py tests/test_pipeline_jobs.py
+	tests/test_seeds_eval.py tests/test_pipeline_jobs.py tests/test_answer_cache.py
 test-fast: setup ## the edit loop (< 1 min): RL/DPO/reward math, gold checks, config and data contracts; no stage runs
 	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -q -x -p no:cacheprovider $(FAST_TESTS)
 

@@ -14,6 +14,7 @@ another key or has the wrong shape is ignored (and rewritten), never trusted. De
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -32,6 +33,7 @@ def digest(material) -> str:
     return hashlib.sha256(json.dumps(material, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
+@functools.cache
 def code_version() -> list:
     """This package's version and git commit: a code change may change an answer, so it misses the cache."""
     from alignment import __version__
@@ -73,13 +75,23 @@ class AnswerCache:
         return value
 
     def put(self, key: str, value) -> None:
+        """Keep `value` under `key`. A cache that cannot be written (a full disk, no permission) is a warning and
+        then off for this run: the stage's own outputs matter more than the next run's shortcut."""
         if self.folder is None:
             return
-        self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.folder / f".{key}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps({"format": FORMAT, "key": key, "value": value}, ensure_ascii=False),
-                       encoding="utf-8")
-        os.replace(tmp, self.folder / f"{key}.json")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps({"format": FORMAT, "key": key, "value": value}, ensure_ascii=False),
+                           encoding="utf-8")
+            os.replace(tmp, self.folder / f"{key}.json")
+        except OSError as e:
+            log.warning("[eval] cache: cannot write %s (%s); not caching in this run", self.folder, e)
+            self.folder = None
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
 
 
 # -- shapes (a cached value is data from disk: check it before use) --------------------------------------

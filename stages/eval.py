@@ -138,6 +138,8 @@ class Config(StageConfig):
             out.append(("max_prompts", "expected at least 1 (or leave unset)"))
         if self.max_set_prompts is not None and self.max_set_prompts < 1:
             out.append(("max_set_prompts", "expected at least 1 (or leave unset)"))
+        if self.cache_dir not in (None, "none") and Path(self.cache_dir).exists() and not Path(self.cache_dir).is_dir():
+            out.append(("cache_dir", f"{self.cache_dir} is a file; expected a folder (or none: no cache)"))
         if self.prompts_name in self.prompt_sets:
             out.append((f"prompt_sets.{self.prompts_name}", "names the main prompts set (prompts_name) too"))
         return out + self._forgetting_problems()
