@@ -206,16 +206,12 @@ def submit_chain(pipeline: str, *, run: str | None, artifacts: str | None, out_d
     (SlurmSpec keys) for every stage; `overrides` (`STAGE:key=value`, `STAGE.key=value` or `key=value` for every
     stage, as `align pipeline` reads them) are passed on to `align run`."""
     from alignment.pipeline_jobs import dependencies
-    from alignment.runner import STAGES, route_overrides, step_configs, superseded
+    from alignment.runner import pipeline_steps, route_overrides, step_configs, superseded
 
     spec = load_yaml(pipeline)
-    steps = spec.get("stages")
-    if not isinstance(steps, list) or not steps:
-        raise ConfigError([f"{pipeline}: stages: expected a non-empty list of {{stage, config}}"])
-    for i, step in enumerate(steps):
-        if not isinstance(step, dict) or step.get("stage") not in STAGES:
-            raise ConfigError([f"{pipeline}: stages.{i}.stage: unknown stage "
-                               f"'{step.get('stage') if isinstance(step, dict) else step}'"])
+    steps, problems = pipeline_steps(pipeline, spec)
+    if problems:
+        raise ConfigError(problems)
     run = run or spec.get("run") or "default"
     artifacts = Path(artifacts or os.environ.get("ALIGN_ARTIFACTS") or "artifacts").resolve()
     out = Path(out_dir or artifacts / run / "slurm").resolve()

@@ -396,16 +396,7 @@ def run_pipeline(path: str, *, root=None, run: str | None = None, force: bool = 
     (alignment.pipeline_jobs). Every stage's config is loaded before the first one starts, so a bad key in the
     last stage fails now, not after an hour of training."""
     spec = load_yaml(path)
-    steps, problems = spec.get("stages"), []
-    if not isinstance(steps, list) or not steps:
-        raise ConfigError([f"{path}: stages: expected a non-empty list of {{stage, config}}"])
-    for i, step in enumerate(steps):
-        if not isinstance(step, dict) or set(step) - {"stage", "config", "overrides", "slurm"} or "stage" not in step:
-            problems.append(f"{path}: stages.{i}: expected {{stage: NAME, config: FILE, overrides: [...]}}")
-        elif step["stage"] not in STAGES:
-            problems.append(f"{path}: stages.{i}.stage: unknown stage {step['stage']!r}; stages: {', '.join(STAGES)}")
-        elif not isinstance(step.get("overrides", []), list) or not isinstance(step.get("config", ""), str):
-            problems.append(f"{path}: stages.{i}: overrides must be a list of key.path=value, config a file name")
+    steps, problems = pipeline_steps(path, spec)
     if spec.get("run") is not None and name_problem(spec.get("run")):
         problems.append(f"{path}: run: {name_problem(spec.get('run'))} (got {spec.get('run')!r})")
     where = f"{path}: jobs" if jobs is None else "command line: -j/--jobs"
@@ -425,6 +416,22 @@ def run_pipeline(path: str, *, root=None, run: str | None = None, force: bool = 
     finished = run_steps([p[0] for p in planned], jobs, log_dir)
     _report(finished, time.perf_counter() - t0, jobs)
     return [store.stage_dir(run_of, step.stage) for step, run_of in planned]
+
+
+def pipeline_steps(path, spec: dict) -> tuple[list[dict], list[str]]:
+    """A pipeline file's `stages:` list and what is wrong with its steps (`align pipeline` and `align submit`
+    read the file the same way). A missing or empty list is fatal at once."""
+    steps, problems = spec.get("stages"), []
+    if not isinstance(steps, list) or not steps:
+        raise ConfigError([f"{path}: stages: expected a non-empty list of {{stage, config}}"])
+    for i, step in enumerate(steps):
+        if not isinstance(step, dict) or set(step) - {"stage", "config", "overrides", "slurm"} or "stage" not in step:
+            problems.append(f"{path}: stages.{i}: expected {{stage: NAME, config: FILE, overrides: [...]}}")
+        elif step["stage"] not in STAGES:
+            problems.append(f"{path}: stages.{i}.stage: unknown stage {step['stage']!r}; stages: {', '.join(STAGES)}")
+        elif not isinstance(step.get("overrides", []), list) or not isinstance(step.get("config", ""), str):
+            problems.append(f"{path}: stages.{i}: overrides must be a list of key.path=value, config a file name")
+    return steps, problems
 
 
 def _report(finished, wall: float, jobs: int) -> None:
@@ -464,24 +471,26 @@ def _plan_steps(path, steps, routed, root, run, force, jobs):
 
 
 def superseded(loaded: list[tuple], root, run: str | None) -> set[int]:
-    """Steps to leave out: an earlier step of a stage the pipeline lists again, when that stage's last step will
-    find its artifact up to date. Such a step (eval for dpo alone, while ppo trains) is there to fill the answer
-    cache for the last one; run, it would only publish an artifact the last step replaces. A guess from the
-    manifests before anything runs: when wrong it costs the overlap, never a result (every step checks again)."""
+    """Steps to leave out: an earlier step of a stage the pipeline lists again, when no step reads it and that
+    stage's last step will find its artifact up to date. Such a step (eval for dpo alone, while ppo trains) is
+    there to fill the answer cache for the last one; run, it would only publish an artifact the last step
+    replaces. A guess from the manifests before anything runs: when wrong it costs the overlap, never a result
+    (every step checks again when it starts)."""
     stages = [x[0] for x in loaded]
     if len(set(stages)) == len(stages):
         return set()
     reads = dependencies(stages, [x[4] for x in loaded], own_stage=False)
+    read = set().union(*reads)
     store, fresh = ArtifactStore(root), []
     for i, (stage, _, _, cfg, _) in enumerate(loaded):
         run_of = run or os.environ.get("ALIGN_RUN") or cfg.run
         fresh.append(all(fresh[j] for j in reads[i]) and _looks_up_to_date(store, run_of, stage, cfg))
     last = {stage: i for i, stage in enumerate(stages)}
-    return {i for i, stage in enumerate(stages) if last[stage] != i and fresh[last[stage]]}
+    return {i for i, stage in enumerate(stages) if last[stage] != i and i not in read and fresh[last[stage]]}
 
 
 def _looks_up_to_date(store, run: str, stage: str, cfg) -> bool:
-    """The published artifact's manifest names this config and these inputs (read only, nothing verified)."""
+    """The published artifact's manifest names this config and these inputs (nothing is written or run)."""
     try:
         inputs = resolve_inputs(store, run, stage, cfg, upstream_of(stage_module(stage), cfg))
         manifest, _ = store.load_manifest(store.stage_dir(run, stage))

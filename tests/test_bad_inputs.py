@@ -254,6 +254,11 @@ CASES = [
     # -- pipelines -----------------------------------------------------------------------------------------
     Case("pipeline-unknown-stage", ["pipeline", "-c", "{tmp}/p.yaml"], ["p.yaml: stages.0.stage: unknown stage"],
          setup=_write("p.yaml", "stages:\n  - {stage: sfft}\n")),
+    Case("submit-unknown-stage", ["submit", "-c", "{tmp}/p.yaml", "--dry-run", "--out", "{tmp}/jobs"],
+         ["p.yaml: stages.0.stage: unknown stage"], setup=_write("p.yaml", "stages:\n  - {stage: sfft}\n")),
+    Case("submit-step-key-typo", ["submit", "-c", "{tmp}/p.yaml", "--dry-run", "--out", "{tmp}/jobs"],
+         ["p.yaml: stages.0: expected {stage: NAME, config: FILE"],
+         setup=_write("p.yaml", "stages:\n  - {stage: base, overides: [seed=1]}\n")),
     Case("pipeline-run-escapes", ["pipeline", "-c", "{tmp}/p.yaml"], ["p.yaml: run: expected one folder name"],
          setup=_write("p.yaml", "run: ../x\nstages:\n  - {stage: base}\n")),
     Case("pipeline-no-stages", ["pipeline", "-c", "{tmp}/p.yaml"], ["p.yaml: stages: expected a non-empty list"],

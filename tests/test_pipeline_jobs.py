@@ -123,3 +123,31 @@ def test_jobs_must_be_a_whole_number_of_at_least_one(tmp_path, text, jobs, where
     pipe.write_text(text + f"stages:\n  - {{stage: base, config: {REPO / 'configs/tiny/base.yaml'}}}\n")
     with pytest.raises(ConfigError, match=where):
         run_pipeline(str(pipe), root=tmp_path / "art", jobs=jobs)
+
+
+def test_an_earlier_step_of_a_repeated_stage_is_left_out_only_when_the_last_is_fresh_and_nothing_reads_it(
+        tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from alignment import runner
+
+    stale: set[str] = set()
+    monkeypatch.setattr(runner, "_looks_up_to_date", lambda store, run, stage, cfg: stage not in stale)
+
+    def plan(*steps):  # (stage, stages it reads)
+        cfg = SimpleNamespace(run="r")
+        return runner.superseded([(s, None, [], cfg, set(r)) for s, r in steps], tmp_path, "r")
+
+    chain = [("base", ""), ("sft", ["base"]), ("dpo", ["sft"]), ("eval", ["sft", "dpo"]), ("ppo", ["sft"]),
+             ("eval", ["sft", "dpo", "ppo"])]
+    assert plan(*chain) == {3}  # every manifest matches: the first eval would only be replaced
+    stale.add("ppo")  # ppo will re-run, so the last eval will too: the first one is worth running
+    assert plan(*chain) == set()
+    stale.clear()
+    stale.add("eval")  # the last eval's own manifest names another config
+    assert plan(*chain) == set()
+    stale.clear()
+    assert plan(("base", ""), ("sft", ["base"]), ("sft", ["base"])) == {1}
+    # a step between reads the first sft: leaving that one out would change what it reads
+    assert plan(("base", ""), ("sft", ["base"]), ("dpo", ["sft"]), ("sft", ["base"])) == set()
+    assert plan(*chain[:5]) == set()  # no stage listed twice: nothing to leave out
