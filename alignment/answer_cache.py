@@ -74,6 +74,10 @@ class AnswerCache:
         self.reused.setdefault(kind, []).append(name)
         return value
 
+    def summary(self) -> str:
+        """What was reused, for the log: `answers of sft, dpo; rewards of sft`."""
+        return "; ".join(f"{kind} of {', '.join(names)}" for kind, names in self.reused.items())
+
     def put(self, key: str, value) -> None:
         """Keep `value` under `key`. A cache that cannot be written (a full disk, no permission) is a warning and
         then off for this run: the stage's own outputs matter more than the next run's shortcut."""

@@ -305,6 +305,13 @@ def answer_key(cfg: Config, ctx, name: str, set_names: list[str], sets: dict, te
                    "kl": [ctx.inputs[cfg.baseline].manifest_sha256, cfg.kl.model_dump(mode="json")] if kl else None})
 
 
+def answer_cache(cfg: Config, ctx) -> AnswerCache:
+    """`cache_dir`, by default `<artifact root>/.cache/eval` (beside the label stage's judge cache)."""
+    if cfg.cache_dir == "none":
+        return AnswerCache(None)
+    return AnswerCache(Path(cfg.cache_dir or ctx.out_dir.parent.parent / ".cache" / "eval"))
+
+
 def answer_all(cfg: Config, ctx, tok, sets: dict[str, list[dict]], cache) -> tuple[dict, dict, dict, dict]:
     """Responses of every model to its prompt sets ({set: {model: generated}}), KL of each policy to the
     baseline on the main prompts, each model's perplexity, and each model's cache key. A model whose key is in
@@ -491,8 +498,7 @@ def run(cfg: Config, ctx) -> None:
              cfg.baseline)
 
     # -- generate every set, KL to the baseline while both models are loaded, perplexity ------------
-    cache = AnswerCache(None if cfg.cache_dir == "none" else
-                        Path(cfg.cache_dir or ctx.out_dir.parent.parent / ".cache" / "eval"))
+    cache = answer_cache(cfg, ctx)
     all_responses, kl, ppl, keys = answer_all(cfg, ctx, tok, sets, cache)
     responses = all_responses[cfg.prompts_name]
     gen_s = time.perf_counter() - t0
@@ -502,8 +508,7 @@ def run(cfg: Config, ctx) -> None:
     verdicts, judge_name = (judge_verdicts(cfg, ctx, prompts, responses, cache, keys) if cfg.judge is not None
                             else ({}, None))
     if cache.reused:
-        log.info("[eval] from the cache (%s): %s", cache.folder,
-                 "; ".join(f"{kind} of {', '.join(names)}" for kind, names in cache.reused.items()))
+        log.info("[eval] from the cache (%s): %s", cache.folder, cache.summary())
 
     # -- gold, per prompt set and kind; forgetting -----------------------------------------------
     gold, all_gold, splits = {}, {}, {}
@@ -518,7 +523,8 @@ def run(cfg: Config, ctx) -> None:
     ctx.metrics.update({**headline, "models": per_model, "prompts": len(rows), "prompts_source": cfg.prompts,
                         "judge": judge_name, "splits": splits,
                         **({"forgetting": forgetting} if forgetting is not None else {}),
-                        "cache_reused": cache.reused, "generate_seconds": round(gen_s, 2), "eval_seconds": round(time.perf_counter() - t0, 2)})
+                        "cache_reused": cache.reused, "generate_seconds": round(gen_s, 2),
+                        "eval_seconds": round(time.perf_counter() - t0, 2)})
 
     # -- save ------------------------------------------------------------------------------------
     samples = write_samples(cfg, ctx.out_dir, collect_samples(cfg, sets, all_responses, all_gold, rewards, verdicts),

@@ -161,7 +161,8 @@ def test_bad_prompt_sets_and_forgetting_text_are_named(capsys, tmp_path):
     assert "prompt_sets.in_distribution: names the main prompts set (prompts_name) too" in err
     a_file = tmp_path / "cache.json"
     a_file.write_text("{}")
-    assert main(["run", "eval", "-c", "configs/tiny/eval.yaml", f"cache_dir={a_file}", "--artifacts", "/nonexistent"]) == 2
+    assert main(["run", "eval", "-c", "configs/tiny/eval.yaml", f"cache_dir={a_file}",
+                 "--artifacts", "/nonexistent"]) == 2
     assert f"cache_dir: {a_file} is a file; expected a folder (or none: no cache)" in capsys.readouterr().err
     from alignment.errors import DataError
     from stages.eval import ForgettingSpec, load_general_texts
