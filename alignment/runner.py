@@ -254,8 +254,7 @@ def _finish_interrupted_publish(store, run, stage, chash, input_hashes) -> Artif
     except ArtifactError as e:
         log.info("[%s] the partial folder's manifest does not verify (%s); resuming the stage instead", stage, e)
         return None
-    m = art.manifest
-    if m.config_hash != chash or {k: v.manifest_sha256 for k, v in m.inputs.items()} != input_hashes:
+    if not _made_from(art.manifest, chash, input_hashes):
         return None
     final = store.commit(run, stage)
     log.info("[%s] finished the publish an interrupted run had started: %s", stage, final)
@@ -286,6 +285,12 @@ def _raise_if_failed_gate(manifest: Manifest, final: Path) -> None:
                          f"(artifact kept at {final}, status failed_gate); change the config or re-run with --force")
 
 
+def _made_from(manifest: Manifest, chash: str, input_hashes: dict) -> bool:
+    """The manifest names this config hash and exactly these inputs (by their manifests' hashes)."""
+    return manifest.config_hash == chash and \
+        {k: v.manifest_sha256 for k, v in manifest.inputs.items()} == input_hashes
+
+
 def _up_to_date(store, final: Path, chash: str, input_hashes: dict) -> Artifact | None:
     """The published artifact when its config and inputs match this run's, else None (re-run)."""
     try:
@@ -295,7 +300,7 @@ def _up_to_date(store, final: Path, chash: str, input_hashes: dict) -> Artifact 
                     final.name, e)
         return None
     m = old.manifest
-    if m.config_hash != chash or {k: v.manifest_sha256 for k, v in m.inputs.items()} != input_hashes:
+    if not _made_from(m, chash, input_hashes):
         log.info("%s: config or inputs changed since %s; re-running", m.stage, m.finished_at)
         return None
     note = "" if m.status == "complete" else f" [status: {m.status}]"
@@ -466,7 +471,7 @@ def _plan_steps(path, steps, routed, root, run, force, jobs):
         if jobs > 1 and cfg.threads is None:
             extra = [*extra, f"threads={threads[i]}"]
         command = _stage_command(stage, cfg_file, extra, root, run, force)
-        planned.append((Step(i, stage, command, deps[i]), run or os.environ.get("ALIGN_RUN") or cfg.run))
+        planned.append((Step(i, stage, command, deps[i]), _step_run(run, cfg)))
     return planned
 
 
@@ -483,10 +488,14 @@ def superseded(loaded: list[tuple], root, run: str | None) -> set[int]:
     read = set().union(*reads)
     store, fresh = ArtifactStore(root), []
     for i, (stage, _, _, cfg, _) in enumerate(loaded):
-        run_of = run or os.environ.get("ALIGN_RUN") or cfg.run
-        fresh.append(all(fresh[j] for j in reads[i]) and _looks_up_to_date(store, run_of, stage, cfg))
+        fresh.append(all(fresh[j] for j in reads[i]) and _looks_up_to_date(store, _step_run(run, cfg), stage, cfg))
     last = {stage: i for i, stage in enumerate(stages)}
     return {i for i, stage in enumerate(stages) if last[stage] != i and i not in read and fresh[last[stage]]}
+
+
+def _step_run(run: str | None, cfg) -> str:
+    """The run a pipeline step writes to: --run, else $ALIGN_RUN, else its config's `run`."""
+    return run or os.environ.get("ALIGN_RUN") or cfg.run
 
 
 def _looks_up_to_date(store, run: str, stage: str, cfg) -> bool:
@@ -496,8 +505,8 @@ def _looks_up_to_date(store, run: str, stage: str, cfg) -> bool:
         manifest, _ = store.load_manifest(store.stage_dir(run, stage))
     except AlignError:
         return False
-    return manifest.status == "complete" and manifest.config_hash == config_hash(cfg) and \
-        {k: v.manifest_sha256 for k, v in manifest.inputs.items()} == {k: a.manifest_sha256 for k, a in inputs.items()}
+    return manifest.status == "complete" and \
+        _made_from(manifest, config_hash(cfg), {k: a.manifest_sha256 for k, a in inputs.items()})
 
 
 def step_configs(path, steps, routed) -> list[tuple]:
