@@ -50,6 +50,12 @@ class StageContext:
     def checkpoints_dir(self) -> Path:
         return self.out_dir / "checkpoints"
 
+    def cache_folder(self, configured: str | None, kind: str) -> Path | None:
+        """A stage's `cache_dir` setting: None means `<artifact root>/.cache/<kind>`, "none" no cache."""
+        if configured == "none":
+            return None
+        return Path(configured) if configured else self.out_dir.parent.parent / ".cache" / kind
+
 
 def stage_module(name: str):
     if name not in STAGES:

@@ -305,13 +305,6 @@ def answer_key(cfg: Config, ctx, name: str, set_names: list[str], sets: dict, te
                    "kl": [ctx.inputs[cfg.baseline].manifest_sha256, cfg.kl.model_dump(mode="json")] if kl else None})
 
 
-def answer_cache(cfg: Config, ctx) -> AnswerCache:
-    """`cache_dir`, by default `<artifact root>/.cache/eval` (beside the label stage's judge cache)."""
-    if cfg.cache_dir == "none":
-        return AnswerCache(None)
-    return AnswerCache(Path(cfg.cache_dir or ctx.out_dir.parent.parent / ".cache" / "eval"))
-
-
 def answer_all(cfg: Config, ctx, tok, sets: dict[str, list[dict]], cache) -> tuple[dict, dict, dict, dict]:
     """Responses of every model to its prompt sets ({set: {model: generated}}), KL of each policy to the
     baseline on the main prompts, each model's perplexity, and each model's cache key. A model whose key is in
@@ -498,7 +491,7 @@ def run(cfg: Config, ctx) -> None:
              cfg.baseline)
 
     # -- generate every set, KL to the baseline while both models are loaded, perplexity ------------
-    cache = answer_cache(cfg, ctx)
+    cache = AnswerCache(ctx.cache_folder(cfg.cache_dir, "eval"))  # beside the label stage's judge cache
     all_responses, kl, ppl, keys = answer_all(cfg, ctx, tok, sets, cache)
     responses = all_responses[cfg.prompts_name]
     gen_s = time.perf_counter() - t0

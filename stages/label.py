@@ -249,9 +249,7 @@ def run(cfg: Config, ctx) -> None:
     if sampled is None:
         return
     sample_seconds = time.perf_counter() - t0
-    cache_dir = None if cfg.cache_dir == "none" else \
-        Path(cfg.cache_dir or ctx.out_dir.parent.parent / ".cache" / "judge")
-    cache = JudgeCache(cache_dir, judge.name)
+    cache = JudgeCache(ctx.cache_folder(cfg.cache_dir, "judge"), judge.name)
     judging = Judging(judge, cache, cfg.judge_batch)
     metrics = judge_splits(cfg, ctx, judging, splits)
     if metrics is None:
