@@ -201,14 +201,21 @@ def test_split_metrics_count_cut_answers_as_failed_in_the_strict_figures():
 # -- the stage end to end --------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_eval_stage_end_to_end(tiny_store, tmp_path):
+def _with_reward_and_dpo(tiny_store, tmp_path, steps: int):
+    """A copy of the tiny store with reward and dpo trained `steps` steps: (root, run, the CLI's store args)."""
     src, run = tiny_store
     root = tmp_path / "store"
     shutil.copytree(src, root)
     args = ["--artifacts", str(root), "--run", run, "tracking=none"]
-    assert main(["run", "reward", "-c", "configs/tiny/reward.yaml", "train.max_steps=4", *args]) == 0
-    assert main(["run", "dpo", "-c", "configs/tiny/dpo.yaml", "train.max_steps=4", "eval.kl_prompts=0", *args]) == 0
+    assert main(["run", "reward", "-c", "configs/tiny/reward.yaml", f"train.max_steps={steps}", *args]) == 0
+    assert main(["run", "dpo", "-c", "configs/tiny/dpo.yaml", f"train.max_steps={steps}", "eval.kl_prompts=0",
+                 *args]) == 0
+    return root, run, args
+
+
+@pytest.mark.slow
+def test_eval_stage_end_to_end(tiny_store, tmp_path):
+    root, run, args = _with_reward_and_dpo(tiny_store, tmp_path, steps=4)
     assert main(["run", "eval", "-c", "configs/tiny/eval.yaml", "judge.kind=longer_test", "max_prompts=12", *args]) == 0
 
     out = root / run / "eval"
@@ -284,12 +291,7 @@ def test_eval_stage_end_to_end(tiny_store, tmp_path):
 def test_eval_reuses_cached_answers_and_they_equal_fresh_ones(tiny_store, tmp_path, caplog):
     """A policy joining the report answers alone: the baseline's and the other policy's answers, reward scores
     and verdicts come from the cache, and a run with the cache off computes the same figures."""
-    src, run = tiny_store
-    root = tmp_path / "store"
-    shutil.copytree(src, root)
-    args = ["--artifacts", str(root), "--run", run, "tracking=none"]
-    assert main(["run", "reward", "-c", "configs/tiny/reward.yaml", "train.max_steps=2", *args]) == 0
-    assert main(["run", "dpo", "-c", "configs/tiny/dpo.yaml", "train.max_steps=2", "eval.kl_prompts=0", *args]) == 0
+    root, run, args = _with_reward_and_dpo(tiny_store, tmp_path, steps=2)
     ev_args = ["run", "eval", "-c", "configs/tiny/eval.yaml", "judge.kind=reward_model", "max_prompts=6",
                "max_set_prompts=4", "kl.prompts=4", *args]
     metrics = lambda: json.loads((root / run / "eval" / "metrics.json").read_text())  # noqa: E731
