@@ -25,11 +25,14 @@ Writes `<out-dir>/algorithms-<profile>.json`, the table between `<!-- results:<p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,17 +107,19 @@ def reward_overrides(algorithm: str, reward: str) -> list[str]:
     return keys + (["ppo.value_init=zero"] if algorithm == "ppo" else [])  # no reward model to copy a head from
 
 
-def timed_run(cmd: list[str], artifact: Path, cache: Path) -> dict:
+def timed_run(cmd: list[str], artifact: Path, cache: Path, lock: threading.Lock | None = None) -> dict:
     """`align(cmd)`, remembering its time by artifact: a re-run that finds the artifact up to date (a bench resumed
-    after a crash) reports the time of the run that made it, not the seconds the skip took."""
+    after a crash) reports the time of the run that made it, not the seconds the skip took. `lock` guards the
+    cache file when runs go side by side."""
     manifest = artifact / "manifest.json"
     before = manifest.read_bytes() if manifest.is_file() else None
     timing = align(cmd)
-    times = json.loads(cache.read_text()) if cache.is_file() else {}
-    if before is not None and manifest.read_bytes() == before:  # built before this bench: its time is unknown here
-        return {**times.get(str(artifact), {"wall_s": None, "cpu_s": None}), "reused": True}
-    times[str(artifact)] = timing
-    cache.write_text(json.dumps(times, indent=1))
+    with lock or contextlib.nullcontext():
+        times = json.loads(cache.read_text()) if cache.is_file() else {}
+        if before is not None and manifest.read_bytes() == before:  # built before this bench: time unknown here
+            return {**times.get(str(artifact), {"wall_s": None, "cpu_s": None}), "reused": True}
+        times[str(artifact)] = timing
+        cache.write_text(json.dumps(times, indent=1))
     return timing
 
 
@@ -130,9 +135,12 @@ def shared_inputs(profile: str, root: Path, run: str, shared: Path | None) -> di
 
 
 def train_all(args, root: Path, run: str, out_dir: Path) -> list[dict]:
-    """Every (algorithm, seed) run: its artifact folder, wall and CPU time, and its budget keys."""
+    """Every (algorithm, seed) run: its artifact folder, wall and CPU time, and its budget keys. `--jobs N` runs N at
+    once (each on `threads=1` unless --override sets threads): on a 2-core CPU two one-thread runs finish sooner
+    than one after the other on two threads, and each run's CPU seconds stay its own (wait4)."""
     sft, reward = args.shared_dir / "sft", args.shared_dir / "reward"
-    rows = []
+    threads = [] if args.jobs < 2 or any(o.startswith("threads=") for o in args.override) else ["threads=1"]
+    todo = []
     for algorithm in args.algorithms:
         config = REPO / "configs" / args.profile / f"{algorithm}.yaml"
         stage = stage_of(config)
@@ -142,13 +150,25 @@ def train_all(args, root: Path, run: str, out_dir: Path) -> list[dict]:
         for seed in range(args.seeds):
             name = f"{args.prefix or run}-{algorithm}-s{seed}"
             cmd = ["run", stage, "-c", str(config), "--artifacts", str(root), "--run", name, f"seed={seed}",
-                   f"inputs.sft={sft}", *([f"inputs.reward={reward}"] if needs_rm else []), *keys, *args.override]
-            print(f"[bench] {algorithm} seed {seed}: align run {stage} -c {config.name} {' '.join(cmd[8:])}",
-                  flush=True)
-            timing = timed_run(cmd, root / name / stage, out_dir / f"timings-{args.profile}.json")
-            rows.append({"algorithm": algorithm, "seed": seed, "artifact": str(root / name / stage), **timing,
-                         "budget_keys": keys})
-    return rows
+                   f"inputs.sft={sft}", *([f"inputs.reward={reward}"] if needs_rm else []), *keys, *args.override,
+                   *threads]
+            todo.append(({"algorithm": algorithm, "seed": seed, "artifact": str(root / name / stage),
+                          "budget_keys": keys}, cmd))
+    lock = threading.Lock()
+
+    def one(job) -> dict:
+        row, cmd = job
+        print(f"[bench] {row['algorithm']} seed {row['seed']}: align {' '.join(cmd[:4])} {' '.join(cmd[8:])}",
+              flush=True)
+        timing = timed_run(cmd, Path(row["artifact"]), out_dir / f"timings-{args.profile}.json", lock)
+        print(f"[bench] {row['algorithm']} seed {row['seed']} done: {timing}", flush=True)
+        return {**row, **timing}
+
+    pool = ThreadPoolExecutor(max_workers=max(1, args.jobs))
+    try:
+        return list(pool.map(one, todo))
+    finally:  # a failed run stops the bench: the queued runs are dropped, the running ones finish
+        pool.shutdown(cancel_futures=True)
 
 
 # -- evaluating the policies ------------------------------------------------------------------------------
@@ -326,6 +346,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--splits", type=lambda s: s.split(","), default=list(SPLITS))
     p.add_argument("--max-eval-prompts", type=int, default=None)
+    p.add_argument("--jobs", type=int, default=1,
+                   help="training runs at once (each on one thread unless --override threads=N); 2 on a 2-core CPU")
     p.add_argument("--kl-prompts", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--override", action="append", default=[], help="key=value for every training run")

@@ -86,13 +86,15 @@ def test_the_doc_block_is_replaced_not_appended_twice(tmp_path):
 def test_tiny_smoke_trains_each_algorithm_and_writes_table_and_plot(tmp_path):
     out, doc, png = tmp_path / "out", tmp_path / "algorithms.md", tmp_path / "algorithms.png"
     table = bench.main(["--profile", "tiny", "--seeds", "1", "--algorithms", "dpo,online_dpo,ppo,rloo",
-                        "--responses", "32", "--max-eval-prompts", "4", "--kl-prompts", "2", "--artifacts",
+                        "--responses", "32", "--max-eval-prompts", "4", "--kl-prompts", "2", "--jobs", "2", "--artifacts",
                         str(tmp_path / "store"), "--out-dir", str(out), "--doc", str(doc), "--plot", str(png)])
     assert set(table) == {"sft", "dpo", "online_dpo", "ppo", "rloo"}
     saved = json.loads((out / "algorithms-tiny.json").read_text())
+    assert [r["algorithm"] for r in saved["trained"]] == ["dpo", "online_dpo", "ppo", "rloo"]  # --jobs 2 keeps order
     for row in saved["trained"]:
         manifest = json.loads((Path(row["artifact"]) / "manifest.json").read_text())
         assert manifest["status"] == "complete" and manifest["inputs"]["sft"]["path"].endswith("tiny-bench/sft")
+        assert manifest["config"]["threads"] == 1  # side by side, each run on one thread
         assert row["wall_s"] > 0 and row["cpu_s"] > 0
     keys = {r["algorithm"]: r["budget_keys"] for r in saved["trained"]}
     assert keys["online_dpo"][0] == "online.prompts_per_round=4" and keys["ppo"][0] == "ppo.updates=2"
