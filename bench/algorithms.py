@@ -63,6 +63,12 @@ def align(args: list[str], env_extra: dict | None = None) -> dict:
     return {"wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1)}
 
 
+def say(line: str) -> None:
+    """One line in one write: print() writes the newline apart, so lines of runs side by side ran together."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def stage_of(config: Path) -> str:
     from alignment.runner import stage_of_file
 
@@ -158,10 +164,9 @@ def train_all(args, root: Path, run: str, out_dir: Path) -> list[dict]:
 
     def one(job) -> dict:
         row, cmd = job
-        print(f"[bench] {row['algorithm']} seed {row['seed']}: align {' '.join(cmd[:4])} {' '.join(cmd[8:])}",
-              flush=True)
+        say(f"[bench] {row['algorithm']} seed {row['seed']}: align {' '.join(cmd[:4])} {' '.join(cmd[8:])}")
         timing = timed_run(cmd, Path(row["artifact"]), out_dir / f"timings-{args.profile}.json", lock)
-        print(f"[bench] {row['algorithm']} seed {row['seed']} done: {timing}", flush=True)
+        say(f"[bench] {row['algorithm']} seed {row['seed']} done: {timing}")
         return {**row, **timing}
 
     pool = ThreadPoolExecutor(max_workers=max(1, args.jobs))
@@ -279,10 +284,14 @@ def markdown(table: dict, args, splits: list[str]) -> str:
                   *("-" if row[k] is None else f"{row[k]:.0f}" for k in ("wall_s", "cpu_s"))]
         lines.append("| " + " | ".join(cells) + " |")
     n = {s: next(iter(table.values()))[s]["n"] for s in splits}
+    jobs = getattr(args, "jobs", 1)
+    threads = next((o.split("=", 1)[1] for o in getattr(args, "override", []) if o.startswith("threads=")), "1")
+    side_by_side = f"; training runs {jobs} at a time, {threads} thread(s) each" * (jobs > 1)
     target = "the gold constraint check (RLVR)" if getattr(args, "reward", "model") == "gold" else "the reward model"
     lines.append(f"\nProfile `{args.profile}`, {args.seeds} seed(s), budget {args.responses} sampled responses x "
                  f"{args.max_new_tokens} tokens per on-policy run, optimising {target}; prompts per split {n}; greedy, "
-                 f"{args.max_new_tokens} new tokens. Command: `python bench/algorithms.py {' '.join(args.argv)}`")
+                 f"{args.max_new_tokens} new tokens{side_by_side}. Command: `python bench/algorithms.py "
+                 f"{' '.join(args.argv)}`")
     return "\n".join(lines)
 
 
