@@ -153,7 +153,7 @@ def train_all(args, root: Path, run: str, out_dir: Path) -> list[dict]:
         keys = (budget_overrides(algorithm, config, responses_for(args, algorithm), args.max_new_tokens)
                 + reward_overrides(algorithm, args.reward))
         needs_rm = stage != "dpo" and args.reward == "model"
-        for seed in range(args.seeds):
+        for seed in range(seeds_for(args, algorithm)):
             name = f"{args.prefix or run}-{algorithm}-s{seed}"
             cmd = ["run", stage, "-c", str(config), "--artifacts", str(root), "--run", name, f"seed={seed}",
                    f"inputs.sft={sft}", *([f"inputs.reward={reward}"] if needs_rm else []), *keys, *args.override,
@@ -273,14 +273,14 @@ def summarise(results: dict) -> dict:
 
 def markdown(table: dict, args, splits: list[str]) -> str:
     head = ["algorithm", *[f"gold, {s} (95% CI)" for s in splits], *[f"vs SFT, {s} (95% CI)" for s in splits],
-            "RM score", "KL to SFT", "mean length", "wall s / seed", "CPU s / seed"]
+            "RM score", "KL to SFT", "mean length", "seeds", "wall s / seed", "CPU s / seed"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for algorithm, row in table.items():
         cells = [algorithm]
         cells += [f"{row[s]['pass']:.3f} [{row[s]['pass_ci'][0]:.3f}, {row[s]['pass_ci'][1]:.3f}]" for s in splits]
         cells += ["-" if algorithm == "sft" else f"{row[s]['delta']:+.3f} "
                   f"[{row[s]['delta_ci'][0]:+.3f}, {row[s]['delta_ci'][1]:+.3f}]" for s in splits]
-        cells += [f"{row['rm']:.3f}", f"{row['kl']:.3f}", f"{row['length']:.1f}",
+        cells += [f"{row['rm']:.3f}", f"{row['kl']:.3f}", f"{row['length']:.1f}", str(row["seeds"] or "-"),
                   *("-" if row[k] is None else f"{row[k]:.0f}" for k in ("wall_s", "cpu_s"))]
         lines.append("| " + " | ".join(cells) + " |")
     n = {s: next(iter(table.values()))[s]["n"] for s in splits}
@@ -288,7 +288,9 @@ def markdown(table: dict, args, splits: list[str]) -> str:
     threads = next((o.split("=", 1)[1] for o in getattr(args, "override", []) if o.startswith("threads=")), "1")
     side_by_side = f"; training runs {jobs} at a time, {threads} thread(s) each" * (jobs > 1)
     target = "the gold constraint check (RLVR)" if getattr(args, "reward", "model") == "gold" else "the reward model"
-    lines.append(f"\nProfile `{args.profile}`, {args.seeds} seed(s), budget {args.responses} sampled responses x "
+    default, each = args.seeds if isinstance(args.seeds, tuple) else (args.seeds, {})
+    seeds = f"{default} seed(s)" + "".join(f", {a} {n}" for a, n in each.items())
+    lines.append(f"\nProfile `{args.profile}`, {seeds}, budget {args.responses} sampled responses x "
                  f"{args.max_new_tokens} tokens per on-policy run, optimising {target}; prompts per split {n}; greedy, "
                  f"{args.max_new_tokens} new tokens{side_by_side}. Command: `python bench/algorithms.py "
                  f"{' '.join(args.argv)}`")
@@ -337,6 +339,23 @@ def _responses(text: str) -> int | dict[str, int]:
     return {k.strip(): int(v) for k, v in (item.split("=", 1) for item in text.split(","))}
 
 
+def _seeds(text: str) -> tuple[int, dict[str, int]]:
+    """`3`, or `3,dpo=1,rloo=1`: a default and per-algorithm seed counts."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    plain = [t for t in items if "=" not in t]
+    if len(plain) > 1 or any(int(v) < 1 for v in plain):
+        raise argparse.ArgumentTypeError(f"expected N or N,ALGORITHM=N,...; got {text!r}")
+    each = {k.strip(): int(v) for k, v in (t.split("=", 1) for t in items if "=" in t)}
+    if any(v < 1 for v in each.values()):
+        raise argparse.ArgumentTypeError(f"seed counts must be >= 1; got {text!r}")
+    return (int(plain[0]) if plain else 3), each
+
+
+def seeds_for(args, algorithm: str) -> int:
+    default, each = args.seeds if isinstance(args.seeds, tuple) else (args.seeds, {})
+    return each.get(algorithm, default)
+
+
 def responses_for(args, algorithm: str) -> int:
     if isinstance(args.responses, dict):
         return args.responses.get(algorithm, args.default_responses)
@@ -346,7 +365,8 @@ def responses_for(args, algorithm: str) -> int:
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--profile", default="smollm2", choices=["tiny", "smollm2"])
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=_seeds, default=(3, {}),
+                   help="seeds per algorithm: N, or N,ALGORITHM=N,... (e.g. 3,dpo=1: the table's seeds column says)")
     p.add_argument("--algorithms", type=lambda s: s.split(","), default=list(ALGORITHMS))
     p.add_argument("--artifacts", type=Path, default=Path("/tmp/bench-algorithms"))
     p.add_argument("--responses", type=_responses, default=None,
@@ -378,6 +398,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args.precision = "fp32" if tiny else "auto"
     args.plot = args.plot or REPO / "docs" / "img" / f"algorithms_{args.profile}{'_gold' * (args.reward == 'gold')}.png"
     args.argv = argv
+    unknown = [a for a in args.seeds[1] if a not in ALGORITHMS]
+    if unknown:
+        p.error(f"--seeds: unknown {unknown}; choose from {', '.join(ALGORITHMS)}")
     args.shared_dir = (args.shared.resolve() if args.shared else args.artifacts / f"{args.profile}-bench")
     args.tag = args.results_tag or args.profile + ("-gold" if args.reward == "gold" else "")
     unknown = [a for a in args.algorithms if a not in ALGORITHMS]

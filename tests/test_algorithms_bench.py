@@ -47,6 +47,16 @@ def test_reward_keys_name_the_shared_model_or_the_gold_check_for_every_on_policy
     assert args.shared_dir == Path("/tmp/x/run") and args.tag == "tiny-gold"
 
 
+def test_seeds_per_algorithm_and_bad_counts(capsys):
+    args = bench.parse(["--profile", "tiny", "--seeds", "3,dpo=1,rloo=2"])
+    assert [bench.seeds_for(args, a) for a in ("ppo", "dpo", "rloo")] == [3, 1, 2]
+    assert bench.seeds_for(bench.parse(["--profile", "tiny", "--seeds", "2"]), "dpo") == 2
+    for bad in ("0", "3,dpo=0", "2,3", "3,sft=1"):
+        with pytest.raises(SystemExit):
+            bench.parse(["--profile", "tiny", "--seeds", bad])
+        assert "--seeds" in capsys.readouterr().err
+
+
 def run(gold: list[float]) -> dict:
     return {"splits": {"held-out phrasings": {"gold": gold, "rm": [0.0] * len(gold), "length": [10] * len(gold)}},
             "kl_seq": 0.5, "wall_s": 10.0, "cpu_s": 20.0}
@@ -63,6 +73,7 @@ def test_summary_averages_seeds_per_prompt_then_bootstraps_prompts():
     assert table["online_dpo"]["seeds"] == 2 and table["online_dpo"]["kl"] == 0.5
     text = bench.markdown(table, _args(), ["held-out phrasings"])
     assert "| online_dpo | 0.625 [" in text and "+0.125 [+0.000," in text
+    assert "| 10.0 | 2 | 10 | 20 |" in text  # mean length, seeds, wall and CPU s per seed
 
 
 def _args():
