@@ -649,15 +649,20 @@ def _acceptable(text: str, constraints: list[dict], violate: str | None) -> bool
 
 FORCED_LONGER = {"max_words", "max_sentences"}  # the violation itself fixes which response is longer
 FORCED_SHORTER = {"min_words", "min_sentences"}
+FREE_KINDS = len(set(TRAIN_KINDS) - FORCED_LONGER - FORCED_SHORTER)  # the kinds that can even out the file
 
 
 def make_item(rng: random.Random, main: str, topic: dict, phrasing: str, used: set[str],
-              pairs: bool, balance: list[int]) -> dict:
+              pairs: bool, balance: dict[str, int]) -> dict:
     """One prompt (unique across all files) with its constraints, chosen and maybe rejected response.
 
-    `balance` is the running sum of len(chosen) - len(rejected) in words over this file: where the violation
-    leaves the direction free, the rejected response is made longer more often while chosen ones have been
-    longer, and shorter otherwise, so that length does not predict preference over the file."""
+    `balance` holds the running sums of len(chosen) - len(rejected) in words over this file's pairs: per kind,
+    and over the file ("all"). Where the violation leaves the direction free, the rejected response is made
+    longer more often while chosen ones have been longer, and shorter otherwise, weighing the kind's own sum
+    plus an equal share of the file's, so that length predicts preference neither within a kind nor over the
+    file. (With the file's sum alone the free kinds made up for the forced ones unevenly: keyword's chosen answer
+    was the shorter one in 72% of the training pairs and in 46% of the held-out-phrasing ones, a shortcut a
+    reward model learned.)"""
     for _ in range(600):
         constraints = sample_constraints(rng, main, topic)
         prompt, template = prompt_text(rng, topic["name"], constraints, phrasing)
@@ -669,13 +674,15 @@ def make_item(rng: random.Random, main: str, topic: dict, phrasing: str, used: s
         rejected = ""
         if pairs:
             n = count_words(chosen)
+            lean = balance.get(main, 0) + balance.get("all", 0) / FREE_KINDS
             longer = main in FORCED_LONGER or (main not in FORCED_SHORTER
-                                               and rng.random() < (0.8 if balance[0] > 0 else 0.2))
+                                               and rng.random() < (0.8 if lean > 0 else 0.2))
             rejected = compose(rng, topic, constraints, violate=main,
                                longer_than=n if longer else None, shorter_than=None if longer else n)
             if rejected is None:
                 continue
-            balance[0] += n - count_words(rejected)
+            for key in (main, "all"):
+                balance[key] = balance.get(key, 0) + n - count_words(rejected)
         used.add(prompt)
         return {"prompt": prompt, "template": template, "constraints": constraints, "chosen": chosen,
                 "rejected": rejected}
@@ -688,7 +695,7 @@ def build_file(rng: random.Random, spec: tuple, topics: list[dict], used: set[st
     kinds = TRAIN_KINDS if kind_pool == "train" else HELDOUT_KINDS
     kinds = rng.sample(kinds, len(kinds))
     order = rng.sample(topics, len(topics))
-    rows, balance = [], [0]
+    rows, balance = [], {}
     for i in range(size):
         main = kinds[i % len(kinds)]
         # Every topic once per round; each round shifts by one so that a kind meets every topic (with 16 kinds
@@ -726,8 +733,13 @@ def length_preference_stats(rows: list[dict]) -> dict:
     cov = sum((x - ml) * (y - my) for x, y in zip(lens, labels))
     sx = math.sqrt(sum((x - ml) ** 2 for x in lens))
     sy = math.sqrt(sum((y - my) ** 2 for y in labels))
-    longer = sum(count_words(r["chosen"][0]["content"]) > count_words(r["rejected"][0]["content"]) for r in rows)
-    return {"corr": cov / (sx * sy), "chosen_longer": longer / len(rows)}
+    is_longer = [count_words(r["chosen"][0]["content"]) > count_words(r["rejected"][0]["content"]) for r in rows]
+    by_kind: dict[str, list[bool]] = {}
+    for r, x in zip(rows, is_longer):
+        by_kind.setdefault(r["category"], []).append(x)
+    free = [sum(v) / len(v) for k, v in by_kind.items() if k not in FORCED_LONGER | FORCED_SHORTER]
+    return {"corr": cov / (sx * sy), "chosen_longer": sum(is_longer) / len(rows),
+            "free_kinds_chosen_longer": (min(free), max(free)) if free else None}
 
 
 def check_rows(rows: list[dict], pairs: bool, kinds: set[str]) -> None:
@@ -761,6 +773,9 @@ def main(argv: list[str] | None = None) -> None:
         if spec[3]:
             s = length_preference_stats(rows)
             line += f"; length/preference corr {s['corr']:+.3f}, chosen longer in {s['chosen_longer']:.1%}"
+            if s["free_kinds_chosen_longer"]:
+                low, high = s["free_kinds_chosen_longer"]
+                line += f" ({low:.0%}-{high:.0%} per kind where the violation leaves it free)"
         print(line)
         if spec[0] == "train":
             uses = Counter(c["type"] for r in rows for c in r["constraints"])

@@ -226,6 +226,26 @@ def test_build_is_deterministic_and_reports_length_balance(tmp_path):
     assert len(corr) == 3 and all(abs(c) < 0.1 for c in corr)
 
 
+def test_length_does_not_predict_preference_within_a_free_kind():
+    """Where the violation leaves the direction free, no kind's chosen answer is mostly the longer or the shorter
+    one in the training pairs (mean sign of len(chosen) - len(rejected) per kind; a file-wide balance once left
+    bullets at -0.47 and no_commas at -0.60)."""
+    from collections import defaultdict
+
+    sign = defaultdict(list)
+    for line in (DATA / "prefs/train.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        c, j = (count_words(r[k][0]["content"]) for k in ("chosen", "rejected"))
+        sign[r["category"]].append((c > j) - (c < j))
+    forced = {"max_words": -1, "min_words": 1, "min_sentences": 1}
+    for kind, signs in sign.items():
+        mean = sum(signs) / len(signs)
+        if kind in forced:
+            assert mean == forced[kind], kind
+        else:
+            assert abs(mean) < 0.35, (kind, mean)
+
+
 def test_graded_score_gives_count_constraints_partial_credit():
     # 6 words, 2 sentences, no bullets, three 'o's ("one", "two", "four"), no comma.
     r = "one two three. four five six."
