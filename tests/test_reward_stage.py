@@ -89,7 +89,7 @@ def test_manifest_records_base_lineage_inputs_and_gate_metrics(reward_store, tin
     for cat, v in by_cat.items():
         assert v["accuracy"] == m.metrics["eval_accuracy_by_category"][cat] and -1 <= v["length_corr"] <= 1
     assert m.metrics["gate_passed"] is True and m.metrics["gate_failures"] == []
-    assert m.metrics["loss_labels"] == "hard" and m.metrics["steps"] == 40 and m.metrics["stat_pairs"] == 32
+    assert m.metrics["loss_labels"] == "hard" and m.metrics["steps"] == 60 and m.metrics["stat_pairs"] == 32
     assert 0 < m.metrics["trainable_params"] < m.metrics["total_params"]
     assert m.metrics["reward_std"] > 0
     assert m.metrics["eval_accuracy_ci"][0] <= m.metrics["eval_accuracy"] <= m.metrics["eval_accuracy_ci"][1]
