@@ -281,7 +281,7 @@ def markdown(table: dict, args, splits: list[str]) -> str:
         cells += ["-" if algorithm == "sft" else f"{row[s]['delta']:+.3f} "
                   f"[{row[s]['delta_ci'][0]:+.3f}, {row[s]['delta_ci'][1]:+.3f}]" for s in splits]
         cells += [f"{row['rm']:.3f}", f"{row['kl']:.3f}", f"{row['length']:.1f}", str(row["seeds"] or "-"),
-                  *("-" if row[k] is None else f"{row[k]:.0f}" for k in ("wall_s", "cpu_s"))]
+                  *("-" if row[k] is None or algorithm == "sft" else f"{row[k]:.0f}" for k in ("wall_s", "cpu_s"))]
         lines.append("| " + " | ".join(cells) + " |")
     n = {s: next(iter(table.values()))[s]["n"] for s in splits}
     jobs = getattr(args, "jobs", 1)
