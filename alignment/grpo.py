@@ -228,7 +228,8 @@ def trainer_class(name: str, sampler: str = "engine"):
 
 def with_engine(trainer_cls):
     """`trainer_cls` whose plain-transformers sampling goes through `alignment.generation.generate`: LoRA merged
-    into temporary weights while sampling (`merged_lora`; bench/grpo_sampler.py: 1.77x per GRPO step on SmolLM2),
+    into the weights while sampling (`merged_lora`, in place with a `WeightStash` on CPU; bench/grpo_sampler.py:
+    1.77x per GRPO step on SmolLM2),
     ended rows leaving the batch (`retire_every`), bf16 autocast when the run is bf16, and one random stream per
     row seeded from the run's seed and step (not TRL's global RNG). TRL's own path stays for what this one does not
     cover: vLLM, continuous batching, DeepSpeed / FSDP, images, min_p / repetition penalties / extra generation
@@ -258,7 +259,7 @@ def with_engine(trainer_cls):
 def engine_completions(trainer, prompt_ids: list[list[int]]) -> list[list[int]]:
     """Sampled completion ids of each (already chat-templated) prompt row, through the first EOS, as TRL returns
     them; the batch is every row TRL asked for in one call, with the policy's LoRA merged while it samples."""
-    from alignment.generation import GenerationSpec, generate, merged_lora
+    from alignment.generation import GenerationSpec, WeightStash, generate, merged_lora
 
     model = trainer.accelerator.unwrap_model(trainer.model)
     # bf16 autocast only when the run trains in bf16 (precision fp32 samples in fp32)
@@ -272,7 +273,9 @@ def engine_completions(trainer, prompt_ids: list[list[int]]) -> list[list[int]]:
     trainer._engine_calls = (step, calls)
     seed = (trainer.args.seed * 1_000_003 + step * 10_007 + calls) % 2**31
     adapter = getattr(model, "active_adapter", None) if hasattr(model, "peft_config") else None
-    with merged_lora(model, adapter) if isinstance(adapter, str) else contextlib.nullcontext():
+    # merged in place, the base read back from a stash on disk afterwards (no second copy of the weights in memory)
+    stash = trainer.__dict__.setdefault("_weight_stash", WeightStash())
+    with merged_lora(model, adapter, stash=stash) if isinstance(adapter, str) else contextlib.nullcontext():
         ro = generate(model, trainer.processing_class, [None] * len(prompt_ids), spec, seed=seed,
                       prompt_ids=prompt_ids)
     return ro.token_lists

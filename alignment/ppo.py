@@ -184,13 +184,16 @@ class PPOSpec(Section):
     attention), the MLP's gated activation (Llama/Qwen/Mistral MLPs) and, with a plain LoRA on the down projection,
     its input (the widest activation, rebuilt from the gate and up outputs that are kept anyway), and the RMSNorms'
     fp32 copies. none: keep all. (The LM head's logits are never kept either way: `rl.head_logprobs_and_entropy`.)"""
-    rollout_weights: Literal["adapter", "merged"] = "adapter"
+    rollout_weights: Literal["adapter", "merged", "merged_in_place"] = "adapter"
     """The policy's weights while it samples the rollout. adapter: the base + the LoRA adapter's extra matmuls in
     every adapted layer, at every token. merged: a temporary bf16/fp32 copy of each adapted weight with the adapter
     merged in (base + B A, rounded once), the adapters off: no per-token LoRA work, at the cost of a copy of the
-    adapted weights during the rollout. The base weights are never modified, so the reference stays exact; the old
-    log-probs come from the training forward either way, so the sampler's rounding difference (merged vs unmerged)
-    does not enter the PPO ratio. Full fine-tuning and DoRA always sample with their own weights."""
+    adapted weights during the rollout. merged_in_place: the same weights written into the base tensors themselves,
+    which are read back afterwards from a raw copy in a temporary file (TMPDIR, written at the first rollout): the
+    same samples as merged without the second copy in memory (docs/ppo_bench.md). Either way the base weights are
+    bit for bit the same after the rollout, so the reference stays exact; the old log-probs come from the training
+    forward, so the sampler's rounding difference (merged vs unmerged) does not enter the PPO ratio. Full
+    fine-tuning and DoRA always sample with their own weights."""
     release_memory: Literal["none", "trim", "mmap"] = "trim"
     """Give freed activation memory back to the OS (glibc only; a no-op elsewhere). glibc raises its mmap threshold
     after the first large frees, so later activations come from its heaps, which keep their high-water mark.
@@ -371,6 +374,7 @@ class PPOTrainer:
         self.update = 0
         self.score_shift, self.score_scale = 0.0, 1.0  # ppo.score_norm: set by calibrate_scores
         self.length_slope = 0.0  # ppo.length_debias: reward per response token, also set by calibrate_scores
+        self._stash = None  # rollout_weights merged_in_place: the base weights' bytes on disk (generation.WeightStash)
         # A bf16 base trains its fp32 adapters under autocast (mixed precision): peft would otherwise keep an fp32
         # copy of every adapted layer's input for the backward pass (~0.6 GB for SmolLM2 at 8 x 100 tokens).
         # Every forward of every role runs under it, so the sampler, the old and the new log-probs agree.
@@ -594,7 +598,7 @@ class PPOTrainer:
         from alignment.generation import generate
 
         self._use(POLICY)
-        merged = self.merged_policy() if self.spec.rollout_weights == "merged" else contextlib.nullcontext()
+        merged = contextlib.nullcontext() if self.spec.rollout_weights == "adapter" else self.merged_policy()
         with merged, self._attention_for("sample"):
             return generate(self.model, self.tok, prompts, self.generation_spec(batch_size), seed=seed,
                             max_new_tokens=max_new_tokens, greedy=greedy, autocast_dtype=self.autocast_dtype)
@@ -613,16 +617,19 @@ class PPOTrainer:
 
     @contextmanager
     def merged_policy(self):
-        """Inside: the policy adapter merged into temporary copies of the adapted weights, the adapters off
-        (`alignment.generation.merged_lora`); the base tensors, i.e. the reference, are untouched. A no-op for full
-        fine-tuning and for adapter variants (DoRA) whose merge is not base + B A."""
-        from alignment.generation import merged_lora
+        """Inside: the policy adapter merged into the adapted weights, the adapters off (`alignment.generation.
+        merged_lora`: temporary copies, or in place with `rollout_weights: merged_in_place`); after it the base
+        tensors, i.e. the reference, are bit for bit what they were. A no-op for full fine-tuning and for adapter
+        variants (DoRA) whose merge is not base + B A."""
+        from alignment.generation import WeightStash, merged_lora
 
         if self.full:
             yield
             return
+        if self.spec.rollout_weights == "merged_in_place" and self._stash is None:
+            self._stash = WeightStash()
         try:
-            with merged_lora(self.model, POLICY):
+            with merged_lora(self.model, POLICY, stash=self._stash if self.spec.rollout_weights != "merged" else None):
                 yield
         finally:
             self._use(POLICY)

@@ -32,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import NamedTuple
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -150,10 +151,10 @@ def train_all(args, root: Path, run: str, out_dir: Path) -> list[dict]:
     for algorithm in args.algorithms:
         config = REPO / "configs" / args.profile / f"{algorithm}.yaml"
         stage = stage_of(config)
-        keys = (budget_overrides(algorithm, config, responses_for(args, algorithm), args.max_new_tokens)
+        keys = (budget_overrides(algorithm, config, args.responses.get(algorithm), args.max_new_tokens)
                 + reward_overrides(algorithm, args.reward))
         needs_rm = stage != "dpo" and args.reward == "model"
-        for seed in range(seeds_for(args, algorithm)):
+        for seed in range(args.seeds.get(algorithm)):
             name = f"{args.prefix or run}-{algorithm}-s{seed}"
             cmd = ["run", stage, "-c", str(config), "--artifacts", str(root), "--run", name, f"seed={seed}",
                    f"inputs.sft={sft}", *([f"inputs.reward={reward}"] if needs_rm else []), *keys, *args.override,
@@ -288,9 +289,8 @@ def markdown(table: dict, args, splits: list[str]) -> str:
     threads = next((o.split("=", 1)[1] for o in getattr(args, "override", []) if o.startswith("threads=")), "1")
     side_by_side = f"; training runs {jobs} at a time, {threads} thread(s) each" * (jobs > 1)
     target = "the gold constraint check (RLVR)" if getattr(args, "reward", "model") == "gold" else "the reward model"
-    default, each = args.seeds if isinstance(args.seeds, tuple) else (args.seeds, {})
-    seeds = f"{default} seed(s)" + "".join(f", {a} {n}" for a, n in each.items())
-    lines.append(f"\nProfile `{args.profile}`, {seeds}, budget {args.responses} sampled responses x "
+    lines.append(f"\nProfile `{args.profile}`, {args.seeds.describe('seed(s)')}, budget "
+                 f"{args.responses.describe('sampled responses')} x "
                  f"{args.max_new_tokens} tokens per on-policy run, optimising {target}; prompts per split {n}; greedy, "
                  f"{args.max_new_tokens} new tokens{side_by_side}. Command: `python bench/algorithms.py "
                  f"{' '.join(args.argv)}`")
@@ -333,43 +333,42 @@ def write_doc(doc: Path, profile: str, text: str) -> None:
     doc.write_text(new)
 
 
-def _responses(text: str) -> int | dict[str, int]:
-    if "=" not in text:
-        return int(text)
-    return {k.strip(): int(v) for k, v in (item.split("=", 1) for item in text.split(","))}
+class PerAlgorithm(NamedTuple):
+    """A count for every algorithm (`default`) with exceptions (`each`): `--seeds 3,dpo=1`, `--responses 768,ppo=384`."""
+
+    default: int | None
+    each: dict[str, int]
+
+    def get(self, algorithm: str) -> int:
+        return self.each.get(algorithm, self.default)
+
+    def describe(self, unit: str) -> str:
+        """`3 seed(s), dpo 1`: the footnote's words."""
+        return f"{self.default} {unit}" + "".join(f", {a} {n}" for a, n in self.each.items())
 
 
-def _seeds(text: str) -> tuple[int, dict[str, int]]:
-    """`3`, or `3,dpo=1,rloo=1`: a default and per-algorithm seed counts."""
+def _per_algorithm(text: str) -> PerAlgorithm:
+    """`N`, `N,ALGORITHM=N,...` or `ALGORITHM=N,...` (the default then comes from parse), every count >= 1."""
     items = [t.strip() for t in text.split(",") if t.strip()]
     plain = [t for t in items if "=" not in t]
-    if len(plain) > 1 or any(int(v) < 1 for v in plain):
-        raise argparse.ArgumentTypeError(f"expected N or N,ALGORITHM=N,...; got {text!r}")
-    each = {k.strip(): int(v) for k, v in (t.split("=", 1) for t in items if "=" in t)}
-    if any(v < 1 for v in each.values()):
-        raise argparse.ArgumentTypeError(f"seed counts must be >= 1; got {text!r}")
-    return (int(plain[0]) if plain else 3), each
-
-
-def seeds_for(args, algorithm: str) -> int:
-    default, each = args.seeds if isinstance(args.seeds, tuple) else (args.seeds, {})
-    return each.get(algorithm, default)
-
-
-def responses_for(args, algorithm: str) -> int:
-    if isinstance(args.responses, dict):
-        return args.responses.get(algorithm, args.default_responses)
-    return args.responses
+    try:
+        each = {k.strip(): int(v) for k, v in (t.split("=", 1) for t in items if "=" in t)}
+        counts = [int(v) for v in plain] + list(each.values())
+    except ValueError:
+        counts = None
+    if not items or counts is None or len(plain) > 1 or any(n < 1 for n in counts):
+        raise argparse.ArgumentTypeError(f"expected N or N,ALGORITHM=N,... with counts >= 1; got {text!r}")
+    return PerAlgorithm(int(plain[0]) if plain else None, each)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--profile", default="smollm2", choices=["tiny", "smollm2"])
-    p.add_argument("--seeds", type=_seeds, default=(3, {}),
+    p.add_argument("--seeds", type=_per_algorithm, default=PerAlgorithm(3, {}),
                    help="seeds per algorithm: N, or N,ALGORITHM=N,... (e.g. 3,dpo=1: the table's seeds column says)")
     p.add_argument("--algorithms", type=lambda s: s.split(","), default=list(ALGORITHMS))
     p.add_argument("--artifacts", type=Path, default=Path("/tmp/bench-algorithms"))
-    p.add_argument("--responses", type=_responses, default=None,
+    p.add_argument("--responses", type=_per_algorithm, default=PerAlgorithm(None, {}),
                    help="sampled responses per on-policy run: N, or per algorithm (online_dpo=768,ppo=384; a "
                         "smaller budget for one method is then named in the table's footnote)")
     p.add_argument("--max-new-tokens", type=int, default=None)
@@ -391,16 +390,16 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--results-tag", default=None, help="doc marker suffix (default the profile; e.g. smollm2-gold)")
     args = p.parse_args(argv)
     tiny = args.profile == "tiny"
-    args.default_responses = 64 if tiny else 768
-    if not isinstance(args.responses, dict):
-        args.responses = args.responses or args.default_responses
+    args.seeds = args.seeds._replace(default=args.seeds.default or 3)
+    args.responses = args.responses._replace(default=args.responses.default or (64 if tiny else 768))
     args.max_new_tokens = args.max_new_tokens or (16 if tiny else 128)  # SmolLM2 SFT finishes within 128
     args.precision = "fp32" if tiny else "auto"
     args.plot = args.plot or REPO / "docs" / "img" / f"algorithms_{args.profile}{'_gold' * (args.reward == 'gold')}.png"
     args.argv = argv
-    unknown = [a for a in args.seeds[1] if a not in ALGORITHMS]
-    if unknown:
-        p.error(f"--seeds: unknown {unknown}; choose from {', '.join(ALGORITHMS)}")
+    for flag, counts in (("--seeds", args.seeds), ("--responses", args.responses)):
+        unknown = [a for a in counts.each if a not in ALGORITHMS]
+        if unknown:
+            p.error(f"{flag}: unknown {unknown}; choose from {', '.join(ALGORITHMS)}")
     args.shared_dir = (args.shared.resolve() if args.shared else args.artifacts / f"{args.profile}-bench")
     args.tag = args.results_tag or args.profile + ("-gold" if args.reward == "gold" else "")
     unknown = [a for a in args.algorithms if a not in ALGORITHMS]

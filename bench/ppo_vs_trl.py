@@ -34,7 +34,7 @@ three keys are the bench's own: reward=merged (the old merged reward model), lor
 LoRA forward instead of alignment.fused_lora's) and prefill=padded (generation.prefill: HF generate's prefill of the
 left-padded prompts instead of alignment.generation.packed_prefill).
 
-Writes bench/out/ppo_vs_trl.json and prints the markdown table of docs/ppo_bench.md.
+Writes bench/out/ppo_vs_trl.json (`--out`) and prints the markdown table of docs/ppo_bench.md.
 """
 
 from __future__ import annotations
@@ -436,6 +436,8 @@ def main() -> None:
                     help=f"updates per side (default {UPDATES}, the benchmark; fewer for a quick check)")
     ap.add_argument("--result")
     ap.add_argument("--repeat", type=int, default=1, help="run every (mode, side) pair this many times, interleaved")
+    ap.add_argument("--out", type=Path, default=OUT / "ppo_vs_trl.json",
+                    help="where the raw figures go (a run of some sides need not replace the last full comparison)")
     a = ap.parse_args()
     if a.side:  # a child
         work = WORK / a.precision
@@ -463,7 +465,8 @@ def main() -> None:
                                threads=a.threads, lora=LORA, lr=LR, kl_coef=KL_COEF, precision=a.precision,
                                updates_run=a.updates),
               "results": results, "reward_check": reward_check(results, info["probe_scores_fp32"])}
-    (OUT / "ppo_vs_trl.json").write_text(json.dumps(report, indent=1))
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(report, indent=1))
     print(table(results))
     print(memory_table(results))
     check = report["reward_check"]

@@ -47,14 +47,20 @@ def test_reward_keys_name_the_shared_model_or_the_gold_check_for_every_on_policy
     assert args.shared_dir == Path("/tmp/x/run") and args.tag == "tiny-gold"
 
 
-def test_seeds_per_algorithm_and_bad_counts(capsys):
-    args = bench.parse(["--profile", "tiny", "--seeds", "3,dpo=1,rloo=2"])
-    assert [bench.seeds_for(args, a) for a in ("ppo", "dpo", "rloo")] == [3, 1, 2]
-    assert bench.seeds_for(bench.parse(["--profile", "tiny", "--seeds", "2"]), "dpo") == 2
-    for bad in ("0", "3,dpo=0", "2,3", "3,sft=1"):
-        with pytest.raises(SystemExit):
-            bench.parse(["--profile", "tiny", "--seeds", bad])
-        assert "--seeds" in capsys.readouterr().err
+def test_seeds_and_responses_per_algorithm_and_bad_counts(capsys):
+    args = bench.parse(["--profile", "tiny", "--seeds", "3,dpo=1,rloo=2", "--responses", "ppo=32"])
+    assert [args.seeds.get(a) for a in ("ppo", "dpo", "rloo")] == [3, 1, 2]
+    assert [args.responses.get(a) for a in ("ppo", "grpo")] == [32, 64]  # the tiny default where none is given
+    assert args.seeds.describe("seed(s)") == "3 seed(s), dpo 1, rloo 2"
+    assert args.responses.describe("sampled responses") == "64 sampled responses, ppo 32"
+    assert bench.parse(["--profile", "tiny", "--seeds", "2"]).seeds.get("dpo") == 2
+    assert bench.parse(["--profile", "tiny", "--seeds", "dpo=2"]).seeds.get("ppo") == 3
+    assert bench.parse(["--profile", "smollm2"]).responses.get("ppo") == 768
+    for flag in ("--seeds", "--responses"):
+        for bad in ("0", "3,dpo=0", "2,3", "3,sft=1", "x", "dpo=y", ""):
+            with pytest.raises(SystemExit):
+                bench.parse(["--profile", "tiny", flag, bad])
+            assert flag in capsys.readouterr().err
 
 
 def run(gold: list[float]) -> dict:
@@ -79,7 +85,8 @@ def test_summary_averages_seeds_per_prompt_then_bootstraps_prompts():
 def _args():
     import argparse
 
-    return argparse.Namespace(profile="tiny", seeds=2, responses=64, max_new_tokens=16, argv=["--profile", "tiny"])
+    return argparse.Namespace(profile="tiny", seeds=bench.PerAlgorithm(2, {}), responses=bench.PerAlgorithm(64, {}),
+                              max_new_tokens=16, argv=["--profile", "tiny"])
 
 
 def test_the_doc_block_is_replaced_not_appended_twice(tmp_path):

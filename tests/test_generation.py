@@ -336,3 +336,80 @@ def test_packed_prefill_steps_aside_when_it_saves_nothing_or_does_not_apply(lm):
     config = MistralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                            num_attention_heads=2, num_key_value_heads=1, sliding_window=4)
     assert G.packed_prefill(MistralForCausalLM(config), ids, mask) is None
+
+
+def _lora(model, targets, seed=0):
+    from peft import LoraConfig, get_peft_model
+
+    peft = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    torch.manual_seed(seed)
+    with torch.no_grad():  # a trained-looking adapter (peft starts B at zero: merging would be a no-op)
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.5)
+    return peft
+
+
+def _base_weights(peft):
+    return {n: p.detach().clone() for n, p in peft.named_parameters(remove_duplicate=False) if "lora_" not in n}
+
+
+def test_merging_in_place_samples_what_the_copy_does_and_puts_the_base_back_bit_for_bit(lm):
+    model, tok = lm
+    peft = _lora(model, ["q_proj", "v_proj", "down_proj"])
+    before, stash = _base_weights(peft), G.WeightStash()
+    layers = G._adapted_layers(peft, "default")
+    assert layers and stash.fits(peft, layers)
+    with G.merged_lora(peft, "default"):  # the copy path
+        want = generate(peft, tok, PROMPTS, GREEDY).response_ids
+        merged = {n: p.detach().clone() for n, p in peft.named_parameters() if "base_layer" in n}
+    for _ in range(2):  # the stash is written at the first merge and read back after each
+        ptrs = [m.base_layer.weight.data_ptr() for m in layers]
+        with G.merged_lora(peft, "default", stash=stash):
+            assert [m.base_layer.weight.data_ptr() for m in layers] == ptrs  # the same tensors, written in place
+            assert all(torch.equal(p, merged[n]) for n, p in peft.named_parameters() if "base_layer" in n)
+            assert torch.equal(generate(peft, tok, PROMPTS, GREEDY).response_ids, want)
+        now = _base_weights(peft)
+        assert all(torch.equal(now[n], before[n]) for n in before)
+    assert torch.equal(generate(peft, tok, PROMPTS, GREEDY).response_ids, want)  # the adapter is back on ...
+    assert not torch.equal(generate(model, tok, PROMPTS, GREEDY).response_ids, want)  # ... and it matters
+    with pytest.raises(KeyError), G.merged_lora(peft, "default", stash=stash):  # an error inside still restores
+        raise KeyError("boom")
+    now = _base_weights(peft)
+    assert all(torch.equal(now[n], before[n]) for n in before)
+    stash.close()
+
+
+def test_an_adapted_weight_tied_to_another_is_merged_into_a_copy_not_in_place(lm):
+    model, tok = lm
+    tied = copy.deepcopy(model)
+    tied.lm_head.weight = tied.model.embed_tokens.weight  # a tied head, adapted: merging in place would move both
+    peft = _lora(tied, ["lm_head", "q_proj"])
+    stash = G.WeightStash()
+    assert not stash.fits(peft, G._adapted_layers(peft, "default"))
+    embeddings = peft.get_input_embeddings().weight.detach().clone()
+    with G.merged_lora(peft, "default", stash=stash):
+        assert torch.equal(peft.get_input_embeddings().weight, embeddings)
+    assert stash._file is None  # nothing was stashed
+
+
+def test_a_stash_that_cannot_be_written_falls_back_to_copies_with_one_warning(lm, monkeypatch, caplog):
+    import tempfile
+
+    model, tok = lm
+    peft = _lora(model, ["q_proj"])
+    before, stash = _base_weights(peft), G.WeightStash()
+    layers = G._adapted_layers(peft, "default")
+    ptrs = [m.base_layer.weight.data_ptr() for m in layers]
+
+    def full(*_, **__):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", full)
+    for _ in range(2):
+        with caplog.at_level("WARNING", logger="align"), G.merged_lora(peft, "default", stash=stash):
+            assert [m.base_layer.weight.data_ptr() for m in layers] != ptrs  # merged into copies
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "No space left on device" in warnings[0] and "not in place" in warnings[0]
+    now = _base_weights(peft)
+    assert all(torch.equal(now[n], before[n]) for n in before)

@@ -241,9 +241,9 @@ def test_rlvr_recipe_needs_only_sft_and_scores_cut_completions_zero():
 
 
 def test_trl_samples_through_our_engine_with_the_lora_merged(store, tmp_path):
-    """GRPO/RLOO rollouts go through alignment.generation (LoRA merged into temporary weights, seeded rows):
-    TRL's completion contract (ids through the first EOS), the same tokens as sampling with the adapter unmerged
-    (fp32), the base weights untouched, and TRL's own path where ours does not apply."""
+    """GRPO/RLOO rollouts go through alignment.generation (LoRA merged in place, seeded rows): TRL's completion
+    contract (ids through the first EOS), the same tokens as sampling with the adapter unmerged (fp32), the base
+    weights bit for bit as before (read back from the stash), and TRL's own path where ours does not apply."""
     from alignment.generation import GenerationSpec, generate
     from alignment.grpo import engine_completions
 
@@ -269,6 +269,7 @@ def test_trl_samples_through_our_engine_with_the_lora_merged(store, tmp_path):
     for c in completions:
         assert len(c) <= 12 and (c[-1] == tok.eos_token_id or len(c) == 12)
         assert tok.eos_token_id not in c[:-1]
+    assert trainer._weight_stash._file is not None  # merged in place, not into copies
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     # the same seed through the unmerged adapter: the same tokens
     spec = GenerationSpec(max_new_tokens=12, do_sample=True, batch_size=12, autocast="off")  # precision fp32

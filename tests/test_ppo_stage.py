@@ -205,8 +205,9 @@ def test_packed_and_padded_passes_compute_the_same_logprobs_and_values(tiny_stor
     assert torch.allclose(lp[m], want_lp[m], atol=1e-5) and torch.allclose(values[m], want_values[m], atol=1e-5)
 
 
-def test_merged_rollout_samples_with_the_adapter_merged_and_leaves_the_reference_exact(tiny_store):
-    trainer, _, _ = _trainer(tiny_store, mini_batch_size=8, ppo_epochs=1, rollout_weights="merged")
+@pytest.mark.parametrize("weights", ["merged", "merged_in_place"])
+def test_merged_rollout_samples_with_the_adapter_merged_and_leaves_the_reference_exact(tiny_store, weights):
+    trainer, _, _ = _trainer(tiny_store, mini_batch_size=8, ppo_epochs=1, rollout_weights=weights)
     adapted, _, _ = _trainer(tiny_store, rollout_weights="adapter")
     # a fresh adapter merges to the base weights exactly: the same samples as the adapter path
     assert torch.equal(trainer.rollout(PROMPTS, seed=3).response_ids, adapted.rollout(PROMPTS, seed=3).response_ids)
