@@ -16,7 +16,8 @@
 4. Every policy and the SFT model answer the prompts of each eval split greedily: gold pass rate (every constraint
    met, `alignment.gold`), reward-model score (raw), mean response length (tokens), and KL(policy || SFT) on
    sampled responses (`alignment.dpo.sampled_kl`). Pass rates get a percentile bootstrap CI over prompts (each
-   prompt's outcome averaged over seeds), and so does the per-prompt difference to the SFT model.
+   prompt's outcome averaged over seeds), and so does the per-prompt difference to the SFT model. Each policy is
+   evaluated in its own process, `--jobs` at a time (one thread each when more than one).
 
 Writes `<out-dir>/algorithms-<profile>.json`, the table between `<!-- results:<profile> -->` markers in `--doc`
 (docs/algorithms.md) and a plot (`--plot`).
@@ -28,13 +29,14 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
 import time
-from typing import NamedTuple
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 ALGORITHMS = ("dpo", "online_dpo", "ppo", "grpo", "rloo")
@@ -216,22 +218,55 @@ def evaluate(art_path: Path, sft_model, tok, splits: dict, scorer, args) -> dict
     return {"splits": out, "kl_seq": kl["kl_seq"]}
 
 
-def evaluate_all(args, root: Path, run: str, trained: list[dict]) -> dict:
+def evaluate_one(args) -> None:
+    """The child of `evaluate_all`: one policy (`--evaluate ARTIFACT`, or `sft`) against the shared SFT model and
+    reward model, its result as JSON in `--result`."""
+    import torch
+
     from alignment.artifacts import ArtifactStore
     from alignment.models import load_tokenizer
     from alignment.policy import load_policy
     from alignment.reward_sources import ModelReward
 
+    if args.jobs > 1:
+        torch.set_num_threads(1)  # side by side with another evaluation: one core each
     store = ArtifactStore(args.shared_dir.parent)
     sft = store.read(args.shared_dir / "sft")
     sft_model, tok = load_policy(sft, args.precision).eval(), load_tokenizer(sft.model_dir)
     scorer = ModelReward.from_artifact(store.read(args.shared_dir / "reward"), args.precision)
     splits = load_splits(args.splits, args.max_eval_prompts)
-    results = {"sft": [evaluate(None, sft_model, tok, splits, scorer, args)]}
-    for row in trained:
-        print(f"[bench] evaluating {row['algorithm']} seed {row['seed']}", flush=True)
-        results.setdefault(row["algorithm"], []).append(
-            {**evaluate(Path(row["artifact"]), sft_model, tok, splits, scorer, args), **row})
+    art = None if args.evaluate == "sft" else Path(args.evaluate)
+    Path(args.result).write_text(json.dumps(evaluate(art, sft_model, tok, splits, scorer, args)))
+
+
+def evaluate_all(args, trained: list[dict]) -> dict:
+    """The SFT model and every trained policy, each in its own process (`evaluate_one`), `--jobs` at a time."""
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="bench-eval-", dir=args.out_dir))
+    jobs = [("sft", {"algorithm": "sft", "seed": 0})] + [(row["artifact"], row) for row in trained]
+
+    def one(i: int) -> dict:
+        target, row = jobs[i]
+        result = work / f"{i}.json"
+        say(f"[bench] evaluating {row['algorithm']} seed {row['seed']}")
+        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO),
+               **({"OMP_NUM_THREADS": "1"} if args.jobs > 1 else {})}
+        proc = subprocess.run([sys.executable, __file__, *args.argv, "--evaluate", target, "--result", str(result)],
+                              cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if proc.returncode != 0:
+            sys.exit(f"evaluating {target} failed ({proc.returncode}):\n{proc.stderr.decode(errors='replace')[-3000:]}")
+        return json.loads(result.read_text())
+
+    pool = ThreadPoolExecutor(max_workers=max(1, args.jobs))
+    try:
+        done = list(pool.map(one, range(len(jobs))))
+    finally:
+        pool.shutdown(cancel_futures=True)
+    results = {"sft": [done[0]]}
+    for (_, row), res in zip(jobs[1:], done[1:]):
+        results.setdefault(row["algorithm"], []).append({**res, **row})
+    shutil.rmtree(work, ignore_errors=True)
     return results
 
 
@@ -388,6 +423,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="a run folder whose base/sft/reward artifacts to start from (else built as <profile>-bench)")
     p.add_argument("--prefix", default=None, help="run-name prefix of the trained runs (default <profile>-bench)")
     p.add_argument("--results-tag", default=None, help="doc marker suffix (default the profile; e.g. smollm2-gold)")
+    p.add_argument("--evaluate", help=argparse.SUPPRESS)  # (internal) the policy an evaluation child evaluates
+    p.add_argument("--result", help=argparse.SUPPRESS)  # (internal) where that child writes its JSON
     args = p.parse_args(argv)
     tiny = args.profile == "tiny"
     args.seeds = args.seeds._replace(default=args.seeds.default or 3)
@@ -410,11 +447,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse(sys.argv[1:] if argv is None else argv)
+    if args.evaluate:
+        evaluate_one(args)
+        return {}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     root, run = args.artifacts, f"{args.profile}-bench"
     setup = shared_inputs(args.profile, root, run, args.shared)
     trained = train_all(args, root, run, args.out_dir)
-    results = evaluate_all(args, root, run, trained)
+    results = evaluate_all(args, trained)
     table = summarise(results)
     splits = list(next(iter(table.values())).keys() - {"seeds", "rm", "length", "kl", "wall_s", "cpu_s"})
     splits = [s for s in args.splits if s in splits]
