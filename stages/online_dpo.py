@@ -38,7 +38,7 @@ from alignment.manifest import sha256_file
 from alignment.models import load_tokenizer
 from alignment.online_dpo import build_pairs, round_prompts, sample_stats, score_groups, load_adapter_weights
 from alignment.peft_methods import describe, peft_config
-from alignment.policy import lineage_for, load_policy, require_mergeable, save_on_parent
+from alignment.policy import lineage_for, load_policy, merge_adapter, require_mergeable, save_on_parent
 from alignment.preferences import to_trl_dataset
 from alignment.prompts import PromptData, load_prompts
 from alignment.reward_sources import RewardSource, text_reward_fn
@@ -112,17 +112,23 @@ def upstream(cfg: Config) -> tuple[str, ...]:
 # -- one round ---------------------------------------------------------------------------------------
 
 
-def policy_with_adapter(sft, precision: str, adapter_dir: Path | None):
-    """SFT merged, with the previous round's adapter on top (None: round 1 samples from the SFT model)."""
+def policy_with_adapter(sft, precision: str, adapter_dir: Path | None, *, merged: bool = False):
+    """SFT merged, with the previous round's LoRA adapter on top (None: round 1 samples from the SFT model).
+    `merged`: the adapter merged into the weights, for a copy that only samples and is dropped after (nothing to
+    undo; at a round's 64 rows an unmerged adapter made each token step 2.26x slower, bench/rollout_weights.py
+    --rows 64). Unmerged, the adapter can be switched off (the SFT reference of the held-out KL)."""
     from peft import PeftModel
 
     model = load_policy(sft, precision)
-    return (PeftModel.from_pretrained(model, adapter_dir) if adapter_dir else model).eval()
+    if adapter_dir is None:
+        return model.eval()
+    model = PeftModel.from_pretrained(model, adapter_dir)
+    return (merge_adapter(model) if merged else model).eval()
 
 
 def sample_round(cfg: Config, sft, tok, scorer, items: list[dict], index: int, prev: Path | None) -> list[dict]:
     """Every prompt of the round with its K responses, their scores, finish flags and token counts."""
-    model = policy_with_adapter(sft, cfg.precision, prev)
+    model = policy_with_adapter(sft, cfg.precision, prev, merged=True)
     k = cfg.generation.num_return_sequences
     # Seeded per round: a resumed run samples exactly what an uninterrupted one would have.
     rollout = generate(model, tok, [it["prompt"] for it in items], cfg.generation,

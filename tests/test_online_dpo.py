@@ -146,3 +146,27 @@ def test_bad_config_is_one_line_naming_the_key(tmp_path, capsys):
                  "generation.num_return_sequences=1"])
     err = capsys.readouterr().err
     assert code == 2 and "peft.method" in err and "generation.num_return_sequences" in err and "Traceback" not in err
+
+
+def test_the_round_sampler_is_the_previous_adapter_merged_into_a_plain_model(tiny_store, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from stages.online_dpo import policy_with_adapter
+
+    root, run = tiny_store
+    sft = ArtifactStore(root).read_stage(run, "sft")
+    peft = get_peft_model(load_policy(sft, "fp32"), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    torch.manual_seed(0)
+    with torch.no_grad():  # a trained-looking adapter (B != 0), as a finished round leaves it
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.1)
+    peft.save_pretrained(tmp_path / "round1")
+    sampler = policy_with_adapter(sft, "fp32", tmp_path / "round1", merged=True)
+    assert not isinstance(sampler, PeftModel) and not any("lora_" in n for n, _ in sampler.named_parameters())
+    ids = torch.tensor([[5, 9, 17, 3, 8]])
+    with torch.no_grad():
+        want, got = peft.eval()(input_ids=ids).logits, sampler(input_ids=ids).logits
+        plain = policy_with_adapter(sft, "fp32", None, merged=True)(input_ids=ids).logits  # round 1: the SFT model
+    assert torch.allclose(got, want, atol=1e-4) and not torch.allclose(plain, want, atol=1e-2)
+    assert isinstance(policy_with_adapter(sft, "fp32", tmp_path / "round1"), PeftModel)  # the KL's: switchable
