@@ -682,11 +682,6 @@ class WeightStash:
             if self._file.readinto(memoryview(view).cast("B")) != view.nbytes:
                 raise RuntimeError("WeightStash: the stash file is shorter than the weights it holds")
 
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file, self._layers = None, []
-
 
 def _raw(t):
     """A writable numpy view of a contiguous tensor's bytes (any dtype, bf16 included)."""

@@ -629,7 +629,7 @@ class PPOTrainer:
         if self.spec.rollout_weights == "merged_in_place" and self._stash is None:
             self._stash = WeightStash()
         try:
-            with merged_lora(self.model, POLICY, stash=self._stash if self.spec.rollout_weights != "merged" else None):
+            with merged_lora(self.model, POLICY, stash=self._stash):  # None (copies) unless merged_in_place
                 yield
         finally:
             self._use(POLICY)

@@ -377,7 +377,6 @@ def test_merging_in_place_samples_what_the_copy_does_and_puts_the_base_back_bit_
         raise KeyError("boom")
     now = _base_weights(peft)
     assert all(torch.equal(now[n], before[n]) for n in before)
-    stash.close()
 
 
 def test_an_adapted_weight_tied_to_another_is_merged_into_a_copy_not_in_place(lm):
