@@ -657,6 +657,8 @@ class WeightStash:
             if [id(m) for m in layers] != self._layers:
                 raise RuntimeError("WeightStash: the adapted layers changed since the stash was written")
             return True
+        if self._failed:  # do not rewrite ~the model's size to a full disk at every rollout
+            return False
         f = None
         try:
             f = tempfile.TemporaryFile(prefix="align-base-weights-")
@@ -666,10 +668,9 @@ class WeightStash:
         except OSError as e:
             if f is not None:
                 f.close()
-            if not self._failed:
-                logging.getLogger("align").warning("merging the adapter into copies of the weights, not in place: "
-                                                   "cannot stash the base weights in %s (%s)", tempfile.gettempdir(),
-                                                   e.strerror or e)
+            logging.getLogger("align").warning("merging the adapter into copies of the weights, not in place: "
+                                               "cannot stash the base weights in %s (%s)", tempfile.gettempdir(),
+                                               e.strerror or e)
             self._failed = True
             return False
         self._file, self._layers = f, [id(m) for m in layers]
