@@ -663,7 +663,7 @@ class WeightStash:
         try:
             f = tempfile.TemporaryFile(prefix="align-base-weights-")
             for m in layers:
-                f.write(_raw(m.base_layer.weight).tobytes())
+                f.write(memoryview(_raw(m.base_layer.weight)).cast("B"))  # the tensor's own bytes, no copy
             f.flush()
         except OSError as e:
             if f is not None:
