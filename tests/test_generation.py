@@ -379,6 +379,20 @@ def test_merging_in_place_samples_what_the_copy_does_and_puts_the_base_back_bit_
     assert all(torch.equal(now[n], before[n]) for n in before)
 
 
+@pytest.mark.parametrize("in_place", [False, True])
+def test_the_merged_weights_are_peft_s_base_plus_delta_rounded_once(lm, in_place):
+    model, _ = lm
+    peft = _lora(copy.deepcopy(model).to(torch.bfloat16), ["q_proj", "v_proj", "down_proj"])
+    layers = G._adapted_layers(peft, "default")
+    assert len({m.base_layer.weight.shape for m in layers}) < len(layers)  # shapes repeat: the scratch is reused
+    want = [(m.base_layer.weight.float() + m.get_delta_weight("default").float()).to(torch.bfloat16) for m in layers]
+    with torch.no_grad(), G.merged_lora(peft, "default", stash=G.WeightStash() if in_place else None):
+        got = [m.base_layer.weight.detach().clone() for m in layers]
+    assert all(g.dtype == torch.bfloat16 for g in got)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert not any(torch.equal(g, m.base_layer.weight) for g, m in zip(got, layers))  # and they were merged
+
+
 def test_an_adapted_weight_tied_to_another_is_merged_into_a_copy_not_in_place(lm):
     model, tok = lm
     tied = copy.deepcopy(model)
