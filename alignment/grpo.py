@@ -282,7 +282,7 @@ def engine_completions(trainer, prompt_ids: list[list[int]]) -> list[list[int]]:
 
 
 # -- the run -------------------------------------------------------------------------------------------------------
-def build_trainer(cfg, sft, prompts: list[dict], score, checkpoints_dir):
+def build_trainer(cfg, sft, prompts: list[dict], score, checkpoints_dir, health=None):
     """TRL's GRPOTrainer / RLOOTrainer on base + SFT merged, whose reference is that same SFT model."""
     from alignment.models import load_tokenizer
     from alignment.peft_methods import METHODS, peft_config, select_trainable
@@ -311,13 +311,48 @@ def build_trainer(cfg, sft, prompts: list[dict], score, checkpoints_dir):
         try:
             trainer = trainer_cls(model=policy, reward_funcs=[reward, *group.length_rewards()], args=args,
                                   train_dataset=prompt_dataset(prompts),
-                                  processing_class=tok, peft_config=peft_config(cfg.peft), callbacks=callbacks())
+                                  processing_class=tok, peft_config=peft_config(cfg.peft),
+                                  callbacks=callbacks() + ([health_callback(health)] if health else []))
         finally:
             policy.config._name_or_path = name_or_path
     use_kernel(trainer.model, cfg.peft)
     if trainer.ref_model is not None:
         trainer.ref_model.requires_grad_(False)  # TRL only runs it under no_grad; frozen says so
     return trainer, tok
+
+
+TRL_HEALTH_KEYS = {"completions/clipped_ratio": "ppo/missing_eos_rate", "completions/mean_length": "ppo/response_length",
+                   "entropy": "ppo/entropy"}
+"""TRL's logged GRPO/RLOO statistics -> the health monitor's names (TRL's KL is k3 per token, never negative, and
+there is no in-run held-out evaluation: those two checks do not apply)."""
+
+
+def health_callback(spec):
+    """The PPO stage's guardrails (`health:`, alignment/ppo_callbacks.py) on TRL's logged rows: warnings into the
+    log, and a stop limit held for `patience` logged rows raises HealthStop (one line, exit 1). The first-row
+    reference (length drift, entropy) is the run's first logged row, also after a resume (TRL's log_history is
+    restored from the checkpoint); the consecutive-strike counts start again after a resume."""
+    from transformers import TrainerCallback
+
+    from alignment.ppo_callbacks import HealthMonitor
+
+    def health_row(logs: dict, step: int) -> dict:
+        return {"step": step, **{ours: logs[trl] for trl, ours in TRL_HEALTH_KEYS.items() if trl in logs}}
+
+    class Health(TrainerCallback):
+        def __init__(self):
+            self.monitor = HealthMonitor(spec, stage="grpo")
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            row = health_row(logs or {}, state.global_step)
+            if len(row) == 1:  # not a training row (e.g. the final summary)
+                return
+            if not self.monitor.first and state.log_history:  # after a resume: the run's first row, not this one
+                self.monitor.first.update({k: v for k, v in health_row(state.log_history[0], 0).items() if k != "step"})
+            for warning in self.monitor.check(row):
+                log.warning("[grpo] step %d: %s", state.global_step, warning)
+
+    return Health()
 
 
 def curve_summary(log_history: list[dict]) -> dict:

@@ -93,14 +93,25 @@ class HealthSpec(Section):
 
 
 BEST_KEYS = ("eval/gold", "eval/reward", "step")
+FIXES = {
+    "ppo": {"missing_eos": "raise ppo.max_new_tokens or ppo.missing_eos_penalty",
+            "entropy": "lower ppo.lr, raise ppo.kl_coef or ppo.ent_coef", "kl": "ppo.kl_coef",
+            "stopped": "a checkpoint was saved; change the limit to go on"},
+    # GRPO/RLOO (TRL's logged rows, alignment/grpo.py): a group whose completions are all cut scores the same,
+    # so once every completion runs on there is no advantage left to bring the policy back (docs/ppo.md)
+    "grpo": {"missing_eos": "raise group.max_completion_length, lower train.lr or raise group.beta",
+             "entropy": "lower train.lr or raise group.beta", "kl": "group.beta",
+             "stopped": "the run resumes from its last checkpoint (train.save_steps) once the limit is changed"},
+}
+"""What each stage's messages tell the user to change."""
 """What the monitor keeps of the evaluation with the best gold score (the reward-hacking check's reference)."""
 
 
 class HealthMonitor:
     """Applies a HealthSpec to the stream of update statistics (pure: numbers in, warnings/stop out)."""
 
-    def __init__(self, spec: HealthSpec):
-        self.spec = spec
+    def __init__(self, spec: HealthSpec, stage: str = "ppo"):
+        self.spec, self.stage, self.fix = spec, stage, FIXES[stage]
         self.first: dict = {}
         self.strikes: dict[str, int] = {}
         self.warnings: dict[str, int] = {}
@@ -126,8 +137,8 @@ class HealthMonitor:
         if "ppo/missing_eos_rate" in row:
             r = row["ppo/missing_eos_rate"]
             checks.append(("missing_eos", _gt(r, s.missing_eos_warn), _gt(r, s.missing_eos_stop),
-                           f"{r:.0%} of responses hit max_new_tokens without an EOS (raise ppo.max_new_tokens or "
-                           "ppo.missing_eos_penalty)", "missing_eos_stop"))
+                           f"{r:.0%} of responses hit max_new_tokens without an EOS ({self.fix['missing_eos']})",
+                           "missing_eos_stop"))
         if "ppo/response_length" in row and self.first.get("ppo/response_length"):
             f = row["ppo/response_length"] / self.first["ppo/response_length"]
             drift = max(f, 1 / f) if f > 0 else float("inf")
@@ -138,7 +149,7 @@ class HealthMonitor:
             f = row["ppo/entropy"] / self.first["ppo/entropy"]
             checks.append(("entropy_collapse", _lt(f, s.entropy_collapse_warn), _lt(f, s.entropy_collapse_stop),
                            f"token entropy fell to {f:.0%} of the first update's ({row['ppo/entropy']:.3f} nats): "
-                           "the policy is collapsing (lower ppo.lr, raise ppo.kl_coef or ppo.ent_coef)",
+                           f"the policy is collapsing ({self.fix['entropy']})",
                            "entropy_collapse_stop"))
         if "eval/gold" in row and "eval/reward" in row and "eval/gold" in self.first:
             # the best evaluation so far (kept in `first`, so checkpoints from before it resume as "best = first")
@@ -149,7 +160,7 @@ class HealthMonitor:
                            rose and _gt(gold_drop, s.reward_hacking_stop),
                            f"held-out reward rose {best['eval/reward']:.3f} -> {row['eval/reward']:.3f} while "
                            f"the gold check fell {best['eval/gold']:.3f} -> {row['eval/gold']:.3f} (its best, at "
-                           f"update {best['step']}; reward hacking: raise ppo.kl_coef, improve the RM)",
+                           f"update {best['step']}; reward hacking: raise {self.fix['kl']}, improve the RM)",
                            "reward_hacking_stop"))
             if row["eval/gold"] > self.first.get("best/eval/gold", float("-inf")):
                 self.first.update({f"best/{k}": row.get(k, 0) for k in BEST_KEYS})
@@ -159,9 +170,10 @@ class HealthMonitor:
                 out.append(message)
             self.strikes[name] = self.strikes.get(name, 0) + 1 if stop else 0
             if self.strikes[name] >= max(1, s.patience if name != "reward_hacking" else 1):
-                raise HealthStop(f"ppo: stopped at update {row.get('step', '?')}: {message}; past "
+                unit = "update" if self.stage == "ppo" else "step"
+                raise HealthStop(f"{self.stage}: stopped at {unit} {row.get('step', '?')}: {message}; past "
                                  f"health.{limit}={getattr(s, limit)} for {self.strikes[name]} consecutive "
-                                 f"check(s) (a checkpoint was saved; change the limit to go on)")
+                                 f"check(s) ({self.fix['stopped']})")
         return out
 
 

@@ -19,6 +19,7 @@ from pydantic import field_validator
 
 from alignment.config import StageConfig
 from alignment.grpo import Algorithm, GroupSpec
+from alignment.ppo_callbacks import HealthSpec
 from alignment.prompts import PromptData
 from alignment.reward_sources import RewardSource
 from alignment.schema import PeftSpec, TrainSpec
@@ -35,6 +36,9 @@ class Config(StageConfig):
     train: TrainSpec = TrainSpec()
     """TRL's optimisation settings; the batch counts completions (prompts x group.num_generations)."""
     group: GroupSpec = GroupSpec()
+    health: HealthSpec = HealthSpec()
+    """The ppo stage's guardrails on TRL's logged rows (completions cut at the limit, length drift, entropy collapse),
+    counted in logged rows (train.logging_steps), not updates; KL and reward hacking do not apply here."""
 
     @field_validator("algorithm", mode="before")
     @classmethod
@@ -73,7 +77,7 @@ def run(cfg: Config, ctx) -> None:
     score = text_reward_fn(cfg.reward, ctx.inputs, cfg.precision)
     log.info("[%s] %d prompts x %d completions, reward %s, beta %s; precision %s", name, len(prompts),
              cfg.group.num_generations, cfg.reward.kind, cfg.group.beta, resolve_precision(cfg.precision))
-    trainer, tok = build_trainer(cfg, sft, prompts, score, ctx.checkpoints_dir)
+    trainer, tok = build_trainer(cfg, sft, prompts, score, ctx.checkpoints_dir, health=cfg.health)
     ctx.metrics.update(param_counts(trainer.model))
 
     # -- train (TRL: generate groups -> reward -> group-baseline advantages -> clipped loss + beta KL) ----------

@@ -26,6 +26,9 @@ CONFIG = {
     "peft": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
     "train": {"lr": 1.0e-2, "max_steps": 3, "batch_size": 8, "logging_steps": 1, "save_steps": 100},
     "group": {"num_generations": 4, "max_completion_length": 12, "beta": 0.04},
+    # a random model never emits EOS: the guardrails that would stop it are tested apart
+    "health": {"missing_eos_warn": None, "missing_eos_stop": None, "length_drift_stop": None,
+               "entropy_collapse_stop": None},
 }
 
 
@@ -293,3 +296,35 @@ def test_sampler_trl_keeps_trls_own_trainer():
     assert trainer_class("grpo", "trl")[1] is GRPOTrainer and trainer_class("rloo", "trl")[1] is RLOOTrainer
     engine = trainer_class("rloo")[1]
     assert issubclass(engine, RLOOTrainer) and engine is not RLOOTrainer and engine.__name__ == "RLOOTrainer"
+
+
+def test_a_run_whose_completions_are_all_cut_is_stopped_by_the_guardrail_with_one_line(store, tmp_path, capsys):
+    # A random model cuts every completion at 12 tokens: the PPO stage's missing-EOS guardrail, on TRL's logged
+    # clipped_ratio, stops the run at the third logged row (patience 3) instead of publishing a run-on policy.
+    root, run = store
+    cfg = write_config(tmp_path, **{"train.max_steps": 4, "health.missing_eos_warn": 0.5,
+                                    "health.missing_eos_stop": 0.95})
+    assert main(["run", "grpo", "-c", str(cfg), "--artifacts", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert "align: error: grpo: stopped at step 3: 100% of responses hit max_new_tokens without an EOS" in err
+    assert "health.missing_eos_stop=0.95 for 3 consecutive" in err and "group.max_completion_length" in err
+    assert "Traceback" not in err
+    assert not (root / run / "grpo").exists()  # nothing published
+
+
+def test_the_grpo_guardrail_keeps_the_first_logged_row_as_its_reference_after_a_resume(caplog):
+    from types import SimpleNamespace
+
+    from alignment.grpo import health_callback
+    from alignment.ppo_callbacks import HealthSpec
+
+    first = {"completions/mean_length": 40.0, "completions/clipped_ratio": 0.1, "entropy": 2.0}
+    late = {"completions/mean_length": 100.0, "completions/clipped_ratio": 0.2, "entropy": 1.9}
+    cb = health_callback(HealthSpec())
+    state = SimpleNamespace(log_history=[first, late], global_step=30)  # resumed: the history holds row 1
+    with caplog.at_level("WARNING", logger="align"):
+        cb.on_log(None, state, None, logs=late)
+        cb.on_log(None, state, None, logs={"train_runtime": 1.0})  # the final summary row: not checked
+    warnings = [r.getMessage() for r in caplog.records]
+    assert warnings == ["[grpo] step 30: mean response length drifted 2.50x from the first update's 40.0 tokens "
+                        "(length hacking?)"]
