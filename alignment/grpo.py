@@ -329,7 +329,7 @@ there is no in-run held-out evaluation: those two checks do not apply)."""
 
 def health_callback(spec):
     """The PPO stage's guardrails (`health:`, alignment/ppo_callbacks.py) on TRL's logged rows: warnings into the
-    log, and a stop limit held for `patience` logged rows raises HealthStop (one line, exit 1). The first-row
+    log, and a stop limit held for `patience` logged rows raises HealthStop (one line, exit 2). The first-row
     reference (length drift, entropy) is the run's first logged row, also after a resume (TRL's log_history is
     restored from the checkpoint); the consecutive-strike counts start again after a resume."""
     from transformers import TrainerCallback

@@ -93,6 +93,7 @@ class HealthSpec(Section):
 
 
 BEST_KEYS = ("eval/gold", "eval/reward", "step")
+"""What the monitor keeps of the evaluation with the best gold score (the reward-hacking check's reference)."""
 FIXES = {
     "ppo": {"missing_eos": "raise ppo.max_new_tokens or ppo.missing_eos_penalty",
             "entropy": "lower ppo.lr, raise ppo.kl_coef or ppo.ent_coef", "kl": "ppo.kl_coef",
@@ -104,7 +105,6 @@ FIXES = {
              "stopped": "the run resumes from its last checkpoint (train.save_steps) once the limit is changed"},
 }
 """What each stage's messages tell the user to change."""
-"""What the monitor keeps of the evaluation with the best gold score (the reward-hacking check's reference)."""
 
 
 class HealthMonitor:
