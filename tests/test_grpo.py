@@ -191,6 +191,8 @@ def test_eos_ids_are_the_generation_configs_and_the_tokenizers():
     ({"group.truncated_reward": "low"}, "group.truncated_reward:"),
     ({"group.soft_overlong": 20}, "group.soft_overlong: expected 1..group.max_completion_length (12) tokens, or "
                                   "null for none"),
+    ({"health.bogus": 1}, "health.bogus: unknown key"),
+    ({"health.patience": "abc"}, "health.patience: expected an integer, got 'abc'"),
 ])
 def test_impossible_group_settings_fail_at_config_load(tmp_path, capsys, changes, expected):
     cfg = write_config(tmp_path, **changes)
