@@ -282,7 +282,7 @@ def engine_completions(trainer, prompt_ids: list[list[int]]) -> list[list[int]]:
 
 
 # -- the run -------------------------------------------------------------------------------------------------------
-def build_trainer(cfg, sft, prompts: list[dict], score, checkpoints_dir, health=None):
+def build_trainer(cfg, sft, prompts: list[dict], score, checkpoints_dir):
     """TRL's GRPOTrainer / RLOOTrainer on base + SFT merged, whose reference is that same SFT model."""
     from alignment.models import load_tokenizer
     from alignment.peft_methods import METHODS, peft_config, select_trainable
@@ -312,7 +312,7 @@ def build_trainer(cfg, sft, prompts: list[dict], score, checkpoints_dir, health=
             trainer = trainer_cls(model=policy, reward_funcs=[reward, *group.length_rewards()], args=args,
                                   train_dataset=prompt_dataset(prompts),
                                   processing_class=tok, peft_config=peft_config(cfg.peft),
-                                  callbacks=callbacks() + ([health_callback(health)] if health else []))
+                                  callbacks=callbacks() + [health_callback(cfg.health)])
         finally:
             policy.config._name_or_path = name_or_path
     use_kernel(trainer.model, cfg.peft)

@@ -97,12 +97,13 @@ BEST_KEYS = ("eval/gold", "eval/reward", "step")
 FIXES = {
     "ppo": {"missing_eos": "raise ppo.max_new_tokens or ppo.missing_eos_penalty",
             "entropy": "lower ppo.lr, raise ppo.kl_coef or ppo.ent_coef", "kl": "ppo.kl_coef",
-            "stopped": "a checkpoint was saved; change the limit to go on"},
+            "stopped": "a checkpoint was saved; change the limit to go on", "unit": "update"},
     # GRPO/RLOO (TRL's logged rows, alignment/grpo.py): a group whose completions are all cut scores the same,
     # so once every completion runs on there is no advantage left to bring the policy back (docs/ppo.md)
     "grpo": {"missing_eos": "raise group.max_completion_length, lower train.lr or raise group.beta",
              "entropy": "lower train.lr or raise group.beta", "kl": "group.beta",
-             "stopped": "the run resumes from its last checkpoint (train.save_steps) once the limit is changed"},
+             "stopped": "the run resumes from its last checkpoint (train.save_steps) once the limit is changed",
+             "unit": "step"},
 }
 """What each stage's messages tell the user to change."""
 
@@ -170,8 +171,7 @@ class HealthMonitor:
                 out.append(message)
             self.strikes[name] = self.strikes.get(name, 0) + 1 if stop else 0
             if self.strikes[name] >= max(1, s.patience if name != "reward_hacking" else 1):
-                unit = "update" if self.stage == "ppo" else "step"
-                raise HealthStop(f"{self.stage}: stopped at {unit} {row.get('step', '?')}: {message}; past "
+                raise HealthStop(f"{self.stage}: stopped at {self.fix['unit']} {row.get('step', '?')}: {message}; past "
                                  f"health.{limit}={getattr(s, limit)} for {self.strikes[name]} consecutive "
                                  f"check(s) ({self.fix['stopped']})")
         return out

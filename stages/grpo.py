@@ -77,7 +77,7 @@ def run(cfg: Config, ctx) -> None:
     score = text_reward_fn(cfg.reward, ctx.inputs, cfg.precision)
     log.info("[%s] %d prompts x %d completions, reward %s, beta %s; precision %s", name, len(prompts),
              cfg.group.num_generations, cfg.reward.kind, cfg.group.beta, resolve_precision(cfg.precision))
-    trainer, tok = build_trainer(cfg, sft, prompts, score, ctx.checkpoints_dir, health=cfg.health)
+    trainer, tok = build_trainer(cfg, sft, prompts, score, ctx.checkpoints_dir)
     ctx.metrics.update(param_counts(trainer.model))
 
     # -- train (TRL: generate groups -> reward -> group-baseline advantages -> clipped loss + beta KL) ----------
