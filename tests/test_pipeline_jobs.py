@@ -26,7 +26,7 @@ def test_each_step_waits_for_the_nearest_earlier_step_of_each_stage_it_reads():
     assert dependencies(stages, reads, own_stage=False) == [set(), {0}, {1}, {1}, {0}, {4, 2}]
 
 
-def test_the_default_chain_puts_dpo_beside_the_reward_model_and_the_first_eval_beside_ppo(tmp_path):
+def test_the_default_chain_puts_the_reward_model_beside_sft_and_dpo_and_the_first_eval_beside_ppo(tmp_path):
     path = REPO / "configs/smollm2/pipeline.yaml"
     import yaml
 
@@ -36,14 +36,15 @@ def test_the_default_chain_puts_dpo_beside_the_reward_model_and_the_first_eval_b
     planned = _plan_steps(path, steps, route_overrides([], names), tmp_path, None, False, jobs=2)
     assert len(planned) == len(steps)  # an empty store: nothing is up to date, so nothing is left out
     deps = [{names[j] for j in step.deps} for step, _ in planned]
-    assert deps[2] - {"base"} == {"sft"} and deps[3] - {"base"} == {"sft"}  # reward and dpo side by side
+    # the reward model starts from the base (configs/smollm2/reward.yaml init: base), so it trains beside sft and dpo
+    assert deps[1] == {"base"} and deps[2] == {"base"} and deps[3] - {"base"} == {"sft"}
     assert deps[4] == {"base", "sft", "reward", "dpo"} and deps[5] - {"base"} == {"sft", "reward"}
     assert planned[6][0].deps >= {4, 5}  # the last eval after the first (one folder) and after ppo
     # with two at once, the stages that can overlap share the cores; the ones that never can keep them all
     cores = __import__("os").cpu_count() or 1
     given = [next(a for a in step.command if a.startswith("threads=")) for step, _ in planned]
     half = f"threads={max(1, cores // 2)}"
-    assert given == [f"threads={cores}", f"threads={cores}", half, half, half, half, f"threads={cores}"]
+    assert given == [f"threads={cores}", half, half, half, half, half, f"threads={cores}"]
     one = _plan_steps(path, steps, route_overrides([], names), tmp_path, None, False, jobs=1)
     assert not any(a.startswith("threads=") for step, _ in one for a in step.command)
 
