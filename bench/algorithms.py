@@ -12,7 +12,9 @@
    response limit is set to `--max-new-tokens`. Offline DPO generates nothing (it trains on the bundled pairs).
 3. Each (algorithm, seed) is one `align run` subprocess with configs/<profile>/<algorithm>.yaml (the stage named in
    the file: dpo, online_dpo, ppo, grpo for grpo.yaml and rloo.yaml) and only those keys, the seed and the inputs
-   overridden. Wall time and user+sys CPU seconds of the child are measured (wait4).
+   overridden. Wall time and user+sys CPU seconds of the child are measured (wait4). A run its stage's health
+   guardrail stops (exit 2, `... stopped at step N: ...`) is a result of that seed: listed under the table with the
+   guardrail's line, not evaluated; any other failure stops the bench.
 4. Every policy and the SFT model answer the prompts of each eval split greedily: gold pass rate (every constraint
    met, `alignment.gold`), reward-model score (raw), mean response length (tokens), and KL(policy || SFT) on
    sampled responses (`alignment.dpo.sampled_kl`). Pass rates get a percentile bootstrap CI over prompts (each
@@ -29,6 +31,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -46,6 +49,9 @@ SPLITS = {
     "held-out kinds": "data/instruct/eval_heldout_kinds.jsonl",
 }
 """Eval splits by name; a file that is not there yet is skipped with a note (the data work adds them)."""
+STOPPED = re.compile(r"^align: error: (\w+: stopped at (?:update|step) \d+: .*)$", re.M)
+"""A stage's health guardrail stopping the run (exit 2, alignment/ppo_callbacks.py): a result of the recipe on that
+seed, reported in the table, not a crash of the bench."""
 
 
 # -- running the stages ---------------------------------------------------------------------------------
@@ -61,9 +67,19 @@ def align(args: list[str], env_extra: dict | None = None) -> dict:
     err = proc.stderr.read().decode(errors="replace")  # drain while it runs; wait4 keeps the rusage
     _, status, usage = os.wait4(proc.pid, 0)
     code = os.waitstatus_to_exitcode(status)
+    timing = {"wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1)}
+    stop = guardrail_stop(code, err)
+    if stop:
+        return {**timing, "stopped": stop}
     if code != 0:
         sys.exit(f"align {' '.join(args)} failed ({code}):\n{err[-3000:]}")
-    return {"wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1)}
+    return timing
+
+
+def guardrail_stop(code: int, err: str) -> str | None:
+    """The guardrail's one line when a run ended that way (exit 2 + `STOPPED`), else None."""
+    found = STOPPED.search(err) if code == 2 else None
+    return found.group(1) if found else None
 
 
 def say(line: str) -> None:
@@ -123,6 +139,8 @@ def timed_run(cmd: list[str], artifact: Path, cache: Path, lock: threading.Lock 
     manifest = artifact / "manifest.json"
     before = manifest.read_bytes() if manifest.is_file() else None
     timing = align(cmd)
+    if "stopped" in timing:
+        return timing
     with lock or contextlib.nullcontext():
         times = json.loads(cache.read_text()) if cache.is_file() else {}
         if before is not None and manifest.read_bytes() == before:  # built before this bench: time unknown here
@@ -169,13 +187,14 @@ def train_all(args, root: Path, run: str, out_dir: Path) -> list[dict]:
         row, cmd = job
         say(f"[bench] {row['algorithm']} seed {row['seed']}: align {' '.join(cmd[:4])} {' '.join(cmd[8:])}")
         timing = timed_run(cmd, Path(row["artifact"]), out_dir / f"timings-{args.profile}.json", lock)
-        say(f"[bench] {row['algorithm']} seed {row['seed']} done: {timing}")
+        say(f"[bench] {row['algorithm']} seed {row['seed']} " + (f"stopped: {timing['stopped']}"
+                                                                 if "stopped" in timing else f"done: {timing}"))
         return {**row, **timing}
 
     pool = ThreadPoolExecutor(max_workers=max(1, args.jobs))
     try:
         return list(pool.map(one, todo))
-    finally:  # a failed run stops the bench: the queued runs are dropped, the running ones finish
+    finally:  # a failed run (not a guardrail stop) stops the bench: queued runs dropped, running ones finish
         pool.shutdown(cancel_futures=True)
 
 
@@ -244,7 +263,8 @@ def evaluate_all(args, trained: list[dict]) -> dict:
     import tempfile
 
     work = Path(tempfile.mkdtemp(prefix="bench-eval-", dir=args.out_dir))
-    jobs = [("sft", {"algorithm": "sft", "seed": 0})] + [(row["artifact"], row) for row in trained]
+    jobs = [("sft", {"algorithm": "sft", "seed": 0})] + [(row["artifact"], row) for row in trained
+                                                         if "stopped" not in row]  # nothing published to score
 
     def one(i: int) -> dict:
         target, row = jobs[i]
@@ -307,7 +327,7 @@ def summarise(results: dict) -> dict:
     return table
 
 
-def markdown(table: dict, args, splits: list[str]) -> str:
+def markdown(table: dict, args, splits: list[str], trained: list[dict] = ()) -> str:
     head = ["algorithm", *[f"gold, {s} (95% CI)" for s in splits], *[f"vs SFT, {s} (95% CI)" for s in splits],
             "RM score", "KL to SFT", "mean length", "seeds", "wall s / seed", "CPU s / seed"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -329,6 +349,10 @@ def markdown(table: dict, args, splits: list[str]) -> str:
                  f"{args.max_new_tokens} tokens per on-policy run, optimising {target}; prompts per split {n}; greedy, "
                  f"{args.max_new_tokens} new tokens{side_by_side}. Command: `python bench/algorithms.py "
                  f"{' '.join(args.argv)}`")
+    stopped = [r for r in trained if "stopped" in r]
+    if stopped:  # the seeds column counts the evaluated runs only; these are the rest
+        lines.append("\nStopped by the stage's health guardrail (nothing published, not evaluated): " + "; ".join(
+            f"{r['algorithm']} seed {r['seed']} (`{r['stopped']}`)" for r in stopped) + ".")
     return "\n".join(lines)
 
 
@@ -458,7 +482,7 @@ def main(argv: list[str] | None = None) -> dict:
     table = summarise(results)
     splits = list(next(iter(table.values())).keys() - {"seeds", "rm", "length", "kl", "wall_s", "cpu_s"})
     splits = [s for s in args.splits if s in splits]
-    text = markdown(table, args, splits)
+    text = markdown(table, args, splits, trained)
     print(text)
     (args.out_dir / f"algorithms-{args.tag}.json").write_text(
         json.dumps({"setup": setup, "trained": trained, "table": table, "results": results}, indent=1))

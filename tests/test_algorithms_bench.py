@@ -82,6 +82,26 @@ def test_summary_averages_seeds_per_prompt_then_bootstraps_prompts():
     assert "| 10.0 | 2 | 10 | 20 |" in text  # mean length, seeds, wall and CPU s per seed
 
 
+def test_a_run_the_guardrail_stops_is_listed_under_the_table_and_other_failures_still_stop_the_bench(
+        tiny_store, tmp_path):
+    # A random model cuts every completion at 12 tokens: the grpo stage's missing-EOS guardrail stops it (exit 2).
+    root, tiny = tiny_store
+    timing = bench.align(["run", "grpo", "-c", "configs/tiny/grpo.yaml", "--artifacts", str(root), "--run", "guard",
+                          f"inputs.sft={root / tiny / 'sft'}", "reward.kind=function",
+                          "reward.function=alignment.reward_sources:gold_reward", "train.max_steps=4",
+                          "health.missing_eos_warn=0.5", "health.missing_eos_stop=0.95"])
+    assert timing["stopped"].startswith("grpo: stopped at step 3: 100% of responses hit max_new_tokens")
+    assert timing["cpu_s"] > 0 and not (root / "guard" / "grpo").exists()
+    with pytest.raises(SystemExit, match="failed \\(2\\)"):  # a bad key is exit 2 too, but not a guardrail stop
+        bench.align(["run", "grpo", "-c", "configs/tiny/grpo.yaml", "--artifacts", str(root), "--run", "guard",
+                     "health.bogus=1"])
+    results = {"sft": [run([1, 0, 0, 1])], "grpo": [run([1, 1, 0, 1])]}
+    trained = [{"algorithm": "grpo", "seed": 0}, {"algorithm": "grpo", "seed": 1, **timing}]
+    text = bench.markdown(bench.summarise(results), _args(), ["held-out phrasings"], trained)
+    assert "| 10.0 | 1 | 10 | 20 |" in text  # the seeds column counts the evaluated run only
+    assert text.endswith(f"not evaluated): grpo seed 1 (`{timing['stopped']}`).")
+
+
 def _args():
     import argparse
 
