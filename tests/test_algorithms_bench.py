@@ -82,8 +82,7 @@ def test_summary_averages_seeds_per_prompt_then_bootstraps_prompts():
     assert "| 10.0 | 2 | 10 | 20 |" in text  # mean length, seeds, wall and CPU s per seed
 
 
-def test_a_run_the_guardrail_stops_is_listed_under_the_table_and_other_failures_still_stop_the_bench(
-        tiny_store, tmp_path):
+def test_a_run_the_guardrail_stops_is_listed_under_the_table_and_other_failures_still_stop_the_bench(tiny_store):
     # A random model cuts every completion at 12 tokens: the grpo stage's missing-EOS guardrail stops it (exit 2).
     root, tiny = tiny_store
     timing = bench.align(["run", "grpo", "-c", "configs/tiny/grpo.yaml", "--artifacts", str(root), "--run", "guard",
