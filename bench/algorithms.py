@@ -49,9 +49,10 @@ SPLITS = {
     "held-out kinds": "data/instruct/eval_heldout_kinds.jsonl",
 }
 """Eval splits by name; a file that is not there yet is skipped with a note (the data work adds them)."""
-STOPPED = re.compile(r"^align: error: (\w+: stopped at (?:update|step) \d+: .*)$", re.M)
+STOPPED = re.compile(r"align: error: (\w+: stopped at (?:update|step) \d+: [^\r\n]*)")
 """A stage's health guardrail stopping the run (exit 2, alignment/ppo_callbacks.py): a result of the recipe on that
-seed, reported in the table, not a crash of the bench."""
+seed, reported in the table, not a crash of the bench. Not anchored at a line start: a progress bar's last
+redraw may precede it on the same line."""
 
 
 # -- running the stages ---------------------------------------------------------------------------------

@@ -94,6 +94,10 @@ def test_a_run_the_guardrail_stops_is_listed_under_the_table_and_other_failures_
     with pytest.raises(SystemExit, match="failed \\(2\\)"):  # a bad key is exit 2 too, but not a guardrail stop
         bench.align(["run", "grpo", "-c", "configs/tiny/grpo.yaml", "--artifacts", str(root), "--run", "guard",
                      "health.bogus=1"])
+    # the line may follow a progress bar's last redraw on the same line; only exit 2 with it is a guardrail stop
+    bar = " 75%|███▌ | 3/4 [00:00<00:00]align: error: ppo: stopped at update 5: KL 9.1 > 8\n\n 75%|\r"
+    assert bench.guardrail_stop(2, bar) == "ppo: stopped at update 5: KL 9.1 > 8"
+    assert bench.guardrail_stop(1, bar) is None and bench.guardrail_stop(2, "align: error: ppo.yaml: bad key") is None
     results = {"sft": [run([1, 0, 0, 1])], "grpo": [run([1, 1, 0, 1])]}
     trained = [{"algorithm": "grpo", "seed": 0}, {"algorithm": "grpo", "seed": 1, **timing}]
     text = bench.markdown(bench.summarise(results), _args(), ["held-out phrasings"], trained)
