@@ -154,6 +154,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the command line itself (not a call from Python): run on mimalloc (alignment/allocator.py)
+        from alignment import allocator
+
+        try:
+            allocator.reexec_with_mimalloc()
+        except ValueError as e:
+            print(f"align: error: {e}", file=sys.stderr)
+            return 2
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("ALIGN_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]

@@ -90,6 +90,9 @@ def library_versions() -> dict[str, str]:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             pass
+    from alignment.allocator import loaded
+
+    out["allocator"] = loaded()  # speed and peak memory depend on it (alignment/allocator.py)
     return out
 
 

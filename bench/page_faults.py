@@ -4,9 +4,11 @@ run moves every variant alike.
 
 Variants (each a separate child process, measured by wait4 on the child: wall, user and system CPU seconds,
 minor page faults, peak RSS):
-  default       the environment as given
-  thp           THP_MEM_ALLOC_ENABLE=1: PyTorch's CPU allocator aligns tensors of >= 2 MB to 2 MB and asks for
-                transparent huge pages (madvise), so a fresh 200 MB logits tensor faults ~100 times, not ~50,000
+  default       the environment as given: `align` runs on mimalloc (alignment/allocator.py)
+  system        ALIGN_ALLOCATOR=system: glibc's malloc (every `align` process before 2026-12-03)
+  mimalloc-keep mimalloc that never returns freed pages (MIMALLOC_PURGE_DELAY=-1), not even under memory pressure
+  thp           glibc + THP_MEM_ALLOC_ENABLE=1: PyTorch's CPU allocator aligns tensors of >= 2 MB to 2 MB and asks
+                for transparent huge pages (madvise), so a fresh 200 MB logits tensor faults ~100 times, not ~50,000
   thp+glibc     also GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (glibc >= 2.35: malloc's own mmaps and heap madvised)
 
 The command is any stage run; each repeat gets a fresh artifact root, so nothing is skipped as up to date.
@@ -29,8 +31,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 VARIANTS = {
     "default": {},
-    "thp": {"THP_MEM_ALLOC_ENABLE": "1"},
-    "thp+glibc": {"THP_MEM_ALLOC_ENABLE": "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
+    "system": {"ALIGN_ALLOCATOR": "system"},
+    "mimalloc-keep": {"MIMALLOC_PURGE_DELAY": "-1"},
+    "thp": {"ALIGN_ALLOCATOR": "system", "THP_MEM_ALLOC_ENABLE": "1"},
+    "thp+glibc": {"ALIGN_ALLOCATOR": "system", "THP_MEM_ALLOC_ENABLE": "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
 }
 
 

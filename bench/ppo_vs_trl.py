@@ -334,14 +334,40 @@ def run_ours(work: Path, mode: str, threads: int, options: dict | None = None, p
 
 
 # -- the driver ----------------------------------------------------------------------------------------------------
+def _kind(side: str) -> str:
+    return side.partition(":")[0]
+
+
+def allocator_of(side: str) -> str:
+    """A side's malloc: `allocator=system|mimalloc` in its options, else as each ships: ours runs on mimalloc (every
+    `align` process does, alignment/allocator.py), TRL on the system's."""
+    chosen = _options(side).get("allocator", "mimalloc" if _kind(side) == "ours" else "system")
+    if chosen not in ("system", "mimalloc"):
+        raise SystemExit(f"--sides {side}: allocator must be system or mimalloc, got {chosen!r}")
+    return chosen
+
+
+def child_env(side: str, threads: int) -> dict:
+    from alignment import allocator
+
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
+    lib = allocator.mimalloc_library()
+    env["LD_PRELOAD"] = ":".join(p for p in env.get("LD_PRELOAD", "").split(":") if p and "libmimalloc" not in p)
+    if allocator_of(side) == "mimalloc":
+        if lib is None:
+            raise SystemExit(f"--sides {side}: mimalloc needs the cmeel-mimalloc package (pip install cmeel-mimalloc)")
+        env = allocator.preload_env(env, lib)
+    return env
+
+
 def child(side: str, mode: str, threads: int, precision: str, updates: int) -> dict:
     """Run one side in a fresh process; return its result plus the child's CPU time and ru_maxrss."""
-    python = TRL_PYTHON if side == "trl" else Path(sys.executable)
+    python = TRL_PYTHON if _kind(side) == "trl" else Path(sys.executable)
     tag = "".join(c if c.isalnum() or c in "-_" else "_" for c in side)
     if not python.is_file():
         raise SystemExit(f"{python} is missing: run `bash bench/setup_trl112.sh` first")
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
+    env = child_env(side, threads)
     out = WORK / precision / f"result-{tag}-{mode}.json"
     out.unlink(missing_ok=True)
     t0 = time.perf_counter()
@@ -365,41 +391,42 @@ def child(side: str, mode: str, threads: int, precision: str, updates: int) -> d
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| mode | precision | side | run | episodes/s | train s | train CPU s / episode | load s | child CPU s | "
-             "peak RSS (MB) | trainable params | score first -> last |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(results, key=lambda r: (r["mode"], r.get("repeat", 0), r["side"] != "trl", r["side"])):
-        head = f"| {r['mode']} | {r.get('precision', 'fp32')} | {r['side']} | {r.get('repeat', 0) + 1} |"
+    lines = ["| mode | precision | side | allocator | run | episodes/s | train s | train CPU s / episode | load s | "
+             "child CPU s | peak RSS (MB) | trainable params | score first -> last |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(results, key=lambda r: (r["mode"], r.get("repeat", 0), _kind(r["side"]) != "trl", r["side"])):
+        head = (f"| {r['mode']} | {r.get('precision', 'fp32')} | {r['side']} | {r.get('allocator', 'system')} | "
+                f"{r.get('repeat', 0) + 1} |")
         if "unsupported" in r:
             lines.append(f"{head} n/a: {r['unsupported']} | | | | | | | |")
             continue
         lines.append(f"{head} {r['episodes_per_s']:.2f} | {r['train_s']:.1f} | {r['train_cpu_s_per_episode']:.2f} | "
                      f"{r['load_s']:.1f} | {r.get('process_cpu_s', float('nan')):.0f} | {r['peak_rss_mb']:.0f} | "
                      f"{r['trainable_params'] / 1e6:.2f}M | {r['score_first']:.3f} -> {r['score_last']:.3f} |")
-    lines += ["", "| mode | run | side | episodes/s ours / TRL (goal >= 2) | train CPU s / episode TRL / ours | "
-                  "peak RSS ours / TRL (goal <= 0.35) |", "|---|---|---|---|---|---|"]
-    trl = {(r["mode"], r.get("repeat", 0)): r for r in results if r["side"] == "trl" and "unsupported" not in r}
-    for o in sorted(results, key=lambda r: (r["mode"], r.get("repeat", 0), r["side"])):
-        t = trl.get((o["mode"], o.get("repeat", 0)))
-        if o["side"] == "trl" or t is None or "unsupported" in o:
-            continue
-        lines.append(f"| {o['mode']} | {o.get('repeat', 0) + 1} | {o['side']} | "
-                     f"{o['episodes_per_s'] / t['episodes_per_s']:.2f}x | "
-                     f"{t['train_cpu_s_per_episode'] / o['train_cpu_s_per_episode']:.2f}x | "
-                     f"{o['peak_rss_mb'] / t['peak_rss_mb']:.2f}x |")
+    lines += ["", "| mode | run | side | against | episodes/s ours / TRL (goal >= 2) | train CPU s / episode TRL / ours | "
+                  "peak RSS ours / TRL (goal <= 0.35) |", "|---|---|---|---|---|---|---|"]
+    trl = [r for r in results if _kind(r["side"]) == "trl" and "unsupported" not in r]
+    ours = [r for r in results if _kind(r["side"]) != "trl" and "unsupported" not in r]
+    for o in sorted(ours, key=lambda r: (r["mode"], r.get("repeat", 0), r["side"])):
+        for t in (t for t in trl if (t["mode"], t.get("repeat", 0)) == (o["mode"], o.get("repeat", 0))):
+            lines.append(f"| {o['mode']} | {o.get('repeat', 0) + 1} | {o['side']} | {t['side']} | "
+                         f"{o['episodes_per_s'] / t['episodes_per_s']:.2f}x | "
+                         f"{t['train_cpu_s_per_episode'] / o['train_cpu_s_per_episode']:.2f}x | "
+                         f"{o['peak_rss_mb'] / t['peak_rss_mb']:.2f}x |")
     return "\n".join(lines)
 
 
 def reward_check(results: list[dict], fp32: list[float]) -> dict:
     """Each side's probe scores against TRL's and against the fp32 scores of setup (where the adapter and the merged
     model agree to 1e-4): the two sides may differ by their own precision's rounding, and no more."""
-    trl = next((r["probe_scores"] for r in results if r["side"] == "trl"), None)
+    trl = next((r["probe_scores"] for r in results if _kind(r["side"]) == "trl"), None)
     if trl is None:
         return {"max_abs_diff": 0.0, "rounding": 1.0, "fp32": fp32, "trl": None}
     rounding = max(abs(a - b) for r in results for a, b in zip(r["probe_scores"], fp32))
-    diffs = [abs(a - b) for r in results if r["side"] != "trl" for a, b in zip(r["probe_scores"], trl)]
+    diffs = [abs(a - b) for r in results if _kind(r["side"]) != "trl" for a, b in zip(r["probe_scores"], trl)]
     return {"max_abs_diff": max(diffs, default=0.0), "rounding": rounding, "fp32": [round(x, 4) for x in fp32],
             "trl": [round(x, 4) for x in trl],
-            **{r["side"]: [round(x, 4) for x in r["probe_scores"]] for r in results if r["side"] != "trl"}}
+            **{r["side"]: [round(x, 4) for x in r["probe_scores"]] for r in results if _kind(r["side"]) != "trl"}}
 
 
 def memory_table(results: list[dict]) -> str:
@@ -426,7 +453,8 @@ def main() -> None:
     ap.add_argument("--side", help="(internal) the side a child runs")
     ap.add_argument("--sides", nargs="+", default=["trl", "ours"],
                     help="sides to run, in this order: trl, ours, or ours:KEY=VALUE+KEY=VALUE with PPOSpec overrides "
-                         "(e.g. ours:value_model=separate)")
+                         "(e.g. ours:value_model=separate); either side takes allocator=system|mimalloc "
+                         "(default: ours mimalloc, as `align` runs, TRL system)")
     ap.add_argument("--mode", choices=["lora", "full"])
     ap.add_argument("--modes", nargs="+", default=["lora", "full"])
     ap.add_argument("--threads", type=int, default=2)
@@ -441,8 +469,13 @@ def main() -> None:
     a = ap.parse_args()
     if a.side:  # a child
         work = WORK / a.precision
-        res = (run_trl(work, a.mode, a.threads, a.precision, a.updates) if a.side == "trl" else
-               run_ours(work, a.mode, a.threads, _options(a.side), a.precision, a.updates))
+        options = _options(a.side)
+        options.pop("allocator", None)  # the driver's: LD_PRELOAD of this child
+        res = (run_trl(work, a.mode, a.threads, a.precision, a.updates) if _kind(a.side) == "trl" else
+               run_ours(work, a.mode, a.threads, options, a.precision, a.updates))
+        from alignment.allocator import loaded
+
+        res["allocator"] = loaded()
         Path(a.result).write_text(json.dumps(res))
         return
     if a.precision is None:
