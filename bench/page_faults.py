@@ -5,7 +5,7 @@ run moves every variant alike.
 Variants (each a separate child process, measured by wait4 on the child: wall, user and system CPU seconds,
 minor page faults, peak RSS):
   default       the environment as given: `align` runs on mimalloc (alignment/allocator.py)
-  system        ALIGN_ALLOCATOR=system: glibc's malloc (every `align` process before 2026-12-03)
+  system        ALIGN_ALLOCATOR=system: glibc's malloc (every `align` process until 2026-12-02)
   mimalloc-keep mimalloc that never returns freed pages (MIMALLOC_PURGE_DELAY=-1), not even under memory pressure
   thp           glibc + THP_MEM_ALLOC_ENABLE=1: PyTorch's CPU allocator aligns tensors of >= 2 MB to 2 MB and asks
                 for transparent huge pages (madvise), so a fresh 200 MB logits tensor faults ~100 times, not ~50,000
