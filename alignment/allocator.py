@@ -3,8 +3,8 @@
 Why: a stage allocates and frees tensors of every size at every step. glibc's malloc returns large blocks to the
 OS with munmap and takes them back with mmap, so each step page-faults its activations in again (millions of minor
 faults per stage; ~20% of the chain's CPU was system time), and its heaps fragment. mimalloc keeps freed pages and
-reuses them. Measured on a SmolLM2 sft stage (docs/pipeline.md, `bench/page_faults.py`): 45x fewer minor faults,
-0.86x the CPU and ~8% less peak RSS; the PPO benchmark runs 6-13% faster.
+reuses them. Measured (docs/pipeline.md, docs/ppo_bench.md): `make pipeline` with 0.76x the CPU, 56x fewer minor
+faults and 0.71x the peak RSS, bit for bit the same weights; our PPO trainer 1.20-1.28x faster.
 
 How: `align` (the console script and `python -m alignment.cli`) re-executes itself once, before anything heavy is
 imported, with the mimalloc library of the `cmeel-mimalloc` wheel in LD_PRELOAD; every process it starts (stages
