@@ -36,12 +36,14 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))  # the benches' shared helpers
+from _child import run_align  # noqa: E402
+
 ALGORITHMS = ("dpo", "online_dpo", "ppo", "grpo", "rloo")
 SPLITS = {
     "in-distribution": "data/instruct/eval.jsonl",
@@ -60,20 +62,13 @@ redraw may precede it on the same line."""
 
 def align(args: list[str], env_extra: dict | None = None) -> dict:
     """One `align` subprocess; its wall time and the child's user+sys CPU seconds (wait4, not self-reported)."""
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "ALIGN_TRACKING": "none",
-           "PYTHONPATH": str(REPO), **(env_extra or {})}
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "alignment.cli", *args], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    err = proc.stderr.read().decode(errors="replace")  # drain while it runs; wait4 keeps the rusage
-    _, status, usage = os.wait4(proc.pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    timing = {"wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1)}
-    stop = guardrail_stop(code, err)
+    done = run_align(args, {"ALIGN_TRACKING": "none", "PYTHONPATH": str(REPO), **(env_extra or {})})
+    timing = {"wall_s": round(done.wall_s, 1), "cpu_s": round(done.usage.ru_utime + done.usage.ru_stime, 1)}
+    stop = guardrail_stop(done.code, done.err)
     if stop:
         return {**timing, "stopped": stop}
-    if code != 0:
-        sys.exit(f"align {' '.join(args)} failed ({code}):\n{err[-3000:]}")
+    if done.code != 0:
+        sys.exit(f"align {' '.join(args)} failed ({done.code}):\n{done.err[-3000:]}")
     return timing
 
 

@@ -21,10 +21,11 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))  # the benches' shared helpers
+from _child import run_align  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -45,19 +46,12 @@ def run_stage(stage: str, profile: str, root: Path, run: str, steps: int, extra:
               lock: Path | None = None) -> dict:
     args = ["run", stage, "-c", f"configs/{profile}/{stage}.yaml", "--artifacts", str(root), "--run", run,
             f"train.max_steps={steps}", "train.save_steps=100000", "--force", *extra]
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
     with held(lock):
-        t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "alignment.cli", *args], cwd=REPO, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        err = proc.stderr.read().decode(errors="replace")  # drain while it runs; wait4 keeps the rusage
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        sys.exit(f"align {' '.join(args)} failed ({proc.returncode}):\n{err[-3000:]}")
+        done = run_align(args)
+    if done.code != 0:
+        sys.exit(f"align {' '.join(args)} failed ({done.code}):\n{done.err[-3000:]}")
     metrics = json.loads((root / run / stage / "manifest.json").read_text())["metrics"]
-    return {"peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "wall_s": round(wall, 1),
+    return {"peak_rss_mib": round(done.usage.ru_maxrss / 1024, 1), "wall_s": round(done.wall_s, 1),
             "train_seconds": metrics.get("train_seconds"), "train_tokens": metrics.get("train_tokens"),
             "tokens_per_s": metrics.get("tokens_per_s"), "steps": metrics.get("steps"),
             "trainable_params": metrics.get("trainable_params")}

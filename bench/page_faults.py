@@ -21,14 +21,14 @@ THP needs the kernel's `madvise` (or `always`) mode: /sys/kernel/mm/transparent_
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))  # the benches' shared helpers
+from _child import run_align  # noqa: E402
+
 VARIANTS = {
     "default": {},
     "system": {"ALIGN_ALLOCATOR": "system"},
@@ -39,16 +39,12 @@ VARIANTS = {
 
 
 def run_once(args: list[str], env_extra: dict, root: Path) -> dict:
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "ALIGN_TRACKING": "none", **env_extra}
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "alignment.cli", *args, "-q", "--artifacts", str(root)],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    err = proc.stderr.read().decode(errors="replace")
-    _, status, ru = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"align {' '.join(args)} failed:\n{err[-3000:]}")
-    return {"wall_s": time.perf_counter() - t0, "user_s": ru.ru_utime, "sys_s": ru.ru_stime,
-            "minflt": ru.ru_minflt, "rss_mb": ru.ru_maxrss / 1024}
+    done = run_align([*args, "-q", "--artifacts", str(root)], {"ALIGN_TRACKING": "none", **env_extra})
+    if done.code != 0:
+        sys.exit(f"align {' '.join(args)} failed:\n{done.err[-3000:]}")
+    ru = done.usage
+    return {"wall_s": done.wall_s, "user_s": ru.ru_utime, "sys_s": ru.ru_stime, "minflt": ru.ru_minflt,
+            "rss_mb": ru.ru_maxrss / 1024}
 
 
 def median(xs: list[float]) -> float:
