@@ -59,8 +59,7 @@ def loaded() -> str:
 def preload_env(env: dict[str, str], lib: Path) -> dict[str, str]:
     """`env` with `lib` first in LD_PRELOAD and our mimalloc defaults where unset."""
     rest = [p for p in env.get("LD_PRELOAD", "").split(":") if p and p != str(lib)]
-    out = {**MIMALLOC_DEFAULTS, **env, "LD_PRELOAD": ":".join([str(lib), *rest])}
-    return out
+    return {**MIMALLOC_DEFAULTS, **env, "LD_PRELOAD": ":".join([str(lib), *rest])}
 
 
 def reexec_with_mimalloc() -> None:
@@ -76,8 +75,7 @@ def reexec_with_mimalloc() -> None:
             raise ValueError(f"{ENV}=mimalloc: the cmeel-mimalloc package is not installed "
                              f"(pip install cmeel-mimalloc, or {ENV}=system)")
         return
-    env = preload_env(dict(os.environ), lib)
     if os.environ.get("LD_PRELOAD", "").split(":")[:1] == [str(lib)]:
         return  # preloaded but not mapped: the loader refused it; do not loop
     argv = list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
-    os.execve(sys.executable, [sys.executable, *argv[1:]], env)
+    os.execve(sys.executable, [sys.executable, *argv[1:]], preload_env(dict(os.environ), lib))
