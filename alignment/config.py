@@ -178,6 +178,11 @@ class StageConfig(Section):
     """auto: bf16 where the hardware runs it fast (CUDA bf16, or a CPU with AVX512-BF16/AMX), else fp32."""
     threads: int | None = None
     """torch CPU threads; None keeps torch's default."""
+    onednn_cache: int | None = Field(default=None, ge=0)
+    """Capacity of oneDNN's primitive cache (ONEDNN_PRIMITIVE_CACHE_CAPACITY; oneDNN runs PyTorch's CPU bf16
+    matmuls): it keeps a compiled kernel of ~1 MB for each matmul shape it meets, up to 1024 by default, and a
+    trainer whose batch widths vary keeps adding them. None: oneDNN's default (or the environment's, which wins
+    either way). Set before the stage's first matmul; the results do not depend on it."""
     inputs: dict[str, str] = {}
     """Override where an upstream artifact is read from: {stage: path to an artifact folder}."""
     @field_validator("run")
@@ -438,6 +443,7 @@ def config_dict(cfg: StageConfig) -> dict:
 
 
 def config_hash(cfg: StageConfig) -> str:
-    """Hash of what changes the result: run name, threads, tracking and secrets are left out."""
-    data = {k: v for k, v in config_dict(cfg).items() if k not in ("run", "threads", "tracking", "report_to")}
+    """Hash of what changes the result: run name, threads, the oneDNN cache, tracking and secrets are left out."""
+    data = {k: v for k, v in config_dict(cfg).items() if k not in ("run", "threads", "onednn_cache", "tracking",
+                                                                   "report_to")}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()

@@ -141,6 +141,8 @@ def run_stage(stage: str, config_path: str, overrides: list[str] = (), *, root=N
     cfg = load_stage_config(stage, config_path, overrides)
     run = _run_name(run, cfg.run)
     store = ArtifactStore(root)
+    if cfg.onednn_cache is not None:  # read by oneDNN at its first primitive, so before any torch work
+        os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(cfg.onednn_cache))
     if cfg.threads:
         import torch
 

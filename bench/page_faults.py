@@ -33,6 +33,7 @@ VARIANTS = {
     "default": {},
     "system": {"ALIGN_ALLOCATOR": "system"},
     "mimalloc-keep": {"MIMALLOC_PURGE_DELAY": "-1"},
+    "eager-commit": {"MIMALLOC_ARENA_EAGER_COMMIT": "2"},  # mimalloc's own default; align sets 0
     "thp": {"ALIGN_ALLOCATOR": "system", "THP_MEM_ALLOC_ENABLE": "1"},
     "thp+glibc": {"ALIGN_ALLOCATOR": "system", "THP_MEM_ALLOC_ENABLE": "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
 }

@@ -347,11 +347,28 @@ def allocator_of(side: str) -> str:
     return chosen
 
 
+def onednn_cache_of(side: str) -> str:
+    """A side's oneDNN primitive cache capacity: `onednn_cache=N|default` in its options, else as each runs: ours
+    with the ppo recipe's `onednn_cache` (configs/smollm2/ppo.yaml; the runner exports it), TRL with oneDNN's
+    default (1024)."""
+    import yaml
+
+    shipped = yaml.safe_load((REPO / "configs" / "smollm2" / "ppo.yaml").read_text()).get("onednn_cache")
+    chosen = _options(side).get("onednn_cache", str(shipped) if _kind(side) == "ours" and shipped is not None
+                                else "default")
+    if chosen != "default" and not chosen.isdigit():
+        raise SystemExit(f"--sides {side}: onednn_cache must be a number of primitives or default, got {chosen!r}")
+    return chosen
+
+
 def child_env(side: str, threads: int) -> dict:
     from alignment import allocator
 
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
+    env.pop("ONEDNN_PRIMITIVE_CACHE_CAPACITY", None)
+    if onednn_cache_of(side) != "default":
+        env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = onednn_cache_of(side)
     lib = allocator.mimalloc_library()
     env["LD_PRELOAD"] = ":".join(p for p in env.get("LD_PRELOAD", "").split(":") if p and "libmimalloc" not in p)
     if allocator_of(side) == "mimalloc":
@@ -391,14 +408,14 @@ def child(side: str, mode: str, threads: int, precision: str, updates: int) -> d
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| mode | precision | side | allocator | run | episodes/s | train s | train CPU s / episode | load s | "
-             "child CPU s | peak RSS (MB) | trainable params | score first -> last |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| mode | precision | side | allocator | oneDNN cache | run | episodes/s | train s | train CPU s / episode | "
+             "load s | child CPU s | peak RSS (MB) | trainable params | score first -> last |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(results, key=lambda r: (r["mode"], r.get("repeat", 0), _kind(r["side"]) != "trl", r["side"])):
         head = (f"| {r['mode']} | {r.get('precision', 'fp32')} | {r['side']} | {r.get('allocator', 'system')} | "
-                f"{r.get('repeat', 0) + 1} |")
+                f"{r.get('onednn_cache', 'default')} | {r.get('repeat', 0) + 1} |")
         if "unsupported" in r:
-            lines.append(f"{head} n/a: {r['unsupported']} | | | | | | | |")
+            lines.append(f"{head} n/a: {r['unsupported']} | | | | | | | | |")
             continue
         lines.append(f"{head} {r['episodes_per_s']:.2f} | {r['train_s']:.1f} | {r['train_cpu_s_per_episode']:.2f} | "
                      f"{r['load_s']:.1f} | {r.get('process_cpu_s', float('nan')):.0f} | {r['peak_rss_mb']:.0f} | "
@@ -454,7 +471,8 @@ def main() -> None:
     ap.add_argument("--sides", nargs="+", default=["trl", "ours"],
                     help="sides to run, in this order: trl, ours, or ours:KEY=VALUE+KEY=VALUE with PPOSpec overrides "
                          "(e.g. ours:value_model=separate); either side takes allocator=system|mimalloc "
-                         "(default: ours mimalloc, as `align` runs, TRL system)")
+                         "(default: ours mimalloc, as `align` runs, TRL system) and onednn_cache=N|default "
+                         "(default: ours the ppo recipe's, TRL oneDNN's)")
     ap.add_argument("--mode", choices=["lora", "full"])
     ap.add_argument("--modes", nargs="+", default=["lora", "full"])
     ap.add_argument("--threads", type=int, default=2)
@@ -471,11 +489,13 @@ def main() -> None:
         work = WORK / a.precision
         options = _options(a.side)
         options.pop("allocator", None)  # the driver's: LD_PRELOAD of this child
+        options.pop("onednn_cache", None)  # the driver's: this child's environment
         res = (run_trl(work, a.mode, a.threads, a.precision, a.updates) if _kind(a.side) == "trl" else
                run_ours(work, a.mode, a.threads, options, a.precision, a.updates))
         from alignment.allocator import loaded
 
         res["allocator"] = loaded()
+        res["onednn_cache"] = os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "default")
         Path(a.result).write_text(json.dumps(res))
         return
     if a.precision is None:

@@ -70,4 +70,5 @@ def test_preload_env_puts_mimalloc_first_once_and_keeps_the_users_settings(tmp_p
     env = allocator.preload_env({"LD_PRELOAD": f"/a.so:{lib}", "MIMALLOC_PURGE_DECOMMITS": "1"}, lib)
     assert env["LD_PRELOAD"] == f"{lib}:/a.so"
     assert env["MIMALLOC_PURGE_DECOMMITS"] == "1"  # the user's value wins over our default
-    assert allocator.preload_env({}, lib) == {"LD_PRELOAD": str(lib), "MIMALLOC_PURGE_DECOMMITS": "0"}
+    assert allocator.preload_env({}, lib) == {"LD_PRELOAD": str(lib), "MIMALLOC_PURGE_DECOMMITS": "0",
+                                              "MIMALLOC_ARENA_EAGER_COMMIT": "0"}

@@ -112,9 +112,26 @@ def test_stage_mismatch_is_refused():
 
 def test_hash_ignores_run_and_threads_but_not_hyperparameters():
     a = load_stage_config("sft", "configs/tiny/sft.yaml")
-    b = load_stage_config("sft", "configs/tiny/sft.yaml", ["run=other", "threads=1"])
+    b = load_stage_config("sft", "configs/tiny/sft.yaml", ["run=other", "threads=1", "onednn_cache=64"])
     c = load_stage_config("sft", "configs/tiny/sft.yaml", ["train.lr=0.5"])
     assert config_hash(a) == config_hash(b) != config_hash(c)
+
+
+def test_onednn_cache_reaches_the_environment_before_the_stage_runs(tmp_path, monkeypatch):
+    """oneDNN reads ONEDNN_PRIMITIVE_CACHE_CAPACITY at its first primitive, so the runner sets it from the config
+    before the stage starts; a value the environment already holds wins."""
+    import os
+
+    from alignment.runner import run_stage
+
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    run_stage("base", "configs/tiny/base.yaml", ["onednn_cache=7"], root=tmp_path, run="r")
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "7"
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "200")
+    run_stage("base", "configs/tiny/base.yaml", ["onednn_cache=7"], root=tmp_path, run="r2")
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "200"
+    with pytest.raises(ConfigError, match="onednn_cache"):
+        load_stage_config("base", "configs/tiny/base.yaml", ["onednn_cache=-1"])
 
 
 def test_secrets_are_redacted():

@@ -42,4 +42,17 @@ def test_every_ours_side_is_compared_with_every_trl_side_of_its_round():
     ratios = [line for line in bench.table(rows).splitlines() if line.startswith("| lora | 1 | ours |")]
     assert ratios == ["| lora | 1 | ours | trl | 2.20x | 2.22x | 0.35x |",
                       "| lora | 1 | ours | trl:allocator=mimalloc | 2.00x | 2.00x | 0.38x |"]
-    assert "| lora | fp32 | trl:allocator=mimalloc | mimalloc | 1 | 1.10 |" in bench.table(rows)
+    assert "| lora | fp32 | trl:allocator=mimalloc | mimalloc | default | 1 | 1.10 |" in bench.table(rows)
+
+
+def test_ours_runs_with_the_ppo_recipes_onednn_cache_and_trl_with_onednns_default(monkeypatch):
+    import yaml
+
+    shipped = yaml.safe_load((REPO / "configs" / "smollm2" / "ppo.yaml").read_text())["onednn_cache"]
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "5")  # the driver's own is not inherited
+    assert bench.child_env("ours", 1)["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(shipped)
+    assert "ONEDNN_PRIMITIVE_CACHE_CAPACITY" not in bench.child_env("trl", 1)
+    assert bench.child_env("trl:onednn_cache=64", 1)["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "64"
+    assert "ONEDNN_PRIMITIVE_CACHE_CAPACITY" not in bench.child_env("ours:onednn_cache=default", 1)
+    with pytest.raises(SystemExit, match="onednn_cache must be a number of primitives or default, got 'lots'"):
+        bench.child_env("ours:onednn_cache=lots", 1)
