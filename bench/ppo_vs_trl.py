@@ -367,8 +367,9 @@ def child_env(side: str, threads: int) -> dict:
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
     env.pop("ONEDNN_PRIMITIVE_CACHE_CAPACITY", None)
-    if onednn_cache_of(side) != "default":
-        env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = onednn_cache_of(side)
+    cache = onednn_cache_of(side)
+    if cache != "default":
+        env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = cache
     lib = allocator.mimalloc_library()
     env["LD_PRELOAD"] = ":".join(p for p in env.get("LD_PRELOAD", "").split(":") if p and "libmimalloc" not in p)
     if allocator_of(side) == "mimalloc":
