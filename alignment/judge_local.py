@@ -165,28 +165,36 @@ class LocalJudge(Judge):
 
 
 class RewardModelJudge(Judge):
-    """P(a better) = sigmoid(r(a) - r(b)) from a reward-model artifact: order-free, so one scoring per pair."""
+    """P(a better) = sigmoid(r(a) - r(b)) from a reward-model artifact: order-free, so one scoring per pair. The
+    model loads at the first scoring, so a caller that already holds the scores (`from_scores`) never loads it."""
 
     def __init__(self, spec: JudgeSpec, inputs: dict, precision: str):
         super().__init__(spec)
-        from alignment.reward import load_reward_model
-
-        art = _artifact(spec.reward_artifact or "reward", inputs, "judge.reward_artifact")
-        self.model, self.tok = load_reward_model(art.model_dir, precision)
-        self.name = f"reward_model:{art.manifest_sha256[:12]}:{spec_digest(spec)}"
+        self.artifact = _artifact(spec.reward_artifact or "reward", inputs, "judge.reward_artifact")
+        self.precision, self._loaded = precision, None
+        self.name = f"reward_model:{self.artifact.manifest_sha256[:12]}:{spec_digest(spec)}"
 
     def _scores(self, prompts, responses) -> list[float]:
-        from alignment.reward import score_conversations
+        from alignment.reward import load_reward_model, score_conversations
 
+        if self._loaded is None:
+            self._loaded = load_reward_model(self.artifact.model_dir, self.precision)
         convs = [p + [{"role": "assistant", "content": r}] for p, r in zip(prompts, responses)]
-        return score_conversations(self.model, self.tok, convs, batch_size=self.spec.batch_size,
+        return score_conversations(*self._loaded, convs, batch_size=self.spec.batch_size,
                                    max_length=self.spec.max_length)[0]
 
     def first_better(self, prompts, first, second) -> list[float | None]:
         s1, s2 = self._scores(prompts, first), self._scores(prompts, second)
         return [1.0 / (1.0 + math.exp(y - x)) for x, y in zip(s1, s2)]
 
-    def compare(self, prompts, a, b) -> list[Verdict]:
-        p = self.first_better(prompts, a, b)
+    def from_scores(self, scores_a: list[float], scores_b: list[float]) -> list[Verdict]:
+        """The verdicts for answers a and b given their scores by this judge's reward model."""
+        p = [1.0 / (1.0 + math.exp(y - x)) for x, y in zip(scores_a, scores_b, strict=True)]
         return [combine(x, 1.0 - x if self.spec.both_orders else None, both_orders=self.spec.both_orders,
                         clamp=self.spec.clamp) for x in p]
+
+    def compare(self, prompts, a, b) -> list[Verdict]:
+        return self.from_scores(self._scores(prompts, a), self._scores(prompts, b))
+
+    def close(self) -> None:
+        self._loaded = None

@@ -434,11 +434,15 @@ def reward_scores(cfg: Config, ctx, names: list[str], prompts: list, responses: 
     return rewards
 
 
-def judge_verdicts(cfg: Config, ctx, prompts: list, responses: dict, cache, keys: dict) -> tuple[dict, str]:
+def judge_verdicts(cfg: Config, ctx, prompts: list, responses: dict, cache, keys: dict,
+                   rewards: dict) -> tuple[dict, str]:
     """The judge's verdicts of each policy against the baseline on the main prompts, and the judge's name. A local
     or reward-model judge's verdicts are cached per pair of answers (its name pins its weights and template); a
-    served judge's name learns the server's identity only with the first call, so it is asked every time."""
+    served judge's name learns the server's identity only with the first call, so it is asked every time. A
+    reward-model judge on the run's own reward model takes the answers' scores from `rewards` (the eval already
+    scored them with that model) instead of loading and running it again."""
     from alignment.answer_cache import AnswerCache, digest
+    from alignment.judge_local import RewardModelJudge
     from alignment.judges import Verdict, build_judge
 
     judge = build_judge(cfg.judge, ctx.inputs, cfg.precision)
@@ -450,7 +454,11 @@ def judge_verdicts(cfg: Config, ctx, prompts: list, responses: dict, cache, keys
         if got is not None:
             verdicts[name] = [Verdict(**x) for x in got]
             continue
-        verdicts[name] = judge.compare(prompts, responses[name]["text"], responses[cfg.baseline]["text"])
+        if isinstance(judge, RewardModelJudge) and "reward" in ctx.inputs and \
+                judge.artifact.path == ctx.inputs["reward"].path and name in rewards and cfg.baseline in rewards:
+            verdicts[name] = judge.from_scores(rewards[name], rewards[cfg.baseline])
+        else:
+            verdicts[name] = judge.compare(prompts, responses[name]["text"], responses[cfg.baseline]["text"])
         cache.put(key, [v.to_json() for v in verdicts[name]])
     name = judge.name
     judge.close()
@@ -498,7 +506,7 @@ def run(cfg: Config, ctx) -> None:
 
     # -- reward model; judge: each policy against the baseline, both orders --------------------------
     rewards = reward_scores(cfg, ctx, names, prompts, responses, cache, keys) if cfg.reward else {}
-    verdicts, judge_name = (judge_verdicts(cfg, ctx, prompts, responses, cache, keys) if cfg.judge is not None
+    verdicts, judge_name = (judge_verdicts(cfg, ctx, prompts, responses, cache, keys, rewards) if cfg.judge is not None
                             else ({}, None))
     if cache.reused:
         log.info("[eval] from the cache (%s): %s", cache.folder, cache.summary())

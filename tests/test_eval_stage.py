@@ -288,6 +288,29 @@ def test_eval_stage_end_to_end(tiny_store, tmp_path):
             assert im.format == "PNG" and im.size[0] > 100 and im.size[1] > 100
 
 
+def test_reward_model_judge_takes_the_evals_reward_scores(tiny_store, tmp_path, monkeypatch):
+    """The reward-model judge on the run's own RM: the verdicts are sigmoid(r(policy) - r(baseline)) of the scores
+    the eval reports, and the RM is loaded once (for the scores), not a second time for the judge."""
+    import math
+
+    import alignment.reward as reward
+
+    root, run, args = _with_reward_and_dpo(tiny_store, tmp_path, steps=2)
+    loads, load = [], reward.load_reward_model
+    monkeypatch.setattr(reward, "load_reward_model", lambda *a, **k: loads.append(a) or load(*a, **k))
+    assert main(["run", "eval", "-c", "configs/tiny/eval.yaml", "judge.kind=reward_model", "max_prompts=6",
+                 "max_set_prompts=2", "kl.prompts=0", "cache_dir=none", "policies=[dpo]", *args]) == 0
+    assert len(loads) == 1
+    out = root / run / "eval"
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    by = {(r["id"], r["policy"]): r for r in rows}
+    ids = sorted({r["id"] for r in rows})
+    assert len(ids) == 6
+    for i in ids:
+        diff = by[i, "dpo"]["reward"] - by[i, "sft"]["reward"]
+        assert by[i, "dpo"]["p_beats_baseline"] == pytest.approx(1 / (1 + math.exp(-diff)), abs=1e-12)
+
+
 def test_eval_reuses_cached_answers_and_they_equal_fresh_ones(tiny_store, tmp_path, caplog):
     """A policy joining the report answers alone: the baseline's and the other policy's answers, reward scores
     and verdicts come from the cache, and a run with the cache off computes the same figures."""

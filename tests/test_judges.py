@@ -253,3 +253,20 @@ def test_ensemble_and_checklist_problems():
 
     both = JudgeSpec(kind="ensemble", members=[{"kind": "reward_model"}, {"kind": "local", "model": "base"}])
     assert judge_upstream(both) == ("reward", "base")
+
+
+def test_reward_model_judge_verdicts_from_known_scores_load_nothing(tmp_path):
+    """sigmoid(2 - 0) = 0.8808, sigmoid(0 - 0) = 0.5; the clamp [0.4, 0.6] caps the first. The artifact's model
+    folder does not exist: the model would load only at a scoring."""
+    from types import SimpleNamespace
+
+    art = SimpleNamespace(manifest_sha256="ab" * 32, model_dir=tmp_path / "missing", path=tmp_path)
+    judge = build_judge(JudgeSpec(kind="reward_model"), {"reward": art}, "fp32")
+    assert judge.name.startswith("reward_model:abababababab:")
+    plain = judge.from_scores([2.0, 0.0], [0.0, 0.0])
+    assert [v.p_a for v in plain] == [pytest.approx(1 / (1 + math.exp(-2))), 0.5]
+    assert plain[0].p_ba == pytest.approx(1 - 1 / (1 + math.exp(-2))) and not plain[0].disagree
+    clamped = build_judge(JudgeSpec(kind="reward_model", clamp=[0.4, 0.6]), {"reward": art}, "fp32")
+    assert [v.p_a for v in clamped.from_scores([2.0, 0.0], [0.0, 0.0])] == [0.6, 0.5]
+    with pytest.raises(ValueError):
+        judge.from_scores([1.0], [1.0, 2.0])
