@@ -233,13 +233,14 @@ def prompt_seeds(seed: int | Sequence[int] | None, n: int) -> list[int] | None:
     return [(x * 1009) % 2**62 for x in seeds]
 
 
-def row_sampler(seeds: Sequence[int], spec: GenerationSpec):
+def row_sampler(seeds: Sequence[int], spec: GenerationSpec, greedy: Sequence[bool] = ()):
     """A logits processor that samples each row from its own RNG stream and leaves only that token finite.
 
     transformers' sampler draws every row from one global stream, so a row's sample depends on its batch;
     this one draws one uniform per row and step from `torch.Generator(seed)` and inverts the row's CDF after
     temperature / top-k / top-p (transformers' rules). `generate` then runs greedy over the result, which picks
-    the sampled token.
+    the sampled token. Rows flagged in `greedy` take their most probable token instead (their stream still
+    draws, so the other rows' samples do not depend on which rows are greedy).
     """
     import torch
     from transformers import LogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper
@@ -258,6 +259,9 @@ def row_sampler(seeds: Sequence[int], spec: GenerationSpec):
             rows = range(len(streams)) if self.active is None else self.active
             u = torch.cat([torch.rand(1, generator=streams[i]) for i in rows]).to(scores.device)
             pick = nucleus_pick(torch.softmax(scores.float(), dim=-1), u, spec.top_p)
+            modes = [j for j, i in enumerate(rows) if i < len(greedy) and greedy[i]]
+            if modes:
+                pick[modes] = scores[modes].argmax(dim=-1)
             return torch.full_like(scores, float("-inf")).scatter_(1, pick.unsqueeze(1), 0.0)
 
     return RowSampler()
@@ -382,7 +386,8 @@ def _batches(lengths: list[int], spec: GenerationSpec, k: int, fit) -> list[list
 
 def generate(model, tok, prompts: Sequence[Prompt], spec: GenerationSpec, *, seed: int | Sequence[int] | None = None,
              max_new_tokens: int | None = None, greedy: bool | None = None, desc: str | None = None,
-             autocast_dtype="auto", prompt_ids: Sequence[Sequence[int]] | None = None) -> Rollout:
+             autocast_dtype="auto", prompt_ids: Sequence[Sequence[int]] | None = None,
+             greedy_rows: Sequence[int] = ()) -> Rollout:
     """Responses to `prompts` from `model` (HF backend), in prompt order, `spec.num_return_sequences` each.
 
     `seed` (one int, or one per prompt) makes sampling reproducible and independent of the batching
@@ -392,7 +397,8 @@ def generate(model, tok, prompts: Sequence[Prompt], spec: GenerationSpec, *, see
     progress bar over batches. Prompts are batched longest first (little padding), at most `spec.batch_size`
     per call and fewer when their KV cache would not fit in memory; rows come back in prompt order.
     `prompt_ids`: the prompts already tokenised (a trainer's own chat templating), used instead of templating
-    `prompts` (which are then only carried into the Rollout).
+    `prompts` (which are then only carried into the Rollout). `greedy_rows`: rows of the Rollout (prompt i,
+    sample j -> i * k + j) decoded greedily inside a sampled, seeded call (GRPO's `group.greedy_member`).
     """
     import torch
     from tqdm.auto import tqdm
@@ -412,6 +418,9 @@ def generate(model, tok, prompts: Sequence[Prompt], spec: GenerationSpec, *, see
     batches = _batches([len(r) for r in rows], spec, k, lambda w: fit(w))
     sample = spec.do_sample if greedy is None else not greedy
     seeds = prompt_seeds(seed, len(prompts)) if sample else None
+    if greedy_rows and seeds is None:
+        raise ValueError("generate: greedy_rows needs a sampled call with a seed")
+    greedy_set = set(greedy_rows)
     if seeds is not None:
         gen.do_sample = False  # the row sampler samples; greedy selection then takes its pick
         for name in ("temperature", "top_p", "top_k"):
@@ -426,7 +435,9 @@ def generate(model, tok, prompts: Sequence[Prompt], spec: GenerationSpec, *, see
             ids, mask = left_pad(tok, [rows[i] for i in batch], device=device)
             if k > 1:
                 ids, mask = ids.repeat_interleave(k, dim=0), mask.repeat_interleave(k, dim=0)
-            sampler = None if seeds is None else row_sampler([seeds[i] + j for i in batch for j in range(k)], spec)
+            sampler = None if seeds is None else row_sampler(
+                [seeds[i] + j for i in batch for j in range(k)], spec,
+                [i * k + j in greedy_set for i in batch for j in range(k)])
             with torch.no_grad(), amp:
                 cache = packed_prefill(model, ids, mask) if spec.prefill == "packed" else None
                 out = _generate_retiring(model, ids, mask, gen, sampler, spec.retire_every, cache)

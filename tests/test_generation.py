@@ -99,6 +99,23 @@ def test_sampling_is_reproducible_for_a_seed(lm):
     assert len(set(a.texts)) > 1  # sampled, not greedy
 
 
+def test_greedy_rows_decode_greedily_and_leave_the_other_rows_alone(lm):
+    """GRPO's greedy member: the flagged rows are the greedy answers, every other row samples what it samples
+    without the flags (each row's stream draws either way)."""
+    model, tok = lm
+    spec = GenerationSpec(max_new_tokens=10, do_sample=True, temperature=1.0, num_return_sequences=2, batch_size=2,
+                          autocast="off")
+    plain = generate(model, tok, PROMPTS, spec, seed=7)
+    mixed = generate(model, tok, PROMPTS, spec, seed=7, greedy_rows=[0, 2, 5])
+    greedy = generate(model, tok, PROMPTS, GREEDY.model_copy(update={"max_new_tokens": 10}))
+    for row in range(len(plain.texts)):
+        want = greedy.texts[row // 2] if row in (0, 2, 5) else plain.texts[row]
+        assert mixed.texts[row] == want, row
+    assert plain.texts[0] != greedy.texts[0] or plain.texts[2] != greedy.texts[1]  # the flags changed something
+    with pytest.raises(ValueError, match="greedy_rows"):
+        generate(model, tok, PROMPTS, GREEDY, greedy_rows=[0])
+
+
 def test_greedy_output_does_not_depend_on_the_batch_size(lm):
     model, tok = lm
     outs = [generate(model, tok, PROMPTS, GREEDY.model_copy(update={"batch_size": b})) for b in (1, 2, 64)]

@@ -108,6 +108,19 @@ def test_truncated_reward_replaces_the_score_of_cut_completions(store, tmp_path)
     assert cut > 0.5 and row["reward"] <= (1 - cut) * 1.0 - 3.0 * cut + 1e-6
 
 
+def test_greedy_member_reaches_the_sampler_through_the_stage(store, tmp_path, monkeypatch):
+    """group.greedy_member: every rollout call of the run decodes the first row of each group greedily."""
+    import alignment.generation as generation
+
+    calls, real = [], generation.generate
+    monkeypatch.setattr(generation, "generate", lambda *a, **k: calls.append((len(a[2]), list(k.get(
+        "greedy_rows", ())))) or real(*a, **k))
+    root, run = store
+    cfg = write_config(tmp_path, **{"train.max_steps": 1, "group.greedy_member": True})
+    assert main(["run", "grpo", "-c", str(cfg), "--artifacts", str(root)]) == 0
+    assert calls and all(rows and rows == list(range(0, n, 4)) for n, rows in calls)
+
+
 def test_soft_overlong_punishment_adds_a_length_reward(store, tmp_path):
     # DAPO's soft overlong punishment with max 12, soft 6: a completion of L tokens adds 0 up to 6 tokens, (6 - L) / 6
     # above, -1 at 12 (cut). On the random model most completions are cut, so the length reward's mean is at most
@@ -189,6 +202,7 @@ def test_eos_ids_are_the_generation_configs_and_the_tokenizers():
     ({"group.beta": -0.1}, "group.beta: expected a KL coefficient >= 0"),
     ({"group.sampler": "vllm"}, "group.sampler: expected one of 'engine' or 'trl', got 'vllm'"),
     ({"group.truncated_reward": "low"}, "group.truncated_reward:"),
+    ({"group.greedy_member": True, "group.sampler": "trl"}, "group.greedy_member: needs group.sampler: engine"),
     ({"group.soft_overlong": 20}, "group.soft_overlong: expected 1..group.max_completion_length (12) tokens, or "
                                   "null for none"),
     ({"health.bogus": 1}, "health.bogus: unknown key"),
@@ -258,6 +272,7 @@ def test_trl_samples_through_our_engine_with_the_lora_merged(store, tmp_path):
     cfg = load_config(Config, write_config(tmp_path))
     sft = ArtifactStore(root).read_stage(run, "sft")
     trainer, tok = build_trainer(cfg, sft, load_prompts(cfg.data.train, 8), vowel_reward, tmp_path / "ckpt")
+    assert trainer.greedy_member is False  # group.greedy_member's default, handed to engine_completions
     model = trainer.model
     torch.manual_seed(0)
     for name, p in model.named_parameters():
@@ -283,6 +298,14 @@ def test_trl_samples_through_our_engine_with_the_lora_merged(store, tmp_path):
     assert [r[:n] for r, n in zip(ro.response_ids.tolist(), ro.lengths)] == completions
     # the next call in the same step draws from new streams
     assert engine_completions(trainer, ids) != completions and trainer._engine_calls == (0, 1)
+    # group.greedy_member: the first row of each group of 4 is the policy's greedy answer, the rest as sampled
+    trainer.greedy_member, trainer._engine_calls = True, (None,)  # the first call of the step again
+    mixed = engine_completions(trainer, ids)
+    greedy = generate(model, tok, [None] * 3, spec.model_copy(update={"do_sample": False, "batch_size": 3}),
+                      prompt_ids=ids[::4])
+    assert [mixed[i] for i in (0, 4, 8)] == [r[:n] for r, n in zip(greedy.response_ids.tolist(), greedy.lengths)]
+    assert [c for i, c in enumerate(mixed) if i % 4] == [c for i, c in enumerate(completions) if i % 4]
+    trainer.greedy_member = False
 
     trainer.args.repetition_penalty = 1.1  # not ours to emulate: TRL's own sampling
     trainer._engine_calls = None
