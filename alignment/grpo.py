@@ -69,10 +69,10 @@ class GroupSpec(Section):
     """The first completion of every group is the policy's greedy answer (the eval stage's decoding), the others
     sampled. A 135M SFT model's greedy answers loop until the budget where its samples end: on 64 unseen training
     prompts 41% of the recipe's SFT model's greedy answers were cut against 22% of its samples at temperature 1 and
-    11% at 0.7 (bench/greedy_vs_sampled.py, fp32), so sampled groups barely see the failure the evaluation counts. The greedy member is scored and trained like the others
-    (its advantage against the group), so a looping mode loses probability directly; as in self-critical
-    sequence training (Rennie et al., 2017) the test-time decoding takes part in training. Needs the engine
-    sampler; RLOO too."""
+    11% at 0.7 (bench/greedy_vs_sampled.py, fp32), so sampled groups barely see the failure the evaluation
+    counts. The greedy member is scored and trained like the others (its advantage against the group), so a looping
+    mode loses probability directly; as in self-critical sequence training (Rennie et al., 2017) the test-time
+    decoding takes part in training. Needs the engine sampler; RLOO too."""
     log_completions: bool = False
     """Print a sample of prompts, completions and rewards at each logging step."""
     sampler: Literal["engine", "trl"] = "engine"

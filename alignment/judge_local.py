@@ -183,13 +183,16 @@ class RewardModelJudge(Judge):
         return score_conversations(*self._loaded, convs, batch_size=self.spec.batch_size,
                                    max_length=self.spec.max_length)[0]
 
+    @staticmethod
+    def _first_better(scores_first: list[float], scores_second: list[float]) -> list[float]:
+        return [1.0 / (1.0 + math.exp(y - x)) for x, y in zip(scores_first, scores_second, strict=True)]
+
     def first_better(self, prompts, first, second) -> list[float | None]:
-        s1, s2 = self._scores(prompts, first), self._scores(prompts, second)
-        return [1.0 / (1.0 + math.exp(y - x)) for x, y in zip(s1, s2)]
+        return self._first_better(self._scores(prompts, first), self._scores(prompts, second))
 
     def from_scores(self, scores_a: list[float], scores_b: list[float]) -> list[Verdict]:
         """The verdicts for answers a and b given their scores by this judge's reward model."""
-        p = [1.0 / (1.0 + math.exp(y - x)) for x, y in zip(scores_a, scores_b, strict=True)]
+        p = self._first_better(scores_a, scores_b)
         return [combine(x, 1.0 - x if self.spec.both_orders else None, both_orders=self.spec.both_orders,
                         clamp=self.spec.clamp) for x in p]
 
