@@ -9,7 +9,9 @@ answer cut at the budget without an EOS as failed (the checker otherwise scores 
 runs on collects the "at least N words / sentences" constraints). `--seeds NAME=A,B,C` adds a row for the seeds
 A, B, C of one recipe: per prompt the mean over the seeds, its gain's CI bootstrapped over prompts. `--kinds`
 adds, per split, the share of each constraint kind met by each policy (as scored: a cut answer keeps what its text
-met; a seeds row averages its seeds): where a gain comes from, and what it cost.
+met; a seeds row averages its seeds): where a gain comes from, and what it cost. `--sealed` adds the sealed split
+(data/sealed/phrasings.jsonl: wordings written after the held-out figures had steered the recipes; docs/data.md) to
+what is evaluated and reported: only for a recipe frozen before the look, and every look is logged there.
 
     OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 .venv/bin/python bench/gold_splits.py --out bench/out/gold.json \\
         sft=A/smollm2/sft ppo=A/smollm2/ppo [--sample 4]
@@ -34,6 +36,8 @@ from alignment.evaluation import bootstrap_ci, finished_only  # noqa: E402
 
 SPLITS = {"indist": "data/instruct/eval.jsonl", "phrasings": "data/instruct/eval_heldout_phrasings.jsonl",
           "kinds": "data/instruct/eval_heldout_kinds.jsonl"}
+SEALED = {"sealed": "data/sealed/phrasings.jsonl"}
+"""The sealed split (docs/data.md): read only with --sealed, for a recipe frozen before the look."""
 
 
 def per_kind(rows: list[dict], texts: list[str], k: int = 1) -> dict[str, float]:
@@ -48,7 +52,7 @@ def per_kind(rows: list[dict], texts: list[str], k: int = 1) -> dict[str, float]
     return {k: sum(v) / len(v) for k, v in sorted(met.items())}
 
 
-def evaluate(path: Path, sample: int) -> dict:
+def evaluate(path: Path, sample: int, splits: dict = SPLITS) -> dict:
     from alignment import gold
     from alignment.artifacts import ArtifactStore
     from alignment.generation import GenerationSpec, generate
@@ -59,7 +63,7 @@ def evaluate(path: Path, sample: int) -> dict:
     art = ArtifactStore(path.parent.parent).read(path)
     model, tok = load_policy(art, "auto").eval(), load_tokenizer(art.model_dir)
     out = {}
-    for split, file in SPLITS.items():
+    for split, file in splits.items():
         rows = [p for p in load_prompts(str(REPO / file), None) if p.get("constraints")]
         prompts = [r["prompt"] for r in rows]
         roll = generate(model, tok, prompts, GenerationSpec(max_new_tokens=128, batch_size=64), greedy=True)
@@ -67,7 +71,7 @@ def evaluate(path: Path, sample: int) -> dict:
                "eos": roll.has_eos.tolist(),
                "per_kind": per_kind(rows, roll.texts), "length": sum(roll.lengths) / len(rows),
                "finished": roll.has_eos.float().mean().item()}
-        if sample and split != "kinds":
+        if sample and split not in ("kinds", "sealed"):
             spec = GenerationSpec(max_new_tokens=128, batch_size=64, do_sample=True, num_return_sequences=sample)
             res["sampled_per_kind"] = per_kind(rows, generate(model, tok, prompts, spec, seed=1).texts, sample)
         out[split] = res
@@ -81,12 +85,12 @@ def gold_of(res: dict, strict: bool) -> list[float]:
     return finished_only(res["gold"], res["eos"]) if strict else res["gold"]
 
 
-def seeds_mean(results: dict, members: list[str], strict: bool) -> dict:
+def seeds_mean(results: dict, members: list[str], strict: bool, splits: dict = SPLITS) -> dict:
     """One policy trained with several seeds (`members`: their names in `results`) as one row: per split and prompt
     the mean outcome over the seeds (strictness applied per seed first), so the paired bootstrap over prompts
     gives the CI of the seed-averaged gain (as bench/seeds_eval.py does); tokens averaged over the seeds."""
     out = {}
-    for split in SPLITS:
+    for split in splits:
         per_seed = [gold_of(results[m][split], strict) for m in members]
         kinds = [results[m][split].get("per_kind", {}) for m in members]
         out[split] = {"gold": [sum(xs) / len(xs) for xs in zip(*per_seed, strict=True)],
@@ -97,13 +101,13 @@ def seeds_mean(results: dict, members: list[str], strict: bool) -> dict:
     return out
 
 
-def report(results: dict, base: str, strict: bool = False) -> str:
+def report(results: dict, base: str, strict: bool = False, splits: dict = SPLITS) -> str:
     names = [base] + [n for n in results if n != base]
-    lines = ["| policy | " + " | ".join(f"{s} gold (gain vs {base} [95% CI])" for s in SPLITS) + " | tokens |",
-             "|---|" + "---|" * (len(SPLITS) + 1)]
+    lines = ["| policy | " + " | ".join(f"{s} gold (gain vs {base} [95% CI])" for s in splits) + " | tokens |",
+             "|---|" + "---|" * (len(splits) + 1)]
     for name in names:
         cells = []
-        for split in SPLITS:
+        for split in splits:
             g, g0 = gold_of(results[name][split], strict), gold_of(results[base][split], strict)
             cell = f"{sum(g) / len(g):.3f}"
             if name != base:
@@ -111,15 +115,15 @@ def report(results: dict, base: str, strict: bool = False) -> str:
                 lo, hi = bootstrap_ci(d, n_boot=10_000, seed=0)
                 cell += f", {sum(d) / len(d):+.3f} [{lo:+.3f}, {hi:+.3f}]"
             cells.append(cell)
-        tokens = "/".join(f"{results[name][s]['length']:.0f}" for s in SPLITS)
+        tokens = "/".join(f"{results[name][s]['length']:.0f}" for s in splits)
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {tokens} |")
     return "\n".join(lines)
 
 
-def kinds_report(results: dict, names: list[str]) -> str:
+def kinds_report(results: dict, names: list[str], splits: dict = SPLITS) -> str:
     """Per split, one row per constraint kind: the share of that kind's constraints each policy met."""
     blocks = []
-    for split in SPLITS:
+    for split in splits:
         per = [results[n][split].get("per_kind", {}) for n in names]
         lines = [f"| {split}: kind | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         for k in sorted({k for pk in per for k in pk}):
@@ -141,7 +145,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="also print per-kind tables (as scored) for these policies (default: every one)")
     p.add_argument("--seeds", action="append", default=[], metavar="NAME=A,B,C",
                    help="report the policies A, B, C (seeds of one recipe) as one row NAME: the per-prompt mean")
+    p.add_argument("--sealed", action="store_true",
+                   help="also evaluate and report the sealed split (docs/data.md: only for a recipe frozen beforehand)")
     args = p.parse_args(argv)
+    splits = {**SPLITS, **SEALED} if args.sealed else SPLITS
     for spec in args.policies:  # every argument checked before hours of generation start
         name, _, path = spec.partition("=")
         if not name or not (Path(path) / "manifest.json").is_file():
@@ -161,15 +168,22 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"gold_splits: --kinds: no results for {', '.join(unknown)} in {args.out} (nor evaluated now)")
     for spec in args.policies:
         name, _, path = spec.partition("=")
-        results[name] = evaluate(Path(path), args.sample)
+        results[name] = evaluate(Path(path), args.sample, splits)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results))
     if args.report or args.seeds or not args.policies:
+        if args.sealed:  # report only what has the sealed split (older outcomes were evaluated without it)
+            results = {n: r for n, r in results.items() if "sealed" in r}
+            wanted = [m for ms in groups.values() for m in ms] + [n for n in [args.baseline, *(args.kinds or ())]
+                                                                  if n and n not in groups]
+            missing = [m for m in wanted if m not in results]
+            if missing:
+                sys.exit(f"gold_splits: --sealed: no sealed outcomes for {', '.join(missing)} in {args.out}")
         for name, members in groups.items():
-            results[name] = seeds_mean(results, members, args.strict)
-        print(report(results, args.baseline or next(iter(results)), args.strict))
+            results[name] = seeds_mean(results, members, args.strict, splits)
+        print(report(results, args.baseline or next(iter(results)), args.strict, splits))
     if args.kinds is not None:
-        print("\n" + kinds_report(results, args.kinds or list(results)))
+        print("\n" + kinds_report(results, args.kinds or list(results), splits))
 
 
 if __name__ == "__main__":

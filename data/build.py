@@ -52,6 +52,9 @@ FILES = {
     "prefs/eval.jsonl": ("eval", "train", "train", True, 200),
     "prefs/eval_heldout_phrasings.jsonl": ("eval_heldout_phrasings", "train", "heldout", True, 200),
 }
+SEALED = {"sealed/phrasings.jsonl": ("sealed_phrasings", "train", "sealed", False, 200)}
+"""Training kinds in the sealed wordings (SEALED_* below), drawn after FILES from their own random stream so that
+the files above stay byte-identical; read by bench/gold_splits.py --sealed only (docs/data.md, "The sealed split")."""
 MAX_RESPONSE_WORDS = 75  # keeps prompt + response well inside 256 tokens
 N_CONSTRAINTS = {1: 0.4, 2: 0.4, 3: 0.2}
 
@@ -375,6 +378,49 @@ PHRASINGS: dict[str, tuple[list[str], list[str]]] = {
 }
 assert set(PHRASINGS) == set(TRAIN_KINDS) | set(HELDOUT_KINDS) == set(SLOTS)
 
+# -- the sealed split: a third set of phrasings, task sentences and frames for the 16 training kinds -----------
+# Written 2026-12-03 after every held-out figure of docs/algorithms.md had been read many times: the held-out
+# phrasings split has steered a dozen recipe choices, so a gain measured on it is partly selected. These
+# wordings appear in no other file and no config's prompt sets; bench/gold_splits.py --sealed reads them only
+# for a recipe frozen before the look, and docs/data.md logs every look.
+SEALED_TASKS = [
+    "Draft a handful of sentences on {topic} for a museum placard.",
+    "Someone at dinner brought up {topic}. Brief me so I can join in.",
+    "Produce a concise primer covering {topic}.",
+    "What are the essentials of {topic}, in plain words?",
+    "Compose a small informative text on the subject of {topic}.",
+]
+SEALED_FRAMES = [
+    "{cons}\nTask: {task}",
+    "Constraints first. {cons}\nNow the request: {task}",
+]
+SEALED_PHRASINGS: dict[str, list[str]] = {
+    "max_words": ["Cap the length at {n} words.", "{n} words is the most you may write."],
+    "min_words": ["Your text needs {n} words, at the least.", "Hit a word count of {n} or above."],
+    "keyword": ["The term '{word}' has to be in there.", "Drop the word '{word}' into the text at some point."],
+    "bullets": ["Reply as a list: {n} lines, each opening with a dash and a space ('- '), and nothing else.",
+                "Structure: {n} dash-prefixed items ('- '), precisely that many."],
+    "lowercase": ["Capital letters are forbidden throughout.", "Render the entire text in lower case."],
+    "end_with": ['The very last words must read "{phrase}"', 'Sign off using the exact words "{phrase}"'],
+    "min_sentences": ["The answer must contain {n} sentences at minimum.",
+                      "Go for {n} or more complete sentences."],
+    "paragraphs": ["Exactly {n} paragraphs, separated from each other by one blank line.",
+                   "Deliver {n} separate paragraphs (blank line between consecutive ones), not one more."],
+    "forbidden_words": ["Under no circumstances write {words}.", "Keep {words} out of the text."],
+    "keyword_frequency": ["Work in '{word}' on at least {n} occasions.",
+                          "The word '{word}' is needed {n} times at minimum."],
+    "letter_frequency": ["Watch the letter '{letter}': it must be used {freq}.",
+                         "Control how often '{letter}' shows up: {freq}."],
+    "no_commas": ["Commas are not permitted anywhere.", "Write this with zero commas."],
+    "title": ["Open with a heading framed by double angle brackets, e.g. <<Heading>>.",
+              "Supply a title; enclose it in << >>."],
+    "highlights": ["Italicise {n} or more fragments using single asterisks, as in *example*.",
+                   "Make {n} or more spans stand out by putting them between asterisks."],
+    "json_format": ["The whole output has to be a JSON object.", "Answer strictly in JSON syntax."],
+    "postscript": ["Append a final note that begins with {marker}", "Put an extra remark at the bottom, opened by {marker}"],
+}
+assert set(SEALED_PHRASINGS) == set(TRAIN_KINDS)
+
 START_PHRASES = ["Sure.", "Here is the short answer.", "Good question.", "Happy to help.", "Let me explain."]
 END_PHRASES = ["Hope this helps.", "That is all for now.", "Thanks for asking.", "Let me know if you want more.",
                "And that is the short version.", "Stay curious!"]
@@ -467,17 +513,20 @@ def _fill(template: str, c: dict) -> str:
 
 def prompt_text(rng: random.Random, topic: str, constraints: list[dict], phrasing: str) -> tuple[str, str]:
     """The prompt and its template id ('task/t3+frame/t0+keyword/t1+...'); end_with's sentence comes last."""
-    pick = 0 if phrasing == "train" else 1
+    pick = {"train": 0, "heldout": 1, "sealed": 2}[phrasing]
     ids, parts = [], []
     for c in sorted(constraints, key=lambda c: c["type"] == "end_with"):
         train, held = PHRASINGS[c["type"]]
-        pool, tag = (held, "h") if pick and held else (train, "t")  # held-out kinds: all phrasings are unseen
+        if pick == 2:
+            pool, tag = SEALED_PHRASINGS[c["type"]], "s"
+        else:  # held-out kinds: all their phrasings are unseen
+            pool, tag = (held, "h") if pick and held else (train, "t")
         j = rng.randrange(len(pool))
         ids.append(f"{c['type']}/{tag}{j}")
         parts.append(_fill(pool[j], c))
-    tasks, frames = TASKS[pick], FRAMES[pick]
+    tasks, frames = [(TASKS[0], FRAMES[0]), (TASKS[1], FRAMES[1]), (SEALED_TASKS, SEALED_FRAMES)][pick]
     t, f = rng.randrange(len(tasks)), rng.randrange(len(frames))
-    tag = "th"[pick]
+    tag = "ths"[pick]
     task = tasks[t].format(topic=topic)
     text = frames[f].format(task=task, cons=" ".join(parts), cons_lines="\n".join(f"- {p}" for p in parts))
     return text, "+".join([f"task/{tag}{t}", f"frame/{tag}{f}"] + ids)
@@ -760,7 +809,9 @@ def main(argv: list[str] | None = None) -> None:
     rng = random.Random(0)
     topics = all_topics()
     used: set[str] = set()
-    for name, spec in FILES.items():
+    for name, spec in [*FILES.items(), *SEALED.items()]:
+        if name in SEALED:
+            rng = random.Random(1)
         rows = build_file(rng, spec, topics, used, name.replace(".jsonl", "").replace("/", "-"))
         kinds = set(TRAIN_KINDS) | (set(HELDOUT_KINDS) if spec[1] == "heldout" else set())
         check_rows(rows, spec[3], kinds)

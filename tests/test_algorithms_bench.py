@@ -217,3 +217,32 @@ def test_gold_splits_kinds_table_averages_seeds_per_kind(tmp_path, capsys):
     assert "| json_format | 0.25 | 0.75 |" in lines and "| title | 1.00 | 0.50 |" in lines
     with pytest.raises(SystemExit, match="no results for zz"):
         gs.main(["--out", str(out), "--report", "--kinds", "zz"])
+
+
+def test_gold_splits_sealed_split_is_reported_only_when_asked_and_only_where_evaluated(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("bench_gold_splits", REPO / "bench" / "gold_splits.py")
+    gs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gs)
+    assert (REPO / gs.SEALED["sealed"]).is_file() and not set(gs.SEALED) & set(gs.SPLITS)
+
+    def res(gold, sealed=None):
+        out = {s: {"gold": gold, "eos": [True] * len(gold), "length": 20.0} for s in gs.SPLITS}
+        if sealed is not None:
+            out["sealed"] = {"gold": sealed, "eos": [True] * len(sealed), "length": 30.0}
+        return out
+
+    results = {"sft": res([0.0, 1.0], [0.0, 0.0]), "a": res([1.0, 1.0], [1.0, 0.0]),
+               "b": res([1.0, 1.0], [1.0, 1.0]), "old": res([0.0, 0.0])}
+    out = tmp_path / "g.json"
+    out.write_text(json.dumps(results))
+    gs.main(["--out", str(out), "--report", "--baseline", "sft"])
+    lines = capsys.readouterr().out.splitlines()
+    assert "sealed" not in lines[0] and any(x.startswith("| old |") for x in lines)
+    gs.main(["--out", str(out), "--report", "--baseline", "sft", "--sealed", "--seeds", "ab=a,b"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].count("gold (gain") == 4 and "sealed gold" in lines[0]
+    assert not any(x.startswith("| old |") for x in lines)  # evaluated without the sealed split: left out
+    ab = next(x for x in lines if x.startswith("| ab |"))
+    assert ab.endswith("| 0.750, +0.750 [+0.500, +1.000] | 20/20/20/30 |")  # sealed: (1+1)/2, (0+1)/2 vs 0, 0
+    with pytest.raises(SystemExit, match="no sealed outcomes for old"):
+        gs.main(["--out", str(out), "--report", "--sealed", "--seeds", "x=a,old"])

@@ -1,6 +1,7 @@
 """The gold judge on hand-worked cases, and the bundled instruct data against it."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -161,6 +162,7 @@ FILES = {  # file -> (split, at least this many rows)
     "instruct/eval_heldout_kinds.jsonl": ("eval_heldout_kinds", 150),
     "prefs/train.jsonl": ("train", 1000), "prefs/eval.jsonl": ("eval", 150),
     "prefs/eval_heldout_phrasings.jsonl": ("eval_heldout_phrasings", 150),
+    "sealed/phrasings.jsonl": ("sealed_phrasings", 200),
 }
 
 
@@ -209,6 +211,11 @@ def test_bundled_splits_hold_out_kinds_phrasings_and_prompts():
             ids = r["template"].split("+")
             assert not set(ids) & train_ids and all("/h" in t for t in ids), r["id"]
     assert not any("/h" in t for t in train_ids)
+    # The sealed split: its own wordings (kind/sN, task/sN, frame/sN), which no other file uses.
+    sealed = {t for r in rows["sealed/phrasings.jsonl"] for t in r["template"].split("+")}
+    assert sealed and all("/s" in t for t in sealed)
+    assert not any("/s" in t for name, rs in rows.items() if name != "sealed/phrasings.jsonl"
+                   for r in rs for t in r["template"].split("+"))
     prompts = [_prompt(r) for rs in rows.values() for r in rs]
     assert len(prompts) == len(set(prompts))  # no prompt shared within or across files
 
@@ -269,3 +276,17 @@ def test_graded_score_rejects_bad_parameters_like_check():
         gold.credit("abc", {"type": "letter_frequency", "letter": "ab", "n": 2})
     with pytest.raises(ValueError, match="unknown constraint type"):
         gold.graded_score("abc", [{"type": "min_wordz", "n": 2}])
+
+
+def test_sealed_wordings_are_new_and_no_config_reads_the_sealed_split():
+    """The sealed split stays sealed: none of its wordings is a training or held-out one, and no stage config
+    (hence no eval stage's prompt sets, no training data) names it; only bench/gold_splits.py --sealed reads it."""
+    sys.path.insert(0, str(DATA))
+    import build
+
+    seen = set(build.TASKS[0] + build.TASKS[1] + build.FRAMES[0] + build.FRAMES[1])
+    seen |= {p for train, held in build.PHRASINGS.values() for p in train + held}
+    new = set(build.SEALED_TASKS + build.SEALED_FRAMES) | {p for v in build.SEALED_PHRASINGS.values() for p in v}
+    assert not new & seen
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    assert not [f for f in configs.rglob("*.yaml") if "sealed" in f.read_text()]
