@@ -185,6 +185,9 @@ class StageConfig(Section):
     either way). Set before the stage's first matmul; the results do not depend on it."""
     inputs: dict[str, str] = {}
     """Override where an upstream artifact is read from: {stage: path to an artifact folder}."""
+    allow_failed_inputs: bool = False
+    """Read an upstream artifact published with status failed_gate (a reward model or judge below its gate's
+    thresholds, kept for inspection). Off: such an input stops the stage before anything loads, naming it."""
     @field_validator("run")
     @classmethod
     def _safe_run(cls, value: str) -> str:
@@ -445,5 +448,5 @@ def config_dict(cfg: StageConfig) -> dict:
 def config_hash(cfg: StageConfig) -> str:
     """Hash of what changes the result: run name, threads, the oneDNN cache, tracking and secrets are left out."""
     data = {k: v for k, v in config_dict(cfg).items() if k not in ("run", "threads", "onednn_cache", "tracking",
-                                                                   "report_to")}
+                                                                   "report_to", "allow_failed_inputs")}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()

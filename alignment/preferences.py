@@ -161,6 +161,29 @@ def normalise_pair(row: dict, row_number: int | None = None) -> dict:
     return pair
 
 
+def pairs_that_fit(pairs: list[dict], tok, max_length: int | None, source) -> list[dict]:
+    """The pairs whose chat-templated prompt leaves room for a response within `max_length` tokens.
+
+    TRL's DPO trainer drops the others itself (their prompt would fill the whole sequence), silently, and with none
+    left it fails deep inside a sampler; here the drop is counted and logged with the first row, and a file with no
+    pair left is one DataError naming it and the setting to change."""
+    if max_length is None:
+        return pairs
+    ids = tok.apply_chat_template([p["prompt"] for p in pairs], add_generation_prompt=True, tokenize=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    kept = [p for p, x in zip(pairs, ids, strict=True) if len(x) < max_length]
+    if len(kept) == len(pairs):
+        return kept
+    first = next(p for p, x in zip(pairs, ids) if len(x) >= max_length)
+    where = f"row {first['row']}" if "row" in first else "?"
+    if not kept:
+        raise DataError(f"{source}: every one of the {len(pairs)} pairs has a prompt of at least train.max_length "
+                        f"({max_length}) tokens, leaving no room for a response; raise train.max_length")
+    log.warning("%s: dropped %d of %d pairs whose prompt alone fills train.max_length (%d tokens); first: %s",
+                source, len(pairs) - len(kept), len(pairs), max_length, where)
+    return kept
+
+
 def load_pairs(source, split: str | None = None, max_bad_fraction: float = 0.0) -> list[dict]:
     """Read, validate and normalise the preference pairs in `source`.
 

@@ -114,6 +114,11 @@ def resolve_inputs(store: ArtifactStore, run: str, stage: str, cfg: StageConfig,
                 raise ArtifactError(f"inputs.{up}: {cfg.inputs[up]} is a '{inputs[up].stage}' artifact, not '{up}'")
         else:
             inputs[up] = store.read_stage(run, up, needed_by=stage)
+        m = inputs[up].manifest
+        if m.status == "failed_gate" and not cfg.allow_failed_inputs:
+            why = "; ".join(map(str, (m.metrics or {}).get("gate_failures") or [])) or "see its manifest"
+            raise ArtifactError(f"inputs.{up}: {inputs[up].path} failed its quality gate ({why}); retrain it, or set "
+                                "allow_failed_inputs=true to use it anyway")
     return inputs
 
 

@@ -29,7 +29,7 @@ from alignment.hardware import peak_rss_mb, resolve_precision
 from alignment.models import load_tokenizer
 from alignment.peft_methods import METHODS, SOFT_PROMPTS, describe, peft_config, select_trainable, trl_lm_head_problems
 from alignment.policy import lineage_for, load_policy, require_mergeable, save_on_parent
-from alignment.preferences import PrefData, stage_sources, to_trl_dataset, train_eval_pairs
+from alignment.preferences import PrefData, pairs_that_fit, stage_sources, to_trl_dataset, train_eval_pairs
 from alignment.schema import PeftSpec, TrainSpec
 from alignment.training import callbacks, group_pairs_by_length, param_counts, throughput, train, trainer_args
 
@@ -143,6 +143,7 @@ def run(cfg: Config, ctx) -> None:
     require_mergeable(sft, needed_by="dpo")  # a soft-prompt SFT has no weights to merge and adapt
     data = stage_sources(cfg.data, ctx.inputs)  # data.from_stage: the label artifact's pairs.jsonl / eval.jsonl
     train_pairs, eval_pairs = preference_pairs(data, cfg.seed)  # before the model: bad data fails in seconds
+    train_pairs = pairs_that_fit(train_pairs, load_tokenizer(sft.model_dir), cfg.train.max_length, data.train)
     log.info("[dpo] %d train / %d eval pairs; loss %s, beta %s; precision %s", len(train_pairs), len(eval_pairs),
              cfg.loss_types, cfg.dpo.beta, resolve_precision(cfg.precision))
     trainer, tok = build_trainer(cfg, sft, train_pairs, ctx.checkpoints_dir)

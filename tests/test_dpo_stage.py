@@ -195,6 +195,33 @@ def test_bad_pair_exits_2_naming_file_and_row(tiny, tmp_path, capsys):
         capsys.readouterr().err
 
 
+def test_prompts_that_fill_max_length_are_counted_and_all_of_them_is_one_line(tiny, tmp_path, capsys, caplog):
+    from alignment.models import load_tokenizer
+    from alignment.preferences import pairs_that_fit
+
+    _, sft = tiny
+    tok = load_tokenizer(sft.model_dir)
+    pairs = load_pairs("data/prefs/train.jsonl")[:3]
+    pairs[1] = {**pairs[1], "prompt": [{"role": "user", "content": "word " * 300}]}
+    n = [len(tok.apply_chat_template(p["prompt"], add_generation_prompt=True, tokenize=True)["input_ids"])
+         for p in pairs]
+    limit = max(n[0], n[2]) + 1  # rows 1 and 3 leave room for a response, row 2 fills the sequence
+    assert n[1] >= limit
+    with caplog.at_level("WARNING"):
+        kept = pairs_that_fit(pairs, tok, limit, "f.jsonl")
+    assert [p["row"] for p in kept] == [1, 3]
+    assert f"f.jsonl: dropped 1 of 3 pairs whose prompt alone fills train.max_length ({limit} tokens); first: row 2" \
+        in caplog.text
+    assert pairs_that_fit(pairs, tok, None, "f.jsonl") == pairs
+    # Every prompt too long: one line naming the file and the setting, before any model loads (TRL would fail in
+    # its sampler with "num_samples=0").
+    rc = main(["run", "dpo", "-c", TINY, f"inputs.sft={sft.path}", "train.max_length=8", "--artifacts",
+               str(tmp_path / "a"), "--run", "long"])
+    assert rc == 2 and not (tmp_path / "a" / "long" / "dpo").exists()
+    assert "align: error: data/prefs/train.jsonl: every one of the 64 pairs has a prompt of at least " \
+        "train.max_length (8) tokens, leaving no room for a response; raise train.max_length" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("precompute", [False, True])
 def test_soft_labels_train_on_the_cdpo_loss(tiny, tmp_path, precompute):
     _, sft = tiny

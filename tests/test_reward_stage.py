@@ -191,6 +191,19 @@ def test_gate_failure_publishes_failed_gate_and_exits_nonzero(tiny_store, tmp_pa
                   "gate.min_accuracy=1.01", "gate.max_length_corr=0.99")
     err = capsys.readouterr().err
     assert code == 2 and "quality gate failed" in err
+    # A stage downstream refuses the failed RM before anything loads, naming it; allow_failed_inputs lets it through.
+    code = _align("run", "ppo", "-c", "configs/tiny/ppo.yaml", "--artifacts", root)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("align: error")]
+    assert code == 2 and not (root / "tiny" / "ppo").exists()
+    assert err == [f"align: error: inputs.reward: {art.path} failed its quality gate "
+                   f"({art.manifest.metrics['gate_failures'][0]}); retrain it, or set allow_failed_inputs=true "
+                   "to use it anyway"]
+    from alignment.config import load_config
+    from alignment.runner import resolve_inputs
+    from stages import ppo
+
+    cfg = load_config(ppo.Config, "configs/tiny/ppo.yaml", ["allow_failed_inputs=true"])
+    assert resolve_inputs(ArtifactStore(root), "tiny", "ppo", cfg, ("reward",))["reward"].path == art.path
 
 
 def test_bad_pair_file_exits_2_naming_file_and_row(tiny_store, tmp_path, capsys):
