@@ -261,9 +261,23 @@ def save_reward_model(cfg: Config, ctx, trainer, tok):
     return rm
 
 
+def _trainer(cfg: Config, ctx, model, tok, train_ds):
+    """TRL's RewardTrainer (soft labels when the pairs carry them) on the LoRA/PEFT config, pairs batched by length."""
+    from trl import RewardConfig
+
+    args = RewardConfig(**trainer_args(cfg.train, out_dir=ctx.checkpoints_dir, seed=cfg.seed,
+                                       precision=cfg.precision, report_to=cfg.report_to),
+                        max_length=cfg.train.max_length,
+                        center_rewards_coefficient=cfg.loss.center_rewards_coefficient)
+    trainer = soft_label_reward_trainer()(model=model, args=args, processing_class=tok, train_dataset=train_ds,
+                                          peft_config=peft_config(cfg.peft, "SEQ_CLS"), callbacks=callbacks())
+    use_kernel(trainer.model, cfg.peft)
+    group_pairs_by_length(trainer)
+    return trainer
+
+
 def run(cfg: Config, ctx) -> None:
     from transformers import set_seed
-    from trl import RewardConfig
 
     # -- set up --------------------------------------------------------------------------------
     set_seed(cfg.seed)
@@ -283,13 +297,7 @@ def run(cfg: Config, ctx) -> None:
     max_len = cfg.train.max_length
     before = score_pairs(model, tok, eval_pairs, batch_size=cfg.train.eval_batch_size, max_length=max_len)
 
-    args = RewardConfig(**trainer_args(cfg.train, out_dir=ctx.checkpoints_dir, seed=cfg.seed,
-                                       precision=cfg.precision, report_to=cfg.report_to),
-                        max_length=max_len, center_rewards_coefficient=cfg.loss.center_rewards_coefficient)
-    trainer = soft_label_reward_trainer()(model=model, args=args, processing_class=tok, train_dataset=train_ds,
-                                          peft_config=peft_config(cfg.peft, "SEQ_CLS"), callbacks=callbacks())
-    use_kernel(trainer.model, cfg.peft)
-    group_pairs_by_length(trainer)
+    trainer = _trainer(cfg, ctx, model, tok, train_ds)
     # RewardTrainer drops (does not truncate) pairs longer than max_length.
     kept = len(trainer.train_dataset)
     if kept == 0:
