@@ -143,36 +143,16 @@ def realise_mixture(data: SFTData, seed: int, inputs: dict | None = None) -> Mix
     available = {s.name: min(len(pools[s.name]), s.cap or len(pools[s.name])) for s in trainers}
     weights = None if all(s.weight is None for s in trainers) else {s.name: s.weight for s in trainers}
     counts = mixing_counts(available, weights, data.max_train_examples)
-    train_rows = []
-    for i, s in enumerate(trainers):
-        pool, k = pools[s.name], counts[s.name]
-        if s.sample == "first" or k >= len(pool):
-            chosen = pool[:k]
-        else:
-            # Sorted indices keep file order, so the same seed and files give the same rows in the same order.
-            chosen = [pool[j] for j in sorted(random.Random(f"{seed}:{s.name}").sample(range(len(pool)), k))]
-        train_rows.extend(chosen)
+    train_rows = [ex for s in trainers for ex in _draw(s, pools[s.name], counts[s.name], seed)]
     if not train_rows:
         raise DataError("data: the mixture has no training examples left (check sources, categories and "
                         "held_out_categories)")
 
     cap = data.max_eval_examples
     per_source = {name: rows[:cap] for name, rows in evals.items()}
-    groups = {MAIN_EVAL: [ex for rows in per_source.values() for ex in rows]}
-    if len(trainers) > 1 or held_sources:
-        groups.update({f"source:{n}": rows for n, rows in per_source.items()})
-        groups.update({f"source:{n}": rows[:cap] for n, rows in held_sources.items()})
-    for c, rows in cat_evals.items():
-        # Sources cut from the same file would otherwise count its held-out rows once each.
-        rows = cat_evals[c] = _unique(rows)
-        if rows:
-            groups[f"category:{c}"] = rows[:cap]
-        else:
-            log.warning("[sft] held-out category %r has no eval rows in any source", c)
-    empty = [g for g, rows in groups.items() if not rows]
-    if empty:
-        raise DataError(f"data: no eval rows for {', '.join(empty)} (give the source an eval file, or check its "
-                        "categories filter)")
+    # Sources cut from the same file would otherwise count its held-out rows once each.
+    cat_evals = {c: _unique(rows) for c, rows in cat_evals.items()}
+    groups = _eval_groups(per_source, held_sources, cat_evals, cap, by_source=len(trainers) > 1 or bool(held_sources))
 
     total = len(train_rows)
     report = {
@@ -186,6 +166,33 @@ def realise_mixture(data: SFTData, seed: int, inputs: dict | None = None) -> Mix
         "train_categories": dict(sorted(Counter(str(ex["category"]) for ex in train_rows).items())),
     }
     return Mixture(train=train_rows, eval_groups=groups, report=report)
+
+
+def _draw(s: SourceSpec, pool: list[dict], k: int, seed: int) -> list[dict]:
+    """The k rows a training source contributes: its first k, or a seeded sample of them."""
+    if s.sample == "first" or k >= len(pool):
+        return pool[:k]
+    # Sorted indices keep file order, so the same seed and files give the same rows in the same order.
+    return [pool[j] for j in sorted(random.Random(f"{seed}:{s.name}").sample(range(len(pool)), k))]
+
+
+def _eval_groups(per_source: dict, held_sources: dict, cat_evals: dict, cap: int | None, by_source: bool) -> dict:
+    """The eval groups: all training sources together, each source apart (when there are several), each held-out
+    category apart; a group without rows is one DataError."""
+    groups = {MAIN_EVAL: [ex for rows in per_source.values() for ex in rows]}
+    if by_source:
+        groups.update({f"source:{n}": rows for n, rows in per_source.items()})
+        groups.update({f"source:{n}": rows[:cap] for n, rows in held_sources.items()})
+    for c, rows in cat_evals.items():
+        if rows:
+            groups[f"category:{c}"] = rows[:cap]
+        else:
+            log.warning("[sft] held-out category %r has no eval rows in any source", c)
+    empty = [g for g, rows in groups.items() if not rows]
+    if empty:
+        raise DataError(f"data: no eval rows for {', '.join(empty)} (give the source an eval file, or check its "
+                        "categories filter)")
+    return groups
 
 
 def _load(s: SourceSpec, path: str, split: str, data: SFTData) -> list[dict]:
