@@ -66,18 +66,29 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="print the traceback of an error (anywhere on the line; "
                                                         "or ALIGN_DEBUG=1)")
     sub = _with_flags(p.add_subparsers(dest="cmd", required=True), flags)
+    _add_run_commands(sub)
+    _add_submit(sub)
+    _add_store_commands(sub)
+    _add_config_and_judge(sub, flags)
+    from alignment.data_quality import add_parser as add_data_parser  # `align data inspect|clean`
 
-    def store_args(sp, run_arg=True):
-        sp.add_argument("--artifacts", metavar="DIR", help="artifact root (default $ALIGN_ARTIFACTS or ./artifacts)")
-        if run_arg:
-            sp.add_argument("--run", metavar="NAME", help="run name (default $ALIGN_RUN or the config's run)")
+    add_data_parser(sub)
+    return p
 
+
+def _store_args(sp, run_arg=True):
+    sp.add_argument("--artifacts", metavar="DIR", help="artifact root (default $ALIGN_ARTIFACTS or ./artifacts)")
+    if run_arg:
+        sp.add_argument("--run", metavar="NAME", help="run name (default $ALIGN_RUN or the config's run)")
+
+
+def _add_run_commands(sub) -> None:
     r = sub.add_parser("run", help="run one stage")
     r.add_argument("stage")
     r.add_argument("-c", "--config", required=True, metavar="FILE")
     r.add_argument("overrides", nargs="*", metavar="key.path=value")
     r.add_argument("--force", action="store_true", help="re-run even if up to date (the old artifact is kept aside)")
-    store_args(r)
+    _store_args(r)
 
     pl = sub.add_parser("pipeline", help="run the stages a pipeline file lists")
     pl.add_argument("-c", "--config", required=True, metavar="FILE")
@@ -87,8 +98,10 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("-j", "--jobs", type=int, default=None, metavar="N",
                     help="stage processes at once (default: the file's `jobs:`, else 1); a stage starts when the "
                          "stages it reads have finished; stages that can overlap share the cores")
-    store_args(pl)
+    _store_args(pl)
 
+
+def _add_submit(sub) -> None:
     sl = sub.add_parser("submit", aliases=["slurm"],
                         help="submit a pipeline as a chain of Slurm jobs (afterok dependencies, requeue on USR1)")
     sl.add_argument("-c", "--config", required=True, metavar="FILE", help="a pipeline file")
@@ -105,28 +118,33 @@ def _parser() -> argparse.ArgumentParser:
     sl.add_argument("--out", metavar="DIR", help="where the sbatch scripts and job logs go (default <artifacts>/<run>/slurm)")
     sl.add_argument("--dry-run", action="store_true",
                     help="write the scripts, print the sbatch chain (with -v the scripts too), submit nothing")
-    store_args(sl)
+    _store_args(sl)
 
+
+def _add_store_commands(sub) -> None:
+    """Commands that read a run's published artifacts."""
     st = sub.add_parser("status", help="table of a run's stages")
     st.add_argument("run_name", nargs="?", metavar="RUN")
-    store_args(st, run_arg=False)
+    _store_args(st, run_arg=False)
 
     vf = sub.add_parser("verify", help="re-hash every published artifact of a run (or of all runs); exit 2 if broken")
     vf.add_argument("run_name", nargs="?", metavar="RUN")
-    store_args(vf, run_arg=False)
+    _store_args(vf, run_arg=False)
 
     rp = sub.add_parser("report", help="one self-contained HTML page for a whole run (every stage, lineage, figures)")
     rp.add_argument("run_name", metavar="RUN")
     rp.add_argument("--out", metavar="FILE", help="where to write it (default <artifacts>/<RUN>/report.html)")
-    store_args(rp, run_arg=False)
+    _store_args(rp, run_arg=False)
 
     ex = sub.add_parser("export", help="a policy as a standalone merged model folder (hf) or GGUF file, with a model card")
     ex.add_argument("run_name", metavar="RUN")
     ex.add_argument("stage", metavar="STAGE", help="a policy stage: sft, dpo, ppo, online_dpo (or base)")
     ex.add_argument("--format", choices=["hf", "gguf"], default="hf")
     ex.add_argument("--out", metavar="PATH", help="default <artifacts>/<RUN>/exports/<STAGE>[.gguf]")
-    store_args(ex, run_arg=False)
+    _store_args(ex, run_arg=False)
 
+
+def _add_config_and_judge(sub, flags) -> None:
     c = sub.add_parser("config", help="config tools")
     csub = _with_flags(c.add_subparsers(dest="config_cmd", required=True), flags)
     show = csub.add_parser("show", help="print the resolved config")
@@ -145,12 +163,7 @@ def _parser() -> argparse.ArgumentParser:
     au.add_argument("--limit", type=int, metavar="N", help="judge only the first N pairs")
     au.add_argument("--out", default="judge_audit.png", metavar="PNG", help="where the plot goes")
     au.add_argument("--json", metavar="FILE", help="also write the report as JSON")
-    store_args(au)
-
-    from alignment.data_quality import add_parser as add_data_parser  # `align data inspect|clean`
-
-    add_data_parser(sub)
-    return p
+    _store_args(au)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("align: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`align config schema ppo | head`): stop quietly, as `git log | head` does.
+        _stdout_to_devnull()
+        return 141
     except OSError as e:  # disk full, read-only, permissions, a file where a folder belongs
         return _report(io_error(e), debug, cause=e)
     except Exception as e:  # a bug or an unforeseen input: still one line, the traceback on request
@@ -198,6 +215,15 @@ def main(argv: list[str] | None = None) -> int:
         err = AlignError(f"{type(e).__name__}: {first} (unexpected; re-run with --debug for the traceback)")
         err.exit_code = 1
         return _report(err, debug, cause=e)
+
+
+def _stdout_to_devnull() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush does not fail on the closed pipe again."""
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+    except (OSError, ValueError):  # a stdout without a file descriptor (a test's capture): nothing to flush
+        pass
 
 
 def _report(e: AlignError, debug: bool, cause: BaseException | None = None) -> int:
@@ -218,38 +244,12 @@ def _dispatch(args) -> int:
     from alignment import runner
 
     if args.cmd == "run":
-        import contextlib
-
-        from alignment.logs import verbosity
-
-        # -q: the HF trainers print their logged rows on stdout (tqdm.write) whatever the bars do; the stage log
-        # in the artifact keeps them, so a quiet run sends stdout nowhere.
-        with open(os.devnull, "w") if verbosity() < 0 else contextlib.nullcontext(None) as sink, \
-                contextlib.redirect_stdout(sink) if sink else contextlib.nullcontext():
-            runner.run_stage(args.stage, args.config, args.overrides, root=args.artifacts, run=args.run,
-                             force=args.force)
+        _run(args)
     elif args.cmd == "pipeline":
         runner.run_pipeline(args.config, root=args.artifacts, run=args.run, force=args.force, overrides=args.overrides,
                             jobs=args.jobs)
     elif args.cmd in ("submit", "slurm"):
-        from pathlib import Path
-
-        from alignment.cluster import submit_chain
-
-        if args.run is not None:
-            runner._run_name(args.run, args.run)
-
-        flags = {"partition": args.partition, "account": args.account, "time": args.time, "nodes": args.nodes,
-                 "gpus_per_node": args.gpus_per_node, "begin": args.begin}
-        items = submit_chain(args.config, run=args.run, artifacts=args.artifacts, out_dir=args.out,
-                             dry_run=args.dry_run, profile=args.profile, flags=flags, overrides=args.overrides)
-        if args.dry_run:
-            print(f"# the sbatch chain (nothing submitted); scripts in {Path(items[0]['script']).parent}:")
-        for item in items:
-            print(item["command"] if args.dry_run else item["job_id"])
-        if args.dry_run and getattr(args, "verbose", 0):
-            for item in items:
-                print(f"# ---- {item['script']}\n{Path(item['script']).read_text()}", file=sys.stderr)
+        _submit(args)
     elif args.cmd == "status":
         from alignment.status import print_status
 
@@ -274,7 +274,54 @@ def _dispatch(args) -> int:
         store = ArtifactStore(args.artifacts)
         store.run_dir(args.run_name)  # one safe folder name
         print(build_run_report(store.root, args.run_name, args.out))
-    elif args.config_cmd == "show":
+    else:
+        _config_command(args)
+    return 0
+
+
+def _run(args) -> None:
+    """`align run`: one stage; with -q its stdout goes nowhere."""
+    import contextlib
+
+    from alignment import runner
+    from alignment.logs import verbosity
+
+    # -q: the HF trainers print their logged rows on stdout (tqdm.write) whatever the bars do; the stage log
+    # in the artifact keeps them, so a quiet run sends stdout nowhere.
+    with open(os.devnull, "w") if verbosity() < 0 else contextlib.nullcontext(None) as sink, \
+            contextlib.redirect_stdout(sink) if sink else contextlib.nullcontext():
+        runner.run_stage(args.stage, args.config, args.overrides, root=args.artifacts, run=args.run,
+                         force=args.force)
+
+
+def _submit(args) -> None:
+    """`align submit`: the pipeline as a chain of sbatch jobs (or, with --dry-run, its scripts and commands)."""
+    from pathlib import Path
+
+    from alignment import runner
+    from alignment.cluster import submit_chain
+
+    if args.run is not None:
+        runner._run_name(args.run, args.run)
+
+    flags = {"partition": args.partition, "account": args.account, "time": args.time, "nodes": args.nodes,
+             "gpus_per_node": args.gpus_per_node, "begin": args.begin}
+    items = submit_chain(args.config, run=args.run, artifacts=args.artifacts, out_dir=args.out,
+                         dry_run=args.dry_run, profile=args.profile, flags=flags, overrides=args.overrides)
+    if args.dry_run:
+        print(f"# the sbatch chain (nothing submitted); scripts in {Path(items[0]['script']).parent}:")
+    for item in items:
+        print(item["command"] if args.dry_run else item["job_id"])
+    if args.dry_run and getattr(args, "verbose", 0):
+        for item in items:
+            print(f"# ---- {item['script']}\n{Path(item['script']).read_text()}", file=sys.stderr)
+
+
+def _config_command(args) -> None:
+    """`align config show|schema`."""
+    from alignment import runner
+
+    if args.config_cmd == "show":
         from alignment.config import config_dict
         import yaml
 
@@ -289,7 +336,6 @@ def _dispatch(args) -> int:
         from alignment.config_schema import stage_schema
 
         print(stage_schema(args.what), end="")
-    return 0
 
 
 def _verify(root, run: str | None) -> int:

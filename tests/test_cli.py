@@ -89,3 +89,18 @@ def test_align_pipeline_applies_a_routed_override_and_train_args(tiny_store, tmp
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]  # logging_first_step reached the trainer
     log = (art.path / "stage.log").read_text()
     assert "step 1: {" in log and '"loss"' in log  # the trainer's rows are in the stage log
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly():
+    # `align config schema ppo | head -1`: the pipe's reader is gone before align writes (its read end closed
+    # here at once), so every write fails with EPIPE. Exit 141 like a shell's SIGPIPE, and nothing on stderr:
+    # no "align: error", no "Exception ignored ... BrokenPipeError" at the interpreter's exit.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "alignment.cli", "config", "schema", "ppo"], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=300, env=dict(os.environ))
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141, proc.stderr
+    assert proc.stderr == ""
