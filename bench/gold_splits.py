@@ -12,6 +12,8 @@ adds, per split, the share of each constraint kind met by each policy (as scored
 met; a seeds row averages its seeds): where a gain comes from, and what it cost. `--sealed` adds the sealed split
 (data/sealed/phrasings.jsonl: wordings written after the held-out figures had steered the recipes; docs/data.md) to
 what is evaluated and reported: only for a recipe frozen before the look, and every look is logged there.
+`--by-wording` bootstraps the CIs over wordings (the phrasing of each prompt's own constraint kind, 20-32 per
+held-out split), then over prompts inside them: how far another set of wordings could move the figure.
 
     OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 .venv/bin/python bench/gold_splits.py --out bench/out/gold.json \\
         sft=A/smollm2/sft ppo=A/smollm2/ppo [--sample 4]
@@ -32,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from alignment.evaluation import bootstrap_ci, finished_only  # noqa: E402
+from alignment.evaluation import bootstrap_ci, cluster_bootstrap_ci, finished_only  # noqa: E402
 
 SPLITS = {"indist": "data/instruct/eval.jsonl", "phrasings": "data/instruct/eval_heldout_phrasings.jsonl",
           "kinds": "data/instruct/eval_heldout_kinds.jsonl"}
@@ -101,7 +103,22 @@ def seeds_mean(results: dict, members: list[str], strict: bool, splits: dict = S
     return out
 
 
-def report(results: dict, base: str, strict: bool = False, splits: dict = SPLITS) -> str:
+def wording_of(row: dict) -> str:
+    """The wording of a prompt's own constraint kind: its template's segment for the row's category (e.g.
+    `max_words/h1`); prompts sharing it are one cluster for `--by-wording`."""
+    segments = [s for s in row["template"].split("+") if s.split("/")[0] == row["category"]]
+    return segments[0] if segments else row["template"]
+
+
+def wording_clusters(splits: dict) -> dict[str, list[str]]:
+    return {split: [wording_of(json.loads(line)) for line in (REPO / path).read_text().splitlines() if line.strip()]
+            for split, path in splits.items()}
+
+
+def report(results: dict, base: str, strict: bool = False, splits: dict = SPLITS,
+           clusters: dict[str, list[str]] | None = None) -> str:
+    """The table of gold and paired gains. `clusters` (split -> a label per prompt): the CIs resample those
+    clusters and then prompts inside them (`cluster_bootstrap_ci`), instead of prompts alone."""
     names = [base] + [n for n in results if n != base]
     lines = ["| policy | " + " | ".join(f"{s} gold (gain vs {base} [95% CI])" for s in splits) + " | tokens |",
              "|---|" + "---|" * (len(splits) + 1)]
@@ -112,7 +129,8 @@ def report(results: dict, base: str, strict: bool = False, splits: dict = SPLITS
             cell = f"{sum(g) / len(g):.3f}"
             if name != base:
                 d = [a - b for a, b in zip(g, g0, strict=True)]
-                lo, hi = bootstrap_ci(d, n_boot=10_000, seed=0)
+                lo, hi = cluster_bootstrap_ci(d, clusters[split], n_boot=10_000, seed=0) if clusters else \
+                    bootstrap_ci(d, n_boot=10_000, seed=0)
                 cell += f", {sum(d) / len(d):+.3f} [{lo:+.3f}, {hi:+.3f}]"
             cells.append(cell)
         tokens = "/".join(f"{results[name][s]['length']:.0f}" for s in splits)
@@ -145,6 +163,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="also print per-kind tables (as scored) for these policies (default: every one)")
     p.add_argument("--seeds", action="append", default=[], metavar="NAME=A,B,C",
                    help="report the policies A, B, C (seeds of one recipe) as one row NAME: the per-prompt mean")
+    p.add_argument("--by-wording", action="store_true",
+                   help="CIs that resample the wordings (a prompt's own constraint phrasing), then prompts in them")
     p.add_argument("--sealed", action="store_true",
                    help="also evaluate and report the sealed split (docs/data.md: only for a recipe frozen beforehand)")
     args = p.parse_args(argv)
@@ -181,7 +201,8 @@ def main(argv: list[str] | None = None) -> None:
                 sys.exit(f"gold_splits: --sealed: no sealed outcomes for {', '.join(missing)} in {args.out}")
         for name, members in groups.items():
             results[name] = seeds_mean(results, members, args.strict, splits)
-        print(report(results, args.baseline or next(iter(results)), args.strict, splits))
+        clusters = wording_clusters(splits) if args.by_wording else None
+        print(report(results, args.baseline or next(iter(results)), args.strict, splits, clusters))
     if args.kinds is not None:
         print("\n" + kinds_report(results, args.kinds or list(results), splits))
 

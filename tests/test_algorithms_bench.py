@@ -246,3 +246,38 @@ def test_gold_splits_sealed_split_is_reported_only_when_asked_and_only_where_eva
     assert ab.endswith("| 0.750, +0.750 [+0.500, +1.000] | 20/20/20/30 |")  # sealed: (1+1)/2, (0+1)/2 vs 0, 0
     with pytest.raises(SystemExit, match="no sealed outcomes for old"):
         gs.main(["--out", str(out), "--report", "--sealed", "--seeds", "x=a,old"])
+
+
+def test_gold_splits_by_wording_clusters_prompts_by_their_own_kinds_phrasing(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("bench_gold_splits", REPO / "bench" / "gold_splits.py")
+    gs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gs)
+    assert gs.wording_of({"category": "lowercase", "template": "task/s2+frame/s0+lowercase/s1+json_format/s1"}) == \
+        "lowercase/s1"
+    clusters = gs.wording_clusters(gs.SPLITS)
+    # the held-out-phrasings split: 16 kinds x 2 wordings, every prompt labelled
+    assert len(clusters["phrasings"]) == 200 and len(set(clusters["phrasings"])) == 32
+    assert all(c.split("/")[1].startswith("h") for c in clusters["phrasings"])
+
+    # The gain is all in the first wording of the file: +1 there, 0 elsewhere. Prompts alone give a narrow CI
+    # around the mean; wordings resampled can leave that wording out (lower bound 0) or draw it twice.
+    first = clusters["phrasings"][0]
+    n = len(clusters["phrasings"])
+    gain = [1.0 if c == first else 0.0 for c in clusters["phrasings"]]
+    results = {"sft": {s: {"gold": [0.0] * 200, "eos": [True] * 200, "length": 1.0} for s in gs.SPLITS},
+               "rl": {s: {"gold": gain if s == "phrasings" else [0.0] * 200, "eos": [True] * 200, "length": 1.0}
+                      for s in gs.SPLITS}}
+    out = tmp_path / "g.json"
+    out.write_text(json.dumps(results))
+
+    def ci(*flags):
+        gs.main(["--out", str(out), "--report", "--baseline", "sft", *flags])
+        line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("| rl |"))
+        cell = line.split(" | ")[2]  # the phrasings column: "0.0xx, +0.0xx [lo, hi]"
+        lo, hi = cell.split("[")[1].rstrip("]").split(", ")
+        return float(lo), float(hi)
+
+    lo, hi = ci()
+    lo_w, hi_w = ci("--by-wording")
+    mean = sum(gain) / n
+    assert 0 < lo < mean < hi and lo_w == 0.0 and hi_w > hi

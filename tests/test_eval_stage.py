@@ -75,6 +75,24 @@ def test_length_quantiles_bootstrap_and_gold():
     assert ev.constraint_gold(rows, ["one two three", "Not lower", "anything"]) == [1.0, 0.0, None]
 
 
+def test_cluster_bootstrap_resamples_wordings_not_only_prompts():
+    # Two wordings of 10 prompts each: every prompt of wording a passes, none of wording b. Prompts resampled
+    # alone keep ~10 of each (mean within ~0.3-0.7); wordings resampled give {a, a} = 1, {a, b} = 0.5, {b, b} = 0
+    # with probabilities 1/4, 1/2, 1/4, so the 95% interval is [0, 1]: another pair of wordings could give either.
+    values, clusters = [1.0] * 10 + [0.0] * 10, ["a"] * 10 + ["b"] * 10
+    assert ev.cluster_bootstrap_ci(values, clusters, n_boot=2000, seed=3) == (0.0, 1.0)
+    lo, hi = ev.bootstrap_ci(values, n_boot=2000, seed=3)
+    assert 0.2 < lo < 0.5 < hi < 0.8
+    # Inside a cluster the prompts are resampled too: one wording, mixed outcomes, an interval around 0.5.
+    lo, hi = ev.cluster_bootstrap_ci([1.0, 0.0] * 10, ["a"] * 20, n_boot=2000, seed=3)
+    assert 0.2 < lo < 0.5 < hi < 0.8
+    # One prompt per wording: the prompt bootstrap, draw for draw.
+    xs = [0.1 * i for i in range(15)]
+    assert ev.cluster_bootstrap_ci(xs, list(range(15)), seed=7) == ev.bootstrap_ci(xs, seed=7)
+    with pytest.raises(ValueError, match="one cluster label per value"):
+        ev.cluster_bootstrap_ci([1.0, 0.0], ["a"])
+
+
 def test_gold_per_split_and_kind_perplexity_and_forgetting():
     # Scored: (1, a), (0, a), (1, b), (0, no kind); the None score (no constraints) is left out.
     s = ev.gold_summary([1.0, 0.0, 1.0, None, 0.0], ["a", "a", "b", "b", None])
