@@ -129,6 +129,9 @@ def report(results: dict, base: str, strict: bool = False, splits: dict = SPLITS
             cell = f"{sum(g) / len(g):.3f}"
             if name != base:
                 d = [a - b for a, b in zip(g, g0, strict=True)]
+                if clusters and len(clusters[split]) != len(d):  # outcomes of an older build of the split's file
+                    sys.exit(f"gold_splits: --by-wording: {len(d)} outcomes of {name} on {split}, but "
+                             f"{splits[split]} has {len(clusters[split])} prompts now")
                 lo, hi = cluster_bootstrap_ci(d, clusters[split], n_boot=10_000, seed=0) if clusters else \
                     bootstrap_ci(d, n_boot=10_000, seed=0)
                 cell += f", {sum(d) / len(d):+.3f} [{lo:+.3f}, {hi:+.3f}]"

@@ -281,3 +281,8 @@ def test_gold_splits_by_wording_clusters_prompts_by_their_own_kinds_phrasing(tmp
     lo_w, hi_w = ci("--by-wording")
     mean = sum(gain) / n
     assert 0 < lo < mean < hi and lo_w == 0.0 and hi_w > hi
+    # outcomes of another build of the file (a different prompt count): one line, not a traceback
+    results["rl"]["phrasings"]["gold"], results["sft"]["phrasings"]["gold"] = gain[:-1], [0.0] * (n - 1)
+    out.write_text(json.dumps(results))
+    with pytest.raises(SystemExit, match="199 outcomes of rl on phrasings, but .* has 200 prompts now"):
+        gs.main(["--out", str(out), "--report", "--baseline", "sft", "--by-wording"])
