@@ -127,12 +127,26 @@ def length_stats(lengths: Sequence[int]) -> dict:
             "max": max(lengths), "min": min(lengths)}
 
 
-def distribution(values: Sequence[float]) -> dict:
-    """Mean, standard deviation (population) and bootstrap CI of the mean."""
+def distribution(values: Sequence[float], clusters: Sequence | None = None) -> dict:
+    """Mean, standard deviation (population) and bootstrap CI of the mean; with `clusters` (a label per value)
+    also `mean_ci_wordings`, the CI that resamples the clusters first (`cluster_bootstrap_ci`)."""
     m = mean(values)
     sd = math.sqrt(sum((v - m) ** 2 for v in values) / len(values))
     lo, hi = bootstrap_ci(values)
-    return {"mean": m, "std": sd, "mean_ci": [lo, hi], "n": len(values)}
+    out = {"mean": m, "std": sd, "mean_ci": [lo, hi], "n": len(values)}
+    if clusters is not None:
+        out["mean_ci_wordings"] = list(cluster_bootstrap_ci(values, clusters))
+    return out
+
+
+def wording_of(row: dict) -> str | None:
+    """The wording of a prompt's own constraint kind: the segment of its `template` id for its `category` (e.g.
+    `max_words/h1` in `task/h3+frame/h1+max_words/h1`); None for a row without both fields (user data)."""
+    template, category = row.get("template"), row.get("category")
+    if not template or not category:
+        return None
+    segments = [s for s in str(template).split("+") if s.split("/")[0] == category]
+    return segments[0] if segments else str(template)
 
 
 def constraint_gold(rows: list[dict], responses: list[str]) -> list[float | None]:

@@ -83,7 +83,7 @@ def convert_row(row: dict) -> tuple[dict | None, str | None]:
             return None, "reference: expected a string or a list of messages"
     if isinstance(reference, str) and reference.strip():
         out["reference"] = reference
-    for key in ("id", "category"):
+    for key in ("id", "category", "template"):  # template: the wording's id (the eval's CI over wordings)
         if row.get(key) is not None:
             out[key] = row[key] if key == "id" else str(row[key])
     constraints = row.get("constraints")

@@ -34,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from alignment.evaluation import bootstrap_ci, cluster_bootstrap_ci, finished_only  # noqa: E402
+from alignment.evaluation import bootstrap_ci, cluster_bootstrap_ci, finished_only, wording_of  # noqa: E402
 
 SPLITS = {"indist": "data/instruct/eval.jsonl", "phrasings": "data/instruct/eval_heldout_phrasings.jsonl",
           "kinds": "data/instruct/eval_heldout_kinds.jsonl"}
@@ -101,13 +101,6 @@ def seeds_mean(results: dict, members: list[str], strict: bool, splits: dict = S
                       "per_kind": {k: sum(pk[k] for pk in kinds) / len(kinds)
                                    for k in kinds[0] if all(k in pk for pk in kinds)}}
     return out
-
-
-def wording_of(row: dict) -> str:
-    """The wording of a prompt's own constraint kind: its template's segment for the row's category (e.g.
-    `max_words/h1`); prompts sharing it are one cluster for `--by-wording`."""
-    segments = [s for s in row["template"].split("+") if s.split("/")[0] == row["category"]]
-    return segments[0] if segments else row["template"]
 
 
 def wording_clusters(splits: dict) -> dict[str, list[str]]:

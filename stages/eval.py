@@ -372,6 +372,7 @@ def split_metrics(cfg: Config, sets: dict[str, list[dict]], responses: dict, fn)
     for s, rows in sets.items():
         scores[s] = {name: fn(rows, r["text"]) for name, r in responses[s].items()}
         kinds = [row.get("category") for row in rows]
+        wordings = [ev.wording_of(row) for row in rows]
         models = {name: ev.gold_summary(sc, kinds, seed=cfg.seed) for name, sc in scores[s].items()}
         base = scores[s].get(cfg.baseline)
         strict = {name: ev.finished_only(sc, responses[s][name]["eos"]) for name, sc in scores[s].items()}
@@ -384,12 +385,15 @@ def split_metrics(cfg: Config, sets: dict[str, list[dict]], responses: dict, fn)
                      pass_rate_strict=ev.mean([g for g in strict[name] if g is not None]))
             if name == cfg.baseline or base is None:
                 continue
-            # Paired by prompt against the baseline (what "beats SFT on held-out phrasings" is read from)
+            # Paired by prompt against the baseline (what "beats SFT on held-out phrasings" is read from); where
+            # the rows name their wordings (template ids), also the CI over wordings (docs/eval.md)
             for key, mine, theirs in (("gold_gain", scores[s][name], base),
                                       ("gold_gain_strict", strict[name], strict[cfg.baseline])):
-                diffs = [a - b for a, b in zip(mine, theirs) if a is not None and b is not None]
-                if diffs:
-                    m[key] = ev.distribution(diffs)
+                kept = [(a - b, w) for a, b, w in zip(mine, theirs, wordings, strict=True)
+                        if a is not None and b is not None]
+                if kept:
+                    labels = [w for _, w in kept]
+                    m[key] = ev.distribution([d for d, _ in kept], None if None in labels else labels)
         out[s] = {"source": sources[s], "prompts": len(rows),
                   "models": {name: m for name, m in models.items() if m is not None}}
     return scores, out

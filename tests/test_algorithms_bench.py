@@ -254,6 +254,7 @@ def test_gold_splits_by_wording_clusters_prompts_by_their_own_kinds_phrasing(tmp
     spec.loader.exec_module(gs)
     assert gs.wording_of({"category": "lowercase", "template": "task/s2+frame/s0+lowercase/s1+json_format/s1"}) == \
         "lowercase/s1"
+    assert gs.wording_of({"category": "lowercase", "messages": []}) is None  # user data: no template id
     clusters = gs.wording_clusters(gs.SPLITS)
     # the held-out-phrasings split: 16 kinds x 2 wordings, every prompt labelled
     assert len(clusters["phrasings"]) == 200 and len(set(clusters["phrasings"])) == 32

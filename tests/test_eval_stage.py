@@ -91,6 +91,8 @@ def test_cluster_bootstrap_resamples_wordings_not_only_prompts():
     assert ev.cluster_bootstrap_ci(xs, list(range(15)), seed=7) == ev.bootstrap_ci(xs, seed=7)
     with pytest.raises(ValueError, match="one cluster label per value"):
         ev.cluster_bootstrap_ci([1.0, 0.0], ["a"])
+    d = ev.distribution(values, clusters)
+    assert d["mean"] == 0.5 and d["mean_ci_wordings"] == [0.0, 1.0] and "mean_ci_wordings" not in ev.distribution(values)
 
 
 def test_gold_per_split_and_kind_perplexity_and_forgetting():
@@ -268,6 +270,9 @@ def test_eval_stage_end_to_end(tiny_store, tmp_path):
             if name != "sft":  # paired with the baseline prompt by prompt
                 assert m["gold_gain"]["mean"] == pytest.approx(m["pass_rate"] - split["models"]["sft"]["pass_rate"])
                 assert m["gold_gain"]["n"] == m["n"]
+                # the bundled rows name their wordings: a CI over them too, around the same mean
+                lo, hi = m["gold_gain"]["mean_ci_wordings"]
+                assert lo <= m["gold_gain"]["mean"] <= hi
                 assert m["gold_gain_strict"]["mean"] == pytest.approx(
                     m["pass_rate_strict"] - split["models"]["sft"]["pass_rate_strict"])
             else:
