@@ -120,11 +120,8 @@ def profile_path(profile: str | None) -> Path:
 
 # -- the job script -----------------------------------------------------------------------------------
 
-def sbatch_script(stage: str, config: Path, overrides: list[str], *, run: str, artifacts: Path,
-                  spec: SlurmSpec, workdir: Path, log_dir: Path) -> str:
-    """A bash job script that runs `align run <stage>` and requeues itself when the stage checkpoints."""
-    from alignment.preemption import REQUEUE_EXIT
-
+def _directives(stage: str, run: str, spec: SlurmSpec, log_dir: Path) -> list[str]:
+    """The #SBATCH options of a stage's job."""
     sb = [f"--job-name=align-{run}-{stage}", f"--time={spec.time}", f"--nodes={spec.nodes}",
           f"--ntasks-per-node={spec.procs_per_node}", f"--cpus-per-task={spec.cpus_per_task}", f"--mem={spec.mem}",
           "--requeue", f"--signal=B:USR1@{spec.signal_seconds}", "--kill-on-invalid-dep=yes",
@@ -135,27 +132,38 @@ def sbatch_script(stage: str, config: Path, overrides: list[str], *, run: str, a
     sb += [f"--qos={spec.qos}"] * bool(spec.qos)
     sb += [f"--gpus-per-node={spec.gpus_per_node}"] * bool(spec.gpus_per_node)
     sb += [f"--begin={spec.begin}"] * bool(spec.begin)
-    sb += list(spec.extra)
-    python = spec.python or sys.executable
-    align = [python, "-m", "alignment.cli", "run", stage, "-c", str(config), *overrides,
-             "--artifacts", str(artifacts), "--run", run]
+    return sb + list(spec.extra)
+
+
+def _launch(align: list[str], spec: SlurmSpec) -> tuple[str, str]:
+    """The command line that starts the stage under `spec.launcher`, and how USR1 reaches its processes."""
     q = shlex.join
     if spec.launcher == "python":
-        launch, forward = q(align), 'kill -USR1 "$child"'
-    elif spec.launcher == "srun":
+        return q(align), 'kill -USR1 "$child"'
+    if spec.launcher == "srun":
         # One task per GPU; each task maps Slurm's ids to the torch.distributed ones.
         per_task = "export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS; exec " + q(align)
         launch = q(["srun", "--kill-on-bad-exit=1", "bash", "-c", per_task])
-        forward = 'scancel --signal=USR1 "$SLURM_JOB_ID"'  # every process of the job step, every node
-    else:
-        acc = [python, "-m", "accelerate.commands.launch", "--config_file", str(Path(spec.accelerate_config).resolve()),
-               "--num_machines", str(spec.nodes), "--num_processes", str(spec.nodes * max(1, spec.gpus_per_node)),
-               "--main_process_ip", "$MASTER_ADDR", "--main_process_port", "$MASTER_PORT",
-               "--machine_rank", "$SLURM_NODEID", "-m", "alignment.cli", *align[3:]]
-        # The launcher ignores USR1 (it would die of it); its workers install their own handler.
-        per_node = "trap '' USR1; exec " + " ".join(a if a.startswith("$") else shlex.quote(a) for a in acc)
-        launch = q(["srun", "--kill-on-bad-exit=1", "--ntasks-per-node=1", "bash", "-c", per_node])
-        forward = 'scancel --signal=USR1 "$SLURM_JOB_ID"'
+        return launch, 'scancel --signal=USR1 "$SLURM_JOB_ID"'  # every process of the job step, every node
+    acc = [align[0], "-m", "accelerate.commands.launch", "--config_file", str(Path(spec.accelerate_config).resolve()),
+           "--num_machines", str(spec.nodes), "--num_processes", str(spec.nodes * max(1, spec.gpus_per_node)),
+           "--main_process_ip", "$MASTER_ADDR", "--main_process_port", "$MASTER_PORT",
+           "--machine_rank", "$SLURM_NODEID", "-m", "alignment.cli", *align[3:]]
+    # The launcher ignores USR1 (it would die of it); its workers install their own handler.
+    per_node = "trap '' USR1; exec " + " ".join(a if a.startswith("$") else shlex.quote(a) for a in acc)
+    launch = q(["srun", "--kill-on-bad-exit=1", "--ntasks-per-node=1", "bash", "-c", per_node])
+    return launch, 'scancel --signal=USR1 "$SLURM_JOB_ID"'
+
+
+def sbatch_script(stage: str, config: Path, overrides: list[str], *, run: str, artifacts: Path,
+                  spec: SlurmSpec, workdir: Path, log_dir: Path) -> str:
+    """A bash job script that runs `align run <stage>` and requeues itself when the stage checkpoints."""
+    from alignment.preemption import REQUEUE_EXIT
+
+    sb = _directives(stage, run, spec, log_dir)
+    align = [spec.python or sys.executable, "-m", "alignment.cli", "run", stage, "-c", str(config), *overrides,
+             "--artifacts", str(artifacts), "--run", run]
+    launch, forward = _launch(align, spec)
     lines = ["#!/bin/bash", *(f"#SBATCH {x}" for x in sb), "",
              f"# Stage '{stage}' of run '{run}'. Written by `align submit`; re-submitting rewrites it.",
              "set -uo pipefail", f"cd {shlex.quote(str(workdir))}",
@@ -241,24 +249,29 @@ def submit_chain(pipeline: str, *, run: str | None, artifacts: str | None, out_d
             lines.append((var, f"{var}=$(" + " ".join(sbatch_command(script, after, quote=True)) + " | cut -d';' -f1)"))
             jobs.append({"stage": stage, "script": str(script), "command": lines[-1][1]})
             continue
-        try:
-            after = [jobs[j]["job_id"] for j in sorted(waits[k])]
-            done = subprocess.run(sbatch_command(script, after), capture_output=True, text=True, check=True)
-        except FileNotFoundError:
-            raise AlignError("sbatch not found: run on a Slurm login node, or use --dry-run to write the scripts") from None
-        except subprocess.CalledProcessError as e:
-            if jobs:
-                _cancel([j["job_id"] for j in jobs])
-            raise AlignError(f"sbatch refused {script}: {e.stderr.strip() or e.returncode}"
-                             + ("; the jobs already submitted were cancelled" if jobs else "")) from None
-        job_id = done.stdout.strip().split(";")[0]
-        jobs.append({"stage": stage, "job_id": job_id, "script": str(script), "after": after,
-                     "log": str(out / f"{run}-{stage}-{job_id}.log"), "command": shlex.join(done.args)})
+        jobs.append({"stage": stage, **_submit(script, [jobs[j]["job_id"] for j in sorted(waits[k])], jobs,
+                                               out, f"{run}-{stage}")})
     if not dry_run:
         record_submission(artifacts, run, {"submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                            "pipeline": str(Path(pipeline).resolve()), "profile": str(prof),
                                            "jobs": jobs})
     return jobs
+
+
+def _submit(script: Path, after: list[str], submitted: list[dict], log_dir: Path, name: str) -> dict:
+    """sbatch one stage's script after the jobs `after`; on refusal the jobs already `submitted` are cancelled."""
+    try:
+        done = subprocess.run(sbatch_command(script, after), capture_output=True, text=True, check=True)
+    except FileNotFoundError:
+        raise AlignError("sbatch not found: run on a Slurm login node, or use --dry-run to write the scripts") from None
+    except subprocess.CalledProcessError as e:
+        if submitted:
+            _cancel([j["job_id"] for j in submitted])
+        raise AlignError(f"sbatch refused {script}: {e.stderr.strip() or e.returncode}"
+                         + ("; the jobs already submitted were cancelled" if submitted else "")) from None
+    job_id = done.stdout.strip().split(";")[0]
+    return {"job_id": job_id, "script": str(script), "after": after, "log": str(log_dir / f"{name}-{job_id}.log"),
+            "command": shlex.join(done.args)}
 
 
 def sbatch_command(script: Path, after: list[str], quote: bool = False) -> list[str]:

@@ -416,15 +416,8 @@ def generate(model, tok, prompts: Sequence[Prompt], spec: GenerationSpec, *, see
         prompt_token_ids(tok, prompts, max_prompt_length=spec.max_prompt_length)
     fit = functools.partial(rows_that_fit, model, spec, new_tokens=gen.max_new_tokens, dtype=dtype)
     batches = _batches([len(r) for r in rows], spec, k, lambda w: fit(w))
-    sample = spec.do_sample if greedy is None else not greedy
-    seeds = prompt_seeds(seed, len(prompts)) if sample else None
-    if greedy_rows and seeds is None:
-        raise ValueError("generate: greedy_rows needs a sampled call with a seed")
+    seeds = _row_seeds(gen, spec, seed, len(prompts), greedy, greedy_rows)
     greedy_set = set(greedy_rows)
-    if seeds is not None:
-        gen.do_sample = False  # the row sampler samples; greedy selection then takes its pick
-        for name in ("temperature", "top_p", "top_k"):
-            setattr(gen, name, None)
     amp = torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     was_training = model.training
     model.eval()
@@ -432,18 +425,12 @@ def generate(model, tok, prompts: Sequence[Prompt], spec: GenerationSpec, *, see
     frozen = thaw(model)
     try:
         for batch in tqdm(batches, desc=desc, unit="batch", leave=False, disable=desc is None or len(batches) < 2):
-            ids, mask = left_pad(tok, [rows[i] for i in batch], device=device)
-            if k > 1:
-                ids, mask = ids.repeat_interleave(k, dim=0), mask.repeat_interleave(k, dim=0)
             sampler = None if seeds is None else row_sampler(
                 [seeds[i] + j for i in batch for j in range(k)], spec,
                 [i * k + j in greedy_set for i in batch for j in range(k)])
             with torch.no_grad(), amp:
-                cache = packed_prefill(model, ids, mask) if spec.prefill == "packed" else None
-                out = _generate_retiring(model, ids, mask, gen, sampler, spec.retire_every, cache)
-            response, rmask, has_eos, texts, reasons = cut_at_eos(tok, out[:, ids.shape[1]:])
-            parts.append(Rollout([prompts[i] for i in batch for _ in range(k)], ids, mask, response, rmask, has_eos,
-                                 texts, reasons))
+                parts.append(_one_batch(model, tok, [rows[i] for i in batch], [prompts[i] for i in batch], spec, gen,
+                                        sampler))
     finally:
         model.train(was_training)
         for p in frozen:
@@ -452,6 +439,32 @@ def generate(model, tok, prompts: Sequence[Prompt], spec: GenerationSpec, *, see
     position = {i: j for j, i in enumerate(i for b in batches for i in b)}
     ro = ro.take([position[i] * k + r for i in range(len(prompts)) for r in range(k)])
     return _trim(ro)
+
+
+def _row_seeds(gen, spec: GenerationSpec, seed, n: int, greedy: bool | None, greedy_rows) -> list[int] | None:
+    """Each prompt's sampling seed (None: greedy, or torch's global RNG); with seeds, `gen` is switched to
+    greedy selection, since the row sampler then does the sampling."""
+    sample = spec.do_sample if greedy is None else not greedy
+    seeds = prompt_seeds(seed, n) if sample else None
+    if greedy_rows and seeds is None:
+        raise ValueError("generate: greedy_rows needs a sampled call with a seed")
+    if seeds is not None:
+        gen.do_sample = False
+        for name in ("temperature", "top_p", "top_k"):
+            setattr(gen, name, None)
+    return seeds
+
+
+def _one_batch(model, tok, rows: list[list[int]], prompts: list, spec: GenerationSpec, gen, sampler) -> Rollout:
+    """One left-padded batch of token rows, `spec.num_return_sequences` responses each, cut at EOS."""
+    k = spec.num_return_sequences
+    ids, mask = left_pad(tok, rows, device=next(model.parameters()).device)
+    if k > 1:
+        ids, mask = ids.repeat_interleave(k, dim=0), mask.repeat_interleave(k, dim=0)
+    cache = packed_prefill(model, ids, mask) if spec.prefill == "packed" else None
+    out = _generate_retiring(model, ids, mask, gen, sampler, spec.retire_every, cache)
+    response, rmask, has_eos, texts, reasons = cut_at_eos(tok, out[:, ids.shape[1]:])
+    return Rollout([p for p in prompts for _ in range(k)], ids, mask, response, rmask, has_eos, texts, reasons)
 
 
 def _generate_retiring(model, ids, mask, gen, sampler, every: int, cache=None):
