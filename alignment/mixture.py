@@ -154,8 +154,14 @@ def realise_mixture(data: SFTData, seed: int, inputs: dict | None = None) -> Mix
     cat_evals = {c: _unique(rows) for c, rows in cat_evals.items()}
     groups = _eval_groups(per_source, held_sources, cat_evals, cap, by_source=len(trainers) > 1 or bool(held_sources))
 
+    report = _report(trainers, pools, counts, per_source, held_sources, cat_evals, dropped, cap, train_rows)
+    return Mixture(train=train_rows, eval_groups=groups, report=report)
+
+
+def _report(trainers, pools, counts, per_source, held_sources, cat_evals, dropped, cap, train_rows) -> dict:
+    """What the mixture drew from each source and what it held out (the stage's manifest keeps it)."""
     total = len(train_rows)
-    report = {
+    return {
         "sources": {s.name: {"available": len(pools[s.name]), "cap": s.cap, "weight": s.weight,
                              "used": counts[s.name], "rate": round(counts[s.name] / total, 4),
                              "eval_examples": len(per_source[s.name])} for s in trainers},
@@ -165,7 +171,6 @@ def realise_mixture(data: SFTData, seed: int, inputs: dict | None = None) -> Mix
         "train_examples": total,
         "train_categories": dict(sorted(Counter(str(ex["category"]) for ex in train_rows).items())),
     }
-    return Mixture(train=train_rows, eval_groups=groups, report=report)
 
 
 def _draw(s: SourceSpec, pool: list[dict], k: int, seed: int) -> list[dict]:
