@@ -430,7 +430,7 @@ def generate(model, tok, prompts: Sequence[Prompt], spec: GenerationSpec, *, see
                 [i * k + j in greedy_set for i in batch for j in range(k)])
             with torch.no_grad(), amp:
                 parts.append(_one_batch(model, tok, [rows[i] for i in batch], [prompts[i] for i in batch], spec, gen,
-                                        sampler))
+                                        sampler, device))
     finally:
         model.train(was_training)
         for p in frozen:
@@ -455,10 +455,11 @@ def _row_seeds(gen, spec: GenerationSpec, seed, n: int, greedy: bool | None, gre
     return seeds
 
 
-def _one_batch(model, tok, rows: list[list[int]], prompts: list, spec: GenerationSpec, gen, sampler) -> Rollout:
+def _one_batch(model, tok, rows: list[list[int]], prompts: list, spec: GenerationSpec, gen, sampler,
+               device) -> Rollout:
     """One left-padded batch of token rows, `spec.num_return_sequences` responses each, cut at EOS."""
     k = spec.num_return_sequences
-    ids, mask = left_pad(tok, rows, device=next(model.parameters()).device)
+    ids, mask = left_pad(tok, rows, device=device)
     if k > 1:
         ids, mask = ids.repeat_interleave(k, dim=0), mask.repeat_interleave(k, dim=0)
     cache = packed_prefill(model, ids, mask) if spec.prefill == "packed" else None
