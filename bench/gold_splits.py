@@ -14,12 +14,16 @@ met; a seeds row averages its seeds): where a gain comes from, and what it cost.
 what is evaluated and reported: only for a recipe frozen before the look, and every look is logged there.
 `--by-wording` bootstraps the CIs over wordings (the phrasing of each prompt's own constraint kind, 20-32 per
 held-out split), then over prompts inside them: how far another set of wordings could move the figure.
+`--splits indist` evaluates and reports only the named splits: a pilot that chooses a recipe on the in-distribution
+split then never generates on the held-out ones (a policy's row appears in reports that ask for splits it has).
 
     OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 .venv/bin/python bench/gold_splits.py --out bench/out/gold.json \\
         sft=A/smollm2/sft ppo=A/smollm2/ppo [--sample 4]
     .venv/bin/python bench/gold_splits.py --out bench/out/gold.json --report   # tables from the saved outcomes
     .venv/bin/python bench/gold_splits.py --out bench/out/gold.json --report --strict --seeds ppo3=ppo,ppo1,ppo2
     .venv/bin/python bench/gold_splits.py --out bench/out/gold.json --report --seeds ppo3=ppo,ppo1,ppo2 --kinds sft ppo3
+    .venv/bin/python bench/gold_splits.py --out bench/out/pilots.json --splits indist --report --strict sft=A/smollm2/sft \\
+        pilot=B/smollm2/online_dpo
 
 Outcomes accumulate in `--out` (one key per name), so policies can be evaluated in separate calls.
 """
@@ -104,8 +108,13 @@ def seeds_mean(results: dict, members: list[str], strict: bool, splits: dict = S
 
 
 def wording_clusters(splits: dict) -> dict[str, list[str]]:
-    return {split: [wording_of(json.loads(line)) for line in (REPO / path).read_text().splitlines() if line.strip()]
-            for split, path in splits.items()}
+    """Per split, each prompt's wording label. A row without a template id (user data) is its own cluster: one
+    shared label would make all such rows one wording, drawn or left out together."""
+    out = {}
+    for split, path in splits.items():
+        rows = [json.loads(line) for line in (REPO / path).read_text().splitlines() if line.strip()]
+        out[split] = [wording_of(r) or f"row {i}" for i, r in enumerate(rows)]
+    return out
 
 
 def report(results: dict, base: str, strict: bool = False, splits: dict = SPLITS,
@@ -147,6 +156,56 @@ def kinds_report(results: dict, names: list[str], splits: dict = SPLITS) -> str:
     return "\n\n".join(blocks)
 
 
+def chosen_splits(names: str | None, sealed: bool) -> dict:
+    """The splits to evaluate and report: the three (and the sealed one with --sealed), or the `--splits` subset, so
+    that a pilot choosing a recipe reads only the split it is allowed to choose on."""
+    pool = {**SPLITS, **SEALED} if sealed else SPLITS
+    if names is None:
+        return pool
+    picked = list(dict.fromkeys(s.strip() for s in names.split(",") if s.strip()))
+    bad = [s for s in picked if s not in pool]
+    if bad or not picked:
+        hint = " (the sealed split needs --sealed too)" if "sealed" in bad and not sealed else ""
+        sys.exit(f"gold_splits: --splits {names!r}: expected a comma-separated subset of {', '.join(pool)}{hint}")
+    return {s: pool[s] for s in picked}
+
+
+def check_policies(specs: list[str]) -> None:
+    for spec in specs:  # every argument checked before hours of generation start
+        name, _, path = spec.partition("=")
+        if not name or not (Path(path) / "manifest.json").is_file():
+            sys.exit(f"gold_splits: {spec!r}: expected NAME=ARTIFACT_DIR of a published stage (with manifest.json)")
+
+
+def seed_groups(specs: list[str], known: set, out: Path) -> dict[str, list[str]]:
+    groups = {}
+    for spec in specs:  # checked before generation too: a typo must not cost the run its table
+        name, _, members = spec.partition("=")
+        missing = [m for m in members.split(",") if m not in known]
+        if not name or not members or missing:
+            sys.exit(f"gold_splits: --seeds {spec!r}: expected NAME=A,B,C with A, B, C in {out} or evaluated "
+                     f"now (missing: {', '.join(missing) or 'a name'})")
+        groups[name] = members.split(",")
+    return groups
+
+
+def reportable(results: dict, wanted: list[str], splits: dict, out: Path) -> dict:
+    """The outcomes that cover every reported split (older ones may lack the sealed split, a pilot's all but one);
+    a policy the report needs (`wanted`) without them is one line naming what is missing."""
+    absent = [m for m in wanted if m not in results]
+    if absent:
+        sys.exit(f"gold_splits: no outcomes for {', '.join(absent)} in {out}")
+    have = {n: r for n, r in results.items() if all(s in r for s in splits)}
+    if not have:
+        sys.exit(f"gold_splits: no policy in {out} has outcomes on {', '.join(splits)}")
+    missing = [m for m in wanted if m not in have]
+    if missing:
+        lacking = sorted({s for m in missing for s in splits if s not in results.get(m, {})})
+        sys.exit(f"gold_splits: no {'/'.join(s for s in splits if s in lacking)} outcomes for "
+                 f"{', '.join(missing)} in {out}")
+    return have
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("policies", nargs="*", help="NAME=ARTIFACT_DIR; the first is the baseline of the report")
@@ -163,22 +222,14 @@ def main(argv: list[str] | None = None) -> None:
                    help="CIs that resample the wordings (a prompt's own constraint phrasing), then prompts in them")
     p.add_argument("--sealed", action="store_true",
                    help="also evaluate and report the sealed split (docs/data.md: only for a recipe frozen beforehand)")
+    p.add_argument("--splits", default=None, metavar="A,B",
+                   help="evaluate and report only these splits (e.g. indist for a pilot that must not read the rest)")
     args = p.parse_args(argv)
-    splits = {**SPLITS, **SEALED} if args.sealed else SPLITS
-    for spec in args.policies:  # every argument checked before hours of generation start
-        name, _, path = spec.partition("=")
-        if not name or not (Path(path) / "manifest.json").is_file():
-            sys.exit(f"gold_splits: {spec!r}: expected NAME=ARTIFACT_DIR of a published stage (with manifest.json)")
+    splits = chosen_splits(args.splits, args.sealed)
+    check_policies(args.policies)
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     known = set(results) | {spec.partition("=")[0] for spec in args.policies}
-    groups = {}
-    for spec in args.seeds:  # checked before generation too: a typo must not cost the run its table
-        name, _, members = spec.partition("=")
-        missing = [m for m in members.split(",") if m not in known]
-        if not name or not members or missing:
-            sys.exit(f"gold_splits: --seeds {spec!r}: expected NAME=A,B,C with A, B, C in {args.out} or evaluated "
-                     f"now (missing: {', '.join(missing) or 'a name'})")
-        groups[name] = members.split(",")
+    groups = seed_groups(args.seeds, known, args.out)
     unknown = [n for n in args.kinds or () if n not in known | set(groups)]
     if unknown:
         sys.exit(f"gold_splits: --kinds: no results for {', '.join(unknown)} in {args.out} (nor evaluated now)")
@@ -188,13 +239,9 @@ def main(argv: list[str] | None = None) -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results))
     if args.report or args.seeds or not args.policies:
-        if args.sealed:  # report only what has the sealed split (older outcomes were evaluated without it)
-            results = {n: r for n, r in results.items() if "sealed" in r}
-            wanted = [m for ms in groups.values() for m in ms] + [n for n in [args.baseline, *(args.kinds or ())]
-                                                                  if n and n not in groups]
-            missing = [m for m in wanted if m not in results]
-            if missing:
-                sys.exit(f"gold_splits: --sealed: no sealed outcomes for {', '.join(missing)} in {args.out}")
+        wanted = [m for ms in groups.values() for m in ms] + [n for n in [args.baseline, *(args.kinds or ())]
+                                                              if n and n not in groups]
+        results = reportable(results, wanted, splits, args.out)
         for name, members in groups.items():
             results[name] = seeds_mean(results, members, args.strict, splits)
         clusters = wording_clusters(splits) if args.by_wording else None
