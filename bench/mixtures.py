@@ -126,6 +126,24 @@ def held_out_loss(art: Path) -> float | None:
     return round(sum(vals) / len(vals), 4) if vals else None
 
 
+def sweep_plan(sweeps: str, ks: str | None, trained: list[str]) -> list[tuple]:
+    """(sweep, x, label, mixture sources) per SFT run: the kinds sweep (the first k trained kinds) and the rates
+    sweep (content against layout kinds at 1:4, 1:1, 4:1)."""
+    plan = []
+    if "kinds" in sweeps:
+        for k in ([int(x) for x in ks.split(",")] if ks else range(1, len(trained) + 1)):
+            plan.append(("kinds", k, f"k{k}", [{"name": c, "train": TRAIN, "eval": EVAL, "categories": [c],
+                                                "weight": 1} for c in trained[:k]]))
+    if "rates" in sweeps:
+        content = [c for c in trained if c in LENGTH_KINDS] or trained[: len(trained) // 2]
+        layout = [c for c in trained if c not in content]
+        for wc, wl in ((1, 4), (1, 1), (4, 1)):
+            plan.append(("rates", round(wc / (wc + wl), 2), f"rate{wc}to{wl}",
+                         [{"name": "content", "train": TRAIN, "eval": EVAL, "categories": content, "weight": wc},
+                          {"name": "layout", "train": TRAIN, "eval": EVAL, "categories": layout, "weight": wl}]))
+    return plan
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", choices=list(PROFILES), default="tiny")
@@ -166,18 +184,7 @@ def main() -> int:
                "date": time.strftime("%Y-%m-%d"), "runs": []}
     results["runs"].append({"sweep": "kinds", "k": 0, "label": "base", **evaluate(base, prompts, prof, precision)})
     print("base", results["runs"][-1], flush=True)
-    plan = []
-    if "kinds" in a.sweeps:
-        for k in ([int(x) for x in a.ks.split(",")] if a.ks else range(1, len(trained) + 1)):
-            plan.append(("kinds", k, f"k{k}", [{"name": c, "train": TRAIN, "eval": EVAL, "categories": [c],
-                                                "weight": 1} for c in trained[:k]]))
-    if "rates" in a.sweeps:
-        content = [c for c in trained if c in LENGTH_KINDS] or trained[: len(trained) // 2]
-        layout = [c for c in trained if c not in content]
-        for wc, wl in ((1, 4), (1, 1), (4, 1)):
-            plan.append(("rates", round(wc / (wc + wl), 2), f"rate{wc}to{wl}",
-                         [{"name": "content", "train": TRAIN, "eval": EVAL, "categories": content, "weight": wc},
-                          {"name": "layout", "train": TRAIN, "eval": EVAL, "categories": layout, "weight": wl}]))
+    plan = sweep_plan(a.sweeps, a.ks, trained)
     for sweep, x, label, sources in plan:
         cfg = sft_config(prof, sources + held_src, held_cats, root / "configs" / f"{a.profile}-{label}.yaml")
         t0 = time.perf_counter()

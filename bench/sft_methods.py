@@ -99,70 +99,11 @@ def main() -> int:
               f"data.max_train_examples={prof['steps'] * prof['batch']}", f"data.max_eval_examples={prof['eval']}",
               "train.save_steps=1000000", f"inputs.base={base}"]
     sections = a.sections.split(",")
-
-    if "methods" in sections:
-        rows = results.setdefault("methods", {})
-        for label in a.methods.split(","):
-            overrides, lr = METHODS[label]
-            overrides = [o.format(**prof) for o in overrides] + [f"train.lr={lr}"]
-            rows[label] = run_stage(a, root, f"{a.profile}-{label}", budget + overrides)
-            rows[label].update(lr=lr, overrides=overrides)
-            show(label, rows[label])
+    for name, section in (("methods", methods_section), ("overhead", overhead_section),
+                          ("precision", precision_section), ("gain", gain_section)):
+        if name in sections:
+            section(a, root, prof, base, budget, results, lambda: save(out_json, results))
             save(out_json, results)
-
-    if "overhead" in sections:
-        ours, plain = [], []
-        n = prof["overhead_steps"]
-        # Same rows and settings for both; eval (outside the timed loop anyway) cut to 4 rows.
-        cut = [f"train.max_steps={n}", f"train.batch_size={prof['batch']}",
-               f"data.max_train_examples={n * prof['batch']}", "data.max_eval_examples=4", "train.save_steps=1000000",
-               f"inputs.base={base}", "train.lr=5e-4"]
-        for i in range(a.repeats or prof["repeats"]):
-            ours.append(run_stage(a, root, f"{a.profile}-overhead", cut))
-            plain.append(run_plain(a, base, cut))
-            print(f"overhead pair {i + 1}: stage {ours[-1]['tokens_per_s']} tok/s "
-                  f"({ours[-1]['tokens_per_cpu_s']} per CPU-s), plain TRL {plain[-1]['tokens_per_s']} tok/s "
-                  f"({plain[-1]['tokens_per_cpu_s']} per CPU-s)", flush=True)
-        s_tps, p_tps = [r["tokens_per_s"] for r in ours], [r["tokens_per_s"] for r in plain]
-        s_cpu, p_cpu = [r["tokens_per_cpu_s"] for r in ours], [r["tokens_per_cpu_s"] for r in plain]
-        med = statistics.median
-        results["overhead"] = {"steps": n, "stage_tokens_per_s": s_tps, "plain_trl_tokens_per_s": p_tps,
-                               "stage_tokens_per_cpu_s": s_cpu, "plain_trl_tokens_per_cpu_s": p_cpu,
-                               "ratio_wall": round(med(s_tps) / med(p_tps), 3),
-                               "ratio_cpu": round(med(s_cpu) / med(p_cpu), 3),
-                               "tokens": sorted({r["train_tokens"] for r in ours + plain})}
-        save(out_json, results)
-
-    if "precision" in sections:
-        runs = {"fp32": [], "bf16": []}
-        for _ in range(prof["precision_repeats"]):  # alternating, medians
-            for p_ in runs:
-                runs[p_].append(run_stage(a, root, f"{a.profile}-{p_}", budget + ["train.lr=5e-4", f"precision={p_}"]))
-        results["precision"] = {p_: {**rs[0], **{k: statistics.median(r[k] for r in rs)
-                                                 for k in ("tokens_per_s", "tokens_per_cpu_s", "peak_rss_mb")},
-                                     "runs": len(rs)} for p_, rs in runs.items()}
-        save(out_json, results)
-
-    if "gain" in sections:
-        texts, source = general_texts()
-        results["gain_text"] = {"source": source, "texts": len(texts)}
-        results["gain_base_ppl"] = perplexity_of(base, texts)
-        rows = results.setdefault("gain", {})
-        methods = a.methods.split(",") if a.methods != ",".join(METHODS) else list(GAIN_METHODS)
-        for label in methods:
-            overrides, lr = METHODS[label]
-            overrides = [o.format(**prof) for o in overrides] + [f"train.lr={lr}"]
-            rows[label] = run_stage(a, root, f"{a.profile}-gain-{label}", budget + overrides, texts=texts)
-            r = rows[label]
-            r.update(lr=lr, task_gain=round(r["eval_loss_before"] - r["eval_loss"], 5),
-                     forgetting=round(r["general_ppl"] / results["gain_base_ppl"] - 1, 5))
-            print(f"{label:16s} task gain {r['task_gain']:+.4f}  forgetting {100 * r['forgetting']:+.2f}% "
-                  f"(general ppl {results['gain_base_ppl']:.2f} -> {r['general_ppl']:.2f})", flush=True)
-            save(out_json, results)
-        plot_gain(results, REPO / "docs" / f"sft_methods_{a.profile}_gain.png")
-        if not a.no_doc:
-            write_doc(f"{a.profile}:gain", gain_markdown(results, a))
-
     if set(sections) & {"methods", "overhead", "precision"}:
         plot(results, REPO / "docs" / f"sft_methods_{a.profile}.png")
         table = markdown(results, a)
@@ -170,6 +111,78 @@ def main() -> int:
         if not a.no_doc:
             write_doc(a.profile, table)
     return 0
+
+
+def method_overrides(label: str, prof: dict) -> tuple[list[str], float]:
+    overrides, lr = METHODS[label]
+    return [o.format(**prof) for o in overrides] + [f"train.lr={lr}"], lr
+
+
+def methods_section(a, root, prof, base, budget, results, keep) -> None:
+    """One run per PEFT method at the same steps and rows: the cost table."""
+    rows = results.setdefault("methods", {})
+    for label in a.methods.split(","):
+        overrides, lr = method_overrides(label, prof)
+        rows[label] = run_stage(a, root, f"{a.profile}-{label}", budget + overrides)
+        rows[label].update(lr=lr, overrides=overrides)
+        show(label, rows[label])
+        keep()  # a long run keeps every finished row
+
+
+def overhead_section(a, root, prof, base, budget, results, keep) -> None:
+    """The sft stage against plain TRL on the same rows and settings, alternating pairs, medians."""
+    ours, plain = [], []
+    n = prof["overhead_steps"]
+    # Same rows and settings for both; eval (outside the timed loop anyway) cut to 4 rows.
+    cut = [f"train.max_steps={n}", f"train.batch_size={prof['batch']}",
+           f"data.max_train_examples={n * prof['batch']}", "data.max_eval_examples=4", "train.save_steps=1000000",
+           f"inputs.base={base}", "train.lr=5e-4"]
+    for i in range(a.repeats or prof["repeats"]):
+        ours.append(run_stage(a, root, f"{a.profile}-overhead", cut))
+        plain.append(run_plain(a, base, cut))
+        print(f"overhead pair {i + 1}: stage {ours[-1]['tokens_per_s']} tok/s "
+              f"({ours[-1]['tokens_per_cpu_s']} per CPU-s), plain TRL {plain[-1]['tokens_per_s']} tok/s "
+              f"({plain[-1]['tokens_per_cpu_s']} per CPU-s)", flush=True)
+    s_tps, p_tps = [r["tokens_per_s"] for r in ours], [r["tokens_per_s"] for r in plain]
+    s_cpu, p_cpu = [r["tokens_per_cpu_s"] for r in ours], [r["tokens_per_cpu_s"] for r in plain]
+    med = statistics.median
+    results["overhead"] = {"steps": n, "stage_tokens_per_s": s_tps, "plain_trl_tokens_per_s": p_tps,
+                           "stage_tokens_per_cpu_s": s_cpu, "plain_trl_tokens_per_cpu_s": p_cpu,
+                           "ratio_wall": round(med(s_tps) / med(p_tps), 3),
+                           "ratio_cpu": round(med(s_cpu) / med(p_cpu), 3),
+                           "tokens": sorted({r["train_tokens"] for r in ours + plain})}
+
+
+def precision_section(a, root, prof, base, budget, results, keep) -> None:
+    """bf16 against fp32, alternating runs, medians."""
+    runs = {"fp32": [], "bf16": []}
+    for _ in range(prof["precision_repeats"]):
+        for p_ in runs:
+            runs[p_].append(run_stage(a, root, f"{a.profile}-{p_}", budget + ["train.lr=5e-4", f"precision={p_}"]))
+    results["precision"] = {p_: {**rs[0], **{k: statistics.median(r[k] for r in rs)
+                                             for k in ("tokens_per_s", "tokens_per_cpu_s", "peak_rss_mb")},
+                                 "runs": len(rs)} for p_, rs in runs.items()}
+
+
+def gain_section(a, root, prof, base, budget, results, keep) -> None:
+    """Task gain against forgetting (perplexity on general text) per method, with its plot and doc table."""
+    texts, source = general_texts()
+    results["gain_text"] = {"source": source, "texts": len(texts)}
+    results["gain_base_ppl"] = perplexity_of(base, texts)
+    rows = results.setdefault("gain", {})
+    methods = a.methods.split(",") if a.methods != ",".join(METHODS) else list(GAIN_METHODS)
+    for label in methods:
+        overrides, lr = method_overrides(label, prof)
+        rows[label] = run_stage(a, root, f"{a.profile}-gain-{label}", budget + overrides, texts=texts)
+        r = rows[label]
+        r.update(lr=lr, task_gain=round(r["eval_loss_before"] - r["eval_loss"], 5),
+                 forgetting=round(r["general_ppl"] / results["gain_base_ppl"] - 1, 5))
+        print(f"{label:16s} task gain {r['task_gain']:+.4f}  forgetting {100 * r['forgetting']:+.2f}% "
+              f"(general ppl {results['gain_base_ppl']:.2f} -> {r['general_ppl']:.2f})", flush=True)
+        keep()
+    plot_gain(results, REPO / "docs" / f"sft_methods_{a.profile}_gain.png")
+    if not a.no_doc:
+        write_doc(f"{a.profile}:gain", gain_markdown(results, a))
 
 
 # -- forgetting -----------------------------------------------------------------------------------------------
