@@ -16,6 +16,7 @@ what is evaluated and reported: only for a recipe frozen before the look, and ev
 held-out split), then over prompts inside them: how far another set of wordings could move the figure.
 `--splits indist` evaluates and reports only the named splits: a pilot that chooses a recipe on the in-distribution
 split then never generates on the held-out ones (a policy's row appears in reports that ask for splits it has).
+`--plot PNG` draws the report's gains with their CIs, one panel per split (the `--seeds` rows when there are any).
 
     OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 .venv/bin/python bench/gold_splits.py --out bench/out/gold.json \\
         sft=A/smollm2/sft ppo=A/smollm2/ppo [--sample 4]
@@ -117,30 +118,69 @@ def wording_clusters(splits: dict) -> dict[str, list[str]]:
     return out
 
 
-def report(results: dict, base: str, strict: bool = False, splits: dict = SPLITS,
-           clusters: dict[str, list[str]] | None = None) -> str:
-    """The table of gold and paired gains. `clusters` (split -> a label per prompt): the CIs resample those
-    clusters and then prompts inside them (`cluster_bootstrap_ci`), instead of prompts alone."""
-    names = [base] + [n for n in results if n != base]
-    lines = ["| policy | " + " | ".join(f"{s} gold (gain vs {base} [95% CI])" for s in splits) + " | tokens |",
-             "|---|" + "---|" * (len(splits) + 1)]
-    for name in names:
-        cells = []
+def gains(results: dict, base: str, strict: bool = False, splits: dict = SPLITS,
+          clusters: dict[str, list[str]] | None = None) -> dict[str, dict[str, tuple]]:
+    """Per policy and split: (gold, gain over `base`, CI low, CI high); the base's own entries are (gold,). `clusters`
+    (split -> a label per prompt): the CIs resample those clusters and then prompts inside them
+    (`cluster_bootstrap_ci`), instead of prompts alone."""
+    out = {}
+    for name in [base] + [n for n in results if n != base]:
+        out[name] = {}
         for split in splits:
             g, g0 = gold_of(results[name][split], strict), gold_of(results[base][split], strict)
-            cell = f"{sum(g) / len(g):.3f}"
-            if name != base:
-                d = [a - b for a, b in zip(g, g0, strict=True)]
-                if clusters and len(clusters[split]) != len(d):  # outcomes of an older build of the split's file
-                    sys.exit(f"gold_splits: --by-wording: {len(d)} outcomes of {name} on {split}, but "
-                             f"{splits[split]} has {len(clusters[split])} prompts now")
-                lo, hi = cluster_bootstrap_ci(d, clusters[split], n_boot=10_000, seed=0) if clusters else \
-                    bootstrap_ci(d, n_boot=10_000, seed=0)
-                cell += f", {sum(d) / len(d):+.3f} [{lo:+.3f}, {hi:+.3f}]"
-            cells.append(cell)
+            if name == base:
+                out[name][split] = (sum(g) / len(g),)
+                continue
+            d = [a - b for a, b in zip(g, g0, strict=True)]
+            if clusters and len(clusters[split]) != len(d):  # outcomes of an older build of the split's file
+                sys.exit(f"gold_splits: --by-wording: {len(d)} outcomes of {name} on {split}, but "
+                         f"{splits[split]} has {len(clusters[split])} prompts now")
+            lo, hi = cluster_bootstrap_ci(d, clusters[split], n_boot=10_000, seed=0) if clusters else \
+                bootstrap_ci(d, n_boot=10_000, seed=0)
+            out[name][split] = (sum(g) / len(g), sum(d) / len(d), lo, hi)
+    return out
+
+
+def report(results: dict, base: str, strict: bool = False, splits: dict = SPLITS,
+           clusters: dict[str, list[str]] | None = None, table: dict | None = None) -> str:
+    """The table of gold and paired gains (`table`: `gains`' output when already computed)."""
+    table = table or gains(results, base, strict, splits, clusters)
+    lines = ["| policy | " + " | ".join(f"{s} gold (gain vs {base} [95% CI])" for s in splits) + " | tokens |",
+             "|---|" + "---|" * (len(splits) + 1)]
+    for name, row in table.items():
+        cells = [f"{row[s][0]:.3f}" + (f", {row[s][1]:+.3f} [{row[s][2]:+.3f}, {row[s][3]:+.3f}]"
+                                         if len(row[s]) > 1 else "") for s in splits]
         tokens = "/".join(f"{results[name][s]['length']:.0f}" for s in splits)
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {tokens} |")
     return "\n".join(lines)
+
+
+def plot_gains(table: dict, base: str, splits: dict, path: Path, bar: float = 0.10) -> None:
+    """One panel per split: each policy's gain over `base` with its 95% CI, a line at 0 and one at `bar` (#13's
+    +0.10), policies top to bottom in the table's order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in table if n != base]
+    fig, axes = plt.subplots(1, len(splits), figsize=(3.2 * len(splits), 0.45 * len(names) + 1.4), sharex=True,
+                             sharey=True, squeeze=False)
+    for ax, split in zip(axes[0], splits):
+        for y, name in enumerate(names):
+            _, gain, lo, hi = table[name][split]
+            ax.errorbar(gain, y, xerr=[[gain - lo], [hi - gain]], fmt="o", capsize=3,
+                        color="tab:green" if lo > 0 else "tab:gray")
+        ax.axvline(0, color="black", lw=0.8)
+        ax.axvline(bar, color="tab:red", lw=0.8, ls="--")
+        ax.set_title(split, fontsize=9)
+        ax.set_xlabel(f"gain vs {base}", fontsize=8)
+    axes[0][0].set_yticks(range(len(names)), names, fontsize=8)
+    axes[0][0].invert_yaxis()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def kinds_report(results: dict, names: list[str], splits: dict = SPLITS) -> str:
@@ -222,6 +262,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="CIs that resample the wordings (a prompt's own constraint phrasing), then prompts in them")
     p.add_argument("--sealed", action="store_true",
                    help="also evaluate and report the sealed split (docs/data.md: only for a recipe frozen beforehand)")
+    p.add_argument("--plot", type=Path, default=None, metavar="PNG",
+                   help="also draw the gains and CIs (of the --seeds rows if any, else of every policy), one panel per "
+                        "split, to this file")
     p.add_argument("--splits", default=None, metavar="A,B",
                    help="evaluate and report only these splits (e.g. indist for a pilot that must not read the rest)")
     args = p.parse_args(argv)
@@ -245,7 +288,11 @@ def main(argv: list[str] | None = None) -> None:
         for name, members in groups.items():
             results[name] = seeds_mean(results, members, args.strict, splits)
         clusters = wording_clusters(splits) if args.by_wording else None
-        print(report(results, args.baseline or next(iter(results)), args.strict, splits, clusters))
+        base = args.baseline or next(iter(results))
+        table = gains(results, base, args.strict, splits, clusters)
+        print(report(results, base, args.strict, splits, clusters, table))
+        if args.plot:  # the seed-averaged rows when there are any: one point per recipe, not per seed
+            plot_gains({n: table[n] for n in table if n == base or not groups or n in groups}, base, splits, args.plot)
     if args.kinds is not None:
         print("\n" + kinds_report(results, args.kinds or list(results), splits))
 

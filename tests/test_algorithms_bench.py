@@ -330,3 +330,32 @@ def test_gold_splits_splits_option_evaluates_and_reports_only_the_named_splits(t
     only.write_text(json.dumps({"p": json.loads(out.read_text())["p"]}))
     with pytest.raises(SystemExit, match=r"no policy in .*only.json has outcomes on indist, phrasings, kinds"):
         gs.main(["--out", str(only), "--report"])
+
+
+def test_gold_splits_plot_draws_the_seed_rows_gains(tmp_path, monkeypatch):
+    """--plot draws what the table says: one point per --seeds row (not per seed), at its gain, CI as error bar."""
+    spec = importlib.util.spec_from_file_location("bench_gold_splits", REPO / "bench" / "gold_splits.py")
+    gs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gs)
+
+    def res(gold):
+        return {s: {"gold": gold, "eos": [True] * len(gold), "length": 10.0} for s in gs.SPLITS}
+
+    out = tmp_path / "g.json"
+    out.write_text(json.dumps({"sft": res([0.0, 0.0, 1.0, 0.0]), "a": res([1.0, 0.0, 1.0, 0.0]),
+                               "b": res([1.0, 1.0, 1.0, 0.0])}))
+    drawn = {}
+    real = gs.plot_gains
+
+    def spy(table, base, splits, path, bar=0.10):
+        drawn.update(table)
+        real(table, base, splits, path, bar)
+
+    monkeypatch.setattr(gs, "plot_gains", spy)
+    png = tmp_path / "gains.png"
+    gs.main(["--out", str(out), "--report", "--baseline", "sft", "--seeds", "ab=a,b", "--plot", str(png)])
+    assert set(drawn) == {"sft", "ab"}  # the seeds a and b are not drawn apart
+    # ab per prompt: [1, .5, 1, 0] - sft [0, 0, 1, 0] = [1, .5, 0, 0]: gain 0.375
+    assert drawn["ab"]["indist"][0] == 0.625 and drawn["ab"]["indist"][1] == 0.375
+    assert drawn["ab"]["indist"][2] <= 0.375 <= drawn["ab"]["indist"][3]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
