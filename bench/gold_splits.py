@@ -141,10 +141,8 @@ def gains(results: dict, base: str, strict: bool = False, splits: dict = SPLITS,
     return out
 
 
-def report(results: dict, base: str, strict: bool = False, splits: dict = SPLITS,
-           clusters: dict[str, list[str]] | None = None, table: dict | None = None) -> str:
-    """The table of gold and paired gains (`table`: `gains`' output when already computed)."""
-    table = table or gains(results, base, strict, splits, clusters)
+def report(results: dict, table: dict, base: str, splits: dict = SPLITS) -> str:
+    """`gains`' output as a markdown table, with each policy's mean tokens per split from `results`."""
     lines = ["| policy | " + " | ".join(f"{s} gold (gain vs {base} [95% CI])" for s in splits) + " | tokens |",
              "|---|" + "---|" * (len(splits) + 1)]
     for name, row in table.items():
@@ -240,8 +238,8 @@ def reportable(results: dict, wanted: list[str], splits: dict, out: Path) -> dic
         sys.exit(f"gold_splits: no policy in {out} has outcomes on {', '.join(splits)}")
     missing = [m for m in wanted if m not in have]
     if missing:
-        lacking = sorted({s for m in missing for s in splits if s not in results.get(m, {})})
-        sys.exit(f"gold_splits: no {'/'.join(s for s in splits if s in lacking)} outcomes for "
+        lacking = [s for s in splits if any(s not in results.get(m, {}) for m in missing)]
+        sys.exit(f"gold_splits: no {'/'.join(lacking)} outcomes for "
                  f"{', '.join(missing)} in {out}")
     return have
 
@@ -290,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
         clusters = wording_clusters(splits) if args.by_wording else None
         base = args.baseline or next(iter(results))
         table = gains(results, base, args.strict, splits, clusters)
-        print(report(results, base, args.strict, splits, clusters, table))
+        print(report(results, table, base, splits))
         if args.plot:  # the seed-averaged rows when there are any: one point per recipe, not per seed
             plot_gains({n: table[n] for n in table if n == base or not groups or n in groups}, base, splits, args.plot)
     if args.kinds is not None:
