@@ -21,7 +21,7 @@ import logging
 import tempfile
 from typing import Annotated, Literal, Union
 
-from pydantic import Discriminator, Tag
+from pydantic import Discriminator, Field, Tag
 
 from alignment.config import ConfigError, Section
 from alignment.fused_lora import use_kernel
@@ -150,6 +150,14 @@ class GRPO(Section):
     """Divide advantages by the group std (group, the paper), the batch std (batch), or not at all (none: Dr. GRPO
     argues the std adds a question-difficulty bias)."""
 
+    chosen_nll: float = Field(default=0.0, ge=0)
+    """Weight of an NLL (SFT) term on each group's best completion, the `sft` term online DPO-RLVR adds to its
+    pairs' chosen answers (RPO, Pang et al., 2024): every completion with its group's highest reward, in a group
+    whose rewards are not all equal, gets `chosen_nll` added to its advantage. At ratio 1 the policy-gradient
+    loss -A x log p then carries exactly that NLL's gradient (aggregated as `loss_type` aggregates tokens); the
+    clip and the KL to the reference bound it like the rest of the update. 0: plain GRPO. Measured on SmolLM2's
+    gold check: docs/algorithms.md."""
+
     def trl_kwargs(self) -> dict:
         return dict(loss_type=self.loss_type, scale_rewards=self.scale_rewards)
 
@@ -213,6 +221,55 @@ def trl_reward_func(score, records: list[dict], name: str = "reward", *, truncat
     return reward
 
 
+def chosen_bonus(rewards, num_generations: int, weight: float):
+    """`weight` for each completion that has its group's highest reward in a group whose rewards differ, else 0.
+
+    `rewards` is TRL's flat reward vector, each prompt's group `num_generations` consecutive rows; a NaN reward
+    (unscorable) is never chosen, and a group with fewer than two scored rows has no best one.
+    """
+    import torch
+
+    groups = rewards.view(-1, num_generations)
+    scored = ~torch.isnan(groups)
+    best = torch.where(scored, groups, torch.full_like(groups, -torch.inf)).amax(dim=1, keepdim=True)
+    worst = torch.where(scored, groups, torch.full_like(groups, torch.inf)).amin(dim=1, keepdim=True)
+    chosen = scored & (groups == best) & (best > worst)
+    return (chosen.to(rewards.dtype) * weight).view(-1)
+
+
+def with_chosen_nll(trainer_cls):
+    """`trainer_cls` (TRL's GRPOTrainer) that adds `chosen_bonus` to the advantages of its training batches when
+    its `chosen_nll` weight is set. TRL computes the rewards (gathered over processes) and the advantages in one
+    method; the rewards are kept from its `_calculate_rewards` call and the bonus added to what it returns."""
+
+    class Trainer(trainer_cls):
+        chosen_nll = 0.0
+
+        def _calculate_rewards(self, *args, **kwargs):
+            self._rewards_per_func = super()._calculate_rewards(*args, **kwargs)
+            return self._rewards_per_func
+
+        def _generate_and_score_completions(self, inputs):
+            import torch
+
+            out = super()._generate_and_score_completions(inputs)
+            if not self.chosen_nll or not self.model.training:
+                return out
+            # TRL's summed reward, unscorable rows (every function returned None) NaN as in its advantages
+            per_func = self._rewards_per_func
+            rewards = (per_func * self.reward_weights.to(per_func.device)).nansum(dim=1)
+            rewards[torch.isnan(per_func).all(dim=1)] = float("nan")
+            bonus = chosen_bonus(rewards, self.num_generations, self.chosen_nll)
+            n = len(out["advantages"])
+            local = bonus[self.accelerator.process_index * n:(self.accelerator.process_index + 1) * n]
+            out["advantages"] = out["advantages"] + local.to(out["advantages"])
+            self._metrics["train"]["chosen_nll/frac"].append((bonus > 0).float().mean().item())
+            return out
+
+    Trainer.__name__ = Trainer.__qualname__ = trainer_cls.__name__
+    return Trainer
+
+
 def eos_ids(model, tok) -> set[int]:
     """The ids TRL ends a completion at: the generation config's eos_token_id (an int or a list) and the
     tokenizer's."""
@@ -233,7 +290,8 @@ def trainer_class(name: str, sampler: str = "engine"):
     `grpo` or `rloo`."""
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
-    config_cls, trainer_cls = (GRPOConfig, GRPOTrainer) if name == "grpo" else (RLOOConfig, RLOOTrainer)
+    config_cls, trainer_cls = (GRPOConfig, with_chosen_nll(GRPOTrainer)) if name == "grpo" else (RLOOConfig,
+                                                                                                 RLOOTrainer)
     return config_cls, with_engine(trainer_cls) if sampler == "engine" else trainer_cls
 
 
@@ -333,6 +391,7 @@ def build_trainer(cfg, sft, prompts: list[dict], score, checkpoints_dir):
             policy.config._name_or_path = name_or_path
     use_kernel(trainer.model, cfg.peft)
     trainer.greedy_member = group.greedy_member  # read by engine_completions
+    trainer.chosen_nll = getattr(cfg.algorithm, "chosen_nll", 0.0)  # GRPO's; RLOO has none
     if trainer.ref_model is not None:
         trainer.ref_model.requires_grad_(False)  # TRL only runs it under no_grad; frozen says so
     return trainer, tok

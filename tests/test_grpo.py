@@ -198,6 +198,8 @@ def test_eos_ids_are_the_generation_configs_and_the_tokenizers():
     ({"algorithm": {"name": "grpo", "normalize_advantages": True}},
      "algorithm.normalize_advantages: unknown key"),
     ({"algorithm": "ppo"}, "algorithm: expected name grpo or rloo"),
+    ({"algorithm": {"name": "rloo", "chosen_nll": 1.0}}, "algorithm.chosen_nll: unknown key"),
+    ({"algorithm": {"name": "grpo", "chosen_nll": -1.0}}, "algorithm.chosen_nll: "),
     ({"group.loss_type": "grpo"}, "group.loss_type: unknown key"),
     ({"group.beta": -0.1}, "group.beta: expected a KL coefficient >= 0"),
     ({"group.sampler": "vllm"}, "group.sampler: expected one of 'engine' or 'trl', got 'vllm'"),
@@ -353,3 +355,39 @@ def test_the_grpo_guardrail_keeps_the_first_logged_row_as_its_reference_after_a_
     warnings = [r.getMessage() for r in caplog.records]
     assert warnings == ["[grpo] step 30: mean response length drifted 2.50x from the first update's 40.0 tokens "
                         "(length hacking?)"]
+
+
+def test_chosen_bonus_marks_each_groups_best_where_the_group_differs():
+    from alignment.grpo import chosen_bonus
+
+    nan = float("nan")
+    rewards = torch.tensor([0.5, 1.0, 1.0, 0.0,     # two tied best: both chosen
+                            1.0, 1.0, 1.0, 1.0,     # all equal: no pair, no chosen
+                            nan, 0.2, 0.1, nan,     # unscorable rows never chosen
+                            nan, 0.3, nan, nan])    # one scored row: nothing to beat
+    assert chosen_bonus(rewards, 4, 1.5).tolist() == [0, 1.5, 1.5, 0, 0, 0, 0, 0, 0, 1.5, 0, 0, 0, 0, 0, 0]
+    assert chosen_bonus(rewards[:4], 2, 1.0).tolist() == [0, 1.0, 1.0, 0]  # groups of two: (0.5, 1) and (1, 0)
+
+
+def test_chosen_nll_adds_its_weight_to_the_advantage_of_each_groups_best(store, tmp_path):
+    """algorithm.chosen_nll reaches TRL's GRPO trainer; the advantages of a training batch are TRL's group-normalised
+    ones (recomputed here from the rewards it scored) plus the weight on each group's best completion."""
+    from alignment.grpo import chosen_bonus
+    from stages.grpo import Config
+
+    root, run = store
+    cfg = load_config(Config, write_config(tmp_path, algorithm={"name": "grpo", "chosen_nll": 0.5}))
+    sft = ArtifactStore(root).read_stage(run, "sft")
+    score = lambda prompts, completions, **fields: vowel_reward(prompts, completions)  # noqa: E731
+    trainer, _ = build_trainer(cfg, sft, load_prompts(cfg.data.train, 8), score, tmp_path / "ckpt")
+    assert trainer.chosen_nll == 0.5
+    trainer.model.train()
+    inputs = [row for row in trainer.train_dataset.select(range(2)) for _ in range(4)]  # TRL's sampler: G in a row
+    out = trainer._generate_and_score_completions(inputs)
+    rewards = trainer._rewards_per_func[:, 0]
+    groups = rewards.view(-1, 4)
+    plain = ((groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-4)).view(-1)
+    bonus = chosen_bonus(rewards, 4, 0.5)
+    assert bonus.sum() >= 1.0  # random completions differ in their vowel share: each group has a best
+    assert torch.allclose(out["advantages"], plain + bonus, atol=1e-5)
+    assert trainer._metrics["train"]["chosen_nll/frac"] == [(bonus > 0).float().mean().item()]
