@@ -10,6 +10,9 @@ ARTIFACTS ?= artifacts
 OVERRIDES ?=
 JOBS ?=
 SUBMIT_ARGS ?=
+# pytest-xdist workers for `make test` (one test file per worker at a time: module fixtures are built once);
+# 0 runs the suite in one process
+TEST_WORKERS ?= 2
 
 BIN := $(VENV)/bin
 ALIGN := OMP_WAIT_POLICY=PASSIVE $(BIN)/align
@@ -23,6 +26,7 @@ help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 	@echo "  variables: PROFILE=$(PROFILE) (smollm2|tiny)  RUN=<name>  ARTIFACTS=$(ARTIFACTS)  OVERRIDES='key=value ...'  TORCH_SPEC=$(TORCH_SPEC)"
 	@echo "             JOBS=N: pipeline stages at once (default: the pipeline file's jobs:, 2 for smollm2)"
+	@echo "             TEST_WORKERS=N: make test's pytest-xdist workers (default 2; 0: one process)"
 	@echo "  OVERRIDES: a stage target takes key.path=value (make sft OVERRIDES='train.lr=1e-4'); pipeline targets"
 	@echo "             take STAGE.key.path=value (make pipeline-tiny OVERRIDES='sft.train.max_steps=2'); keys: align config schema STAGE"
 
@@ -61,7 +65,7 @@ test-fast: setup ## the edit loop (< 1 min): RL/DPO/reward math, gold checks, co
 	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -q -x -p no:cacheprovider $(FAST_TESTS)
 
 test: setup setup-services ## run the test suite (tiny random models, offline, a real llama.cpp server and Slurm)
-	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -q tests
+	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 base: setup ## stage base: import the base model into the artifact store
 	$(ALIGN) run base -c configs/$(PROFILE)/base.yaml --artifacts $(ARTIFACTS) $(RUN_FLAG) $(OVERRIDES)
