@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -181,6 +182,16 @@ def plot_gains(table: dict, base: str, splits: dict, path: Path, bar: float = 0.
     plt.close(fig)
 
 
+def check_plot_path(path: Path | None) -> None:
+    """Refuse a --plot path the figure could not be written to, before any policy is evaluated: a folder, or a
+    path under a file or an unwritable folder."""
+    if path is None:
+        return
+    folder = next(p for p in path.parents if p.exists())  # the nearest one there is: created up to the file
+    if path.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
+        sys.exit(f"gold_splits: --plot {path}: expected a PNG file path that can be written")
+
+
 def kinds_report(results: dict, names: list[str], splits: dict = SPLITS) -> str:
     """Per split, one row per constraint kind: the share of that kind's constraints each policy met."""
     blocks = []
@@ -267,6 +278,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="evaluate and report only these splits (e.g. indist for a pilot that must not read the rest)")
     args = p.parse_args(argv)
     splits = chosen_splits(args.splits, args.sealed)
+    check_plot_path(args.plot)
     check_policies(args.policies)
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     known = set(results) | {spec.partition("=")[0] for spec in args.policies}

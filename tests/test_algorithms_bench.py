@@ -359,3 +359,16 @@ def test_gold_splits_plot_draws_the_seed_rows_gains(tmp_path, monkeypatch):
     assert drawn["ab"]["indist"][0] == 0.625 and drawn["ab"]["indist"][1] == 0.375
     assert drawn["ab"]["indist"][2] <= 0.375 <= drawn["ab"]["indist"][3]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("where", ["folder", "under_a_file"])
+def test_gold_splits_refuses_a_plot_path_it_cannot_write_before_evaluating(tmp_path, where, capsys):
+    spec = importlib.util.spec_from_file_location("bench_gold_splits", REPO / "bench" / "gold_splits.py")
+    gs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gs)
+    (tmp_path / "file.txt").write_text("x")
+    png = tmp_path if where == "folder" else tmp_path / "file.txt" / "gains.png"
+    with pytest.raises(SystemExit) as exit_:
+        gs.main(["--out", str(tmp_path / "g.json"), "--plot", str(png), f"sft={tmp_path / 'never-read'}"])
+    assert str(exit_.value) == f"gold_splits: --plot {png}: expected a PNG file path that can be written"
+    assert not (tmp_path / "g.json").exists()  # nothing evaluated or written
