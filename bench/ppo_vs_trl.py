@@ -78,45 +78,18 @@ def setup(work: Path, precision: str) -> dict:
     no side maps fp32 file pages while loading bf16 models.
     """
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification
-
-    from alignment.models import build_tiny_random
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     folder = work / precision
     if (folder / "setup.json").is_file():
         return json.loads((folder / "setup.json").read_text())
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    texts, rows, answers = [], [], []
-    for line in (REPO / "data" / "instruct" / "train.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        texts += [m["content"] for m in row["messages"]]
-        rows.append([m for m in row["messages"] if m["role"] != "assistant"])
-        answers.append(next((m["content"] for m in row["messages"] if m["role"] == "assistant"), "ok"))
-    # The tiny-model tokenizer recipe (byte-level BPE on the bundled text). The corpus yields ~2.7k merges;
-    # filler tokens take the vocabulary to 4,096 so the model lands on ~107M parameters and every id the random
-    # policy samples decodes to text.
-    _, tok = build_tiny_random(texts, vocab_size=VOCAB, hidden_size=8, layers=1, heads=1, seed=SEED)
-    tok.add_tokens([f"<|filler_{i}|>" for i in range(VOCAB - len(tok))])
-    assert len(tok) == VOCAB, len(tok)
+    tok, rows, answers = _tokenizer_and_prompts()
     config = Qwen2Config(vocab_size=VOCAB, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id, **SHAPE)
     torch.manual_seed(SEED)
     policy = Qwen2ForCausalLM(config)
-    # The reward model: the policy's trunk + a random score head (seed 1) + a LoRA adapter whose B is random
-    # (seed 2); the score head is the adapter's modules_to_save (SEQ_CLS), as in the reward stage's `adapter/`.
-    torch.manual_seed(SEED + 1)
-    rm_config = Qwen2Config(**config.to_dict())
-    rm_config.num_labels = 1
-    rm = Qwen2ForSequenceClassification(rm_config)
-    rm.model.load_state_dict(policy.model.state_dict())
-    rm = get_peft_model(rm, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
-                                       target_modules=LINEAR, task_type="SEQ_CLS"))
-    gen = torch.Generator().manual_seed(SEED + 2)
-    with torch.no_grad():
-        for name, p in rm.named_parameters():
-            if ".lora_B." in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * REWARD_B_STD)
+    rm = _reward_adapter(policy, config)
     rm.save_pretrained(folder / "reward-adapter", safe_serialization=True)
     prompt_ids = [list(tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True,
                                                return_dict=True)["input_ids"]) for m in rows[:PROMPTS]]
@@ -124,9 +97,7 @@ def setup(work: Path, precision: str) -> dict:
     # with its own reward path after training; the driver compares the scores with the fp32 ones computed here.
     probe = {"query_ids": prompt_ids[:PROBE],
              "response_ids": [tok(a, add_special_tokens=False)["input_ids"][:RESPONSE] for a in answers[:PROBE]]}
-    (folder / "prompts.json").parent.mkdir(parents=True, exist_ok=True)
-    (folder / "prompts.json").write_text(json.dumps({"prompt_ids": prompt_ids, "messages": rows[:PROMPTS],
-                                                     "probe": probe}))
+    _write_prompts(folder, prompt_ids, rows, probe)  # _probe_scores reads the probe rows from there
     with torch.no_grad():
         adapter_fp32 = _probe_scores(rm.base_model.model, folder, tok.pad_token_id)
     merged = rm.merge_and_unload()  # in fp32, then cast: the closest bf16 model to base + adapter
@@ -145,10 +116,57 @@ def setup(work: Path, precision: str) -> dict:
             "reward_adapter_params": LORA["r"] * sum(m.in_features + m.out_features for m in merged.modules()
                                                          if type(m).__name__ == "Linear" and m.out_features > 1),
             "probe_scores_fp32": probe["scores_fp32"]}
-    (folder / "prompts.json").write_text(json.dumps({"prompt_ids": prompt_ids, "messages": rows[:PROMPTS],
-                                                     "probe": probe}))
+    _write_prompts(folder, prompt_ids, rows, probe)
     (folder / "setup.json").write_text(json.dumps(info))
     return info
+
+
+def _tokenizer_and_prompts():
+    """(tokenizer, prompt message lists, reference answers) from data/instruct/train.jsonl.
+
+    The tiny-model tokenizer recipe (byte-level BPE on the bundled text). The corpus yields ~2.7k merges; filler
+    tokens take the vocabulary to 4,096 so the model lands on ~107M parameters and every id the random policy
+    samples decodes to text."""
+    from alignment.models import build_tiny_random
+
+    texts, rows, answers = [], [], []
+    for line in (REPO / "data" / "instruct" / "train.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        texts += [m["content"] for m in row["messages"]]
+        rows.append([m for m in row["messages"] if m["role"] != "assistant"])
+        answers.append(next((m["content"] for m in row["messages"] if m["role"] == "assistant"), "ok"))
+    _, tok = build_tiny_random(texts, vocab_size=VOCAB, hidden_size=8, layers=1, heads=1, seed=SEED)
+    tok.add_tokens([f"<|filler_{i}|>" for i in range(VOCAB - len(tok))])
+    assert len(tok) == VOCAB, len(tok)
+    return tok, rows, answers
+
+
+def _reward_adapter(policy, config):
+    """The reward model: the policy's trunk + a random score head (seed 1) + a LoRA adapter whose B is random
+    (seed 2); the score head is the adapter's modules_to_save (SEQ_CLS), as in the reward stage's `adapter/`."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForSequenceClassification
+
+    torch.manual_seed(SEED + 1)
+    rm_config = Qwen2Config(**config.to_dict())
+    rm_config.num_labels = 1
+    rm = Qwen2ForSequenceClassification(rm_config)
+    rm.model.load_state_dict(policy.model.state_dict())
+    rm = get_peft_model(rm, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
+                                       target_modules=LINEAR, task_type="SEQ_CLS"))
+    gen = torch.Generator().manual_seed(SEED + 2)
+    with torch.no_grad():
+        for name, p in rm.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * REWARD_B_STD)
+    return rm
+
+
+def _write_prompts(folder: Path, prompt_ids: list, rows: list, probe: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "prompts.json").write_text(json.dumps({"prompt_ids": prompt_ids, "messages": rows[:PROMPTS],
+                                                     "probe": probe}))
 
 
 def _probe_scores(rm, work: Path, pad: int):
@@ -466,7 +484,7 @@ def _words(values: list[str]) -> list[str]:
     return [w for v in values for w in v.split(",") if w]
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--side", help="(internal) the side a child runs")
     ap.add_argument("--sides", nargs="+", default=["trl", "ours"],
@@ -485,20 +503,37 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="run every (mode, side) pair this many times, interleaved")
     ap.add_argument("--out", type=Path, default=OUT / "ppo_vs_trl.json",
                     help="where the raw figures go (a run of some sides need not replace the last full comparison)")
-    a = ap.parse_args()
-    if a.side:  # a child
-        work = WORK / a.precision
-        options = _options(a.side)
-        options.pop("allocator", None)  # the driver's: LD_PRELOAD of this child
-        options.pop("onednn_cache", None)  # the driver's: this child's environment
-        res = (run_trl(work, a.mode, a.threads, a.precision, a.updates) if _kind(a.side) == "trl" else
-               run_ours(work, a.mode, a.threads, options, a.precision, a.updates))
-        from alignment.allocator import loaded
+    return ap.parse_args(argv)
 
-        res["allocator"] = loaded()
-        res["onednn_cache"] = os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "default")
-        Path(a.result).write_text(json.dumps(res))
-        return
+
+def run_side(a: argparse.Namespace) -> None:
+    """A child: one side in one mode, its figures written to `a.result`."""
+    work = WORK / a.precision
+    options = _options(a.side)
+    options.pop("allocator", None)  # the driver's: LD_PRELOAD of this child
+    options.pop("onednn_cache", None)  # the driver's: this child's environment
+    res = (run_trl(work, a.mode, a.threads, a.precision, a.updates) if _kind(a.side) == "trl" else
+           run_ours(work, a.mode, a.threads, options, a.precision, a.updates))
+    from alignment.allocator import loaded
+
+    res["allocator"] = loaded()
+    res["onednn_cache"] = os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "default")
+    Path(a.result).write_text(json.dumps(res))
+
+
+def print_report(report: dict) -> None:
+    print(table(report["results"]))
+    print(memory_table(report["results"]))
+    check = report["reward_check"]
+    print(f"\nreward check ({PROBE} probe rows, each side's own scorer): max |ours - TRL| = {check['max_abs_diff']:.4f}, "
+          f"largest distance of a side from the fp32 scores {check['rounding']:.4f}; fp32 {check['fp32']}, "
+          f"TRL {check['trl']}, ours {[v for k, v in check.items() if k.startswith('ours')]}")
+
+
+def main() -> None:
+    a = parse_args()
+    if a.side:
+        return run_side(a)
     if a.precision is None:
         from alignment.hardware import resolve_precision
 
@@ -521,12 +556,8 @@ def main() -> None:
               "results": results, "reward_check": reward_check(results, info["probe_scores_fp32"])}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(report, indent=1))
-    print(table(results))
-    print(memory_table(results))
+    print_report(report)
     check = report["reward_check"]
-    print(f"\nreward check ({PROBE} probe rows, each side's own scorer): max |ours - TRL| = {check['max_abs_diff']:.4f}, "
-          f"largest distance of a side from the fp32 scores {check['rounding']:.4f}; fp32 {check['fp32']}, "
-          f"TRL {check['trl']}, ours {[v for k, v in check.items() if k.startswith('ours')]}")
     if check["max_abs_diff"] > 2 * check["rounding"] + 1e-3:
         raise SystemExit("the two sides' reward models disagree beyond their precision's rounding")
 
