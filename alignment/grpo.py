@@ -237,13 +237,13 @@ def chosen_bonus(rewards, num_generations: int, weight: float):
     return (chosen.to(rewards.dtype) * weight).view(-1)
 
 
-def with_chosen_nll(trainer_cls):
-    """`trainer_cls` (TRL's GRPOTrainer) that adds `chosen_bonus` to the advantages of its training batches when
-    its `chosen_nll` weight is set. TRL computes the rewards (gathered over processes) and the advantages in one
-    method; the rewards are kept from its `_calculate_rewards` call and the bonus added to what it returns."""
+def with_chosen_nll(trainer_cls, weight: float):
+    """`trainer_cls` (TRL's GRPOTrainer) that adds `chosen_bonus(..., weight)` to the advantages of its training
+    batches. TRL computes the rewards (gathered over processes) and the advantages in one method; the rewards are
+    kept from its `_calculate_rewards` call and the bonus added to what it returns."""
 
     class Trainer(trainer_cls):
-        chosen_nll = 0.0
+        chosen_nll = weight
 
         def _calculate_rewards(self, *args, **kwargs):
             self._rewards_per_func = super()._calculate_rewards(*args, **kwargs)
@@ -253,7 +253,7 @@ def with_chosen_nll(trainer_cls):
             import torch
 
             out = super()._generate_and_score_completions(inputs)
-            if not self.chosen_nll or not self.model.training:
+            if not self.model.training:  # TRL's eval batches keep their plain advantages
                 return out
             # TRL's summed reward, unscorable rows (every function returned None) NaN as in its advantages
             per_func = self._rewards_per_func
@@ -285,13 +285,14 @@ def prompt_dataset(records: list[dict]):
     return Dataset.from_list([{"prompt": r["prompt"], "prompt_index": i} for i, r in enumerate(records)])
 
 
-def trainer_class(name: str, sampler: str = "engine"):
-    """(TRL's config class, TRL's trainer, sampling through alignment.generation unless `sampler` is "trl") for
-    `grpo` or `rloo`."""
+def trainer_class(name: str, sampler: str = "engine", chosen_nll: float = 0.0):
+    """(TRL's config class, TRL's trainer, sampling through alignment.generation unless `sampler` is "trl", with
+    GRPO's `chosen_nll` bonus when it is set) for `grpo` or `rloo`."""
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
-    config_cls, trainer_cls = (GRPOConfig, with_chosen_nll(GRPOTrainer)) if name == "grpo" else (RLOOConfig,
-                                                                                                 RLOOTrainer)
+    config_cls, trainer_cls = (GRPOConfig, GRPOTrainer) if name == "grpo" else (RLOOConfig, RLOOTrainer)
+    if chosen_nll:
+        trainer_cls = with_chosen_nll(trainer_cls, chosen_nll)
     return config_cls, with_engine(trainer_cls) if sampler == "engine" else trainer_cls
 
 
@@ -368,7 +369,8 @@ def build_trainer(cfg, sft, prompts: list[dict], score, checkpoints_dir):
     policy = load_policy(sft, cfg.precision)  # one copy; with an adapter, adapter-off is the reference
     if not adapter:
         select_trainable(policy, cfg.peft)
-    config_cls, trainer_cls = trainer_class(cfg.algorithm.name, group.sampler)
+    config_cls, trainer_cls = trainer_class(cfg.algorithm.name, group.sampler,
+                                            getattr(cfg.algorithm, "chosen_nll", 0.0))  # GRPO's; RLOO has none
     args = config_cls(**trainer_args(cfg.train, out_dir=checkpoints_dir, seed=cfg.seed, precision=cfg.precision,
                                      report_to=cfg.report_to),
                       **group.trl_kwargs(), **cfg.algorithm.trl_kwargs())
@@ -391,7 +393,6 @@ def build_trainer(cfg, sft, prompts: list[dict], score, checkpoints_dir):
             policy.config._name_or_path = name_or_path
     use_kernel(trainer.model, cfg.peft)
     trainer.greedy_member = group.greedy_member  # read by engine_completions
-    trainer.chosen_nll = getattr(cfg.algorithm, "chosen_nll", 0.0)  # GRPO's; RLOO has none
     if trainer.ref_model is not None:
         trainer.ref_model.requires_grad_(False)  # TRL only runs it under no_grad; frozen says so
     return trainer, tok

@@ -321,6 +321,8 @@ def test_sampler_trl_keeps_trls_own_trainer():
     from alignment.grpo import trainer_class
 
     assert trainer_class("grpo", "trl")[1] is GRPOTrainer and trainer_class("rloo", "trl")[1] is RLOOTrainer
+    with_nll = trainer_class("grpo", "trl", chosen_nll=0.5)[1]  # algorithm.chosen_nll: TRL's sampler, our bonus
+    assert issubclass(with_nll, GRPOTrainer) and with_nll is not GRPOTrainer and with_nll.chosen_nll == 0.5
     engine = trainer_class("rloo")[1]
     assert issubclass(engine, RLOOTrainer) and engine is not RLOOTrainer and engine.__name__ == "RLOOTrainer"
 
