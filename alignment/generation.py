@@ -102,6 +102,8 @@ class Rollout:
     # filled in by whoever scores the rollout (PPO)
     raw_scores: Any = None
     scores: Any = None
+    chosen: Any = None
+    """[B] bool: PPO's `chosen_nll` rows (finished, raw reward >= `chosen_min_score`)."""
     sampler_logprobs: Any = None
     """[B, Lr] the sampler's log-prob of each response token (vllm backend; None for hf). Diagnostics only:
     trainers recompute log-probs with their own forward (bf16 samplers differ by up to ~0.4 nats here)."""
@@ -133,7 +135,7 @@ class Rollout:
         tensor = lambda t: t.index_select(0, index.to(t.device)) if t is not None else None  # noqa: E731
         return Rollout(pick(self.prompts), tensor(self.query_ids), tensor(self.query_mask), tensor(self.response_ids),
                        tensor(self.response_mask), tensor(self.has_eos), pick(self.texts), pick(self.finish_reasons),
-                       tensor(self.raw_scores), tensor(self.scores), tensor(self.sampler_logprobs))
+                       tensor(self.raw_scores), tensor(self.scores), tensor(self.chosen), tensor(self.sampler_logprobs))
 
 
 def prompt_token_ids(tok, prompts: Sequence[Prompt], *, max_prompt_length: int | None = None) -> list[list[int]]:

@@ -112,6 +112,16 @@ class PPOSpec(Section):
     OpenRLHF). replace: its score *is* -missing_eos_penalty, whatever the reward model says (the N+ details' recipe,
     TRL's former penalty_reward_value): a reward model that rates longer answers ever higher can then not pay a
     policy for running past the budget, since a cut answer is worth less than an average finished one."""
+    chosen_nll: float = 0.0
+    """Weight of an NLL (SFT) term on the policy's own good responses: every response that ended by itself and
+    scored at least `chosen_min_score` gets `chosen_nll` added to the advantage of each of its tokens (after
+    whitening). At ratio 1 the clipped policy loss then carries exactly that NLL's gradient; the clip and the KL
+    penalty bound it like the rest of the update. The same term as GRPO's `algorithm.chosen_nll` and online DPO's
+    `sft` loss on its chosen answers (RPO, Pang et al., 2024), and close to self-imitation learning (Oh et al.,
+    2018); PPO has one response per prompt, so a threshold picks the rows instead of a group's best. 0: none."""
+    chosen_min_score: float | None = None
+    """chosen_nll: the lowest raw reward (the reward's own units, before score_norm and the length debias) that
+    makes a finished response chosen, e.g. 1.0 with the gold check as reward (every constraint met)."""
     kl_coef: float = 0.05
     """beta of the per-token KL penalty against the reference (the initial value when adaptive_kl)."""
     kl_estimator: Literal["k1", "k3"] = "k1"
@@ -230,6 +240,12 @@ class PPOSpec(Section):
         if self.missing_eos == "replace" and self.missing_eos_penalty is None:
             out.append((f"{prefix}.missing_eos", f"replace sets a cut response's score to -missing_eos_penalty: set "
                                                  f"{prefix}.missing_eos_penalty (e.g. 1.0) or {prefix}.missing_eos=subtract"))
+        if self.chosen_nll < 0:
+            out.append((f"{prefix}.chosen_nll", "expected a weight >= 0"))
+        if self.chosen_nll > 0 and self.chosen_min_score is None:
+            out.append((f"{prefix}.chosen_nll", f"needs the score that makes a response chosen: set "
+                                                f"{prefix}.chosen_min_score (e.g. 1.0 with the gold check as reward) "
+                                                f"or {prefix}.chosen_nll=0"))
         if self.length_debias and self.score_norm != "sft_rollouts":
             out.append((f"{prefix}.length_debias", f"fits the length slope on the SFT rollouts of score_norm: "
                                                    f"set {prefix}.score_norm=sft_rollouts (now '{self.score_norm}') "
@@ -644,6 +660,7 @@ class PPOTrainer:
         else:
             given = {k: v for k, v in (fields or {}).items() if v is not None}  # fields no prompt row has
             raw = torch.tensor(self.reward(ro.prompts, ro.completions, **given), dtype=torch.float32)
+        ro.chosen = rl.chosen_responses(raw, ro.has_eos, self.spec.chosen_min_score if self.spec.chosen_nll else None)
         raw = raw.float().cpu() - self.length_slope * ro.response_mask.sum(-1).float().cpu()
         ro.raw_scores = (raw - self.score_shift) / self.score_scale
         ro.scores = rl.apply_missing_eos_penalty(ro.raw_scores, ro.has_eos.cpu(), self.spec.missing_eos_penalty,
@@ -722,6 +739,8 @@ class PPOTrainer:
             exp.advantages, exp.returns = gae(rewards, exp.values, mask, s.gamma, s.lam)
             if s.whiten_advantages:
                 exp.advantages = rl.masked_whiten(exp.advantages, mask)
+            if s.chosen_nll:  # after whitening, so the weight is in the units the NLL term has in GRPO and RPO
+                exp.advantages = rl.add_chosen_bonus(exp.advantages, ro.chosen, mask, s.chosen_nll)
         return exp
 
     # -- 5. optimise --------------------------------------------------------------------------------------------------
@@ -810,6 +829,7 @@ class PPOTrainer:
             "objective/rlhf_reward": float((ro.scores.to(kl_seq.device) - self.kl_ctl.value * kl_seq).mean()),
             "ppo/kl_coef": self.kl_ctl.value,
             "ppo/missing_eos_rate": float((~ro.has_eos).float().mean()),
+            **({"ppo/chosen_frac": float(ro.chosen.float().mean())} if self.spec.chosen_nll else {}),
             "ppo/response_length": float(mask.sum(-1).mean()),
             "ppo/advantages_mean": float(rl.masked_mean(exp.advantages, mask)),
             "ppo/returns_mean": float(rl.masked_mean(exp.returns, mask)),

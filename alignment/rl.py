@@ -206,6 +206,23 @@ def apply_missing_eos_penalty(scores: torch.Tensor, has_eos: torch.Tensor, penal
     return scores - penalty * cut.to(scores.dtype)
 
 
+def chosen_responses(scores: torch.Tensor, has_eos: torch.Tensor, min_score: float | None) -> torch.Tensor:
+    """[B] bool: the responses PPO's `chosen_nll` imitates, those that ended by themselves and scored at least
+    `min_score` in the reward's own units (all False when min_score is None)."""
+    import torch
+
+    if min_score is None:
+        return torch.zeros(scores.shape[0], dtype=torch.bool)
+    return has_eos.bool().cpu() & (scores.float().cpu() >= min_score)
+
+
+def add_chosen_bonus(advantages: torch.Tensor, chosen: torch.Tensor, mask: torch.Tensor,
+                     weight: float) -> torch.Tensor:
+    """`weight` added to the advantage of every response token of each chosen row: at ratio 1 the clipped policy
+    loss -A x ratio then carries `weight` x the NLL gradient of those tokens (an SFT term on them)."""
+    return advantages + weight * chosen.to(advantages.device, advantages.dtype)[:, None] * mask.to(advantages.dtype)
+
+
 def length_slope(scores: torch.Tensor, lengths: torch.Tensor) -> float:
     """Least-squares slope b of score = a + b * length: how much reward one more token earns on these responses
     (0 when every response has the same length). `length_debias` subtracts b * length from later scores."""

@@ -18,7 +18,7 @@ from alignment.cli import main as align
 from alignment.errors import AlignError, ConfigError
 from alignment.models import load_tokenizer
 from alignment.policy import load_policy
-from alignment.ppo import HealthMonitor, HealthSpec, HealthStop, PPOSpec, PPOTrainer, lora_config
+from alignment.ppo import Experience, HealthMonitor, HealthSpec, HealthStop, PPOSpec, PPOTrainer, lora_config
 from alignment import rl
 from alignment.rl import logprobs_of_taken_tokens
 from alignment.schema import PeftSpec
@@ -431,6 +431,26 @@ def test_health_monitor_warns_then_stops():
     assert resumed.check({"step": 9, "eval/reward": 0.2, "eval/gold": 0.45}) == []  # the reward fell below 0.3
 
 
+def test_chosen_nll_adds_its_weight_to_the_advantages_of_finished_responses_above_the_bar(tiny_store):
+    trainer, _, tok = _trainer(tiny_store, chosen_nll=0.5, chosen_min_score=0.0, max_new_tokens=8)
+    ro = trainer.rollout(PROMPTS * 2, seed=0)
+    raw = torch.tensor(e_share(None, ro.completions))
+    ro.has_eos = torch.tensor([True, False, True, True, False, True])  # as if rows 1 and 4 were cut
+    trainer.spec.chosen_min_score = float(raw[[0, 2, 3, 5]].median())  # the bar splits the finished rows
+    trainer.score(ro)
+    want = ro.has_eos & (raw >= trainer.spec.chosen_min_score)
+    assert 0 < int(want.sum()) < 4 and ro.chosen.tolist() == want.tolist()
+    exp = trainer.forward(ro)
+    plain = trainer.advantages(ro, Experience(exp.old_logprobs, exp.ref_logprobs, exp.values, exp.mask))
+    trainer.spec.chosen_nll = 0.0
+    base = trainer.advantages(ro, Experience(exp.old_logprobs, exp.ref_logprobs, exp.values, exp.mask))
+    # +0.5 on each real token of the chosen rows, nothing anywhere else
+    assert torch.allclose(plain.advantages - base.advantages, 0.5 * want[:, None].float() * exp.mask)
+    assert "ppo/chosen_frac" not in trainer.step(PROMPTS)
+    trainer.spec.chosen_nll = 0.5
+    assert 0.0 <= trainer.step(PROMPTS)["ppo/chosen_frac"] <= 1.0
+
+
 @pytest.mark.parametrize("overrides, problem", [
     (["group.num_generations=4"], "group: unknown key"),
     (["peft.method=ia3"], "peft.method: ppo trains LoRA adapters"),
@@ -447,6 +467,8 @@ def test_health_monitor_warns_then_stops():
     (["ppo.missing_eos=replace", "ppo.missing_eos_penalty=null"], "ppo.missing_eos: replace sets a cut response's "
                                                                    "score to -missing_eos_penalty"),
     (["ppo.missing_eos=clip"], "ppo.missing_eos"),
+    (["ppo.chosen_nll=1.0"], "ppo.chosen_nll: needs the score that makes a response chosen: set "
+                             "ppo.chosen_min_score"),
     (["ppo.length_debias=true", "ppo.score_norm=none"], "ppo.length_debias: fits the length slope on the SFT "
                                                         "rollouts of score_norm: set ppo.score_norm=sft_rollouts"),
 ])

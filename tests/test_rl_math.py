@@ -106,6 +106,18 @@ def test_missing_eos_penalty_and_normalisation():
     assert close(rl.normalise_scores(torch.tensor([1.0]), mean=0.5, std=2.0), [0.25])
 
 
+def test_chosen_responses_and_their_bonus():
+    # finished and >= 1.0: row 0 only (row 1 is cut, row 2 finished below the bar, row 3 cut and below)
+    scores, has_eos = torch.tensor([1.0, 1.0, 0.75, 0.5]), torch.tensor([True, False, True, False])
+    assert rl.chosen_responses(scores, has_eos, 1.0).tolist() == [True, False, False, False]
+    assert rl.chosen_responses(scores, has_eos, 0.7).tolist() == [True, False, True, False]
+    assert rl.chosen_responses(scores, has_eos, None).tolist() == [False] * 4
+    # +0.5 on every real token of the chosen row, nothing on its padding or on the other row
+    adv, mask = torch.tensor([[0.2, -0.4, 9.0], [1.0, 0.5, 0.0]]), torch.tensor([[1, 1, 0], [1, 1, 0]])
+    out = rl.add_chosen_bonus(adv, torch.tensor([True, False]), mask, 0.5)
+    assert close(out, [[0.7, 0.1, 9.0], [1.0, 0.5, 0.0]])
+
+
 def test_response_mask_after_eos():
     eos = 2
     ids = torch.tensor([[5, 2, 9, 9], [5, 6, 7, 8], [2, 2, 9, 9]])
