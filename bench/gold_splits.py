@@ -12,6 +12,7 @@ adds, per split, the share of each constraint kind met by each policy (as scored
 met; a seeds row averages its seeds): where a gain comes from, and what it cost. `--sealed` adds the sealed split
 (data/sealed/phrasings.jsonl: wordings written after the held-out figures had steered the recipes; docs/data.md) to
 what is evaluated and reported: only for a recipe frozen before the look, and every look is logged there.
+`--sealed2` adds the second one (data/sealed/phrasings2.jsonl, a fourth set of wordings) under the same rule.
 `--by-wording` bootstraps the CIs over wordings (the phrasing of each prompt's own constraint kind, 20-32 per
 held-out split), then over prompts inside them: how far another set of wordings could move the figure.
 `--splits indist` evaluates and reports only the named splits: a pilot that chooses a recipe on the in-distribution
@@ -44,8 +45,9 @@ from alignment.evaluation import bootstrap_ci, cluster_bootstrap_ci, finished_on
 
 SPLITS = {"indist": "data/instruct/eval.jsonl", "phrasings": "data/instruct/eval_heldout_phrasings.jsonl",
           "kinds": "data/instruct/eval_heldout_kinds.jsonl"}
-SEALED = {"sealed": "data/sealed/phrasings.jsonl"}
-"""The sealed split (docs/data.md): read only with --sealed, for a recipe frozen before the look."""
+SEALED = {"sealed": "data/sealed/phrasings.jsonl", "sealed2": "data/sealed/phrasings2.jsonl"}
+"""The sealed splits (docs/data.md): each read only with its flag (--sealed, --sealed2), for a recipe frozen before
+the look. The second one, a fourth set of wordings, was written when the first had been read for seven recipes."""
 
 
 def per_kind(rows: list[dict], texts: list[str], k: int = 1) -> dict[str, float]:
@@ -79,7 +81,7 @@ def evaluate(path: Path, sample: int, splits: dict = SPLITS) -> dict:
                "eos": roll.has_eos.tolist(),
                "per_kind": per_kind(rows, roll.texts), "length": sum(roll.lengths) / len(rows),
                "finished": roll.has_eos.float().mean().item()}
-        if sample and split not in ("kinds", "sealed"):
+        if sample and split not in ("kinds", *SEALED):
             spec = GenerationSpec(max_new_tokens=128, batch_size=64, do_sample=True, num_return_sequences=sample)
             res["sampled_per_kind"] = per_kind(rows, generate(model, tok, prompts, spec, seed=1).texts, sample)
         out[split] = res
@@ -205,16 +207,18 @@ def kinds_report(results: dict, names: list[str], splits: dict = SPLITS) -> str:
     return "\n\n".join(blocks)
 
 
-def chosen_splits(names: str | None, sealed: bool) -> dict:
-    """The splits to evaluate and report: the three (and the sealed one with --sealed), or the `--splits` subset, so
-    that a pilot choosing a recipe reads only the split it is allowed to choose on."""
-    pool = {**SPLITS, **SEALED} if sealed else SPLITS
+def chosen_splits(names: str | None, sealed: bool, sealed2: bool = False) -> dict:
+    """The splits to evaluate and report: the three (and a sealed one with its flag: --sealed, --sealed2), or the
+    `--splits` subset, so that a pilot choosing a recipe reads only the split it is allowed to choose on."""
+    opened = {"sealed": sealed, "sealed2": sealed2}
+    pool = {**SPLITS, **{k: v for k, v in SEALED.items() if opened[k]}}
     if names is None:
         return pool
     picked = list(dict.fromkeys(s.strip() for s in names.split(",") if s.strip()))
     bad = [s for s in picked if s not in pool]
     if bad or not picked:
-        hint = " (the sealed split needs --sealed too)" if "sealed" in bad and not sealed else ""
+        closed = [s for s in bad if s in SEALED]
+        hint = f" (the {closed[0]} split needs --{closed[0]} too)" if closed else ""
         sys.exit(f"gold_splits: --splits {names!r}: expected a comma-separated subset of {', '.join(pool)}{hint}")
     return {s: pool[s] for s in picked}
 
@@ -271,13 +275,15 @@ def main(argv: list[str] | None = None) -> None:
                    help="CIs that resample the wordings (a prompt's own constraint phrasing), then prompts in them")
     p.add_argument("--sealed", action="store_true",
                    help="also evaluate and report the sealed split (docs/data.md: only for a recipe frozen beforehand)")
+    p.add_argument("--sealed2", action="store_true",
+                   help="also evaluate and report the second sealed split (a fourth set of wordings; the same rule)")
     p.add_argument("--plot", type=Path, default=None, metavar="PNG",
                    help="also draw the gains and CIs (of the --seeds rows if any, else of every policy), one panel per "
                         "split, to this file")
     p.add_argument("--splits", default=None, metavar="A,B",
                    help="evaluate and report only these splits (e.g. indist for a pilot that must not read the rest)")
     args = p.parse_args(argv)
-    splits = chosen_splits(args.splits, args.sealed)
+    splits = chosen_splits(args.splits, args.sealed, args.sealed2)
     check_plot_path(args.plot)
     check_policies(args.policies)
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}

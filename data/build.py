@@ -52,9 +52,11 @@ FILES = {
     "prefs/eval.jsonl": ("eval", "train", "train", True, 200),
     "prefs/eval_heldout_phrasings.jsonl": ("eval_heldout_phrasings", "train", "heldout", True, 200),
 }
-SEALED = {"sealed/phrasings.jsonl": ("sealed_phrasings", "train", "sealed", False, 200)}
-"""Training kinds in the sealed wordings (SEALED_* below), drawn after FILES from their own random stream so that
-the files above stay byte-identical; read by bench/gold_splits.py --sealed only (docs/data.md, "The sealed split")."""
+SEALED = {"sealed/phrasings.jsonl": ("sealed_phrasings", "train", "sealed", False, 200),
+          "sealed/phrasings2.jsonl": ("sealed2_phrasings", "train", "sealed2", False, 200)}
+"""Training kinds in the sealed wordings (SEALED_* and SEALED2_* below), each file drawn after the ones before it
+from its own random stream (1, 2) so that those stay byte-identical; read by bench/gold_splits.py --sealed /
+--sealed2 only (docs/data.md, "The sealed split")."""
 MAX_RESPONSE_WORDS = 75  # keeps prompt + response well inside 256 tokens
 N_CONSTRAINTS = {1: 0.4, 2: 0.4, 3: 0.2}
 
@@ -421,6 +423,45 @@ SEALED_PHRASINGS: dict[str, list[str]] = {
 }
 assert set(SEALED_PHRASINGS) == set(TRAIN_KINDS)
 
+# -- the second sealed split: a fourth set of wordings for the 16 training kinds ---------------------------------
+# Written 2026-12-04 after the first sealed split had been read for seven recipes, before any model answered these;
+# first read for the recipe frozen as docs/data.md's eighth look. Shared with no other file (tested).
+SEALED2_TASKS = [
+    "Help me understand {topic} before my exam tomorrow.",
+    "A visitor wants to learn about {topic}. Write what you would tell them.",
+    "Put into words the main ideas behind {topic}.",
+    "Introduce {topic} to someone who has never heard of it.",
+    "Sketch out {topic} in a short text.",
+]
+SEALED2_FRAMES = [
+    "Request: {task}\nConditions: {cons}",
+    "{task}\nWhile writing, respect this: {cons}",
+]
+SEALED2_PHRASINGS: dict[str, list[str]] = {
+    "max_words": ["The response may hold {n} words or fewer.", "Make sure the word count stays within {n}."],
+    "min_words": ["Reach at least {n} words before you stop.", "I need a minimum length of {n} words."],
+    "keyword": ["Let the word '{word}' appear in what you write.", "Your text must feature '{word}'."],
+    "bullets": ["Set it out as {n} lines starting with '- ', and write nothing besides those lines.",
+                "Respond with a bulleted list ('- ') of {n} entries, exactly {n}."],
+    "lowercase": ["Stick to lower-case characters from start to finish.", "Avoid uppercase letters entirely."],
+    "end_with": ['Conclude with these exact words: "{phrase}"', 'The text has to stop on "{phrase}"'],
+    "min_sentences": ["Produce no less than {n} sentences.", "Let the answer span {n} sentences or more."],
+    "paragraphs": ["Compose {n} paragraphs exactly, with a single empty line between neighbouring ones.",
+                   "The reply is to consist of {n} paragraphs, blank-line separated, exactly {n}."],
+    "forbidden_words": ["Steer clear of {words}.", "The text may not include {words}."],
+    "keyword_frequency": ["Repeat the word '{word}' {n} or more times.",
+                          "Use '{word}' again and again: {n} times as a minimum."],
+    "letter_frequency": ["Mind your letters: '{letter}' has to occur {freq}.",
+                         "Count each '{letter}' you type: it must appear {freq}."],
+    "no_commas": ["Refrain from using commas.", "The text must be free of commas."],
+    "title": ["Place a title at the start, between << and >>.", "Top the answer with a title like <<Your Title>>."],
+    "highlights": ["Use single asterisks to emphasise {n} or more passages, as in *this*.",
+                   "Emphasise no fewer than {n} phrases, each set between asterisks."],
+    "json_format": ["Respond only with a JSON object.", "Make your full reply a well-formed JSON document."],
+    "postscript": ["End with an added note that starts with {marker}", "Include a closing addendum opening with {marker}"],
+}
+assert set(SEALED2_PHRASINGS) == set(TRAIN_KINDS)
+
 START_PHRASES = ["Sure.", "Here is the short answer.", "Good question.", "Happy to help.", "Let me explain."]
 END_PHRASES = ["Hope this helps.", "That is all for now.", "Thanks for asking.", "Let me know if you want more.",
                "And that is the short version.", "Stay curious!"]
@@ -513,20 +554,21 @@ def _fill(template: str, c: dict) -> str:
 
 def prompt_text(rng: random.Random, topic: str, constraints: list[dict], phrasing: str) -> tuple[str, str]:
     """The prompt and its template id ('task/t3+frame/t0+keyword/t1+...'); end_with's sentence comes last."""
-    pick = {"train": 0, "heldout": 1, "sealed": 2}[phrasing]
+    pick = {"train": 0, "heldout": 1, "sealed": 2, "sealed2": 3}[phrasing]
     ids, parts = [], []
     for c in sorted(constraints, key=lambda c: c["type"] == "end_with"):
         train, held = PHRASINGS[c["type"]]
-        if pick == 2:
-            pool, tag = SEALED_PHRASINGS[c["type"]], "s"
+        if pick >= 2:
+            pool, tag = (SEALED_PHRASINGS, SEALED2_PHRASINGS)[pick - 2][c["type"]], "sv"[pick - 2]
         else:  # held-out kinds: all their phrasings are unseen
             pool, tag = (held, "h") if pick and held else (train, "t")
         j = rng.randrange(len(pool))
         ids.append(f"{c['type']}/{tag}{j}")
         parts.append(_fill(pool[j], c))
-    tasks, frames = [(TASKS[0], FRAMES[0]), (TASKS[1], FRAMES[1]), (SEALED_TASKS, SEALED_FRAMES)][pick]
+    tasks, frames = [(TASKS[0], FRAMES[0]), (TASKS[1], FRAMES[1]), (SEALED_TASKS, SEALED_FRAMES),
+                     (SEALED2_TASKS, SEALED2_FRAMES)][pick]
     t, f = rng.randrange(len(tasks)), rng.randrange(len(frames))
-    tag = "ths"[pick]
+    tag = "thsv"[pick]
     task = tasks[t].format(topic=topic)
     text = frames[f].format(task=task, cons=" ".join(parts), cons_lines="\n".join(f"- {p}" for p in parts))
     return text, "+".join([f"task/{tag}{t}", f"frame/{tag}{f}"] + ids)
@@ -810,8 +852,8 @@ def main(argv: list[str] | None = None) -> None:
     topics = all_topics()
     used: set[str] = set()
     for name, spec in [*FILES.items(), *SEALED.items()]:
-        if name in SEALED:
-            rng = random.Random(1)
+        if name in SEALED:  # each sealed file its own stream: the files before it stay byte-identical
+            rng = random.Random(1 + list(SEALED).index(name))
         rows = build_file(rng, spec, topics, used, name.replace(".jsonl", "").replace("/", "-"))
         kinds = set(TRAIN_KINDS) | (set(HELDOUT_KINDS) if spec[1] == "heldout" else set())
         check_rows(rows, spec[3], kinds)

@@ -219,6 +219,19 @@ def test_gold_splits_kinds_table_averages_seeds_per_kind(tmp_path, capsys):
         gs.main(["--out", str(out), "--report", "--kinds", "zz"])
 
 
+def test_gold_splits_each_sealed_split_opens_only_with_its_own_flag():
+    spec = importlib.util.spec_from_file_location("bench_gold_splits", REPO / "bench" / "gold_splits.py")
+    gs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gs)
+    assert all((REPO / f).is_file() for f in gs.SEALED.values()) and len(set(gs.SEALED.values())) == 2
+    assert list(gs.chosen_splits(None, False)) == ["indist", "phrasings", "kinds"]
+    assert list(gs.chosen_splits(None, True)) == ["indist", "phrasings", "kinds", "sealed"]
+    assert list(gs.chosen_splits(None, False, True)) == ["indist", "phrasings", "kinds", "sealed2"]
+    assert list(gs.chosen_splits("sealed2,indist", True, True)) == ["sealed2", "indist"]
+    with pytest.raises(SystemExit, match=r"--splits 'sealed2'.*the sealed2 split needs --sealed2 too"):
+        gs.chosen_splits("sealed2", True)
+
+
 def test_gold_splits_sealed_split_is_reported_only_when_asked_and_only_where_evaluated(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("bench_gold_splits", REPO / "bench" / "gold_splits.py")
     gs = importlib.util.module_from_spec(spec)

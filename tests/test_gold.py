@@ -162,7 +162,7 @@ FILES = {  # file -> (split, at least this many rows)
     "instruct/eval_heldout_kinds.jsonl": ("eval_heldout_kinds", 150),
     "prefs/train.jsonl": ("train", 1000), "prefs/eval.jsonl": ("eval", 150),
     "prefs/eval_heldout_phrasings.jsonl": ("eval_heldout_phrasings", 150),
-    "sealed/phrasings.jsonl": ("sealed_phrasings", 200),
+    "sealed/phrasings.jsonl": ("sealed_phrasings", 200), "sealed/phrasings2.jsonl": ("sealed2_phrasings", 200),
 }
 
 
@@ -211,11 +211,12 @@ def test_bundled_splits_hold_out_kinds_phrasings_and_prompts():
             ids = r["template"].split("+")
             assert not set(ids) & train_ids and all("/h" in t for t in ids), r["id"]
     assert not any("/h" in t for t in train_ids)
-    # The sealed split: its own wordings (kind/sN, task/sN, frame/sN), which no other file uses.
-    sealed = {t for r in rows["sealed/phrasings.jsonl"] for t in r["template"].split("+")}
-    assert sealed and all("/s" in t for t in sealed)
-    assert not any("/s" in t for name, rs in rows.items() if name != "sealed/phrasings.jsonl"
-                   for r in rs for t in r["template"].split("+"))
+    # The sealed splits: each its own wordings (kind/sN, task/sN, frame/sN; the second /vN), which no other file uses.
+    for name, tag in (("sealed/phrasings.jsonl", "/s"), ("sealed/phrasings2.jsonl", "/v")):
+        sealed = {t for r in rows[name] for t in r["template"].split("+")}
+        assert sealed and all(tag in t for t in sealed)
+        assert not any(tag in t for other, rs in rows.items() if other != name
+                       for r in rs for t in r["template"].split("+"))
     prompts = [_prompt(r) for rs in rows.values() for r in rs]
     assert len(prompts) == len(set(prompts))  # no prompt shared within or across files
 
@@ -287,7 +288,8 @@ def test_sealed_wordings_are_new_and_no_config_reads_the_sealed_split():
     seen = set(build.TASKS[0] + build.TASKS[1] + build.FRAMES[0] + build.FRAMES[1])
     seen |= {p for train, held in build.PHRASINGS.values() for p in train + held}
     new = set(build.SEALED_TASKS + build.SEALED_FRAMES) | {p for v in build.SEALED_PHRASINGS.values() for p in v}
-    assert not new & seen
+    new2 = set(build.SEALED2_TASKS + build.SEALED2_FRAMES) | {p for v in build.SEALED2_PHRASINGS.values() for p in v}
+    assert not new & seen and not new2 & (seen | new) and len(new2) == 5 + 2 + 2 * 16
     import yaml
 
     def strings(node):
