@@ -432,7 +432,7 @@ def test_health_monitor_warns_then_stops():
 
 
 def test_chosen_nll_adds_its_weight_to_the_advantages_of_finished_responses_above_the_bar(tiny_store):
-    trainer, _, tok = _trainer(tiny_store, chosen_nll=0.5, chosen_min_score=0.0, max_new_tokens=8)
+    trainer, _, _ = _trainer(tiny_store, chosen_nll=0.5, chosen_min_score=0.0, max_new_tokens=8)
     ro = trainer.rollout(PROMPTS * 2, seed=0)
     raw = torch.tensor(e_share(None, ro.completions))
     ro.has_eos = torch.tensor([True, False, True, True, False, True])  # as if rows 1 and 4 were cut
@@ -467,6 +467,7 @@ def test_chosen_nll_adds_its_weight_to_the_advantages_of_finished_responses_abov
     (["ppo.missing_eos=replace", "ppo.missing_eos_penalty=null"], "ppo.missing_eos: replace sets a cut response's "
                                                                    "score to -missing_eos_penalty"),
     (["ppo.missing_eos=clip"], "ppo.missing_eos"),
+    (["ppo.chosen_nll=-1.0", "ppo.chosen_min_score=1.0"], "ppo.chosen_nll: expected a weight >= 0"),
     (["ppo.chosen_nll=1.0"], "ppo.chosen_nll: needs the score that makes a response chosen: set "
                              "ppo.chosen_min_score"),
     (["ppo.length_debias=true", "ppo.score_norm=none"], "ppo.length_debias: fits the length slope on the SFT "
