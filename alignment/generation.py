@@ -489,7 +489,7 @@ def _generate_retiring(model, ids, mask, gen, sampler, every: int, cache=None):
         return model.generate(input_ids=ids, attention_mask=mask, generation_config=gen, **given, **extra)
     width, made, cache = ids.shape[1], 0, DynamicCache() if cache is None else cache
     kept = {_cache_kwarg(model): cache}
-    rows, seq, att = torch.arange(ids.shape[0]), ids, mask
+    rows, seq, att = torch.arange(ids.shape[0], device=ids.device), ids, mask
     done: dict[int, torch.Tensor] = {}
     while True:
         step = copy.copy(gen)

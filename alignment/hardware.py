@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -20,6 +21,45 @@ def has_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def compute_device():
+    """Where a stage's own loops (PPO, sampling, judging, scoring, eval) run: this process's GPU when it has one
+    (`cuda:LOCAL_RANK` under torchrun / srun, modulo the GPUs it sees), else the CPU. `CUDA_VISIBLE_DEVICES=`
+    keeps a stage on the CPU. TRL's trainers place their models the same way (accelerate's device); accelerate's
+    `PartialState().device` is not used here because constructing it starts the process group as a side effect,
+    which `alignment.cluster` does itself, once."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def place(model):
+    """`model` on `compute_device()`; on a CPU-only machine the same object, untouched."""
+    device = compute_device()
+    return model if device.type == "cpu" else model.to(device)
+
+
+def device_label() -> str:
+    """The manifest's `versions.device`: `cpu`, or `cuda:0 NVIDIA H200` (figures depend on it)."""
+    device = compute_device()
+    if device.type == "cpu":
+        return "cpu"
+    import torch
+
+    return f"{device} {torch.cuda.get_device_name(device)}"
+
+
+def accelerator_metrics() -> dict:
+    """Peak GPU memory of this stage's process, in MB (a manifest metric); nothing on a CPU-only machine. Also
+    the evidence that a stage ran on the GPU at all: a stage that left its model on the CPU reports ~0."""
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    return {"cuda_peak_memory_mb": round(torch.cuda.max_memory_allocated(compute_device()) / 2**20, 1)}
 
 
 def resolve_precision(precision: str) -> str:

@@ -46,7 +46,7 @@ class LocalJudge(Judge):
         super().__init__(spec)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from alignment.hardware import torch_dtype
+        from alignment.hardware import place, torch_dtype
         from alignment.models import load_tokenizer
         from alignment.policy import load_policy
 
@@ -57,7 +57,7 @@ class LocalJudge(Judge):
             self.tok = load_tokenizer(art.model_dir)
             ident = f"{art.stage}@{art.manifest_sha256[:12]}"
         else:
-            self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype(precision))
+            self.model = place(AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype(precision)))
             self.tok = AutoTokenizer.from_pretrained(model)
             ident = model
         self.model.eval().requires_grad_(False)

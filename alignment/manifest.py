@@ -91,8 +91,10 @@ def library_versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             pass
     from alignment.allocator import loaded
+    from alignment.hardware import device_label
 
     out["allocator"] = loaded()  # speed and peak memory depend on it (alignment/allocator.py)
+    out["device"] = device_label()  # and on where the stage ran
     return out
 
 

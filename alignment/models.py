@@ -152,10 +152,11 @@ def load_tokenizer(model_dir: Path):
 def load_causal_lm(model_dir: Path, precision: str, trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
 
-    from alignment.hardware import torch_dtype
+    from alignment.hardware import place, torch_dtype
 
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(precision), use_safetensors=True,
-                                                trust_remote_code=trust_remote_code)
+    # on the GPU when there is one: PPO, sampling, judging and eval run their own loops on the model's device
+    return place(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(precision), use_safetensors=True,
+                                                      trust_remote_code=trust_remote_code))
 
 
 def model_summary(model_dir: Path) -> dict:

@@ -227,11 +227,11 @@ def load_reward_model(model_dir, precision: str = "fp32"):
     """(model, tokenizer) of a published reward model (`<artifact>/model`), in eval mode."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from alignment.hardware import torch_dtype
+    from alignment.hardware import place, torch_dtype
 
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch_dtype(precision),
                                                                use_safetensors=True)
-    return model.eval(), AutoTokenizer.from_pretrained(model_dir)
+    return place(model).eval(), AutoTokenizer.from_pretrained(model_dir)
 
 
 def conversation_ids(tok, messages: list[dict], max_length: int | None = None) -> tuple[list[int], bool]:

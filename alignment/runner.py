@@ -146,6 +146,10 @@ def run_stage(stage: str, config_path: str, overrides: list[str] = (), *, root=N
     cfg = load_stage_config(stage, config_path, overrides)
     run = _run_name(run, cfg.run)
     store = ArtifactStore(root)
+    # transformers 5.2x fetches "hub kernels" (compiled code from the Hub, e.g. kernels-community/rotary) on a GPU
+    # when the `kernels` package is installed: code from the network at run time, and with HF_HUB_OFFLINE (a
+    # cluster node) a ValueError in the first training step. Off unless the user turns them on.
+    os.environ.setdefault("USE_HUB_KERNELS", "NO")
     if cfg.onednn_cache is not None:  # read by oneDNN at its first primitive, so before any torch work
         os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(cfg.onednn_cache))
     if cfg.threads:
@@ -366,7 +370,9 @@ def _complete_state(path: Path) -> bool:
 
 def _publish(store, cfg, ctx: StageContext, chash, inputs, started) -> tuple[Path, Manifest]:
     # Checkpoints stay until the artifact is in place (ArtifactStore.commit): a kill before that resumes from them.
-    metrics, lineage = scrub(ctx.metrics), scrub(ctx.lineage)
+    from alignment.hardware import accelerator_metrics
+
+    metrics, lineage = scrub({**ctx.metrics, **accelerator_metrics()}), scrub(ctx.lineage)
     write_json(ctx.out_dir / "metrics.json", metrics)
     manifest = Manifest(
         stage=ctx.stage, run=ctx.run, status=ctx.status, config=config_dict(cfg), config_hash=chash,
