@@ -54,7 +54,7 @@ def device_label() -> str:
 
 def accelerator_metrics() -> dict:
     """Peak GPU memory of this stage's process, in MB (a manifest metric); nothing on a CPU-only machine. Also
-    the evidence that a stage ran on the GPU at all: a stage that left its model on the CPU reports ~0."""
+    the evidence that a stage ran on the GPU at all: a stage that never touched CUDA reports nothing."""
     import torch
 
     if not torch.cuda.is_available() or not torch.cuda.is_initialized():

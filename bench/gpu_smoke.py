@@ -7,7 +7,7 @@ local judge), grpo, online_dpo, generate (Self-Instruct) and PPO again in bf16 (
 `python -m alignment.cli` process. Then it reads every manifest: the stage's `versions.device` and its
 `metrics.cuda_peak_memory_mb` (a stage whose model stayed on the CPU reports none). Exit 1 when a step fails, or
 when a stage that holds a model reports no GPU memory. On a machine without a GPU it runs the same chain and says
-so (the CPU rows are the baseline of the wall times).
+so (its wall times are not a baseline for the GPU's: another machine, another run).
 """
 
 from __future__ import annotations
@@ -20,24 +20,30 @@ import time
 from pathlib import Path
 
 TINY = Path("configs/tiny")
-# (step name, align arguments after the artifacts/run flags)
-STEPS = [
-    ("pipeline", ["pipeline", "-c", str(TINY / "pipeline.yaml")]),
-    ("label", ["run", "label", "-c", str(TINY / "label.yaml")]),
-    ("grpo", ["run", "grpo", "-c", str(TINY / "grpo.yaml")]),
-    ("online_dpo", ["run", "online_dpo", "-c", str(TINY / "online_dpo.yaml")]),
-    ("generate", ["run", "generate", "-c", str(TINY / "generate.yaml")]),
-]
+
+
+def steps(root: Path) -> list[tuple[str, str, list[str]]]:
+    """(step name, run name, align arguments before the artifacts/run flags); the last reuses run tiny's sft and
+    reward artifacts under its own run, so it does not replace tiny's fp32 PPO."""
+    tiny = root / "tiny"
+    return [
+        ("pipeline", "tiny", ["pipeline", "-c", str(TINY / "pipeline.yaml")]),
+        ("label", "tiny", ["run", "label", "-c", str(TINY / "label.yaml")]),
+        ("grpo", "tiny", ["run", "grpo", "-c", str(TINY / "grpo.yaml")]),
+        ("online_dpo", "tiny", ["run", "online_dpo", "-c", str(TINY / "online_dpo.yaml")]),
+        ("generate", "tiny", ["run", "generate", "-c", str(TINY / "generate.yaml")]),
+        ("ppo bf16", "tiny-bf16", ["run", "ppo", "-c", str(TINY / "ppo.yaml"), "precision=auto",
+                                   f"inputs.sft={tiny / 'sft'}", f"inputs.reward={tiny / 'reward'}"]),
+    ]
+
+
 # base imports weights and writes them out: it holds no model on the GPU by design
 NO_MODEL_ON_GPU = {"base"}
 
 
 def run_steps(root: Path) -> list[dict]:
     rows = []
-    bf16 = ("ppo bf16", ["run", "ppo", "-c", str(TINY / "ppo.yaml"), "precision=auto",
-                         f"inputs.sft={root / 'tiny' / 'sft'}", "inputs.reward=" + str(root / "tiny" / "reward")])
-    for name, args in [*STEPS, bf16]:
-        run = "tiny-bf16" if name == "ppo bf16" else "tiny"
+    for name, run, args in steps(root):
         cmd = [sys.executable, "-m", "alignment.cli", *args, "--artifacts", str(root), "--run", run]
         t0 = time.perf_counter()
         res = subprocess.run(cmd, capture_output=True, text=True)
