@@ -7,19 +7,20 @@
 #
 #   ART=/work/art/D0 BASE_META=.dev/basemeta bash bench/gpu_look.sh OUT_DIR NAME "key=value ..." [PPO_SECONDS]
 #
-# Writes to OUT_DIR (at most 8 files, for a device machine's $OUT): gold.json (every policy's outcomes on the five
-# splits, fp32, greedy; read with `bench/gold_splits.py --out gold.json --report --sealed --sealed2 ...`) and
-# look.tgz (the logs, and each PPO run's manifest, metrics and log history).
+# Writes to OUT_DIR (few files, for a device machine's $OUT, and each as soon as it exists, so a call stopped at its
+# limit still returns them): steps.log, gold_NAME.json per policy (its outcomes on the five splits, fp32, greedy),
+# merged at the end into gold.json (read with `bench/gold_splits.py --out gold.json --report --sealed --sealed2 ...`),
+# and look.tgz (the logs, and each PPO run's manifest, metrics and log history).
 set -u
 OUT=${1:?OUT_DIR}; NAME=${2:?NAME}; OVERRIDES=${3:-}; PPO_SECONDS=${4:-400}
 ART=${ART:-/work/art/D0}; RUN=${RUN:-smollm2}; BASE_META=${BASE_META:-.dev/basemeta}
 export ALIGN_TRACKING=none HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-mkdir -p "$OUT/logs"
+LOGS=$(mktemp -d)/logs; mkdir -p "$LOGS"
 align() { python3 -m alignment.cli -q "$@"; }
-stamp() { echo "$(date +%T) $*" | tee -a "$OUT/logs/steps.log"; }
+stamp() { echo "$(date +%T) $*" | tee -a "$OUT/steps.log"; }
 
 stamp "base import"
-align run base -c configs/smollm2/base.yaml --artifacts "$ART" --run "$RUN" >"$OUT/logs/base.log" 2>&1 || stamp "base FAILED"
+align run base -c configs/smollm2/base.yaml --artifacts "$ART" --run "$RUN" >"$LOGS/base.log" 2>&1 || stamp "base FAILED"
 want=$(python3 -c "import json,sys; m=json.load(open(sys.argv[1])); print([o['sha256'] for o in m['outputs'] if o['path']=='model/model.safetensors'][0])" "$BASE_META/manifest.json")
 have=$(sha256sum "$ART/$RUN/base/model/model.safetensors" | cut -d' ' -f1)
 if [ "$want" = "$have" ]; then
@@ -31,22 +32,23 @@ fi
 # a carried SFT artifact may leave its tokenizer behind (the base's own, byte for byte) to fit the transfer
 [ -f "$ART/$RUN/sft/model/tokenizer.json" ] || cp "$ART/$RUN/base/model/tokenizer.json" "$ART/$RUN/sft/model/"
 
+ev() {  # one process per policy, each its own outcomes file (they accumulate per key, so no shared writer)
+  python3 bench/gold_splits.py --sealed --sealed2 --precision fp32 --out "$OUT/gold_$1.json" "$1=$2" \
+    >"$LOGS/gold_$1.log" 2>&1
+}
+ev dsft "$ART/$RUN/sft" &  # the SFT model is scored while PPO trains
 stamp "ppo x3: $OVERRIDES"
 for s in 0 1 2; do
   timeout "$PPO_SECONDS" python3 -m alignment.cli -q run ppo -c configs/smollm2/ppo-rlvr.yaml --artifacts "$ART" \
-    --run "${NAME}s$s" seed=$s threads=4 inputs.sft="$ART/$RUN/sft" $OVERRIDES >"$OUT/logs/ppo_s$s.log" 2>&1 &
+    --run "${NAME}s$s" seed=$s threads=4 inputs.sft="$ART/$RUN/sft" $OVERRIDES >"$LOGS/ppo_s$s.log" 2>&1 &
+  pids="${pids:-} $!"
 done
-wait
+wait $pids
 stamp "ppo done"
-
-ev() {  # one process per policy, each its own outcomes file (they accumulate per key, so no shared writer)
-  python3 bench/gold_splits.py --sealed --sealed2 --precision fp32 --out "$OUT/logs/gold_$1.json" "$1=$2" \
-    >"$OUT/logs/gold_$1.log" 2>&1
-}
-ev dsft "$ART/$RUN/sft" &
 for s in 0 1 2; do
   [ -f "$ART/${NAME}s$s/ppo/manifest.json" ] && ev "${NAME}s$s" "$ART/${NAME}s$s/ppo" &
 done
+
 wait
 stamp "gold done"
 
@@ -54,14 +56,15 @@ python3 - "$OUT" <<'EOF'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
 merged = {}
-for f in sorted((out / "logs").glob("gold_*.json")):
+for f in sorted(out.glob("gold_*.json")):
     merged.update(json.loads(f.read_text()))
+    f.unlink()
 (out / "gold.json").write_text(json.dumps(merged))
 EOF
 for d in "$ART/$NAME"s?/ppo "$ART/$NAME"s?/ppo.partial; do  # a run stopped by the timeout: its partial log
   [ -d "$d" ] || continue
-  k="$OUT/logs/$(basename "$(dirname "$d")")_$(basename "$d")"; mkdir -p "$k"
+  k="$LOGS/$(basename "$(dirname "$d")")_$(basename "$d")"; mkdir -p "$k"
   cp "$d"/manifest.json "$d"/metrics.json "$d"/*.jsonl "$d"/stage.log "$k/" 2>/dev/null
 done
-nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv >>"$OUT/logs/steps.log" 2>&1
-tar czf "$OUT/look.tgz" -C "$OUT" logs && rm -rf "$OUT/logs"
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv >>"$LOGS/steps.log" 2>&1
+cp "$OUT/steps.log" "$LOGS/"; tar czf "$OUT/look.tgz" -C "$(dirname "$LOGS")" logs
