@@ -158,6 +158,32 @@ def test_gold_splits_refuses_an_argument_that_is_not_a_published_artifact(tmp_pa
         assert not (tmp_path / "g.json").exists()
 
 
+def test_gold_splits_loads_the_policies_at_the_asked_precision(tiny_store, tmp_path, monkeypatch):
+    """--precision reaches the policy loader (auto unless asked: fp32 on a GPU for rows that compare with an fp32
+    CPU host's); a value outside auto/bf16/fp32 is refused before anything loads."""
+    spec = importlib.util.spec_from_file_location("bench_gold_splits", REPO / "bench" / "gold_splits.py")
+    gs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gs)
+    root, run = tiny_store
+    seen = []
+
+    class Loaded(Exception):
+        pass
+
+    def loader(art, precision, **kw):
+        seen.append((art.manifest.stage, precision))
+        raise Loaded
+
+    monkeypatch.setattr("alignment.policy.load_policy", loader)
+    for extra in ([], ["--precision", "fp32"]):
+        with pytest.raises(Loaded):
+            gs.main(["--out", str(tmp_path / "g.json"), *extra, f"s={root / run / 'sft'}"])
+    assert seen == [("sft", "auto"), ("sft", "fp32")]
+    with pytest.raises(SystemExit) as bad:
+        gs.main(["--out", str(tmp_path / "g.json"), "--precision", "fp16", f"s={root / run / 'sft'}"])
+    assert bad.value.code == 2 and len(seen) == 2
+
+
 def test_gold_splits_strict_figures_fail_cut_answers():
     spec = importlib.util.spec_from_file_location("bench_gold_splits", REPO / "bench" / "gold_splits.py")
     gs = importlib.util.module_from_spec(spec)
@@ -314,7 +340,7 @@ def test_gold_splits_splits_option_evaluates_and_reports_only_the_named_splits(t
     spec.loader.exec_module(gs)
     asked = []
 
-    def fake_evaluate(path, sample, splits):
+    def fake_evaluate(path, sample, splits, precision="auto"):
         asked.append(list(splits))
         return {s: {"gold": [1.0, 1.0], "eos": [True, True], "length": 9.0} for s in splits}
 
