@@ -22,6 +22,7 @@ from alignment.manifest import sha256_file
 from alignment.policy import load_policy
 from alignment.preferences import load_pairs
 from stages.dpo import Config, build_trainer
+from _device import logits_of, to_model
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "configs/tiny/dpo.yaml"
@@ -48,7 +49,8 @@ def test_reference_at_step_0_is_the_sft_model_not_the_base(tiny, tmp_path, metho
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(pairs))])
 
     # TRL's own reference computation (adapter disabled for LoRA, the frozen copy for full).
-    ref_chosen, ref_rejected = trainer.compute_ref_log_probs(trainer.ref_model or trainer.model, batch)
+    ref_chosen, ref_rejected = trainer.compute_ref_log_probs(trainer.ref_model or trainer.model,
+                                                             to_model(batch, trainer.model))
     max_len = cfg.train.max_length
     sft_lp = pair_logps(load_policy(sft, "fp32"), tok, pairs, max_length=max_len)
     base_lp = pair_logps(load_policy(base, "fp32"), tok, pairs, max_length=max_len)
@@ -134,9 +136,9 @@ def test_cli_run_publishes_adapter_lineage_and_metrics(tiny, tmp_path):
     from transformers import AutoModelForCausalLM
 
     ids = torch.tensor([[5, 17, 60, 33, 8]])
-    dpo_logits = load_policy(dpo, "fp32")(input_ids=ids).logits
-    assert not torch.allclose(dpo_logits, load_policy(sft, "fp32")(input_ids=ids).logits, atol=1e-4)
-    merged = AutoModelForCausalLM.from_pretrained(dpo.path / "merged")(input_ids=ids).logits
+    dpo_logits = logits_of(load_policy(dpo, "fp32"), ids)
+    assert not torch.allclose(dpo_logits, logits_of(load_policy(sft, "fp32"), ids), atol=1e-4)
+    merged = logits_of(AutoModelForCausalLM.from_pretrained(dpo.path / "merged"), ids)
     assert torch.allclose(dpo_logits, merged, atol=1e-5)
     # peft's own record of the adapter's base must not name the raw base folder.
     conf = json.loads((dpo.model_dir / "adapter_config.json").read_text())
@@ -241,6 +243,7 @@ def test_soft_labels_train_on_the_cdpo_loss(tiny, tmp_path, precompute):
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(pairs))])
     assert batch["p_chosen"].tolist() == pytest.approx([1.0, 0.9, 0.75, 0.6, 0.5, 0.2])
 
+    batch = to_model(batch, model)
     loss = trainer.compute_loss(model, dict(batch))
     policy = pair_logps(model, tok, pairs, max_length=cfg.train.max_length)
     with adapter_disabled(model):

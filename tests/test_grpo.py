@@ -18,6 +18,7 @@ from alignment.config import load_config
 from alignment.grpo import GroupSpec, build_trainer, trl_reward_func
 from alignment.policy import load_policy
 from alignment.prompts import load_prompts
+from _device import device_of
 
 CONFIG = {
     "stage": "grpo", "run": "tiny", "seed": 0, "precision": "fp32", "algorithm": "grpo",
@@ -291,7 +292,8 @@ def test_trl_samples_through_our_engine_with_the_lora_merged(store, tmp_path):
     for c in completions:
         assert len(c) <= 12 and (c[-1] == tok.eos_token_id or len(c) == 12)
         assert tok.eos_token_id not in c[:-1]
-    assert trainer._weight_stash._file is not None  # merged in place, not into copies
+    # merged in place, not into copies; on a GPU the stash declines by design (generation.WeightStash.fits)
+    assert (trainer._weight_stash._file is not None) == (device_of(model).type == "cpu")
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     # the same seed through the unmerged adapter: the same tokens
     spec = GenerationSpec(max_new_tokens=12, do_sample=True, batch_size=12, autocast="off")  # precision fp32

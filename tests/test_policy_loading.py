@@ -20,6 +20,7 @@ from alignment.artifacts import ArtifactStore
 from alignment.models import load_tokenizer
 from alignment.policy import MERGED_DIR, lineage_chain, load_policy
 from alignment.runner import run_stage
+from _device import logits_of
 
 REPO = Path(__file__).resolve().parent.parent
 GRPO = {
@@ -69,8 +70,7 @@ def _ids(model_dir: Path) -> torch.Tensor:
 
 
 def _logits(model, ids) -> torch.Tensor:
-    with torch.no_grad():
-        return model.eval()(input_ids=ids).logits.float()
+    return logits_of(model.eval(), ids)
 
 
 @pytest.mark.parametrize("stage", ["sft", "dpo", "ppo", "grpo"])
