@@ -54,6 +54,7 @@ def test_reference_at_step_0_is_the_sft_model_not_the_base(tiny, tmp_path, metho
     max_len = cfg.train.max_length
     sft_lp = pair_logps(load_policy(sft, "fp32"), tok, pairs, max_length=max_len)
     base_lp = pair_logps(load_policy(base, "fp32"), tok, pairs, max_length=max_len)
+    ref_chosen, ref_rejected = ref_chosen.cpu(), ref_rejected.cpu()  # TRL's, on the model's device
     assert torch.allclose(ref_chosen, sft_lp.chosen, rtol=1e-5, atol=1e-3)
     assert torch.allclose(ref_rejected, sft_lp.rejected, rtol=1e-5, atol=1e-3)
     assert (ref_chosen - base_lp.chosen).abs().max() > 0.1, "SFT and base must differ for this test to mean anything"
@@ -250,7 +251,7 @@ def test_soft_labels_train_on_the_cdpo_loss(tiny, tmp_path, precompute):
         ref = pair_logps(model, tok, pairs, max_length=cfg.train.max_length)
     delta = (policy.chosen - ref.chosen) - (policy.rejected - ref.rejected)
     assert delta.abs().max() > 0.05
-    expected = soft_sigmoid_loss(delta, batch["p_chosen"], cfg.dpo.beta).mean()
+    expected = soft_sigmoid_loss(delta, batch["p_chosen"].to(delta.device), cfg.dpo.beta).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
     hard = -torch.nn.functional.logsigmoid(cfg.dpo.beta * delta).mean()
     assert abs(loss.item() - hard.item()) > 1e-3

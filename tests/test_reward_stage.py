@@ -49,8 +49,6 @@ def test_published_rm_loads_and_ranks_its_training_pairs(reward_store):
     from alignment.reward import pairwise_accuracy, score_pairs
 
     art = ArtifactStore(reward_store).read_stage("tiny", "reward")  # verifies every output's sha256
-    # where the stage scored its train_accuracy (the GPU when there is one): a CPU rescoring can rank a near-tie
-    # pair the other way (0.9375 vs 0.9688 on an H200)
     model = place(AutoModelForSequenceClassification.from_pretrained(art.model_dir).eval())
     tok = AutoTokenizer.from_pretrained(art.model_dir)
     assert model.config.num_labels == 1
@@ -60,7 +58,10 @@ def test_published_rm_loads_and_ranks_its_training_pairs(reward_store):
     scores = score_pairs(model, tok, pairs, batch_size=8)
     accuracy = pairwise_accuracy(scores["chosen"], scores["rejected"])
     assert accuracy >= 0.9, scores
-    assert accuracy == pytest.approx(art.manifest.metrics["train_accuracy"], abs=1e-4)  # the manifest rounds
+    # the manifest rounds; on a GPU the stage's own scoring and this one of the saved weights can rank one
+    # near-tie pair differently (0.9688 vs 0.9375 on an H200)
+    one_pair = 0.0 if model.device.type == "cpu" else 1 / len(pairs)
+    assert accuracy == pytest.approx(art.manifest.metrics["train_accuracy"], abs=1e-4 + one_pair)
 
     # Batched, padded scoring reads the same reward as one unpadded conversation at a time.
     conv = pairs[0]["prompt"] + pairs[0]["chosen"]
