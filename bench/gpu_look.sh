@@ -6,6 +6,7 @@
 # GGUF and checked byte for byte against the base that SFT model was trained on ($BASE_META/manifest.json).
 #
 #   ART=/work/art/D0 BASE_META=.dev/basemeta bash bench/gpu_look.sh OUT_DIR NAME "key=value ..." [TRAIN_SECONDS]
+#   SPLITS=indist ...   # a pilot: only the in-distribution split is scored (the sealed and held-out ones stay unread)
 #
 # Writes to OUT_DIR (few files, for a device machine's $OUT, and each as soon as it exists, so a call stopped at its
 # limit still returns them): steps.log, gold_NAME.json per policy (its outcomes on the five splits, fp32, greedy),
@@ -33,8 +34,10 @@ fi
 # a carried SFT artifact may leave its tokenizer behind (the base's own, byte for byte) to fit the transfer
 [ -f "$ART/$RUN/sft/model/tokenizer.json" ] || cp "$ART/$RUN/base/model/tokenizer.json" "$ART/$RUN/sft/model/"
 
+# SPLITS=indist: a pilot, choosing a recipe before it is frozen, reads the in-distribution split alone (docs/data.md)
+if [ -n "${SPLITS:-}" ]; then SPLIT_ARGS=(--splits "$SPLITS"); else SPLIT_ARGS=(--sealed --sealed2); fi
 ev() {  # one process per policy, each its own outcomes file (they accumulate per key, so no shared writer)
-  python3 bench/gold_splits.py --sealed --sealed2 --precision fp32 --out "$OUT/gold_$1.json" "$1=$2" \
+  python3 bench/gold_splits.py "${SPLIT_ARGS[@]}" --precision fp32 --out "$OUT/gold_$1.json" "$1=$2" \
     >"$LOGS/gold_$1.log" 2>&1
 }
 ev dsft "$ART/$RUN/sft" &  # the SFT model is scored while the seeds train
