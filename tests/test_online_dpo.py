@@ -102,8 +102,7 @@ def test_each_round_trains_and_the_artifact_loads_back(tmp_path, sft_path):
     # load_policy follows the lineage (base -> SFT -> online adapter): not the SFT model any more.
     ids = torch.tensor([[1, 5, 9, 13, 2]])
     policy, sft = load_policy(art, "fp32"), load_policy(ArtifactStore(root).read(sft_path), "fp32")
-    with torch.no_grad():
-        assert not torch.allclose(logits_of(policy, ids), logits_of(sft, ids), atol=1e-5)
+    assert not torch.allclose(logits_of(policy, ids), logits_of(sft, ids), atol=1e-5)
 
 
 def test_resume_after_a_round_keeps_it(tmp_path, sft_path, monkeypatch):
@@ -166,8 +165,7 @@ def test_the_round_sampler_is_the_previous_adapter_merged_into_a_plain_model(tin
     sampler = policy_with_adapter(sft, "fp32", tmp_path / "round1", merged=True)
     assert not isinstance(sampler, PeftModel) and not any("lora_" in n for n, _ in sampler.named_parameters())
     ids = torch.tensor([[5, 9, 17, 3, 8]])
-    with torch.no_grad():
-        want, got = logits_of(peft.eval(), ids), logits_of(sampler, ids)
-        plain = logits_of(policy_with_adapter(sft, "fp32", None, merged=True), ids)  # round 1: the SFT model
+    want, got = logits_of(peft.eval(), ids), logits_of(sampler, ids)
+    plain = logits_of(policy_with_adapter(sft, "fp32", None, merged=True), ids)  # round 1: the SFT model
     assert torch.allclose(got, want, atol=1e-4) and not torch.allclose(plain, want, atol=1e-2)
     assert isinstance(policy_with_adapter(sft, "fp32", tmp_path / "round1"), PeftModel)  # the KL's: switchable

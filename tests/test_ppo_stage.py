@@ -330,16 +330,19 @@ def _wait_for(path: Path, proc, timeout=120):
 def test_sigkill_resumes_from_the_last_checkpoint_and_matches_an_uninterrupted_run(tiny_store, tmp_path):
     root, tiny = tiny_store
     common = ["ppo.updates=16", "checkpoint_every=4", "eval.every=0", "threads=1"]
-    args = [sys.executable, "-m", "alignment.cli", "run", "ppo", "-c", CFG, "--artifacts", str(tmp_path / "killed"),
-            "--run", "r", f"inputs.sft={root / tiny / 'sft'}", "reward.kind=function",
-            "reward.function=test_ppo_stage:e_share", *common]
+
+    def command(artifacts: Path) -> list[str]:
+        return [sys.executable, "-m", "alignment.cli", "run", "ppo", "-c", CFG, "--artifacts", str(artifacts),
+                "--run", "r", f"inputs.sft={root / tiny / 'sft'}", "reward.kind=function",
+                "reward.function=test_ppo_stage:e_share", *common]
+
     # Both runs on the CPU, whose kernels are bitwise deterministic: a GPU's atomic adds (the embedding's backward)
     # let two uninterrupted runs drift apart, which is not what this test is about.
     env = {**ENV, "CUDA_VISIBLE_DEVICES": ""}
-    whole = subprocess.run([*args[:8], str(tmp_path / "whole"), *args[9:]], cwd=REPO, env=env, capture_output=True,
-                           text=True, timeout=300)
+    whole = subprocess.run(command(tmp_path / "whole"), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert whole.returncode == 0, whole.stderr[-3000:]
     whole = _rows(ArtifactStore(tmp_path / "whole").read_stage("r", "ppo"))
+    args = command(tmp_path / "killed")
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     partial = tmp_path / "killed" / "r" / "ppo.partial"
     try:
