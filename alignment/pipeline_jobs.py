@@ -13,7 +13,9 @@ config sets `threads`, k being how many stages can run beside it (at most N): ba
 neighbour and keep every core (sampling 64 rows is 1.1-1.5x faster on two threads). Each stage's console output
 goes to `<artifacts>/<run>/logs/<stage>.log` (two progress bars on one terminal are unreadable); the terminal
 gets one line when a stage starts and one when it ends. A failed stage stops new starts; the stages already
-running finish (as `make -j` does), then the pipeline fails naming it.
+running finish (as `make -j` does), then the pipeline fails naming it. A stage process is forked from this one
+after the libraries were imported once (alignment/launch.py), or, with ALIGN_STAGE_LAUNCH=exec, a fresh
+interpreter.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from alignment import launch
 
 log = logging.getLogger("align")
 
@@ -39,6 +43,9 @@ class Step:
     command: list[str]
     deps: set[int] = field(default_factory=set)
     """Indexes of the earlier steps whose artifacts this one reads."""
+    preload: bool = True
+    """Import the heavy libraries into this process before forking it (alignment/launch.py): False for a step that
+    looked up to date when planned (it only checks and exits, which needs none of them)."""
 
 
 @dataclass
@@ -127,8 +134,13 @@ def _start(step: Step, log_dir: Path | None):
         log.info("== %s started (log: %s)", step.stage, log_dir / f"{step.stage}.log")
     else:
         log.info("== %s: %s", step.stage, " ".join(step.command[2:]))
-    proc = subprocess.Popen(step.command, preexec_fn=_die_with_parent, start_new_session=True,
-                            stdout=out, stderr=subprocess.STDOUT if out else None)
+    if launch.can_fork(step.command):
+        if step.preload:
+            launch.preload()
+        proc = launch.fork_stage(step.command, out, _die_with_parent, FORWARDED)
+    else:
+        proc = subprocess.Popen(step.command, preexec_fn=_die_with_parent, start_new_session=True,
+                                stdout=out, stderr=subprocess.STDOUT if out else None)
     return step, proc, time.perf_counter(), out
 
 

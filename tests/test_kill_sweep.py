@@ -146,12 +146,12 @@ def test_kill_every_stage_at_every_point_then_resume(tiny_store, tmp_path, one_t
         Path(os.environ["ALIGN_SWEEP_REPORT"]).write_text(json.dumps(counts, indent=2))
 
 
-def _pipeline(tmp_path: Path, root: Path, signum: int) -> tuple[int, str, int]:
-    """Start `align pipeline` on a one-stage pipeline, wait until its stage pauses, send signum to the pipeline.
-    (pipeline exit code, its stderr, the stage's pid)."""
+def _pipeline(tmp_path: Path, root: Path, signum: int, launch: str) -> tuple[int, str, int]:
+    """Start `align pipeline` on a one-stage pipeline (its stage forked or exec'd: ALIGN_STAGE_LAUNCH), wait until
+    its stage pauses, send signum to the pipeline. (pipeline exit code, its stderr, the stage's pid)."""
     (tmp_path / "p.yaml").write_text(f"run: kp\nstages:\n  - {{stage: base, config: {Path.cwd()}/configs/tiny/base.yaml}}\n")
     pause = tmp_path / "pause"
-    env = {**os.environ, "ALIGN_TEST_PAUSE_AT": BEFORE, "ALIGN_TEST_PAUSE_FILE": str(pause)}
+    env = {**os.environ, "ALIGN_TEST_PAUSE_AT": BEFORE, "ALIGN_TEST_PAUSE_FILE": str(pause), "ALIGN_STAGE_LAUNCH": launch}
     proc = subprocess.Popen([sys.executable, "-m", "alignment.cli", "pipeline", "-c", str(tmp_path / "p.yaml"),
                              "--artifacts", str(root)], env=env, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
@@ -159,6 +159,9 @@ def _pipeline(tmp_path: Path, root: Path, signum: int) -> tuple[int, str, int]:
         time.sleep(0.05)
     assert pause.is_file(), proc.communicate()[1][-2000:]
     child = int(pause.read_text().split()[0])
+    # a forked stage still shows its pipeline's command line; an exec'd one its own
+    cmdline = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+    assert (b"pipeline" in cmdline) == (launch == "fork") and (b"run" in cmdline) == (launch == "exec"), cmdline
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
     return proc.returncode, err, child
@@ -182,10 +185,11 @@ def _gone(pid: int, wait: float = 30) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("launch", ["fork", "exec"])
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
-def test_killed_pipeline_takes_its_stage_down(tmp_path, signum):
+def test_killed_pipeline_takes_its_stage_down(tmp_path, signum, launch):
     root = tmp_path / "art"
-    code, err, child = _pipeline(tmp_path, root, signum)
+    code, err, child = _pipeline(tmp_path, root, signum, launch)
     assert _gone(child), f"the stage process {child} outlived its pipeline"
     assert not ArtifactStore(root).lock("kp", "base").held_elsewhere()
     if signum == signal.SIGTERM:  # forwarded: the pipeline waits for its stage, then says where it stopped
