@@ -24,8 +24,13 @@ VARIANTS = {"default": {}, "exec": {"ALIGN_STAGE_LAUNCH": "exec"}}  # default: f
 
 
 def weights(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*.safetensors")) if "checkpoint" not in str(p)}
+    """The published artifacts' weight files (not caches such as `.merged/`, named after a manifest's hash)."""
+    out = {}
+    for p in sorted(root.rglob("*.safetensors")):
+        rel = p.relative_to(root)
+        if not any(part.startswith(".") or part.startswith("checkpoint") for part in rel.parts):
+            out[str(rel)] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
