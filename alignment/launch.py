@@ -9,11 +9,13 @@ the imported modules copy-on-write and runs `alignment.cli.main` with the stage'
 A forked stage is still its own process, as under `subprocess`: its own session (signals from the terminal go to
 the pipeline, which forwards them), PR_SET_PDEATHSIG so a SIGKILLed pipeline takes it down, its stdout and stderr
 on the step's log file, its exit status and rusage from `os.wait4`, its stage lock taken by itself. What the
-parent must not do before forking, and does not: start threads, run a torch op (OpenMP and oneDNN set up their
-thread pools and caches at the first one), or touch CUDA (forked CUDA contexts do not work).
+parent must not do before forking, and does not: start threads, or run a torch op (OpenMP and oneDNN set up their
+thread pools and caches at the first one). CUDA is the exception it cannot rule out: one `torch.cuda.is_available()`
+in an imported library poisons every forked child's CUDA. So only a CPU build of torch forks; with a CUDA or ROCm
+build (a GPU cluster, where a stage's import time is small beside its work) every stage gets a fresh interpreter.
 
 `ALIGN_STAGE_LAUNCH=exec` starts every stage in a fresh interpreter as before (and is what a platform without
-fork, or a parent that already runs threads, gets).
+fork, a parent that already runs threads, or a GPU build of torch gets).
 """
 
 from __future__ import annotations
@@ -50,13 +52,26 @@ def align_argv(command: list[str]) -> list[str] | None:
     return list(command[3:]) if list(command[:3]) == head else None
 
 
+def wanted(command: list[str]) -> bool:
+    """Whether this command would be forked if torch, once imported, is a CPU build."""
+    # Linux only: macOS's system frameworks are not fork-safe, and PR_SET_PDEATHSIG is Linux's
+    return align_argv(command) is not None and sys.platform.startswith("linux") and choice() == "fork"
+
+
 def can_fork(command: list[str]) -> bool:
-    return (align_argv(command) is not None and hasattr(os, "fork") and choice() == "fork"
-            and threading.active_count() == 1)
+    return wanted(command) and threading.active_count() == 1 and not gpu_build()
+
+
+def gpu_build() -> bool:
+    """torch is imported here and built for CUDA or ROCm (without importing it: it is not, so nothing can be
+    poisoned yet)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and bool(getattr(torch.version, "cuda", None) or getattr(torch.version, "hip", None))
 
 
 def preload() -> None:
-    """Import PRELOAD into this process, once (a missing optional package is left to the stage to report)."""
+    """Import PRELOAD into this process, once; torch first, and nothing more when it is a GPU build (those stages
+    are not forked). A missing optional package is left to the stage to report."""
     global _preloaded
     if _preloaded:
         return
@@ -66,6 +81,8 @@ def preload() -> None:
             importlib.import_module(name)
         except ImportError:
             pass
+        if gpu_build():
+            return
 
 
 def _streams_on_fds() -> None:

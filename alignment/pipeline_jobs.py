@@ -134,9 +134,9 @@ def _start(step: Step, log_dir: Path | None):
         log.info("== %s started (log: %s)", step.stage, log_dir / f"{step.stage}.log")
     else:
         log.info("== %s: %s", step.stage, " ".join(step.command[2:]))
+    if step.preload and launch.wanted(step.command):
+        launch.preload()
     if launch.can_fork(step.command):
-        if step.preload:
-            launch.preload()
         proc = launch.fork_stage(step.command, out, _die_with_parent, FORWARDED)
     else:
         proc = subprocess.Popen(step.command, preexec_fn=_die_with_parent, start_new_session=True,

@@ -30,6 +30,19 @@ def test_only_this_interpreters_align_commands_are_forked(monkeypatch):
     assert launch.can_fork([*ALIGN, "run", "sft"]) == (__import__("threading").active_count() == 1)
 
 
+def test_a_gpu_build_of_torch_is_never_forked(monkeypatch):
+    # one torch.cuda.is_available() in any imported library poisons a forked child's CUDA, so a CUDA or ROCm build
+    # of torch gets a fresh interpreter per stage; a CPU build forks
+    from types import SimpleNamespace
+
+    monkeypatch.setenv(launch.ENV, "fork")
+    monkeypatch.setattr(launch.threading, "active_count", lambda: 1)
+    cmd = [*ALIGN, "run", "sft"]
+    for cuda, hip, forks in ((None, None, True), ("12.4", None, False), (None, "6.2", False)):
+        monkeypatch.setitem(sys.modules, "torch", SimpleNamespace(version=SimpleNamespace(cuda=cuda, hip=hip)))
+        assert launch.wanted(cmd) and launch.can_fork(cmd) == forks, (cuda, hip)
+
+
 def _forked(tmp_path: Path, *args: str) -> tuple[int, str]:
     out = open(tmp_path / "out.log", "wb")
     proc = launch.fork_stage([*ALIGN, *args], out, lambda: None, FORWARDED)
