@@ -6,9 +6,11 @@ Trainer refuses GGUF-loaded models, and a folder reloads in ~2 s instead of ~20 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 from alignment.errors import ConfigError
@@ -41,13 +43,36 @@ def load_gguf(folder: Path, file: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=file)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+    with gguf_parsed_once():
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
     # The weights are already dequantised; the quantizer only blocks saving and training.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     return model, tok
+
+
+@contextmanager
+def gguf_parsed_once():
+    """transformers reads a GGUF file three times (tokenizer, config, weights), each a pure-Python walk of every
+    metadata field (~440k parts for SmolLM2's vocabulary), and builds gguf's tensor name map again for each of the
+    model's ~400 modules: most of the base stage's CPU. Both are read-only and depend only on their arguments, so
+    for the import each is made once (the gguf package's own names, which transformers imports at each call; a
+    version without them is left as it is). The weights come out the same, byte for byte (tests/test_models.py)."""
+    try:
+        import gguf
+    except ImportError:
+        yield
+        return
+    saved = {name: getattr(gguf, name) for name in ("GGUFReader", "get_tensor_name_map") if hasattr(gguf, name)}
+    for name, original in saved.items():
+        setattr(gguf, name, functools.lru_cache(maxsize=None)(original))
+    try:
+        yield
+    finally:
+        for name, original in saved.items():
+            setattr(gguf, name, original)
 
 
 def check_model_folder(name: str, trust_remote_code: bool) -> None:

