@@ -55,8 +55,13 @@ for s in 0 1 2; do
     --run "${NAME}s$s" seed=$s threads="$THREADS" inputs.sft="$ART/$RUN/sft" $OVERRIDES >"$LOGS/${STAGE}_s$s.log" 2>&1 &
   pids="${pids:-} $!"
 done
-wait $pids
-stamp "$STAGE done"
+s=0
+for pid in $pids; do  # each seed's exit, and a failure's last line, in steps.log (what comes back first)
+  if wait "$pid"; then stamp "$STAGE seed $s done"
+  else code=$?; stamp "$STAGE seed $s FAILED (exit $code$([ $code = 124 ] && echo ": TRAIN_SECONDS reached")): $(tail -n 1 "$LOGS/${STAGE}_s$s.log")"
+  fi
+  s=$((s + 1))
+done
 for s in 0 1 2; do
   [ -f "$ART/${NAME}s$s/$STAGE/manifest.json" ] && ev "${NAME}s$s" "$ART/${NAME}s$s/$STAGE" &
 done

@@ -439,7 +439,9 @@ def test_gpu_look_trains_three_seeds_and_scores_every_policy_on_every_split(tiny
     res = subprocess.run(["bash", "bench/gpu_look.sh", str(out), "t", overrides, "600"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "base: the same weights as the SFT model's base" in (out / "steps.log").read_text()
+    steps = (out / "steps.log").read_text()
+    assert "base: the same weights as the SFT model's base" in steps
+    assert all(f"ppo seed {s} done" in steps for s in range(3)) and "FAILED" not in steps  # each seed's exit
     assert sorted(p.name for p in out.iterdir()) == ["gold.json", "look.tgz", "steps.log"]
     gold = json.loads((out / "gold.json").read_text())
     assert set(gold) == {"dsft", "ts0", "ts1", "ts2"}
