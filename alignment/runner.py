@@ -486,36 +486,44 @@ def _plan_steps(path, steps, routed, root, run, force, jobs):
     side (`threads_for`), and the earlier steps it waits for. Loading each config here checks it before any stage
     runs."""
     loaded = step_configs(path, steps, routed)
-    left_out = set() if force else superseded(loaded, root, run)
+    fresh = [False] * len(loaded) if force else looks_fresh(loaded, root, run)
+    left_out = set() if force else superseded(loaded, root, run, fresh)
     for i in sorted(left_out):
         log.info("pipeline: step %d (%s) left out: the file's last %s step is up to date", i, loaded[i][0],
                  loaded[i][0])
-    loaded = [x for i, x in enumerate(loaded) if i not in left_out]
+    kept = [i for i in range(len(loaded)) if i not in left_out]
+    loaded, fresh = [loaded[i] for i in kept], [fresh[i] for i in kept]
     deps = dependencies([x[0] for x in loaded], [reads for *_, reads in loaded])
-    threads, planned, store = threads_for(deps, jobs), [], ArtifactStore(root)
+    threads, planned = threads_for(deps, jobs), []
     for i, (stage, cfg_file, extra, cfg, _) in enumerate(loaded):
         if jobs > 1 and cfg.threads is None:
             extra = [*extra, f"threads={threads[i]}"]
         command = _stage_command(stage, cfg_file, extra, root, run, force)
-        fresh = not force and _looks_up_to_date(store, _step_run(run, cfg), stage, cfg)
-        planned.append((Step(i, stage, command, deps[i], preload=not fresh), _step_run(run, cfg)))
+        planned.append((Step(i, stage, command, deps[i], preload=not fresh[i]), _step_run(run, cfg)))
     return planned
 
 
-def superseded(loaded: list[tuple], root, run: str | None) -> set[int]:
-    """Steps to leave out: an earlier step of a stage the pipeline lists again, when no step reads it and that
-    stage's last step will find its artifact up to date. Such a step (eval for dpo alone, while ppo trains) is
-    there to fill the answer cache for the last one; run, it would only publish an artifact the last step
-    replaces. A guess from the manifests before anything runs: when wrong it costs the overlap, never a result
-    (every step checks again when it starts)."""
-    stages = [x[0] for x in loaded]
-    if len(set(stages)) == len(stages):
-        return set()
-    reads = dependencies(stages, [x[4] for x in loaded], own_stage=False)
-    read = set().union(*reads)
+def looks_fresh(loaded: list[tuple], root, run: str | None) -> list[bool]:
+    """Per step: its artifact looks up to date now, and so does every earlier step it reads (one that re-runs makes
+    its readers re-run). A guess from the manifests before anything runs; every step checks again when it starts."""
+    reads = dependencies([x[0] for x in loaded], [x[4] for x in loaded], own_stage=False)
     store, fresh = ArtifactStore(root), []
     for i, (stage, _, _, cfg, _) in enumerate(loaded):
         fresh.append(all(fresh[j] for j in reads[i]) and _looks_up_to_date(store, _step_run(run, cfg), stage, cfg))
+    return fresh
+
+
+def superseded(loaded: list[tuple], root, run: str | None, fresh: list[bool] | None = None) -> set[int]:
+    """Steps to leave out: an earlier step of a stage the pipeline lists again, when no step reads it and that
+    stage's last step will find its artifact up to date. Such a step (eval for dpo alone, while ppo trains) is
+    there to fill the answer cache for the last one; run, it would only publish an artifact the last step
+    replaces. A guess from the manifests (`fresh`: `looks_fresh`, computed here when not given): when wrong it
+    costs the overlap, never a result (every step checks again when it starts)."""
+    stages = [x[0] for x in loaded]
+    if len(set(stages)) == len(stages):
+        return set()
+    read = set().union(*dependencies(stages, [x[4] for x in loaded], own_stage=False))
+    fresh = looks_fresh(loaded, root, run) if fresh is None else fresh
     last = {stage: i for i, stage in enumerate(stages)}
     return {i for i, stage in enumerate(stages) if last[stage] != i and i not in read and fresh[last[stage]]}
 

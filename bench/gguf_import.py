@@ -15,6 +15,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+from page_faults import median  # noqa: E402
+
 CHILD = """
 import resource, sys, time, torch, transformers.modeling_utils
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -48,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
             runs[variant].append(once(variant))
             wall, user, sys_ = runs[variant][-1]
             print(f"{variant} #{i + 1}: {wall:.1f} s wall, {user:.1f} user + {sys_:.1f} sys", flush=True)
-    med = {v: [sorted(r[k] for r in rs)[len(rs) // 2] for k in range(3)] for v, rs in runs.items()}
+    med = {v: [median([r[k] for r in rs]) for k in range(3)] for v, rs in runs.items()}
     print("| variant | wall s | user s | sys s | CPU vs plain |\n|---|---:|---:|---:|---:|")
     for v, (wall, user, sys_) in med.items():
         print(f"| {v} | {wall:.1f} | {user:.1f} | {sys_:.1f} | {(user + sys_) / sum(med['plain'][1:]):.2f}x |")
