@@ -77,6 +77,14 @@ def test_a_step_that_looks_up_to_date_is_started_without_importing_the_libraries
     forced = _plan_steps(REPO / "configs/tiny/pipeline.yaml", steps, route_overrides([], ["base", "sft"]), tmp_path,
                          "tiny", True, jobs=1)
     assert [step.preload for step, _ in forced] == [True, True]
+    # sft up to date too, but base about to re-run (another seed): sft will re-run after it, so it is preloaded
+    run_stage("sft", str(REPO / "configs/tiny/sft.yaml"), root=tmp_path, run="tiny")
+    routed = route_overrides(["base.seed=7"], ["base", "sft"])
+    stale_base = _plan_steps(REPO / "configs/tiny/pipeline.yaml", steps, routed, tmp_path, "tiny", False, jobs=1)
+    fresh_both = _plan_steps(REPO / "configs/tiny/pipeline.yaml", steps, route_overrides([], ["base", "sft"]),
+                             tmp_path, "tiny", False, jobs=1)
+    assert [step.preload for step, _ in stale_base] == [True, True]
+    assert [step.preload for step, _ in fresh_both] == [False, False]
 
 
 def _weights(root: Path) -> dict[str, str]:
