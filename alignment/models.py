@@ -59,7 +59,7 @@ def gguf_parsed_once():
     metadata field (~440k parts for SmolLM2's vocabulary), and builds gguf's tensor name map again for each of the
     model's ~400 modules: most of the base stage's CPU. Both are read-only and depend only on their arguments, so
     for the import each is made once (the gguf package's own names, which transformers imports at each call; a
-    version without them is left as it is). The weights come out the same, byte for byte (tests/test_models.py)."""
+    version without them is left as it is). The weights come out the same, bit for bit (tests/test_base_stage.py)."""
     try:
         import gguf
     except ImportError:

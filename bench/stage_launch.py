@@ -11,7 +11,7 @@ and every stage process it waited for. The published weights of both variants mu
 from __future__ import annotations
 
 import argparse
-import hashlib
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -24,13 +24,11 @@ VARIANTS = {"default": {}, "exec": {"ALIGN_STAGE_LAUNCH": "exec"}}  # default: f
 
 
 def weights(root: Path) -> dict[str, str]:
-    """The published artifacts' weight files (not caches such as `.merged/`, named after a manifest's hash)."""
-    out = {}
-    for p in sorted(root.rglob("*.safetensors")):
-        rel = p.relative_to(root)
-        if not any(part.startswith(".") or part.startswith("checkpoint") for part in rel.parts):
-            out[str(rel)] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
+    """The sha256 of every weight file the published artifacts under `root` list in their manifests (what `align
+    verify` checks; caches such as `.merged/` and checkpoints are not outputs)."""
+    return {f"{m.parent.relative_to(root)}/{o['path']}": o["sha256"]
+            for m in sorted(root.glob("*/*/manifest.json"))
+            for o in json.loads(m.read_text())["outputs"] if o["path"].endswith(".safetensors")}
 
 
 def main(argv: list[str] | None = None) -> None:

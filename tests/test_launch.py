@@ -4,7 +4,7 @@ fresh interpreter per stage. The kill tests of tests/test_kill_sweep.py run in b
 
 from __future__ import annotations
 
-import hashlib
+import importlib.util
 import os
 import subprocess
 import sys
@@ -18,6 +18,10 @@ from alignment.runner import _plan_steps, route_overrides, run_stage
 
 REPO = Path(__file__).resolve().parent.parent
 ALIGN = [sys.executable, "-m", "alignment.cli"]
+sys.path.insert(0, str(REPO / "bench"))  # stage_launch imports its sibling page_faults
+_spec = importlib.util.spec_from_file_location("bench_stage_launch", REPO / "bench" / "stage_launch.py")
+stage_launch = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(stage_launch)
 
 
 def test_only_this_interpreters_align_commands_are_forked(monkeypatch):
@@ -87,11 +91,6 @@ def test_a_step_that_looks_up_to_date_is_started_without_importing_the_libraries
     assert [step.preload for step, _ in fresh_both] == [False, False]
 
 
-def _weights(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*.safetensors"))}
-
-
 @pytest.mark.slow
 def test_forked_and_exec_stages_publish_the_same_weights(tmp_path):
     pipe = tmp_path / "p.yaml"
@@ -104,6 +103,6 @@ def test_forked_and_exec_stages_publish_the_same_weights(tmp_path):
                              capture_output=True, text=True, timeout=600,
                              env={**os.environ, launch.ENV: mode, "ALIGN_TRACKING": "none"})
         assert res.returncode == 0, res.stderr[-2000:]
-        got[mode] = _weights(tmp_path / mode)
+        got[mode] = stage_launch.weights(tmp_path / mode)
         assert (tmp_path / mode / "tiny/logs/sft.log").is_file()  # -j 2: each stage's output in its log
     assert len(got["fork"]) >= 3 and got["fork"] == got["exec"]
