@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import tempfile
 from typing import Annotated, Literal, Union
 
 from pydantic import Discriminator, Field, Tag
 
 from alignment.config import ConfigError, Section
+from alignment.errors import AlignError
 from alignment.fused_lora import use_kernel
 
 log = logging.getLogger("align")
@@ -212,6 +214,10 @@ def trl_reward_func(score, records: list[dict], name: str = "reward", *, truncat
         rows = [records[i] for i in prompt_index]
         fields = {f: [r.get(f) for r in rows] for f in FIELDS if any(f in r for r in rows)}
         scores = [float(x) for x in score(prompts, texts, **fields)]
+        bad = next((i for i, s in enumerate(scores) if math.isinf(s)), None)
+        if bad is not None:  # TRL would train on nothing (an infinite group mean leaves no advantage) and publish
+            raise AlignError(f"reward {name}: completion {bad} scored {scores[bad]}; rewards must be finite "
+                             "(NaN marks a completion the reward cannot score)")
         if truncated_reward is None:
             return scores
         return [s if ids and ids[-1] in eos_ids else float(truncated_reward)
@@ -399,9 +405,10 @@ def build_trainer(cfg, sft, prompts: list[dict], score, checkpoints_dir):
 
 
 TRL_HEALTH_KEYS = {"completions/clipped_ratio": "ppo/missing_eos_rate", "completions/mean_length": "ppo/response_length",
-                   "entropy": "ppo/entropy"}
+                   "entropy": "ppo/entropy", "loss": "train/loss", "grad_norm": "train/grad_norm"}
 """TRL's logged GRPO/RLOO statistics -> the health monitor's names (TRL's KL is k3 per token, never negative, and
-there is no in-run held-out evaluation: those two checks do not apply)."""
+there is no in-run held-out evaluation: those two checks do not apply). A NaN loss or gradient norm, or a null
+entropy, stops the run at that row (`Diverged`)."""
 
 
 def health_callback(spec):

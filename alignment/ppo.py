@@ -55,8 +55,8 @@ from alignment.errors import ArtifactError
 from alignment.fused_lora import fuse_lora_layers, plain_lora_adapter
 from alignment.generation import Rollout
 from alignment.packing import pack_sequences
-from alignment.ppo_callbacks import (Control, GoldCheck, HealthCallback, HealthMonitor, HealthSpec,  # noqa: F401
-                                     HealthStop, JsonlLog, LiveTracking, PPOCallback, ProgressBar,
+from alignment.ppo_callbacks import (Control, Diverged, GoldCheck, HealthCallback, HealthMonitor,  # noqa: F401
+                                     HealthSpec, HealthStop, JsonlLog, LiveTracking, PPOCallback, ProgressBar,
                                      StopOnPreemption)
 
 if TYPE_CHECKING:
@@ -900,14 +900,15 @@ class PPOTrainer:
 
     def _end_update(self, row: dict, history: list, callbacks, checkpoints) -> "Control":
         """The callbacks' verdict on a finished row, then the row into the history. A guardrail's HealthStop
-        keeps the row and a checkpoint (the run can go on from there with other limits) before it propagates."""
+        keeps the row and a checkpoint (the run can go on from there with other limits) before it propagates; a
+        divergence keeps the row and only the checkpoints from before it."""
         control = Control()
         try:
             for cb in callbacks:
                 cb.on_update_end(self, row, control)
-        except HealthStop:
+        except HealthStop as stop:
             self._record(row, history, callbacks)
-            if checkpoints:
+            if checkpoints and not isinstance(stop, Diverged):  # NaN weights would poison every resume
                 self.save_checkpoint(checkpoints, history, callbacks)
             raise
         self._record(row, history, callbacks)

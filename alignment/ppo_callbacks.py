@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +67,11 @@ class HealthStop(AlignError):
     """Training went wrong in a way that makes going on pointless (the message says what and which limit)."""
 
 
+class Diverged(HealthStop):
+    """A training statistic came out NaN, infinite or null: the weights after that update are not usable, so
+    no checkpoint of them is kept (those from before it are)."""
+
+
 class HealthSpec(Section):
     """Guardrails: each check warns past its warn limit and stops the run (HealthStop) past its stop limit for
     `patience` consecutive updates. None switches a limit off."""
@@ -92,16 +98,23 @@ class HealthSpec(Section):
     """Consecutive updates past a stop limit before stopping (single small batches are noisy)."""
 
 
+FINITE_KEYS = ("ppo/kl", "ppo/entropy", "ppo/response_length", "ppo/policy_loss", "ppo/value_loss", "ppo/grad_norm",
+               "train/loss", "train/grad_norm")
+"""Statistics that are numbers in every healthy update: one that is NaN, infinite or null (TRL logs a NaN
+entropy or KL as null) means the update diverged, e.g. bf16 at a high learning rate. Checked before the limits
+above, whose ratios would otherwise fail on it."""
 BEST_KEYS = ("eval/gold", "eval/reward", "step")
 """What the monitor keeps of the evaluation with the best gold score (the reward-hacking check's reference)."""
 FIXES = {
     "ppo": {"missing_eos": "raise ppo.max_new_tokens or ppo.missing_eos_penalty",
             "entropy": "lower ppo.lr, raise ppo.kl_coef or ppo.ent_coef", "kl": "ppo.kl_coef",
-            "stopped": "a checkpoint was saved; change the limit to go on", "unit": "update"},
+            "stopped": "a checkpoint was saved; change the limit to go on", "unit": "update",
+            "diverged": "lower ppo.lr or ppo.max_grad_norm, or train in fp32 (precision: fp32)"},
     # GRPO/RLOO (TRL's logged rows, alignment/grpo.py): a group whose completions are all cut scores the same,
     # so once every completion runs on there is no advantage left to bring the policy back (docs/ppo.md)
     "grpo": {"missing_eos": "raise group.max_completion_length, lower train.lr or raise group.beta",
              "entropy": "lower train.lr or raise group.beta", "kl": "group.beta",
+             "diverged": "lower train.lr, or train in fp32 (precision: fp32)",
              "stopped": "the run resumes from its last checkpoint (train.save_steps) once the limit is changed",
              "unit": "step"},
 }
@@ -126,6 +139,10 @@ class HealthMonitor:
     def check(self, row: dict) -> list[str]:
         """Warnings for this update's row; raises HealthStop when a check stays past its stop limit."""
         s, out = self.spec, []
+        bad = [f"{k} = {row[k]}" for k in FINITE_KEYS if k in row and not _finite(row[k])]
+        if bad:
+            raise Diverged(f"{self.stage}: stopped at {self.fix['unit']} {row.get('step', '?')}: {', '.join(bad)}: "
+                           f"the update diverged ({self.fix['diverged']}; the checkpoints from before it are kept)")
         for key in ("ppo/response_length", "ppo/entropy", "eval/reward", "eval/gold"):
             if key in row and key not in self.first:
                 self.first[key] = row[key]
@@ -175,6 +192,10 @@ class HealthMonitor:
                                  f"health.{limit}={getattr(s, limit)} for {self.strikes[name]} consecutive "
                                  f"check(s) ({self.fix['stopped']})")
         return out
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
 
 
 def _gt(x: float, limit: float | None) -> bool:

@@ -343,6 +343,31 @@ def test_a_run_whose_completions_are_all_cut_is_stopped_by_the_guardrail_with_on
     assert not (root / run / "grpo").exists()  # nothing published
 
 
+def inf_reward(prompts, completions):
+    return [float("inf")] * len(completions)
+
+
+def test_an_infinite_reward_is_one_line_not_a_run_trained_on_nothing(store, tmp_path, capsys):
+    # TRL takes it: the group mean is inf, no advantage is left, and the run would publish an untrained policy
+    root, run = store
+    cfg = write_config(tmp_path, **{"reward.function": "test_grpo:inf_reward"})
+    assert main(["run", "grpo", "-c", str(cfg), "--artifacts", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert "align: error: reward function_reward: completion 0 scored inf; rewards must be finite" in err
+    assert "Traceback" not in err and not (root / run / "grpo").exists()
+
+
+def test_a_diverged_run_stops_at_the_first_nan_row_with_one_line(store, tmp_path, capsys):
+    # a learning rate no run survives: the first update makes the LoRA weights huge, the next forward overflows
+    root, run = store
+    cfg = write_config(tmp_path, **{"train.lr": 1.0e30, "train.max_steps": 4, "train.save_steps": 1})
+    assert main(["run", "grpo", "-c", str(cfg), "--artifacts", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert "align: error: grpo: stopped at step " in err and "= nan" in err and "the update diverged" in err
+    assert "lower train.lr, or train in fp32" in err and "Traceback" not in err
+    assert not (root / run / "grpo").exists()  # nothing published
+
+
 def test_the_grpo_guardrail_keeps_the_first_logged_row_as_its_reference_after_a_resume(caplog):
     from types import SimpleNamespace
 

@@ -18,7 +18,8 @@ from alignment.cli import main as align
 from alignment.errors import AlignError, ConfigError
 from alignment.models import load_tokenizer
 from alignment.policy import load_policy
-from alignment.ppo import Experience, HealthMonitor, HealthSpec, HealthStop, PPOSpec, PPOTrainer, lora_config
+from alignment.ppo import (Diverged, Experience, HealthMonitor, HealthSpec, HealthStop, PPOSpec, PPOTrainer,
+                           lora_config)
 from alignment import rl
 from alignment.rl import logprobs_of_taken_tokens
 from alignment.schema import PeftSpec
@@ -442,6 +443,42 @@ def test_health_monitor_warns_then_stops():
         warning = m.check({"step": 8, "eval/reward": 0.8, "eval/gold": 0.45})[0]
         assert "fell 0.600 -> 0.450 (its best, at update 4" in warning
     assert resumed.check({"step": 9, "eval/reward": 0.2, "eval/gold": 0.45}) == []  # the reward fell below 0.3
+
+
+def test_a_nan_or_null_statistic_stops_at_once_and_names_it():
+    # a seed of GRPO's look 10 (bf16, lr 2e-3) logged grad_norm NaN, then entropy and KL null; the entropy ratio
+    # then failed with a TypeError after five more steps on NaN weights
+    mon = HealthMonitor(HealthSpec(patience=3))
+    assert mon.check({"step": 1, "ppo/entropy": 2.0, "train/loss": -0.3, "train/grad_norm": 0.4}) == []
+    with pytest.raises(Diverged, match=r"^ppo: stopped at update 2: ppo/grad_norm = nan: the update diverged "
+                                       r"\(lower ppo.lr or ppo.max_grad_norm, or train in fp32"):
+        mon.check({"step": 2, "ppo/entropy": 1.9, "ppo/grad_norm": float("nan")})
+    grpo = HealthMonitor(HealthSpec(), stage="grpo")
+    with pytest.raises(Diverged, match=r"step 30: ppo/entropy = None, train/loss = inf: .*lower train.lr"):
+        grpo.check({"step": 30, "ppo/entropy": None, "train/loss": float("inf"), "eval/gold": None})
+    assert issubclass(Diverged, HealthStop)  # the stages' one-line exit 2
+    assert grpo.check({"step": 31, "eval/gold": None, "ppo/kl": 0.0}) == []  # a null gold (no constraints) is fine
+
+
+class _StopWith:
+    def __init__(self, error):
+        self.error = error
+
+    def on_update_end(self, trainer, row, control):
+        raise self.error
+
+    def on_log(self, trainer, row):
+        pass
+
+
+@pytest.mark.parametrize("error, saved", [(HealthStop("limit"), 1), (Diverged("nan"), 0)])
+def test_a_health_stop_keeps_a_checkpoint_but_a_divergence_does_not(error, saved):
+    saves, history = [], []
+    loop = type("Loop", (), {"save_checkpoint": lambda self, *a: saves.append(a),
+                             "_record": PPOTrainer._record})()
+    with pytest.raises(type(error)):
+        PPOTrainer._end_update(loop, {"step": 3}, history, [_StopWith(error)], checkpoints=object())
+    assert len(saves) == saved and history == [{"step": 3}]
 
 
 def test_chosen_nll_adds_its_weight_to_the_advantages_of_finished_responses_above_the_bar(tiny_store):
