@@ -224,10 +224,17 @@ def chosen_splits(names: str | None, sealed: bool, sealed2: bool = False) -> dic
 
 
 def check_policies(specs: list[str]) -> None:
+    from alignment.artifacts import ArtifactStore
+    from alignment.errors import AlignError
+
     for spec in specs:  # every argument checked before hours of generation start
         name, _, path = spec.partition("=")
         if not name or not (Path(path) / "manifest.json").is_file():
             sys.exit(f"gold_splits: {spec!r}: expected NAME=ARTIFACT_DIR of a published stage (with manifest.json)")
+        try:  # its outputs against their recorded sizes and hashes: a copied artifact can be incomplete
+            ArtifactStore(Path(path).parent.parent).read(Path(path))
+        except AlignError as e:
+            sys.exit(f"gold_splits: {spec!r}: {e}")
 
 
 def seed_groups(specs: list[str], known: set, out: Path) -> dict[str, list[str]]:

@@ -158,6 +158,26 @@ def test_gold_splits_refuses_an_argument_that_is_not_a_published_artifact(tmp_pa
         assert not (tmp_path / "g.json").exists()
 
 
+def test_gold_splits_refuses_an_incomplete_copy_before_scoring_anything(tiny_store, tmp_path):
+    # an artifact carried back from another machine with one file rebuilt by hand (look 10's model card): one line
+    # naming the file, before a first policy spends minutes generating
+    import shutil
+    import subprocess
+    import sys
+
+    root, run = tiny_store
+    copy = tmp_path / "store"
+    shutil.copytree(root, copy)
+    card = copy / run / "sft" / "model" / "README.md"
+    card.write_text(card.read_text() + "edited\n")
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "gold_splits.py"), "--out", str(tmp_path / "g.json"),
+                          f"base={root / run / 'sft'}", f"sft={copy / run / 'sft'}"], capture_output=True, text=True)
+    assert out.returncode == 1, out
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"gold_splits: 'sft={copy / run / 'sft'}': ")
+    assert "README.md" in lines[0] and "Traceback" not in out.stderr and not (tmp_path / "g.json").exists()
+
+
 def test_gold_splits_loads_the_policies_at_the_asked_precision(tiny_store, tmp_path, monkeypatch):
     """--precision reaches the policy loader (auto unless asked: fp32 on a GPU for rows that compare with an fp32
     CPU host's); a value outside auto/bf16/fp32 is refused before anything loads."""
