@@ -224,15 +224,22 @@ def chosen_splits(names: str | None, sealed: bool, sealed2: bool = False) -> dic
 
 
 def check_policies(specs: list[str]) -> None:
-    from alignment.artifacts import ArtifactStore
-    from alignment.errors import AlignError
-
     for spec in specs:  # every argument checked before hours of generation start
         name, _, path = spec.partition("=")
         if not name or not (Path(path) / "manifest.json").is_file():
             sys.exit(f"gold_splits: {spec!r}: expected NAME=ARTIFACT_DIR of a published stage (with manifest.json)")
-        try:  # its outputs against their recorded sizes and hashes: a copied artifact can be incomplete
-            ArtifactStore(Path(path).parent.parent).read(Path(path))
+
+
+def verify_policies(specs: list[str]) -> None:
+    """Each artifact's outputs against their recorded sizes and hashes, all before the first is scored: a copy
+    carried from another machine can be incomplete."""
+    from alignment.artifacts import ArtifactStore
+    from alignment.errors import AlignError
+
+    for spec in specs:
+        path = Path(spec.partition("=")[2])
+        try:
+            ArtifactStore(path.parent.parent).read(path)
         except AlignError as e:
             sys.exit(f"gold_splits: {spec!r}: {e}")
 
@@ -303,6 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [n for n in args.kinds or () if n not in known | set(groups)]
     if unknown:
         sys.exit(f"gold_splits: --kinds: no results for {', '.join(unknown)} in {args.out} (nor evaluated now)")
+    verify_policies(args.policies)
     for spec in args.policies:
         name, _, path = spec.partition("=")
         results[name] = evaluate(Path(path), args.sample, splits, args.precision)

@@ -420,3 +420,28 @@ def test_chosen_nll_adds_its_weight_to_the_advantage_of_each_groups_best(store, 
     assert bonus.sum() >= 1.0  # random completions differ in their vowel share: each group has a best
     assert torch.allclose(out["advantages"], plain + bonus, atol=1e-5)
     assert trainer._metrics["train"]["chosen_nll/frac"] == [(bonus > 0).float().mean().item()]
+
+
+def test_look_10s_logged_rows_stop_the_two_diverged_seeds_where_they_went_nan_and_not_the_third():
+    """The rows three GRPO seeds logged on an H200 (bench/results/grpo_look10_h200_rows.json): seeds 0 and 2 ran on,
+    logged a NaN gradient norm at steps 25 and 40 and then crashed in the health check; seed 1 finished."""
+    from types import SimpleNamespace
+
+    from alignment.grpo import health_callback
+    from alignment.ppo_callbacks import Diverged, HealthSpec
+
+    saved = json.loads((Path(__file__).parents[1] / "bench" / "results" / "grpo_look10_h200_rows.json").read_text())
+    names = ["reward", "completions/mean_length", "completions/clipped_ratio", "grad_norm", "entropy", "kl"]
+    stopped = {}
+    for seed, rows in saved["seeds"].items():
+        cb, history = health_callback(HealthSpec()), []
+        for step, *values in rows:
+            logs = {k: float(v) if v == "NaN" else v for k, v in zip(names, values)}
+            logs["loss"] = 0.0
+            history.append(logs)
+            try:
+                cb.on_log(None, SimpleNamespace(log_history=history, global_step=step), None, logs=logs)
+            except Diverged as e:
+                stopped[seed] = (step, str(e).split(": ")[2])
+                break
+    assert stopped == {"0": (25, "train/grad_norm = nan"), "2": (40, "train/grad_norm = nan")}
