@@ -52,6 +52,12 @@ FILES = {
     "prefs/eval.jsonl": ("eval", "train", "train", True, 200),
     "prefs/eval_heldout_phrasings.jsonl": ("eval_heldout_phrasings", "train", "heldout", True, 200),
 }
+ONE_EDIT = {"prefs/train_one_edit.jsonl": ("train", "train", "train", True, 3000)}
+"""Training pairs like prefs/train.jsonl's, from a stream of their own (3), in which the kinds of ONE_EDIT_KINDS get
+one-edit rejected responses (`one_edit_twin`); reward.yaml's `data.train` can point at it (docs/reward.md)."""
+ONE_EDIT_KINDS = {"forbidden_words", "keyword", "letter_frequency", "min_words"}
+"""The four kinds a reward model trained on prefs/train.jsonl ranked at or below chance on held-out phrasings in
+every seed at 3,000 pairs (docs/reward.md)."""
 SEALED = {"sealed/phrasings.jsonl": ("sealed_phrasings", "train", "sealed", False, 200),
           "sealed/phrasings2.jsonl": ("sealed2_phrasings", "train", "sealed2", False, 200)}
 """Training kinds in the sealed wordings (SEALED_* and SEALED2_* below), each file drawn after the ones before it
@@ -582,6 +588,14 @@ def compose(rng: random.Random, topic: dict, constraints: list[dict], violate: s
     """A fluent response meeting every constraint, or, when `violate` names a constraint kind, one that clearly
     breaks that constraint while meeting the others; optionally longer/shorter (words) than a given length.
     None when no such response is found."""
+    found = _compose(rng, topic, constraints, violate, longer_than, shorter_than)
+    return found[0] if found else None
+
+
+def _compose(rng: random.Random, topic: dict, constraints: list[dict], violate: str | None,
+             longer_than: int | None, shorter_than: int | None) -> tuple | None:
+    """`compose`, also returning what a one-edit twin needs: (text, facts, plan, the rng state _render began
+    from). Reading the state draws nothing, so the files built before it stay byte-identical."""
     by = {c["type"]: c for c in constraints}
     facts = _fact_order(rng, topic["facts"], by, violate)
     plan = _plan(rng, by, violate, len(facts))
@@ -590,11 +604,43 @@ def compose(rng: random.Random, topic: dict, constraints: list[dict], violate: s
     for k in sizes:
         if k < plan["min_facts"] or (plan["exact_facts"] and k != plan["exact_facts"]):
             continue
+        state = rng.getstate()
         text = _render(rng, topic, facts[:k], plan)
         words = count_words(text)
         if longer_than is not None and words <= longer_than or shorter_than is not None and words >= shorter_than:
             continue
         if _acceptable(text, constraints, violate):
+            return text, facts[:k], plan, state
+    return None
+
+
+def one_edit_twin(rng: random.Random, topic: dict, constraints: list[dict], parts: tuple, violate: str) -> str | None:
+    """A rejected response one edit away from the chosen one (`_compose`'s parts): the same facts, layout and
+    decorations (rendered from the same rng state), with one fact swapped for another of the topic, two where one
+    cannot do it, or for min_words the last facts dropped, so that it breaks `violate` and meets the rest. A pair
+    then differs only in what the violated check reads, the contrast a small scorer needs to learn a lexical
+    check (docs/reward.md, "One-edit pairs"). None when no such edit exists."""
+    _, facts, plan, state = parts
+
+    def render(fs: list[str]) -> str:
+        twin = random.Random()
+        twin.setstate(state)
+        return _render(twin, topic, fs, plan)
+
+    if violate == "min_words":
+        candidates = [facts[:j] for j in range(len(facts) - 1, 0, -1)
+                      if j >= plan["min_facts"] and not plan["exact_facts"]]
+    else:
+        spare = [f for f in topic["facts"] if f not in facts]
+        swaps = [(i, f) for i in range(len(facts)) for f in spare]
+        rng.shuffle(swaps)
+        candidates = [facts[:i] + [f] + facts[i + 1:] for i, f in swaps]
+        pairs = [(a, b) for a in swaps for b in swaps if a[0] < b[0] and a[1] != b[1]]
+        for (i, f), (j, g) in rng.sample(pairs, min(len(pairs), 300)):
+            candidates.append([f if n == i else g if n == j else x for n, x in enumerate(facts)])
+    for fs in candidates:
+        text = render(fs)
+        if text and _acceptable(text, constraints, violate):
             return text
     return None
 
@@ -744,7 +790,7 @@ FREE_KINDS = len(set(TRAIN_KINDS) - FORCED_LONGER - FORCED_SHORTER)  # the kinds
 
 
 def make_item(rng: random.Random, main: str, topic: dict, phrasing: str, used: set[str],
-              pairs: bool, balance: dict[str, int]) -> dict:
+              pairs: bool, balance: dict[str, int], twins: bool = False) -> dict:
     """One prompt (unique across all files) with its constraints, chosen and maybe rejected response.
 
     `balance` holds the running sums of len(chosen) - len(rejected) in words over this file's pairs: per kind,
@@ -753,23 +799,26 @@ def make_item(rng: random.Random, main: str, topic: dict, phrasing: str, used: s
     plus an equal share of the file's, so that length predicts preference neither within a kind nor over the
     file. (With the file's sum alone the free kinds made up for the forced ones unevenly: keyword's chosen answer
     was the shorter one in 72% of the training pairs and in 46% of the held-out-phrasing ones, a shortcut a
-    reward model learned.)"""
+    reward model learned.) `twins`: a kind of ONE_EDIT_KINDS gets `one_edit_twin` of its chosen response."""
     for _ in range(600):
         constraints = sample_constraints(rng, main, topic)
         prompt, template = prompt_text(rng, topic["name"], constraints, phrasing)
         if prompt in used:
             continue
-        chosen = compose(rng, topic, constraints)
-        if not chosen:
+        parts = _compose(rng, topic, constraints, None, None, None)
+        if not parts:
             continue
-        rejected = ""
+        chosen, rejected = parts[0], ""
         if pairs:
             n = count_words(chosen)
-            lean = balance.get(main, 0) + balance.get("all", 0) / FREE_KINDS
-            longer = main in FORCED_LONGER or (main not in FORCED_SHORTER
-                                               and rng.random() < (0.8 if lean > 0 else 0.2))
-            rejected = compose(rng, topic, constraints, violate=main,
-                               longer_than=n if longer else None, shorter_than=None if longer else n)
+            if twins and main in ONE_EDIT_KINDS:
+                rejected = one_edit_twin(rng, topic, constraints, parts, main)
+            else:
+                lean = balance.get(main, 0) + balance.get("all", 0) / FREE_KINDS
+                longer = main in FORCED_LONGER or (main not in FORCED_SHORTER
+                                                   and rng.random() < (0.8 if lean > 0 else 0.2))
+                rejected = compose(rng, topic, constraints, violate=main,
+                                   longer_than=n if longer else None, shorter_than=None if longer else n)
             if rejected is None:
                 continue
             for key in (main, "all"):
@@ -780,7 +829,8 @@ def make_item(rng: random.Random, main: str, topic: dict, phrasing: str, used: s
     raise RuntimeError(f"no example found for {main} / {topic['name']}")
 
 
-def build_file(rng: random.Random, spec: tuple, topics: list[dict], used: set[str], prefix: str) -> list[dict]:
+def build_file(rng: random.Random, spec: tuple, topics: list[dict], used: set[str], prefix: str,
+               twins: bool = False) -> list[dict]:
     """Rows of one file; kinds and topics are cycled so both stay balanced in any prefix."""
     split, kind_pool, phrasing, pairs, size = spec
     kinds = TRAIN_KINDS if kind_pool == "train" else HELDOUT_KINDS
@@ -792,7 +842,7 @@ def build_file(rng: random.Random, spec: tuple, topics: list[dict], used: set[st
         # Every topic once per round; each round shifts by one so that a kind meets every topic (with 16 kinds
         # and 96 topics, a plain i % 96 would pair each kind with the same 6 topics forever).
         topic = order[(i + i // len(order)) % len(order)]
-        item = make_item(rng, main, topic, phrasing, used, pairs, balance)
+        item = make_item(rng, main, topic, phrasing, used, pairs, balance, twins)
         rows.append(_row(pairs, f"{prefix}-{i + 1:05d}", split, main, item))
     return rows
 
@@ -851,10 +901,12 @@ def main(argv: list[str] | None = None) -> None:
     rng = random.Random(0)
     topics = all_topics()
     used: set[str] = set()
-    for name, spec in [*FILES.items(), *SEALED.items()]:
+    for name, spec in [*FILES.items(), *SEALED.items(), *ONE_EDIT.items()]:
         if name in SEALED:  # each sealed file its own stream: the files before it stay byte-identical
             rng = random.Random(1 + list(SEALED).index(name))
-        rows = build_file(rng, spec, topics, used, name.replace(".jsonl", "").replace("/", "-"))
+        if name in ONE_EDIT:
+            rng = random.Random(1 + len(SEALED))
+        rows = build_file(rng, spec, topics, used, name.replace(".jsonl", "").replace("/", "-"), name in ONE_EDIT)
         kinds = set(TRAIN_KINDS) | (set(HELDOUT_KINDS) if spec[1] == "heldout" else set())
         check_rows(rows, spec[3], kinds)
         write_jsonl(out / name, rows)

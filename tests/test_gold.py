@@ -1,6 +1,7 @@
 """The gold judge on hand-worked cases, and the bundled instruct data against it."""
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -162,6 +163,7 @@ FILES = {  # file -> (split, at least this many rows)
     "instruct/eval_heldout_kinds.jsonl": ("eval_heldout_kinds", 150),
     "prefs/train.jsonl": ("train", 1000), "prefs/eval.jsonl": ("eval", 150),
     "prefs/eval_heldout_phrasings.jsonl": ("eval_heldout_phrasings", 150),
+    "prefs/train_one_edit.jsonl": ("train", 1000),
     "sealed/phrasings.jsonl": ("sealed_phrasings", 200), "sealed/phrasings2.jsonl": ("sealed2_phrasings", 200),
 }
 
@@ -204,7 +206,7 @@ def test_bundled_splits_hold_out_kinds_phrasings_and_prompts():
         if name != "instruct/eval_heldout_kinds.jsonl":
             assert not used & held_kinds, name  # no training, preference or other eval row uses a held-out kind
     # Template ids: kind/tN (training phrasing) or kind/hN (held-out); held-out ones never train.
-    train_ids = {t for name in ("instruct/train.jsonl", "prefs/train.jsonl")
+    train_ids = {t for name in ("instruct/train.jsonl", "prefs/train.jsonl", "prefs/train_one_edit.jsonl")
                  for r in rows[name] for t in r["template"].split("+")}
     for name in ("instruct/eval_heldout_phrasings.jsonl", "prefs/eval_heldout_phrasings.jsonl"):
         for r in rows[name]:
@@ -231,7 +233,32 @@ def test_build_is_deterministic_and_reports_length_balance(tmp_path):
         assert (tmp_path / name).read_bytes() == (DATA / name).read_bytes(), name
     corr = [float(line.split("length/preference corr ")[1].split(",")[0])
             for line in out.splitlines() if "length/preference corr" in line]
-    assert len(corr) == 3 and all(abs(c) < 0.1 for c in corr)
+    assert len(corr) == 4 and all(abs(c) < 0.1 for c in corr)
+
+
+def _new_and_dropped_words(row: dict) -> tuple[int, int]:
+    """Words (a multiset) the rejected response adds to the chosen one, and words it drops."""
+    from collections import Counter
+    chosen, rejected = (Counter(re.findall(r"[a-z']+", row[k][0]["content"].lower())) for k in ("chosen", "rejected"))
+    return sum((rejected - chosen).values()), sum((chosen - rejected).values())
+
+
+def test_one_edit_pairs_differ_only_in_the_facts_the_violated_check_reads():
+    """prefs/train_one_edit.jsonl: in the four one-edit kinds the rejected answer is the chosen one with one or two
+    facts (<= 15 words each) swapped, or for min_words its last facts dropped; in prefs/train.jsonl the same kinds'
+    rejected answers are composed afresh, so many differ by more (the contrast this file exists to remove)."""
+    sys.path.insert(0, str(DATA))
+    import build
+
+    edits = {"one_edit": [], "train": []}
+    for name, key in (("prefs/train_one_edit.jsonl", "one_edit"), ("prefs/train.jsonl", "train")):
+        for row in _rows(DATA / name):
+            if row["category"] in build.ONE_EDIT_KINDS:
+                edits[key].append((row["category"], *_new_and_dropped_words(row)))
+    assert len(edits["one_edit"]) >= 4 * 187  # 3,000 rows over 16 kinds: 187-188 each
+    for kind, new, dropped in edits["one_edit"]:
+        assert (new, dropped > 0) == (0, True) if kind == "min_words" else 0 < new <= 30, (kind, new, dropped)
+    assert sum(new > 30 for kind, new, _ in edits["train"] if kind != "min_words") > 50
 
 
 def test_length_does_not_predict_preference_within_a_free_kind():
