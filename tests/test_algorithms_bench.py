@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -486,6 +487,48 @@ done
 while [ ! -f "$ART/go" ]; do sleep 0.2; done
 echo '{}' >"$OUT/gold.json"; tar czf "$OUT/look.tgz" -C "$OUT" steps.log
 """
+
+
+def test_gpu_lease_prepare_writes_what_each_call_carries(tmp_path):
+    """`prepare` (run here before a lease): wheels pinned to this environment's versions, the GGUF in 21 MiB chunks
+    that join back to it, the SFT artifact without its tokenizer.json, the base's manifest, and each call's MiB; a
+    missing SFT artifact is one line and exit 2."""
+    import os
+    import subprocess
+    from importlib.metadata import version
+
+    repo, art = tmp_path / "repo", tmp_path / "art"
+    (repo / "bench").mkdir(parents=True)
+    (repo / "bench" / "gpu_lease.sh").write_text((REPO / "bench" / "gpu_lease.sh").read_text())
+    (repo / "fake_pip.sh").write_text('d=$2; shift 2; for p in "$@"; do echo wheel > "$d/$p.whl"; done\n')
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(os.urandom(90 * 2**20))  # 5 chunks: 4 x 21 + 6 MiB, as SmolLM2's 94 MiB GGUF
+    env = {**os.environ, "ART": str(art), "PY": sys.executable, "GGUF_SRC": str(gguf), "WHEELS": "pytest pyyaml",
+           "PIP_DOWNLOAD": f"bash {repo / 'fake_pip.sh'}"}
+
+    def prepare():
+        return subprocess.run(["bash", "bench/gpu_lease.sh", "prepare"], cwd=repo, env=env, capture_output=True,
+                              text=True, timeout=60)
+
+    res = prepare()
+    assert res.returncode == 2 and res.stdout.strip().startswith("gpu_lease.sh: no base and SFT artifacts under")
+    for stage in ("base", "sft"):
+        (art / "smollm2" / stage / "model").mkdir(parents=True)
+        (art / "smollm2" / stage / "manifest.json").write_text(stage)
+    (art / "smollm2" / "sft" / "model" / "tokenizer.json").write_text("{}")
+    (art / "smollm2" / "sft" / "model" / "adapter_model.safetensors").write_bytes(b"A" * 100)
+    res = prepare()
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in (repo / ".whl").iterdir()) == sorted(
+        [f"pytest=={version('pytest')}.whl", f"pyyaml=={version('pyyaml')}.whl"])
+    chunks = sorted((repo / ".dev").glob("g.??"))
+    assert [c.name for c in chunks] == ["g.00", "g.01", "g.02", "g.03", "g.04"]
+    assert b"".join(c.read_bytes() for c in chunks) == gguf.read_bytes()
+    assert sorted(p.name for p in (repo / ".dev" / "sft" / "model").iterdir()) == ["adapter_model.safetensors"]
+    assert (repo / ".dev" / "basemeta" / "manifest.json").read_text() == "base"
+    assert res.stdout.splitlines() == ["install carries .whl .dev/g.00: 22 MiB",  # du rounds each file up
+                                       "chunk carries .dev/g.01 .dev/g.02: 42 MiB",
+                                       "start carries .dev/g.03 .dev/g.04 .dev/sft .dev/basemeta: 28 MiB (64 a call)"]
 
 
 def test_gpu_lease_outlives_its_call_and_brings_back_policies_or_outcomes(tmp_path):
