@@ -375,3 +375,25 @@ def test_config_schema_lists_the_eval_set_and_kind_floor_keys(capsys):
                 'gate.kind_set: str = "eval"', "gate.min_kind_pairs: int = 5"):
         assert key in lines, key
         assert lines[lines.index(key) + 1].startswith("    ") and len(lines[lines.index(key) + 1].strip()) > 20
+
+
+def test_rm_train_fit_reports_each_kind_on_the_pairs_it_trained_on(reward_store):
+    """bench/rm_train_fit.py: per kind, the share of the file's first 1,200 pairs the RM ranks right, and how many."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from alignment.preferences import load_pairs
+    from alignment.reward import load_reward_model, score_pairs
+
+    model_dir = reward_store / "tiny" / "reward" / "model"
+    out = subprocess.run([sys.executable, "bench/rm_train_fit.py", str(model_dir), "data/prefs/train.jsonl",
+                          "keyword,title"], capture_output=True, text=True, check=True).stdout
+    got = json.loads(out)
+    pairs = [p for p in load_pairs("data/prefs/train.jsonl")[:1200] if p["category"] == "title"]
+    model, tok = load_reward_model(model_dir)
+    with torch.no_grad():
+        s = score_pairs(model, tok, pairs, batch_size=16, max_length=512)
+    right = sum(c > r for c, r in zip(s["chosen"], s["rejected"], strict=True))
+    assert got == {"keyword": [got["keyword"][0], 75], "title": [round(right / 75, 3), 75]}
