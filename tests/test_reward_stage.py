@@ -397,3 +397,23 @@ def test_rm_train_fit_reports_each_kind_on_the_pairs_it_trained_on(reward_store)
         s = score_pairs(model, tok, pairs, batch_size=16, max_length=512)
     right = sum(c > r for c, r in zip(s["chosen"], s["rejected"], strict=True))
     assert got == {"keyword": [got["keyword"][0], 75], "title": [round(right / 75, 3), 75]}
+
+
+def test_gpu_rm_trains_three_seeds_from_the_looks_base_and_scores_their_fit(reward_store, tmp_path):
+    """bench/gpu_rm.sh (beside a GPU look): three reward-model seeds from the run's base, each run's metrics and its
+    per-kind fit on its own training pairs written out; the seeds differ."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "ART": str(reward_store), "RUN": "tiny", "RM_CONFIG": CONFIG, "RM_FIT_KINDS": "title",
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])}  # its python3: this one
+    subprocess.run(["bash", "bench/gpu_rm.sh", str(out), "init=base train.max_steps=2 threads=1"], env=env, check=True,
+                   timeout=600)
+    metrics = [json.loads((out / f"rm_s{s}.json").read_text()) for s in range(3)]
+    assert [m["steps"] for m in metrics] == [2, 2, 2] and len({m["train_loss"] for m in metrics}) == 3
+    for s in range(3):
+        fit = json.loads((out / f"rm_fit_s{s}.json").read_text())
+        assert list(fit) == ["title"] and fit["title"][1] == 75 and 0 <= fit["title"][0] <= 1
