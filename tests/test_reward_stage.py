@@ -397,6 +397,11 @@ def test_rm_train_fit_reports_each_kind_on_the_pairs_it_trained_on(reward_store)
         s = score_pairs(model, tok, pairs, batch_size=16, max_length=512)
     right = sum(c > r for c, r in zip(s["chosen"], s["rejected"], strict=True))
     assert got == {"keyword": [got["keyword"][0], 75], "title": [round(right / 75, 3), 75]}
+    for args, line in (([str(reward_store), "data/prefs/train.jsonl", "title"], "not a reward model folder"),
+                       ([str(model_dir), "nope.jsonl", "title"], "nope.jsonl: no such pairs file"),
+                       ([str(model_dir), "data/prefs/train.jsonl", "titel"], "no pair of kind titel among")):
+        bad = subprocess.run([sys.executable, "bench/rm_train_fit.py", *args], capture_output=True, text=True)
+        assert bad.returncode == 2 and len(bad.stderr.splitlines()) == 1 and line in bad.stderr, bad.stderr
 
 
 def test_gpu_rm_trains_three_seeds_from_the_looks_base_and_scores_their_fit(reward_store, tmp_path):
