@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from alignment.preferences import load_pairs
-    from alignment.reward import load_reward_model, score_pairs
+    from alignment.reward import load_reward_model, pairwise_accuracy, score_pairs
 
     torch.set_num_threads(args.threads)
     kinds = args.kinds.split(",")
@@ -40,10 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     model, tok = load_reward_model(args.model)
     with torch.no_grad():
         s = score_pairs(model, tok, pairs, batch_size=16, max_length=512)
-    right = defaultdict(list)
-    for p, c, r in zip(pairs, s["chosen"], s["rejected"], strict=True):
-        right[p["category"]].append(c > r)
-    print(json.dumps({k: [round(sum(v) / len(v), 3), len(v)] for k, v in sorted(right.items())}))
+    by_kind = defaultdict(list)
+    for i, p in enumerate(pairs):
+        by_kind[p["category"]].append(i)
+    print(json.dumps({k: [round(pairwise_accuracy([s["chosen"][i] for i in idx], [s["rejected"][i] for i in idx]), 3),
+                          len(idx)] for k, idx in sorted(by_kind.items())}))
     return 0
 
 
