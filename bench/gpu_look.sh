@@ -23,21 +23,11 @@ BASE_CONFIG=${BASE_CONFIG:-configs/smollm2/base.yaml}
 THREADS=${THREADS:-4}  # per seed: the three share the machine's cores
 export ALIGN_TRACKING=none HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 LOGS=$(mktemp -d)/logs; mkdir -p "$LOGS"
-align() { python3 -m alignment.cli -q "$@"; }
+. "$(dirname "$0")/gpu_base.sh"
 stamp() { echo "$(date +%T) $*" | tee -a "$OUT/steps.log"; }
 
 stamp "base import"
-align run base -c "$BASE_CONFIG" --artifacts "$ART" --run "$RUN" >"$LOGS/base.log" 2>&1 \
-  || stamp "base FAILED"
-want=$(python3 -c "import json, sys
-print([o['sha256'] for o in json.load(open(sys.argv[1]))['outputs'] if o['path'] == 'model/model.safetensors'][0])" \
-  "$BASE_META/manifest.json")
-have=$(sha256sum "$ART/$RUN/base/model/model.safetensors" | cut -d' ' -f1)
-if [ "$want" = "$have" ]; then  # its own manifest stays (timings differ); the weights are what the SFT model saw
-  stamp "base: the same weights as the SFT model's base"
-else
-  stamp "base: weights DIFFER from the SFT model's base ($have, want $want)"
-fi
+stamp "$(import_base "$LOGS/base.log")"  # a differing base is logged, not fatal: the look's report says so
 
 # a carried SFT artifact may leave its tokenizer behind (the base's own, byte for byte) to fit the transfer
 [ -f "$ART/$RUN/sft/model/tokenizer.json" ] || cp "$ART/$RUN/base/model/tokenizer.json" "$ART/$RUN/sft/model/"

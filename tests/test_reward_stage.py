@@ -404,19 +404,23 @@ def test_rm_train_fit_reports_each_kind_on_the_pairs_it_trained_on(reward_store)
         assert bad.returncode == 2 and len(bad.stderr.splitlines()) == 1 and line in bad.stderr, bad.stderr
 
 
-def test_gpu_rm_trains_three_seeds_from_the_looks_base_and_scores_their_fit(reward_store, tmp_path):
-    """bench/gpu_rm.sh (beside a GPU look): three reward-model seeds from the run's base, each run's metrics and its
-    per-kind fit on its own training pairs written out; the seeds differ."""
+def test_gpu_rm_alone_imports_the_base_trains_three_seeds_and_scores_their_fit(reward_store, tmp_path):
+    """bench/gpu_rm.sh alone (`gpu_lease.sh rm`): it imports the base into a fresh root itself and finds it the same,
+    byte for byte, as the one BASE_META names, then trains three reward-model seeds from it; each run's metrics and
+    its per-kind fit on its own training pairs are written out, the seeds differ, and rm_done marks the end."""
     import os
     import subprocess
     import sys
 
-    out = tmp_path / "out"
+    out, art = tmp_path / "out", tmp_path / "art"
     out.mkdir()
-    env = {**os.environ, "ART": str(reward_store), "RUN": "tiny", "RM_CONFIG": CONFIG, "RM_FIT_KINDS": "title",
+    env = {**os.environ, "ART": str(art), "RUN": "tiny", "RM_CONFIG": CONFIG, "RM_FIT_KINDS": "title",
+           "BASE_META": str(reward_store / "tiny" / "base"), "BASE_CONFIG": "configs/tiny/base.yaml",
            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])}  # its python3: this one
     subprocess.run(["bash", "bench/gpu_rm.sh", str(out), "init=base train.max_steps=2 threads=1"], env=env, check=True,
                    timeout=600)
+    assert (out / "rm_base.txt").read_text() == "base: the same weights as the development base\n"
+    assert (out / "rm_done").is_file() and not (out / "rm.err").exists()
     metrics = [json.loads((out / f"rm_s{s}.json").read_text()) for s in range(3)]
     assert [m["steps"] for m in metrics] == [2, 2, 2] and len({m["train_loss"] for m in metrics}) == 3
     for s in range(3):
