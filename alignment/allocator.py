@@ -81,3 +81,36 @@ def reexec_with_mimalloc() -> None:
         return  # preloaded but not mapped: the loader refused it; do not loop
     argv = list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
     os.execve(sys.executable, [sys.executable, *argv[1:]], preload_env(dict(os.environ), lib))
+
+
+# Where a process keeps glibc's malloc (ALIGN_ALLOCATOR=system, or no mimalloc wheel), the PPO trainer returns
+# freed memory to the OS and serves large tensors by their own mmap, so its RSS follows the live tensors.
+def _glibc(name: str):
+    """A glibc function, or None where there is none (macOS, musl)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed_memory() -> None:
+    """glibc's malloc_trim(0): return the free memory of the malloc heaps to the OS."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        _MALLOC_TRIM = _glibc("malloc_trim") or False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def fix_mmap_threshold(nbytes: int = 128 * 1024) -> bool:
+    """Serve every allocation above `nbytes` by its own mmap (and stop glibc's dynamic threshold from rising): a
+    freed activation tensor then goes straight back to the OS. Process-wide. False where there is no glibc."""
+    mallopt = _glibc("mallopt")
+    return bool(mallopt and mallopt(M_MMAP_THRESHOLD, nbytes))

@@ -50,14 +50,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from alignment import ppo_state, rl
+from alignment.allocator import fix_mmap_threshold, release_freed_memory
 from alignment.config import Section
 from alignment.errors import ArtifactError
-from alignment.fused_lora import fuse_lora_layers, plain_lora_adapter
+from alignment.fused_lora import fuse_lora_layers
 from alignment.generation import Rollout
 from alignment.packing import pack_sequences
 from alignment.ppo_callbacks import (Control, Diverged, GoldCheck, HealthCallback, HealthMonitor,  # noqa: F401
                                      HealthSpec, HealthStop, JsonlLog, LiveTracking, PPOCallback, ProgressBar,
                                      StopOnPreemption)
+from alignment.recompute import recompute_cheap_parts, register_recomputed_eager
 
 if TYPE_CHECKING:
     import torch
@@ -1005,86 +1007,9 @@ class PPOTrainer:
                                    save_embedding_layers=False)
 
 
-RECOMPUTED_EAGER = "ppo_eager"
-GATED_MLPS = {"LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP"}
-"""MLP classes whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x))."""
-
-
 def _softcap(base) -> float | None:
     """The causal LM's final logit softcapping (Gemma 2's), None for most models."""
     return getattr(base.config.get_text_config(), "final_logit_softcapping", None)
-
-
-def _checkpointed(forward, *args):
-    import torch
-    from torch.utils.checkpoint import checkpoint
-
-    if not torch.is_grad_enabled():
-        return forward(*args)
-    return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=False)
-
-
-def _gated_mlp(self, x):
-    import torch
-
-    gate, up = self.gate_proj(x), self.up_proj(x)
-    # grad first: the no-grad passes (every decode step of the rollout) skip the adapter inspection
-    down = self.down_proj
-    adapter = plain_lora_adapter(down) if torch.is_grad_enabled() else None
-    if adapter is None:
-        return down(_checkpointed(lambda g, u: self.act_fn(g) * u, gate, up))
-    # LoRA's A keeps its input, h = act(gate) * up (tokens x intermediate: the largest activation of the layer), for
-    # its gradient. Here h and the LoRA branch are one recomputed block whose kept inputs are gate and up: the same
-    # operations as peft's forward in the same order, so the same numbers, ~20% fewer kept activations.
-    a, b, s = down.lora_A[adapter], down.lora_B[adapter], down.scaling[adapter]
-
-    def block(g, u):
-        h = self.act_fn(g) * u
-        return h, b(a(down._cast_input_dtype(h, a.weight.dtype))) * s
-
-    h, delta = _checkpointed(block, gate, up)
-    out = down.base_layer(h)
-    return (out + delta).to(out.dtype)
-
-
-def recompute_cheap_parts(model) -> None:
-    """`ppo.recompute: cheap` on `model` (in place, its own instances only): RMSNorms and gated MLPs' activation
-    recomputed in the backward. The attention's part is the `ppo_eager` implementation."""
-    import functools
-    import types
-
-    for module in model.modules():
-        name = type(module).__name__
-        if name.endswith("RMSNorm"):
-            module.forward = functools.partial(_checkpointed, type(module).forward.__get__(module))
-        elif name in GATED_MLPS:
-            module.forward = types.MethodType(_gated_mlp, module)
-
-
-def register_recomputed_eager() -> str:
-    """Register (once) the attention implementation `ppo_eager`: the model's own eager attention (matmul + softmax),
-    whose scores and probabilities are not kept for the backward but recomputed from q, k, v (torch.utils.checkpoint:
-    the same kernels on the same inputs, so the gradient is bit for bit the same). Attention is ~1% of the FLOPs at
-    PPO's lengths and its probabilities (batch x heads x length^2, in fp32) a large share of the kept activations."""
-    import sys
-
-    import torch
-    from torch.utils.checkpoint import checkpoint
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, eager_mask
-
-    def attention(module, query, key, value, attention_mask, **kwargs):
-        eager = sys.modules[type(module).__module__].eager_attention_forward
-        if not torch.is_grad_enabled():
-            return eager(module, query, key, value, attention_mask, **kwargs)
-        out = checkpoint(lambda q, k, v, m: eager(module, q, k, v, m, **kwargs)[0], query, key, value,
-                         attention_mask, use_reentrant=False, preserve_rng_state=False)
-        return out, None
-
-    if RECOMPUTED_EAGER not in ALL_MASK_ATTENTION_FUNCTIONS:
-        AttentionInterface.register(RECOMPUTED_EAGER, attention)
-        AttentionMaskInterface.register(RECOMPUTED_EAGER, eager_mask)
-    return RECOMPUTED_EAGER
 
 
 class _Clock:
@@ -1100,37 +1025,6 @@ class _Clock:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
-
-
-def _glibc(name: str):
-    """A glibc function, or None where there is none (macOS, musl)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
-    except (OSError, AttributeError):
-        return None
-
-
-def release_freed_memory() -> None:
-    """glibc's malloc_trim(0): return the free memory of the malloc heaps to the OS."""
-    global _MALLOC_TRIM
-    if _MALLOC_TRIM is None:
-        _MALLOC_TRIM = _glibc("malloc_trim") or False
-    if _MALLOC_TRIM:
-        _MALLOC_TRIM(0)
-
-
-_MALLOC_TRIM = None
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
-
-
-def fix_mmap_threshold(nbytes: int = 128 * 1024) -> bool:
-    """Serve every allocation above `nbytes` by its own mmap (and stop glibc's dynamic threshold from rising): a
-    freed activation tensor then goes straight back to the OS. Process-wide. False where there is no glibc."""
-    mallopt = _glibc("mallopt")
-    return bool(mallopt and mallopt(M_MMAP_THRESHOLD, nbytes))
 
 
 def lora_config(peft_spec):
