@@ -328,9 +328,10 @@ def resolve_autocast(model, spec: GenerationSpec, autocast_dtype="auto"):
 
 def _available_bytes() -> int | None:
     try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
