@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -154,3 +155,55 @@ def test_kind_gate_failures_floor_each_gated_kind():
     fails, skipped = kind_gate_failures(by_kind, min_accuracy=0.8, min_pairs=3)
     assert [f.split("'")[1] for f in fails] == ["bullets", "title", "uppercase"] and skipped == {}
     assert kind_gate_failures(by_kind, min_accuracy=None) == ([], {})
+
+
+def _rm_kinds():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_rm_kinds", Path(__file__).resolve().parent.parent / "bench" / "rm_kinds.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _metrics(by_kind: dict, accuracy: float, ci=None, corr=None, set_name="heldout_phrasings") -> dict:
+    return {f"{set_name}_by_category": {k: {"accuracy": a, "pairs": n, "mean_margin": 0.0} for k, (a, n) in
+                                        by_kind.items()},
+            f"{set_name}_accuracy": accuracy, f"{set_name}_accuracy_ci": ci, f"{set_name}_length_corr": corr}
+
+
+def test_rm_kinds_tables_each_run_per_kind_and_counts_the_kinds_at_the_floor(tmp_path, capsys):
+    """bench/rm_kinds.py: kinds x runs; a kind below the floor in bold; 10/12 = 0.833 passes 0.8 and 9/12 = 0.75
+    does not; a kind one run lacks is '-'; a run's count is over its own kinds."""
+    rk = _rm_kinds()
+    a, b = tmp_path / "a", tmp_path / "b.json"
+    a.mkdir()
+    (a / "metrics.json").write_text(json.dumps(_metrics({"keyword": (10 / 12, 12), "title": (0.75, 12)}, 0.7917,
+                                                        ci=[0.625, 0.958], corr=0.123)))
+    b.write_text(json.dumps(_metrics({"keyword": (1.0, 12), "title": (0.8, 10), "bullets": (0.5, 2)}, 0.8333)))
+    assert rk.main([f"s0={a}", f"s1={b}", "--json", str(tmp_path / "out.json")]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "| kind | s0 | s1 |", "|---|---:|---:|",
+        "| bullets | - | **0.50** (2) |",
+        "| keyword | 0.83 (12) | 1.00 (12) |",
+        "| title | **0.75** (12) | 0.80 (10) |",
+        "| all kinds | 0.792 [0.625, 0.958] | 0.833 |",
+        "| kinds >= 0.8 | 1 of 2 | 2 of 3 |",
+        "| length corr | +0.12 | - |"]
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["s0"]["kinds_at_floor"] == 1 and out["s1"]["kinds"]["title"] == [0.8, 10]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("nope", "'nope': expected NAME=PATH"),
+    ("x={missing}", "not a readable metrics.json (FileNotFoundError)"),
+    ("x={other_set}", "no per-kind figures for set 'heldout_phrasings' (heldout_phrasings_by_category)"),
+])
+def test_rm_kinds_refuses_bad_input_in_one_line(tmp_path, capsys, spec, message):
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(_metrics({"keyword": (1.0, 12)}, 1.0, set_name="eval")))
+    assert _rm_kinds().main([spec.format(missing=tmp_path / "none", other_set=other)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("rm_kinds: error: ") and message in err, err

@@ -404,6 +404,23 @@ def test_rm_train_fit_reports_each_kind_on_the_pairs_it_trained_on(reward_store)
         assert bad.returncode == 2 and len(bad.stderr.splitlines()) == 1 and line in bad.stderr, bad.stderr
 
 
+def test_rm_kinds_reads_a_published_reward_artifact(reward_store):
+    """bench/rm_kinds.py on a real reward artifact: its per-kind table and floor count agree with the run's own
+    `<set>_accuracy_by_category` (another key of the same metrics)."""
+    import subprocess
+    import sys
+
+    art = reward_store / "tiny" / "reward"
+    metrics = json.loads((art / "metrics.json").read_text())
+    res = subprocess.run([sys.executable, "bench/rm_kinds.py", f"tiny={art}", "--min", "0.5"], capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    by_kind = metrics["heldout_phrasings_accuracy_by_category"]
+    rows = res.stdout.splitlines()
+    assert len(rows) == 2 + len(by_kind) + 3
+    assert f"| kinds >= 0.5 | {sum(a >= 0.5 for a in by_kind.values())} of {len(by_kind)} |" in rows
+
+
 def test_gpu_rm_alone_imports_the_base_trains_three_seeds_and_scores_their_fit(reward_store, tmp_path):
     """bench/gpu_rm.sh alone (`gpu_lease.sh rm`): it imports the base into a fresh root itself and finds it the same,
     byte for byte, as the one BASE_META names, then trains three reward-model seeds from it; each run's metrics and
