@@ -6,8 +6,9 @@ each stage's newest job id and state (from squeue / `scontrol show job`); withou
 from __future__ import annotations
 
 import json
-
+import re
 import time
+from datetime import datetime
 from pathlib import Path
 
 from rich.console import Console
@@ -16,7 +17,8 @@ from rich.table import Table
 from alignment.artifacts import ArtifactStore
 from alignment.errors import AlignError
 from alignment.manifest import MANIFEST
-from alignment.runner import STAGES
+from alignment.logs import STAGE_LOG
+from alignment.runner import STAGES, latest_checkpoint
 
 KEY_METRICS = ("eval_loss", "eval_loss_before", "accuracy", "win_rate", "mean_reward", "kl")
 """Shown for a stage without its own figures below (a stage added later, an old artifact)."""
@@ -35,7 +37,8 @@ def stage_rows(store: ArtifactStore, run: str) -> list[dict]:
         if partial.exists():
             running = store.lock(run, stage).held_elsewhere()
             rows.append({"stage": stage, "status": "running" if running else _partial_state(partial),
-                         "age_s": time.time() - partial.stat().st_mtime, "config_hash": "", "metrics": ""})
+                         "age_s": time.time() - partial.stat().st_mtime, "config_hash": "",
+                         "metrics": progress(partial, time.time() if running else None)})
     for r in rows:
         r["slurm"] = jobs.get(r["stage"], "")
     return rows
@@ -70,6 +73,88 @@ def _partial_state(partial: Path) -> str:
         return "interrupted (Ctrl-C; resumes on re-run)"
     msg = f.get("message", "")
     return f"failed: {f.get('error', 'error')}: {msg[:100] + '...' if len(msg) > 100 else msg}"
+
+
+_STEP_LINE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d) DEBUG align: step (\d+): ")
+_ATTEMPT = "] attempt started on "
+
+
+def progress(partial: Path, now: float | None = None) -> str:
+    """How far a partial stage got: its last logged training step, of the run's total once a checkpoint has
+    recorded it, the newest complete checkpoint (where a re-run resumes), and, while it runs (`now` given), when it
+    last logged and the time left at its latest steps' median pace. PPO counts updates from its log_history.jsonl."""
+    ckpt = latest_checkpoint(partial / "checkpoints")
+    state = _read_json(ckpt / "trainer_state.json") if ckpt else {}
+    times = _logged_steps(partial / STAGE_LOG)
+    total = state.get("max_steps")
+    if not times:  # PPO: its own loop logs one row per update
+        rows = _tail_lines(partial / "log_history.jsonl", 4096)
+        step = _read_json_line(rows[-1]).get("step") if rows else None
+        times, total = ([(None, step)] if isinstance(step, int) else []), _ppo_updates(partial)
+    parts = []
+    if times:
+        step = times[-1][1]
+        parts.append(f"step {step}/{total} ({100 * step / total:.0f}%)" if total else f"step {step}")
+        paced = [(t, s) for t, s in times[-10:] if t is not None]
+        if now is not None and paced:
+            parts.append(f"logged {_age(max(0.0, now - paced[-1][0]))} ago")
+            per_step = sorted((t1 - t0) / (s1 - s0) for (t0, s0), (t1, s1) in zip(paced, paced[1:]) if s1 > s0)
+            if total and per_step:  # the median interval: a pause (a stopped job, a busy host) does not count
+                parts.append(f"~{_age((total - step) * per_step[len(per_step) // 2])} left")
+    if ckpt:
+        parts.append(f"checkpoint {ckpt.name.split('-')[-1]}")
+    return ", ".join(parts)
+
+
+def _logged_steps(log: Path) -> list[tuple[float, int]]:
+    """(time, step) of the training rows the newest attempt wrote to the stage log (its tail)."""
+    out = []
+    for line in _tail_lines(log, 65536):
+        if _ATTEMPT in line:
+            out = []  # a resumed run: the pace is this attempt's
+        m = _STEP_LINE.match(line)
+        if m:
+            out.append((datetime.strptime(m[1], "%Y-%m-%dT%H:%M:%S").timestamp(), int(m[2])))
+    return out
+
+
+def _tail_lines(path: Path, nbytes: int) -> list[str]:
+    """The whole lines in the last `nbytes` of a file (a long stage log is not read whole)."""
+    try:
+        with path.open("rb") as f:
+            size = f.seek(0, 2)
+            f.seek(max(0, size - nbytes))
+            lines = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return []
+    return lines[1:] if size > nbytes else lines  # the first one may start mid-line
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _read_json_line(line: str) -> dict:
+    try:
+        data = json.loads(line)
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _ppo_updates(partial: Path) -> int | None:
+    import yaml
+
+    try:
+        cfg = yaml.safe_load((partial / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    updates = (cfg.get("ppo") or {}).get("updates") if isinstance(cfg, dict) else None
+    return updates if isinstance(updates, int) else None
 
 
 def slurm_jobs(run_dir: Path) -> dict[str, str]:

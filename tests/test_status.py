@@ -77,3 +77,53 @@ def test_a_failed_data_load_shows_as_failed_with_its_message(tiny_store, tmp_pat
     log = (tmp_path / "r" / "sft.partial" / "stage.log").read_text()
     assert "attempt started" in log and "bad.jsonl" in log.splitlines()[-1]
     assert rows["base"]["metrics"].startswith("params=")
+
+
+def _log_line(t: float, text: str) -> str:
+    import time
+
+    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(t))} DEBUG align: {text}\n"
+
+
+def test_a_partial_stage_shows_its_step_of_the_total_its_checkpoint_and_time_left(tmp_path):
+    """The last logged step of the newest attempt, of max_steps from the newest complete checkpoint (a torn one
+    skipped); time left = steps to go x the median seconds a step over the latest rows, so a pause (a stopped job)
+    does not count: intervals 4, 4, 192, 4 s a step -> 4 s; (200 - 80) x 4 s = 480 s = 8m."""
+    from alignment.status import progress
+
+    part = tmp_path / "reward.partial"
+    (part / "checkpoints" / "checkpoint-50").mkdir(parents=True)
+    (part / "checkpoints" / "checkpoint-50" / "trainer_state.json").write_text('{"global_step": 50, "max_steps": 200}')
+    (part / "checkpoints" / "checkpoint-75").mkdir()
+    (part / "checkpoints" / "checkpoint-75" / "trainer_state.json").write_text('{"global_st')  # killed mid-write
+    t = 1_800_000_000.0
+    log = [_log_line(t - 5000, f"step {s}: {{}}") for s in (5, 10, 15)]  # an earlier attempt, at another pace
+    log.append(_log_line(t - 100, "[reward] attempt started on host (pid 1, rank 0, Slurm job -)").replace(
+        "DEBUG", "INFO"))
+    log += [_log_line(t + dt, f'step {s}: {{"loss": 0.6}}') for dt, s in ((0, 60), (20, 65), (40, 70), (1000, 75),
+                                                                          (1020, 80))]
+    (part / "stage.log").write_text("".join(log))
+    assert progress(part) == "step 80/200 (40%), checkpoint 50"
+    assert progress(part, now=t + 1050) == "step 80/200 (40%), logged 30s ago, ~8m left, checkpoint 50"
+    (part / "checkpoints" / "checkpoint-50" / "trainer_state.json").unlink()  # no checkpoint yet: no total
+    assert progress(part, now=t + 1050) == "step 80, logged 30s ago"
+    assert progress(tmp_path / "nothing.partial") == ""
+
+
+def test_a_partial_ppo_counts_its_updates_of_the_configured_ones(tmp_path):
+    from alignment.status import progress
+
+    part = tmp_path / "ppo.partial"
+    (part / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    (part / "checkpoints" / "checkpoint-2" / "trainer_state.json").write_text('{"update": 2}')
+    (part / "config.yaml").write_text("stage: ppo\nppo:\n  updates: 12\n")
+    (part / "log_history.jsonl").write_text('{"step": 0}\n{"step": 1}\n{"step": 3, "kl": 0.1}\n')
+    assert progress(part, now=0.0) == "step 3/12 (25%), checkpoint 2"
+
+
+def test_status_rows_show_a_partial_stages_progress(tmp_path):
+    part = tmp_path / "r" / "sft.partial"
+    part.mkdir(parents=True)
+    (part / "stage.log").write_text(_log_line(1_800_000_000.0, 'step 10: {"loss": 2.5}'))
+    rows = {r["stage"]: r for r in stage_rows(ArtifactStore(tmp_path), "r")}
+    assert rows["sft"]["status"].startswith("interrupted") and rows["sft"]["metrics"] == "step 10"
