@@ -89,7 +89,7 @@ def progress(partial: Path, now: float | None = None) -> str:
     total = state.get("max_steps")
     if not times:  # PPO: its own loop logs one row per update
         rows = _tail_lines(partial / "log_history.jsonl", 4096)
-        step = _read_json_line(rows[-1]).get("step") if rows else None
+        step = _json_object(rows[-1]).get("step") if rows else None
         times, total = ([(None, step)] if isinstance(step, int) else []), _ppo_updates(partial)
     parts = []
     if times:
@@ -132,15 +132,15 @@ def _tail_lines(path: Path, nbytes: int) -> list[str]:
 
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return _json_object(path.read_text(encoding="utf-8"))
+    except OSError:
         return {}
-    return data if isinstance(data, dict) else {}
 
 
-def _read_json_line(line: str) -> dict:
+def _json_object(text: str) -> dict:
+    """The JSON object in `text`, {} for anything else (a torn or foreign file is no progress, not an error)."""
     try:
-        data = json.loads(line)
+        data = json.loads(text)
     except ValueError:
         return {}
     return data if isinstance(data, dict) else {}
