@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -35,6 +36,14 @@ from alignment.errors import AlignError, ConfigError
 PROFILE_DIR = Path("configs/cluster")
 DEFAULT_PROFILE = "local"
 SUBMISSIONS = ".slurm.json"
+
+
+_NAMES = re.compile(r"[A-Za-z0-9_.\-]+(,[A-Za-z0-9_.\-]+)*")
+_TIME = re.compile(r"(\d+(:\d{1,2}){0,2}|\d+-\d+(:\d{1,2}){0,2}|UNLIMITED|unlimited|infinite|INFINITE)")
+_MEM = re.compile(r"\d+[KMGTkmgt]?[Bb]?")
+_BEGIN = re.compile(r"[A-Za-z0-9:+\-/.]+")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class SlurmSpec(Section):
@@ -68,13 +77,36 @@ class SlurmSpec(Section):
     """Interpreter on the compute nodes; default: the one running `align submit`."""
 
     def problems(self) -> list[tuple[str, str]]:
-        out = []
+        out = self._format_problems()
         if self.launcher == "accelerate" and not self.accelerate_config:
             out.append(("accelerate_config", "launcher accelerate needs an accelerate config file "
                                              "(configs/accelerate/*.yaml)"))
         if self.launcher == "python" and (self.nodes > 1 or self.gpus_per_node > 1):
             out.append(("launcher", f"{self.nodes} node(s) x {self.gpus_per_node} GPU(s) need several processes: "
                                     "set launcher: srun (or accelerate)"))
+        return out
+
+    def _format_problems(self) -> list[tuple[str, str]]:
+        """Values that land in `#SBATCH` lines or `export` lines of the job script: a newline there would end the
+        directive block and run the rest as a shell command, and sbatch reads a malformed value only at submit
+        time, on the cluster. So each is checked against the form Slurm documents for it."""
+        out = [(key, f"expected {what}, got {value!r}") for key, value, pattern, what in (
+            ("partition", self.partition, _NAMES, "a partition name (or a comma-separated list)"),
+            ("account", self.account, _NAMES, "an account name"),
+            ("qos", self.qos, _NAMES, "a QOS name"),
+            ("time", self.time, _TIME, "a Slurm time limit (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS)"),
+            ("mem", self.mem, _MEM, "a memory size such as 32G or 500M"),
+            ("begin", self.begin, _BEGIN, "a Slurm --begin time such as now+1hour, 23:00 or 2026-01-01T02:00"),
+        ) if value is not None and not pattern.fullmatch(value)]
+        out += [(key, f"expected at least {least}, got {value}") for key, value, least in (
+            ("nodes", self.nodes, 1), ("gpus_per_node", self.gpus_per_node, 0),
+            ("cpus_per_task", self.cpus_per_task, 1), ("signal_seconds", self.signal_seconds, 0)) if value < least]
+        out += [("env", f"{k!r}: expected a shell variable name") for k in self.env if not _ENV_NAME.fullmatch(k)]
+        out += [(key, f"{value!r}: one line expected, without control characters")
+                for key, values in (("extra", self.extra), ("setup", self.setup), ("env", self.env.values()),
+                                    ("python", [self.python or ""]),
+                                    ("accelerate_config", [self.accelerate_config or ""]))
+                for value in values if _CONTROL.search(value)]
         return out
 
     @property
@@ -223,7 +255,6 @@ def submit_chain(pipeline: str, *, run: str | None, artifacts: str | None, out_d
     run = run or spec.get("run") or "default"
     artifacts = Path(artifacts or os.environ.get("ALIGN_ARTIFACTS") or "artifacts").resolve()
     out = Path(out_dir or artifacts / run / "slurm").resolve()
-    out.mkdir(parents=True, exist_ok=True)
     prof = profile_path(profile)
     prof_data, per_stage = _profile_layers(prof)
     cli = {k: v for k, v in (flags or {}).items() if v is not None}
@@ -235,10 +266,14 @@ def submit_chain(pipeline: str, *, run: str | None, artifacts: str | None, out_d
     left_out = superseded(loaded, artifacts, run)
     keep = [i for i in range(len(steps)) if i not in left_out]
     waits = dependencies([loaded[i][0] for i in keep], [loaded[i][4] for i in keep])
+    # Every stage's settings are checked before the first script is written: a bad value leaves nothing behind.
+    specs = {i: _spec(_layers(prof, prof_data, per_stage.get(loaded[i][0]), pipeline, spec.get("slurm"), i, steps[i],
+                              cli, loaded[i][0])) for i in keep}
+    out.mkdir(parents=True, exist_ok=True)
     jobs, lines = [], []
     for k, i in enumerate(keep):
-        step, (stage, config, extra, _, _) = steps[i], loaded[i]
-        res = _spec(_layers(prof, prof_data, per_stage.get(stage), pipeline, spec.get("slurm"), i, step, cli, stage))
+        stage, config, extra, _, _ = loaded[i]
+        res = specs[i]
         script = out / f"{run}-{i:02d}-{stage}.sbatch"
         script.write_text(sbatch_script(stage, config.resolve(), extra, run=run,
                                         artifacts=artifacts, spec=res, workdir=Path.cwd(), log_dir=out))

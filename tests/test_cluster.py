@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from alignment.cli import main
 
 
@@ -153,6 +155,35 @@ def test_bad_profile_key_is_a_config_error(tmp_path, capsys):
     assert main(["submit", "-c", "configs/tiny/pipeline.yaml", "--out", str(tmp_path), "--dry-run",
                  "--profile", str(prof)]) == 2
     assert f"{prof}.gpus: unknown key" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, key", [
+    (["--partition", "gpu\ntouch /tmp/owned"], "partition"),   # a newline would end the #SBATCH block
+    (["--time", "banana"], "time"), (["--time", "4h"], "time"),
+    (["--nodes", "-3"], "nodes"), (["--gpus-per-node", "-1"], "gpus_per_node"),
+    (["--begin", "now; rm -rf x"], "begin"), (["--account", "a b"], "account"),
+])
+def test_a_value_slurm_would_misread_is_refused_and_nothing_is_written(tmp_path, capsys, flags, key):
+    out = tmp_path / "jobs"
+    assert main(["submit", "-c", "configs/tiny/pipeline.yaml", "--out", str(out), "--dry-run", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"command line): {key}: expected" in err[0]
+    assert not out.exists()
+
+
+def test_profile_values_are_checked_too_and_slurm_forms_pass(tmp_path, capsys):
+    prof = tmp_path / "p.yaml"
+    prof.write_text("env: {'BAD-NAME': x}\nextra: [\"--exclusive\\nrm -rf /\"]\nmem: lots\n")
+    assert main(["submit", "-c", "configs/tiny/pipeline.yaml", "--out", str(tmp_path / "j"), "--dry-run",
+                 "--profile", str(prof)]) == 2
+    err = capsys.readouterr().err
+    assert "mem: expected a memory size" in err and "env: 'BAD-NAME'" in err and "extra: '--exclusive" in err
+    prof.write_text("mem: 500M\nbegin: 2026-01-01T02:00\n")
+    assert main(["submit", "-c", "configs/tiny/pipeline.yaml", "--out", str(tmp_path / "j"), "--dry-run",
+                 "--profile", str(prof), "--time", "1-02:30:00", "--partition", "gpu,debug"]) == 0
+    script = (tmp_path / "j" / "tiny-01-sft.sbatch").read_text()
+    assert "#SBATCH --time=1-02:30:00" in script and "#SBATCH --partition=gpu,debug" in script
+    assert "#SBATCH --begin=2026-01-01T02:00" in script and "#SBATCH --mem=500M" in script
 
 
 def test_trap_forwards_usr1_and_requeues_on_exit_3(tmp_path):
