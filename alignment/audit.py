@@ -16,7 +16,9 @@ import logging
 import time
 from pathlib import Path
 
+from alignment.errors import ConfigError
 from alignment.judges import JudgeSpec, Verdict, build_judge
+from alignment.outputs import check_output, check_plot, save_png, write_text
 from alignment.preferences import load_pairs
 
 log = logging.getLogger("align")
@@ -137,8 +139,7 @@ def plot(report: dict, path: Path) -> None:
     fig.suptitle(f"{report['judge'][:60]}  |  position bias {'-' if bias is None else f'{bias:.2f}'}  |  "
                  f"unparseable {report['unparseable_rate']:.2f}", fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_png(fig, path, "--out", dpi=110)
     plt.close(fig)
 
 
@@ -151,6 +152,12 @@ def audit_command(config: str, overrides: list[str], *, data: str, limit: int | 
     from alignment.judge_local import judge_upstream
     from alignment.runner import load_stage_config, resolve_inputs
 
+    # Options first: a refusal should come before minutes of judging, and before anything is written.
+    if limit is not None and limit < 1:
+        raise ConfigError([f"--limit {limit}: expected a number of pairs >= 1 (leave it out to judge them all)"])
+    check_plot(out, "--out", inputs=(data, config))
+    if json_out:
+        check_output(json_out, "--json", inputs=(data, config), suffixes=(".json",), force_flag=None)
     cfg = load_stage_config("label", config, overrides)
     run = run or os.environ.get("ALIGN_RUN") or cfg.run
     inputs = resolve_inputs(ArtifactStore(root), run, "judge audit", cfg, judge_upstream(cfg.judge))
@@ -159,5 +166,5 @@ def audit_command(config: str, overrides: list[str], *, data: str, limit: int | 
     plot(report, Path(out))
     log.info("[audit] plot written to %s", out)
     if json_out:
-        Path(json_out).write_text(json.dumps(report, indent=2))
+        write_text(Path(json_out), "--json", json.dumps(report, indent=2))
     return report

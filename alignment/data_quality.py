@@ -30,6 +30,7 @@ from pathlib import Path
 
 from alignment.data import read_rows
 from alignment.errors import DataError
+from alignment.outputs import atomic_target, check_output, check_plot, save_png, write_text
 
 SHINGLE = 5
 NUM_PERM = 128
@@ -92,6 +93,8 @@ class Row:
 
 
 def load(path: str) -> list[Row]:
+    if Path(path).is_dir():  # else the datasets library tries it as a dataset folder: noise, then a vague error
+        raise DataError(f"{path}: is a folder; name a JSONL, JSON or Parquet file")
     rows = []
     for number, raw in read_rows(path):
         prompt, response = row_texts(raw)
@@ -295,8 +298,7 @@ def plot(report: dict, path: Path) -> Path:
     for ax in axes:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    save_png(fig, path, "--out", dpi=100)
     plt.close(fig)
     return path
 
@@ -338,18 +340,19 @@ def clean(path: str, *, against: list[str] = (), threshold: float = 0.8, min_wor
     return kept, dropped
 
 
+def report_path(out: Path) -> Path:
+    return out.with_name(out.name + ".report.json")
+
+
 def write_clean(kept: list[Row], dropped: list[dict], out: Path, settings: dict) -> Path:
-    """The kept rows, verbatim, and `<out>.report.json` naming every dropped row (never overwrites the input)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    """The kept rows, verbatim, and `<out>.report.json` naming every dropped row (targets checked by the caller)."""
+    with atomic_target(out, "--out") as tmp, tmp.open("w", encoding="utf-8") as f:
         for r in kept:
             f.write(json.dumps(r.raw, ensure_ascii=False) + "\n")
-    tmp.replace(out)
-    report = out.with_name(out.name + ".report.json")
+    report = report_path(out)
     reasons = Counter(d["kind"] for d in dropped)
-    report.write_text(json.dumps({**settings, "kept": len(kept), "dropped": len(dropped),
-                                  "dropped_by_reason": dict(reasons), "rows": dropped}, indent=2))
+    write_text(report, "--out", json.dumps({**settings, "kept": len(kept), "dropped": len(dropped),
+                                            "dropped_by_reason": dict(reasons), "rows": dropped}, indent=2))
     return report
 
 
@@ -371,6 +374,7 @@ def add_parser(sub) -> None:
     cl.add_argument("--threshold", type=float, default=0.8)
     cl.add_argument("--min-words", type=int, default=1)
     cl.add_argument("--max-words", type=int, default=None)
+    cl.add_argument("--force", action="store_true", help="replace an existing --out and its report")
     d.set_defaults(func=command)
 
 
@@ -378,15 +382,29 @@ def command(args) -> None:
     if not 0 < args.threshold <= 1:
         raise DataError(f"--threshold: expected a Jaccard threshold in (0, 1], got {args.threshold}")
     if args.data_cmd == "inspect":
-        report = inspect(args.files, tokenizer_path=args.tokenizer, threshold=args.threshold)
-        print_table(report)
-        print(f"plot: {plot(report, Path(args.out))}")
-        if args.json:
-            Path(args.json).write_text(json.dumps(report, indent=2))
-        return
-    out = Path(args.out)
-    if out.resolve() == Path(args.file).resolve() or out.resolve() in {Path(a).resolve() for a in args.against}:
-        raise DataError(f"--out {args.out}: would overwrite an input; write the cleaned rows elsewhere")
+        _inspect_command(args)
+    else:
+        _clean_command(args)
+
+
+def _inspect_command(args) -> None:
+    # Both targets are checked before the (slow) inspection, so a refusal costs nothing and writes nothing.
+    out = check_plot(args.out, "--out", inputs=args.files)
+    if args.json:
+        check_output(args.json, "--json", inputs=args.files, suffixes=(".json",), force_flag=None)
+    report = inspect(args.files, tokenizer_path=args.tokenizer, threshold=args.threshold)
+    print_table(report)
+    print(f"plot: {plot(report, out)}")
+    if args.json:
+        write_text(Path(args.json), "--json", json.dumps(report, indent=2))
+
+
+def _clean_command(args) -> None:
+    if args.max_words is not None and args.min_words > args.max_words:
+        raise DataError(f"--min-words {args.min_words} > --max-words {args.max_words}: no row could be kept")
+    inputs = [args.file, *args.against]
+    out = check_output(args.out, "--out", inputs=inputs, force=args.force)
+    check_output(report_path(out), "--out", inputs=inputs, force=args.force)
     kept, dropped = clean(args.file, against=args.against, threshold=args.threshold, min_words=args.min_words,
                           max_words=args.max_words)
     report = write_clean(kept, dropped, out, {"input": args.file, "against": args.against,

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from alignment.artifacts import Artifact, ArtifactStore
 from alignment.errors import AlignError
+from alignment.outputs import check_output
 
 log = logging.getLogger("align")
 # Per stage, the metrics a reader wants first (dotted: nested keys). Others stay in the manifests.
@@ -58,6 +59,7 @@ def export(root, run: str, stage: str, fmt: str = "hf", out: str | None = None) 
     dest = Path(out) if out else default
     if dest.exists():
         raise ExportError(f"export: {dest} already exists; remove it or pass --out elsewhere")
+    check_output(dest, "--out")  # never into a published stage folder: its manifest lists all it may hold
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{dest.name}-", dir=dest.parent) as tmp:
         folder = Path(tmp) / "hf"
