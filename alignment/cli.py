@@ -14,7 +14,7 @@
     (every command takes -q/--quiet and -v/--verbose)
     align judge audit -c LABEL_FILE [key.path=value ...] [--data FILE] [--limit N] [--out PNG] [--json FILE]
     align data inspect FILE... [--tokenizer PATH] [--threshold J] [--out PNG] [--json FILE]
-    align data clean FILE --out FILE [--against EVAL...] [--threshold J] [--min-words N] [--max-words N]
+    align data clean FILE --out FILE [--force] [--against EVAL...] [--threshold J] [--min-words N] [--max-words N]
 
 Errors are one line each (`align: error: ...`), exit 2; `--debug` anywhere (or ALIGN_DEBUG=1) adds the traceback.
 """
