@@ -29,13 +29,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alignment.config import name_problem
-from alignment.errors import ArtifactError, LockError, io_error
+from alignment.errors import AlignError, ArtifactError, LockError, io_error
 from alignment.manifest import MANIFEST, Manifest, sha256_file
 
 log = logging.getLogger("align")
 LEFTOVERS = {"checkpoints", "run_state.json", "stage.log", "failure.json", "tracking.json"}
 """What may sit unlisted in a published artifact: the runner's bookkeeping (checkpoints only after a kill in the
 publish window; the next run of the stage removes them), the stage's log and dashboard id, which no stage loads."""
+
+
+def first_problem(problems: list[str]) -> str:
+    """One line for an artifact that does not verify: its first problem and how many more `align verify` lists."""
+    return problems[0] + (f" (+{len(problems) - 1} more: align verify)" if len(problems) > 1 else "")
 
 
 def pause_point(name: str) -> None:
@@ -278,18 +283,24 @@ class ArtifactStore:
             except OSError:
                 pass
 
+    def check_published(self, path: Path, *, full: bool = False) -> tuple[Manifest | None, str, list[str]]:
+        """(manifest, sha256 of its bytes, problems) of a published stage folder, for the commands that show every
+        stage of a run instead of stopping at the first bad one (status, verify, report). A folder resolving outside
+        the root (a symlink) is not read at all; manifest None: it could not be read."""
+        try:
+            self.check_under_root(path)
+            manifest, digest = self.load_manifest(path)
+        except AlignError as e:  # an unreadable file too (StoreIOError)
+            return None, "", [str(e)]
+        return manifest, digest, self.problems(path, manifest, full=full)
+
     def verify_run(self, run: str) -> list[tuple[str, str, list[str]]]:
         """(stage folder, status, problems) of every published artifact of a run, re-hashed in full."""
         out = []
         run_dir = self.run_dir(run)
         for folder in sorted(p for p in run_dir.iterdir() if p.is_dir() and (p / MANIFEST).is_file()):
-            try:
-                manifest, _ = self.load_manifest(folder)
-            except ArtifactError as e:
-                out.append((folder.name, "broken", [str(e)]))
-                continue
-            problems = self.problems(folder, manifest, full=True)
-            out.append((folder.name, manifest.status, problems))
+            manifest, _, problems = self.check_published(folder, full=True)
+            out.append((folder.name, manifest.status if manifest else "broken", problems))
         return out
 
     def stale_folders(self, run: str) -> list[Path]:

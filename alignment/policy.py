@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from alignment.artifacts import Artifact, ArtifactStore
@@ -111,13 +112,15 @@ def load_policy(art: Artifact, precision: str, *, trust_remote_code: bool = Fals
         if adapter_type(a) in UNMERGEABLE_TYPES:
             raise ArtifactError(f"{art.path}: its lineage holds the soft-prompt or bottleneck adapter {a.path} below "
                                 "another adapter; it cannot be merged, so it can only be the last link")
-    model = load_causal_lm(chain[0].model_dir, precision, trust_remote_code)
+    with readable_weights(chain[0]):
+        model = load_causal_lm(chain[0].model_dir, precision, trust_remote_code)
     for adapter in chain[1:]:
         if adapter_type(adapter) == BOTTLENECK_TYPE:
             from alignment import bottleneck
 
-            return bottleneck.load(model, adapter.model_dir)
-        with warnings.catch_warnings():
+            with readable_weights(adapter):
+                return bottleneck.load(model, adapter.model_dir)
+        with warnings.catch_warnings(), readable_weights(adapter):
             # peft warns that merging a LoRA on a tied lm_head is unsafe; untie_adapted_lm_head makes it exact.
             warnings.filterwarnings("ignore", message="Model has `tie_word_embeddings=True` and a tied layer")
             model = PeftModel.from_pretrained(model, adapter.model_dir)
@@ -127,6 +130,32 @@ def load_policy(art: Artifact, precision: str, *, trust_remote_code: bool = Fals
     # peft loads adapters for inference and freezes every weight; once merged, the policy should
     # behave like any freshly loaded model, so a full/freeze stage on top trains what it selects.
     return model.requires_grad_(True)
+
+
+@contextmanager
+def readable_weights(art: Artifact):
+    """A weights file of `art` that does not parse is one line naming it. Verification cannot catch every such file:
+    one truncated with its manifest entry rewritten to match verifies, and safetensors' own message names no file."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as e:
+        raise ArtifactError(f"{_unreadable_weights(art.model_dir)}: not a readable safetensors file ({e}); re-run "
+                            f"stage '{art.stage}' with --force") from None
+
+
+def _unreadable_weights(folder: Path) -> Path:
+    """The first `*.safetensors` in `folder` whose header does not parse (only headers are read), else the folder."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError):
+            return path
+    return folder
 
 
 def merge_adapter(peft_model):
@@ -180,7 +209,9 @@ def parent_weights(parent: Artifact, run_dir: Path) -> Path:
     if (merged / "config.json").is_file():
         return merged.resolve()
     require_mergeable(parent, needed_by="an adapter's base folder")
-    folder = (Path(run_dir) / MERGED_DIR / f"{parent.stage}-{parent.manifest_sha256[:16]}").resolve()
+    folder = Path(run_dir) / MERGED_DIR / f"{parent.stage}-{parent.manifest_sha256[:16]}"
+    # A symlinked `.merged` would put the weights, and the path the adapter names as its base, outside the store.
+    folder = ArtifactStore(Path(run_dir).parent).check_under_root(folder).resolve()
     if (folder / "config.json").is_file():
         return folder
     import os

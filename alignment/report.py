@@ -467,61 +467,89 @@ def key_figures(stage: str, metrics: dict, limit: int = 14) -> list[tuple[str, o
 
 def build_run_report(root: Path, run: str, out: Path | None = None) -> Path:
     """One page for a whole run: lineage graph, then every stage's status, inputs, key figures and curves."""
+    from alignment.artifacts import ArtifactStore
     from alignment.errors import AlignError
-    from alignment.manifest import MANIFEST, sha256_file
-    from alignment.runner import STAGES
+    from alignment.outputs import atomic_target, check_output
 
-    root = Path(root)
-    run_dir = root / run
-    stages = {}
-    for s in STAGES:
-        mpath = run_dir / s / MANIFEST
-        if mpath.is_file():
-            stages[s] = json.loads(mpath.read_text())
+    store = ArtifactStore(root)
+    run_dir = store.run_dir(run)
+    stages, digests = _published_stages(store, run)
     if not stages:
-        raise AlignError(f"run '{run}' has no published stage under {root} (expected {run_dir}/<stage>/manifest.json)")
-    out = Path(out) if out else run_dir / "report.html"
+        raise AlignError(f"run '{run}' has no published stage under {store.root} "
+                         f"(expected {run_dir}/<stage>/manifest.json)")
+    # Never into a published artifact or over a file of another kind; a re-run replaces its own page.
+    out = check_output(out or run_dir / "report.html", "--out", suffixes=(".html",), force_flag=None)
     plots = out.parent / f".{out.stem}_plots"
     parts = [f"<h1>Run <code>{_e(run)}</code></h1><p class='sub'>{_e(run_dir.resolve())}</p>",
              "<h2>Lineage</h2>", _figure(plot_lineage(stages, plots / "lineage.png"),
-                                         "Each arrow: an artifact read by the next stage (manifest inputs)")]
-    summary = ["<tr><th class='l'>stage</th><th class='l'>status</th><th class='l'>parent</th>"
-               "<th class='l'>finished</th><th class='l'>config</th><th class='l'>base model</th>"
-               "<th class='l'>inputs</th></tr>"]
-    current = {s: sha256_file(run_dir / s / MANIFEST) for s in stages}
-    for s, m in stages.items():
-        parent = (m.get("lineage") or {}).get("parent_stage") or ", ".join(m.get("inputs", {})) or "–"
-        bm = (m.get("base_model") or {}).get("name", "–")
-        # An input re-run since this stage read it: the stage was built on an older version (re-run it to refresh).
-        stale = [i for i, v in m.get("inputs", {}).items()
-                 if i in current and Path(v["path"]).resolve() == (run_dir / i).resolve()
-                 and v["manifest_sha256"] != current[i]]
-        fresh = (f"<span class='bad'>stale: {_e(', '.join(stale))} changed since</span>" if stale
-                 else "<span class='ok'>up to date</span>" if m.get("inputs") else "–")
-        summary.append(f"<tr><td class='l'><b>{_e(s)}</b></td><td class='l'>{_e(m['status'])}</td>"
-                       f"<td class='l'>{_e(parent)}</td><td class='l'>{_e(m.get('finished_at', ''))}</td>"
-                       f"<td class='l'><code>{_e(m['config_hash'][:12])}</code></td><td class='l'>{_e(bm)}</td>"
-                       f"<td class='l'>{fresh}</td></tr>")
-    parts.append(f"<table>{''.join(summary)}</table>")
-    for s, m in stages.items():
-        figs = "".join(f"<tr><td class='l'>{_e(k)}</td><td>{_num(v, 4)}</td></tr>" for k, v in key_figures(s, m["metrics"]))
-        ins = ", ".join(f"{k} <code>{_e(v['manifest_sha256'][:12])}</code>" for k, v in m.get("inputs", {}).items())
-        parts.append(f"<h2>{_e(s)}</h2><p class='sub'>inputs: {ins or 'none'}; "
-                     f"{len(m.get('outputs', []))} output files; git {_e((m.get('git_commit') or '–')[:12])}</p>"
-                     f"<div class='grid'><table class='kv'>{figs}</table>")
-        rows = read_jsonl(run_dir / s / "log_history.jsonl")
-        parts.append(_figure(plot_stage_curves(s, rows, plots / f"{s}_curves.png"), f"{s}: training curves"))
-        parts.append("</div>")
-        if s == "eval":
-            evald = run_dir / s / "plots"
-            parts.append("<div class='grid'>" + "".join(_figure(p, p.stem.replace('_', ' '))
-                                                        for p in sorted(evald.glob("*.png"))) + "</div>")
-            parts.append(f"<p>Full evaluation report: <code>{_e(run_dir / s / 'report.html')}</code></p>")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(_page(f"run {run}", "".join(parts)), encoding="utf-8")
+                                         "Each arrow: an artifact read by the next stage (manifest inputs)"),
+             _summary_table(stages, digests, run_dir)]
+    parts += [_stage_section(s, m, run_dir, plots) for s, m in stages.items()]
+    with atomic_target(out, "--out") as tmp:
+        tmp.write_text(_page(f"run {run}", "".join(parts)), encoding="utf-8")
     # The page is self-contained; the PNGs drawn for it were only intermediates.
     for p in plots.glob("*.png"):
         p.unlink()
     if plots.is_dir() and not any(plots.iterdir()):
         plots.rmdir()
     return out
+
+
+def _published_stages(store, run: str) -> tuple[dict[str, dict], dict[str, str]]:
+    """Each published stage's manifest (as a dict) and the sha256 of its bytes. A stage that does not verify (the
+    check `align status` makes: sizes, and hashes through the cache) is `broken`, with its first problem, and
+    nothing of it but its manifest is read; a stage folder resolving outside the root is refused."""
+    from alignment.artifacts import first_problem
+    from alignment.manifest import MANIFEST
+    from alignment.runner import STAGES
+
+    stages, digests = {}, {}
+    for s in STAGES:
+        folder = store.stage_dir(run, s)
+        if not (folder / MANIFEST).is_file():
+            continue
+        manifest, digests[s], problems = store.check_published(folder)
+        stages[s] = manifest.model_dump(mode="json") if manifest else {"config_hash": "", "metrics": {}}
+        if problems:
+            stages[s].update(status="broken", problem=first_problem(problems))
+    return stages, digests
+
+
+def _summary_table(stages: dict[str, dict], digests: dict[str, str], run_dir: Path) -> str:
+    summary = ["<tr><th class='l'>stage</th><th class='l'>status</th><th class='l'>parent</th>"
+               "<th class='l'>finished</th><th class='l'>config</th><th class='l'>base model</th>"
+               "<th class='l'>inputs</th></tr>"]
+    for s, m in stages.items():
+        parent = (m.get("lineage") or {}).get("parent_stage") or ", ".join(m.get("inputs", {})) or "–"
+        bm = (m.get("base_model") or {}).get("name", "–")
+        # An input re-run since this stage read it: the stage was built on an older version (re-run it to refresh).
+        stale = [i for i, v in m.get("inputs", {}).items()
+                 if i in digests and Path(v["path"]).resolve() == (run_dir / i).resolve()
+                 and v["manifest_sha256"] != digests[i]]
+        fresh = (f"<span class='bad'>stale: {_e(', '.join(stale))} changed since</span>" if stale
+                 else "<span class='ok'>up to date</span>" if m.get("inputs") else "–")
+        status = f"<span class='bad'>broken: {_e(m['problem'])}</span>" if "problem" in m else _e(m["status"])
+        summary.append(f"<tr><td class='l'><b>{_e(s)}</b></td><td class='l'>{status}</td>"
+                       f"<td class='l'>{_e(parent)}</td><td class='l'>{_e(m.get('finished_at', ''))}</td>"
+                       f"<td class='l'><code>{_e(m['config_hash'][:12])}</code></td><td class='l'>{_e(bm)}</td>"
+                       f"<td class='l'>{fresh}</td></tr>")
+    return f"<table>{''.join(summary)}</table>"
+
+
+def _stage_section(s: str, m: dict, run_dir: Path, plots: Path) -> str:
+    """A stage's inputs, key figures and training curves (the eval stage's plots too); a broken stage's problem."""
+    if "problem" in m:
+        return f"<h2>{_e(s)}</h2><p class='bad'>broken: {_e(m['problem'])}</p>"
+    figs = "".join(f"<tr><td class='l'>{_e(k)}</td><td>{_num(v, 4)}</td></tr>" for k, v in key_figures(s, m["metrics"]))
+    ins = ", ".join(f"{k} <code>{_e(v['manifest_sha256'][:12])}</code>" for k, v in m.get("inputs", {}).items())
+    rows = read_jsonl(run_dir / s / "log_history.jsonl")
+    parts = [f"<h2>{_e(s)}</h2><p class='sub'>inputs: {ins or 'none'}; "
+             f"{len(m.get('outputs', []))} output files; git {_e((m.get('git_commit') or '–')[:12])}</p>"
+             f"<div class='grid'><table class='kv'>{figs}</table>",
+             _figure(plot_stage_curves(s, rows, plots / f"{s}_curves.png"), f"{s}: training curves"), "</div>"]
+    if s == "eval":
+        evald = run_dir / s / "plots"
+        parts.append("<div class='grid'>" + "".join(_figure(p, p.stem.replace('_', ' '))
+                                                    for p in sorted(evald.glob("*.png"))) + "</div>")
+        parts.append(f"<p>Full evaluation report: <code>{_e(run_dir / s / 'report.html')}</code></p>")
+    return "".join(parts)

@@ -355,8 +355,16 @@ def latest_checkpoint(folder: Path) -> Path | None:
     """The newest complete HF Trainer checkpoint (trainer_state.json is written last)."""
     if not folder.is_dir():
         return None
-    done = [p for p in folder.glob("checkpoint-*") if _complete_state(p / "trainer_state.json")]
-    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+    done = [p for p in folder.glob("checkpoint-*") if checkpoint_step(p) is not None
+            and _complete_state(p / "trainer_state.json")]
+    return max(done, key=checkpoint_step, default=None)
+
+
+def checkpoint_step(folder: Path) -> int | None:
+    """The step of a `checkpoint-<digits>` folder; None for any other name (a copy such as `checkpoint-4.bak`, a
+    folder another tool left), which is never resumed from."""
+    tail = folder.name.removeprefix("checkpoint-")
+    return int(tail) if tail != folder.name and tail.isascii() and tail.isdigit() else None
 
 
 def _complete_state(path: Path) -> bool:

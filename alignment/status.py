@@ -14,7 +14,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from alignment.artifacts import ArtifactStore
+from alignment.artifacts import ArtifactStore, first_problem
 from alignment.errors import AlignError
 from alignment.manifest import MANIFEST
 from alignment.logs import STAGE_LOG
@@ -47,14 +47,10 @@ def stage_rows(store: ArtifactStore, run: str) -> list[dict]:
 def _published_row(store: ArtifactStore, stage: str, final: Path) -> dict:
     """A published artifact's row; one that does not verify (cached hashes) shows as broken with the first reason."""
     age = time.time() - (final / MANIFEST).stat().st_mtime
-    try:
-        manifest, _ = store.load_manifest(final)
-    except AlignError as e:
-        return {"stage": stage, "status": "broken", "age_s": age, "config_hash": "", "metrics": str(e)}
-    problems = store.problems(final, manifest)
+    manifest, _, problems = store.check_published(final)
     if problems:
-        return {"stage": stage, "status": "broken", "age_s": age, "config_hash": manifest.config_hash[:12],
-                "metrics": problems[0] + (f" (+{len(problems) - 1} more: align verify)" if len(problems) > 1 else "")}
+        return {"stage": stage, "status": "broken", "age_s": age,
+                "config_hash": manifest.config_hash[:12] if manifest else "", "metrics": first_problem(problems)}
     return {"stage": stage, "status": manifest.status, "age_s": age, "config_hash": manifest.config_hash[:12],
             "metrics": _key_metrics(manifest.metrics, stage)}
 

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from alignment.errors import ArtifactError
 from alignment.hardware import has_cuda, resolve_precision
 from alignment.schema import TrainSpec
 
@@ -201,10 +202,27 @@ class Trained:
 def train(trainer, ctx) -> Trained:
     """Train (resuming from the runner's newest checkpoint when there is one), timed, then write the log history."""
     t0, cpu0 = time.perf_counter(), time.process_time()
-    result = trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
+    result = train_from(trainer, ctx.resume_from)
     done = Trained(result, time.perf_counter() - t0, time.process_time() - cpu0)
     save_log_history(trainer, ctx.out_dir)
     return done
+
+
+def train_from(trainer, checkpoint: Path | None):
+    """`trainer.train`, resuming from `checkpoint` when given. HF loads a checkpoint's optimizer, scheduler and RNG
+    files with torch's weights-only unpickler, which refuses anything but tensors (a planted or foreign pickle):
+    that is one line naming the checkpoint, since every re-run would otherwise resume from it and fail again."""
+    import pickle
+
+    if checkpoint is None:
+        return trainer.train()
+    try:
+        return trainer.train(resume_from_checkpoint=str(checkpoint))
+    except pickle.UnpicklingError as e:
+        why = str(e).split(".")[0]
+        raise ArtifactError(f"{checkpoint}: this checkpoint cannot be loaded safely ({why}: a file in it is not "
+                            "plain tensors); remove that folder and re-run (it resumes from an earlier checkpoint, "
+                            "or starts the stage over)") from None
 
 
 def group_pairs_by_length(trainer) -> bool:

@@ -44,7 +44,7 @@ from alignment.prompts import PromptData, load_prompts
 from alignment.reward_sources import RewardSource, text_reward_fn
 from alignment.runner import latest_checkpoint
 from alignment.schema import PeftSpec, TrainSpec
-from alignment.training import callbacks, group_pairs_by_length, save_log_history, trainer_args
+from alignment.training import callbacks, group_pairs_by_length, save_log_history, train_from, trainer_args
 from stages.dpo import DPOSpec, EvalSpec
 
 log = logging.getLogger("align")
@@ -163,7 +163,7 @@ def train_round(cfg: Config, sft, tok, rows: list[dict], rdir: Path, prev: Path 
         load_adapter_weights(trainer.model, prev)  # the policy continues; the reference stays the SFT model
     resume = latest_checkpoint(rdir / "checkpoints")
     t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    result = train_from(trainer, resume)
     return trainer, result, time.perf_counter() - t0
 
 

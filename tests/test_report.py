@@ -90,8 +90,9 @@ def test_eval_report_is_self_contained_with_valid_plots(tmp_path):
 
 
 def _publish(root, run, stage, inputs=(), metrics=None, history=None, status="complete", stale=()):
-    """A hand-made published stage; its inputs' recorded manifest hashes are the real ones, except `stale`."""
-    from alignment.manifest import sha256_file
+    """A hand-made published stage that verifies (report shows one that does not as broken); its inputs' recorded
+    manifest hashes are the real ones, except `stale`."""
+    from alignment.manifest import list_outputs, sha256_file
 
     d = root / run / stage
     d.mkdir(parents=True)
@@ -101,7 +102,7 @@ def _publish(root, run, stage, inputs=(), metrics=None, history=None, status="co
     m = Manifest(stage=stage, run=run, status=status, config={}, config_hash="ab" * 32,
                  inputs={i: InputEntry(stage=i, path=str(root / run / i), manifest_sha256=sha[i]) for i in inputs},
                  metrics=metrics or {}, lineage={"parent_stage": inputs[0]} if inputs else {},
-                 finished_at="2026-11-22T02:00:00+0000")
+                 outputs=list_outputs(d), finished_at="2026-11-22T02:00:00+0000")
     (d / "manifest.json").write_text(m.model_dump_json())
 
 
