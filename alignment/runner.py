@@ -72,6 +72,8 @@ def stage_of_file(path: str | Path) -> str:
     stage = load_yaml(path).get("stage")
     if not isinstance(stage, str):
         raise ConfigError([f"{path}: stage: required key is missing (which stage this file configures)"])
+    if stage not in STAGES:
+        raise ConfigError([f"{path}: stage: unknown stage '{stage}'; stages: {', '.join(STAGES)}"])
     return stage
 
 

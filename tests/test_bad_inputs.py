@@ -169,6 +169,8 @@ CASES = [
          setup=_write("c.yaml", "seed: 1\n")),
     Case("config-other-stage", ["run", "sft", "-c", BASE], ["base.yaml: stage: this file configures 'base'"]),
     Case("config-unknown-stage", ["run", "sfft", "-c", SFT], ["unknown stage 'sfft'"]),
+    Case("config-file-names-unknown-stage", ["run", "sft", "-c", "{tmp}/c.yaml"],
+         ["c.yaml: stage: unknown stage 'nosuch'"], setup=_write("c.yaml", "stage: nosuch\n")),
     Case("config-unknown-key", ["run", "sft", "-c", "{tmp}/c.yaml"], ["c.yaml: train.lrr: unknown key", "'lr'"],
          setup=_sft_file("train:\n  lrr: 0.1\n")),
     Case("config-run-escapes", ["run", "sft", "-c", "{tmp}/c.yaml"], ["c.yaml: run: expected one folder name"],
