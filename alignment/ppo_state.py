@@ -127,8 +127,10 @@ def rng_restore(state: dict) -> None:
 def rotate(folder: Path, keep: int) -> None:
     """Delete all but the newest `keep` complete checkpoints under `folder`."""
     from alignment.artifacts import remove_tree
+    from alignment.runner import checkpoint_step
 
-    done = sorted((p for p in folder.glob("checkpoint-*") if (p / STATE).is_file()),
-                  key=lambda p: int(p.name.split("-")[-1]))
+    # Only `checkpoint-<digits>` counts: a folder such as `checkpoint-4.bak` is neither ranked nor removed.
+    done = sorted((p for p in folder.glob("checkpoint-*") if checkpoint_step(p) is not None and (p / STATE).is_file()),
+                  key=checkpoint_step)
     for old in done[:-keep]:
         remove_tree(old)

@@ -161,3 +161,14 @@ def test_truncated_weights_that_verify_are_one_line_naming_the_file(store, capsy
     assert _align(capsys, "verify", "tiny", "--artifacts", str(store))[0] == 0
     code, errors = _align(capsys, *command, "--artifacts", str(store))
     assert code == 2 and len(errors) == 1 and f"{weights}: not a readable safetensors file" in errors[0], errors
+
+
+def test_ppo_rotation_ranks_numbered_checkpoints_only(tmp_path):
+    from alignment import ppo_state
+
+    for name in ("checkpoint-2", "checkpoint-10", "checkpoint-3", "checkpoint-abc", "checkpoint-4.bak"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / ppo_state.STATE).write_text("{}")
+    ppo_state.rotate(tmp_path, keep=2)  # by number, 10 is the newest: a string sort would keep 3 and 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-3", "checkpoint-4.bak",
+                                                          "checkpoint-abc"]
