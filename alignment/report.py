@@ -469,7 +469,7 @@ def build_run_report(root: Path, run: str, out: Path | None = None) -> Path:
     """One page for a whole run: lineage graph, then every stage's status, inputs, key figures and curves."""
     from alignment.artifacts import ArtifactStore
     from alignment.errors import AlignError
-    from alignment.outputs import atomic_target, check_output
+    from alignment.outputs import check_output, write_text
 
     store = ArtifactStore(root)
     run_dir = store.run_dir(run)
@@ -485,8 +485,7 @@ def build_run_report(root: Path, run: str, out: Path | None = None) -> Path:
                                          "Each arrow: an artifact read by the next stage (manifest inputs)"),
              _summary_table(stages, digests, run_dir)]
     parts += [_stage_section(s, m, run_dir, plots) for s, m in stages.items()]
-    with atomic_target(out, "--out") as tmp:
-        tmp.write_text(_page(f"run {run}", "".join(parts)), encoding="utf-8")
+    write_text(out, "--out", _page(f"run {run}", "".join(parts)))
     # The page is self-contained; the PNGs drawn for it were only intermediates.
     for p in plots.glob("*.png"):
         p.unlink()
