@@ -330,6 +330,11 @@ def _up_to_date(store, final: Path, chash: str, input_hashes: dict) -> Artifact 
 def _prepare_partial(store, run, stage, chash, input_hashes, inputs, base) -> StageContext:
     """Resume the partial folder when it was started with the same config and inputs, else set it aside."""
     partial = store.partial_dir(run, stage)
+    # An adapter stage writes its parent's merged weights under `<run>/.merged` when it saves; refuse a symlink
+    # out of the root now, before the training that would otherwise be thrown away.
+    from alignment.policy import MERGED_DIR
+
+    store.check_under_root(store.run_dir(run) / MERGED_DIR)
     state = {"config_hash": chash, "inputs": input_hashes}
     resume = None
     if partial.exists():

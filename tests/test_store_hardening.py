@@ -70,6 +70,7 @@ def test_a_merged_cache_symlinked_outside_the_root_is_refused(store, tmp_path, c
     assert code == 2 and len(errors) == 1 and ".merged" in errors[0] and "outside the artifact root" in errors[0]
     assert not any(outside.iterdir()), "merged weights were written outside the artifact root"
     assert not (store / "tiny" / "dpo").exists()
+    assert not (store / "tiny" / "dpo.partial").exists(), "refused only after training"
 
 
 def test_a_stage_folder_symlinked_outside_the_root_fails_verify_and_report(store, tmp_path, capsys):
