@@ -72,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_and_judge(sub, flags)
     from alignment.data_quality import add_parser as add_data_parser  # `align data inspect|clean`
 
-    add_data_parser(sub)
+    add_data_parser(sub, flags)
     return p
 
 

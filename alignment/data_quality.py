@@ -239,7 +239,7 @@ def inspect(paths: list[str], *, tokenizer_path: str | None = None, threshold: f
     return report
 
 
-def print_table(report: dict) -> None:
+def print_table(report: dict, examples: bool = True) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -257,6 +257,8 @@ def print_table(report: dict) -> None:
                   str(e["exact_duplicates"]), str(e["near_duplicates"]),
                   "-" if ov is None else f"{ov['same_prompt']} / {ov['near_duplicate']}")
     Console(width=200).print(t)
+    if not examples:
+        return
     for p, e in report["files"].items():
         for a, b, j in e["duplicate_examples"][:3]:
             print(f"  duplicate: {a} ~ {b} (Jaccard {j})")
@@ -357,10 +359,13 @@ def write_clean(kept: list[Row], dropped: list[dict], out: Path, settings: dict)
 
 
 # -- the CLI ---------------------------------------------------------------------------------------------------
-def add_parser(sub) -> None:
-    """`align data inspect|clean`: registered by alignment/cli.py."""
+def add_parser(sub, flags) -> None:
+    """`align data inspect|clean`: registered by alignment/cli.py; `flags`: its -q/-v, taken after the sub-command
+    too (`align data inspect -q FILE`), as every other command does."""
+    from alignment.cli import _with_flags
+
     d = sub.add_parser("data", help="data quality: inspect files, clean duplicates and eval overlap")
-    dsub = d.add_subparsers(dest="data_cmd", required=True)
+    dsub = _with_flags(d.add_subparsers(dest="data_cmd", required=True), flags)
     ins = dsub.add_parser("inspect", help="rows, categories, lengths, duplicates, overlap: a table and a PNG")
     ins.add_argument("files", nargs="+", metavar="FILE", help="JSONL/Parquet files; overlap is measured against the first")
     ins.add_argument("--tokenizer", metavar="PATH", help="count tokens with this tokenizer (a model folder); else words")
@@ -387,14 +392,24 @@ def command(args) -> None:
         _clean_command(args)
 
 
+def _quiet() -> bool:
+    from alignment.logs import verbosity
+
+    return verbosity() < 0
+
+
 def _inspect_command(args) -> None:
     # Both targets are checked before the (slow) inspection, so a refusal costs nothing and writes nothing.
     out = check_plot(args.out, "--out", inputs=args.files)
     if args.json:
         check_output(args.json, "--json", inputs=args.files, suffixes=(".json",), force_flag=None)
     report = inspect(args.files, tokenizer_path=args.tokenizer, threshold=args.threshold)
-    print_table(report)
-    print(f"plot: {plot(report, out)}")
+    # -q keeps the table, the command's answer (as `align status -q` does), and drops the example lines and the
+    # plot's path, which --out already names.
+    print_table(report, examples=not _quiet())
+    written = plot(report, out)
+    if not _quiet():
+        print(f"plot: {written}")
     if args.json:
         write_text(Path(args.json), "--json", json.dumps(report, indent=2))
 
@@ -410,4 +425,5 @@ def _clean_command(args) -> None:
     report = write_clean(kept, dropped, out, {"input": args.file, "against": args.against,
                                               "threshold": args.threshold, "min_words": args.min_words,
                                               "max_words": args.max_words})
-    print(f"kept {len(kept)} of {len(kept) + len(dropped)} rows -> {out}; dropped rows and reasons: {report}")
+    if not _quiet():  # the output is the file (and its report, beside it), as with `align run -q`
+        print(f"kept {len(kept)} of {len(kept) + len(dropped)} rows -> {out}; dropped rows and reasons: {report}")

@@ -103,3 +103,16 @@ def test_bad_rows_and_paths_are_one_line(tmp_path, capsys):
     assert err.count("\n") == 0 and f"{bad}: row 1:" in err and not (tmp_path / "x.png").exists()
     assert main(["data", "clean", TRAIN, "--out", TRAIN]) == 2
     assert "would overwrite an input" in capsys.readouterr().err
+
+
+def test_q_and_v_come_after_the_sub_command_and_q_keeps_only_the_table(planted, tmp_path, capsys):
+    path, _ = planted
+    assert main(["data", "inspect", "-q", str(path), "--out", str(tmp_path / "q.png")]) == 0
+    out = capsys.readouterr().out
+    assert "exact dup" in out  # the table is the command's answer, as with `align status -q`
+    assert "\n  duplicate: " not in out and "plot:" not in out and (tmp_path / "q.png").is_file()
+    assert main(["data", "clean", str(path), "--out", str(tmp_path / "q.jsonl"), "--quiet"]) == 0
+    assert capsys.readouterr().out == "" and (tmp_path / "q.jsonl.report.json").is_file()
+    assert main(["data", "inspect", str(path), "-v", "--out", str(tmp_path / "v.png")]) == 0
+    out = capsys.readouterr().out
+    assert "\n  duplicate: " in out and "plot:" in out
