@@ -138,7 +138,8 @@ def _add_store_commands(sub) -> None:
 
     ex = sub.add_parser("export", help="a policy as a standalone merged model folder (hf) or GGUF file, with a model card")
     ex.add_argument("run_name", metavar="RUN")
-    ex.add_argument("stage", metavar="STAGE", help="a policy stage: sft, dpo, ppo, online_dpo (or base)")
+    ex.add_argument("stage", metavar="STAGE", help="a policy stage: sft, dpo, ppo, grpo (GRPO or RLOO), online_dpo "
+                                                  "(or base)")
     ex.add_argument("--format", choices=["hf", "gguf"], default="hf")
     ex.add_argument("--out", metavar="PATH", help="default <artifacts>/<RUN>/exports/<STAGE>[.gguf]")
     _store_args(ex, run_arg=False)

@@ -134,3 +134,16 @@ def test_export_refuses_a_non_policy_and_never_overwrites(tiny_store, exported, 
     with pytest.raises(SystemExit) as e:  # argparse: the choices are named in the usage error
         main(["export", run, "base", "--format", "onnx", "--artifacts", str(root)])
     assert e.value.code == 2 and "invalid choice: 'onnx'" in capsys.readouterr().err
+
+
+def test_help_names_every_policy_stage(capsys):
+    from alignment.runner import STAGES
+
+    with pytest.raises(SystemExit) as e:
+        main(["export", "-h"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help text
+    assert e.value.code == 0
+    # Every stage but the reward model and the data/eval stages ends in a causal-LM policy that export merges.
+    for stage in set(STAGES) - {"reward", "label", "eval", "generate"}:
+        assert stage in text, stage
+    assert "RLOO" in text  # `algorithm: rloo` runs as the grpo stage
