@@ -12,16 +12,18 @@ points elsewhere with `inputs.<stage>`), so the pipeline file's order still deci
 config sets `threads`, k being how many stages can run beside it (at most N): base, sft and eval never have a
 neighbour and keep every core (sampling 64 rows is 1.1-1.5x faster on two threads). Each stage's console output
 goes to `<artifacts>/<run>/logs/<stage>.log` (two progress bars on one terminal are unreadable); the terminal
-gets one line when a stage starts and one when it ends. A failed stage stops new starts; the stages already
-running finish (as `make -j` does), then the pipeline fails naming it. A stage process is forked from this one
-after the libraries were imported once (alignment/launch.py), or, with ALIGN_STAGE_LAUNCH=exec, a fresh
-interpreter.
+gets one line when a stage starts and one when it ends: done, up to date (skipped), or FAILED. A failed stage stops
+new starts; the stages already running finish (as `make -j` does), then the pipeline fails naming it. A stage
+process is forked from this one after the libraries were imported once (alignment/launch.py), or, with
+ALIGN_STAGE_LAUNCH=exec, a fresh interpreter. With `-j 1` every stage writes to the terminal, under a header that
+is its `align run` command, ready to paste.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import time
@@ -55,6 +57,8 @@ class Finished:
     wall_s: float
     user_s: float
     sys_s: float
+    skipped: bool = False
+    """It exited 0 leaving its published manifest as it was: it found its artifact up to date."""
 
 
 def dependencies(stages: list[str], reads: list[set[str]], *, own_stage: bool = True) -> list[set[int]]:
@@ -89,6 +93,7 @@ def run_steps(steps: list[Step], jobs: int, log_dir: Path | None) -> list[Finish
     the order they ended; steps never started (after a failure) are not in it."""
     pending, running, done = list(steps), {}, []
     ok: set[int] = set()
+    before: dict[int, str | None] = {}  # each step's published manifest when it started
     saved = _forward_signals(running)
     try:
         while pending or running:
@@ -98,6 +103,7 @@ def run_steps(steps: list[Step], jobs: int, log_dir: Path | None) -> list[Finish
                 if ready is None:
                     break
                 pending.remove(ready)
+                before[ready.index] = _manifest_digest(ready, log_dir)
                 running[ready.index] = _start(ready, log_dir)
             if not running:
                 break  # what is left waits on a failed step
@@ -110,12 +116,12 @@ def run_steps(steps: list[Step], jobs: int, log_dir: Path | None) -> list[Finish
                 if out is not None:
                     out.close()
                 del running[index]
-                done.append(Finished(step, code, time.perf_counter() - t0, ru.ru_utime, ru.ru_stime))
+                skipped = code == 0 and before[index] is not None and _manifest_digest(step, log_dir) == before[index]
+                done.append(Finished(step, code, time.perf_counter() - t0, ru.ru_utime, ru.ru_stime, skipped))
                 if code == 0:
                     ok.add(index)
                 if log_dir is not None:
-                    how = "done" if code == 0 else f"FAILED ({how_ended(code)}; log: {log_dir / (step.stage + '.log')})"
-                    log.info("== %s %s in %s (user %.0f s, sys %.0f s)", step.stage, how,
+                    log.info("== %s %s in %s (user %.0f s, sys %.0f s)", step.stage, _outcome(done[-1], log_dir),
                              _clock(done[-1].wall_s), ru.ru_utime, ru.ru_stime)
     finally:
         for step, proc, _, out in running.values():  # leaving on an exception: stop what still runs
@@ -126,6 +132,42 @@ def run_steps(steps: list[Step], jobs: int, log_dir: Path | None) -> list[Finish
     return done
 
 
+def _outcome(f: Finished, log_dir: Path) -> str:
+    if f.code != 0:
+        return f"FAILED ({how_ended(f.code)}; log: {log_dir / (f.step.stage + '.log')})"
+    return "up to date (skipped)" if f.skipped else "done"
+
+
+def _published(step: Step, log_dir: Path | None) -> Path | None:
+    """The folder the step publishes, `<run>/<stage>` beside `<run>/logs`, when the step names that run (the
+    --run `align pipeline` gives every step, or $ALIGN_RUN); None when that cannot be told from here (each step's
+    run taken from its own config)."""
+    if log_dir is None:
+        return None
+    cmd = step.command
+    run = cmd[cmd.index("--run") + 1] if "--run" in cmd[:-1] else os.environ.get("ALIGN_RUN")
+    return log_dir.parent / step.stage if run == log_dir.parent.name else None
+
+
+def _manifest_digest(step: Step, log_dir: Path | None) -> str | None:
+    """sha256 of the step's published manifest.json; None without one. A stage that runs publishes a new manifest
+    (its times differ), one that finds its artifact up to date leaves it alone: the stage's own verdict, without
+    reading its log."""
+    from alignment.manifest import MANIFEST, sha256_file
+
+    folder = _published(step, log_dir)
+    try:
+        return sha256_file(folder / MANIFEST) if folder is not None else None
+    except OSError:
+        return None
+
+
+def shown(command: list[str]) -> str:
+    """A step's command as a user can paste it: `align ...` for a stage process, every argument shell-quoted."""
+    argv = launch.align_argv(command)
+    return shlex.join(command if argv is None else ["align", *argv])
+
+
 def _start(step: Step, log_dir: Path | None):
     out = None
     if log_dir is not None:
@@ -133,7 +175,7 @@ def _start(step: Step, log_dir: Path | None):
         out = open(log_dir / f"{step.stage}.log", "ab")
         log.info("== %s started (log: %s)", step.stage, log_dir / f"{step.stage}.log")
     else:
-        log.info("== %s: %s", step.stage, " ".join(step.command[2:]))
+        log.info("== %s: %s", step.stage, shown(step.command))
     if step.preload and launch.wanted(step.command):
         launch.preload()
     if launch.can_fork(step.command):

@@ -4,13 +4,14 @@ stops new starts but lets the running ones finish, and every config is checked b
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 
 import pytest
 
 from alignment.errors import ConfigError
-from alignment.pipeline_jobs import Step, dependencies, run_steps, threads_for
+from alignment.pipeline_jobs import Step, dependencies, run_steps, shown, threads_for
 from alignment.runner import _plan_steps, route_overrides, run_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
@@ -150,3 +151,41 @@ def test_an_earlier_step_of_a_repeated_stage_is_left_out_only_when_the_last_is_f
     # a step between reads the first sft: leaving that one out would change what it reads
     assert plan(("base", ""), ("sft", ["base"]), ("dpo", ["sft"]), ("sft", ["base"])) == set()
     assert plan(*chain[:5]) == set()  # no stage listed twice: nothing to leave out
+
+
+def test_a_step_header_is_an_align_command_a_user_can_paste(tmp_path, caplog):
+    import yaml
+
+    path = REPO / "configs/tiny/pipeline.yaml"
+    steps = yaml.safe_load(path.read_text())["stages"]
+    names = [s["stage"] for s in steps]
+    planned = _plan_steps(path, steps, route_overrides([], names), tmp_path, "r", False, jobs=1)
+    command = planned[names.index("eval")][0].command  # overrides: policies=[dpo], a shell glob unquoted
+    line = shown(command)
+    assert line.startswith(f"align run eval -c {REPO / 'configs/tiny/eval.yaml'} 'policies=[dpo]'")
+    assert shlex.split(line) == ["align", *command[3:]]
+    # -j 1: the header the terminal gets (a cheap `align` command, forked as a stage is)
+    caplog.set_level("INFO", logger="align")
+    show = [sys.executable, "-m", "alignment.cli", "config", "show", "-c", "configs/tiny/eval.yaml", "policies=[dpo]"]
+    assert [f.code for f in run_steps([Step(0, "eval", show, preload=False)], jobs=1, log_dir=None)] == [0]
+    assert "== eval: align config show -c configs/tiny/eval.yaml 'policies=[dpo]'" in caplog.text
+
+
+def test_a_step_that_leaves_its_manifest_as_it_was_ends_up_to_date_not_done(tmp_path, caplog, monkeypatch):
+    monkeypatch.delenv("ALIGN_RUN", raising=False)
+    run = tmp_path / "r"
+    for stage in ("kept", "rerun", "other"):
+        (run / stage).mkdir(parents=True)
+        (run / stage / "manifest.json").write_text("{}")
+
+    def step(i, stage, run_name, publish=False):  # publish: a new manifest, as a stage that ran writes
+        src = f"open({str(run / stage / 'manifest.json')!r}, 'w').write('[]')" if publish else "pass"
+        return Step(i, stage, [sys.executable, "-c", src, "--run", run_name])
+
+    caplog.set_level("INFO", logger="align")
+    # `other` names another run: its folder is not the one beside these logs, so nothing is claimed for it
+    done = run_steps([step(0, "kept", "r"), step(1, "rerun", "r", publish=True), step(2, "other", "elsewhere")],
+                     jobs=2, log_dir=run / "logs")
+    assert {f.step.stage: f.skipped for f in done} == {"kept": True, "rerun": False, "other": False}
+    assert "== kept up to date (skipped) in " in caplog.text
+    assert "== rerun done in " in caplog.text and "== other done in " in caplog.text
