@@ -381,7 +381,9 @@ def _loc(err: dict) -> str:
 
 
 def _where(path, key: str, touched: set[str]) -> str:
-    src = f"{path} (command line)" if any(key == t or key.startswith(t + ".") for t in touched) else str(path)
+    # An override can make the key (`train.max_steps=2` on a stage with no `train`: the error names `train`).
+    mine = any(key == t or key.startswith(t + ".") or t.startswith(key + ".") for t in touched)
+    src = f"{path} (command line)" if key and mine else str(path)
     return f"{src}: {key}: " if key else f"{src}: "
 
 

@@ -402,6 +402,10 @@ def _publish(store, cfg, ctx: StageContext, chash, inputs, started) -> tuple[Pat
     return final, manifest
 
 
+class ToEveryStage(str):
+    """An override with no stage prefix, routed to every stage: a stage it does not fit says so."""
+
+
 def route_overrides(overrides, stages, where: str = "command line") -> dict[str, list[str]]:
     """`sft.train.lr=1e-4` or `sft:train.lr=1e-4` -> {"sft": ["train.lr=1e-4"]}; `seed=1` -> every stage.
     The first dotted part is a stage only when the pipeline runs that stage (ppo's own `eval.batch_size` is
@@ -416,7 +420,7 @@ def route_overrides(overrides, stages, where: str = "command line") -> dict[str,
                 head, rest = None, key
         if head is None:
             for s in routed:
-                routed[s].append(item)
+                routed[s].append(ToEveryStage(item))
         elif head not in routed:
             raise ConfigError([f"{where}: override '{item}': the pipeline has no stage '{head}' "
                                f"(stages: {', '.join(routed)})"])
@@ -562,13 +566,38 @@ def _looks_up_to_date(store, run: str, stage: str, cfg) -> bool:
 def step_configs(path, steps, routed) -> list[tuple]:
     """Per pipeline step: (stage, config file, overrides, the loaded config, the stages it reads from this run).
     A stage whose config points `inputs.<stage>` at an artifact does not read that stage from the run."""
-    out = []
-    for step in steps:
+    out, problems, everywhere = [], [], {}
+    for step in steps:  # every step's problems at once, not the first stage's alone
         stage, cfg_file = step["stage"], Path(path).parent / step.get("config", f"{step['stage']}.yaml")
         extra = [str(o) for o in [*step.get("overrides", []), *routed[stage]]]
-        cfg = load_stage_config(stage, cfg_file, extra)
+        try:
+            cfg = load_stage_config(stage, cfg_file, extra)
+        except ConfigError as e:
+            for line in e.problems:
+                item = _unprefixed_cause(line, routed[stage])
+                if item is None:
+                    problems.append(line)
+                else:  # one line per such override, naming the stages it does not fit
+                    everywhere.setdefault((item, line.split("(command line): ", 1)[1]), []).append(stage)
+            continue
         out.append((stage, cfg_file, extra, cfg, set(upstream_of(stage_module(stage), cfg)) - set(cfg.inputs)))
+    for (item, why), stages in everywhere.items():
+        first = item.partition("=")[0].split(".")[0]
+        how = ("" if "unknown key" not in why else f"; the pipeline runs no '{first}' stage, so it went to every stage"
+               if first in STAGES else f"; with no stage prefix it goes to every stage: write STAGE.{item} for one")
+        problems.append(f"command line: '{item}': {why} (stages {', '.join(dict.fromkeys(stages))}{how})")
+    if problems:
+        raise ConfigError(problems)
     return out
+
+
+def _unprefixed_cause(line: str, overrides) -> str | None:
+    """The override without a stage prefix that a stage's config error `line` is about, if any."""
+    for item in overrides:
+        first = item.partition("=")[0].strip().split(".")[0]
+        if isinstance(item, ToEveryStage) and any(f"(command line): {first}{c}" in line for c in ".:"):
+            return str(item)
+    return None
 
 
 def _stage_command(stage: str, cfg_file: Path, overrides: list[str], root, run, force) -> list[str]:

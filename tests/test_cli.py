@@ -104,3 +104,31 @@ def test_a_reader_that_goes_away_ends_the_command_quietly():
         os.close(write_end)
     assert proc.returncode == 141, proc.stderr
     assert proc.stderr == ""
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.max_steps=2", "command line: 'train.max_steps=2': train: unknown key (did you mean 'tracking'?) (stages "
+                          "base, eval, ppo; with no stage prefix it goes to every stage: write STAGE.train.max_steps=2"),
+    ("grpo.train.lr=1", "(stages base, sft, reward, dpo, eval, ppo; the pipeline runs no 'grpo' stage, so it went"),
+    ("seed=abc", "command line: 'seed=abc': seed: expected an integer, got 'abc' (stages base, sft, reward, dpo, eval, "
+                 "ppo)"),
+])
+def test_a_pipeline_override_without_a_stage_prefix_is_one_line_naming_the_stages_it_misses(override, expected):
+    """Sent to every stage, an override that fits some is one line (not one per stage), blamed on the command line
+    and not on a stage's YAML file, with how to send it to one stage."""
+    r = _align("submit", "-c", "configs/tiny/pipeline.yaml", "--dry-run", "--artifacts", "/nonexistent/x", override)
+    errors = [x for x in r.stderr.splitlines() if x.startswith("align: error:")]
+    assert r.returncode == 2 and len(errors) == 1 and expected in errors[0], r.stderr
+
+
+def test_every_stage_s_config_problems_are_reported_at_once(tmp_path):
+    r = _align("submit", "-c", "configs/tiny/pipeline.yaml", "--dry-run", "--artifacts", str(tmp_path),
+               "sft.train.lr=fast", "dpo.train.lr=fast")
+    errors = [x for x in r.stderr.splitlines() if x.startswith("align: error:")]
+    assert r.returncode == 2 and [e.split(": ")[2] for e in errors] == ["configs/tiny/sft.yaml (command line)",
+                                                                        "configs/tiny/dpo.yaml (command line)"]
+
+
+def test_an_override_that_adds_an_unknown_section_is_blamed_on_the_command_line():
+    with pytest.raises(ConfigError, match=r"^configs/tiny/base.yaml \(command line\): train: unknown key"):
+        load_stage_config("base", "configs/tiny/base.yaml", ["train.max_steps=2"])
