@@ -85,6 +85,28 @@ def test_dry_run_prints_the_sbatch_chain_first_and_submits_nothing(tmp_path, mon
     assert "--dependency=afterok:1001:1002:1003:1004:1005:1006 " in calls[6]  # the last eval: every step before it
 
 
+def test_dry_run_names_each_step_it_leaves_out_as_align_pipeline_does(tmp_path, monkeypatch, capsys, caplog):
+    import yaml
+
+    from alignment import runner
+
+    # As when the run is up to date: the first eval would only republish what the last one replaces.
+    monkeypatch.setattr(runner, "superseded", lambda loaded, *args, **kwargs: {4})
+    caplog.set_level("INFO", logger="align")
+    path = "configs/tiny/pipeline.yaml"
+    steps = yaml.safe_load(open(path))["stages"]
+    runner._plan_steps(path, steps, runner.route_overrides([], [s["stage"] for s in steps]), tmp_path / "art", "r",
+                       False, jobs=1)
+    said = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert said == ["pipeline: step 4 (eval) left out: the file's last eval step is up to date"]
+    caplog.clear()
+    assert main(["submit", "-c", path, "--out", str(tmp_path / "jobs"), "--run", "r", "--artifacts",
+                 str(tmp_path / "art"), "--dry-run"]) == 0
+    assert [r.getMessage() for r in caplog.records if "left out" in r.getMessage()] == said  # the same line
+    chain = capsys.readouterr().out
+    assert "job_3_dpo=" in chain and "job_4_eval" not in chain and "job_5_ppo=" in chain
+
+
 def _script(tmp_path, *args) -> str:
     assert main(["submit", "-c", "configs/tiny/pipeline.yaml", "--out", str(tmp_path / "jobs"), "--run", "r",
                  "--artifacts", str(tmp_path / "art"), "--dry-run", *args]) == 0
