@@ -51,8 +51,26 @@ def _published_row(store: ArtifactStore, stage: str, final: Path) -> dict:
     if problems:
         return {"stage": stage, "status": "broken", "age_s": age,
                 "config_hash": manifest.config_hash[:12] if manifest else "", "metrics": first_problem(problems)}
-    return {"stage": stage, "status": manifest.status, "age_s": age, "config_hash": manifest.config_hash[:12],
+    changed = changed_inputs(manifest)
+    status = manifest.status + (f"; stale: {', '.join(changed)} changed since" if changed else "")
+    return {"stage": stage, "status": status, "age_s": age, "config_hash": manifest.config_hash[:12],
             "metrics": _key_metrics(manifest.metrics, stage)}
+
+
+def changed_inputs(manifest) -> list[str]:
+    """The inputs whose artifact is no longer the one this stage was made from (re-run, `--force`d or removed
+    since): its figures are of the old input, and `align pipeline` would re-run it. As `dvc status` says."""
+    import hashlib
+
+    changed = []
+    for name, entry in manifest.inputs.items():
+        try:
+            now = hashlib.sha256((Path(entry.path) / MANIFEST).read_bytes()).hexdigest()
+        except OSError:
+            now = None
+        if now != entry.manifest_sha256:
+            changed.append(name)
+    return changed
 
 
 def _partial_state(partial: Path) -> str:
@@ -217,7 +235,7 @@ def _eval_figures(m: dict) -> list[str]:
         if parts:
             out.append(f"{name}{' vs ' + base if name != base else ''}: {' '.join(parts)};")
     if out:
-        return out
+        return [*out[:-1], out[-1].rstrip(";")]
     return [_fig("win_rate", m, "win_rate"), _fig("gold", m, "gold_pass_rate")]  # an eval from before `models`
 
 

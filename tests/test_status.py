@@ -44,7 +44,7 @@ def test_each_stage_shows_its_own_figures():
 def test_eval_names_whose_win_rate_it_is():
     line = _key_metrics(EVAL, "eval")
     assert line == ("dpo vs sft: win=0.469 gold=0.25 reward=2.5 kl=0.0014;  "
-                    "ppo vs sft: win=1 gold=0.0625 reward=3.6 kl=1.27;  sft: gold=0.188 reward=2.5;")
+                    "ppo vs sft: win=1 gold=0.0625 reward=3.6 kl=1.27;  sft: gold=0.188 reward=2.5")
 
 
 def test_unknown_stage_and_missing_figures_fall_back_quietly():
@@ -127,3 +127,23 @@ def test_status_rows_show_a_partial_stages_progress(tmp_path):
     (part / "stage.log").write_text(_log_line(1_800_000_000.0, 'step 10: {"loss": 2.5}'))
     rows = {r["stage"]: r for r in stage_rows(ArtifactStore(tmp_path), "r")}
     assert rows["sft"]["status"].startswith("interrupted") and rows["sft"]["metrics"] == "step 10"
+
+
+def test_a_stage_whose_input_was_republished_shows_as_stale(tiny_store, tmp_path):
+    """As `dvc status`: after `--force` upstream, a downstream stage's figures are of the old input."""
+    root, run = tiny_store
+    shutil.copytree(root / run, tmp_path / "r", symlinks=True, ignore=shutil.ignore_patterns(".merged", ".locks"))
+    sft_manifest = tmp_path / "r" / "sft" / "manifest.json"
+    m = json.loads(sft_manifest.read_text())
+    m["inputs"]["base"]["path"] = str(tmp_path / "r" / "base")  # the copy's base, as a run in this root records it
+    sft_manifest.write_text(json.dumps(m))
+    rows = {r["stage"]: r for r in stage_rows(ArtifactStore(tmp_path), "r")}
+    assert rows["sft"]["status"] == "complete" and rows["base"]["status"] == "complete"
+
+    base_manifest = tmp_path / "r" / "base" / "manifest.json"
+    base_manifest.write_text(json.dumps(json.loads(base_manifest.read_text()), indent=1))  # republished: new bytes
+    rows = {r["stage"]: r for r in stage_rows(ArtifactStore(tmp_path), "r")}
+    assert rows["sft"]["status"] == "complete; stale: base changed since" and rows["base"]["status"] == "complete"
+    shutil.rmtree(tmp_path / "r" / "base")
+    rows = {r["stage"]: r for r in stage_rows(ArtifactStore(tmp_path), "r")}
+    assert "base" not in rows and rows["sft"]["status"] == "complete; stale: base changed since"
