@@ -297,3 +297,13 @@ def print_status(root: str | None, run: str | None) -> None:
         if stale:  # partial work of an older config: never resumed, only disk used
             console.print(f"{len(stale)} stale partial folder(s), never resumed; remove with: "
                           f"rm -rf {' '.join(str(p) for p in stale)}", soft_wrap=True)
+        replaced = sorted(store.run_dir(name).glob("*.old-*"))
+        if replaced:  # kept, never deleted for the user: say what they hold and how to drop them
+            console.print(f"{len(replaced)} replaced artifact(s) kept aside ({_mib(replaced)} MiB); remove with: "
+                          f"rm -rf {store.run_dir(name)}/*.old-*", soft_wrap=True)
+
+
+def _mib(folders: list[Path]) -> str:
+    """Disk use of folders, in MiB (symlinks not followed)."""
+    total = sum(f.lstat().st_size for d in folders for f in d.rglob("*") if f.is_file() and not f.is_symlink())
+    return f"{total / 2**20:,.1f}"

@@ -147,3 +147,20 @@ def test_a_stage_whose_input_was_republished_shows_as_stale(tiny_store, tmp_path
     shutil.rmtree(tmp_path / "r" / "base")
     rows = {r["stage"]: r for r in stage_rows(ArtifactStore(tmp_path), "r")}
     assert "base" not in rows and rows["sft"]["status"] == "complete; stale: base changed since"
+
+
+def test_status_says_what_replaced_artifacts_hold_and_how_to_remove_them(tmp_path, capsys):
+    """Re-published stages are moved aside, never deleted for the user; status says so, with their size."""
+    from alignment.manifest import Manifest, list_outputs
+    from alignment.status import print_status
+
+    store = ArtifactStore(tmp_path)
+    for payload in (b"x" * 2**20, b"y" * 2**20, b"z"):
+        partial = store.partial_dir("r", "sft")
+        (partial / "model").mkdir(parents=True)
+        (partial / "model" / "w.bin").write_bytes(payload)
+        store.publish("r", "sft", Manifest(stage="sft", run="r", config={}, config_hash="h",
+                                           outputs=list_outputs(partial)))
+    print_status(str(tmp_path), "r")
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"2 replaced artifact(s) kept aside (2.0 MiB); remove with: rm -rf {tmp_path / 'r'}/*.old-*" in out
