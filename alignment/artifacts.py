@@ -311,8 +311,12 @@ class ArtifactStore:
     def read_stage(self, run: str, stage: str, *, needed_by: str = "") -> Artifact:
         path = self.stage_dir(run, stage)
         if not (path / MANIFEST).is_file():
-            hint = f" `align run {stage} -c configs/<profile>/{stage}.yaml --run {run}`"
+            where = "" if self.root.resolve() == default_root().resolve() else f" --artifacts {self.root}"  # as pasted
+            hint = f" `align run {stage} -c configs/<profile>/{stage}.yaml --run {run}{where}`"
             who = f"{needed_by} needs" if needed_by else "missing"
+            if not self.run_dir(run).is_dir():
+                raise ArtifactError(f"{who} the '{stage}' artifact of run '{run}', and there is no run '{run}' "
+                                    f"under {self.root} (runs: {', '.join(self.runs()) or 'none'}); a new run:{hint}")
             raise ArtifactError(f"{who} the '{stage}' artifact of run '{run}' ({path}), which does not exist; "
                                 f"run it first:{hint}")
         return self.read(path)

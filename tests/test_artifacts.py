@@ -237,3 +237,16 @@ def test_a_corrupted_artifact_is_not_up_to_date(tiny_store, tmp_path, caplog):
     store.read_stage(run, "base")  # verifies again
     olds = list((root / run).glob("base.old-*"))
     assert len(olds) == 1 and (olds[0] / "model" / "model.safetensors").stat().st_size == 1000
+
+
+def test_a_missing_stage_s_hint_names_the_store_and_an_unknown_run_says_so(tmp_path, monkeypatch):
+    """The suggested command, pasted, must write where the artifact was looked for, not to ./artifacts."""
+    monkeypatch.delenv("ALIGN_ARTIFACTS", raising=False)
+    store = ArtifactStore(tmp_path)
+    _publish(store, run="r", stage="base")
+    with pytest.raises(ArtifactError) as e:
+        store.read_stage("r", "sft", needed_by="dpo")
+    assert "run it first" in str(e.value) and str(e.value).endswith(f"--run r --artifacts {tmp_path}`")
+    with pytest.raises(ArtifactError) as e:
+        store.read_stage("nosuch", "sft")
+    assert f"there is no run 'nosuch' under {tmp_path} (runs: r)" in str(e.value)
