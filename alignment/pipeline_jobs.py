@@ -48,6 +48,8 @@ class Step:
     preload: bool = True
     """Import the heavy libraries into this process before forking it (alignment/launch.py): False for a step that
     looked up to date when planned (it only checks and exits, which needs none of them)."""
+    published: Path | None = None
+    """The stage folder it publishes: its manifest left as it was means the stage found itself up to date."""
 
 
 @dataclass
@@ -103,7 +105,7 @@ def run_steps(steps: list[Step], jobs: int, log_dir: Path | None) -> list[Finish
                 if ready is None:
                     break
                 pending.remove(ready)
-                before[ready.index] = _manifest_digest(ready, log_dir)
+                before[ready.index] = _manifest_digest(ready)
                 running[ready.index] = _start(ready, log_dir)
             if not running:
                 break  # what is left waits on a failed step
@@ -116,7 +118,7 @@ def run_steps(steps: list[Step], jobs: int, log_dir: Path | None) -> list[Finish
                 if out is not None:
                     out.close()
                 del running[index]
-                skipped = code == 0 and before[index] is not None and _manifest_digest(step, log_dir) == before[index]
+                skipped = code == 0 and before[index] is not None and _manifest_digest(step) == before[index]
                 done.append(Finished(step, code, time.perf_counter() - t0, ru.ru_utime, ru.ru_stime, skipped))
                 if code == 0:
                     ok.add(index)
@@ -138,26 +140,14 @@ def _outcome(f: Finished, log_dir: Path) -> str:
     return "up to date (skipped)" if f.skipped else "done"
 
 
-def _published(step: Step, log_dir: Path | None) -> Path | None:
-    """The folder the step publishes, `<run>/<stage>` beside `<run>/logs`, when the step names that run (the
-    --run `align pipeline` gives every step, or $ALIGN_RUN); None when that cannot be told from here (each step's
-    run taken from its own config)."""
-    if log_dir is None:
-        return None
-    cmd = step.command
-    run = cmd[cmd.index("--run") + 1] if "--run" in cmd[:-1] else os.environ.get("ALIGN_RUN")
-    return log_dir.parent / step.stage if run == log_dir.parent.name else None
-
-
-def _manifest_digest(step: Step, log_dir: Path | None) -> str | None:
+def _manifest_digest(step: Step) -> str | None:
     """sha256 of the step's published manifest.json; None without one. A stage that runs publishes a new manifest
     (its times differ), one that finds its artifact up to date leaves it alone: the stage's own verdict, without
     reading its log."""
     from alignment.manifest import MANIFEST, sha256_file
 
-    folder = _published(step, log_dir)
     try:
-        return sha256_file(folder / MANIFEST) if folder is not None else None
+        return sha256_file(step.published / MANIFEST) if step.published is not None else None
     except OSError:
         return None
 

@@ -518,7 +518,9 @@ def _plan_steps(path, steps, routed, root, run, force, jobs):
         if jobs > 1 and cfg.threads is None:
             extra = [*extra, f"threads={threads[i]}"]
         command = _stage_command(stage, cfg_file, extra, root, run, force)
-        planned.append((Step(i, stage, command, deps[i], preload=not fresh[i]), _step_run(run, cfg)))
+        run_of = _step_run(run, cfg)
+        published = ArtifactStore(root).stage_dir(run_of, stage) if run_of else None
+        planned.append((Step(i, stage, command, deps[i], preload=not fresh[i], published=published), run_of))
     return planned
 
 

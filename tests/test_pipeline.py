@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from alignment.artifacts import ArtifactStore
@@ -66,16 +67,18 @@ def test_tiny_pipeline_end_to_end_then_skips_then_reruns_downstream_of_a_change(
     assert store.read_stage("e2e", "dpo").manifest.inputs["sft"].manifest_sha256 == after["sft"]
 
 
-def test_with_several_jobs_a_stage_found_up_to_date_says_so_on_the_terminal(tmp_path, caplog):
+@pytest.mark.parametrize("run", ["r", None])  # None: the run named by the stage's config (`run: tiny`)
+def test_with_several_jobs_a_stage_found_up_to_date_says_so_on_the_terminal(tmp_path, caplog, monkeypatch, run):
     """The line a stage's end gets under -j N tells a skip from a run by the stage's manifest, left as it was."""
     from pathlib import Path
 
     from alignment.runner import run_pipeline, run_stage
 
-    run_stage("base", "configs/tiny/base.yaml", root=tmp_path, run="r")
+    monkeypatch.delenv("ALIGN_RUN", raising=False)
+    run_stage("base", "configs/tiny/base.yaml", root=tmp_path, run=run)
     pipe = tmp_path / "p.yaml"
     pipe.write_text(f"stages:\n  - {{stage: base, config: {Path('configs/tiny/base.yaml').resolve()}}}\n")
     caplog.set_level("INFO", logger="align")
-    run_pipeline(str(pipe), root=tmp_path, run="r", jobs=2)
-    assert "base: up to date (manifest" in (tmp_path / "r" / "logs" / "base.log").read_text()
+    run_pipeline(str(pipe), root=tmp_path, run=run, jobs=2)
+    assert "base: up to date (manifest" in (tmp_path / (run or "tiny") / "logs" / "base.log").read_text()
     assert "== base up to date (skipped) in " in caplog.text and "== base done" not in caplog.text

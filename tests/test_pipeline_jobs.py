@@ -171,20 +171,19 @@ def test_a_step_header_is_an_align_command_a_user_can_paste(tmp_path, caplog):
     assert "== eval: align config show -c configs/tiny/eval.yaml 'policies=[dpo]'" in caplog.text
 
 
-def test_a_step_that_leaves_its_manifest_as_it_was_ends_up_to_date_not_done(tmp_path, caplog, monkeypatch):
-    monkeypatch.delenv("ALIGN_RUN", raising=False)
+def test_a_step_that_leaves_its_manifest_as_it_was_ends_up_to_date_not_done(tmp_path, caplog):
     run = tmp_path / "r"
     for stage in ("kept", "rerun", "other"):
         (run / stage).mkdir(parents=True)
         (run / stage / "manifest.json").write_text("{}")
 
-    def step(i, stage, run_name, publish=False):  # publish: a new manifest, as a stage that ran writes
+    def step(i, stage, publish=False, known=True):  # publish: a new manifest, as a stage that ran writes
         src = f"open({str(run / stage / 'manifest.json')!r}, 'w').write('[]')" if publish else "pass"
-        return Step(i, stage, [sys.executable, "-c", src, "--run", run_name])
+        return Step(i, stage, [sys.executable, "-c", src], published=run / stage if known else None)
 
     caplog.set_level("INFO", logger="align")
-    # `other` names another run: its folder is not the one beside these logs, so nothing is claimed for it
-    done = run_steps([step(0, "kept", "r"), step(1, "rerun", "r", publish=True), step(2, "other", "elsewhere")],
+    # `other`: where it publishes is not known, so nothing is claimed for it
+    done = run_steps([step(0, "kept"), step(1, "rerun", publish=True), step(2, "other", known=False)],
                      jobs=2, log_dir=run / "logs")
     assert {f.step.stage: f.skipped for f in done} == {"kept": True, "rerun": False, "other": False}
     assert "== kept up to date (skipped) in " in caplog.text
