@@ -39,7 +39,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line like every other error (the usage is one `-h` away)."""
 
     def error(self, message: str):
-        print(f"align: error: {self.prog}: {message} (see {self.prog} -h)", file=sys.stderr)
+        where = "" if self.prog == "align" else f"{self.prog}: "
+        print(f"align: error: {where}{message} (see {self.prog} -h)", file=sys.stderr)
         raise SystemExit(2)
 
 
@@ -80,6 +81,28 @@ def _store_args(sp, run_arg=True):
     sp.add_argument("--artifacts", metavar="DIR", help="artifact root (default $ALIGN_ARTIFACTS or ./artifacts)")
     if run_arg:
         sp.add_argument("--run", metavar="NAME", help="run name (default $ALIGN_RUN or the config's run)")
+
+
+def _run_positional(sp, required=False) -> None:
+    """RUN, given as `align status RUN` or, as `run` and `pipeline` take it, `--run RUN`."""
+    sp.add_argument("run_name", nargs="?", metavar="RUN",
+                    help="the run" + ("" if required else " (default: every run)"))
+    sp.add_argument("--run", dest="run_option", metavar="RUN", help="the same as RUN")
+    sp.set_defaults(run_required=required)
+
+
+def _one_run(args) -> None:
+    """RUN from the positional or --run (not two different ones); required where the command needs one."""
+    if "run_option" not in args:
+        return
+    if args.run_name and args.run_option and args.run_name != args.run_option:
+        print(f"align: error: align {args.cmd}: RUN {args.run_name!r} and --run {args.run_option!r} disagree; "
+              "give one", file=sys.stderr)
+        raise SystemExit(2)
+    args.run_name = args.run_name or args.run_option
+    if args.run_required and not args.run_name:
+        print(f"align: error: align {args.cmd}: the run is required: `align {args.cmd} RUN`", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def _add_run_commands(sub) -> None:
@@ -124,15 +147,15 @@ def _add_submit(sub) -> None:
 def _add_store_commands(sub) -> None:
     """Commands that read a run's published artifacts."""
     st = sub.add_parser("status", help="table of a run's stages")
-    st.add_argument("run_name", nargs="?", metavar="RUN")
+    _run_positional(st)
     _store_args(st, run_arg=False)
 
     vf = sub.add_parser("verify", help="re-hash every published artifact of a run (or of all runs); exit 2 if broken")
-    vf.add_argument("run_name", nargs="?", metavar="RUN")
+    _run_positional(vf)
     _store_args(vf, run_arg=False)
 
     rp = sub.add_parser("report", help="one self-contained HTML page for a whole run (every stage, lineage, figures)")
-    rp.add_argument("run_name", metavar="RUN")
+    _run_positional(rp, required=True)
     rp.add_argument("--out", metavar="FILE", help="where to write it (default <artifacts>/<RUN>/report.html)")
     _store_args(rp, run_arg=False)
 
@@ -167,6 +190,14 @@ def _add_config_and_judge(sub, flags) -> None:
     _store_args(au)
 
 
+def _unrecognized(args, bad: list[str]):
+    """One line naming the sub-command whose -h lists what it takes; `--run` where the run is positional says so."""
+    prog = f"align {args.cmd}"
+    hint = f"; the run is positional here: `{prog} RUN ...`" if "--run" in bad else ""
+    print(f"align: error: {prog}: unrecognized arguments: {' '.join(bad)}{hint} (see {prog} -h)", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # the command line itself (not a call from Python): run on mimalloc (alignment/allocator.py)
         from alignment import allocator
@@ -188,9 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     takes_overrides = hasattr(args, "overrides")
     bad = [a for a in extra if not (takes_overrides and "=" in a and not a.startswith("-"))]
     if bad:
-        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+        _unrecognized(args, bad)
     if extra:
         args.overrides = list(args.overrides) + extra
+    _one_run(args)
     from alignment.logs import setup_console
 
     given = "quiet" in args or "verbose" in args

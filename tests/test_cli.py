@@ -107,8 +107,9 @@ def test_a_reader_that_goes_away_ends_the_command_quietly():
 
 
 @pytest.mark.parametrize("override, expected", [
-    ("train.max_steps=2", "command line: 'train.max_steps=2': train: unknown key (did you mean 'tracking'?) (stages "
-                          "base, eval, ppo; with no stage prefix it goes to every stage: write STAGE.train.max_steps=2"),
+    ("train.max_steps=2", "command line: 'train.max_steps=2': train: unknown key (did you mean 'tracking'?) "
+                          "(stages base, eval, ppo; with no stage prefix it goes to every stage: write "
+                          "STAGE.train.max_steps=2"),
     ("grpo.train.lr=1", "(stages base, sft, reward, dpo, eval, ppo; the pipeline runs no 'grpo' stage, so it went"),
     ("seed=abc", "command line: 'seed=abc': seed: expected an integer, got 'abc' (stages base, sft, reward, dpo, eval, "
                  "ppo)"),
@@ -132,3 +133,31 @@ def test_every_stage_s_config_problems_are_reported_at_once(tmp_path):
 def test_an_override_that_adds_an_unknown_section_is_blamed_on_the_command_line():
     with pytest.raises(ConfigError, match=r"^configs/tiny/base.yaml \(command line\): train: unknown key"):
         load_stage_config("base", "configs/tiny/base.yaml", ["train.max_steps=2"])
+
+
+def test_store_commands_take_the_run_as_run_and_pipeline_do_too(tmp_path, capsys):
+    """`align status --run R` = `align status R`; two different runs, or none where one is needed, is one line."""
+    from alignment import cli
+    from alignment.artifacts import ArtifactStore
+    from alignment.manifest import Manifest, list_outputs
+
+    store = ArtifactStore(tmp_path)
+    partial = store.partial_dir("r", "sft")
+    (partial / "model").mkdir(parents=True)
+    (partial / "model" / "w.bin").write_bytes(b"w")
+    store.publish("r", "sft", Manifest(stage="sft", run="r", config={}, config_hash="h", outputs=list_outputs(partial)))
+    assert cli.main(["verify", "--run", "r", "--artifacts", str(tmp_path)]) == 0
+    assert "1 artifact(s) verified" in capsys.readouterr().out
+    for argv, line in [(["status", "r", "--run", "x"], "align: error: align status: RUN 'r' and --run 'x' disagree"),
+                       (["report"], "align: error: align report: the run is required: `align report RUN`"),
+                       (["export", "--run", "r", "sft"],
+                        "align: error: align export: unrecognized arguments: --run; the run is positional here"),
+                       (["--nope", "status"], "align: error: align status: unrecognized arguments: --nope (see "
+                                              "align status -h)")]:
+        with pytest.raises(SystemExit) as e:
+            cli.main([*argv, "--artifacts", str(tmp_path)])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and err.startswith(line), err
+    with pytest.raises(SystemExit):
+        cli.main(["nosuch"])
+    assert capsys.readouterr().err.startswith("align: error: argument cmd: invalid choice")  # no "align: align:"
