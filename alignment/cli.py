@@ -39,6 +39,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line like every other error (the usage is one `-h` away)."""
 
     def error(self, message: str):
+        # argparse lists the optional key=value overrides as required too when an argument before them is missing
+        message = message.replace(", key.path=value", "")
         where = "" if self.prog == "align" else f"{self.prog}: "
         print(f"align: error: {where}{message} (see {self.prog} -h)", file=sys.stderr)
         raise SystemExit(2)
@@ -107,7 +109,7 @@ def _one_run(args) -> None:
 
 def _add_run_commands(sub) -> None:
     r = sub.add_parser("run", help="run one stage")
-    r.add_argument("stage")
+    r.add_argument("stage", help="the stage to run (base, sft, reward, ...); the -c file must configure it")
     r.add_argument("-c", "--config", required=True, metavar="FILE")
     r.add_argument("overrides", nargs="*", metavar="key.path=value")
     r.add_argument("--force", action="store_true", help="re-run even if up to date (the old artifact is kept aside)")

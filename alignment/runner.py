@@ -69,7 +69,11 @@ def stage_module(name: str):
 
 
 def stage_of_file(path: str | Path) -> str:
-    stage = load_yaml(path).get("stage")
+    data = load_yaml(path)
+    stage = data.get("stage")
+    if stage is None and "stages" in data:
+        raise ConfigError([f"{path}: a pipeline file (it lists stages:), not one stage's config; run it with "
+                           f"`align pipeline -c {path}`, or name one stage's file (e.g. its stages' config:)"])
     if not isinstance(stage, str):
         raise ConfigError([f"{path}: stage: required key is missing (which stage this file configures)"])
     if stage not in STAGES:

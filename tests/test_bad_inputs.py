@@ -168,6 +168,8 @@ CASES = [
     Case("config-no-stage", ["run", "sft", "-c", "{tmp}/c.yaml"], ["c.yaml: stage: required key is missing"],
          setup=_write("c.yaml", "seed: 1\n")),
     Case("config-other-stage", ["run", "sft", "-c", BASE], ["base.yaml: stage: this file configures 'base'"]),
+    Case("config-pipeline-file", ["run", "sft", "-c", "configs/tiny/pipeline.yaml"],
+         ["pipeline.yaml: a pipeline file", "`align pipeline -c configs/tiny/pipeline.yaml`"]),
     Case("config-unknown-stage", ["run", "sfft", "-c", SFT], ["unknown stage 'sfft'"]),
     Case("config-file-names-unknown-stage", ["run", "sft", "-c", "{tmp}/c.yaml"],
          ["c.yaml: stage: unknown stage 'nosuch'"], setup=_write("c.yaml", "stage: nosuch\n")),
@@ -239,6 +241,7 @@ CASES = [
     Case("override-duplicate-in-value", RUN + ["train={{lr: 1, lr: 2}}"], ["override 'train'", "duplicate key 'lr'"]),
     # -- command lines -------------------------------------------------------------------------------------
     Case("cli-unknown-option", RUN + ["--bogus"], ["unrecognized arguments: --bogus"]),
+    Case("cli-run-no-stage", ["run", "-c", SFT], ["align run: the following arguments are required: stage (see"]),
     Case("cli-run-escapes", ["run", "sft", "-c", SFT, "--run", "../../x"], ["--run: expected one folder name"]),
     Case("cli-run-absolute", ["run", "sft", "-c", SFT, "--run", "/tmp/x"], ["--run: expected one folder name"]),
     Case("cli-run-from-env", ["run", "sft", "-c", SFT], ["ALIGN_RUN: expected one folder name"],
