@@ -454,7 +454,12 @@ def plot_stage_curves(stage: str, rows: list[dict], path: Path) -> Path | None:
 
 
 def key_figures(stage: str, metrics: dict, limit: int = 14) -> list[tuple[str, object]]:
-    """The numbers worth a glance: headline metrics first, then other top-level scalars."""
+    """The numbers worth a glance: headline metrics first, then other top-level scalars. An eval's, per policy
+    against its baseline (its top-level figures are the first policy's alone), as `align status` shows them."""
+    if stage == "eval" and metrics.get("models"):
+        from alignment.status import eval_figures
+
+        return [tuple(line.rstrip(";").split(": ", 1)) for line in eval_figures(metrics)][:limit]
     flat = flatten(metrics)
     first = ["win_rate", "mean_reward", "kl", "gold_pass_rate", "eval_loss", "eval_loss_before", "perplexity",
              "eval_accuracy", "eval_accuracy_before", "heldout_phrasings_accuracy", "eval_mean_margin", "eval_ece", "eval_length_corr",

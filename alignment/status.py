@@ -222,7 +222,7 @@ def _curve(label: str, metrics: dict, name: str) -> str:
     return _fig(label, metrics, f"{name}|last", f"{name}|first")
 
 
-def _eval_figures(m: dict) -> list[str]:
+def eval_figures(m: dict) -> list[str]:
     """Per policy, naming whose figure it is: its judge win rate against the baseline, gold pass rate, reward,
     KL from the baseline; then the baseline's own gold and reward."""
     base, models = m.get("baseline", "baseline"), m.get("models") or {}
@@ -256,7 +256,7 @@ FIGURES = {
                       _curve("missing_eos", m, "missing_eos_rate"), _curve("gold", m, "eval_gold")]
     if m.get("algorithm", "ppo") == "ppo" else _grpo_figures(m),
     "grpo": lambda m: _grpo_figures(m),
-    "eval": _eval_figures,
+    "eval": eval_figures,
 }
 """Per stage: the figures `align status` shows, from the metrics.json the stage writes."""
 

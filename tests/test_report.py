@@ -129,3 +129,19 @@ def test_align_report_shows_every_stage_lineage_and_curves(tmp_path, capsys):
     assert not list(tmp_path.glob(".page_plots/*"))
     assert main(["report", "nope", "--artifacts", str(root)]) == 2
     assert "run 'nope' has no published stage" in capsys.readouterr().err
+
+
+def test_the_run_page_gives_an_eval_s_figures_per_policy_against_its_baseline(tmp_path, capsys):
+    """An eval's top-level win_rate is its first policy's alone: the page names whose each figure is."""
+    root = tmp_path / "artifacts"
+    _publish(root, "r1", "base", metrics={"parameters": 1000})
+    models = {"sft": {"gold": {"pass_rate": 0.25}},
+              "dpo": {"judge": {"win_rate": 0.5}, "gold": {"pass_rate": 0.375}},
+              "ppo": {"judge": {"win_rate": 0.75}, "gold": {"pass_rate": 0.125}}}
+    _publish(root, "r1", "eval", ["base"], {"baseline": "sft", "policy": "dpo", "win_rate": 0.5, "models": models})
+    out = tmp_path / "page.html"
+    assert main(["report", "r1", "--artifacts", str(root), "--out", str(out)]) == 0
+    html = out.read_text()
+    rows = re.findall(r"<tr><td class='l'>([^<]*)</td><td>([^<]*)</td></tr>", html)
+    assert ("dpo vs sft", "win=0.5 gold=0.375") in rows and ("ppo vs sft", "win=0.75 gold=0.125") in rows
+    assert ("sft", "gold=0.25") in rows and ("win_rate", "0.5000") not in rows
