@@ -214,6 +214,7 @@ def train_from(trainer, checkpoint: Path | None):
     that is one line naming the checkpoint, since every re-run would otherwise resume from it and fail again."""
     import pickle
 
+    _bar_without_rows(trainer)
     if checkpoint is None:
         return trainer.train()
     try:
@@ -223,6 +224,20 @@ def train_from(trainer, checkpoint: Path | None):
         raise ArtifactError(f"{checkpoint}: this checkpoint cannot be loaded safely ({why}: a file in it is not "
                             "plain tensors); remove that folder and re-run (it resumes from an earlier checkpoint, "
                             "or starts the stage over)") from None
+
+
+def _bar_without_rows(trainer) -> None:
+    """Keep the trainer's progress bar but not the dict it prints under it at every logged step: those rows go to
+    the stage log (and the console at -v) and to log_history.jsonl, so the console stays short."""
+    from transformers.trainer_callback import ProgressCallback
+
+    class BarOnly(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            pass
+
+    if any(type(cb) is ProgressCallback for cb in trainer.callback_handler.callbacks):
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(BarOnly())
 
 
 def group_pairs_by_length(trainer) -> bool:

@@ -203,9 +203,14 @@ def _log_set(name: str, m: dict) -> None:
     lo, hi = m["accuracy_ci"]
     log.info("[reward] %s: %d pairs, accuracy %.3f [%.3f, %.3f], mean margin %.3f, ECE %.3f, length corr %.3f",
              name, m["pairs"], m["accuracy"], lo, hi, m["mean_margin"], m["ece"], m["length_corr"])
-    for cat, v in m["by_category"].items():
-        log.info("[reward]   %-18s %3d pairs: accuracy %.3f, length corr %+.3f", cat, v["pairs"], v["accuracy"],
-                 v["length_corr"])
+    kinds = m["by_category"]
+    if kinds:  # one line on the console; each kind's figures in the stage log (-v) and metrics.json
+        low = sorted(kinds.items(), key=lambda kv: kv[1]["accuracy"])[:3]
+        log.info("[reward]   kinds at accuracy >= 0.8: %d of %d; lowest: %s", sum(v["accuracy"] >= 0.8 for v in
+                 kinds.values()), len(kinds), ", ".join(f"{c} {v['accuracy']:.2f}" for c, v in low))
+    for cat, v in kinds.items():
+        log.debug("[reward]   %-18s %3d pairs: accuracy %.3f, length corr %+.3f", cat, v["pairs"], v["accuracy"],
+                  v["length_corr"])
 
 
 def _quality_gate(cfg: Config, ctx, rm, tok, train_pairs: list[dict], held: dict[str, list[dict]]) -> list[str]:

@@ -63,3 +63,18 @@ def test_verbose_shows_the_resolved_config_and_bad_flags_are_refused(tmp_path):
     assert '"stage": "base"' in out.stderr and "resolved config" in out.stderr
     bad = _align("run", "base", "-c", "configs/tiny/base.yaml", "--loud")
     assert bad.returncode == 2 and "unrecognized arguments: --loud" in bad.stderr
+
+
+def test_the_reward_stage_logs_one_line_per_set_for_its_kinds_and_each_kind_at_debug(caplog):
+    from stages.reward import _log_set
+
+    kinds = {k: {"pairs": 4, "accuracy": a, "length_corr": 0.1} for k, a in [("a", 1.0), ("b", 0.5), ("c", 0.75),
+                                                                              ("d", 0.8)]}
+    m = {"pairs": 16, "accuracy": 0.76, "accuracy_ci": [0.5, 0.9], "mean_margin": 0.2, "ece": 0.1, "length_corr": 0.0,
+         "by_category": kinds}
+    caplog.set_level("DEBUG", logger="align")
+    _log_set("eval", m)
+    info = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
+    debug = [r.getMessage() for r in caplog.records if r.levelname == "DEBUG"]
+    assert info[1] == "[reward]   kinds at accuracy >= 0.8: 2 of 4; lowest: b 0.50, c 0.75, d 0.80" and len(info) == 2
+    assert len(debug) == 4 and debug[1].startswith("[reward]   b ")

@@ -56,3 +56,35 @@ def test_cpu_fused_lm_head_scores_only_labelled_tokens(tmp_path, monkeypatch):
     assert torch.allclose(every.loss, labelled.loss, atol=1e-6)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(every_grads, labelled_grads))
     assert U._use_triton(torch.device("cpu")) and U._use_triton.original is original
+
+
+def test_the_trainer_keeps_its_progress_bar_but_prints_no_log_rows_under_it():
+    """The rows go to the stage log and log_history.jsonl; printed under the bar they made the console long."""
+    from types import SimpleNamespace
+
+    from transformers.trainer_callback import CallbackHandler, ProgressCallback
+
+    from alignment.training import _bar_without_rows
+
+    class Trainer:  # what `_bar_without_rows` uses of transformers.Trainer, delegating as it does
+        def __init__(self):
+            self.callback_handler = CallbackHandler([ProgressCallback()], None, None, None, None)
+
+        def remove_callback(self, cb):
+            self.callback_handler.remove_callback(cb)
+
+        def add_callback(self, cb):
+            self.callback_handler.add_callback(cb)
+
+    trainer, written = Trainer(), []
+    bar = SimpleNamespace(write=written.append)
+    state = SimpleNamespace(is_world_process_zero=True)
+    ProgressCallback.on_log(SimpleNamespace(training_bar=bar, max_str_len=100), None, state, None, logs={"loss": 1.0})
+    assert written == ["{'loss': '1'}"]  # what the trainer's own callback prints
+
+    _bar_without_rows(trainer)
+    (cb,) = trainer.callback_handler.callbacks
+    assert isinstance(cb, ProgressCallback) and type(cb) is not ProgressCallback  # still the bar
+    cb.training_bar = bar
+    cb.on_log(None, state, None, logs={"loss": 1.0})
+    assert written == ["{'loss': '1'}"]
