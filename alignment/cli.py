@@ -167,6 +167,8 @@ def _add_store_commands(sub) -> None:
                                                   "(or base)")
     ex.add_argument("--format", choices=["hf", "gguf"], default="hf")
     ex.add_argument("--out", metavar="PATH", help="default <artifacts>/<RUN>/exports/<STAGE>[.gguf]")
+    ex.add_argument("--force", action="store_true", help="replace an earlier export there (after the new one is "
+                                                          "written)")
     _store_args(ex, run_arg=False)
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from alignment.artifacts import Artifact, ArtifactStore
 from alignment.errors import AlignError
-from alignment.outputs import check_output
+from alignment.outputs import check_output, published_stage
 
 log = logging.getLogger("align")
 # Per stage, the metrics a reader wants first (dotted: nested keys). Others stay in the manifests.
@@ -44,8 +44,9 @@ class ExportError(AlignError):
     """A stage that cannot be exported, or a destination that would be overwritten."""
 
 
-def export(root, run: str, stage: str, fmt: str = "hf", out: str | None = None) -> Path:
-    """Write the export and return its path."""
+def export(root, run: str, stage: str, fmt: str = "hf", out: str | None = None, force: bool = False) -> Path:
+    """Write the export and return its path. `force`: replace an earlier export there (only one: an hf folder with
+    its model card and config, or a GGUF file), once the new one is written."""
     if fmt not in ("hf", "gguf"):
         raise ExportError(f"export: --format must be hf or gguf, not '{fmt}'")
     from alignment.runner import STAGES
@@ -57,21 +58,41 @@ def export(root, run: str, stage: str, fmt: str = "hf", out: str | None = None) 
     _require_policy(art)
     default = store.root / run / "exports" / (stage if fmt == "hf" else f"{stage}.gguf")
     dest = Path(out) if out else default
-    if dest.exists():
-        raise ExportError(f"export: {dest} already exists; remove it or pass --out elsewhere")
-    check_output(dest, "--out")  # never into a published stage folder: its manifest lists all it may hold
+    if dest.exists() and not force:
+        raise ExportError(f"export: {dest} already exists; pass --force to replace it, or --out elsewhere")
+    if dest.exists() and not _is_export(dest, fmt):
+        raise ExportError(f"export: {dest} exists and is not an earlier {fmt} export; --force replaces only one")
+    # Never into a published stage folder: its manifest lists all it may hold.
+    stage_folder = published_stage(dest)
+    if stage_folder is not None:
+        raise ExportError(f"export: --out {dest}: inside the published artifact {stage_folder}; write it outside")
+    if not dest.exists():
+        check_output(dest, "--out")
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{dest.name}-", dir=dest.parent) as tmp:
         folder = Path(tmp) / "hf"
         write_hf(art, folder, store)
-        if fmt == "hf":
-            os.rename(folder, dest)
-        else:
-            write_gguf(folder, Path(tmp) / "model.gguf", name=f"{run}-{stage}")
-            (Path(tmp) / "model.gguf").chmod(0o644)
-            os.rename(Path(tmp) / "model.gguf", dest)
+        new = folder
+        if fmt == "gguf":
+            new = Path(tmp) / "model.gguf"
+            write_gguf(folder, new, name=f"{run}-{stage}")
+            new.chmod(0o644)
+        if dest.exists():  # the old export goes into the temporary folder, removed with it
+            os.rename(dest, Path(tmp) / "replaced")
+        os.rename(new, dest)
     log.info("[export] %s/%s -> %s", run, stage, dest)
     return dest
+
+
+def _is_export(path: Path, fmt: str) -> bool:
+    """What `export` writes: a folder with a model card and a config, or a GGUF file."""
+    if fmt == "hf":
+        return path.is_dir() and not path.is_symlink() and (path / "README.md").is_file() and \
+            (path / "config.json").is_file()
+    if not path.is_file() or path.is_symlink():
+        return False
+    with path.open("rb") as f:
+        return f.read(4) == b"GGUF"
 
 
 def _require_policy(art: Artifact) -> None:
@@ -299,6 +320,6 @@ def _gguf_tensors(writer, hf_dir: Path, cfg: dict) -> None:
 
 
 def export_command(args) -> int:
-    print(export(args.artifacts, args.run_name, args.stage, args.format, args.out))
+    print(export(args.artifacts, args.run_name, args.stage, args.format, args.out, force=args.force))
     return 0
 

@@ -127,13 +127,34 @@ def test_export_refuses_a_non_policy_and_never_overwrites(tiny_store, exported, 
     before = (exported["hf"] / "model.safetensors").stat().st_mtime_ns
     assert main(["export", run, "sft", "--out", str(exported["hf"]), "--artifacts", str(root)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "already exists" in err[0] and str(exported["hf"]) in err[0]
+    assert len(err) == 1 and "already exists; pass --force" in err[0] and str(exported["hf"]) in err[0]
     assert (exported["hf"] / "model.safetensors").stat().st_mtime_ns == before
     assert main(["export", run, "reward", "--artifacts", str(root)]) == 2  # no reward artifact in this store
     assert "export needs the 'reward' artifact" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:  # argparse: the choices are named in the usage error
         main(["export", run, "base", "--format", "onnx", "--artifacts", str(root)])
     assert e.value.code == 2 and "invalid choice: 'onnx'" in capsys.readouterr().err
+
+
+def test_force_replaces_an_earlier_export_only(tiny_store, tmp_path, capsys):
+    """After re-training, `--force` refreshes the export; a folder or file that is not an export stays untouched."""
+    root, run = tiny_store
+    hf, gguf, mine = tmp_path / "hf", tmp_path / "m.gguf", tmp_path / "mine"
+    for path, fmt in ((hf, "hf"), (gguf, "gguf")):
+        assert main(["export", run, "sft", "--format", fmt, "--out", str(path), "--artifacts", str(root)]) == 0
+    (hf / "stale.txt").write_text("from the earlier export")
+    gguf_before = gguf.stat().st_mtime_ns
+    for path, fmt in ((hf, "hf"), (gguf, "gguf")):
+        assert main(["export", run, "sft", "--format", fmt, "--out", str(path), "--artifacts", str(root),
+                     "--force"]) == 0
+    assert not (hf / "stale.txt").exists() and (hf / "model.safetensors").is_file()
+    assert gguf.stat().st_mtime_ns != gguf_before and gguf.read_bytes()[:4] == b"GGUF"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the replaced exports went with the temp
+    mine.mkdir()
+    (mine / "notes.txt").write_text("a user's folder")
+    capsys.readouterr()
+    assert main(["export", run, "sft", "--out", str(mine), "--artifacts", str(root), "--force"]) == 2
+    assert "is not an earlier hf export" in capsys.readouterr().err and (mine / "notes.txt").is_file()
 
 
 def test_help_names_every_policy_stage(capsys):
