@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -84,7 +85,10 @@ def test_missing_upstream_says_which_stage_to_run(tmp_path, capsys):
 
 
 def test_bad_row_is_one_line_exit_2_and_nothing_is_lost(tiny_store, tmp_path, capsys):
-    root, run = tiny_store
+    shared, run = tiny_store
+    root = tmp_path / "art"  # a copy: the failed attempt's partial folder must not land in the session's store
+    for stage in ("base", "sft"):
+        shutil.copytree(shared / run / stage, root / run / stage)
     bad = tmp_path / "bad.jsonl"
     rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
             {"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "beep"}]}]
