@@ -51,10 +51,20 @@ def _published_row(store: ArtifactStore, stage: str, final: Path) -> dict:
     if problems:
         return {"stage": stage, "status": "broken", "age_s": age,
                 "config_hash": manifest.config_hash[:12] if manifest else "", "metrics": first_problem(problems)}
+    age = _finished_age(manifest.finished_at, age)
     changed = changed_inputs(manifest)
     status = manifest.status + (f"; stale: {', '.join(changed)} changed since" if changed else "")
     return {"stage": stage, "status": status, "age_s": age, "config_hash": manifest.config_hash[:12],
             "metrics": _key_metrics(manifest.metrics, stage)}
+
+
+def _finished_age(finished_at: str, fallback: float) -> float:
+    """Seconds since the manifest says the stage finished (a copied or restored store keeps it; the file's mtime
+    does not); the file's age when the manifest has no readable time."""
+    try:
+        return max(0.0, time.time() - datetime.strptime(finished_at, "%Y-%m-%dT%H:%M:%S%z").timestamp())
+    except (TypeError, ValueError):
+        return fallback
 
 
 def changed_inputs(manifest) -> list[str]:

@@ -165,3 +165,14 @@ def test_status_says_what_replaced_artifacts_hold_and_how_to_remove_them(tmp_pat
     print_status(str(tmp_path), "r")
     out = " ".join(capsys.readouterr().out.split())
     assert f"2 replaced artifact(s) kept aside (2.0 MiB); remove with: rm -rf {tmp_path / 'r'}/*.old-*" in out
+
+
+def test_a_stage_s_age_is_from_its_manifest_not_the_file_time():
+    """A copied or restored store gives every manifest a new mtime; the age shown is since the stage finished."""
+    import time
+
+    from alignment.status import _finished_age
+
+    an_hour_ago = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(time.time() - 3600))
+    assert 3590 < _finished_age(an_hour_ago, 5.0) < 3700
+    assert _finished_age("", 5.0) == 5.0 and _finished_age("yesterday", 5.0) == 5.0
