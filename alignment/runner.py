@@ -209,11 +209,12 @@ FAILURE_FILE = "failure.json"
 def _announce(cfg, ctx, chash, config_path, write: bool) -> None:
     import yaml
 
+    text = yaml.safe_dump(config_dict(cfg), sort_keys=False)  # as config.yaml and `align config show` give it
     if write:
-        (ctx.out_dir / CONFIG_FILE).write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False), encoding="utf-8")
+        (ctx.out_dir / CONFIG_FILE).write_text(text, encoding="utf-8")
     log.info("[%s] run '%s', config %s (%s; resolved: %s in the artifact, log: %s)", ctx.stage, ctx.run, chash[:12],
              config_path, CONFIG_FILE, logs.STAGE_LOG)
-    log.debug("[%s] resolved config:\n%s", ctx.stage, json.dumps(config_dict(cfg), indent=2))
+    log.debug("[%s] resolved config:\n%s", ctx.stage, text.rstrip())
 
 
 @contextmanager

@@ -60,7 +60,7 @@ def test_config_goes_to_the_artifact_and_the_log_file_keeps_every_attempt(tmp_pa
 def test_verbose_shows_the_resolved_config_and_bad_flags_are_refused(tmp_path):
     out = _align("run", "base", "-c", "configs/tiny/base.yaml", "--artifacts", str(tmp_path), "--run", "r", "-v")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert '"stage": "base"' in out.stderr and "resolved config" in out.stderr
+    assert "resolved config:\nstage: base\n" in out.stderr  # YAML, as config.yaml and `align config show`
     bad = _align("run", "base", "-c", "configs/tiny/base.yaml", "--loud")
     assert bad.returncode == 2 and "unrecognized arguments: --loud" in bad.stderr
 
