@@ -21,7 +21,6 @@ through `torch.distributed` and train alongside it (`Ranks`).
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import shlex
@@ -37,7 +36,6 @@ from alignment.errors import AlignError, ConfigError
 PROFILE_DIR = Path("configs/cluster")
 DEFAULT_PROFILE = "local"
 SUBMISSIONS = ".slurm.json"
-log = logging.getLogger("align")
 
 
 _NAMES = re.compile(r"[A-Za-z0-9_.\-]+(,[A-Za-z0-9_.\-]+)*")
@@ -265,10 +263,7 @@ def submit_chain(pipeline: str, *, run: str | None, artifacts: str | None, out_d
     # beside the reward model. Loading every config first also refuses a bad key before anything is submitted.
     # An earlier step of a stage listed again is left out when the last one is up to date (runner.superseded).
     loaded = step_configs(pipeline, steps, routed)
-    left_out = superseded(loaded, artifacts, run)
-    for i in sorted(left_out):  # said as `align pipeline` says it (runner._plan_steps): a job missing from the chain
-        log.info("pipeline: step %d (%s) left out: the file's last %s step is up to date", i, loaded[i][0],
-                 loaded[i][0])
+    left_out = superseded(loaded, artifacts, run)  # each one said, as `align pipeline` says it
     keep = [i for i in range(len(steps)) if i not in left_out]
     waits = dependencies([loaded[i][0] for i in keep], [loaded[i][4] for i in keep])
     # Every stage's settings are checked before the first script is written: a bad value leaves nothing behind.

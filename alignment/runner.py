@@ -512,9 +512,6 @@ def _plan_steps(path, steps, routed, root, run, force, jobs):
     loaded = step_configs(path, steps, routed)
     fresh = [False] * len(loaded) if force else looks_fresh(loaded, root, run)
     left_out = set() if force else superseded(loaded, root, run, fresh)
-    for i in sorted(left_out):
-        log.info("pipeline: step %d (%s) left out: the file's last %s step is up to date", i, loaded[i][0],
-                 loaded[i][0])
     kept = [i for i in range(len(loaded)) if i not in left_out]
     loaded, fresh = [loaded[i] for i in kept], [fresh[i] for i in kept]
     deps = dependencies([x[0] for x in loaded], [reads for *_, reads in loaded])
@@ -551,7 +548,10 @@ def superseded(loaded: list[tuple], root, run: str | None, fresh: list[bool] | N
     read = set().union(*dependencies(stages, [x[4] for x in loaded], own_stage=False))
     fresh = looks_fresh(loaded, root, run) if fresh is None else fresh
     last = {stage: i for i, stage in enumerate(stages)}
-    return {i for i, stage in enumerate(stages) if last[stage] != i and i not in read and fresh[last[stage]]}
+    out = {i for i, stage in enumerate(stages) if last[stage] != i and i not in read and fresh[last[stage]]}
+    for i in sorted(out):  # `align pipeline` and `align submit` alike: a step missing from the chain is said
+        log.info("pipeline: step %d (%s) left out: the file's last %s step is up to date", i, stages[i], stages[i])
+    return out
 
 
 def _step_run(run: str | None, cfg) -> str:
