@@ -589,13 +589,19 @@ def step_configs(path, steps, routed) -> list[tuple]:
             continue
         out.append((stage, cfg_file, extra, cfg, set(upstream_of(stage_module(stage), cfg)) - set(cfg.inputs)))
     for (item, why), stages in everywhere.items():
-        first = item.partition("=")[0].split(".")[0]
-        how = ("" if "unknown key" not in why else f"; the pipeline runs no '{first}' stage, so it went to every stage"
-               if first in STAGES else f"; with no stage prefix it goes to every stage: write STAGE.{item} for one")
-        problems.append(f"command line: '{item}': {why} (stages {', '.join(dict.fromkeys(stages))}{how})")
+        problems.append(f"command line: '{item}': {why} (stages {', '.join(dict.fromkeys(stages))}"
+                        f"{_routing_hint(item) if 'unknown key' in why else ''})")
     if problems:
         raise ConfigError(problems)
     return out
+
+
+def _routing_hint(item: str) -> str:
+    """Why an override without a stage prefix reached a stage that has no such key, and how to aim it."""
+    first = item.partition("=")[0].split(".")[0]
+    if first in STAGES:  # meant for a stage this pipeline does not run
+        return f"; the pipeline runs no '{first}' stage, so it went to every stage"
+    return f"; with no stage prefix it goes to every stage: write STAGE.{item} for one"
 
 
 def _unprefixed_cause(line: str, overrides) -> str | None:
