@@ -478,7 +478,7 @@ def build_run_report(root: Path, run: str, out: Path | None = None) -> Path:
 
     store = ArtifactStore(root)
     run_dir = store.run_dir(run)
-    stages, digests = _published_stages(store, run)
+    stages = _published_stages(store, run)
     if not stages:
         raise AlignError(f"run '{run}' has no published stage under {store.root} "
                          f"(expected {run_dir}/<stage>/manifest.json)")
@@ -488,7 +488,7 @@ def build_run_report(root: Path, run: str, out: Path | None = None) -> Path:
     parts = [f"<h1>Run <code>{_e(run)}</code></h1><p class='sub'>{_e(run_dir.resolve())}</p>",
              "<h2>Lineage</h2>", _figure(plot_lineage(stages, plots / "lineage.png"),
                                          "Each arrow: an artifact read by the next stage (manifest inputs)"),
-             _summary_table(stages, digests, run_dir)]
+             _summary_table(stages, run_dir)]
     parts += [_stage_section(s, m, run_dir, plots) for s, m in stages.items()]
     write_text(out, "--out", _page(f"run {run}", "".join(parts)))
     # The page is self-contained; the PNGs drawn for it were only intermediates.
@@ -499,27 +499,30 @@ def build_run_report(root: Path, run: str, out: Path | None = None) -> Path:
     return out
 
 
-def _published_stages(store, run: str) -> tuple[dict[str, dict], dict[str, str]]:
-    """Each published stage's manifest (as a dict) and the sha256 of its bytes. A stage that does not verify (the
+def _published_stages(store, run: str) -> dict[str, dict]:
+    """Each published stage's manifest (as a dict). A stage that does not verify (the
     check `align status` makes: sizes, and hashes through the cache) is `broken`, with its first problem, and
     nothing of it but its manifest is read; a stage folder resolving outside the root is refused."""
     from alignment.artifacts import first_problem
     from alignment.manifest import MANIFEST
     from alignment.runner import STAGES
 
-    stages, digests = {}, {}
+    stages = {}
     for s in STAGES:
         folder = store.stage_dir(run, s)
         if not (folder / MANIFEST).is_file():
             continue
-        manifest, digests[s], problems = store.check_published(folder)
+        manifest, _, problems = store.check_published(folder)
         stages[s] = manifest.model_dump(mode="json") if manifest else {"config_hash": "", "metrics": {}}
         if problems:
             stages[s].update(status="broken", problem=first_problem(problems))
-    return stages, digests
+    return stages
 
 
-def _summary_table(stages: dict[str, dict], digests: dict[str, str], run_dir: Path) -> str:
+def _summary_table(stages: dict[str, dict], run_dir: Path) -> str:
+    from alignment.manifest import Manifest
+    from alignment.status import changed_inputs
+
     summary = ["<tr><th class='l'>stage</th><th class='l'>status</th><th class='l'>parent</th>"
                "<th class='l'>finished</th><th class='l'>config</th><th class='l'>base model</th>"
                "<th class='l'>inputs</th></tr>"]
@@ -527,9 +530,8 @@ def _summary_table(stages: dict[str, dict], digests: dict[str, str], run_dir: Pa
         parent = (m.get("lineage") or {}).get("parent_stage") or ", ".join(m.get("inputs", {})) or "–"
         bm = (m.get("base_model") or {}).get("name", "–")
         # An input re-run since this stage read it: the stage was built on an older version (re-run it to refresh).
-        stale = [i for i, v in m.get("inputs", {}).items()
-                 if i in digests and Path(v["path"]).resolve() == (run_dir / i).resolve()
-                 and v["manifest_sha256"] != digests[i]]
+        ok = m.get("inputs") and "problem" not in m  # a broken stage's manifest may not even parse
+        stale = changed_inputs(Manifest.model_validate(m), run_dir / s) if ok else []
         fresh = (f"<span class='bad'>stale: {_e(', '.join(stale))} changed since</span>" if stale
                  else "<span class='ok'>up to date</span>" if m.get("inputs") else "–")
         status = f"<span class='bad'>broken: {_e(m['problem'])}</span>" if "problem" in m else _e(m["status"])

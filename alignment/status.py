@@ -52,7 +52,7 @@ def _published_row(store: ArtifactStore, stage: str, final: Path) -> dict:
         return {"stage": stage, "status": "broken", "age_s": age,
                 "config_hash": manifest.config_hash[:12] if manifest else "", "metrics": first_problem(problems)}
     age = _finished_age(manifest.finished_at, age)
-    changed = changed_inputs(manifest)
+    changed = changed_inputs(manifest, final)
     status = manifest.status + (f"; stale: {', '.join(changed)} changed since" if changed else "")
     return {"stage": stage, "status": status, "age_s": age, "config_hash": manifest.config_hash[:12],
             "metrics": _key_metrics(manifest.metrics, stage)}
@@ -67,17 +67,23 @@ def _finished_age(finished_at: str, fallback: float) -> float:
         return fallback
 
 
-def changed_inputs(manifest) -> list[str]:
-    """The inputs whose artifact is no longer the one this stage was made from (re-run, `--force`d or removed
-    since): its figures are of the old input, and `align pipeline` would re-run it. As `dvc status` says."""
+def changed_inputs(manifest, folder: Path) -> list[str]:
+    """The inputs whose artifact is no longer the one this stage (published in `folder`) was made from: re-run,
+    `--force`d or removed since. Its figures are of the old input, and `align pipeline` would re-run it; as
+    `dvc status` says. A relative recorded path (the default `./artifacts`) is also looked for beside `folder`,
+    so status run from another directory does not call every input changed."""
     import hashlib
 
     changed = []
     for name, entry in manifest.inputs.items():
-        try:
-            now = hashlib.sha256((Path(entry.path) / MANIFEST).read_bytes()).hexdigest()
-        except OSError:
-            now = None
+        where = [Path(entry.path)] + ([] if Path(entry.path).is_absolute() else [folder.parent / entry.stage])
+        now = None
+        for path in where:
+            try:
+                now = hashlib.sha256((path / MANIFEST).read_bytes()).hexdigest()
+                break
+            except OSError:
+                continue
         if now != entry.manifest_sha256:
             changed.append(name)
     return changed

@@ -176,3 +176,19 @@ def test_a_stage_s_age_is_from_its_manifest_not_the_file_time():
     an_hour_ago = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(time.time() - 3600))
     assert 3590 < _finished_age(an_hour_ago, 5.0) < 3700
     assert _finished_age("", 5.0) == 5.0 and _finished_age("yesterday", 5.0) == 5.0
+
+
+def test_inputs_recorded_relative_to_another_directory_are_found_beside_the_stage(tiny_store, tmp_path):
+    """With the default `./artifacts`, inputs are recorded relative to where the stage ran; status may run elsewhere."""
+    from alignment.status import changed_inputs
+
+    root, run = tiny_store
+    for stage in ("base", "sft"):
+        shutil.copytree(root / run / stage, tmp_path / "r" / stage)
+    m = json.loads((tmp_path / "r" / "sft" / "manifest.json").read_text())
+    m["inputs"]["base"]["path"] = "artifacts/r/base"  # as the stage recorded it, run from a repository root
+    from alignment.manifest import Manifest
+
+    assert changed_inputs(Manifest.model_validate(m), tmp_path / "r" / "sft") == []
+    m["inputs"]["base"]["manifest_sha256"] = "0" * 64
+    assert changed_inputs(Manifest.model_validate(m), tmp_path / "r" / "sft") == ["base"]
