@@ -351,6 +351,11 @@ class ArtifactStore:
         return final
 
     @staticmethod
+    def replaced(final: Path) -> list[Path]:
+        """The artifacts `commit` moved aside from `final` (re-runs that replaced them), oldest first."""
+        return sorted(p for p in final.parent.glob(f"{final.name}.old-*") if p.is_dir())
+
+    @staticmethod
     def tidy(final: Path) -> None:
         """Remove what a kill in the publish window left in a published artifact (its checkpoints)."""
         if (final / "checkpoints").exists():

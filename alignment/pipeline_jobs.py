@@ -61,6 +61,8 @@ class Finished:
     sys_s: float
     skipped: bool = False
     """It exited 0 leaving its published manifest as it was: it found its artifact up to date."""
+    digest: str | None = None
+    """sha256 of its published manifest when it ended (None: no manifest)."""
 
 
 def dependencies(stages: list[str], reads: list[set[str]], *, own_stage: bool = True) -> list[set[int]]:
@@ -118,8 +120,9 @@ def run_steps(steps: list[Step], jobs: int, log_dir: Path | None) -> list[Finish
                 if out is not None:
                     out.close()
                 del running[index]
-                skipped = code == 0 and before[index] is not None and _manifest_digest(step) == before[index]
-                done.append(Finished(step, code, time.perf_counter() - t0, ru.ru_utime, ru.ru_stime, skipped))
+                after = _manifest_digest(step)
+                skipped = code == 0 and before[index] is not None and after == before[index]
+                done.append(Finished(step, code, time.perf_counter() - t0, ru.ru_utime, ru.ru_stime, skipped, after))
                 if code == 0:
                     ok.add(index)
                 if log_dir is not None:
@@ -150,6 +153,31 @@ def _manifest_digest(step: Step) -> str | None:
         return sha256_file(step.published / MANIFEST) if step.published is not None else None
     except OSError:
         return None
+
+
+def drop_replaced_intermediates(finished: list[Finished]) -> list[Path]:
+    """Remove what a step published when a later step of the same command replaced it (a stage listed twice: eval
+    for dpo alone, beside ppo, then the last eval, which holds dpo's figures too). A fresh `make pipeline` then
+    leaves no replaced artifact behind. Only those: one replaced by a re-run of an earlier command is a result
+    the user had, and stays aside as `ArtifactStore.commit` leaves it. Returns the folders removed."""
+    from alignment.artifacts import ArtifactStore, remove_tree
+    from alignment.manifest import MANIFEST, sha256_file
+
+    ours: dict[Path, list[str]] = {}  # published folder -> this command's manifests there, in step order
+    for f in sorted(finished, key=lambda f: f.step.index):
+        if f.code == 0 and not f.skipped and f.digest is not None and f.step.published is not None:
+            ours.setdefault(f.step.published, []).append(f.digest)
+    removed = []
+    for final, digests in ours.items():
+        for old in ArtifactStore.replaced(final):
+            try:
+                mine = sha256_file(old / MANIFEST) in digests[:-1]  # the last one is the artifact in place
+            except OSError:
+                continue
+            if mine:
+                remove_tree(old)
+                removed.append(old)
+    return removed
 
 
 def shown(command: list[str]) -> str:

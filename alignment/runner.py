@@ -26,7 +26,8 @@ from alignment.config import (StageConfig, config_dict, config_hash, install_log
                               name_problem, scrub)
 from alignment.errors import AlignError, ArtifactError, ConfigError
 from alignment.manifest import MANIFEST, BaseModelId, Manifest, git_commit, library_versions, list_outputs
-from alignment.pipeline_jobs import Step, dependencies, how_ended, run_steps, threads_for
+from alignment.pipeline_jobs import (Step, dependencies, drop_replaced_intermediates, how_ended, run_steps,
+                                     threads_for)
 
 STAGES = ("base", "sft", "reward", "dpo", "ppo", "grpo", "label", "online_dpo", "eval", "generate")
 log = logging.getLogger("align")
@@ -466,6 +467,8 @@ def run_pipeline(path: str, *, root=None, run: str | None = None, force: bool = 
     t0 = time.perf_counter()
     log_dir = store.run_dir(planned[0][1]) / "logs" if jobs > 1 else None
     finished = run_steps([p[0] for p in planned], jobs, log_dir)
+    for old in drop_replaced_intermediates(finished):
+        log.debug("pipeline: removed %s (published and replaced by this pipeline)", old)
     _report(finished, time.perf_counter() - t0, jobs)
     return [store.stage_dir(run_of, step.stage) for step, run_of in planned]
 

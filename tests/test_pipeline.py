@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from alignment.artifacts import ArtifactStore
+from alignment.manifest import sha256_file
 
 
 def test_tiny_pipeline_end_to_end_then_skips_then_reruns_downstream_of_a_change(tmp_path):
@@ -38,6 +39,8 @@ def test_tiny_pipeline_end_to_end_then_skips_then_reruns_downstream_of_a_change(
     store = ArtifactStore(art)
     assert store.read_stage("e2e", "eval").manifest.metrics["cache_reused"]["answers"] == ["sft", "dpo", "base"]
     before = {stage: store.read_stage("e2e", stage).manifest_sha256 for stage in stages}  # published, verified
+    # the first eval's artifact, replaced by the last eval of the same command, is not left aside
+    assert not list((art / "e2e").glob("*.old-*"))
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
     for stage in stages:
@@ -65,6 +68,12 @@ def test_tiny_pipeline_end_to_end_then_skips_then_reruns_downstream_of_a_change(
     assert "sft: config or inputs changed" in third.stderr
     assert "left out" not in third.stderr  # the last eval will not be up to date, so the first one runs
     assert store.read_stage("e2e", "dpo").manifest.inputs["sft"].manifest_sha256 == after["sft"]
+    # what the first command published and this one replaced stays aside, one per stage (for eval the first
+    # command's last one); this command's own first eval does not
+    aside = {p.name.split(".old-")[0]: [] for p in (art / "e2e").glob("*.old-*")}
+    for p in (art / "e2e").glob("*.old-*"):
+        aside[p.name.split(".old-")[0]].append(sha256_file(p / "manifest.json"))
+    assert aside == {stage: [before[stage]] for stage in stages[stages.index("sft"):]}
 
 
 @pytest.mark.parametrize("run", ["r", None])  # None: the run named by the stage's config (`run: tiny`)

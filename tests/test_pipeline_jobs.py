@@ -188,3 +188,32 @@ def test_a_step_that_leaves_its_manifest_as_it_was_ends_up_to_date_not_done(tmp_
     assert {f.step.stage: f.skipped for f in done} == {"kept": True, "rerun": False, "other": False}
     assert "== kept up to date (skipped) in " in caplog.text
     assert "== rerun done in " in caplog.text and "== other done in " in caplog.text
+
+
+@pytest.mark.parametrize("last_failed", [False, True])
+def test_a_pipeline_removes_only_what_it_published_and_replaced_itself(tmp_path, last_failed):
+    from alignment.manifest import sha256_file
+    from alignment.pipeline_jobs import Finished, drop_replaced_intermediates
+
+    def folder(name, text):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text(text)
+        return sha256_file(tmp_path / name / "manifest.json")
+
+    users = folder("eval.old-20261201-100000", '{"an earlier command": 1}')   # a result the user had: kept
+    first = folder("eval.old-20261205-100000", '{"this command, eval for dpo": 1}')
+    last = folder("eval", '{"this command, the last eval": 1}')
+    other = folder("sft.old-20261205-090000", '{"this command": "sft"}')        # no later sft step: kept
+    published = tmp_path / "eval"
+    steps = [Step(0, "eval", [], published=published), Step(1, "sft", [], published=tmp_path / "sft"),
+             Step(2, "eval", [], published=published)]
+    finished = [Finished(steps[2], 1 if last_failed else 0, 1, 1, 0, digest=last),
+                Finished(steps[0], 0, 1, 1, 0, digest=first), Finished(steps[1], 0, 1, 1, 0, digest=other)]
+    removed = drop_replaced_intermediates(finished)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    if last_failed:  # the last eval published nothing: the first eval's artifact is the one in place, not replaced
+        assert removed == [] and "eval.old-20261205-100000" in left
+    else:
+        assert removed == [tmp_path / "eval.old-20261205-100000"]
+        assert left == ["eval", "eval.old-20261201-100000", "sft.old-20261205-090000"]
+    assert users and sha256_file(tmp_path / "eval.old-20261201-100000" / "manifest.json") == users
