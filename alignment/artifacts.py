@@ -308,11 +308,14 @@ class ArtifactStore:
         run_dir = self.run_dir(run)
         return sorted(run_dir.glob("*.partial.stale-*")) if run_dir.is_dir() else []
 
+    def flag(self) -> str:
+        """` --artifacts ROOT` for a command a user pastes, empty when the root is the default one."""
+        return "" if self.root.resolve() == default_root().resolve() else f" --artifacts {self.root}"
+
     def read_stage(self, run: str, stage: str, *, needed_by: str = "") -> Artifact:
         path = self.stage_dir(run, stage)
         if not (path / MANIFEST).is_file():
-            where = "" if self.root.resolve() == default_root().resolve() else f" --artifacts {self.root}"  # as pasted
-            hint = f" `align run {stage} -c configs/<profile>/{stage}.yaml --run {run}{where}`"
+            hint = f" `align run {stage} -c configs/<profile>/{stage}.yaml --run {run}{self.flag()}`"
             who = f"{needed_by} needs" if needed_by else "missing"
             if not self.run_dir(run).is_dir():
                 raise ArtifactError(f"{who} the '{stage}' artifact of run '{run}', and there is no run '{run}' "

@@ -470,7 +470,16 @@ def run_pipeline(path: str, *, root=None, run: str | None = None, force: bool = 
     for old in drop_replaced_intermediates(finished):
         log.debug("pipeline: removed %s (published and replaced by this pipeline)", old)
     _report(finished, time.perf_counter() - t0, jobs)
-    return [store.stage_dir(run_of, step.stage) for step, run_of in planned]
+    folders = [store.stage_dir(run_of, step.stage) for step, run_of in planned]
+    _say_where_results_are(store, planned[-1][1], folders)
+    return folders
+
+
+def _say_where_results_are(store: ArtifactStore, run: str, folders: list[Path]) -> None:
+    """The pipeline's last line: what to open next (its last eval report) and the command for the metrics."""
+    report = next((f / "report.html" for f in reversed(folders) if (f / "report.html").is_file()), None)
+    log.info("pipeline: done; metrics: `align status --run %s%s`%s", run, store.flag(),
+             f"; report: {report}" if report else "")
 
 
 def pipeline_steps(path, spec: dict) -> tuple[list[dict], list[str]]:

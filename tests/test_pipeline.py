@@ -39,6 +39,9 @@ def test_tiny_pipeline_end_to_end_then_skips_then_reruns_downstream_of_a_change(
     store = ArtifactStore(art)
     assert store.read_stage("e2e", "eval").manifest.metrics["cache_reused"]["answers"] == ["sft", "dpo", "base"]
     before = {stage: store.read_stage("e2e", stage).manifest_sha256 for stage in stages}  # published, verified
+    # its last line: where the results are, as commands and paths a user pastes
+    assert said[-1].endswith(f"pipeline: done; metrics: `align status --run e2e --artifacts {art}`; "
+                             f"report: {art / 'e2e' / 'eval' / 'report.html'}")
     # the first eval's artifact, replaced by the last eval of the same command, is not left aside
     assert not list((art / "e2e").glob("*.old-*"))
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
