@@ -160,6 +160,17 @@ class GRPO(Section):
     clip and the KL to the reference bound it like the rest of the update. 0: plain GRPO. Measured on SmolLM2's
     gold check: docs/algorithms.md."""
 
+    chosen_min_score: float | None = None
+    """chosen_nll: the lowest reward (summed over the reward functions, before any scaling) a group's best
+    completion needs to get the bonus; PPO's `chosen_min_score`, e.g. 1.0 with the gold check as reward: only fully
+    correct answers are imitated, not the best of a group that is all partly wrong. None: each group's best."""
+
+    def problems(self, prefix: str = "algorithm") -> list[tuple[str, str]]:
+        if self.chosen_min_score is not None and not self.chosen_nll:
+            return [(f"{prefix}.chosen_min_score", "only chooses which completions the NLL term imitates: set "
+                                                   f"{prefix}.chosen_nll (e.g. 1.0) or remove chosen_min_score")]
+        return []
+
     def trl_kwargs(self) -> dict:
         return dict(loss_type=self.loss_type, scale_rewards=self.scale_rewards)
 
@@ -171,6 +182,9 @@ class RLOO(Section):
     name: Literal["rloo"] = "rloo"
     normalize_advantages: bool = False
     """Whiten the leave-one-out advantages over the batch."""
+
+    def problems(self, prefix: str = "algorithm") -> list[tuple[str, str]]:
+        return []
 
     def trl_kwargs(self) -> dict:
         return dict(normalize_advantages=self.normalize_advantages)
@@ -227,8 +241,9 @@ def trl_reward_func(score, records: list[dict], name: str = "reward", *, truncat
     return reward
 
 
-def chosen_bonus(rewards, num_generations: int, weight: float):
-    """`weight` for each completion that has its group's highest reward in a group whose rewards differ, else 0.
+def chosen_bonus(rewards, num_generations: int, weight: float, min_score: float | None = None):
+    """`weight` for each completion that has its group's highest reward in a group whose rewards differ, and, with
+    `min_score`, a reward of at least that; else 0.
 
     `rewards` is TRL's flat reward vector, each prompt's group `num_generations` consecutive rows; a NaN reward
     (unscorable) is never chosen, and a group with fewer than two scored rows has no best one.
@@ -240,16 +255,18 @@ def chosen_bonus(rewards, num_generations: int, weight: float):
     best = torch.where(scored, groups, torch.full_like(groups, -torch.inf)).amax(dim=1, keepdim=True)
     worst = torch.where(scored, groups, torch.full_like(groups, torch.inf)).amin(dim=1, keepdim=True)
     chosen = scored & (groups == best) & (best > worst)
+    if min_score is not None:
+        chosen &= groups >= min_score
     return (chosen.to(rewards.dtype) * weight).view(-1)
 
 
-def with_chosen_nll(trainer_cls, weight: float):
-    """`trainer_cls` (TRL's GRPOTrainer) that adds `chosen_bonus(..., weight)` to the advantages of its training
-    batches. TRL computes the rewards (gathered over processes) and the advantages in one method; the rewards are
+def with_chosen_nll(trainer_cls, weight: float, min_score: float | None = None):
+    """`trainer_cls` (TRL's GRPOTrainer) that adds `chosen_bonus(..., weight, min_score)` to the advantages of its
+    training batches. TRL computes the rewards (gathered over processes) and the advantages in one method; the rewards are
     kept from its `_calculate_rewards` call and the bonus added to what it returns."""
 
     class Trainer(trainer_cls):
-        chosen_nll = weight
+        chosen_nll, chosen_min_score = weight, min_score
 
         def _calculate_rewards(self, *args, **kwargs):
             self._rewards_per_func = super()._calculate_rewards(*args, **kwargs)
@@ -265,7 +282,7 @@ def with_chosen_nll(trainer_cls, weight: float):
             per_func = self._rewards_per_func
             rewards = (per_func * self.reward_weights.to(per_func.device)).nansum(dim=1)
             rewards[torch.isnan(per_func).all(dim=1)] = float("nan")
-            bonus = chosen_bonus(rewards, self.num_generations, self.chosen_nll)
+            bonus = chosen_bonus(rewards, self.num_generations, self.chosen_nll, self.chosen_min_score)
             n = len(out["advantages"])
             local = bonus[self.accelerator.process_index * n:(self.accelerator.process_index + 1) * n]
             out["advantages"] = out["advantages"] + local.to(out["advantages"])
@@ -291,14 +308,14 @@ def prompt_dataset(records: list[dict]):
     return Dataset.from_list([{"prompt": r["prompt"], "prompt_index": i} for i, r in enumerate(records)])
 
 
-def trainer_class(name: str, sampler: str = "engine", chosen_nll: float = 0.0):
+def trainer_class(name: str, sampler: str = "engine", chosen_nll: float = 0.0, chosen_min_score: float | None = None):
     """(TRL's config class, TRL's trainer, sampling through alignment.generation unless `sampler` is "trl", with
     GRPO's `chosen_nll` bonus when it is set) for `grpo` or `rloo`."""
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
     config_cls, trainer_cls = (GRPOConfig, GRPOTrainer) if name == "grpo" else (RLOOConfig, RLOOTrainer)
     if chosen_nll:
-        trainer_cls = with_chosen_nll(trainer_cls, chosen_nll)
+        trainer_cls = with_chosen_nll(trainer_cls, chosen_nll, chosen_min_score)
     return config_cls, with_engine(trainer_cls) if sampler == "engine" else trainer_cls
 
 
@@ -375,8 +392,9 @@ def build_trainer(cfg, sft, prompts: list[dict], score, checkpoints_dir):
     policy = load_policy(sft, cfg.precision)  # one copy; with an adapter, adapter-off is the reference
     if not adapter:
         select_trainable(policy, cfg.peft)
-    config_cls, trainer_cls = trainer_class(cfg.algorithm.name, group.sampler,
-                                            getattr(cfg.algorithm, "chosen_nll", 0.0))  # GRPO's; RLOO has none
+    config_cls, trainer_cls = trainer_class(cfg.algorithm.name, group.sampler,  # GRPO's NLL term; RLOO has none
+                                            getattr(cfg.algorithm, "chosen_nll", 0.0),
+                                            getattr(cfg.algorithm, "chosen_min_score", None))
     args = config_cls(**trainer_args(cfg.train, out_dir=checkpoints_dir, seed=cfg.seed, precision=cfg.precision,
                                      report_to=cfg.report_to),
                       **group.trl_kwargs(), **cfg.algorithm.trl_kwargs())

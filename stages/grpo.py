@@ -47,7 +47,8 @@ class Config(StageConfig):
 
     def problems(self):
         return (self.data.problems("data") + self.reward.problems("reward") + self.peft.problems("peft")
-                + self.group.problems(self.train, "group") + self.group.peft_problems(self.peft, "peft"))
+                + self.group.problems(self.train, "group") + self.group.peft_problems(self.peft, "peft")
+                + self.algorithm.problems("algorithm"))
 
 
 def upstream(cfg: Config) -> tuple[str, ...]:

@@ -325,6 +325,7 @@ def test_sampler_trl_keeps_trls_own_trainer():
     assert trainer_class("grpo", "trl")[1] is GRPOTrainer and trainer_class("rloo", "trl")[1] is RLOOTrainer
     with_nll = trainer_class("grpo", "trl", chosen_nll=0.5)[1]  # algorithm.chosen_nll: TRL's sampler, our bonus
     assert issubclass(with_nll, GRPOTrainer) and with_nll is not GRPOTrainer and with_nll.chosen_nll == 0.5
+    assert with_nll.chosen_min_score is None and trainer_class("grpo", "trl", 0.5, 1.0)[1].chosen_min_score == 1.0
     engine = trainer_class("rloo")[1]
     assert issubclass(engine, RLOOTrainer) and engine is not RLOOTrainer and engine.__name__ == "RLOOTrainer"
 
@@ -398,26 +399,53 @@ def test_chosen_bonus_marks_each_groups_best_where_the_group_differs():
     assert chosen_bonus(rewards[:4], 2, 1.0).tolist() == [0, 1.0, 1.0, 0]  # groups of two: (0.5, 1) and (1, 0)
 
 
-def test_chosen_nll_adds_its_weight_to_the_advantage_of_each_groups_best(store, tmp_path):
+def test_chosen_min_score_keeps_the_bonus_for_groups_whose_best_reaches_it():
+    from alignment.grpo import chosen_bonus
+
+    rewards = torch.tensor([0.5, 1.0, 1.0, 0.0,     # best 1.0 >= 1.0: both tied best chosen
+                            0.2, 0.6, 0.6, 0.0,     # best 0.6: partly right, not imitated
+                            1.0, 1.2, 0.0, 0.0])    # best 1.2 (above the floor) alone
+    assert chosen_bonus(rewards, 4, 0.5, min_score=1.0).tolist() == [0, .5, .5, 0, 0, 0, 0, 0, 0, .5, 0, 0]
+    assert chosen_bonus(rewards, 4, 0.5).tolist() == [0, .5, .5, 0, 0, .5, .5, 0, 0, .5, 0, 0]  # no floor
+
+
+def test_chosen_min_score_without_chosen_nll_is_a_config_error_naming_both(tmp_path):
+    from alignment.errors import ConfigError
+    from stages.grpo import Config
+
+    path = write_config(tmp_path, algorithm={"name": "grpo", "chosen_min_score": 1.0})
+    with pytest.raises(ConfigError) as e:
+        load_config(Config, path)
+    assert str(e.value).count("\n") == 0 and "algorithm.chosen_min_score" in str(e.value) \
+        and "set algorithm.chosen_nll" in str(e.value) and str(path) in str(e.value)
+    assert load_config(Config, write_config(tmp_path, algorithm={"name": "grpo", "chosen_nll": 1.0,
+                                                                  "chosen_min_score": 1.0})).algorithm.chosen_min_score == 1.0
+
+
+@pytest.mark.parametrize("min_score", [None, 0.3])
+def test_chosen_nll_adds_its_weight_to_the_advantage_of_each_groups_best(store, tmp_path, min_score):
     """algorithm.chosen_nll reaches TRL's GRPO trainer; the advantages of a training batch are TRL's group-normalised
-    ones (recomputed here from the rewards it scored) plus the weight on each group's best completion."""
+    ones (recomputed here from the rewards it scored) plus the weight on each group's best completion (with
+    algorithm.chosen_min_score, a best that reaches it)."""
     from alignment.grpo import chosen_bonus
     from stages.grpo import Config
 
     root, run = store
-    cfg = load_config(Config, write_config(tmp_path, algorithm={"name": "grpo", "chosen_nll": 0.5}))
+    floor = {} if min_score is None else {"chosen_min_score": min_score}
+    cfg = load_config(Config, write_config(tmp_path, algorithm={"name": "grpo", "chosen_nll": 0.5, **floor}))
     sft = ArtifactStore(root).read_stage(run, "sft")
     score = lambda prompts, completions, **fields: vowel_reward(prompts, completions)  # noqa: E731
     trainer, _ = build_trainer(cfg, sft, load_prompts(cfg.data.train, 8), score, tmp_path / "ckpt")
-    assert trainer.chosen_nll == 0.5
+    assert trainer.chosen_nll == 0.5 and trainer.chosen_min_score == min_score
     trainer.model.train()
     inputs = [row for row in trainer.train_dataset.select(range(2)) for _ in range(4)]  # TRL's sampler: G in a row
     out = trainer._generate_and_score_completions(inputs)
     rewards = trainer._rewards_per_func[:, 0]
     groups = rewards.view(-1, 4)
     plain = ((groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-4)).view(-1)
-    bonus = chosen_bonus(rewards, 4, 0.5)
-    assert bonus.sum() >= 1.0  # random completions differ in their vowel share: each group has a best
+    bonus = chosen_bonus(rewards, 4, 0.5, min_score)
+    if min_score is None:
+        assert bonus.sum() >= 1.0  # random completions differ in their vowel share: each group has a best
     assert torch.allclose(out["advantages"], plain + bonus, atol=1e-5)
     assert trainer._metrics["train"]["chosen_nll/frac"] == [(bonus > 0).float().mean().item()]
 
