@@ -262,8 +262,8 @@ def chosen_bonus(rewards, num_generations: int, weight: float, min_score: float 
 
 def with_chosen_nll(trainer_cls, weight: float, min_score: float | None = None):
     """`trainer_cls` (TRL's GRPOTrainer) that adds `chosen_bonus(..., weight, min_score)` to the advantages of its
-    training batches. TRL computes the rewards (gathered over processes) and the advantages in one method; the rewards are
-    kept from its `_calculate_rewards` call and the bonus added to what it returns."""
+    training batches. TRL computes the rewards (gathered over processes) and the advantages in one method; the
+    rewards are kept from its `_calculate_rewards` call and the bonus added to what it returns."""
 
     class Trainer(trainer_cls):
         chosen_nll, chosen_min_score = weight, min_score
