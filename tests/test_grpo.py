@@ -418,8 +418,8 @@ def test_chosen_min_score_without_chosen_nll_is_a_config_error_naming_both(tmp_p
         load_config(Config, path)
     assert str(e.value).count("\n") == 0 and "algorithm.chosen_min_score" in str(e.value) \
         and "set algorithm.chosen_nll" in str(e.value) and str(path) in str(e.value)
-    assert load_config(Config, write_config(tmp_path, algorithm={"name": "grpo", "chosen_nll": 1.0,
-                                                                  "chosen_min_score": 1.0})).algorithm.chosen_min_score == 1.0
+    fine = write_config(tmp_path, algorithm={"name": "grpo", "chosen_nll": 1.0, "chosen_min_score": 1.0})
+    assert load_config(Config, fine).algorithm.chosen_min_score == 1.0
 
 
 @pytest.mark.parametrize("min_score", [None, 0.3])
