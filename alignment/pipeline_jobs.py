@@ -174,7 +174,8 @@ def drop_replaced_intermediates(finished: list[Finished]) -> list[Path]:
                 mine = sha256_file(old / MANIFEST) in digests[:-1]  # the last one is the artifact in place
             except OSError:
                 continue
-            if mine:
+            if mine:  # the manifest first: a kill mid-way leaves a folder `align verify` skips, not a broken artifact
+                (old / MANIFEST).unlink()
                 remove_tree(old)
                 removed.append(old)
     return removed
