@@ -73,9 +73,9 @@ def test_tiny_pipeline_end_to_end_then_skips_then_reruns_downstream_of_a_change(
     assert store.read_stage("e2e", "dpo").manifest.inputs["sft"].manifest_sha256 == after["sft"]
     # what the first command published and this one replaced stays aside, one per stage (for eval the first
     # command's last one); this command's own first eval does not
-    aside = {p.name.split(".old-")[0]: [] for p in (art / "e2e").glob("*.old-*")}
+    aside = {}
     for p in (art / "e2e").glob("*.old-*"):
-        aside[p.name.split(".old-")[0]].append(sha256_file(p / "manifest.json"))
+        aside.setdefault(p.name.split(".old-")[0], []).append(sha256_file(p / "manifest.json"))
     assert aside == {stage: [before[stage]] for stage in stages[stages.index("sft"):]}
 
 
