@@ -113,6 +113,9 @@ def _add_run_commands(sub) -> None:
     r.add_argument("-c", "--config", required=True, metavar="FILE")
     r.add_argument("overrides", nargs="*", metavar="key.path=value")
     r.add_argument("--force", action="store_true", help="re-run even if up to date (the old artifact is kept aside)")
+    # A Slurm chain's own bookkeeping (cluster.chain_flags writes them into the job scripts), not for users.
+    r.add_argument("--record-published", metavar="FILE", help=argparse.SUPPRESS)
+    r.add_argument("--drop-replaced", metavar="FILE", action="append", default=[], help=argparse.SUPPRESS)
     _store_args(r)
 
     pl = sub.add_parser("pipeline", help="run the stages a pipeline file lists")
@@ -322,13 +325,23 @@ def _run(args) -> None:
 
     from alignment import runner
     from alignment.logs import verbosity
+    from alignment.pipeline_jobs import manifest_digest
 
     # -q: the HF trainers print their logged rows on stdout (tqdm.write) whatever the bars do; the stage log
     # in the artifact keeps them, so a quiet run sends stdout nowhere.
+    chained = args.record_published or args.drop_replaced
+    final = runner.stage_folder(args.stage, args.config, args.overrides, root=args.artifacts, run=args.run) \
+        if chained else None
+    before = manifest_digest(final) if chained else None
     with open(os.devnull, "w") if verbosity() < 0 else contextlib.nullcontext(None) as sink, \
             contextlib.redirect_stdout(sink) if sink else contextlib.nullcontext():
         runner.run_stage(args.stage, args.config, args.overrides, root=args.artifacts, run=args.run,
                          force=args.force)
+    if chained and os.environ.get("RANK", "0") == "0":
+        from alignment.cluster import chain_step_done
+
+        for old in chain_step_done(final, before, args.record_published, args.drop_replaced):
+            runner.log.info("removed %s (published and replaced by this Slurm chain)", old)
 
 
 def _submit(args) -> None:

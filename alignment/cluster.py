@@ -188,13 +188,14 @@ def _launch(align: list[str], spec: SlurmSpec) -> tuple[str, str]:
 
 
 def sbatch_script(stage: str, config: Path, overrides: list[str], *, run: str, artifacts: Path,
-                  spec: SlurmSpec, workdir: Path, log_dir: Path) -> str:
-    """A bash job script that runs `align run <stage>` and requeues itself when the stage checkpoints."""
+                  spec: SlurmSpec, workdir: Path, log_dir: Path, chain: list[str] = ()) -> str:
+    """A bash job script that runs `align run <stage>` and requeues itself when the stage checkpoints. `chain`:
+    the step's `--record-published` / `--drop-replaced` flags (`chain_flags`)."""
     from alignment.preemption import REQUEUE_EXIT
 
     sb = _directives(stage, run, spec, log_dir)
     align = [spec.python or sys.executable, "-m", "alignment.cli", "run", stage, "-c", str(config), *overrides,
-             "--artifacts", str(artifacts), "--run", run]
+             "--artifacts", str(artifacts), "--run", run, *chain]
     launch, forward = _launch(align, spec)
     lines = ["#!/bin/bash", *(f"#SBATCH {x}" for x in sb), "",
              f"# Stage '{stage}' of run '{run}'. Written by `align submit`; re-submitting rewrites it.",
@@ -270,13 +271,14 @@ def submit_chain(pipeline: str, *, run: str | None, artifacts: str | None, out_d
     specs = {i: _spec(_layers(prof, prof_data, per_stage.get(loaded[i][0]), pipeline, spec.get("slurm"), i, steps[i],
                               cli, loaded[i][0])) for i in keep}
     out.mkdir(parents=True, exist_ok=True)
+    chain = chain_flags([(i, loaded[i][0]) for i in keep], out, run)
     jobs, lines = [], []
     for k, i in enumerate(keep):
         stage, config, extra, _, _ = loaded[i]
         res = specs[i]
         script = out / f"{run}-{i:02d}-{stage}.sbatch"
-        script.write_text(sbatch_script(stage, config.resolve(), extra, run=run,
-                                        artifacts=artifacts, spec=res, workdir=Path.cwd(), log_dir=out))
+        script.write_text(sbatch_script(stage, config.resolve(), extra, run=run, artifacts=artifacts, spec=res,
+                                        workdir=Path.cwd(), log_dir=out, chain=chain[i]))
         if dry_run:
             var = f"job_{i}_{stage}"
             after = [f"${{{lines[j][0]}}}" for j in sorted(waits[k])]
@@ -291,6 +293,44 @@ def submit_chain(pipeline: str, *, run: str | None, artifacts: str | None, out_d
                                            "pipeline": str(Path(pipeline).resolve()), "profile": str(prof),
                                            "jobs": jobs})
     return jobs
+
+
+def chain_flags(steps: list[tuple[int, str]], out: Path, run: str) -> dict[int, list[str]]:
+    """Per step (index, stage) of a chain, the `align run` flags that let it tidy up after itself as `align pipeline`
+    does (pipeline_jobs.drop_replaced_intermediates): a stage listed again later records the manifest it publishes,
+    and its last step removes the artifacts those steps published and it replaced. Each job is its own process, so
+    the record is a file beside the scripts; a stale one from an earlier submission is removed here."""
+    flags: dict[int, list[str]] = {i: [] for i, _ in steps}
+    for n, (i, stage) in enumerate(steps):
+        later = [j for j, s in steps[n + 1:] if s == stage]
+        record = out / f"{run}-{i:02d}-{stage}.published.json"
+        record.unlink(missing_ok=True)
+        if later:
+            flags[i] += ["--record-published", str(record)]
+            flags[later[-1]] += ["--drop-replaced", str(record)]
+    return flags
+
+
+def chain_step_done(final: Path, before: str | None, record: str | None, drops: list[str]) -> list[Path]:
+    """After a chain step's stage succeeded (rank 0): write `record` when it published a new manifest at `final`
+    (not when it found its artifact up to date: that one is an earlier command's result), then remove the
+    artifacts moved aside from `final` whose manifests the `drops` records name. Returns the folders removed."""
+    from alignment.artifacts import write_json
+    from alignment.pipeline_jobs import drop_replaced, manifest_digest
+
+    now = manifest_digest(final)
+    if record and now is not None and now != before:
+        write_json(Path(record), {"published": str(final), "manifest_sha256": now})
+    digests = set()
+    for path in drops:
+        try:
+            entry = json.loads(Path(path).read_text())
+        except (OSError, ValueError):
+            continue  # no record: that step found its artifact up to date, or never ran; nothing of it goes
+        if isinstance(entry, dict) and entry.get("published") == str(final) and \
+                re.fullmatch(r"[0-9a-f]{64}", str(entry.get("manifest_sha256"))):
+            digests.add(entry["manifest_sha256"])
+    return drop_replaced(final, digests)
 
 
 def _submit(script: Path, after: list[str], submitted: list[dict], log_dir: Path, name: str) -> dict:

@@ -147,10 +147,15 @@ def _manifest_digest(step: Step) -> str | None:
     """sha256 of the step's published manifest.json; None without one. A stage that runs publishes a new manifest
     (its times differ), one that finds its artifact up to date leaves it alone: the stage's own verdict, without
     reading its log."""
+    return manifest_digest(step.published) if step.published is not None else None
+
+
+def manifest_digest(folder: Path) -> str | None:
+    """sha256 of `folder`'s manifest.json; None without one."""
     from alignment.manifest import MANIFEST, sha256_file
 
     try:
-        return sha256_file(step.published / MANIFEST) if step.published is not None else None
+        return sha256_file(folder / MANIFEST)
     except OSError:
         return None
 
@@ -160,24 +165,27 @@ def drop_replaced_intermediates(finished: list[Finished]) -> list[Path]:
     for dpo alone, beside ppo, then the last eval, which holds dpo's figures too). A fresh `make pipeline` then
     leaves no replaced artifact behind. Only those: one replaced by a re-run of an earlier command is a result
     the user had, and stays aside as `ArtifactStore.commit` leaves it. Returns the folders removed."""
-    from alignment.artifacts import ArtifactStore, remove_tree
-    from alignment.manifest import MANIFEST, sha256_file
-
     ours: dict[Path, list[str]] = {}  # published folder -> this command's manifests there, in step order
     for f in sorted(finished, key=lambda f: f.step.index):
         if f.code == 0 and not f.skipped and f.digest is not None and f.step.published is not None:
             ours.setdefault(f.step.published, []).append(f.digest)
+    # the last one is the artifact in place
+    return [old for final, digests in ours.items() for old in drop_replaced(final, set(digests[:-1]))]
+
+
+def drop_replaced(final: Path, digests: set[str]) -> list[Path]:
+    """Remove the artifacts moved aside from `final` whose manifest's sha256 is one of `digests` (what earlier
+    steps of the same command published: `align pipeline`'s, or a Slurm chain's records). Returns them."""
+    from alignment.artifacts import ArtifactStore, remove_tree
+    from alignment.manifest import MANIFEST
+
     removed = []
-    for final, digests in ours.items():
-        for old in ArtifactStore.replaced(final):
-            try:
-                mine = sha256_file(old / MANIFEST) in digests[:-1]  # the last one is the artifact in place
-            except OSError:
-                continue
-            if mine:  # the manifest first: a kill mid-way leaves a folder `align verify` skips, not a broken artifact
-                (old / MANIFEST).unlink()
-                remove_tree(old)
-                removed.append(old)
+    for old in ArtifactStore.replaced(final):
+        if digests and manifest_digest(old) in digests:
+            # the manifest first: a kill mid-way leaves a folder `align verify` skips, not a broken artifact
+            (old / MANIFEST).unlink()
+            remove_tree(old)
+            removed.append(old)
     return removed
 
 

@@ -187,6 +187,12 @@ def run_stage(stage: str, config_path: str, overrides: list[str] = (), *, root=N
                 return _finish(store, cfg, ctx, chash, inputs, started, ranks)
 
 
+def stage_folder(stage: str, config_path: str, overrides: list[str] = (), *, root=None, run: str | None = None) -> Path:
+    """Where `run_stage` with these arguments publishes (its config is read and checked, nothing is run)."""
+    cfg = load_stage_config(stage, config_path, overrides)
+    return ArtifactStore(root).stage_dir(_run_name(run, cfg.run), stage)
+
+
 def _finish(store, cfg, ctx, chash, inputs, started, ranks) -> Path:
     """After `module.run`: requeue when a checkpoint was requested, else publish (rank 0) and check the gate."""
     stage = ctx.stage

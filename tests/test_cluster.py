@@ -42,6 +42,37 @@ def test_chain_submits_each_stage_after_the_stages_it_reads(tmp_path, monkeypatc
     first = (tmp_path / "jobs" / "r1-00-base.sbatch").read_text()
     assert "#SBATCH --requeue" in first and "run base -c" in first and "--run r1" in first
     assert f"--artifacts {tmp_path / 'art'}" in first
+    # eval is listed twice: the first records what it publishes, the last removes that one once it replaced it
+    record = tmp_path / "jobs" / "r1-04-eval.published.json"
+    scripts = {p.name: p.read_text() for p in (tmp_path / "jobs").glob("*.sbatch")}
+    assert f"--record-published {record}" in scripts["r1-04-eval.sbatch"]
+    assert f"--drop-replaced {record}" in scripts["r1-06-eval.sbatch"]
+    assert sum("--record-published" in t or "--drop-replaced" in t for t in scripts.values()) == 2
+
+
+def test_a_chain_step_removes_only_what_an_earlier_step_of_its_chain_published(tmp_path):
+    from alignment.cluster import chain_step_done
+    from alignment.manifest import sha256_file
+
+    def folder(name, text):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text(text)
+        return sha256_file(tmp_path / name / "manifest.json")
+
+    final, rec = tmp_path / "eval", str(tmp_path / "r-04-eval.published.json")
+    first = folder("eval", '{"the first eval of the chain": 1}')
+    assert chain_step_done(final, None, rec, []) == [] and f'"{first}"' in Path(rec).read_text()
+    unchanged = str(tmp_path / "r-09-eval.published.json")  # up to date: that artifact is an earlier command's
+    assert chain_step_done(final, first, unchanged, []) == [] and not Path(unchanged).exists()
+    (tmp_path / "eval").rename(tmp_path / "eval.old-20261205-100000")      # the last eval replaced it
+    users = folder("eval.old-20261201-100000", '{"an earlier command": 1}')  # kept
+    folder("eval", '{"the last eval of the chain": 1}')
+    assert chain_step_done(final, users, None, [unchanged, rec]) == [tmp_path / "eval.old-20261205-100000"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["eval", "eval.old-20261201-100000"]
+    # a record naming another folder (or garbage) removes nothing
+    other = tmp_path / "eval.old-20261201-100000"
+    Path(rec).write_text('{"published": "/elsewhere/eval", "manifest_sha256": "%s"}' % users)
+    assert chain_step_done(final, None, None, [rec]) == [] and other.is_dir()
 
 
 def test_a_bad_key_is_refused_before_any_job_is_submitted(tmp_path, monkeypatch, capsys):

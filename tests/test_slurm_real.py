@@ -73,8 +73,11 @@ def test_chain_publishes_every_stage_and_status_shows_jobs(cluster, tmp_path, ca
     for stage, before in reads.items():  # afterok: each stage started once the stages it reads had finished
         for b in before:
             assert arts[stage].manifest.started_at >= arts[b].manifest.finished_at, (stage, b)
+    # the first eval (for dpo) was replaced by the last one: the chain removed it, as `align pipeline` does
+    assert not list((art / "chain").glob("*.old-*")), sorted(p.name for p in (art / "chain").iterdir())
     assert main(["status", "chain", "--artifacts", str(art)]) == 0
     out = capsys.readouterr().out
+    assert "replaced artifact" not in out
     newest = dict(zip(TINY, ids))  # eval is submitted twice: status shows each stage's newest job
     assert len(newest) < len(ids)
     for jid in newest.values():
