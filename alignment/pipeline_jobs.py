@@ -181,7 +181,8 @@ def drop_replaced(final: Path, digests: set[str]) -> list[Path]:
 
     removed = []
     for old in ArtifactStore.replaced(final):
-        if digests and manifest_digest(old) in digests:
+        # not through a link: what is removed is a folder of the store itself
+        if digests and not old.is_symlink() and manifest_digest(old) in digests:
             # the manifest first: a kill mid-way leaves a folder `align verify` skips, not a broken artifact
             (old / MANIFEST).unlink()
             remove_tree(old)

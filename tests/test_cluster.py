@@ -69,6 +69,13 @@ def test_a_chain_step_removes_only_what_an_earlier_step_of_its_chain_published(t
     folder("eval", '{"the last eval of the chain": 1}')
     assert chain_step_done(final, users, None, [unchanged, rec]) == [tmp_path / "eval.old-20261205-100000"]
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["eval", "eval.old-20261201-100000"]
+    # a link set aside under the store's name is not followed, even with a matching manifest
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "manifest.json").write_text('{"the first eval of the chain": 1}')
+    (tmp_path / "eval.old-20261205-110000").symlink_to(outside)
+    assert chain_step_done(final, None, None, [rec]) == [] and (outside / "manifest.json").exists()
+    (tmp_path / "eval.old-20261205-110000").unlink()
     # a record naming another folder (or garbage) removes nothing
     other = tmp_path / "eval.old-20261201-100000"
     Path(rec).write_text('{"published": "/elsewhere/eval", "manifest_sha256": "%s"}' % users)
