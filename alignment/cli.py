@@ -327,12 +327,12 @@ def _run(args) -> None:
     from alignment.logs import verbosity
     from alignment.pipeline_jobs import manifest_digest
 
-    # -q: the HF trainers print their logged rows on stdout (tqdm.write) whatever the bars do; the stage log
-    # in the artifact keeps them, so a quiet run sends stdout nowhere.
     chained = args.record_published or args.drop_replaced
     final = runner.stage_folder(args.stage, args.config, args.overrides, root=args.artifacts, run=args.run) \
         if chained else None
     before = manifest_digest(final) if chained else None
+    # -q: the HF trainers print their logged rows on stdout (tqdm.write) whatever the bars do; the stage log
+    # in the artifact keeps them, so a quiet run sends stdout nowhere.
     with open(os.devnull, "w") if verbosity() < 0 else contextlib.nullcontext(None) as sink, \
             contextlib.redirect_stdout(sink) if sink else contextlib.nullcontext():
         runner.run_stage(args.stage, args.config, args.overrides, root=args.artifacts, run=args.run,
